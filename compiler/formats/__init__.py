@@ -1,0 +1,124 @@
+"""Weight storage formats: plain element types and block-quantized formats.
+
+Each format is one class in one module of this package; defining the class registers it
+(``WeightFormat.__init_subclass__``). A tensor in a block format is stored row-major with its
+blocks running along the last dimension, as GGUF stores it: a tensor of logical shape
+``(..., n)`` holds ``n // block_size`` blocks per row, each ``type_size`` bytes.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+import numpy as np
+
+_REGISTRY: dict[str, "WeightFormat"] = {}
+_BY_GGUF: dict[int, "WeightFormat"] = {}
+
+
+class WeightFormat:
+    """One storage format. Subclasses set the class attributes and the two block functions."""
+
+    name: str = ""             # kiln's name: "f32", "q4_1", "q6_k", ...
+    block_size: int = 1        # logical elements per block
+    type_size: int = 4         # bytes per block
+    gguf_type: int | None = None   # GGML type id, when GGUF has the format
+    numpy_dtype: str | None = None  # plain formats only: the element dtype numpy can view
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if not cls.name:
+            return
+        inst = cls()
+        _REGISTRY[cls.name] = inst
+        if cls.gguf_type is not None:
+            _BY_GGUF[cls.gguf_type] = inst
+
+    # ---- block functions (vectorised over blocks) -------------------------------------
+    def dequantize_blocks(self, blocks: np.ndarray) -> np.ndarray:
+        """uint8 [n_blocks, type_size] -> float32 [n_blocks, block_size]."""
+        raise NotImplementedError(f"{self.name} cannot be dequantized")
+
+    def quantize_blocks(self, values: np.ndarray) -> np.ndarray:
+        """float32 [n_blocks, block_size] -> uint8 [n_blocks, type_size]."""
+        raise NotImplementedError(f"{self.name} cannot be quantized by kiln")
+
+    # ---- whole tensors ----------------------------------------------------------------
+    @property
+    def is_block(self) -> bool:
+        return self.numpy_dtype is None
+
+    def nbytes(self, shape) -> int:
+        n = int(np.prod(shape, dtype=np.int64)) if len(shape) else 1
+        if n % self.block_size:
+            raise ValueError(f"{n} elements are not a whole number of {self.name} blocks of {self.block_size}")
+        return n // self.block_size * self.type_size
+
+    def row_ok(self, shape) -> bool:
+        """Whether the last dimension holds whole blocks (required by the block layout)."""
+        return self.block_size == 1 or (len(shape) > 0 and shape[-1] % self.block_size == 0)
+
+    def dequantize(self, raw: np.ndarray, shape) -> np.ndarray:
+        """Raw bytes (any uint8 array of the right size) -> float32 array of ``shape``."""
+        raw = np.ascontiguousarray(raw).reshape(-1).view(np.uint8)
+        if self.numpy_dtype is not None:
+            return _plain_to_f32(raw, self.numpy_dtype).reshape(shape)
+        blocks = raw.reshape(-1, self.type_size)
+        return self.dequantize_blocks(blocks).reshape(shape)
+
+    def quantize(self, values: np.ndarray) -> np.ndarray:
+        """float32 array -> raw uint8 bytes (flat) in this format."""
+        values = np.ascontiguousarray(values, dtype=np.float32)
+        if self.numpy_dtype is not None:
+            return _f32_to_plain(values, self.numpy_dtype).reshape(-1).view(np.uint8)
+        if not self.row_ok(values.shape):
+            raise ValueError(f"last dimension {values.shape[-1]} is not a multiple of the {self.name} block size {self.block_size}")
+        return self.quantize_blocks(values.reshape(-1, self.block_size)).reshape(-1)
+
+    def __repr__(self) -> str:
+        return f"<format {self.name}>"
+
+
+def _plain_to_f32(raw: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "bfloat16":
+        u16 = raw.view(np.uint16).astype(np.uint32) << 16
+        return u16.view(np.float32)
+    return raw.view(np.dtype(dtype)).astype(np.float32)
+
+
+def _f32_to_plain(values: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "bfloat16":
+        # round to nearest even, as torch and the gguf package do; NaNs stay NaN
+        u32 = values.view(np.uint32).astype(np.uint64)
+        rounded = ((u32 + 0x7FFF + ((u32 >> 16) & 1)) >> 16).astype(np.uint16)
+        nan = np.isnan(values)
+        if nan.any():
+            rounded[nan] = ((u32[nan] >> 16) | 64).astype(np.uint16)
+        return rounded
+    return values.astype(np.dtype(dtype))
+
+
+def _load_all() -> None:
+    for mod in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{mod.name}")
+
+
+def get(name: str) -> WeightFormat:
+    if not _REGISTRY:
+        _load_all()
+    try:
+        return _REGISTRY[name.lower()]
+    except KeyError:
+        raise KeyError(f"unknown weight format {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def from_gguf_type(type_id: int) -> WeightFormat | None:
+    if not _REGISTRY:
+        _load_all()
+    return _BY_GGUF.get(type_id)
+
+
+def all_formats() -> dict[str, WeightFormat]:
+    if not _REGISTRY:
+        _load_all()
+    return dict(_REGISTRY)

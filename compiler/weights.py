@@ -1,0 +1,111 @@
+"""Lazy weights: a tensor that stays in its source file until something asks for its data.
+
+A ``Weight`` knows its logical shape, its storage format and how to produce its raw bytes
+(usually a slice of a memory-mapped file). Transformations that keep the storage format
+(row permutation, row slicing, reshape) stay lazy and stay quantized; transformations that need
+values (transpose of a block format, scaling) dequantize to float32 on demand.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from . import formats as _formats
+
+
+class Weight:
+    def __init__(self, shape, fmt, load_raw: Callable[[], np.ndarray], *, name: str = "", origin: str = ""):
+        self.shape = tuple(int(d) for d in shape)
+        self.format = fmt if isinstance(fmt, _formats.WeightFormat) else _formats.get(fmt)
+        self._load_raw = load_raw
+        self.name = name
+        self.origin = origin   # where it came from, for error messages and the manifest
+
+    # ---- data -------------------------------------------------------------------------
+    def raw(self) -> np.ndarray:
+        """The stored bytes, uint8, as rows: shape (rows, row_bytes) with rows = prod(shape[:-1])."""
+        data = np.asarray(self._load_raw()).reshape(-1).view(np.uint8)
+        expected = self.nbytes
+        if data.size != expected:
+            raise ValueError(f"weight {self.name or '?'}: {data.size} bytes stored, {expected} expected")
+        return data.reshape(self.rows, -1) if self.shape else data
+
+    def numpy(self) -> np.ndarray:
+        """The values as float32 (dequantized when the format is a block format)."""
+        return self.format.dequantize(self.raw(), self.shape)
+
+    @property
+    def rows(self) -> int:
+        return int(np.prod(self.shape[:-1], dtype=np.int64)) if len(self.shape) > 1 else 1
+
+    @property
+    def nbytes(self) -> int:
+        return self.format.nbytes(self.shape)
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+
+    # ---- lazy transformations ---------------------------------------------------------
+    def take_rows(self, index, *, name: str | None = None) -> "Weight":
+        """Rows ``index`` (over the flattened leading dims) of a 2-D view; keeps the format."""
+        index = np.asarray(index)
+        parent = self
+        new_shape = (len(index),) + (self.shape[-1],)
+
+        def load():
+            return parent.raw()[index]
+        return Weight(new_shape, self.format, load, name=name or self.name, origin=self.origin)
+
+    def reshape(self, shape, *, name: str | None = None) -> "Weight":
+        shape = tuple(int(d) for d in shape)
+        if int(np.prod(shape, dtype=np.int64)) != self.numel or (self.format.is_block and shape[-1] % self.format.block_size):
+            raise ValueError(f"cannot view weight {self.name} {self.shape} as {shape}")
+        parent = self
+        return Weight(shape, self.format, lambda: parent.raw(), name=name or self.name, origin=self.origin)
+
+    def map_values(self, fn: Callable[[np.ndarray], np.ndarray], shape=None, *, name: str | None = None) -> "Weight":
+        """A float32 weight computed from this one's values (dequantizes)."""
+        parent = self
+        shape = tuple(shape) if shape is not None else self.shape
+        f32 = _formats.get("f32")
+
+        def load():
+            out = np.ascontiguousarray(fn(parent.numpy()), dtype=np.float32)
+            assert out.shape == shape, (out.shape, shape)
+            return out.view(np.uint8)
+        return Weight(shape, f32, load, name=name or self.name, origin=self.origin)
+
+    def transpose(self, *, name: str | None = None) -> "Weight":
+        if len(self.shape) != 2:
+            raise ValueError("transpose is for 2-D weights")
+        if not self.format.is_block:
+            parent = self
+            dt = self.format.numpy_dtype
+
+            def load():
+                raw = parent.raw()
+                if dt == "bfloat16":
+                    return np.ascontiguousarray(raw.view(np.uint16).reshape(parent.shape).T).view(np.uint8)
+                return np.ascontiguousarray(raw.view(np.dtype(dt)).reshape(parent.shape).T).view(np.uint8)
+            return Weight(self.shape[::-1], self.format, load, name=name or self.name, origin=self.origin)
+        return self.map_values(lambda a: a.T, self.shape[::-1], name=name)
+
+    def astype(self, fmt) -> "Weight":
+        """The same values stored in another format (quantizes or casts on demand)."""
+        fmt = fmt if isinstance(fmt, _formats.WeightFormat) else _formats.get(fmt)
+        if fmt is self.format:
+            return self
+        parent = self
+        return Weight(self.shape, fmt, lambda: fmt.quantize(parent.numpy()), name=self.name, origin=self.origin)
+
+    @staticmethod
+    def from_array(array: np.ndarray, fmt="f32", *, name: str = "") -> "Weight":
+        fmt = fmt if isinstance(fmt, _formats.WeightFormat) else _formats.get(fmt)
+        arr = np.asarray(array, dtype=np.float32)
+        raw = fmt.quantize(arr)
+        return Weight(arr.shape, fmt, lambda: raw, name=name, origin="array")
+
+    def __repr__(self) -> str:
+        return f"Weight({self.name!r}, {self.format.name}, {list(self.shape)})"
