@@ -1,0 +1,1 @@
+"""Frontends: one module per model format, each with read (and write where the format is a conversion target)."""

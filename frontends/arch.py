@@ -1,0 +1,223 @@
+"""Architectures as data: normalised configs and the tensor-name tables of each family.
+
+Every family maps onto one canonical config (``ArchConfig``) and one canonical set of tensor
+roles. The tables below say, per family, what each role is called in a Hugging Face checkpoint
+and in a GGUF file, and what transform it needs on the way in. A new family is a table row and
+a few flags, not a new builder.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class ArchConfig:
+    family: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    norm_eps: float = 1e-5
+    norm: str = "rms"                 # "rms" or "layer" (LayerNorm with bias)
+    norm_offset: float = 0.0          # gemma's RMSNorm multiplies by (1 + w)
+    activation: str = "silu"          # silu | gelu | gelu_tanh
+    gated_mlp: bool = True            # gate/up/down (SwiGLU, GeGLU) vs fc/proj
+    attention_bias: bool = False      # q/k/v biases
+    output_bias: bool = False         # o_proj bias
+    mlp_bias: bool = False
+    qk_norm: bool = False             # qwen3: RMSNorm over each head of q and k
+    tie_word_embeddings: bool = False
+    embed_scale: float = 1.0          # gemma multiplies embeddings by sqrt(hidden)
+    learned_positions: bool = False   # gpt2
+    rotary_dim: int = 0               # 0 = no rotary; partial rotary when < head_dim
+    rope_theta: float = 10000.0
+    rope_scaling: dict = field(default_factory=dict)
+    max_position_embeddings: int = 2048
+    sliding_window: int | None = None
+    attn_scale: float | None = None   # None = 1/sqrt(head_dim)
+    bos_token_id: int | None = None
+    eos_token_ids: list = field(default_factory=list)
+    pad_token_id: int | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict) -> "ArchConfig":
+        return ArchConfig(**d)
+
+
+# ---- tensor roles -------------------------------------------------------------------------
+# Canonical role names (per layer roles take {i}). Each family row gives the HF and GGUF name
+# per role; a missing entry means the family has no such tensor.
+
+LLAMA_HF = {
+    "embed": "model.embed_tokens.weight",
+    "final_norm": "model.norm.weight",
+    "lm_head": "lm_head.weight",
+    "layers.{i}.attn_norm": "model.layers.{i}.input_layernorm.weight",
+    "layers.{i}.q.weight": "model.layers.{i}.self_attn.q_proj.weight",
+    "layers.{i}.k.weight": "model.layers.{i}.self_attn.k_proj.weight",
+    "layers.{i}.v.weight": "model.layers.{i}.self_attn.v_proj.weight",
+    "layers.{i}.q.bias": "model.layers.{i}.self_attn.q_proj.bias",
+    "layers.{i}.k.bias": "model.layers.{i}.self_attn.k_proj.bias",
+    "layers.{i}.v.bias": "model.layers.{i}.self_attn.v_proj.bias",
+    "layers.{i}.o.weight": "model.layers.{i}.self_attn.o_proj.weight",
+    "layers.{i}.o.bias": "model.layers.{i}.self_attn.o_proj.bias",
+    "layers.{i}.q_norm": "model.layers.{i}.self_attn.q_norm.weight",
+    "layers.{i}.k_norm": "model.layers.{i}.self_attn.k_norm.weight",
+    "layers.{i}.mlp_norm": "model.layers.{i}.post_attention_layernorm.weight",
+    "layers.{i}.gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
+    "layers.{i}.up.weight": "model.layers.{i}.mlp.up_proj.weight",
+    "layers.{i}.down.weight": "model.layers.{i}.mlp.down_proj.weight",
+    "layers.{i}.gate.bias": "model.layers.{i}.mlp.gate_proj.bias",
+    "layers.{i}.up.bias": "model.layers.{i}.mlp.up_proj.bias",
+    "layers.{i}.down.bias": "model.layers.{i}.mlp.down_proj.bias",
+}
+
+LLAMA_GGUF = {
+    "embed": "token_embd.weight",
+    "final_norm": "output_norm.weight",
+    "lm_head": "output.weight",
+    "layers.{i}.attn_norm": "blk.{i}.attn_norm.weight",
+    "layers.{i}.q.weight": "blk.{i}.attn_q.weight",
+    "layers.{i}.k.weight": "blk.{i}.attn_k.weight",
+    "layers.{i}.v.weight": "blk.{i}.attn_v.weight",
+    "layers.{i}.q.bias": "blk.{i}.attn_q.bias",
+    "layers.{i}.k.bias": "blk.{i}.attn_k.bias",
+    "layers.{i}.v.bias": "blk.{i}.attn_v.bias",
+    "layers.{i}.o.weight": "blk.{i}.attn_output.weight",
+    "layers.{i}.o.bias": "blk.{i}.attn_output.bias",
+    "layers.{i}.q_norm": "blk.{i}.attn_q_norm.weight",
+    "layers.{i}.k_norm": "blk.{i}.attn_k_norm.weight",
+    "layers.{i}.mlp_norm": "blk.{i}.ffn_norm.weight",
+    "layers.{i}.gate.weight": "blk.{i}.ffn_gate.weight",
+    "layers.{i}.up.weight": "blk.{i}.ffn_up.weight",
+    "layers.{i}.down.weight": "blk.{i}.ffn_down.weight",
+    "layers.{i}.gate.bias": "blk.{i}.ffn_gate.bias",
+    "layers.{i}.up.bias": "blk.{i}.ffn_up.bias",
+    "layers.{i}.down.bias": "blk.{i}.ffn_down.bias",
+}
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    hf_model_types: tuple
+    gguf_arch: str
+    hf_names: dict
+    gguf_names: dict
+    rope_permuted_in_gguf: bool = False   # llama.cpp interleaves q/k rows for its rope kernel
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def _family(f: Family) -> Family:
+    FAMILIES[f.name] = f
+    return f
+
+
+_family(Family("llama", ("llama",), "llama", LLAMA_HF, LLAMA_GGUF, rope_permuted_in_gguf=True))
+_family(Family("mistral", ("mistral",), "llama", LLAMA_HF, LLAMA_GGUF, rope_permuted_in_gguf=True))
+_family(Family("qwen2", ("qwen2",), "qwen2", LLAMA_HF, LLAMA_GGUF))
+_family(Family("qwen3", ("qwen3",), "qwen3", LLAMA_HF, LLAMA_GGUF))
+_family(Family("gemma", ("gemma",), "gemma", LLAMA_HF, LLAMA_GGUF))
+
+
+def family_for_model_type(model_type: str) -> Family | None:
+    for f in FAMILIES.values():
+        if model_type in f.hf_model_types:
+            return f
+    return None
+
+
+def family_for_gguf_arch(arch: str) -> Family | None:
+    for f in FAMILIES.values():
+        if f.gguf_arch == arch:
+            return f
+    return None
+
+
+def layer_roles(table: dict, n_layers: int) -> dict[str, str]:
+    """Expand ``{i}`` templates: canonical role name -> file name for every layer."""
+    out = {}
+    for role, name in table.items():
+        if "{i}" in role:
+            for i in range(n_layers):
+                out[role.format(i=i)] = name.format(i=i)
+        else:
+            out[role] = name
+    return out
+
+
+# ---- rotary embeddings --------------------------------------------------------------------
+
+def rope_inv_freq(cfg: ArchConfig) -> tuple[np.ndarray, float]:
+    """Inverse frequencies (rotary_dim/2,) and the attention scaling applied to cos/sin.
+
+    Computed as transformers computes them (float64 maths in float32 at the end) so logits
+    match its reference to ~1e-6.
+    """
+    dim = cfg.rotary_dim
+    base = cfg.rope_theta
+    idx = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32)
+    inv_freq = (1.0 / (base ** (idx / dim))).astype(np.float32)
+    scaling = dict(cfg.rope_scaling or {})
+    kind = scaling.get("rope_type", scaling.get("type", "default")) or "default"
+    attention_factor = 1.0
+    if kind == "linear":
+        inv_freq = inv_freq / np.float32(scaling["factor"])
+    elif kind == "llama3":
+        factor = scaling["factor"]
+        low = scaling.get("low_freq_factor", 1.0)
+        high = scaling.get("high_freq_factor", 4.0)
+        old_ctx = scaling.get("original_max_position_embeddings", 8192)
+        low_wavelen = old_ctx / low
+        high_wavelen = old_ctx / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv_freq = np.where(medium, smoothed, scaled).astype(np.float32)
+    elif kind == "yarn":
+        factor = scaling["factor"]
+        old_ctx = scaling.get("original_max_position_embeddings", cfg.max_position_embeddings)
+        beta_fast = scaling.get("beta_fast", 32.0)
+        beta_slow = scaling.get("beta_slow", 1.0)
+        mscale = scaling.get("attention_factor")
+        if mscale is None:
+            mscale = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+        attention_factor = mscale
+
+        def corr_dim(rot):
+            return (dim * math.log(old_ctx / (rot * 2 * math.pi))) / (2 * math.log(base))
+        low = max(math.floor(corr_dim(beta_fast)), 0)
+        high = min(math.ceil(corr_dim(beta_slow)), dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+        extrapolation = 1 - ramp
+        pos_freqs = base ** (idx / dim)
+        inv_freq = ((1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation).astype(np.float32)
+    elif kind == "longrope":
+        # within the original context the short factors apply; kiln does not switch at run time
+        factors = np.asarray(scaling.get("short_factor"), dtype=np.float32)
+        old_ctx = scaling.get("original_max_position_embeddings", cfg.max_position_embeddings)
+        inv_freq = (1.0 / (factors * base ** (idx / dim))).astype(np.float32)
+        factor = cfg.max_position_embeddings / old_ctx
+        attention_factor = scaling.get("attention_factor") or (
+            1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(old_ctx)))
+    elif kind in ("default", "dynamic"):
+        # dynamic NTK only changes frequencies past the trained context; within it, it is default
+        pass
+    else:
+        raise ValueError(f"rope scaling type {kind!r} is not supported")
+    return inv_freq.astype(np.float32), float(attention_factor)

@@ -1,0 +1,196 @@
+"""Hugging Face folders: config.json + safetensors (single or sharded) or PyTorch .bin files."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from kiln.errors import KilnError
+from kiln.ir import ModelIR
+from kiln.weights import Weight
+
+from . import arch as A
+from .builder import build_graph
+
+
+def is_hf_folder(path) -> bool:
+    return Path(path).is_dir() and (Path(path) / "config.json").is_file()
+
+
+def read_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise KilnError(path, f"not a readable JSON config ({e.__class__.__name__}: {e})") from None
+    if not isinstance(cfg, dict):
+        raise KilnError(path, "config.json is not a JSON object")
+    return cfg
+
+
+def _rope_params(cfg: dict) -> tuple[float, dict]:
+    """(theta, scaling dict) from either transformers 5's rope_parameters or the older keys."""
+    params = cfg.get("rope_parameters")
+    if isinstance(params, dict) and "rope_theta" in params:
+        scaling = {k: v for k, v in params.items() if k not in ("rope_theta",)}
+        if scaling.get("rope_type", "default") == "default" and len(scaling) <= 2:
+            scaling = {k: v for k, v in scaling.items() if k != "partial_rotary_factor"}
+            scaling = {} if scaling.get("rope_type", "default") == "default" else scaling
+        return float(params["rope_theta"]), scaling
+    scaling = cfg.get("rope_scaling") or {}
+    return float(cfg.get("rope_theta", 10000.0)), dict(scaling)
+
+
+def _eos_list(v) -> list:
+    if v is None:
+        return []
+    return [int(x) for x in v] if isinstance(v, list) else [int(v)]
+
+
+def arch_config(cfg: dict, path: Path) -> tuple[A.Family, A.ArchConfig]:
+    """Normalise a transformers config.json into kiln's ArchConfig."""
+    model_type = cfg.get("model_type")
+    family = A.family_for_model_type(model_type) if isinstance(model_type, str) else None
+    if family is None:
+        raise KilnError(path / "config.json", f"unsupported architecture {model_type!r} "
+                        f"(kiln reads: {', '.join(sorted({t for f in A.FAMILIES.values() for t in f.hf_model_types}))})")
+    try:
+        hidden = int(cfg["hidden_size"])
+        heads = int(cfg["num_attention_heads"])
+        kv = int(cfg.get("num_key_value_heads") or heads)
+        head_dim = int(cfg.get("head_dim") or hidden // heads)
+        theta, scaling = _rope_params(cfg)
+        partial = (cfg.get("rope_parameters") or {}).get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+        c = A.ArchConfig(
+            family=family.name,
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_size=hidden,
+            num_layers=int(cfg["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=kv,
+            head_dim=head_dim,
+            intermediate_size=int(cfg["intermediate_size"]),
+            norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            activation=_activation(cfg.get("hidden_activation") or cfg.get("hidden_act", "silu")),
+            attention_bias=bool(cfg.get("attention_bias", family.name == "qwen2")),
+            output_bias=bool(cfg.get("attention_bias", False)) and family.name not in ("qwen2",),
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            qk_norm=family.name == "qwen3",
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", family.name == "gemma")),
+            rotary_dim=int(head_dim * float(partial or 1.0)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+            sliding_window=_sliding_window(cfg),
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=_eos_list(cfg.get("eos_token_id")),
+            pad_token_id=cfg.get("pad_token_id"),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise KilnError(path / "config.json", f"config is missing or has a bad value for {e}") from None
+    if family.name == "gemma":
+        c.norm_offset = 1.0
+        c.embed_scale = float(hidden) ** 0.5
+    if c.num_heads % c.num_kv_heads:
+        raise KilnError(path / "config.json", f"{c.num_heads} attention heads are not a multiple of {c.num_kv_heads} key/value heads")
+    return family, c
+
+
+def _activation(name: str) -> str:
+    table = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
+             "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh"}
+    if name not in table:
+        raise ValueError(f"hidden_act ({name!r} is not supported)")
+    return table[name]
+
+
+def _sliding_window(cfg: dict):
+    if cfg.get("use_sliding_window") is False:
+        return None
+    w = cfg.get("sliding_window")
+    return int(w) if w else None
+
+
+def _open_tensors(folder: Path) -> dict[str, Weight]:
+    """Every tensor of the folder's checkpoint files, lazily."""
+    from .safetensors_file import read_safetensors, read_sharded_index
+    index = folder / "model.safetensors.index.json"
+    single = folder / "model.safetensors"
+    if index.is_file():
+        weight_map = read_sharded_index(folder)
+        shards = {f: read_safetensors(folder / f).tensors for f in sorted(set(weight_map.values()))}
+        return {name: shards[f][name] for name, f in weight_map.items()}
+    if single.is_file():
+        return dict(read_safetensors(single).tensors)
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        out: dict[str, Weight] = {}
+        for f in files:
+            out.update(read_safetensors(f).tensors)
+        return out
+    bins = sorted(folder.glob("pytorch_model*.bin"))
+    if bins:
+        from .torch_bin import read_torch_bin
+        out = {}
+        for f in bins:
+            out.update(read_torch_bin(f))
+        return out
+    raise KilnError(folder, "no model weights found (expected model.safetensors, a sharded index, or pytorch_model.bin)")
+
+
+def load_weights(folder: Path, family: A.Family, cfg: A.ArchConfig) -> dict[str, Weight]:
+    tensors = _open_tensors(folder)
+    roles = A.layer_roles(family.hf_names, cfg.num_layers)
+    out: dict[str, Weight] = {}
+    for role, name in roles.items():
+        if name in tensors:
+            out[role] = tensors[name]
+    if family.hf_names.get("embed") and "embed" not in out:
+        raise KilnError(folder, f"the checkpoint has no {family.hf_names['embed']} tensor")
+    if "lm_head" not in out and not cfg.tie_word_embeddings:
+        cfg.tie_word_embeddings = True      # checkpoints that drop lm_head tie it to the embedding
+    required = [f"layers.{i}.{r}.weight" for i in range(cfg.num_layers) for r in ("q", "k", "v", "o", "up", "down")]
+    missing = [roles.get(r, r) for r in required if r not in out]
+    if missing:
+        raise KilnError(folder, f"the checkpoint lacks {len(missing)} tensors the config needs, e.g. {missing[0]}")
+    return out
+
+
+def read(path) -> ModelIR:
+    folder = Path(path)
+    if not folder.exists():
+        raise KilnError(path, "no such file or folder")
+    if not is_hf_folder(folder):
+        raise KilnError(path, "not a model: a Hugging Face folder needs a config.json")
+    raw_cfg = read_config(folder)
+    family, cfg = arch_config(raw_cfg, folder)
+    weights = load_weights(folder, family, cfg)
+    graph = build_graph(cfg, weights, name=family.name)
+    tokenizer = None
+    try:
+        from .tokenizer import from_hf_folder
+        tokenizer = from_hf_folder(folder)
+    except ImportError:
+        pass
+    gen = _generation_config(folder)
+    if not gen.get("eos_token_id") and cfg.eos_token_ids:
+        gen["eos_token_id"] = cfg.eos_token_ids
+    return ModelIR(graph=graph, config=cfg.to_dict(),
+                   source={"format": "hf", "path": os.fspath(folder), "config": raw_cfg},
+                   tokenizer=tokenizer, generation=gen)
+
+
+def _generation_config(folder: Path) -> dict:
+    p = folder / "generation_config.json"
+    if not p.is_file():
+        return {}
+    try:
+        d = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise KilnError(p, f"not a readable JSON file ({e})") from None
+    keep = ("eos_token_id", "bos_token_id", "pad_token_id", "temperature", "top_k", "top_p", "repetition_penalty", "do_sample", "max_new_tokens")
+    out = {k: d[k] for k in keep if k in d and d[k] is not None}
+    if "eos_token_id" in out:
+        out["eos_token_id"] = _eos_list(out["eos_token_id"])
+    return out

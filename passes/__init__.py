@@ -1,0 +1,1 @@
+"""Graph passes: one pass per file, each returning a PassResult."""

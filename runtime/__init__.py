@@ -1,0 +1,1 @@
+"""kiln.runtime: load a compiled artifact and generate text with it."""

@@ -1,0 +1,1 @@
+"""Targets: device presets and the lowerings (onnxrt, tvm)."""
