@@ -1,0 +1,92 @@
+"""KV-cache insertion: turn full-sequence attention into one graph for prefill and decode.
+
+For every attention (MatMul -> Mul(scale) -> Add(mask) -> Softmax -> MatMul) the pass finds the
+key and value tensors before any GQA head repetition, adds inputs ``past_key.{i}`` /
+``past_value.{i}`` of shape [batch, kv_heads, past, head_dim], concatenates them in front of
+the new keys/values along the sequence axis, and exposes the results as ``present_key.{i}`` /
+``present_value.{i}`` outputs (the growing layout ONNX Runtime uses). The builder's
+``past_length`` constant becomes the cached length read off ``past_key.0``, so positions and the
+causal mask follow.
+"""
+from __future__ import annotations
+
+from kiln.ir import Graph, Node, Value
+from kiln.passes_base import PassResult
+
+
+class NotAttention(Exception):
+    """A Softmax that is not the attention pattern; the message says why."""
+
+
+def _producer(v: Value, op: str, why: str) -> Node:
+    n = v.producer
+    if n is None or n.op != op:
+        raise NotAttention(f"{why}: expected {op}, found {n.op if n else 'a graph input'}")
+    return n
+
+
+def _strip_repeat(v: Value) -> Value:
+    """The tensor before GQA repetition (Unsqueeze -> Expand -> Reshape), or v itself."""
+    n = v.producer
+    if n is not None and n.op == "Reshape":
+        e = n.inputs[0].producer
+        if e is not None and e.op == "Expand":
+            u = e.inputs[0].producer
+            if u is not None and u.op == "Unsqueeze":
+                return u.inputs[0]
+    return v
+
+
+def match_attention(softmax: Node) -> tuple[Value, Value]:
+    """(keys, values) feeding this attention softmax, each [batch, kv_heads, seq, head_dim]."""
+    add = _producer(softmax.inputs[0], "Add", "softmax input is not scores + mask")
+    scores = add.inputs[0]
+    mul = scores.producer
+    if mul is not None and mul.op == "Mul":
+        scores = mul.inputs[0]
+    qk = _producer(scores, "MatMul", "scores are not a matrix product")
+    kt = _producer(qk.inputs[1], "Transpose", "keys are not transposed")
+    if kt.attrs.get("perm") != [0, 1, 3, 2]:
+        raise NotAttention(f"key transpose has perm {kt.attrs.get('perm')}, not [0, 1, 3, 2]")
+    pv = [u.node for u in softmax.outputs[0].uses if u.node.op == "MatMul" and u.index == 0]
+    if len(pv) != 1:
+        raise NotAttention("softmax output does not feed exactly one probs @ values product")
+    return _strip_repeat(kt.inputs[0]), _strip_repeat(pv[0].inputs[1])
+
+
+def insert_kv_cache(graph: Graph) -> PassResult:
+    if any(v.name.startswith("past_key") for v in graph.inputs):
+        return PassResult(graph, False, {})
+    layers = []
+    refused = []
+    for node in graph.nodes:
+        if node.op == "Softmax":
+            try:
+                layers.append(match_attention(node))
+            except NotAttention as e:
+                refused.append(f"{node.name}: {e}")
+    if not layers:
+        return PassResult(graph, False, {"refused": len(refused)} if refused else {})
+    past_inputs = []
+    for i, (k, v) in enumerate(layers):
+        for kind, cur in (("key", k), ("value", v)):
+            batch, heads, _, dim = cur.type.shape
+            past = graph.add_input(f"past_{kind}.{i}", cur.type.dtype, ("batch", heads, "past", dim))
+            past_inputs.append(past)
+            present = graph.add_node("Concat", [past, cur], {"axis": 2}, name=f"present_{kind}.{i}",
+                                     output_names=[f"present_{kind}.{i}"])[0]
+            graph.replace_all_uses_with(cur, present, except_node=present.producer)
+            graph.outputs.append(present)
+    past_len_name = graph.meta.get("past_length")
+    past_len = next((c for c in graph.consts if c.name == past_len_name), None)
+    if past_len is not None:
+        shape = graph.add_node("Shape", [past_inputs[0]], name="past_shape")[0]
+        cached = graph.add_node("Gather", [shape, graph.const(2, "int64", name="seq_axis")], name="past_length_from_cache")[0]
+        graph.replace_all_uses_with(past_len, cached)
+        graph.meta["past_length"] = cached.name
+    graph.toposort()
+    graph.meta["kv_cache"] = {"layout": "concat", "layers": len(layers)}
+    stats = {"attention_layers": len(layers)}
+    if refused:
+        stats["refused"] = len(refused)
+    return PassResult(graph, True, stats)

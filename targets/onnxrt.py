@@ -1,0 +1,144 @@
+"""Lowering to ONNX for ONNX Runtime: IR nodes -> ONNX nodes, weights -> external data.
+
+Primitive ops map one to one onto standard ONNX ops (the IR follows ONNX semantics), with
+attributes that ONNX takes as inputs (Slice bounds, Unsqueeze/ReduceMean axes) turned into
+constant initializers. Weights stream into ``model.onnx.data`` one at a time, so the model is
+never held in memory whole; ``Transpose`` of a weight is folded into the stored data.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from kiln.ir import Graph, Node, Value
+
+OPSET = 18
+IR_VERSION = 10        # onnxruntime 1.31 reads at most IR version 13; onnx 1.23 writes 14 unless told
+DATA_ALIGN = 64
+
+_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "int64": TensorProto.INT64,
+           "int32": TensorProto.INT32, "bool": TensorProto.BOOL, "int8": TensorProto.INT8, "uint8": TensorProto.UINT8}
+
+# ops whose IR attributes become ONNX inputs, in ONNX input order
+_ATTRS_AS_INPUTS = {
+    "Slice": ("starts", "ends", "axes", "steps"),
+    "Unsqueeze": ("axes",),
+    "Squeeze": ("axes",),
+    "ReduceMean": ("axes",),
+    "ReduceSum": ("axes",),
+    "ReduceMax": ("axes",),
+}
+
+
+def _value_info(v: Value):
+    dims = [d if isinstance(d, int) else (d or None) for d in v.type.shape]
+    return helper.make_tensor_value_info(v.name, _DTYPES[v.type.dtype], dims)
+
+
+class _DataWriter:
+    """Appends tensors to the external data file and returns initializers pointing into it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.f = open(path, "wb")
+        self.offset = 0
+
+    def add(self, name: str, array: np.ndarray) -> TensorProto:
+        array = np.ascontiguousarray(array)
+        pad = (-self.offset) % DATA_ALIGN
+        if pad:
+            self.f.write(b"\0" * pad)
+            self.offset += pad
+        data = array.tobytes()
+        self.f.write(data)
+        t = TensorProto()
+        t.name = name
+        t.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
+        t.dims.extend(array.shape)
+        t.data_location = TensorProto.EXTERNAL
+        for k, v in (("location", self.path.name), ("offset", str(self.offset)), ("length", str(len(data)))):
+            e = t.external_data.add()
+            e.key, e.value = k, v
+        self.offset += len(data)
+        return t
+
+    def close(self):
+        self.f.close()
+
+
+def lower(graph: Graph, out_dir, *, model_name: str = "model.onnx",
+          progress: Callable[[str], None] | None = None) -> dict:
+    """Write ``model.onnx`` + ``model.onnx.data`` into out_dir; returns a summary."""
+    out_dir = Path(out_dir)
+    data = _DataWriter(out_dir / f"{model_name}.data")
+    initializers: list[TensorProto] = []
+    nodes: list[onnx.NodeProto] = []
+    folded: dict[int, str] = {}          # id(Transpose output) -> initializer name
+    emitted_weights: set[str] = set()
+    small_consts: dict[str, TensorProto] = {}
+
+    def weight_init(v: Value, name: str, transform=None):
+        arr = v.weight.numpy().astype(v.type.dtype, copy=False)
+        if transform is not None:
+            arr = transform(arr)
+        if progress:
+            progress(name)
+        initializers.append(data.add(name, arr))
+
+    def const_input(values, dtype=np.int64) -> str:
+        arr = np.asarray(values, dtype=dtype)
+        key = f"const.{arr.dtype}.{'_'.join(str(x) for x in arr.reshape(-1).tolist())}.{arr.ndim}"
+        if key not in small_consts:
+            small_consts[key] = helper.make_tensor(key, helper.np_dtype_to_tensor_dtype(arr.dtype), arr.shape, arr.reshape(-1).tolist())
+        return key
+
+    try:
+        for v in graph.consts:
+            if v.uses:
+                arr = v.const
+                initializers.append(onnx.numpy_helper.from_array(np.asarray(arr), v.name))
+        for node in graph.nodes:
+            # a transposed weight is stored transposed, so MatMul reads it directly
+            if node.op == "Transpose" and node.inputs[0].is_weight:
+                w = node.inputs[0]
+                name = f"{w.name}.T"
+                weight_init(w, name, lambda a, p=node.attrs["perm"]: np.transpose(a, p))
+                folded[id(node.outputs[0])] = name
+                continue
+            nodes.append(_lower_node(node, folded, const_input))
+        for name, v in graph.weights.items():
+            if any(u.node.op != "Transpose" for u in v.uses) or v in graph.outputs:
+                weight_init(v, name)
+                emitted_weights.add(name)
+    finally:
+        data.close()
+    initializers.extend(small_consts.values())
+    g = helper.make_graph(nodes, graph.name, [_value_info(v) for v in graph.inputs],
+                          [_value_info(v) for v in graph.outputs], initializer=initializers)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)],
+                              producer_name="kiln")
+    model.ir_version = IR_VERSION
+    onnx.save(model, os.fspath(out_dir / model_name))
+    onnx.checker.check_model(os.fspath(out_dir / model_name))
+    return {"onnx_nodes": len(nodes), "initializers": len(initializers),
+            "data_bytes": (out_dir / f"{model_name}.data").stat().st_size}
+
+
+def _lower_node(node: Node, folded: dict, const_input) -> onnx.NodeProto:
+    inputs = ["" if x is None else folded.get(id(x), x.name) for x in node.inputs]
+    attrs = dict(node.attrs)
+    if node.op in _ATTRS_AS_INPUTS:
+        for key in _ATTRS_AS_INPUTS[node.op]:
+            val = attrs.pop(key, None)
+            if val is not None:
+                inputs.append(const_input(val))
+    if node.op == "Cast":
+        attrs["to"] = _DTYPES[attrs["to"]]
+    if node.op in ("ReduceMean", "ReduceSum", "ReduceMax"):
+        attrs["keepdims"] = int(attrs.get("keepdims", 1))
+    return helper.make_node(node.op, inputs, [o.name for o in node.outputs], name=node.name, **attrs)
