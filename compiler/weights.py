@@ -52,6 +52,14 @@ class Weight:
         """Rows ``index`` (over the flattened leading dims) of a 2-D view; keeps the format."""
         index = np.asarray(index)
         parent = self
+        if len(self.shape) == 1:
+            if self.format.is_block:
+                raise ValueError(f"cannot take elements of the 1-D block-format weight {self.name}")
+            new_shape = (len(index),)
+
+            def load():
+                return parent.raw().reshape(-1, parent.format.type_size)[index]
+            return Weight(new_shape, self.format, load, name=name or self.name, origin=self.origin)
         new_shape = (len(index),) + (self.shape[-1],)
 
         def load():
@@ -109,3 +117,17 @@ class Weight:
 
     def __repr__(self) -> str:
         return f"Weight({self.name!r}, {self.format.name}, {list(self.shape)})"
+
+
+def concat_rows(parts: list[Weight], *, name: str = "") -> Weight:
+    """Stack weights of one format along the first axis (fusing q/k/v, gate/up), lazily."""
+    fmt = parts[0].format
+    if any(p.format is not fmt for p in parts):
+        parts = [p.astype("f32") for p in parts]
+        fmt = parts[0].format
+    tail = parts[0].shape[1:]
+    shape = (sum(p.shape[0] for p in parts),) + tail
+
+    def load():
+        return np.concatenate([p.raw().reshape(-1) for p in parts])
+    return Weight(shape, fmt, load, name=name or parts[0].name, origin=parts[0].origin)

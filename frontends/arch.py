@@ -114,6 +114,9 @@ class Family:
     hf_names: dict
     gguf_names: dict
     rope_permuted_in_gguf: bool = False   # llama.cpp interleaves q/k rows for its rope kernel
+    hf_conv1d: bool = False               # HF stores linear weights [in, out] (GPT-2's Conv1D)
+    hf_config_aliases: dict = field(default_factory=dict)   # canonical key -> this family's key
+    flags: dict = field(default_factory=dict)               # ArchConfig fields fixed by the family
 
 
 FAMILIES: dict[str, Family] = {}
@@ -128,7 +131,108 @@ _family(Family("llama", ("llama",), "llama", LLAMA_HF, LLAMA_GGUF, rope_permuted
 _family(Family("mistral", ("mistral",), "llama", LLAMA_HF, LLAMA_GGUF, rope_permuted_in_gguf=True))
 _family(Family("qwen2", ("qwen2",), "qwen2", LLAMA_HF, LLAMA_GGUF))
 _family(Family("qwen3", ("qwen3",), "qwen3", LLAMA_HF, LLAMA_GGUF))
-_family(Family("gemma", ("gemma",), "gemma", LLAMA_HF, LLAMA_GGUF))
+_family(Family("gemma", ("gemma",), "gemma", LLAMA_HF, LLAMA_GGUF,
+              flags={"norm_offset": 1.0, "tie_word_embeddings": True}))
+
+def _without_split_parts(table: dict) -> dict:
+    return {k: v for k, v in table.items() if not (k.count(".") == 3 and k.split(".")[2] in ("q", "k", "v", "gate", "up"))}
+
+
+PHI3_HF = _without_split_parts(LLAMA_HF)
+PHI3_HF.update({
+    "layers.{i}.qkv.weight": "model.layers.{i}.self_attn.qkv_proj.weight",
+    "layers.{i}.gate_up.weight": "model.layers.{i}.mlp.gate_up_proj.weight",
+})
+PHI3_GGUF = _without_split_parts(LLAMA_GGUF)
+PHI3_GGUF.update({
+    "layers.{i}.qkv.weight": "blk.{i}.attn_qkv.weight",
+    "layers.{i}.gate_up.weight": "blk.{i}.ffn_up.weight",
+})
+_family(Family("phi3", ("phi3",), "phi3", PHI3_HF, PHI3_GGUF))
+
+GPT2_HF = {
+    "embed": "transformer.wte.weight",
+    "pos_embed": "transformer.wpe.weight",
+    "final_norm": "transformer.ln_f.weight",
+    "final_norm_bias": "transformer.ln_f.bias",
+    "lm_head": "lm_head.weight",
+    "layers.{i}.attn_norm": "transformer.h.{i}.ln_1.weight",
+    "layers.{i}.attn_norm_bias": "transformer.h.{i}.ln_1.bias",
+    "layers.{i}.qkv.weight": "transformer.h.{i}.attn.c_attn.weight",
+    "layers.{i}.qkv.bias": "transformer.h.{i}.attn.c_attn.bias",
+    "layers.{i}.o.weight": "transformer.h.{i}.attn.c_proj.weight",
+    "layers.{i}.o.bias": "transformer.h.{i}.attn.c_proj.bias",
+    "layers.{i}.mlp_norm": "transformer.h.{i}.ln_2.weight",
+    "layers.{i}.mlp_norm_bias": "transformer.h.{i}.ln_2.bias",
+    "layers.{i}.up.weight": "transformer.h.{i}.mlp.c_fc.weight",
+    "layers.{i}.up.bias": "transformer.h.{i}.mlp.c_fc.bias",
+    "layers.{i}.down.weight": "transformer.h.{i}.mlp.c_proj.weight",
+    "layers.{i}.down.bias": "transformer.h.{i}.mlp.c_proj.bias",
+}
+GPT2_GGUF = {
+    "embed": "token_embd.weight",
+    "pos_embed": "position_embd.weight",
+    "final_norm": "output_norm.weight",
+    "final_norm_bias": "output_norm.bias",
+    "lm_head": "output.weight",
+    "layers.{i}.attn_norm": "blk.{i}.attn_norm.weight",
+    "layers.{i}.attn_norm_bias": "blk.{i}.attn_norm.bias",
+    "layers.{i}.qkv.weight": "blk.{i}.attn_qkv.weight",
+    "layers.{i}.qkv.bias": "blk.{i}.attn_qkv.bias",
+    "layers.{i}.o.weight": "blk.{i}.attn_output.weight",
+    "layers.{i}.o.bias": "blk.{i}.attn_output.bias",
+    "layers.{i}.mlp_norm": "blk.{i}.ffn_norm.weight",
+    "layers.{i}.mlp_norm_bias": "blk.{i}.ffn_norm.bias",
+    "layers.{i}.up.weight": "blk.{i}.ffn_up.weight",
+    "layers.{i}.up.bias": "blk.{i}.ffn_up.bias",
+    "layers.{i}.down.weight": "blk.{i}.ffn_down.weight",
+    "layers.{i}.down.bias": "blk.{i}.ffn_down.bias",
+}
+_family(Family(
+    "gpt2", ("gpt2",), "gpt2", GPT2_HF, GPT2_GGUF, hf_conv1d=True,
+    hf_config_aliases={"hidden_size": "n_embd", "num_attention_heads": "n_head", "num_hidden_layers": "n_layer",
+                       "max_position_embeddings": "n_positions", "rms_norm_eps": "layer_norm_epsilon",
+                       "intermediate_size": "n_inner", "hidden_act": "activation_function"},
+    flags={"norm": "layer", "gated_mlp": False, "learned_positions": True, "rotary_dim": 0,
+           "attention_bias": True, "output_bias": True, "mlp_bias": True, "tie_word_embeddings": True}))
+
+# Fused tensors split into canonical roles, with each part's row count from the config.
+FUSED = {
+    "qkv": (("q", lambda c: c.num_heads * c.head_dim), ("k", lambda c: c.num_kv_heads * c.head_dim),
+            ("v", lambda c: c.num_kv_heads * c.head_dim)),
+    "gate_up": (("gate", lambda c: c.intermediate_size), ("up", lambda c: c.intermediate_size)),
+}
+
+
+def split_fused(weights: dict, cfg: "ArchConfig") -> dict:
+    """Replace ``layers.N.qkv.*`` / ``layers.N.gate_up.*`` with their parts (lazy row slices)."""
+    out = {}
+    for role, w in weights.items():
+        parts = role.split(".")
+        if len(parts) == 4 and parts[2] in FUSED:
+            start = 0
+            for name, rows in FUSED[parts[2]]:
+                n = rows(cfg)
+                out[f"{parts[0]}.{parts[1]}.{name}.{parts[3]}"] = w.take_rows(np.arange(start, start + n))
+                start += n
+            if start != w.shape[0]:
+                raise ValueError(f"fused tensor {role} has {w.shape[0]} rows, the config implies {start}")
+        else:
+            out[role] = w
+    return out
+
+
+def fuse_parts(weights: dict, fused: str, cfg: "ArchConfig", n_layers: int) -> dict:
+    """The inverse of split_fused for writers whose format stores the fused tensor."""
+    from kiln.weights import concat_rows
+    out = dict(weights)
+    names = [name for name, _ in FUSED[fused]]
+    for i in range(n_layers):
+        for kind in ("weight", "bias"):
+            keys = [f"layers.{i}.{n}.{kind}" for n in names]
+            if all(k in out for k in keys):
+                out[f"layers.{i}.{fused}.{kind}"] = concat_rows([out.pop(k) for k in keys])
+    return out
 
 
 def family_for_model_type(model_type: str) -> Family | None:

@@ -55,6 +55,12 @@ def arch_config(cfg: dict, path: Path) -> tuple[A.Family, A.ArchConfig]:
     if family is None:
         raise KilnError(path / "config.json", f"unsupported architecture {model_type!r} "
                         f"(kiln reads: {', '.join(sorted({t for f in A.FAMILIES.values() for t in f.hf_model_types}))})")
+    cfg = dict(cfg)
+    for canonical, key in family.hf_config_aliases.items():
+        if key in cfg and canonical not in cfg:
+            cfg[canonical] = cfg[key]
+    if cfg.get("intermediate_size") is None and "hidden_size" in cfg:
+        cfg["intermediate_size"] = 4 * int(cfg["hidden_size"])     # GPT-2's n_inner default
     try:
         hidden = int(cfg["hidden_size"])
         heads = int(cfg["num_attention_heads"])
@@ -89,8 +95,9 @@ def arch_config(cfg: dict, path: Path) -> tuple[A.Family, A.ArchConfig]:
         )
     except (KeyError, TypeError, ValueError) as e:
         raise KilnError(path / "config.json", f"config is missing or has a bad value for {e}") from None
+    for k, v in family.flags.items():
+        setattr(c, k, v)
     if family.name == "gemma":
-        c.norm_offset = 1.0
         c.embed_scale = float(hidden) ** 0.5
     if c.num_heads % c.num_kv_heads:
         raise KilnError(path / "config.json", f"{c.num_heads} attention heads are not a multiple of {c.num_kv_heads} key/value heads")
@@ -145,7 +152,14 @@ def load_weights(folder: Path, family: A.Family, cfg: A.ArchConfig) -> dict[str,
     out: dict[str, Weight] = {}
     for role, name in roles.items():
         if name in tensors:
-            out[role] = tensors[name]
+            w = tensors[name]
+            if family.hf_conv1d and len(w.shape) == 2 and role.startswith("layers."):
+                w = w.transpose()
+            out[role] = w
+    try:
+        out = A.split_fused(out, cfg)
+    except ValueError as e:
+        raise KilnError(folder, str(e)) from None
     if family.hf_names.get("embed") and "embed" not in out:
         raise KilnError(folder, f"the checkpoint has no {family.hf_names['embed']} tensor")
     if "lm_head" not in out and not cfg.tie_word_embeddings:

@@ -1,0 +1,108 @@
+"""The artifact format: a folder ``NAME.kiln/`` with ``manifest.json`` and the backend's files.
+
+Written into a staging folder beside the destination and renamed into place only when
+complete, so an interrupted build never leaves a half artifact under the final name. This
+module is imported by the runtime, so it stays light: json, hashlib, os.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def sha256_file(path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def staging(dest):
+    """Yield a temporary folder; on success it replaces ``dest`` atomically, on error it vanishes."""
+    dest = Path(dest)
+    parent = dest.parent if str(dest.parent) else Path(".")
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)       # mkdtemp makes it private; an artifact is an ordinary folder
+    try:
+        yield tmp
+        if dest.exists():
+            old = parent / f".{dest.name}.old-{os.getpid()}"
+            os.replace(dest, old)
+            os.replace(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_manifest(folder, manifest: dict) -> dict:
+    """Complete ``manifest`` with the list of files and their hashes, then write it."""
+    folder = Path(folder)
+    files = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            files[p.relative_to(folder).as_posix()] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+    manifest = {"format_version": FORMAT_VERSION, **manifest, "files": files}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_json_default) + "\n")
+    return manifest
+
+
+def _json_default(o):
+    try:
+        import numpy as np
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+    except ImportError:
+        pass
+    raise TypeError(f"{type(o).__name__} is not JSON serialisable")
+
+
+class ArtifactError(Exception):
+    def __init__(self, path, message):
+        self.path, self.message = os.fspath(path), message
+        super().__init__(f"{self.path}: {message}")
+
+
+def read_manifest(folder, *, check_hashes: bool = False) -> dict:
+    folder = Path(folder)
+    mpath = folder / MANIFEST
+    if not folder.is_dir():
+        raise ArtifactError(folder, "not a kiln artifact (no such folder)")
+    if not mpath.is_file():
+        raise ArtifactError(folder, "not a kiln artifact (no manifest.json)")
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(mpath, f"unreadable manifest ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(mpath, f"artifact format version {manifest.get('format_version') if isinstance(manifest, dict) else '?'} "
+                            f"is not the one this kiln reads ({FORMAT_VERSION})")
+    for rel, info in manifest.get("files", {}).items():
+        p = folder / rel
+        if not p.is_file():
+            raise ArtifactError(folder, f"file {rel} listed in the manifest is missing")
+        if p.stat().st_size != info.get("bytes"):
+            raise ArtifactError(folder, f"file {rel} has {p.stat().st_size} bytes, the manifest says {info.get('bytes')}")
+        if check_hashes and sha256_file(p) != info.get("sha256"):
+            raise ArtifactError(folder, f"file {rel} does not match its sha256 in the manifest")
+    return manifest

@@ -1,0 +1,241 @@
+"""The ``kiln`` command: inspect, compile, run, bench, convert.
+
+Errors a user can act on print as one line ``kiln: PATH: PROBLEM`` and exit with code 2;
+set KILN_DEBUG=1 to see the traceback of an unexpected failure.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+
+def _console(stderr: bool = True):
+    from rich.console import Console
+    return Console(stderr=stderr, highlight=False)
+
+
+# ---- compile --------------------------------------------------------------------------------
+
+def cmd_compile(a) -> int:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from kiln.driver import compile as kiln_compile
+    con = _console()
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=con, transient=True, disable=a.quiet) as prog:
+        task = prog.add_task("reading model", total=None)
+
+        def on_stage(s):
+            prog.update(task, description=s)
+
+        def on_pass(rec):
+            stats = ", ".join(f"{k}={v}" for k, v in rec.stats.items()) or "no change"
+            prog.console.print(f"  pass {rec.name:<12} {stats}  ({rec.seconds * 1000:.0f} ms)")
+
+        weights_done = [0]
+
+        def on_weight(name):
+            weights_done[0] += 1
+            prog.update(task, description=f"lowering to ONNX: {name}", completed=weights_done[0])
+
+        t = time.perf_counter()
+        out = kiln_compile(a.model, target=a.target, output=a.output, verify=a.verify, dump_ir=a.dump_ir,
+                           on_pass=on_pass, on_weight=on_weight, on_stage=on_stage)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    con.print(f"wrote {out} ({size / 1e6:.1f} MB) in {time.perf_counter() - t:.1f} s")
+    return 0
+
+
+# ---- run ------------------------------------------------------------------------------------
+
+def cmd_run(a) -> int:
+    from kiln import runtime
+    model = runtime.load(a.artifact, threads=a.threads)
+    prompt = a.prompt if a.prompt is not None else sys.stdin.read()
+    if a.chat:
+        messages = []
+        if a.system:
+            messages.append({"role": "system", "content": a.system})
+        messages.append({"role": "user", "content": prompt})
+        prompt = model.chat_prompt(messages)
+    kwargs = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                  min_p=a.min_p, repetition_penalty=a.repetition_penalty, seed=a.seed, stop=a.stop or None)
+    pieces = model.stream(prompt, **kwargs)
+    out = sys.stdout
+    while True:
+        try:
+            piece = next(pieces)
+        except StopIteration as stop:
+            result = stop.value
+            break
+        out.write(piece)
+        out.flush()
+    out.write("\n")
+    if a.verbose and result is not None:
+        t = result.timings
+        _console().print(f"[{result.finish_reason}] prompt {result.prompt_tokens} tokens, "
+                         f"{len(result.ids)} new; " + ", ".join(f"{k}={v:.3g}" for k, v in t.items()))
+    return 0
+
+
+# ---- bench ----------------------------------------------------------------------------------
+
+def peak_rss_mb() -> float:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def cmd_bench(a) -> int:
+    import numpy as np
+    from rich.table import Table
+
+    from kiln import runtime
+    t = time.perf_counter()
+    model = runtime.load(a.artifact, threads=a.threads)
+    load_s = time.perf_counter() - t
+    tok = model.tokenizer
+    base = tok.encode(a.prompt) if tok else [1, 2, 3, 4, 5]
+    long = (base * (a.prefill_tokens // max(len(base), 1) + 1))[: a.prefill_tokens]
+    sess = model.session
+    prefill = []
+    for _ in range(a.repeats + 1):                       # first run warms up
+        sess.reset(1)
+        t = time.perf_counter()
+        sess.forward(np.asarray([long]), last_only=True)
+        prefill.append(time.perf_counter() - t)
+    prefill_tps = len(long) / min(prefill[1:])
+    decode = []
+    for _ in range(a.repeats):
+        sess.reset(1)
+        logits = sess.forward(np.asarray([base]), last_only=True)
+        t = time.perf_counter()
+        for _ in range(a.decode_tokens):
+            nxt = int(np.argmax(logits[0, -1]))
+            logits = sess.forward(np.asarray([[nxt]]), last_only=True)
+        decode.append(time.perf_counter() - t)
+    decode_tps = a.decode_tokens / min(decode)
+    table = Table(title=f"kiln bench {a.artifact}")
+    for col in ("metric", "value"):
+        table.add_column(col)
+    table.add_row("backend", model.manifest["backend"]["name"])
+    table.add_row("threads", str(a.threads or os.cpu_count()))
+    table.add_row("load", f"{load_s:.2f} s")
+    table.add_row(f"prefill ({len(long)} tokens)", f"{prefill_tps:.1f} tokens/s")
+    table.add_row(f"decode ({a.decode_tokens} tokens, greedy)", f"{decode_tps:.1f} tokens/s")
+    table.add_row("peak memory (RSS)", f"{peak_rss_mb():.0f} MB")
+    _console(stderr=False).print(table)
+    if a.json:
+        import json
+        print(json.dumps({"prefill_tokens_per_s": prefill_tps, "decode_tokens_per_s": decode_tps,
+                          "peak_rss_mb": peak_rss_mb(), "load_s": load_s}))
+    return 0
+
+
+# ---- inspect --------------------------------------------------------------------------------
+
+def cmd_inspect(a) -> int:
+    from kiln.inspect import describe
+    con = _console(stderr=False)
+    describe(a.model, con, graph=a.graph)
+    return 0
+
+
+# ---- convert --------------------------------------------------------------------------------
+
+def cmd_convert(a) -> int:
+    from kiln.driver import convert
+    con = _console()
+    t = time.perf_counter()
+    summary = convert(a.src, a.dst, to=a.to, dtype=a.dtype, quant=a.quant, console=con, quiet=a.quiet)
+    con.print(f"wrote {a.dst}: {summary.get('tensors', 0)} tensors, {summary.get('bytes_in', 0) / 1e6:.1f} MB in, "
+              f"{summary.get('bytes_out', 0) / 1e6:.1f} MB out, {time.perf_counter() - t:.1f} s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kiln", description="Compile, convert and run transformer language models.")
+    p.add_argument("--version", action="version", version=_version())
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("inspect", help="describe a model file, folder or artifact")
+    s.add_argument("model")
+    s.add_argument("--graph", metavar="FILE", help="write the IR graph (.txt, .json, .dot or .graphml)")
+    s.set_defaults(fn=cmd_inspect)
+
+    s = sub.add_parser("compile", help="compile a model for a device")
+    s.add_argument("model", help="Hugging Face folder or .gguf file")
+    s.add_argument("--target", default="cpu", help="cpu, cpu-avx2, cpu-avx512, cpu-neon, cuda (default: cpu = this host)")
+    s.add_argument("-o", "--output", help="artifact folder (default: NAME.kiln)")
+    s.add_argument("--verify", action="store_true", help="verify the IR after every pass")
+    s.add_argument("--dump-ir", metavar="DIR", help="write the IR after each pass into DIR")
+    s.add_argument("-q", "--quiet", action="store_true")
+    s.set_defaults(fn=cmd_compile)
+
+    s = sub.add_parser("run", help="generate text with a compiled artifact")
+    s.add_argument("artifact")
+    s.add_argument("--prompt", "-p", help="prompt text (default: read standard input)")
+    s.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt")
+    s.add_argument("--system", help="system message for --chat")
+    s.add_argument("--max-new-tokens", "-n", type=int, default=128)
+    s.add_argument("--temperature", "-t", type=float, default=0.0)
+    s.add_argument("--top-k", type=int, default=0)
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--min-p", type=float, default=0.0)
+    s.add_argument("--repetition-penalty", type=float, default=1.0)
+    s.add_argument("--seed", type=int)
+    s.add_argument("--stop", action="append", help="stop string (repeatable)")
+    s.add_argument("--threads", type=int)
+    s.add_argument("-v", "--verbose", action="store_true", help="print timings after the answer")
+    s.set_defaults(fn=cmd_run)
+
+    s = sub.add_parser("bench", help="measure prefill and decode speed of an artifact")
+    s.add_argument("artifact")
+    s.add_argument("--prompt", default="The capital of France is")
+    s.add_argument("--prefill-tokens", type=int, default=130)
+    s.add_argument("--decode-tokens", type=int, default=128)
+    s.add_argument("--repeats", type=int, default=2)
+    s.add_argument("--threads", type=int)
+    s.add_argument("--json", action="store_true", help="also print the figures as JSON")
+    s.set_defaults(fn=cmd_bench)
+
+    s = sub.add_parser("convert", help="convert a model between formats")
+    s.add_argument("src")
+    s.add_argument("dst")
+    s.add_argument("--to", required=True, choices=["hf", "gguf", "safetensors", "onnx"])
+    s.add_argument("--dtype", choices=["f32", "f16", "bf16"], help="element type of float tensors")
+    s.add_argument("--quant", help="block quantization (GGUF output): q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q6_k")
+    s.add_argument("-q", "--quiet", action="store_true")
+    s.set_defaults(fn=cmd_convert)
+    return p
+
+
+def _version() -> str:
+    from kiln import __version__
+    return f"kiln {__version__}"
+
+
+def main(argv=None) -> int:
+    from kiln.artifact import ArtifactError
+    from kiln.errors import KilnError
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args) or 0
+    except (KilnError, ArtifactError) as e:
+        print(f"kiln: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kiln: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as e:                                    # noqa: BLE001 - last line of defence
+        if os.environ.get("KILN_DEBUG"):
+            raise
+        print(f"kiln: internal error: {e.__class__.__name__}: {e} (set KILN_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

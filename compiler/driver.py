@@ -1,0 +1,95 @@
+"""The pipeline as one readable function per user verb: read, rewrite, lower, package."""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+from . import __version__
+from .artifact import staging, write_manifest
+from .errors import KilnError
+from .passes_base import PassRecord, run_passes
+
+Report = Callable[[str], None]
+
+
+def load_model(path):
+    """Any supported model -> ModelIR."""
+    from kiln.frontends.detect import read_model
+    return read_model(path)
+
+
+def pipeline(backend: str) -> list:
+    """The flat, named list of passes for a backend."""
+    from kiln.passes.dce import dce
+    from kiln.passes.kv_cache import insert_kv_cache
+    return [("kv_cache", insert_kv_cache), ("dce", dce)]
+
+
+def source_digest(path) -> str:
+    """sha256 of a model file, or of a folder's files in name order."""
+    p = Path(path)
+    h = hashlib.sha256()
+    files = [p] if p.is_file() else sorted(x for x in p.rglob("*") if x.is_file())
+    for f in files:
+        if p.is_dir():
+            h.update(f.relative_to(p).as_posix().encode() + b"\0")
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def compile(model, target: str = "cpu", output=None, *, verify: bool = False, dump_ir: str | None = None,
+            on_pass: Callable[[PassRecord], None] | None = None, on_weight: Report | None = None,
+            on_stage: Report | None = None):
+    """Compile a model (path or ModelIR) for ``target`` into the artifact folder ``output``."""
+    from kiln.targets.presets import resolve
+    t0 = time.perf_counter()
+    stage = on_stage or (lambda s: None)
+    try:
+        preset = resolve(target)
+    except ValueError as e:
+        raise KilnError(None, str(e)) from None
+    src_path = None
+    if isinstance(model, (str, os.PathLike)):
+        src_path = model
+        stage("reading model")
+        model = load_model(model)
+    if output is None:
+        name = Path(model.source.get("path") or "model").name.split(".")[0] or "model"
+        output = f"{name}.kiln"
+    stage("running passes")
+    graph, records = run_passes(model.graph, pipeline(preset.default_backend), verify=verify,
+                                dump_dir=dump_ir, report=on_pass)
+    cfg = model.config
+    with staging(output) as tmp:
+        stage("lowering to ONNX")
+        from kiln.targets import onnxrt
+        summary = onnxrt.lower(graph, tmp, progress=on_weight)
+        if model.tokenizer is not None:
+            model.tokenizer.save(tmp / "tokenizer")
+        stage("writing manifest")
+        manifest = {
+            "kiln_version": __version__,
+            "source": {"format": model.source.get("format"), "path": os.fspath(src_path or model.source.get("path", "")),
+                       "sha256": source_digest(src_path) if src_path else None,
+                       **({"tensor_formats": model.source["tensor_formats"]} if "tensor_formats" in model.source else {})},
+            "architecture": cfg["family"],
+            "config": cfg,
+            "target": {"preset": preset.name, "device": preset.device, "isa": preset.isa},
+            "backend": {"name": "onnxrt", "model": "model.onnx", "logits": graph.outputs[0].name,
+                        "inputs": [v.name for v in graph.inputs], "outputs": [v.name for v in graph.outputs],
+                        "kv_cache": {"layout": "concat", "layers": graph.meta.get("kv_cache", {}).get("layers", 0),
+                                     "kv_heads": cfg["num_kv_heads"], "head_dim": cfg["head_dim"]},
+                        **summary},
+            "passes": [{"name": r.name, "changed": r.changed, "stats": r.stats, "seconds": round(r.seconds, 4)} for r in records],
+            "generation": model.generation,
+            "tokenizer": "tokenizer" if model.tokenizer is not None else None,
+            "chat_template": getattr(model.tokenizer, "chat_template", None) is not None,
+            "compile_seconds": round(time.perf_counter() - t0, 2),
+        }
+        write_manifest(tmp, manifest)
+    return Path(output)

@@ -1,0 +1,43 @@
+"""Which frontend reads a path: by what the path is, not by what it is called."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from kiln.errors import KilnError
+
+
+def detect_format(path) -> str:
+    p = Path(path)
+    if not p.exists():
+        raise KilnError(path, "no such file or folder")
+    if p.is_dir():
+        if (p / "config.json").is_file():
+            return "hf"
+        if (p / "manifest.json").is_file():
+            raise KilnError(path, "this is a compiled kiln artifact; use `kiln run` on it")
+        raise KilnError(path, "not a model: the folder has no config.json")
+    try:
+        with open(p, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise KilnError(path, f"cannot read the file ({e.strerror})") from None
+    if head[:4] == b"GGUF":
+        return "gguf"
+    if p.suffix == ".safetensors":
+        return "safetensors"
+    if p.suffix == ".gguf":
+        raise KilnError(path, "not a GGUF file (the magic bytes are not 'GGUF')")
+    raise KilnError(path, "not a model file kiln can read (expected a GGUF file, a .safetensors file or a Hugging Face folder)")
+
+
+def read_model(path):
+    """Read any supported model into a ModelIR."""
+    fmt = detect_format(path)
+    if fmt == "hf":
+        from . import hf
+        return hf.read(path)
+    if fmt == "gguf":
+        from . import gguf
+        return gguf.read(path)
+    from . import safetensors_model
+    return safetensors_model.read(path)

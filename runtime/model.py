@@ -1,0 +1,74 @@
+"""A loaded artifact: the user-facing model with logits, generate, stream, chat and perplexity."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from kiln.artifact import read_manifest
+
+from . import generation
+from .tokenizer import Tokenizer
+
+
+class Model:
+    def __init__(self, folder, *, threads: int | None = None, device: str | None = None):
+        self.path = Path(folder)
+        self.manifest = read_manifest(self.path)
+        self.config = self.manifest.get("config", {})
+        backend = self.manifest["backend"]["name"]
+        if backend != "onnxrt":
+            raise ValueError(f"{self.path}: backend {backend!r} is not available in this runtime")
+        from .onnxrt_session import OnnxRuntimeSession
+        self.session = OnnxRuntimeSession(self.path, self.manifest, threads=threads, device=device)
+        tok_dir = self.path / "tokenizer"
+        self.tokenizer = Tokenizer.load(tok_dir) if tok_dir.is_dir() else None
+        eos = self.manifest.get("generation", {}).get("eos_token_id") or []
+        if self.tokenizer is not None and eos:
+            self.tokenizer.eos_ids = sorted(set(self.tokenizer.eos_ids) | set(eos))
+
+    # ---- scoring ------------------------------------------------------------------------
+    def logits(self, ids) -> np.ndarray:
+        """float32 [batch, seq, vocab] for a batch of equal-length id sequences (fresh cache)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.ndim == 1:
+            ids = ids[None, :]
+        self.session.reset(ids.shape[0])
+        return np.asarray(self.session.forward(ids), dtype=np.float32)
+
+    def perplexity(self, text_or_ids) -> float:
+        ids = self._ids(text_or_ids)
+        if len(ids) < 2:
+            raise ValueError("perplexity needs at least two tokens")
+        logits = self.logits([ids])[0, :-1].astype(np.float64)
+        m = logits.max(-1, keepdims=True)
+        logp = logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
+        nll = -logp[np.arange(len(ids) - 1), ids[1:]].mean()
+        return float(np.exp(nll))
+
+    # ---- generation ---------------------------------------------------------------------
+    def generate(self, prompt, max_new_tokens: int = 128, **kwargs):
+        return generation.generate(self.session, self._tok(), prompt, max_new_tokens=max_new_tokens, **kwargs)
+
+    def stream(self, prompt, max_new_tokens: int = 128, **kwargs):
+        return generation.stream(self.session, self._tok(), prompt, max_new_tokens=max_new_tokens, **kwargs)
+
+    def chat_prompt(self, messages, add_generation_prompt: bool = True) -> str:
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        return self._tok().apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+
+    def chat(self, messages, max_new_tokens: int = 256, stream: bool = False, **kwargs):
+        prompt = self.chat_prompt(messages)
+        fn = self.stream if stream else self.generate
+        return fn(prompt, max_new_tokens=max_new_tokens, **kwargs)
+
+    def _ids(self, text_or_ids) -> list[int]:
+        if isinstance(text_or_ids, str):
+            return self._tok().encode(text_or_ids)
+        return [int(x) for x in text_or_ids]
+
+    def _tok(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise ValueError(f"{self.path}: the artifact has no tokenizer; pass token ids")
+        return self.tokenizer

