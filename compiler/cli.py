@@ -11,9 +11,9 @@ import sys
 import time
 
 
-def _console(stderr: bool = True):
+def _console(stderr: bool = True, markup: bool = True):
     from rich.console import Console
-    return Console(stderr=stderr, highlight=False)
+    return Console(stderr=stderr, highlight=False, markup=markup)
 
 
 # ---- compile --------------------------------------------------------------------------------
@@ -75,7 +75,7 @@ def cmd_run(a) -> int:
     out.write("\n")
     if a.verbose and result is not None:
         t = result.timings
-        _console().print(f"[{result.finish_reason}] prompt {result.prompt_tokens} tokens, "
+        _console(markup=False).print(f"[{result.finish_reason}] prompt {result.prompt_tokens} tokens, "
                          f"{len(result.ids)} new; " + ", ".join(f"{k}={v:.3g}" for k, v in t.items()))
     return 0
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 from pathlib import Path
@@ -73,6 +74,8 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
         summary = onnxrt.lower(graph, tmp, progress=on_weight)
         if model.tokenizer is not None:
             model.tokenizer.save(tmp / "tokenizer")
+            # the runtime tokenizer reads end-of-sequence ids from here too
+            (tmp / "tokenizer" / "generation_config.json").write_text(json.dumps(model.generation, indent=2))
         stage("writing manifest")
         manifest = {
             "kiln_version": __version__,

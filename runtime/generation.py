@@ -21,6 +21,7 @@ Decisions a user may want to know:
 """
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -57,6 +58,13 @@ class Session(Protocol):
 
 @dataclass
 class GenerationResult:
+    """One prompt's completion.
+
+    ``timings`` holds ``prefill_s``, ``decode_s``, ``decode_steps``, ``prefill_tokens_per_s``
+    and ``tokens_per_s`` (decode steps per second). Prompts that ran as one batch share
+    their batch's timings.
+    """
+
     ids: list[int]
     text: str
     finish_reason: FinishReason
@@ -154,8 +162,9 @@ def generate(
 ) -> GenerationResult | list[GenerationResult]:
     """Complete ``prompt`` (text or token ids); a list of prompts gives a list of results.
 
-    ``add_special_tokens`` puts the tokenizer's BOS token in front of each prompt unless it
-    is already there.
+    ``add_special_tokens`` encodes text prompts with the tokenizer's special tokens (its
+    ``encode(text, add_special_tokens=True)``, or else BOS in front unless already there).
+    Token-id prompts are used exactly as given.
     """
     prompts, single = _prompts(tokenizer, prompt, add_special_tokens)
     job = _Job(session, tokenizer, max_new_tokens, stop,
@@ -289,14 +298,17 @@ class _StopMatcher:
     """
 
     def __init__(self, decoder, stops: list[str]):
-        self.decoder, self.stops = decoder, stops
+        # Stream decoders spell "next token" as add(), put() or a call; accept any of them.
+        self.decode = getattr(decoder, "add", None) or getattr(decoder, "put", None) or decoder
+        self.flush = decoder.flush
+        self.stops = stops
         self.held = ""
 
     def add(self, token: int) -> tuple[str, bool]:
-        return self._push(self.decoder.add(token), final=False)
+        return self._push(self.decode(token), final=False)
 
     def finish(self) -> tuple[str, bool]:
-        return self._push(self.decoder.flush(), final=True)
+        return self._push(self.flush(), final=True)
 
     def _push(self, piece: str, final: bool) -> tuple[str, bool]:
         buf = self.held + piece
@@ -384,24 +396,40 @@ def _prompts(tokenizer, prompt, add_special_tokens: bool) -> tuple[list[list[int
     if isinstance(prompt, str) or _is_id_list(prompt):
         items, single = [prompt], True
     elif isinstance(prompt, (list, tuple)) and prompt and all(
-            isinstance(p, str) or _is_id_list(p) for p in prompt):
+            isinstance(p, str) or _is_id_list(p) or (isinstance(p, (list, tuple)) and not p)
+            for p in prompt):
         items, single = list(prompt), False
     else:
         raise ValueError("prompt must be a string, a list of token ids, or a non-empty list "
                          f"of those; got {type(prompt).__name__}")
 
-    bos = getattr(tokenizer, "bos_id", None)
     out = []
     for i, p in enumerate(items):
-        ids = list(tokenizer.encode(p)) if isinstance(p, str) else [int(t) for t in p]
-        if add_special_tokens and bos is not None and (not ids or ids[0] != bos):
-            ids.insert(0, int(bos))
+        ids = _encode(tokenizer, p, add_special_tokens) if isinstance(p, str) \
+            else [int(t) for t in p]
         if not ids:
             where = "the prompt" if single else f"prompt {i}"
             raise ValueError(f"{where} has no tokens; the model needs at least one "
                              "(add_special_tokens=True prepends BOS)")
         out.append(ids)
     return out, single
+
+
+def _encode(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
+    if not add_special_tokens:
+        return [int(t) for t in tokenizer.encode(text)]
+    try:
+        params = inspect.signature(tokenizer.encode).parameters
+    except (TypeError, ValueError):
+        params = {}
+    if "add_special_tokens" in params:
+        # The tokenizer knows whether its model wants BOS (SmolLM2 does not, Llama does).
+        return [int(t) for t in tokenizer.encode(text, add_special_tokens=True)]
+    ids = [int(t) for t in tokenizer.encode(text)]
+    bos = getattr(tokenizer, "bos_id", None)
+    if bos is not None and (not ids or ids[0] != bos):
+        ids.insert(0, int(bos))
+    return ids
 
 
 def _is_id_list(p) -> bool:

@@ -23,9 +23,6 @@ class Model:
         self.session = OnnxRuntimeSession(self.path, self.manifest, threads=threads, device=device)
         tok_dir = self.path / "tokenizer"
         self.tokenizer = Tokenizer.load(tok_dir) if tok_dir.is_dir() else None
-        eos = self.manifest.get("generation", {}).get("eos_token_id") or []
-        if self.tokenizer is not None and eos:
-            self.tokenizer.eos_ids = sorted(set(self.tokenizer.eos_ids) | set(eos))
 
     # ---- scoring ------------------------------------------------------------------------
     def logits(self, ids) -> np.ndarray:

@@ -1,7 +1,8 @@
 """Next-token selection: greedy, or sampling with temperature, top-k, top-p and min-p.
 
 The order of the steps follows transformers' logits processors, so a user moving from
-``model.generate(...)`` gets the same distribution for the same settings:
+``model.generate(...)`` gets the same distribution for the same settings (up to ties at the
+top-k boundary, which transformers keeps all of):
 
     repetition penalty -> temperature -> top-k -> top-p -> min-p -> draw
 
@@ -90,7 +91,7 @@ class Sampler:
             if self.greedy:
                 out[b] = _argmax(row)
             else:
-                out[b] = self._draw(self._filtered_probs(row), b)
+                out[b] = self._draw(*self._candidates(row), b)
         return out
 
     def distribution(self, logits: np.ndarray, history: Sequence[Sequence[int]] | None = None
@@ -106,7 +107,12 @@ class Sampler:
             if self.greedy:
                 out[b, _argmax(row)] = 1.0
             else:
-                out[b] = self._filtered_probs(row)
+                ids, weights = self._candidates(row)
+                probs = weights / weights.sum()
+                if ids is None:
+                    out[b] = probs
+                else:
+                    out[b, ids] = probs
         return out
 
     # -- steps -----------------------------------------------------------------------------
@@ -125,8 +131,7 @@ class Sampler:
         return logits
 
     def _penalized(self, row: np.ndarray, history: Sequence[int]) -> np.ndarray:
-        # float64 so a large vocabulary's softmax and cumulative sums stay exact enough
-        # for top-p to pick the same set as a float32 reference would by intent.
+        # float64: float32 sums over a 150k vocabulary drift enough to move the top-p cut.
         row = row.astype(np.float64)
         if self.repetition_penalty != 1.0 and len(history):
             seen = np.unique(np.asarray(history, dtype=np.int64))
@@ -134,54 +139,65 @@ class Sampler:
             vals = row[seen]
             row[seen] = np.where(vals > 0, vals / self.repetition_penalty,
                                  vals * self.repetition_penalty)
-        if not np.isfinite(row).any() and not (row == np.inf).any():
+        if (row == -np.inf).all():
             raise ValueError("every logit is -inf; nothing can be sampled")
         return row
 
-    def _filtered_probs(self, row: np.ndarray) -> np.ndarray:
-        vocab = row.shape[0]
+    def _candidates(self, row: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+        """The tokens that survive the filters, and weights proportional to their probability.
+
+        ``ids`` is None when every token survives (weights are then in id order), which
+        spares the common unfiltered case any copy of the vocabulary. Once a filter cuts
+        the vocabulary down, work continues on the small candidate arrays, so top-k and
+        top-p cost about one pass over the logits rather than a full sort.
+        """
         if np.isposinf(row).any():
             # +inf means "must pick"; spread the mass over those tokens only.
-            row = np.where(np.isposinf(row), 0.0, -np.inf)
-        else:
-            # Shift before scaling: a tiny temperature then sends far-off logits to -inf
-            # (probability 0, as intended) instead of the top ones to +inf.
-            row = (row - row.max()) / self.temperature
-        keep = np.isfinite(row)
+            ids = np.flatnonzero(np.isposinf(row))
+            return ids, np.ones(len(ids))
+        # Shift before scaling: a tiny temperature then sends far-off logits to -inf
+        # (weight 0, as intended) instead of the top ones to +inf. The top weight is 1.
+        # In place, on the caller's private float64 copy: on a large vocabulary fresh
+        # temporaries cost more than the arithmetic.
+        vals = row
+        vals -= vals.max()
+        vals /= self.temperature
+        weights = np.exp(vals)
+        ids = None
+        # Ranking uses the scaled logits, not the weights: exp() can round two distinct
+        # logits to one weight, and the ranking must agree with greedy's argmax.
+        ranked = False  # whether the candidates are in (logit desc, id asc) order
 
-        if 0 < self.top_k < keep.sum():
-            ids = np.flatnonzero(keep)
-            keep = np.zeros(vocab, dtype=bool)
-            keep[_top_ids(row, ids, self.top_k)] = True
-
-        probs = _softmax(row, keep)
+        if 0 < self.top_k < len(vals):
+            ids = _ranked_top(vals, self.top_k)[:self.top_k]
+            vals, weights, ranked = vals[ids], weights[ids], True
 
         if self.top_p < 1.0:
-            ids = np.flatnonzero(keep)
-            order = ids[np.lexsort((ids, -probs[ids]))]
-            cum = np.cumsum(probs[order])
-            # The small slack keeps a set whose sum is top_p up to rounding from losing
-            # its last member to a cumulative sum of 0.8999999 against top_p = 0.9.
-            n = int(np.searchsorted(cum, self.top_p - 1e-12, side="left")) + 1
-            keep = np.zeros(vocab, dtype=bool)
-            keep[order[:min(n, len(order))]] = True
-            probs = _softmax(row, keep)
+            target = (self.top_p - 1e-12) * weights.sum()
+            # The nucleus is usually a small part of the vocabulary: rank a growing top
+            # slice until it holds top_p of the mass instead of sorting everything.
+            m = 64
+            while not ranked:
+                order = _ranked_top(vals, m)
+                if weights[order].sum() >= target or len(order) == len(vals):
+                    ids, weights, ranked = order, weights[order], True
+                m *= 8
+            # The slack in target keeps a set whose mass is top_p up to rounding from
+            # losing its last member to a cumulative sum of 0.8999999 against 0.9.
+            n = int(np.searchsorted(np.cumsum(weights), target, side="left")) + 1
+            ids, weights = ids[:n], weights[:n]
 
         if self.min_p > 0.0:
-            keep &= probs >= self.min_p * probs.max()
-            probs = _softmax(row, keep)
+            keep = weights >= self.min_p * weights.max()
+            ids = np.flatnonzero(keep) if ids is None else ids[keep]
+            weights = weights[keep]
 
-        return probs
+        return ids, weights
 
-    def _draw(self, probs: np.ndarray, b: int) -> int:
-        cum = np.cumsum(probs)
-        x = self._stream(b).random() * cum[-1]
-        # side="right" lands on the first id whose cumulative sum exceeds x, which always
-        # has non-zero probability; only rounding at the very top can run past the end.
-        i = int(np.searchsorted(cum, x, side="right"))
-        if i >= len(cum) or probs[i] == 0.0:
-            i = int(np.flatnonzero(probs)[-1])
-        return i
+    def _draw(self, ids: np.ndarray | None, weights: np.ndarray, b: int) -> int:
+        u = self._stream(b).random()
+        i = _inverse_cdf(weights, u)
+        return i if ids is None else int(ids[i])
 
     def _stream(self, b: int) -> np.random.Generator:
         row = self._rows[b] if self._rows is not None else b
@@ -205,19 +221,51 @@ def _argmax(row: np.ndarray) -> int:
     return int(np.argmax(row))  # np.argmax returns the first maximum: the lowest id
 
 
-def _top_ids(row: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
-    vals = row[ids]
-    # A partition finds the k-th largest value in O(vocab); only the few candidates at or
-    # above it need sorting, by value then id so ties at the boundary keep the lowest ids.
-    kth = np.partition(vals, len(vals) - k)[len(vals) - k]
-    cand = ids[vals >= kth]
-    order = np.lexsort((cand, -row[cand]))
-    return cand[order[:k]]
+def _ranked_top(vals: np.ndarray, m: int) -> np.ndarray:
+    """Positions of at least the m largest ``vals``, ordered by value desc then position asc.
+
+    A partition finds the m-th largest value in linear time; only the candidates at or above
+    it are sorted. Ties with the m-th value are all included, so the first m of the result
+    are exactly the top m with ties going to the lowest ids.
+    """
+    if m >= len(vals):
+        pos = np.arange(len(vals))
+    else:
+        kth = np.partition(vals, len(vals) - m)[len(vals) - m]
+        pos = np.flatnonzero(vals >= kth)
+    # pos is ascending, so a stable sort leaves ties in id order.
+    return pos[np.argsort(-vals[pos], kind="stable")]
 
 
-def _softmax(row: np.ndarray, keep: np.ndarray) -> np.ndarray:
-    probs = np.zeros(row.shape[0], dtype=np.float64)
-    vals = row[keep]
-    e = np.exp(vals - vals.max())
-    probs[keep] = e / e.sum()
-    return probs
+_BLOCK = 1024
+
+
+def _inverse_cdf(weights: np.ndarray, u: float) -> int:
+    """The index i with cum[i-1] <= u * total < cum[i], cum being the cumulative weights.
+
+    A float64 cumsum over a 150k vocabulary costs about a millisecond, more than the rest of
+    sampling; summing blocks first and scanning only the chosen block costs a tenth of it.
+    Landing on a zero weight is impossible except by rounding at a block's top, so that
+    case falls back to the last positive weight before it.
+    """
+    if len(weights) <= 4 * _BLOCK:
+        cum = np.cumsum(weights)
+        return _search(cum, weights, u * cum[-1])
+    pad = -len(weights) % _BLOCK
+    padded = np.concatenate([weights, np.zeros(pad)]) if pad else weights
+    block_sums = padded.reshape(-1, _BLOCK).sum(axis=1)
+    cum = np.cumsum(block_sums)
+    x = u * cum[-1]
+    j = _search(cum, block_sums, x)
+    start = j * _BLOCK
+    block = padded[start:start + _BLOCK]
+    x -= cum[j - 1] if j else 0.0
+    return start + _search(np.cumsum(block), block, x)
+
+
+def _search(cum: np.ndarray, weights: np.ndarray, x: float) -> int:
+    # side="right": the first entry whose cumulative sum exceeds x has a positive weight.
+    i = int(np.searchsorted(cum, x, side="right"))
+    if i >= len(cum) or weights[i] <= 0.0:
+        i = int(np.flatnonzero(weights[:min(i, len(cum) - 1) + 1] > 0)[-1])
+    return i

@@ -1,0 +1,101 @@
+"""End to end on the real model: SmolLM2-135M-Instruct (Q4_1 GGUF) compiled for this CPU.
+
+References come from transformers running the same GGUF dequantized to float32
+(../shared/fixtures/smollm2/reference.json). Its 32-token generations were made with EOS
+suppressed (they run past <|im_end|>), so the comparison masks EOS the same way.
+"""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import FIXTURES
+
+REFERENCE = FIXTURES / "smollm2" / "reference.json"
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return json.loads(REFERENCE.read_text())
+
+
+@pytest.fixture(scope="module")
+def artifact(smollm2_gguf, tmp_path_factory):
+    from kiln.driver import compile as kiln_compile
+    return kiln_compile(smollm2_gguf, target="cpu", output=tmp_path_factory.mktemp("smollm2") / "smollm2.kiln")
+
+
+@pytest.fixture(scope="module")
+def model(artifact):
+    from kiln import runtime
+    return runtime.load(artifact)
+
+
+def test_manifest_describes_the_build(artifact, smollm2_gguf):
+    from kiln.artifact import read_manifest, sha256_file
+    m = read_manifest(artifact, check_hashes=True)
+    assert m["architecture"] == "llama"
+    assert m["source"]["format"] == "gguf"
+    assert m["source"]["sha256"] == sha256_file(smollm2_gguf)
+    assert m["source"]["tensor_formats"] == {"q4_1": 210, "f32": 61, "q8_0": 1}
+    assert [p["name"] for p in m["passes"]] == ["kv_cache", "dce"]
+    assert m["passes"][0]["stats"] == {"attention_layers": 30}
+    assert "model.onnx" in m["files"] and "tokenizer/tokenizer.json" in m["files"]
+
+
+def test_tokenizer_matches_reference(model, reference):
+    for case in reference["tokenizer"]:
+        assert model.tokenizer.encode(case["text"]) == case["ids"], case["text"]
+
+
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_greedy_generation_and_top_logits(model, reference, index):
+    gen = reference["generations"][index]
+    assert model.tokenizer.encode(gen["prompt"]) == gen["prompt_ids"]
+    eos = model.tokenizer.eos_ids
+    sess = model.session
+    sess.reset(1)
+    logits = sess.forward(np.array([gen["prompt_ids"]]), last_only=True)[0, -1]
+    top = gen["last_logits_top10"]
+    assert np.argsort(-logits)[:10].tolist() == top["ids"]
+    np.testing.assert_allclose(logits[top["ids"]], top["values"], atol=1e-3)
+    tokens = []
+    for _ in range(32):
+        masked = logits.copy()
+        masked[eos] = -np.inf            # as transformers' min_new_tokens did for the reference
+        t = int(np.argmax(masked))
+        tokens.append(t)
+        logits = sess.forward(np.array([[t]]), last_only=True)[0, -1]
+    assert tokens == gen["greedy_ids"]
+
+
+def test_generate_stops_at_eos_and_decodes(model, reference):
+    gen = reference["generations"][0]
+    r = model.generate(gen["prompt"], max_new_tokens=12)
+    assert r.ids == gen["greedy_ids"][:12]
+    assert r.text == model.tokenizer.decode(gen["greedy_ids"][:12])
+    assert r.text.startswith(" Paris.")
+
+
+def test_chat_template_matches_reference(model, reference):
+    prompt = model.chat_prompt([{"role": "user", "content": "What is the capital of France?"}])
+    assert prompt == reference["chat_template_example"]
+
+
+def test_cli_run_chat_streams_paris(artifact):
+    proc = subprocess.run([sys.executable, "-m", "kiln.cli", "run", str(artifact), "--chat",
+                           "--prompt", "What is the capital of France?", "--max-new-tokens", "32"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in proc.stdout
+
+
+def test_cli_bench_reports_speeds(artifact):
+    proc = subprocess.run([sys.executable, "-m", "kiln.cli", "bench", str(artifact), "--decode-tokens", "8",
+                           "--prefill-tokens", "32", "--repeats", "1", "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    figures = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert figures["decode_tokens_per_s"] > 0 and figures["prefill_tokens_per_s"] > 0
