@@ -29,7 +29,9 @@ class Weight:
         expected = self.nbytes
         if data.size != expected:
             raise ValueError(f"weight {self.name or '?'}: {data.size} bytes stored, {expected} expected")
-        return data.reshape(self.rows, -1) if self.shape else data
+        if not self.shape:
+            return data
+        return data.reshape(self.rows, self.format.nbytes(self.shape[-1:]) if self.shape[-1] else 0)
 
     def numpy(self) -> np.ndarray:
         """The values as float32 (dequantized when the format is a block format)."""
