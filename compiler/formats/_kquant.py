@@ -1,0 +1,220 @@
+"""Search routines behind the K-quant quantizers, vectorised over sub-blocks.
+
+These render llama.cpp's reference algorithms (``make_qkx2_quants``, ``make_qx_quants``,
+``make_q3_quants``): the same candidate scales, the same float32 operations in the same order
+(sums included), the same tie-breaking; on the tests' data the bytes equal those of a scalar,
+loop-by-loop rendering of the C code. Each routine takes [sub_blocks, n] float32 and loops
+only over candidates, elements or sweeps, never over blocks. Internally the data is held
+transposed, [n, sub_blocks], so that per-sub-block quantities are plain [S] vectors that
+broadcast along rows and sums over a sub-block are n contiguous vector adds.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ._blocks import F32, QK_K, f16_at, f16_bytes, f16_round, nearest_int
+
+GROUP_MAX_EPS = F32(1e-15)  # below this a group counts as all zeros
+
+# Codes are kept as float32 holding small integers: exact, and it keeps every product in
+# float32 as in the reference (an int32 operand would promote the arithmetic to float64).
+# np.rint rounds half to even, which is what ggml's nearest_int does.
+_round = np.rint
+
+
+def _sum(terms: np.ndarray, from_zero: bool = True) -> np.ndarray:
+    """Sums over the n rows of [n, S], accumulated in order in float32 as the reference's
+    loops do. A numpy reduction adds in a machine-dependent order; this order makes the codes
+    the same on every machine. ``from_zero=False`` starts from the first term rather than
+    from +0, as the reference does for its sums of weights (it only decides a zero's sign)."""
+    acc = terms[0] + F32(0) if from_zero else terms[0].copy()
+    for row in terms[1:]:
+        acc += row
+    return acc
+
+
+def _signed_peak(xt: np.ndarray):
+    """Per sub-block of [n, S]: the first element of largest magnitude, and whether the
+    sub-block counts as all zeros (then the peak is replaced by 1 to keep divisions quiet)."""
+    mag = np.abs(xt)
+    peak = np.take_along_axis(xt, mag.argmax(axis=0)[None, :], axis=0)[0]
+    zero = mag.max(axis=0) < GROUP_MAX_EPS
+    return np.where(zero, F32(1), peak), zero
+
+
+def affine_search(x, weights, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool):
+    """Best (scale, min) with x ~ scale * L - min, L in 0..nmax, by weighted least squares over
+    ``nstep + 1`` candidate inverse scales (llama.cpp's make_qkx2_quants).
+
+    Returns (scale [S], min [S] (>= 0, subtracted), L [S, n] float32)."""
+    x = np.ascontiguousarray(x.T)
+    w = np.ascontiguousarray(weights.T)
+    hi = x.max(axis=0)
+    offset = np.minimum(x.min(axis=0), F32(0))
+    sum_w = _sum(w, from_zero=False)
+    sum_x = _sum(w * x, from_zero=False)
+    flat = hi == offset
+
+    def codes(numerator):
+        # Candidates are spread over the range above the best offset found so far (the
+        # reference moves its origin as it goes), not over the data's own range.
+        span = np.where(flat, F32(1), hi - offset)
+        return np.clip(_round((numerator / span) * (x - offset)), F32(0), F32(nmax)), span
+
+    def error(scale, offset, L):
+        diff = scale * L + offset - x
+        return _sum(w * (np.abs(diff) if use_mad else diff * diff))
+
+    L, span = codes(F32(nmax))
+    scale = F32(1) / (F32(nmax) / span)
+    best = error(scale, offset, L)
+    for step in range(nstep + 1):
+        Laux, _ = codes(F32(rmin) + F32(rdelta) * F32(step) + F32(nmax))
+        wl = w * Laux
+        sum_l = _sum(wl)
+        sum_l2 = _sum(wl * Laux)
+        sum_xl = _sum(wl * x)
+        D = sum_w * sum_l2 - sum_l * sum_l
+        ok = D > 0
+        D = np.where(ok, D, F32(1))
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+        # a positive min would need negative codes: pin it at zero and refit the scale alone
+        positive = this_min > 0
+        this_min = np.where(positive, F32(0), this_min)
+        this_scale = np.where(positive, sum_xl / np.where(sum_l2 > 0, sum_l2, F32(1)), this_scale)
+        err = error(this_scale, this_min, Laux)
+        take = ok & (err < best) & ~flat
+        best = np.where(take, err, best)
+        scale = np.where(take, this_scale, scale)
+        offset = np.where(take, this_min, offset)
+        L = np.where(take, Laux, L)
+    scale = np.where(flat, F32(0), scale)
+    L = np.where(flat, F32(0), L)
+    return scale, -offset, L.T
+
+
+def symmetric_search(x, nmax: int):
+    """Best scale for x ~ scale * (L - nmax), L in 0..2*nmax-1, weighting each element by
+    x**2, over 19 candidate inverse scales around nmax / absmax (llama.cpp's make_qx_quants
+    with rmse_type 1). Returns (scale [S], L [S, n] float32)."""
+    x = np.ascontiguousarray(x.T)
+    peak, zero = _signed_peak(x)
+    w = x * x
+    wx = w * x
+
+    def fit(iscale):
+        l = np.clip(_round(iscale * x), F32(-nmax), F32(nmax - 1))
+        return l, _sum(wx * l), _sum(w * l * l)
+
+    l, sumlx, suml2 = fit(F32(-nmax) / peak)
+    scale = np.where(suml2 != 0, sumlx / np.where(suml2 != 0, suml2, F32(1)), F32(0))
+    best = scale * sumlx
+    for step in (*range(-9, 0), *range(1, 10)):
+        cand, sumlx, suml2 = fit(-(F32(nmax) + F32(0.1) * F32(step)) / peak)
+        take = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+        scale = np.where(take, sumlx / np.where(take, suml2, F32(1)), scale)
+        best = np.where(take, scale * sumlx, best)
+        l = np.where(take, cand, l)
+    scale = np.where(zero, F32(0), scale)
+    L = np.where(zero, F32(0), l + F32(nmax))
+    return scale, L.T
+
+
+def q3_search(x, nmax: int):
+    """Q3_K's sub-block search (llama.cpp's make_q3_quants with do_rmse): start from
+    nmax / absmax, then up to five sweeps of coordinate descent, element by element, moving a
+    code whenever that raises sumlx**2 / suml2 (x**2-weighted). Returns (scale, L + nmax)."""
+    x = np.ascontiguousarray(x.T)
+    peak, zero = _signed_peak(x)
+    L = np.clip(_round((F32(-nmax) / peak) * x), F32(-nmax), F32(nmax - 1))
+    w = x * x
+    wx = w * x
+    sumlx = _sum(wx * L)
+    suml2 = _sum(w * L * L)
+    # The sweeps are sequential within a sub-block, so walk the elements in order for all
+    # sub-blocks at once. A sub-block whose sweep changed nothing would repeat itself, so
+    # running every sweep for every sub-block gives the codes the reference's early exit does.
+    for _ in range(5):
+        for i in range(x.shape[0]):
+            li = L[i]
+            slx = sumlx - wx[i] * li
+            sl2 = suml2 - w[i] * li * li
+            can = slx > 0
+            new = np.clip(_round(x[i] * sl2 / np.where(can, slx, F32(1))), F32(-nmax), F32(nmax - 1))
+            slx = slx + wx[i] * new
+            sl2 = sl2 + w[i] * new * new
+            better = can & (new != li) & (sl2 > 0) & (slx * slx * suml2 > sumlx * sumlx * sl2)
+            L[i] = np.where(better, new, li)
+            sumlx = np.where(better, slx, sumlx)
+            suml2 = np.where(better, sl2, suml2)
+    scale = np.where((suml2 > 0) & ~zero, sumlx / np.where(suml2 > 0, suml2, F32(1)), F32(0))
+    L = np.where(zero, F32(0), L + F32(nmax))
+    return scale, L.T
+
+
+# ---- the 12-byte scale/min block of Q4_K and Q5_K -------------------------------------
+# Eight 6-bit scales and eight 6-bit mins. Bytes 0-3 hold scales 0-3 and bytes 4-7 mins 0-3
+# in their low six bits; bytes 8-11 hold the low nibbles of scale 4-7 (low) and min 4-7
+# (high); the top two bits of scales/mins 4-7 sit in the top two bits of bytes 0-3 / 4-7.
+
+def pack_scale_min(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
+    """uint8 [B, 8] scales and mins (each < 64) -> [B, 12]."""
+    ls = ls.astype(np.uint8)
+    lm = lm.astype(np.uint8)
+    head = np.concatenate([ls[:, :4] | ((ls[:, 4:] >> 4) << 6), lm[:, :4] | ((lm[:, 4:] >> 4) << 6)], axis=1)
+    tail = (ls[:, 4:] & 0x0F) | ((lm[:, 4:] & 0x0F) << 4)
+    return np.concatenate([head, tail], axis=1)
+
+
+def unpack_scale_min(packed: np.ndarray):
+    """[B, 12] -> (scales [B, 8], mins [B, 8]) as uint8."""
+    sc_lo, m_lo, tail = packed[:, 0:4], packed[:, 4:8], packed[:, 8:12]
+    scales = np.concatenate([sc_lo & 0x3F, (tail & 0x0F) | ((sc_lo >> 6) << 4)], axis=1)
+    mins = np.concatenate([m_lo & 0x3F, (tail >> 4) | ((m_lo >> 6) << 4)], axis=1)
+    return scales, mins
+
+
+def super_scale(values: np.ndarray, levels: int):
+    """Quantize the per-sub-block scales (or mins, all >= 0) of each super-block to 0..levels
+    against one float32 super-scale: returns (codes [B, k] int32, super-scale [B, 1])."""
+    top = np.maximum(values.max(axis=1, keepdims=True), F32(0))
+    inv = np.where(top > 0, F32(levels) / np.where(top > 0, top, F32(1)), F32(0))
+    # the reference stores nearest_int into a uint8 before clamping
+    codes = np.minimum(nearest_int(inv * values) & 0xFF, levels)
+    return codes, top / F32(levels)
+
+
+# ---- Q4_K / Q5_K, which differ only in code width and where the codes go --------------
+
+def affine_dequantize(blocks: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """Q4_K/Q5_K values from their first 16 bytes (d, dmin, scale/min block) and float32
+    codes [B, 256]."""
+    n = blocks.shape[0]
+    scales, mins = unpack_scale_min(blocks[:, 4:16])
+    dl = (f16_at(blocks, 0) * scales.astype(np.float32))[:, :, None]
+    ml = (f16_at(blocks, 2) * mins.astype(np.float32))[:, :, None]
+    return (dl * codes.reshape(n, 8, 32) - ml).reshape(n, QK_K)
+
+
+def affine_blocks(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):
+    """Quantize [B, 256] as Q4_K/Q5_K do: per 32-element sub-block an affine fit weighted by
+    rms(sub-block) + |x|, then the eight scales and mins to 6 bits, then every element again
+    against the scales as they will be read back. Returns (the 16 header bytes [B, 16],
+    codes [B, 256] uint8)."""
+    n = x.shape[0]
+    sub = x.reshape(-1, 32)
+    columns = np.ascontiguousarray(sub.T)
+    rms = np.sqrt(_sum(columns * columns) / F32(32))[:, None]
+    scales, mins, L = affine_search(sub, rms + np.abs(sub), nmax, rmin, rdelta, nstep, use_mad=False)
+    ls, d = super_scale(scales.reshape(n, 8), 63)
+    lm, dmin = super_scale(mins.reshape(n, 8), 63)
+    packed = pack_scale_min(ls, lm)
+    sc, m = unpack_scale_min(packed)
+
+    dl = (f16_round(d) * sc.astype(np.float32)).repeat(32, axis=1)
+    ml = (f16_round(dmin) * m.astype(np.float32)).repeat(32, axis=1)
+    live = dl != 0
+    fresh = np.clip(np.rint((x + ml) / np.where(live, dl, F32(1))), F32(0), F32(nmax))
+    L = np.where(live, fresh, L.reshape(n, QK_K)).astype(np.uint8)
+    return np.concatenate([f16_bytes(d), f16_bytes(dmin), packed], axis=1), L

@@ -1,0 +1,46 @@
+"""Q2_K: super-blocks of 256 two-bit codes in 16 sub-blocks of 16, each with a 4-bit scale and
+a 4-bit min under two half super-scales: value = d * scale * code - dmin * min.
+
+Layout (84 bytes): scales[16] (scale in the low nibble, min in the high), qs[64], d, dmin.
+Each run of 128 elements takes 32 bytes of qs; byte l holds elements l, l+32, l+64, l+96 in
+its bit pairs, lowest first.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import WeightFormat
+from ._blocks import F32, QK_K, chunked, crumbs, f16_at, f16_bytes, f16_round, pack_crumbs, quiet
+from ._kquant import affine_search, super_scale
+
+
+class Q2_K(WeightFormat):
+    name, block_size, type_size, gguf_type = "q2_k", QK_K, 84, 10
+
+    @quiet
+    def dequantize_blocks(self, blocks):
+        n = blocks.shape[0]
+        codes = crumbs(blocks[:, 16:80], 2).astype(np.float32).reshape(n, 16, 16)
+        packed = blocks[:, :16]
+        dl = (f16_at(blocks, 80) * (packed & 0x0F).astype(np.float32))[:, :, None]
+        ml = (f16_at(blocks, 82) * (packed >> 4).astype(np.float32))[:, :, None]
+        return (dl * codes - ml).reshape(n, QK_K)
+
+    @chunked
+    @quiet
+    def quantize_blocks(self, values):
+        x = np.asarray(values, dtype=np.float32)
+        n = x.shape[0]
+        sub = x.reshape(-1, 16)
+        # llama.cpp's Q2_K search: |x| weights, absolute (not squared) error, 16 candidates
+        scales, mins, L = affine_search(sub, np.abs(sub), 3, rmin=-0.5, rdelta=0.1, nstep=15, use_mad=True)
+        ls, d = super_scale(scales.reshape(n, 16), 15)
+        lm, dmin = super_scale(mins.reshape(n, 16), 15)
+        packed = (ls | (lm << 4)).astype(np.uint8)
+
+        dl = (f16_round(d) * (packed & 0x0F).astype(np.float32)).repeat(16, axis=1)
+        ml = (f16_round(dmin) * (packed >> 4).astype(np.float32)).repeat(16, axis=1)
+        live = dl != 0
+        fresh = np.clip(np.rint((x + ml) / np.where(live, dl, F32(1))), F32(0), F32(3))
+        L = np.where(live, fresh, L.reshape(n, QK_K)).astype(np.uint8)
+        return np.concatenate([packed, pack_crumbs(L, 2), f16_bytes(d), f16_bytes(dmin)], axis=1)

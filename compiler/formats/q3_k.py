@@ -1,0 +1,70 @@
+"""Q3_K: super-blocks of 256 three-bit codes in 16 sub-blocks of 16, each with a signed 6-bit
+scale under one half super-scale: value = d * (scale - 32) * (code - 4).
+
+Layout (110 bytes): hmask[32], qs[64], scales[12], d. The low two bits of each code are
+packed as in Q2_K; bit e // 32 of hmask[e % 32] is the third bit of element e. Scales: the low
+nibbles of 0-7 and 8-15 share bytes 0-7 (low/high nibble); bytes 8-11 hold the top two bits,
+scale j at byte 8 + j % 4, bit 2 * (j // 4).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import WeightFormat
+from ._blocks import (
+    F32, QK_K, chunked, crumbs, f16_at, f16_bytes, f16_round, nearest_int, pack_crumbs, quiet,
+    signed_absmax,
+)
+from ._kquant import q3_search
+
+_TOP_SHIFTS = np.repeat(np.arange(0, 8, 2, dtype=np.uint8), 4)  # scale j: bit 2 * (j // 4)
+
+
+def _unpack_scales(packed: np.ndarray) -> np.ndarray:
+    """[B, 12] -> the 16 six-bit scales minus 32, int8 [B, 16]."""
+    low = np.concatenate([packed[:, :8] & 0x0F, packed[:, :8] >> 4], axis=1)
+    top = (np.tile(packed[:, 8:12], 4) >> _TOP_SHIFTS) & 0x03
+    return (low | (top << 4)).astype(np.int8) - np.int8(32)
+
+
+def _pack_scales(codes: np.ndarray) -> np.ndarray:
+    """uint8 [B, 16] (each < 64) -> [B, 12]."""
+    low = (codes[:, :8] & 0x0F) | ((codes[:, 8:] & 0x0F) << 4)
+    top = ((codes >> 4) << _TOP_SHIFTS).reshape(-1, 4, 4)
+    return np.concatenate([low, top[:, 0] | top[:, 1] | top[:, 2] | top[:, 3]], axis=1)
+
+
+class Q3_K(WeightFormat):
+    name, block_size, type_size, gguf_type = "q3_k", QK_K, 110, 11
+
+    @quiet
+    def dequantize_blocks(self, blocks):
+        n = blocks.shape[0]
+        low = crumbs(blocks[:, 32:96], 2).astype(np.int8)
+        # a set mask bit means "no offset": code = low bits, else low bits - 4
+        offset = ((crumbs(blocks[:, :32], 1) ^ 1) << 2).astype(np.int8)
+        codes = (low - offset).astype(np.float32).reshape(n, 16, 16)
+        dl = (f16_at(blocks, 108) * _unpack_scales(blocks[:, 96:108]).astype(np.float32))[:, :, None]
+        return (dl * codes).reshape(n, QK_K)
+
+    @chunked
+    @quiet
+    def quantize_blocks(self, values):
+        x = np.asarray(values, dtype=np.float32)
+        n = x.shape[0]
+        scales, L = q3_search(x.reshape(-1, 16), 4)
+        scales = scales.reshape(n, 16)
+        L = L.reshape(n, QK_K)
+
+        peak = signed_absmax(scales)
+        live_block = peak != 0
+        iscale = F32(-32) / np.where(live_block, peak, F32(1))
+        codes = np.clip(nearest_int(iscale * scales).astype(np.int8), -32, 31) + 32
+        packed = np.where(live_block, _pack_scales(codes.astype(np.uint8)), np.uint8(0))
+        d = np.where(live_block, F32(1) / iscale, F32(0))
+
+        dl = (f16_round(d) * _unpack_scales(packed).astype(np.float32)).repeat(16, axis=1)
+        live = dl != 0
+        fresh = np.clip(np.rint(x / np.where(live, dl, F32(1))), F32(-4), F32(3)) + F32(4)
+        L = np.where(live, fresh, L).astype(np.uint8)
+        return np.concatenate([pack_crumbs(L >> 2, 1), pack_crumbs(L & 3, 2), packed, f16_bytes(d)], axis=1)

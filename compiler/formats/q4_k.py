@@ -1,0 +1,29 @@
+"""Q4_K: super-blocks of 256 four-bit codes in 8 sub-blocks of 32, each with a 6-bit scale
+and a 6-bit min under two half super-scales: value = d * scale * code - dmin * min.
+
+Layout (144 bytes): d, dmin (halves), the 12-byte scale/min block (see ``_kquant``), qs[128]:
+each run of 64 elements takes 32 bytes, its first 32 in the low nibbles.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import WeightFormat
+from ._blocks import QK_K, chunked, pack_nibbles, quiet, unpack_nibbles
+from ._kquant import affine_blocks, affine_dequantize
+
+
+class Q4_K(WeightFormat):
+    name, block_size, type_size, gguf_type = "q4_k", QK_K, 144, 12
+
+    @quiet
+    def dequantize_blocks(self, blocks):
+        codes = unpack_nibbles(blocks[:, 16:], group=32).astype(np.float32)
+        return affine_dequantize(blocks, codes)
+
+    @chunked
+    @quiet
+    def quantize_blocks(self, values):
+        # llama.cpp's search parameters for Q4_K: 21 candidate scales from (15 - 1) to (15 + 1)
+        head, L = affine_blocks(np.asarray(values, dtype=np.float32), nmax=15, rmin=-1.0, rdelta=0.1, nstep=20)
+        return np.concatenate([head, pack_nibbles(L, group=32)], axis=1)

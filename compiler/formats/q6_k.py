@@ -1,0 +1,61 @@
+"""Q6_K: super-blocks of 256 six-bit codes in 16 sub-blocks of 16, each with an int8 scale
+under one half super-scale: value = d * scale * (code - 32).
+
+Layout (210 bytes): ql[128] low nibbles, qh[64] high crumbs, scales[16] int8, d (half).
+Each half of 128 elements uses 64 bytes of ql (elements 0-63 in the low nibbles, 64-127 in
+the high) and 32 bytes of qh (byte l holds the top two bits of elements l, l+32, l+64, l+96).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import WeightFormat
+from ._blocks import (
+    F32, QK_K, chunked, crumbs, f16_at, f16_bytes, f16_round, nearest_int, pack_crumbs,
+    pack_nibbles, quiet, signed_absmax, unpack_nibbles,
+)
+from ._kquant import GROUP_MAX_EPS, symmetric_search
+
+
+class Q6_K(WeightFormat):
+    name, block_size, type_size, gguf_type = "q6_k", QK_K, 210, 14
+
+    @quiet
+    def dequantize_blocks(self, blocks):
+        n = blocks.shape[0]
+        low = unpack_nibbles(blocks[:, :128], group=64)
+        high = crumbs(blocks[:, 128:192], 2)
+        codes = ((low | (high << 4)).astype(np.int8) - np.int8(32)).astype(np.float32)
+        scales = blocks[:, 192:208].view(np.int8).astype(np.float32)
+        dl = (f16_at(blocks, 208) * scales)[:, :, None]
+        return (dl * codes.reshape(n, 16, 16)).reshape(n, QK_K)
+
+    @chunked
+    @quiet
+    def quantize_blocks(self, values):
+        x = np.asarray(values, dtype=np.float32)
+        n = x.shape[0]
+        sub_scales, L = symmetric_search(x.reshape(-1, 16), 32)
+        sub_scales = sub_scales.reshape(n, 16)
+        L = L.reshape(n, QK_K)
+
+        peak = signed_absmax(sub_scales)
+        empty = np.abs(peak) < GROUP_MAX_EPS
+        iscale = F32(-128) / np.where(empty, F32(1), peak)
+        d = F32(1) / iscale
+        scale_codes = np.minimum(nearest_int(iscale * sub_scales), 127).astype(np.int8)
+
+        # requantize every element against the scales as they will be read back
+        dl = (f16_round(d) * scale_codes.astype(np.float32)).repeat(16, axis=1)
+        live = dl != 0
+        fresh = np.clip(np.rint(x / np.where(live, dl, F32(1))), F32(-32), F32(31)) + F32(32)
+        L = np.where(live, fresh, L).astype(np.uint8)
+
+        out = np.concatenate([
+            pack_nibbles(L, group=64),
+            pack_crumbs(L >> 4, 2),
+            scale_codes.view(np.uint8),
+            f16_bytes(d),
+        ], axis=1)
+        out[empty[:, 0]] = 0
+        return out
