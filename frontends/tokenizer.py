@@ -1,0 +1,668 @@
+"""Tokenizers on the conversion side: GGUF tokenizer metadata <-> ``tokenizers`` <-> HF folder.
+
+Three entry points, all built around :class:`TokenizerSpec` (a ``tokenizers.Tokenizer`` plus
+the facts a runtime needs: special ids, whether to add BOS/EOS, the chat template):
+
+* :func:`from_gguf_metadata` -- a plain dict of GGUF key/values (``tokenizer.ggml.*``) to a spec.
+  The GGUF reader is not touched here; any reader that yields Python values works.
+* :func:`from_hf_folder` -- a Hugging Face folder (tokenizer.json + tokenizer_config.json ...).
+* :func:`to_gguf_metadata` -- a spec back to the ``tokenizer.ggml.*`` keys llama.cpp reads.
+
+``TokenizerSpec.save(folder)`` writes ``tokenizer.json`` and ``tokenizer_config.json``, which both
+``transformers`` (as ``PreTrainedTokenizerFast``) and ``kiln.runtime.tokenizer.Tokenizer`` load.
+
+How GGUF vocabularies map onto ``tokenizers`` (behaviour follows llama.cpp's llama-vocab.cpp):
+
+* ``gpt2`` (byte-level BPE): a BPE model over the GGUF token strings and merges; the
+  ``tokenizer.ggml.pre`` name picks the pre-tokenizer regexes (applied in sequence, each one
+  splitting the pieces the previous produced, matches and gaps both kept) followed by the
+  byte-level mapping.
+* ``llama`` (SentencePiece BPE with scores): a BPE model with ``byte_fallback`` (tokens
+  ``<0x00>``..``<0xFF>``) whose merges are derived from the scores -- llama.cpp merges the adjacent
+  pair whose concatenation has the highest score, so every split ``a + b`` of a normal token
+  becomes a merge ranked by that token's score. Spaces become ``▁``; ``add_space_prefix``
+  prepends one to each stretch of text (also after a special token, as llama.cpp does).
+* Token types: CONTROL and UNKNOWN tokens become special added tokens (matched whole in the
+  input, dropped by ``decode(skip_special_tokens=True)``); USER_DEFINED tokens become non-special
+  added tokens (matched whole, always decoded).
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+
+from tokenizers import Tokenizer
+
+from kiln.errors import KilnError
+
+__all__ = [
+    "TokenizerSpec", "from_gguf_metadata", "from_hf_folder", "to_gguf_metadata",
+    "TOKEN_NORMAL", "TOKEN_UNKNOWN", "TOKEN_CONTROL", "TOKEN_USER_DEFINED", "TOKEN_UNUSED",
+    "TOKEN_BYTE", "PRE_TOKENIZERS",
+]
+
+# GGUF token types (llama.cpp's llama_token_type; gguf-py's TokenType).
+TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
+
+SPIECE_SPACE = "\u2581"  # '▁'
+
+# --------------------------------------------------------------------------------------------
+# Pre-tokenizers: GGUF ``tokenizer.ggml.pre`` name -> regexes applied one after another.
+# --------------------------------------------------------------------------------------------
+
+_CONTRACTIONS_CI = "(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
+_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+_LLAMA3 = (_CONTRACTIONS_CI + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+           r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2 = (_CONTRACTIONS_CI + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+          r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_DEEPSEEK_LETTERS = (  # written as escapes: NFC would fold some of these characters
+    "A-Za-z\u00b5\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u01ba\u01bc-\u01bf\u01c4-\u0293\u0295-\u02af"
+    "\u0370-\u0373\u0376\u0377\u037b-\u037d\u037f\u0386\u0388-\u038a\u038c\u038e-\u03a1\u03a3"
+    "-\u03f5\u03f7-\u0481\u048a-\u052f\u0531-\u0556\u10a0-\u10c5\u13a0-\u13f5\u13f8-\u13fd"
+    "\u1c90-\u1cba\u1cbd-\u1cbf\u1d00-\u1d2b\u1d6b-\u1d77\u1d79-\u1d9a\u1e00-\u1f15\u1f18-"
+    "\u1f1d\u1f20-\u1f45\u1f48-\u1f4d\u1f50-\u1f57\u1f59\u1f5b\u1f5d\u1f5f-\u1f7d\u1f80-\u1fb4"
+    "\u1fb6-\u1fbc\u1fbe\u1fc2-\u1fc4\u1fc6-\u1fcc\u1fd0-\u1fd3\u1fd6-\u1fdb\u1fe0-\u1fec\u1ff2"
+    "-\u1ff4\u1ff6-\u1ffc\u2102\u2107\u210a-\u2113\u2115\u2119-\u211d\u2124\u2126\u2128\u212a"
+    "-\u212d\u212f-\u2134\u2139\u213c-\u213f\u2145-\u2149\u214e\u2183\u2184\u2c00-\u2c7b\u2c7e"
+    "-\u2ce4\u2ceb-\u2cee\u2cf2\u2cf3\ua640-\ua66d\ua680-\ua69b\ua722-\ua76f\ua771-\ua787\ua78b"
+    "-\ua78e\uab70-\uabbf\ufb00-\ufb06\ufb13-\ufb17\uff21-\uff3a\uff41-\uff5a\U00010400-\U0001044f"
+    "\U000104b0-\U000104d3\U000104d8-\U000104fb\U00010c80-\U00010cb2\U00010cc0-\U00010cf2\U000118a0"
+    "-\U000118df\U0001e900-\U0001e943"
+)
+_CJK = "[一-龥ࠀ-一가-퟿]+"
+
+
+@dataclass(frozen=True)
+class _Pre:
+    name: str                 # the name kiln writes into GGUF
+    regexes: tuple            # applied in order
+    aliases: tuple = ()       # other GGUF names with the same regexes
+    ignore_merges: bool = False
+    add_bos: bool = False     # llama.cpp's default when tokenizer.ggml.add_bos_token is absent
+
+
+PRE_TOKENIZERS: dict[str, _Pre] = {}
+for _p in (
+    _Pre("default", (r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", "[0-9][0-9][0-9]")),
+    _Pre("llama-bpe", (_LLAMA3,), ("llama3", "llama-v3", "falcon3", "falcon-h1", "pixtral",
+                                   "midm-2.0", "lfm2", "dbrx", "smaug-bpe"),
+         ignore_merges=True, add_bos=True),
+    _Pre("gpt-2", (_GPT2,), ("gpt2", "phi-2", "mpt", "olmo", "jais", "jina-es", "jina-de",
+                             "gigachat", "jina-v2-es", "jina-v2-de", "exaone4", "mellum",
+                             "trillion", "granite-docling", "roberta-bpe")),
+    _Pre("smollm", (r"\p{N}", _GPT2), ("starcoder", "refact", "command-r", "codeshell", "exaone",
+                                      "minerva-7b")),
+    _Pre("qwen2", (_QWEN2,), ("qwen2.5", "deepseek-r1-qwen", "stablelm2", "megrez", "hunyuan",
+                              "kormo")),
+    _Pre("deepseek-llm", (r"[\r\n]", r"\s?[" + _DEEPSEEK_LETTERS + "]+",
+                          r"\s?[!-/:-~！-／：-～‘-‟　-。]+", r"\s+$", _CJK, r"\p{N}+")),
+    _Pre("deepseek-coder", (r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", _CJK, r"\p{N}")),
+    _Pre("falcon", (r"[\p{P}\$\+<=>\^~\|`]+", _GPT2, "[0-9][0-9][0-9]")),
+    _Pre("chatglm-bpe", (_LLAMA3,), ("glm4",)),
+):
+    for _n in (_p.name,) + _p.aliases:
+        PRE_TOKENIZERS[_n] = _p
+
+
+def _pre_info(name: str | None) -> _Pre:
+    if name in PRE_TOKENIZERS:
+        return PRE_TOKENIZERS[name]
+    warnings.warn(f"unknown GGUF pre-tokenizer {name!r}; using llama.cpp's 'default' regexes, "
+                  "so tokenization may differ from the original model", stacklevel=3)
+    return PRE_TOKENIZERS["default"]
+
+
+def _normalize_regex(rx: str) -> str:
+    """Spell a regex the way the table above does, so HF and llama.cpp forms compare equal."""
+    rx = rx.replace("(?i:'s|'t|'re|'ve|'m|'ll|'d)", _CONTRACTIONS_CI)
+    if rx.endswith(r"|\s+(?!\S)|\s+") and not rx.startswith(_CONTRACTIONS_CI):
+        rx = rx[: -len(r"|\s+")]       # gpt-2's trailing '|\s+' changes nothing: gaps are kept
+    return rx
+
+
+def _pre_name_from_json(pre: dict | None) -> str | None:
+    """Recognise a tokenizer.json pre_tokenizer as one of the GGUF pre types (None if unknown)."""
+    steps = [] if pre is None else (pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre])
+    regexes = []
+    for st in steps:
+        kind = st.get("type")
+        if kind == "Split":
+            if st.get("behavior") != "Isolated" or st.get("invert"):
+                return None
+            pat = st.get("pattern", {})
+            if "Regex" in pat:
+                regexes.append(pat["Regex"])
+            else:
+                regexes.append(_escape_literal(pat.get("String", "")))
+        elif kind == "ByteLevel":
+            if st.get("use_regex", True):
+                regexes.append(_GPT2)
+        elif kind == "Digits":
+            regexes.append(r"\p{N}" if st.get("individual_digits") else r"\p{N}+")
+        else:
+            return None
+    sig = tuple(_normalize_regex(r) for r in regexes)
+    for p in PRE_TOKENIZERS.values():
+        if tuple(_normalize_regex(r) for r in p.regexes) == sig:
+            return p.name
+    return None
+
+
+def _escape_literal(s: str) -> str:
+    return "".join("\\" + c if c in r"\.^$|?*+()[]{}" else c for c in s)
+
+
+# --------------------------------------------------------------------------------------------
+# The spec
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class TokenizerSpec:
+    """A tokenizer and what a runtime needs to use it.
+
+    ``gguf_model``/``gguf_pre``/``scores``/``token_types`` keep GGUF facts that a tokenizer.json
+    cannot hold, so that GGUF -> spec -> GGUF is exact within one process; when they are None,
+    :func:`to_gguf_metadata` derives them from the tokenizer.
+    """
+
+    tokenizer: Tokenizer
+    bos_id: int | None = None
+    eos_ids: list = field(default_factory=list)
+    pad_id: int | None = None
+    unk_id: int | None = None
+    add_bos: bool = False
+    add_eos: bool = False
+    chat_template: str | None = None
+    model_max_length: int | None = None
+    add_space_prefix: bool | None = None
+    gguf_model: str | None = None
+    gguf_pre: str | None = None
+    scores: list | None = None
+    token_types: list | None = None
+
+    @property
+    def eos_id(self) -> int | None:
+        return self.eos_ids[0] if self.eos_ids else None
+
+    def token(self, i: int | None) -> str | None:
+        return None if i is None else self.tokenizer.id_to_token(i)
+
+    def tokenizer_config(self) -> dict:
+        """The tokenizer_config.json contents (Hugging Face keys, plus ``eos_token_ids``)."""
+        cfg = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": self.token(self.bos_id),
+            "eos_token": self.token(self.eos_id),
+            "pad_token": self.token(self.pad_id),
+            "unk_token": self.token(self.unk_id),
+            "add_bos_token": bool(self.add_bos),
+            "add_eos_token": bool(self.add_eos),
+            "clean_up_tokenization_spaces": False,
+        }
+        if self.model_max_length:
+            cfg["model_max_length"] = int(self.model_max_length)
+        if self.chat_template is not None:
+            cfg["chat_template"] = self.chat_template
+        if len(self.eos_ids) > 1:
+            cfg["eos_token_ids"] = [int(i) for i in self.eos_ids]  # not an HF key; kiln's runtime reads it
+        return cfg
+
+    def save(self, folder) -> None:
+        """Write tokenizer.json and tokenizer_config.json into ``folder`` (created if needed)."""
+        folder = os.fspath(folder)
+        os.makedirs(folder, exist_ok=True)
+        self.tokenizer.save(os.path.join(folder, "tokenizer.json"))
+        with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump(self.tokenizer_config(), f, indent=2, ensure_ascii=False)
+            f.write("\n")
+
+
+# --------------------------------------------------------------------------------------------
+# GGUF -> spec
+# --------------------------------------------------------------------------------------------
+
+def _seq(meta: dict, key: str, kind, required=False):
+    v = meta.get(key)
+    if v is None:
+        if required:
+            raise KilnError(None, f"GGUF metadata has no {key}")
+        return None
+    if isinstance(v, (str, bytes)) or not hasattr(v, "__iter__"):
+        raise KilnError(None, f"GGUF metadata {key} should be an array, got {type(v).__name__}")
+    out = []
+    for x in v:
+        try:
+            if kind is str:
+                out.append(x.decode("utf-8") if isinstance(x, (bytes, bytearray)) else str(x))
+            else:
+                out.append(kind(x))
+        except (UnicodeDecodeError, ValueError, TypeError):
+            raise KilnError(None, f"GGUF metadata {key} has a malformed entry {x!r}") from None
+    return out
+
+
+def _scalar(meta: dict, key: str, kind, default=None):
+    v = meta.get(key)
+    if v is None:
+        return default
+    if isinstance(v, (list, tuple)) and len(v) == 1:
+        v = v[0]
+    if isinstance(v, (bytes, bytearray)):
+        v = v.decode("utf-8", "replace")
+    try:
+        return kind(v)
+    except (TypeError, ValueError):
+        raise KilnError(None, f"GGUF metadata {key} should be {kind.__name__}, got {v!r}") from None
+
+
+def from_gguf_metadata(meta: dict) -> TokenizerSpec:
+    """Build a :class:`TokenizerSpec` from GGUF metadata values (a plain ``{key: value}`` dict)."""
+    model = _scalar(meta, "tokenizer.ggml.model", str)
+    if model is None:
+        raise KilnError(None, "GGUF metadata has no tokenizer.ggml.model")
+    if model not in ("gpt2", "llama"):
+        raise KilnError(None, f"GGUF tokenizer model {model!r} is not supported (kiln reads 'gpt2' and 'llama')")
+    tokens = _seq(meta, "tokenizer.ggml.tokens", str, required=True)
+    n = len(tokens)
+    if n == 0:
+        raise KilnError(None, "GGUF metadata tokenizer.ggml.tokens is empty")
+    types = _seq(meta, "tokenizer.ggml.token_type", int)
+    if types is not None and len(types) != n:
+        raise KilnError(None, f"GGUF tokenizer.ggml.token_type has {len(types)} entries for {n} tokens")
+    scores = _seq(meta, "tokenizer.ggml.scores", float)
+    if scores is not None and len(scores) != n:
+        raise KilnError(None, f"GGUF tokenizer.ggml.scores has {len(scores)} entries for {n} tokens")
+    if types is None:
+        types = [TOKEN_NORMAL] * n
+    tokens = list(tokens)
+    for i, t in enumerate(tokens):
+        if t == "":
+            warnings.warn(f"GGUF token {i} is empty; named [EMPTY_{i}] as llama.cpp does", stacklevel=2)
+            tokens[i] = f"[EMPTY_{i}]"
+    vocab = {}
+    for i, t in enumerate(tokens):
+        if t in vocab:
+            raise KilnError(None, f"GGUF vocabulary has token {t!r} twice (ids {vocab[t]} and {i})")
+        vocab[t] = i
+
+    def special_id(key, default=None):
+        v = _scalar(meta, key, int)
+        if v is None:
+            return default
+        if not 0 <= v < n:
+            warnings.warn(f"GGUF {key} = {v} is outside the vocabulary of {n}; ignored", stacklevel=3)
+            return default
+        return v
+
+    is_spm = model == "llama"
+    pre_name = _scalar(meta, "tokenizer.ggml.pre", str)
+    pre = None if is_spm else _pre_info(pre_name if pre_name is not None else "default")
+    bos = special_id("tokenizer.ggml.bos_token_id", 1 if is_spm and n > 1 else None)
+    eos = special_id("tokenizer.ggml.eos_token_id", 2 if is_spm and n > 2 else None)
+    unk = special_id("tokenizer.ggml.unknown_token_id", 0 if is_spm else None)
+    pad = special_id("tokenizer.ggml.padding_token_id")
+    eos_ids = [i for i in (eos, special_id("tokenizer.ggml.eot_token_id"),
+                           special_id("tokenizer.ggml.eom_token_id")) if i is not None]
+    eos_ids = list(dict.fromkeys(eos_ids))
+    add_bos = _scalar(meta, "tokenizer.ggml.add_bos_token", bool, True if is_spm else pre.add_bos)
+    add_eos = _scalar(meta, "tokenizer.ggml.add_eos_token", bool, False)
+    add_space_prefix = _scalar(meta, "tokenizer.ggml.add_space_prefix", bool, is_spm)
+
+    def string(x):
+        return {"String": x}
+
+    if is_spm:
+        if scores is None and meta.get("tokenizer.ggml.merges") is None:
+            raise KilnError(None, "GGUF 'llama' tokenizer has neither tokenizer.ggml.scores nor merges")
+        merges = (_parse_merges(meta) if meta.get("tokenizer.ggml.merges") is not None
+                  else _merges_from_scores(tokens, scores, types, vocab))
+        model_json = _bpe_json(vocab, _valid_merges(merges, vocab), byte_fallback=True, fuse_unk=True,
+                               unk_token=tokens[unk] if unk is not None else None)
+        normalizer = {"type": "Sequence", "normalizers":
+                      ([{"type": "Prepend", "prepend": SPIECE_SPACE}] if add_space_prefix else [])
+                      + [{"type": "Replace", "pattern": string(" "), "content": SPIECE_SPACE}]}
+        pre_tokenizer = None
+        decoder = {"type": "Sequence", "decoders":
+                   [{"type": "Replace", "pattern": string(SPIECE_SPACE), "content": " "},
+                    {"type": "ByteFallback"}, {"type": "Fuse"}]
+                   + ([{"type": "Strip", "content": " ", "start": 1, "stop": 0}] if add_space_prefix else [])}
+    else:
+        if meta.get("tokenizer.ggml.merges") is None:
+            raise KilnError(None, "GGUF 'gpt2' tokenizer has no tokenizer.ggml.merges")
+        model_json = _bpe_json(vocab, _valid_merges(_parse_merges(meta), vocab),
+                               ignore_merges=pre.ignore_merges)
+        normalizer = None
+        pre_tokenizer = {"type": "Sequence", "pretokenizers":
+                         [{"type": "Split", "pattern": {"Regex": rx}, "behavior": "Isolated", "invert": False}
+                          for rx in pre.regexes]
+                         + [{"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                             "use_regex": False}]}
+        decoder = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
+
+    # CONTROL/UNKNOWN -> special added tokens; USER_DEFINED -> plain added tokens. Without token
+    # types, at least the named special tokens are special.
+    named = {bos, eos, unk} if meta.get("tokenizer.ggml.token_type") is None else set()
+    added = []
+    for i, (t, ty) in enumerate(zip(tokens, types)):
+        if ty in (TOKEN_CONTROL, TOKEN_UNKNOWN, TOKEN_USER_DEFINED) or i in named:
+            added.append({"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": ty != TOKEN_USER_DEFINED})
+    tj = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+          "normalizer": normalizer, "pre_tokenizer": pre_tokenizer,
+          "post_processor": _post_processor_json(tokens, bos if add_bos else None,
+                                                 eos if add_eos else None, byte_level=not is_spm),
+          "decoder": decoder, "model": model_json}
+    try:
+        tok = Tokenizer.from_str(json.dumps(tj, ensure_ascii=False))
+    except Exception as e:  # the tokenizers library raises a bare Exception
+        raise KilnError(None, f"GGUF tokenizer cannot be built: {str(e).splitlines()[0]}") from None
+
+    arch = _scalar(meta, "general.architecture", str)
+    ctx = _scalar(meta, f"{arch}.context_length", int) if arch else None
+    return TokenizerSpec(
+        tokenizer=tok, bos_id=bos, eos_ids=eos_ids, pad_id=pad, unk_id=unk,
+        add_bos=bool(add_bos and bos is not None), add_eos=bool(add_eos and eos is not None),
+        chat_template=_scalar(meta, "tokenizer.chat_template", str),
+        model_max_length=ctx, add_space_prefix=bool(add_space_prefix), gguf_model=model,
+        gguf_pre=pre_name, scores=scores, token_types=list(types))
+
+
+def _parse_merges(meta: dict) -> list:
+    out = []
+    for m in _seq(meta, "tokenizer.ggml.merges", str):
+        pair = _split_merge(m)
+        if pair is None:
+            raise KilnError(None, f"GGUF merge {m!r} is not two tokens separated by a space")
+        out.append(pair)
+    return out
+
+
+def _split_merge(m: str):
+    pos = m.find(" ", 1)  # like llama.cpp: a space at index 0 belongs to the first part
+    return None if pos < 0 else (m[:pos], m[pos + 1:])
+
+
+def _valid_merges(merges: list, vocab: dict) -> list:
+    ok = [(a, b) for a, b in merges if a in vocab and b in vocab and a + b in vocab]
+    if len(ok) != len(merges):
+        warnings.warn(f"{len(merges) - len(ok)} GGUF merges name tokens outside the vocabulary; "
+                      "dropped", stacklevel=3)
+    return ok
+
+
+def _merges_from_scores(tokens, scores, types, vocab) -> list:
+    """SentencePiece BPE as merges: every split of a normal token, best-scored token first."""
+    if scores is None:
+        scores = [0.0] * len(tokens)
+    normal = {t: i for i, t in enumerate(tokens) if types[i] == TOKEN_NORMAL}
+    found = []
+    for t, i in normal.items():
+        for k in range(1, len(t)):
+            a, b = t[:k], t[k:]
+            ia, ib = normal.get(a), normal.get(b)
+            if ia is not None and ib is not None:
+                found.append((-scores[i], i, ia, ib, a, b))
+    found.sort()
+    return [(a, b) for *_, a, b in found]
+
+
+def _bpe_json(vocab, merges, *, byte_fallback=False, fuse_unk=False, unk_token=None, ignore_merges=False):
+    return {"type": "BPE", "dropout": None, "unk_token": unk_token, "continuing_subword_prefix": None,
+            "end_of_word_suffix": None, "fuse_unk": fuse_unk, "byte_fallback": byte_fallback,
+            "ignore_merges": ignore_merges, "vocab": vocab, "merges": [list(m) for m in merges]}
+
+
+def _post_processor_json(tokens, bos: int | None, eos: int | None, byte_level: bool):
+    """tokenizer.json's post_processor: byte-level offsets, and BOS/EOS when the model adds them.
+    Written as JSON because the string template syntax cannot name tokens holding ':' or ' '."""
+    procs = [{"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}] \
+        if byte_level else []
+    if bos is not None or eos is not None:
+        def piece(i, type_id):
+            return {"SpecialToken": {"id": tokens[i], "type_id": type_id}}
+
+        def part(name, type_id):
+            return ([piece(bos, type_id)] if bos is not None else []) + \
+                [{"Sequence": {"id": name, "type_id": type_id}}] + \
+                ([piece(eos, type_id)] if eos is not None else [])
+        specials = {tokens[i]: {"id": tokens[i], "ids": [i], "tokens": [tokens[i]]}
+                    for i in (bos, eos) if i is not None}
+        procs.append({"type": "TemplateProcessing", "single": part("A", 0),
+                      "pair": part("A", 0) + part("B", 1), "special_tokens": specials})
+    if not procs:
+        return None
+    return procs[0] if len(procs) == 1 else {"type": "Sequence", "processors": procs}
+
+
+# --------------------------------------------------------------------------------------------
+# HF folder -> spec
+# --------------------------------------------------------------------------------------------
+
+def _read_json(path: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise KilnError(path, f"not valid JSON ({e.msg} at line {e.lineno})") from None
+    except UnicodeDecodeError:
+        raise KilnError(path, "not UTF-8 text") from None
+
+
+def _token_text(v):
+    if isinstance(v, dict):
+        return v.get("content")
+    return v if isinstance(v, str) else None
+
+
+def _pick_template(v):
+    """chat_template may be a string or a list of {"name", "template"}; take the default one."""
+    if isinstance(v, str) or v is None:
+        return v
+    if isinstance(v, list):
+        named = {d.get("name"): d.get("template") for d in v if isinstance(d, dict)}
+        return named.get("default") or next(iter(named.values()), None)
+    return None
+
+
+def _template_flags(tj: dict, bos_tok, eos_tok):
+    """(adds_bos, adds_eos) according to tokenizer.json's TemplateProcessing, or (None, None)."""
+    pp = tj.get("post_processor") or {}
+    procs = pp.get("processors", []) if pp.get("type") == "Sequence" else [pp]
+    for p in procs:
+        if p.get("type") == "TemplateProcessing":
+            single = p.get("single", [])
+            first = single[0].get("SpecialToken", {}).get("id") if single else None
+            last = single[-1].get("SpecialToken", {}).get("id") if single else None
+            return (first is not None and first == bos_tok), (last is not None and last == eos_tok)
+    return None, None
+
+
+def from_hf_folder(folder) -> TokenizerSpec | None:
+    """Read a Hugging Face tokenizer folder; None when it has no tokenizer.json."""
+    folder = os.fspath(folder)
+    tj_path = os.path.join(folder, "tokenizer.json")
+    if not os.path.isfile(tj_path):
+        if os.path.isfile(os.path.join(folder, "tokenizer.model")):
+            warnings.warn(f"{folder}: only a SentencePiece tokenizer.model, no tokenizer.json; "
+                          "kiln reads tokenizer.json only, so the tokenizer is left out", stacklevel=2)
+        return None
+    tj = _read_json(tj_path)
+    try:
+        tok = Tokenizer.from_str(json.dumps(tj))
+    except Exception as e:  # the tokenizers library raises a bare Exception
+        raise KilnError(tj_path, f"not a tokenizer the tokenizers library can load ({str(e).splitlines()[0]})") from None
+
+    def opt_json(name):
+        p = os.path.join(folder, name)
+        return _read_json(p) if os.path.isfile(p) else {}
+
+    cfg = opt_json("tokenizer_config.json")
+    stm = opt_json("special_tokens_map.json")
+    gen = opt_json("generation_config.json")
+
+    def tok_of(key):
+        t = _token_text(cfg.get(key)) or _token_text(stm.get(key))
+        return t
+
+    def id_of(text):
+        return None if text is None else tok.token_to_id(text)
+
+    bos_tok, eos_tok = tok_of("bos_token"), tok_of("eos_token")
+    bos, eos = id_of(bos_tok), id_of(eos_tok)
+    eos_ids = [eos] if eos is not None else []
+    extra = cfg.get("eos_token_ids")
+    gen_eos = gen.get("eos_token_id")
+    for src in (extra, gen_eos):
+        for i in (src if isinstance(src, list) else [src]):
+            if isinstance(i, int) and i not in eos_ids:
+                eos_ids.append(i)
+    if bos is None and isinstance(gen.get("bos_token_id"), int):
+        bos = gen["bos_token_id"]
+    pp_bos, pp_eos = _template_flags(tj, bos_tok, eos_tok)
+    add_bos = cfg.get("add_bos_token")
+    add_eos = cfg.get("add_eos_token")
+    add_bos = bool(pp_bos) if add_bos is None else bool(add_bos)
+    add_eos = bool(pp_eos) if add_eos is None else bool(add_eos)
+
+    template = None
+    jinja_path = os.path.join(folder, "chat_template.jinja")
+    if os.path.isfile(jinja_path):
+        with open(jinja_path, encoding="utf-8") as f:
+            template = f.read()
+    if template is None:
+        template = _pick_template(cfg.get("chat_template"))
+    if template is None:
+        template = _pick_template(opt_json("chat_template.json").get("chat_template"))
+
+    mml = cfg.get("model_max_length")
+    mml = int(mml) if isinstance(mml, (int, float)) and 0 < mml < 1e12 else None
+    unk = id_of(tok_of("unk_token"))
+    if unk is None:
+        unk = id_of((tj.get("model") or {}).get("unk_token"))
+    return TokenizerSpec(
+        tokenizer=tok, bos_id=bos, eos_ids=eos_ids, pad_id=id_of(tok_of("pad_token")), unk_id=unk,
+        add_bos=add_bos and bos is not None, add_eos=add_eos and eos is not None,
+        chat_template=template, model_max_length=mml)
+
+
+# --------------------------------------------------------------------------------------------
+# spec -> GGUF
+# --------------------------------------------------------------------------------------------
+
+def _contains(node, kind: str) -> bool:
+    if not isinstance(node, dict):
+        return False
+    if node.get("type") == kind:
+        return True
+    return any(_contains(c, kind) for key in ("pretokenizers", "decoders", "normalizers", "processors")
+               for c in node.get(key) or [])
+
+
+def _space_prefix_from_json(tj: dict) -> bool:
+    norm, pre = tj.get("normalizer"), tj.get("pre_tokenizer")
+    def find(node, kind):
+        if not isinstance(node, dict):
+            return []
+        if node.get("type") == kind:
+            return [node]
+        return [x for key in ("pretokenizers", "normalizers") for c in node.get(key) or [] for x in find(c, kind)]
+    if any(p.get("prepend") == SPIECE_SPACE for p in find(norm, "Prepend")):
+        return True
+    for m in find(pre, "Metaspace"):
+        if m.get("prepend_scheme", "always" if m.get("add_prefix_space", True) else "never") != "never":
+            return True
+    return any(b.get("add_prefix_space") for b in find(pre, "ByteLevel"))
+
+
+def to_gguf_metadata(spec: TokenizerSpec) -> dict:
+    """The ``tokenizer.ggml.*`` / ``tokenizer.chat_template`` keys llama.cpp expects.
+
+    Values are plain Python: lists of str (tokens, merges), int (token_type; GGUF INT32),
+    float (scores; GGUF FLOAT32), and int/bool/str scalars (ids are GGUF UINT32).
+    """
+    tj = json.loads(spec.tokenizer.to_str())
+    model = tj.get("model") or {}
+    if model.get("type") != "BPE":
+        raise KilnError(None, f"cannot write a {model.get('type')} tokenizer to GGUF (only BPE models)")
+    byte_level = _contains(tj.get("pre_tokenizer"), "ByteLevel") or _contains(tj.get("decoder"), "ByteLevel")
+    kind = spec.gguf_model or ("gpt2" if byte_level else "llama" if (
+        model.get("byte_fallback") or SPIECE_SPACE in json.dumps(tj.get("normalizer"))
+        or _contains(tj.get("pre_tokenizer"), "Metaspace")) else None)
+    if kind is None:
+        raise KilnError(None, "tokenizer is neither byte-level BPE nor SentencePiece-style BPE; GGUF cannot hold it")
+
+    vocab = dict(model.get("vocab") or {})
+    added = {a["id"]: a for a in tj.get("added_tokens") or []}
+    n = max(list(vocab.values()) + list(added)) + 1
+    tokens = [None] * n
+    for t, i in vocab.items():
+        tokens[i] = t
+    for i, a in added.items():
+        tokens[i] = a["content"]
+    holes = [i for i, t in enumerate(tokens) if t is None]
+    for i in holes:
+        tokens[i] = f"[PAD{i}]"
+
+    types = spec.token_types if spec.token_types is not None and len(spec.token_types) == n else None
+    if types is None:
+        types = []
+        unk_tok = model.get("unk_token")
+        for i, t in enumerate(tokens):
+            a = added.get(i)
+            if i in holes:
+                types.append(TOKEN_UNUSED)
+            elif a is not None:
+                types.append(TOKEN_CONTROL if a.get("special") else TOKEN_USER_DEFINED)
+            elif t == unk_tok and kind == "llama":
+                types.append(TOKEN_UNKNOWN)
+            elif kind == "llama" and len(t) == 6 and t.startswith("<0x") and t.endswith(">"):
+                types.append(TOKEN_BYTE)
+            else:
+                types.append(TOKEN_NORMAL)
+        if spec.unk_id is not None and kind == "llama" and types[spec.unk_id] == TOKEN_CONTROL:
+            types[spec.unk_id] = TOKEN_UNKNOWN
+
+    merges = [m if isinstance(m, str) else f"{m[0]} {m[1]}" for m in model.get("merges") or []]
+    for m in model.get("merges") or []:
+        if not isinstance(m, str) and " " in m[0][1:]:
+            raise KilnError(None, f"merge {m[0]!r} + {m[1]!r} has a space inside; GGUF merges cannot hold it")
+    out = {"tokenizer.ggml.model": kind}
+    if kind == "gpt2":
+        pre = spec.gguf_pre or _pre_name_from_json(tj.get("pre_tokenizer"))
+        if pre is None:
+            warnings.warn("tokenizer.json pre-tokenizer matches no llama.cpp pre type; writing 'default'",
+                          stacklevel=2)
+            pre = "default"
+        out["tokenizer.ggml.pre"] = pre
+    else:
+        out["tokenizer.ggml.pre"] = spec.gguf_pre or "default"
+    out["tokenizer.ggml.tokens"] = tokens
+    out["tokenizer.ggml.token_type"] = [int(t) for t in types]
+    if kind == "gpt2":
+        out["tokenizer.ggml.merges"] = merges
+    else:
+        scores = spec.scores if spec.scores is not None and len(spec.scores) == n else None
+        if scores is None:
+            scores = [0.0] * n
+            for rank, m in reversed(list(enumerate(merges))):
+                a, b = _split_merge(m) or (m, "")
+                j = vocab.get(a + b)
+                if j is not None:
+                    scores[j] = -float(rank + 1)   # earlier merge = higher score
+        out["tokenizer.ggml.scores"] = [float(s) for s in scores]
+    asp = spec.add_space_prefix
+    if asp is None:
+        asp = _space_prefix_from_json(tj)
+    out["tokenizer.ggml.add_space_prefix"] = bool(asp)
+    for key, val in (("bos_token_id", spec.bos_id), ("eos_token_id", spec.eos_id),
+                     ("unknown_token_id", spec.unk_id), ("padding_token_id", spec.pad_id)):
+        if val is not None:
+            out[f"tokenizer.ggml.{key}"] = int(val)
+    out["tokenizer.ggml.add_bos_token"] = bool(spec.add_bos)
+    out["tokenizer.ggml.add_eos_token"] = bool(spec.add_eos)
+    if spec.chat_template is not None:
+        out["tokenizer.chat_template"] = spec.chat_template
+    return out
