@@ -98,3 +98,45 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
         }
         write_manifest(tmp, manifest)
     return Path(output)
+
+
+WRITERS = {"hf": "kiln.frontends.hf", "gguf": "kiln.frontends.gguf",
+           "safetensors": "kiln.frontends.safetensors_model", "onnx": "kiln.frontends.onnx"}
+
+
+def convert(src, dst, *, to: str, dtype: str | None = None, quant: str | None = None,
+            console=None, quiet: bool = True) -> dict:
+    """Convert a model between formats, streaming tensor by tensor from the source."""
+    import importlib
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    if to not in WRITERS:
+        raise KilnError(dst, f"unknown output format {to!r} (choose from {', '.join(WRITERS)})")
+    if quant and to != "gguf":
+        raise KilnError(dst, f"--quant is for GGUF output; {to} holds f32, f16 or bf16 tensors (use --dtype)")
+    if quant:
+        from kiln import formats
+        try:
+            fmt = formats.get(quant)
+        except KeyError as e:
+            raise KilnError(None, str(e.args[0])) from None
+        if not fmt.is_block or fmt.gguf_type is None:
+            raise KilnError(None, f"{quant} is not a GGUF block format")
+    t0 = time.perf_counter()
+    model = load_model(src)
+    writer = importlib.import_module(WRITERS[to])
+    total = len(model.weights)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} tensors"),
+                  TimeElapsedColumn(), console=console, transient=True, disable=quiet or console is None) as prog:
+        task = prog.add_task(f"converting to {to}", total=total)
+
+        def progress(name, nbytes=0):
+            prog.update(task, advance=1, description=f"{name}")
+        kwargs = {"progress": progress}
+        if to == "gguf":
+            kwargs.update(dtype=dtype, quant=quant)
+        elif to in ("hf", "safetensors"):
+            kwargs.update(dtype=dtype)
+        summary = writer.write(model, dst, **kwargs)
+    summary["seconds"] = round(time.perf_counter() - t0, 3)
+    return summary

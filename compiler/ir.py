@@ -231,6 +231,7 @@ class ModelIR:
     """What a frontend hands to the compiler: the graph plus everything a deployment needs."""
     graph: Graph
     config: dict                      # normalised architecture config (see frontends.arch)
+    weights: dict = field(default_factory=dict)   # canonical role -> Weight (what converters write)
     source: dict = field(default_factory=dict)    # format, path, sha256 ...
     tokenizer: object | None = None   # frontends.tokenizer.TokenizerSpec
     generation: dict = field(default_factory=dict)  # generation defaults (eos ids, ...)

@@ -250,15 +250,33 @@ def family_for_gguf_arch(arch: str) -> Family | None:
 
 
 def layer_roles(table: dict, n_layers: int) -> dict[str, str]:
-    """Expand ``{i}`` templates: canonical role name -> file name for every layer."""
-    out = {}
-    for role, name in table.items():
-        if "{i}" in role:
-            for i in range(n_layers):
-                out[role.format(i=i)] = name.format(i=i)
-        else:
-            out[role] = name
+    """Expand ``{i}`` templates: canonical role name -> file name, global tensors first, then
+    each layer's tensors together (the order converters write them in)."""
+    out = {role: name for role, name in table.items() if "{i}" not in role}
+    per_layer = [(role, name) for role, name in table.items() if "{i}" in role]
+    for i in range(n_layers):
+        for role, name in per_layer:
+            out[role.format(i=i)] = name.format(i=i)
     return out
+
+
+def check_shapes(path, w: dict, cfg: ArchConfig) -> None:
+    """Every role's shape against the config, so a lying file fails here with a clear line."""
+    from kiln.errors import KilnError
+    H, KV, D, E, F = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size, cfg.intermediate_size
+    expect = {"embed": (cfg.vocab_size, E)}
+    for i in range(cfg.num_layers):
+        p = f"layers.{i}."
+        expect.update({p + "q.weight": (H * D, E), p + "k.weight": (KV * D, E), p + "v.weight": (KV * D, E),
+                       p + "o.weight": (E, H * D), p + "up.weight": (F, E), p + "down.weight": (E, F),
+                       p + "gate.weight": (F, E), p + "attn_norm": (E,), p + "mlp_norm": (E,),
+                       p + "q.bias": (H * D,), p + "k.bias": (KV * D,), p + "v.bias": (KV * D,), p + "o.bias": (E,),
+                       p + "up.bias": (F,), p + "down.bias": (E,), p + "q_norm": (D,), p + "k_norm": (D,)})
+    expect.update({"final_norm": (E,), "lm_head": (cfg.vocab_size, E)})
+    for role, shape in expect.items():
+        if role in w and w[role].shape != shape:
+            raise KilnError(path, f"tensor for {role} has shape {list(w[role].shape)}, the config implies {list(shape)}")
+
 
 
 # ---- rotary embeddings --------------------------------------------------------------------

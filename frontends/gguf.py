@@ -69,7 +69,8 @@ def arch_config(meta: dict, tensors: dict, path) -> tuple[A.Family, A.ArchConfig
             num_kv_heads=kv,
             head_dim=head_dim,
             intermediate_size=int(key("feed_forward_length")),
-            norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
+            norm_eps=float(meta.get(f"{arch}.attention.layer_norm_rms_epsilon",
+                                    meta.get(f"{arch}.attention.layer_norm_epsilon", 1e-5))),
             tie_word_embeddings="output.weight" not in tensors,
             rotary_dim=int(key("rope.dimension_count", head_dim)),
             rope_theta=float(key("rope.freq_base", 10000.0)),
@@ -82,13 +83,17 @@ def arch_config(meta: dict, tensors: dict, path) -> tuple[A.Family, A.ArchConfig
         )
     except (TypeError, ValueError) as e:
         raise KilnError(path, f"bad model metadata: {e}") from None
+    for k, v in family.flags.items():
+        setattr(cfg, k, v)
     if family.name == "gemma":
         cfg.norm_offset = 0.0        # llama.cpp stores gemma's norm weights with the 1 already added
         cfg.embed_scale = float(hidden) ** 0.5
         cfg.activation = "gelu_tanh"
-        cfg.tie_word_embeddings = True
     if family.name == "qwen3":
         cfg.qk_norm = True
+    if family.name == "gpt2":
+        cfg.activation = "gelu_tanh"
+        cfg.tie_word_embeddings = "output.weight" not in tensors
     if cfg.num_heads % max(cfg.num_kv_heads, 1):
         raise KilnError(path, f"{heads} attention heads are not a multiple of {kv} key/value heads")
     return family, cfg
@@ -100,13 +105,17 @@ def load_weights(path, tensors: dict[str, Weight], family: A.Family, cfg: A.Arch
     for role, name in roles.items():
         if name in tensors:
             out[role] = tensors[name]
+    try:
+        out = A.split_fused(out, cfg)
+    except ValueError as e:
+        raise KilnError(path, str(e)) from None
     for i in range(cfg.num_layers):
         for r in ("q", "k", "v", "o", "up", "down"):
             if f"layers.{i}.{r}.weight" not in out:
-                raise KilnError(path, f"tensor {roles[f'layers.{i}.{r}.weight']} is missing")
+                raise KilnError(path, f"the tensor for layers.{i}.{r}.weight ({roles.get(f'layers.{i}.{r}.weight', 'fused')}) is missing")
     if "embed" not in out:
         raise KilnError(path, "tensor token_embd.weight is missing")
-    _check_shapes(path, out, cfg)
+    A.check_shapes(path, out, cfg)
     if family.rope_permuted_in_gguf:
         for i in range(cfg.num_layers):
             for r, heads in (("q", cfg.num_heads), ("k", cfg.num_kv_heads)):
@@ -114,18 +123,6 @@ def load_weights(path, tensors: dict[str, Weight], family: A.Family, cfg: A.Arch
                 w = out[role]
                 out[role] = w.take_rows(rope_unpermute_rows(w.shape[0], heads))
     return out
-
-
-def _check_shapes(path, w: dict[str, Weight], cfg: A.ArchConfig) -> None:
-    H, KV, D, E, F = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size, cfg.intermediate_size
-    expect = {"embed": (cfg.vocab_size, E)}
-    for i in range(cfg.num_layers):
-        p = f"layers.{i}."
-        expect.update({p + "q.weight": (H * D, E), p + "k.weight": (KV * D, E), p + "v.weight": (KV * D, E),
-                       p + "o.weight": (E, H * D), p + "up.weight": (F, E), p + "down.weight": (E, F)})
-    for role, shape in expect.items():
-        if role in w and w[role].shape != shape:
-            raise KilnError(path, f"tensor for {role} has shape {list(w[role].shape)}, the metadata implies {list(shape)}")
 
 
 def read(path) -> ModelIR:
@@ -145,7 +142,132 @@ def read(path) -> ModelIR:
     formats: dict[str, int] = {}
     for t in f.tensors.values():
         formats[t.format.name] = formats.get(t.format.name, 0) + 1
-    return ModelIR(graph=graph, config=cfg.to_dict(),
+    return ModelIR(graph=graph, config=cfg.to_dict(), weights=weights,
                    source={"format": "gguf", "path": os.fspath(path), "tensor_formats": formats,
                            "name": f.metadata.get("general.name")},
                    tokenizer=tokenizer, generation=gen)
+
+
+# ---- writing ------------------------------------------------------------------------------
+
+# llama.cpp's general.file_type values (enum llama_ftype) for the main tensor type of a file
+FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q2_k": 10,
+              "q3_k": 12, "q4_k": 15, "q5_k": 17, "q6_k": 18, "bf16": 32}
+# roles llama.cpp always keeps in float32 (norms, biases and other 1-D tensors are F32 too)
+_ALWAYS_F32 = ("pos_embed",)
+
+
+def tensor_format(role: str, w: Weight, dtype: str | None, quant: str | None) -> str:
+    """The GGUF type of one tensor, following llama.cpp's converter: 1-D tensors and position
+    embeddings stay F32; a block type that does not divide the rows falls back to F16."""
+    from kiln import formats
+    if len(w.shape) < 2 or role in _ALWAYS_F32:
+        return "f32"
+    if quant:
+        fmt = formats.get(quant)
+        if w.shape[-1] % fmt.block_size == 0:
+            return fmt.name
+        q8 = formats.get("q8_0")
+        return "q8_0" if fmt.block_size > q8.block_size and w.shape[-1] % q8.block_size == 0 else "f16"
+    if dtype:
+        return dtype
+    if w.format.gguf_type is not None:
+        return w.format.name           # keep the source's storage: no requantization
+    return "f32"
+
+
+def _metadata(model: ModelIR, family: A.Family, cfg: A.ArchConfig, file_type: int) -> dict:
+    from .gguf_file import typed
+    arch = family.gguf_arch
+    m = {
+        "general.architecture": arch,
+        "general.type": "model",
+        "general.name": model.source.get("name") or Path(model.source.get("path", "model")).name,
+        "general.file_type": typed(file_type, "uint32"),
+        "general.quantization_version": typed(2, "uint32"),
+        f"{arch}.vocab_size": typed(cfg.vocab_size, "uint32"),
+        f"{arch}.context_length": typed(cfg.max_position_embeddings, "uint32"),
+        f"{arch}.embedding_length": typed(cfg.hidden_size, "uint32"),
+        f"{arch}.block_count": typed(cfg.num_layers, "uint32"),
+        f"{arch}.feed_forward_length": typed(cfg.intermediate_size, "uint32"),
+        f"{arch}.attention.head_count": typed(cfg.num_heads, "uint32"),
+        f"{arch}.attention.head_count_kv": typed(cfg.num_kv_heads, "uint32"),
+    }
+    eps_key = "attention.layer_norm_epsilon" if cfg.norm == "layer" else "attention.layer_norm_rms_epsilon"
+    m[f"{arch}.{eps_key}"] = typed(cfg.norm_eps, "float32")
+    if cfg.rotary_dim:
+        m[f"{arch}.rope.freq_base"] = typed(cfg.rope_theta, "float32")
+        m[f"{arch}.rope.dimension_count"] = typed(cfg.rotary_dim, "uint32")
+    if cfg.head_dim * cfg.num_heads != cfg.hidden_size or family.name in ("gemma", "qwen3"):
+        m[f"{arch}.attention.key_length"] = typed(cfg.head_dim, "uint32")
+        m[f"{arch}.attention.value_length"] = typed(cfg.head_dim, "uint32")
+    kind = (cfg.rope_scaling or {}).get("rope_type", (cfg.rope_scaling or {}).get("type"))
+    if kind in ("linear", "yarn"):
+        m[f"{arch}.rope.scaling.type"] = kind
+        m[f"{arch}.rope.scaling.factor"] = typed(cfg.rope_scaling["factor"], "float32")
+        if "original_max_position_embeddings" in cfg.rope_scaling:
+            m[f"{arch}.rope.scaling.original_context_length"] = typed(cfg.rope_scaling["original_max_position_embeddings"], "uint32")
+    if cfg.sliding_window and family.gguf_arch != "llama":
+        m[f"{arch}.attention.sliding_window"] = typed(cfg.sliding_window, "uint32")
+    if model.tokenizer is not None:
+        from .tokenizer import to_gguf_metadata
+        m.update(to_gguf_metadata(model.tokenizer))
+    else:
+        m["tokenizer.ggml.model"] = "no_vocab"
+        for key, val in (("bos_token_id", cfg.bos_token_id), ("eos_token_id", (cfg.eos_token_ids or [None])[0]),
+                         ("padding_token_id", cfg.pad_token_id)):
+            if val is not None:
+                m[f"tokenizer.ggml.{key}"] = typed(int(val), "uint32")
+    return m
+
+
+def gguf_tensors(model: ModelIR, family: A.Family, cfg: A.ArchConfig) -> dict[str, Weight]:
+    """Canonical role weights -> GGUF tensor names, with llama.cpp's layout transforms."""
+    weights = dict(model.weights)
+    if cfg.tie_word_embeddings:
+        weights.pop("lm_head", None)
+    if family.rope_permuted_in_gguf:
+        for i in range(cfg.num_layers):
+            for r, heads in (("q", cfg.num_heads), ("k", cfg.num_kv_heads)):
+                role = f"layers.{i}.{r}.weight"
+                weights[role] = weights[role].take_rows(rope_permute_rows(weights[role].shape[0], heads))
+    if family.name == "gemma" and cfg.norm_offset:
+        # llama.cpp stores gemma's (1 + w) norm scale with the 1 added
+        for role in list(weights):
+            if role.endswith("norm"):
+                weights[role] = weights[role].map_values(lambda a: a + np.float32(1.0))
+    for fused in ("qkv", "gate_up"):
+        if any(k.startswith("layers.") and k.split(".")[2] == fused for k in family.gguf_names):
+            weights = A.fuse_parts(weights, fused, cfg, cfg.num_layers)
+    roles = A.layer_roles(family.gguf_names, cfg.num_layers)
+    out = {}
+    for role, w in weights.items():
+        if role not in roles:
+            raise ValueError(f"no GGUF name for the {family.name} tensor {role}")
+        out[roles[role]] = (role, w)
+    order = {name: i for i, name in enumerate(roles.values())}
+    return dict(sorted(out.items(), key=lambda kv: order[kv[0]]))
+
+
+def write(model: ModelIR, path, *, dtype: str | None = None, quant: str | None = None, progress=None) -> dict:
+    """Write ``model`` as a GGUF file llama.cpp loads; returns a summary."""
+    from .gguf_file import write_gguf
+    cfg = A.ArchConfig.from_dict(model.config)
+    family = A.FAMILIES[cfg.family]
+    tensors = gguf_tensors(model, family, cfg)
+    planned = []
+    counts: dict[str, int] = {}
+    for name, (role, w) in tensors.items():
+        fmt = tensor_format(role, w, dtype, quant)
+        counts[fmt] = counts.get(fmt, 0) + 1
+        planned.append((name, w.astype(fmt)))
+    if quant or dtype:
+        main = quant or dtype
+    else:
+        others = {f: c for f, c in counts.items() if f != "f32"}
+        main = max(others, key=others.get) if others else "f32"
+    meta = _metadata(model, family, cfg, FILE_TYPES.get(main, 0))
+    write_gguf(path, meta, planned, progress=progress)
+    return {"tensors": len(planned), "formats": counts,
+            "bytes_in": sum(w.nbytes for _, w in tensors.values()),
+            "bytes_out": os.path.getsize(path)}

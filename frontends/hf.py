@@ -5,6 +5,8 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
+
 from kiln.errors import KilnError
 from kiln.ir import ModelIR
 from kiln.weights import Weight
@@ -147,7 +149,11 @@ def _open_tensors(folder: Path) -> dict[str, Weight]:
 
 
 def load_weights(folder: Path, family: A.Family, cfg: A.ArchConfig) -> dict[str, Weight]:
-    tensors = _open_tensors(folder)
+    return map_weights(folder, _open_tensors(folder), family, cfg)
+
+
+def map_weights(folder, tensors: dict[str, Weight], family: A.Family, cfg: A.ArchConfig) -> dict[str, Weight]:
+    """HF-named tensors -> canonical roles (transposing Conv1D, splitting fused tensors)."""
     roles = A.layer_roles(family.hf_names, cfg.num_layers)
     out: dict[str, Weight] = {}
     for role, name in roles.items():
@@ -168,6 +174,7 @@ def load_weights(folder: Path, family: A.Family, cfg: A.ArchConfig) -> dict[str,
     missing = [roles.get(r, r) for r in required if r not in out]
     if missing:
         raise KilnError(folder, f"the checkpoint lacks {len(missing)} tensors the config needs, e.g. {missing[0]}")
+    A.check_shapes(folder, out, cfg)
     return out
 
 
@@ -190,7 +197,7 @@ def read(path) -> ModelIR:
     gen = _generation_config(folder)
     if not gen.get("eos_token_id") and cfg.eos_token_ids:
         gen["eos_token_id"] = cfg.eos_token_ids
-    return ModelIR(graph=graph, config=cfg.to_dict(),
+    return ModelIR(graph=graph, config=cfg.to_dict(), weights=weights,
                    source={"format": "hf", "path": os.fspath(folder), "config": raw_cfg},
                    tokenizer=tokenizer, generation=gen)
 
@@ -208,3 +215,138 @@ def _generation_config(folder: Path) -> dict:
     if "eos_token_id" in out:
         out["eos_token_id"] = _eos_list(out["eos_token_id"])
     return out
+
+
+# ---- writing ------------------------------------------------------------------------------
+
+HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                    "qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM", "phi3": "Phi3ForCausalLM",
+                    "gpt2": "GPT2LMHeadModel"}
+_HF_ACT = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
+_TORCH_DTYPE = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
+DEFAULT_SHARD_BYTES = 2 * 1024**3
+
+
+def hf_config(cfg: A.ArchConfig, family: A.Family, dtype: str) -> dict:
+    """kiln's config -> a config.json transformers loads."""
+    out = {
+        "architectures": [HF_ARCHITECTURES[family.name]],
+        "model_type": family.hf_model_types[0],
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "gelu_new" if family.name == "gpt2" else _HF_ACT[cfg.activation],
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": cfg.norm_eps,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "torch_dtype": _TORCH_DTYPE[dtype],
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_ids[0] if len(cfg.eos_token_ids) == 1 else (cfg.eos_token_ids or None),
+        "pad_token_id": cfg.pad_token_id,
+    }
+    if cfg.rotary_dim:
+        out["rope_theta"] = cfg.rope_theta
+        if cfg.rope_scaling:
+            out["rope_scaling"] = dict(cfg.rope_scaling)
+        if cfg.rotary_dim != cfg.head_dim:
+            out["partial_rotary_factor"] = cfg.rotary_dim / cfg.head_dim
+    if family.name in ("llama", "qwen3"):
+        out["attention_bias"] = cfg.attention_bias
+        out["mlp_bias"] = cfg.mlp_bias
+    if family.name == "gemma":
+        out["hidden_activation"] = out["hidden_act"]
+    if family.name in ("mistral", "qwen2", "qwen3", "phi3"):
+        out["sliding_window"] = cfg.sliding_window
+        if family.name.startswith("qwen"):
+            out["use_sliding_window"] = bool(cfg.sliding_window)
+    if family.name == "gpt2":
+        for canonical, key in family.hf_config_aliases.items():
+            if canonical in out:
+                out[key] = out.pop(canonical)
+        out["layer_norm_epsilon"] = out.pop("rms_norm_eps", cfg.norm_eps)
+        for k in ("num_key_value_heads", "head_dim", "rope_theta"):
+            out.pop(k, None)
+    return out
+
+
+def hf_tensors(weights: dict[str, Weight], family: A.Family, cfg: A.ArchConfig) -> dict[str, Weight]:
+    """Canonical role weights -> HF checkpoint names, undoing kiln's read transforms."""
+    weights = dict(weights)
+    if cfg.tie_word_embeddings:
+        weights.pop("lm_head", None)
+    if family.name == "gemma" and not cfg.norm_offset:
+        # read from GGUF, where llama.cpp added 1 to gemma's norm weights: take it off again
+        for role in list(weights):
+            if role.endswith("norm"):
+                weights[role] = weights[role].map_values(lambda a: a - np.float32(1.0))
+    for fused in ("qkv", "gate_up"):
+        if any(k.startswith("layers.") and k.split(".")[2] == fused for k in family.hf_names):
+            weights = A.fuse_parts(weights, fused, cfg, cfg.num_layers)
+    roles = A.layer_roles(family.hf_names, cfg.num_layers)
+    out = {}
+    for role, w in weights.items():
+        if role not in roles:
+            raise ValueError(f"no Hugging Face name for the {family.name} tensor {role}")
+        if family.hf_conv1d and len(w.shape) == 2 and role.startswith("layers."):
+            w = w.transpose()
+        out[roles[role]] = w
+    return out
+
+
+def default_dtype(weights: dict[str, Weight]) -> str:
+    """Keep a plain source type; dequantized blocks become float32 (exact)."""
+    kinds = {w.format.name for w in weights.values() if len(w.shape) > 1}
+    plain = kinds & set(_TORCH_DTYPE)
+    if kinds and kinds <= set(_TORCH_DTYPE) and len(plain) == 1:
+        return plain.pop()
+    return "f32"
+
+
+def write(model: ModelIR, folder, *, dtype: str | None = None, shard_bytes: int = DEFAULT_SHARD_BYTES,
+          progress=None) -> dict:
+    """Write an HF folder: config.json, generation_config.json, tokenizer, safetensors (sharded
+    above ``shard_bytes`` with model.safetensors.index.json)."""
+    from kiln.artifact import staging
+
+    from .safetensors_file import write_safetensors
+    cfg = A.ArchConfig.from_dict(model.config)
+    family = A.FAMILIES[cfg.family]
+    dtype = dtype or default_dtype(model.weights)
+    if dtype not in _TORCH_DTYPE:
+        raise KilnError(folder, f"a Hugging Face folder holds f32, f16 or bf16 tensors, not {dtype}")
+    tensors = {name: (w if len(w.shape) < 2 and w.format.name == "f32" else w.astype(dtype))
+               for name, w in hf_tensors(model.weights, family, cfg).items()}
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, w in tensors.items():
+        if shards[-1] and size + w.nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += w.nbytes
+    with staging(folder) as tmp:
+        config = hf_config(cfg, family, dtype)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        gen = {k: v for k, v in model.generation.items()}
+        gen.setdefault("bos_token_id", cfg.bos_token_id)
+        if cfg.eos_token_ids:
+            gen.setdefault("eos_token_id", cfg.eos_token_ids)
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        if model.tokenizer is not None:
+            model.tokenizer.save(tmp)
+        names = (["model.safetensors"] if len(shards) == 1 else
+                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+        for fname, shard in zip(names, shards):
+            write_safetensors(tmp / fname, [(n, tensors[n]) for n in shard], metadata={"format": "pt"},
+                              progress=(lambda n, *_: progress(n, tensors[n].nbytes)) if progress else None)
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": sum(w.nbytes for w in tensors.values())},
+                     "weight_map": {n: f for f, shard in zip(names, shards) for n in shard}}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return {"tensors": len(tensors), "shards": len(shards), "dtype": dtype,
+            "bytes_in": sum(w.nbytes for w in model.weights.values()),
+            "bytes_out": sum(w.nbytes for w in tensors.values())}
