@@ -47,6 +47,7 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
             on_pass: Callable[[PassRecord], None] | None = None, on_weight: Report | None = None,
             on_stage: Report | None = None):
     """Compile a model (path or ModelIR) for ``target`` into the artifact folder ``output``."""
+    from kiln.frontends.arch import ArchConfig, rope_switch_length
     from kiln.targets.presets import resolve
     t0 = time.perf_counter()
     stage = on_stage or (lambda s: None)
@@ -89,6 +90,7 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
                         "inputs": [v.name for v in graph.inputs], "outputs": [v.name for v in graph.outputs],
                         "kv_cache": {"layout": "concat", "layers": graph.meta.get("kv_cache", {}).get("layers", 0),
                                      "kv_heads": cfg["num_kv_heads"], "head_dim": cfg["head_dim"]},
+                        "recompute_cache_after": rope_switch_length(ArchConfig.from_dict(cfg)),
                         **summary},
             "passes": [{"name": r.name, "changed": r.changed, "stats": r.stats, "seconds": round(r.seconds, 4)} for r in records],
             "generation": model.generation,

@@ -281,7 +281,7 @@ def check_shapes(path, w: dict, cfg: ArchConfig) -> None:
 
 # ---- rotary embeddings --------------------------------------------------------------------
 
-def rope_inv_freq(cfg: ArchConfig) -> tuple[np.ndarray, float]:
+def rope_inv_freq(cfg: ArchConfig, long: bool = False) -> tuple[np.ndarray, float]:
     """Inverse frequencies (rotary_dim/2,) and the attention scaling applied to cos/sin.
 
     Computed as transformers computes them (float64 maths in float32 at the end) so logits
@@ -330,8 +330,8 @@ def rope_inv_freq(cfg: ArchConfig) -> tuple[np.ndarray, float]:
         pos_freqs = base ** (idx / dim)
         inv_freq = ((1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation).astype(np.float32)
     elif kind == "longrope":
-        # within the original context the short factors apply; kiln does not switch at run time
-        factors = np.asarray(scaling.get("short_factor"), dtype=np.float32)
+        # short factors within the original context, long ones past it (the builder switches)
+        factors = np.asarray(scaling.get("long_factor" if long else "short_factor"), dtype=np.float32)
         old_ctx = scaling.get("original_max_position_embeddings", cfg.max_position_embeddings)
         inv_freq = (1.0 / (factors * base ** (idx / dim))).astype(np.float32)
         factor = cfg.max_position_embeddings / old_ctx
@@ -343,3 +343,11 @@ def rope_inv_freq(cfg: ArchConfig) -> tuple[np.ndarray, float]:
     else:
         raise ValueError(f"rope scaling type {kind!r} is not supported")
     return inv_freq.astype(np.float32), float(attention_factor)
+
+
+def rope_switch_length(cfg: ArchConfig) -> int | None:
+    """Sequence length past which longrope's long factors replace the short ones, or None."""
+    scaling = cfg.rope_scaling or {}
+    if scaling.get("rope_type", scaling.get("type")) == "longrope" and scaling.get("long_factor"):
+        return int(scaling.get("original_max_position_embeddings", cfg.max_position_embeddings))
+    return None

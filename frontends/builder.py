@@ -17,7 +17,7 @@ import numpy as np
 from kiln.ir import Graph, Value
 from kiln.weights import Weight
 
-from .arch import ArchConfig, rope_inv_freq
+from .arch import ArchConfig, rope_inv_freq, rope_switch_length
 
 NEG_INF = float(np.finfo(np.float32).min)
 
@@ -72,7 +72,7 @@ def build_graph(cfg: ArchConfig, weights: dict[str, Weight], name: str = "model"
     mask = _causal_mask(e, pos, total, cfg.sliding_window)                    # [seq, total]
     cos = sin = None
     if cfg.rotary_dim:
-        cos, sin = _rotary_tables(e, cfg, pos)                                # [seq, rotary_dim]
+        cos, sin = _rotary_tables(e, cfg, pos, total)                         # [seq, rotary_dim]
 
     for i in range(cfg.num_layers):
         e.scope = f"layers.{i}."
@@ -135,10 +135,17 @@ def _causal_mask(e: _Emit, pos: Value, total: Value, window: int | None) -> Valu
     return e.Where(allowed, e.c(np.float32(0.0)), e.c(np.float32(NEG_INF)), name="mask")
 
 
-def _rotary_tables(e: _Emit, cfg: ArchConfig, pos: Value) -> tuple[Value, Value]:
+def _rotary_tables(e: _Emit, cfg: ArchConfig, pos: Value, total: Value) -> tuple[Value, Value]:
     inv_freq, attn_factor = rope_inv_freq(cfg)
     p = e.Cast(e.Unsqueeze(pos, axes=[1], name="pos_col"), to="float32", name="pos_f")    # [seq, 1]
     freqs = e.Mul(p, e.c(inv_freq[None, :]), name="rope_freqs")                           # [seq, rot/2]
+    switch = rope_switch_length(cfg)
+    if switch is not None:
+        # longrope: as transformers does per forward call, a call whose sequence reaches past
+        # the original context rotates with the long factors (cached keys keep theirs)
+        long_freqs = e.Mul(p, e.c(rope_inv_freq(cfg, long=True)[0][None, :]), name="rope_freqs_long")
+        is_long = e.Greater(total, e.i64(switch), name="rope_is_long")
+        freqs = e.Where(is_long, long_freqs, freqs, name="rope_freqs_chosen")
     emb = e.Concat(freqs, freqs, axis=-1, name="rope_emb")                                 # [seq, rot]
     cos, sin = e.Cos(emb, name="rope_cos"), e.Sin(emb, name="rope_sin")
     if attn_factor != 1.0:

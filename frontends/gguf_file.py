@@ -31,6 +31,7 @@ from kiln import formats as _formats
 from kiln.errors import KilnError
 from kiln.weights import Weight
 
+from .byte_range import ByteRangeReader
 from .safetensors_file import show_name
 
 MAGIC = b"GGUF"
@@ -155,8 +156,8 @@ class GGUFFile:
     ``metadata`` holds Python values (int, float, bool, str, nested lists) and ``metadata_types``
     their GGUF types, so ``write_gguf(p, f.metadata, f.tensors.items(),
     metadata_types=f.metadata_types)`` reproduces the file. ``tensors`` are lazy ``Weight``s in
-    file order, each a zero-copy slice of one read-only memory map; ``tensor_offsets`` gives
-    each one's absolute position in the file.
+    file order that read their bytes only when asked; ``tensor_offsets`` gives each one's
+    absolute position in the file.
     """
 
     def __init__(self, path, version, alignment, metadata, metadata_types, tensors,
@@ -351,6 +352,8 @@ def read_gguf(path) -> GGUFFile:
         raise KilnError(path, f"cannot read: {e.strerror or e}") from None
     if size < 4 + 4 + 8 + 8:
         raise KilnError(path, f"file is {size} bytes, too small to be a GGUF file")
+    # The header is parsed in place through a map: only its own pages are touched, nothing the
+    # parser returns refers to the map, and it is dropped when this function returns.
     try:
         mm = np.memmap(path, dtype=np.uint8, mode="r", shape=(size,))
     except (OSError, ValueError) as e:
@@ -428,19 +431,16 @@ def read_gguf(path) -> GGUFFile:
     data_offset = _align(p.pos, alignment)
     tensors: dict[str, Weight] = {}
     offsets: dict[str, int] = {}
+    reader = ByteRangeReader(path, size)
     for name, shape, fmt, offset, nbytes in infos:
         start = data_offset + offset
         if start + nbytes > size:
             raise p.fail(f"tensor {show_name(name)} ends past the end of the file (needs {nbytes} "
                          f"bytes at offset {start}, file has {size})")
         offsets[name] = start
-        tensors[name] = Weight(shape, fmt, _slicer(mm, start, start + nbytes), name=name, origin=path)
+        tensors[name] = Weight(shape, fmt, reader.slice(start, start + nbytes), name=name, origin=path)
     _check_overlaps(p, infos, offsets)
     return GGUFFile(path, version, alignment, metadata, types, tensors, offsets, data_offset, size)
-
-
-def _slicer(mm: np.ndarray, start: int, end: int) -> Callable[[], np.ndarray]:
-    return lambda: mm[start:end]
 
 
 def _file_alignment(p: _Parser, metadata, types) -> int:
@@ -489,6 +489,14 @@ _DTYPE_TYPES[np.dtype(bool)] = ValueType.BOOL
 
 
 def _infer_type(key: str, value) -> GGUFType:
+    # numpy's default int64/float64 are usually incidental (a config that went through numpy)
+    # and are inferred like Python numbers; any other numpy dtype was chosen, so it is kept.
+    if isinstance(value, (np.int64, np.float64)):
+        value = value.item()
+    if isinstance(value, np.ndarray) and value.dtype in (np.int64, np.float64):
+        value = value.tolist()
+    if isinstance(value, (list, tuple, np.ndarray)) and key in _ARRAY_ITEM_TYPES:
+        return ArrayType(_ARRAY_ITEM_TYPES[key])
     if isinstance(value, (bool, np.bool_)):
         return ValueType.BOOL
     if isinstance(value, np.generic):
@@ -512,8 +520,6 @@ def _infer_type(key: str, value) -> GGUFType:
     if isinstance(value, np.ndarray) and value.ndim == 1 and value.dtype.newbyteorder("<") in _DTYPE_TYPES:
         return ArrayType(_DTYPE_TYPES[value.dtype.newbyteorder("<")])
     if isinstance(value, (list, tuple, np.ndarray)):
-        if key in _ARRAY_ITEM_TYPES:
-            return ArrayType(_ARRAY_ITEM_TYPES[key])
         return ArrayType(_infer_item_type(list(value)))
     raise ValueError(f"cannot store a {type(value).__name__} in GGUF")
 
@@ -673,7 +679,7 @@ def _encode_kv(key: str, value, declared) -> bytes:
 
 
 def _plan_tensors(path: str, tensors, alignment: int):
-    """(name, weight, header entry, relative offset, nbytes) per tensor, every check done."""
+    """(name, weight, tensor-info bytes, nbytes) per tensor, every check done before any I/O."""
     if isinstance(tensors, Mapping):
         tensors = tensors.items()
     plan, seen, offset = [], set(), 0

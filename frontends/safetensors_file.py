@@ -23,6 +23,8 @@ from kiln import formats as _formats
 from kiln.errors import KilnError
 from kiln.weights import Weight
 
+from .byte_range import ByteRangeReader
+
 MAX_HEADER_BYTES = 100_000_000   # the safetensors package's own limit
 INDEX_NAME = "model.safetensors.index.json"
 MAX_INDEX_BYTES = 100_000_000
@@ -241,7 +243,7 @@ def read_safetensors(path) -> SafetensorsFile:
     if pos != data_size:
         raise KilnError(path, f"{data_size - pos} trailing bytes after the last tensor")
 
-    mapping = _LazyMap(path, size)
+    mapping = ByteRangeReader(path, size)
     tensors = {}
     for begin, end, name, fmt, shape in entries:
         tensors[name] = Weight(shape, fmt, mapping.slice(data_start + begin, data_start + end),

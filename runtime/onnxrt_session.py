@@ -38,6 +38,10 @@ class OnnxRuntimeSession:
         self.kv_heads = kv["kv_heads"]
         self.head_dim = kv["head_dim"]
         self.max_length = manifest.get("config", {}).get("max_position_embeddings")
+        # longrope models rotate with other frequencies past this length; as transformers does,
+        # crossing it recomputes the cache so every cached key uses the long frequencies
+        self.recompute_past = backend.get("recompute_cache_after")
+        self.history: np.ndarray | None = None
         self.past: dict[str, np.ndarray] = {}
         self.length = 0
         self.reset(1)
@@ -47,11 +51,20 @@ class OnnxRuntimeSession:
         self.past = {f"past_{k}.{i}": empty for i in range(self.layers) for k in ("key", "value")}
         self.batch = batch
         self.length = 0
+        self.history = np.zeros((batch, 0), dtype=np.int64) if self.recompute_past else None
 
     def forward(self, ids: np.ndarray, last_only: bool = False) -> np.ndarray:
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         if ids.ndim != 2 or ids.shape[0] != self.batch:
             raise ValueError(f"ids must be [batch={self.batch}, seq], got {list(ids.shape)}")
+        if self.recompute_past:
+            seen = np.concatenate([self.history, ids], axis=1)
+            if self.length and self.length <= self.recompute_past < seen.shape[1]:
+                n = ids.shape[1]
+                self.reset(self.batch)
+                logits = self.forward(seen, last_only)
+                return logits if last_only else logits[:, -n:]
+            self.history = seen
         outs = self.sess.run(None, {"input_ids": ids, **self.past})
         results = dict(zip(self.output_names, outs))
         for name in self.past:

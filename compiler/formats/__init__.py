@@ -81,8 +81,9 @@ class WeightFormat:
 
 def _plain_to_f32(raw: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "bfloat16":
-        u16 = raw.view(np.uint16).astype(np.uint32) << 16
-        return u16.view(np.float32)
+        wide = raw.view(np.uint16).astype(np.uint32)
+        wide <<= 16                      # in place: a second full-size temporary would double the peak
+        return wide.view(np.float32)
     return raw.view(np.dtype(dtype)).astype(np.float32)
 
 
