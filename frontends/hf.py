@@ -198,7 +198,8 @@ def read(path) -> ModelIR:
     if not gen.get("eos_token_id") and cfg.eos_token_ids:
         gen["eos_token_id"] = cfg.eos_token_ids
     return ModelIR(graph=graph, config=cfg.to_dict(), weights=weights,
-                   source={"format": "hf", "path": os.fspath(folder), "config": raw_cfg},
+                   source={"format": "hf", "path": os.fspath(folder), "config": raw_cfg,
+                           "name": raw_cfg.get("_name_or_path") or folder.resolve().name},
                    tokenizer=tokenizer, generation=gen)
 
 
@@ -330,6 +331,8 @@ def write(model: ModelIR, folder, *, dtype: str | None = None, shard_bytes: int 
         size += w.nbytes
     with staging(folder) as tmp:
         config = hf_config(cfg, family, dtype)
+        if model.source.get("name"):
+            config["_name_or_path"] = model.source["name"]
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         gen = {k: v for k, v in model.generation.items()}
         gen.setdefault("bos_token_id", cfg.bos_token_id)
