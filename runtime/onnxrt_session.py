@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .onnx_check import check_external_data
+
 
 def _providers(device: str | None):
     import onnxruntime as ort
@@ -30,7 +32,9 @@ class OnnxRuntimeSession:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
         backend = manifest["backend"]
-        self.sess = ort.InferenceSession(os.fspath(Path(folder) / backend["model"]), opts, providers=_providers(device))
+        model_path = Path(folder) / backend["model"]
+        check_external_data(model_path)
+        self.sess = ort.InferenceSession(os.fspath(model_path), opts, providers=_providers(device))
         self.output_names = [o.name for o in self.sess.get_outputs()]
         self.logits_name = backend["logits"]
         kv = backend["kv_cache"]
