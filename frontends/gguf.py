@@ -153,6 +153,7 @@ def read(path) -> ModelIR:
 # llama.cpp's general.file_type values (enum llama_ftype) for the main tensor type of a file
 FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q2_k": 10,
               "q3_k": 12, "q4_k": 15, "q5_k": 17, "q6_k": 18, "bf16": 32}
+_FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
 # roles llama.cpp always keeps in float32 (norms, biases and other 1-D tensors are F32 too)
 _ALWAYS_F32 = ("pos_embed",)
 
@@ -167,8 +168,11 @@ def tensor_format(role: str, w: Weight, dtype: str | None, quant: str | None) ->
         fmt = formats.get(quant)
         if w.shape[-1] % fmt.block_size == 0:
             return fmt.name
-        q8 = formats.get("q8_0")
-        return "q8_0" if fmt.block_size > q8.block_size and w.shape[-1] % q8.block_size == 0 else "f16"
+        # rows that are not whole super-blocks get a 32-wide type of similar size, as llama.cpp does
+        fallback = _FALLBACK.get(fmt.name)
+        if fallback and w.shape[-1] % formats.get(fallback).block_size == 0:
+            return fallback
+        return "f16"
     if dtype:
         return dtype
     if w.format.gguf_type is not None:
