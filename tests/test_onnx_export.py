@@ -1,0 +1,46 @@
+"""ONNX as a conversion target: a standalone KV-cache model that ONNX Runtime runs."""
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from kiln.driver import convert
+
+
+def test_onnx_export_runs_in_onnxruntime_with_kv_cache(hf_fixture, tmp_path):
+    src = hf_fixture("qwen2")
+    out = tmp_path / "qwen2-onnx"
+    convert(src, out, to="onnx")
+    onnx.checker.check_model(str(out / "model.onnx"))
+    m = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    assert m.ir_version <= 13
+    assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in m.graph.initializer if t.name.endswith((".weight", ".weight.T")))
+    io = json.loads((out / "kiln_io.json").read_text())
+    assert "past_key.0" in io["inputs"] and "present_value.1" in io["outputs"]
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    ref = np.load(src / "reference.npz")
+    empty = {i.name: np.zeros((1, 4, 0, 16), np.float32) for i in sess.get_inputs() if i.name.startswith("past")}
+    names = [o.name for o in sess.get_outputs()]
+    feeds = {**empty, "input_ids": ref["prompt"]}
+    tokens = []
+    for _ in range(16):
+        outs = dict(zip(names, sess.run(None, feeds)))
+        t = int(np.argmax(outs[names[0]][0, -1]))
+        tokens.append(t)
+        feeds = {k: outs["present" + k[4:]] for k in empty} | {"input_ids": np.array([[t]])}
+    assert tokens == ref["greedy"].tolist()
+
+
+def test_inspect_reads_every_format(hf_fixture, tmp_path, capsys):
+    from kiln.cli import main
+    src = hf_fixture("llama")
+    convert(src, tmp_path / "m.gguf", to="gguf", quant="q8_0")
+    convert(src, tmp_path / "m.safetensors", to="safetensors")
+    for path, words in ((src, "Hugging Face folder"), (tmp_path / "m.gguf", "q8_0"),
+                        (tmp_path / "m.safetensors", "safetensors")):
+        assert main(["inspect", str(path)]) == 0
+        out = capsys.readouterr().out
+        assert words in out and "tensors" in out
+    gguf_out = (main(["inspect", str(tmp_path / "m.gguf")]), capsys.readouterr().out)[1]
+    assert "llama.block_count" in gguf_out and "tokenizer" in gguf_out
