@@ -1,0 +1,88 @@
+#!/usr/bin/env python3
+"""Conversion benchmark: kiln vs llama.cpp's convert_hf_to_gguf.py on the same HF folder.
+
+    python benchmarks/convert_bench.py --hf SMOLLM2_BF16_DIR [--quant q8_0] \
+        [--llama-python PEER_VENV/bin/python --converter .../convert_hf_to_gguf.py] [--repeats 2]
+
+Each converter runs in its own process; wall time and that process's peak RSS come from
+os.wait4. When both ran, the two GGUF files are compared tensor by tensor (names, types,
+shapes, bytes). Make the bf16 input with kiln itself:
+    kiln convert smollm2 SMOLLM2_BF16_DIR --to hf --dtype bf16
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def timed(cmd: list[str]) -> tuple[float, float]:
+    """(wall seconds, peak RSS MB) of one command run as a child process."""
+    t = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(p.pid, 0)
+    wall = time.perf_counter() - t
+    err = p.stderr.read().decode(errors="replace")
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"failed: {' '.join(cmd)}\n{err[-2000:]}")
+    return wall, usage.ru_maxrss / 1024
+
+
+def compare(a: Path, b: Path) -> dict:
+    from kiln.frontends.gguf_file import read_gguf
+    fa, fb = read_gguf(a), read_gguf(b)
+    same, differ, only = [], [], sorted(set(fa.tensors) ^ set(fb.tensors))
+    for name in fa.tensors.keys() & fb.tensors.keys():
+        ta, tb = fa.tensors[name], fb.tensors[name]
+        ok = ta.format is tb.format and ta.shape == tb.shape and ta.raw().tobytes() == tb.raw().tobytes()
+        (same if ok else differ).append(f"{name} ({ta.format.name} vs {tb.format.name})")
+    return {"identical": len(same), "different": sorted(differ), "only_in_one": only}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hf", required=True, help="HF folder to convert (e.g. SmolLM2 in bf16)")
+    ap.add_argument("--quant", default="q8_0")
+    ap.add_argument("--llama-python", help="python of a venv with llama.cpp's converter dependencies (torch, gguf)")
+    ap.add_argument("--converter", help="path to llama.cpp's convert_hf_to_gguf.py")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--json", help="also write the results here")
+    a = ap.parse_args()
+    out = Path(tempfile.mkdtemp(prefix="kiln-convert-bench-"))
+    rows = []
+    kiln_out = out / "kiln.gguf"
+    kiln_cmd = [sys.executable, "-m", "kiln.cli", "convert", a.hf, str(kiln_out), "--to", "gguf", "--quant", a.quant, "-q"]
+    runs = [("kiln", kiln_cmd, kiln_out)]
+    if a.converter and a.llama_python:
+        ref_out = out / "llama.cpp.gguf"
+        runs.append(("llama.cpp convert_hf_to_gguf.py",
+                     [a.llama_python, a.converter, a.hf, "--outtype", a.quant, "--outfile", str(ref_out)], ref_out))
+    for name, cmd, _ in runs:
+        for i in range(a.repeats):
+            wall, rss = timed(cmd)
+            rows.append({"converter": name, "run": i + 1, "wall_s": round(wall, 2), "peak_rss_mb": round(rss)})
+    print(f"{'converter':<34}{'run':>4}{'wall s':>9}{'peak RSS MB':>13}")
+    for r in rows:
+        print(f"{r['converter']:<34}{r['run']:>4}{r['wall_s']:>9.2f}{r['peak_rss_mb']:>13}")
+    result = {"rows": rows, "quant": a.quant, "input": a.hf}
+    if len(runs) == 2:
+        best = {n: min((r for r in rows if r["converter"] == n), key=lambda r: r["wall_s"]) for n, _, _ in runs}
+        k, l = best["kiln"], best[runs[1][0]]
+        print(f"\nkiln / llama.cpp: wall {k['wall_s'] / l['wall_s']:.2f}x, peak RSS {k['peak_rss_mb'] / l['peak_rss_mb']:.2f}x")
+        cmp = compare(kiln_out, runs[1][2])
+        print(f"tensor data: {cmp['identical']} identical, {len(cmp['different'])} different, "
+              f"{len(cmp['only_in_one'])} in one file only")
+        for line in cmp["different"][:10] + cmp["only_in_one"][:10]:
+            print("  ", line)
+        result["comparison"] = cmp
+    if a.json:
+        Path(a.json).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
