@@ -216,10 +216,24 @@ def _version() -> str:
     return f"kiln {__version__}"
 
 
+def _user_errors_of_the_runtime(fn):
+    """The runtime may not import KilnError's users (frontends), so it raises ValueError and
+    FileNotFoundError for bad artifacts and arguments: at the CLI those are the user's to fix."""
+    def wrapped(a):
+        from kiln.errors import KilnError
+        try:
+            return fn(a)
+        except (ValueError, FileNotFoundError) as e:
+            raise KilnError(None, str(e)) from None
+    return wrapped
+
+
 def main(argv=None) -> int:
     from kiln.artifact import ArtifactError
     from kiln.errors import KilnError
     args = build_parser().parse_args(argv)
+    if args.fn in (cmd_run, cmd_bench):
+        args.fn = _user_errors_of_the_runtime(args.fn)
     try:
         return args.fn(args) or 0
     except (KilnError, ArtifactError) as e:
