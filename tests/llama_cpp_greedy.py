@@ -1,0 +1,23 @@
+"""Run under a Python that has llama-cpp-python: what llama.cpp makes of one GGUF file.
+
+    python llama_cpp_greedy.py MODEL.gguf '{"ids": [...], "n": 16, "texts": ["..."]}'
+
+Prints JSON: the n greedy ids after ``ids``, and llama.cpp's tokenization of each text.
+"""
+import json
+import sys
+
+import numpy as np
+from llama_cpp import Llama
+
+path, spec = sys.argv[1], json.loads(sys.argv[2])
+llm = Llama(model_path=path, n_threads=2, n_ctx=256, logits_all=True, verbose=False)
+llm.reset()
+llm.eval(spec["ids"])
+greedy = []
+for _ in range(spec.get("n", 16)):
+    t = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    greedy.append(t)
+    llm.eval([t])
+tokens = [llm.tokenize(t.encode(), add_bos=False, special=True) for t in spec.get("texts", [])]
+print(json.dumps({"greedy": greedy, "tokens": tokens}))

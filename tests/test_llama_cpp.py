@@ -1,0 +1,74 @@
+"""GGUF files written by kiln load in llama.cpp, and llama.cpp's greedy tokens equal kiln's.
+
+Runs when llama-cpp-python is importable here, or when KILN_LLAMA_CPP_PYTHON names a Python
+that has it (a peer venv: llama-cpp-python is never a test dependency of kiln).
+"""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kiln.driver import compile as kiln_compile
+from kiln.driver import convert
+
+HERE = Path(__file__).parent
+
+
+def _llama_python() -> str | None:
+    if importlib.util.find_spec("llama_cpp") is not None:
+        return sys.executable
+    return os.environ.get("KILN_LLAMA_CPP_PYTHON")
+
+
+pytestmark = pytest.mark.skipif(_llama_python() is None, reason="llama-cpp-python is not installed "
+                                "(set KILN_LLAMA_CPP_PYTHON to a Python that has it)")
+
+
+def llama_cpp(gguf, ids, n=16, texts=()):
+    spec = json.dumps({"ids": ids, "n": n, "texts": list(texts)})
+    out = subprocess.run([_llama_python(), str(HERE / "llama_cpp_greedy.py"), str(gguf), spec],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def kiln_greedy(gguf, ids, tmp_path, n=16):
+    from kiln import runtime
+    model = runtime.load(kiln_compile(gguf, output=tmp_path / "k.kiln"))
+    sess = model.session
+    sess.reset(1)
+    logits = sess.forward(np.array([ids]), last_only=True)[0, -1]
+    out = []
+    for _ in range(n):
+        t = int(np.argmax(logits))
+        out.append(t)
+        logits = sess.forward(np.array([[t]]), last_only=True)[0, -1]
+    return out
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gemma", "phi3", "gpt2"])
+def test_fixture_gguf_agrees_with_llama_cpp(hf_fixture, family, tmp_path):
+    gguf = tmp_path / f"{family}.gguf"
+    convert(hf_fixture(family), gguf, to="gguf")
+    ids = [1, 5, 9, 23, 4, 8]
+    assert llama_cpp(gguf, ids)["greedy"] == kiln_greedy(gguf, ids, tmp_path)
+
+
+@pytest.mark.parametrize("quant", [None, "q8_0"])
+def test_smollm2_from_hf_agrees_with_llama_cpp(smollm2_gguf, tmp_path, quant):
+    convert(smollm2_gguf, tmp_path / "hf", to="hf", dtype="bf16")
+    gguf = tmp_path / "smollm2.gguf"
+    convert(tmp_path / "hf", gguf, to="gguf", quant=quant)
+    from conftest import FIXTURES
+    reference = json.loads((FIXTURES / "smollm2" / "reference.json").read_text())
+    cases = [c for c in reference["tokenizer"] if c["text"]]
+    ids = [504, 3575, 282, 4649, 314]           # "The capital of France is"
+    seen = llama_cpp(gguf, ids, texts=[c["text"] for c in cases])
+    assert seen["greedy"] == kiln_greedy(gguf, ids, tmp_path)
+    # the vocabulary kiln wrote tokenizes in llama.cpp as transformers does
+    assert seen["tokens"] == [c["ids"] for c in cases]
