@@ -94,10 +94,22 @@ def read_manifest(folder, *, check_hashes: bool = False) -> dict:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ArtifactError(mpath, f"unreadable manifest ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
-        raise ArtifactError(mpath, f"artifact format version {manifest.get('format_version') if isinstance(manifest, dict) else '?'} "
+    if not isinstance(manifest, dict):
+        raise ArtifactError(mpath, "the manifest is not a JSON object")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(mpath, f"artifact format version {manifest.get('format_version')} "
                             f"is not the one this kiln reads ({FORMAT_VERSION})")
-    for rel, info in manifest.get("files", {}).items():
+    files = manifest.get("files", {})
+    if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
+        raise ArtifactError(mpath, "the manifest's 'files' is not an object of file entries")
+    backend = manifest.get("backend")
+    if not isinstance(backend, dict) or not isinstance(backend.get("name"), str):
+        raise ArtifactError(mpath, "the manifest names no backend")
+    if "model" in backend and (not isinstance(backend["model"], str) or backend["model"] not in files):
+        raise ArtifactError(mpath, f"the backend's model {backend['model']!r} is not a file listed in the manifest")
+    for rel, info in files.items():
+        if not rel or Path(rel).is_absolute() or ".." in Path(rel).parts or "\\" in rel or "\0" in rel:
+            raise ArtifactError(mpath, f"the manifest lists {rel!r}, which is not a path inside the artifact")
         p = folder / rel
         if not p.is_file():
             raise ArtifactError(folder, f"file {rel} listed in the manifest is missing")

@@ -23,16 +23,21 @@ def cmd_compile(a) -> int:
 
     from kiln.driver import compile as kiln_compile
     con = _console()
+    # progress bars only on a terminal: in a pipe or a log, rich's live display would leave a
+    # stray empty line ahead of the one-line error message
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=con, transient=True, disable=a.quiet) as prog:
+                  TimeElapsedColumn(), console=con, transient=True, disable=a.quiet or not con.is_terminal) as prog:
         task = prog.add_task("reading model", total=None)
 
         def on_stage(s):
             prog.update(task, description=s)
 
+        pass_lines = []
+
         def on_pass(rec):
+            # reported once the artifact exists, so a failed build prints only its error line
             stats = ", ".join(f"{k}={v}" for k, v in rec.stats.items()) or "no change"
-            prog.console.print(f"  pass {rec.name:<12} {stats}  ({rec.seconds * 1000:.0f} ms)")
+            pass_lines.append(f"  pass {rec.name:<12} {stats}  ({rec.seconds * 1000:.0f} ms)")
 
         weights_done = [0]
 
@@ -44,6 +49,9 @@ def cmd_compile(a) -> int:
         out = kiln_compile(a.model, target=a.target, output=a.output, verify=a.verify, dump_ir=a.dump_ir,
                            on_pass=on_pass, on_weight=on_weight, on_stage=on_stage)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    if not a.quiet:
+        for line in pass_lines:
+            con.print(line, markup=False)
     con.print(f"wrote {out} ({size / 1e6:.1f} MB) in {time.perf_counter() - t:.1f} s")
     return 0
 
@@ -148,7 +156,8 @@ def cmd_convert(a) -> int:
     from kiln.driver import convert
     con = _console()
     t = time.perf_counter()
-    summary = convert(a.src, a.dst, to=a.to, dtype=a.dtype, quant=a.quant, console=con, quiet=a.quiet)
+    summary = convert(a.src, a.dst, to=a.to, dtype=a.dtype, quant=a.quant, console=con,
+                      quiet=a.quiet or not con.is_terminal)
     con.print(f"wrote {a.dst}: {summary.get('tensors', 0)} tensors, {summary.get('bytes_in', 0) / 1e6:.1f} MB in, "
               f"{summary.get('bytes_out', 0) / 1e6:.1f} MB out, {time.perf_counter() - t:.1f} s")
     return 0

@@ -42,11 +42,12 @@ def describe(path, console, graph: str | None = None) -> None:
         from .artifact import read_manifest
         m = read_manifest(p)
         console.print(f"[bold]{p}[/]: kiln artifact (format {m['format_version']}, kiln {m.get('kiln_version')})")
-        console.print(f"architecture {m.get('architecture')}, target {m['target']}, backend {m['backend']['name']}")
-        console.print(f"source {m['source'].get('format')} {m['source'].get('path')} sha256 {m['source'].get('sha256')}")
+        source = m.get("source") or {}
+        console.print(f"architecture {m.get('architecture')}, target {m.get('target')}, backend {m['backend'].get('name')}")
+        console.print(f"source {source.get('format')} {source.get('path')} sha256 {source.get('sha256')}")
         for rec in m.get("passes", []):
             console.print(f"  pass {rec['name']}: {rec['stats']}")
-        console.print(f"{len(m['files'])} files, {sum(f['bytes'] for f in m['files'].values()) / 1e6:.1f} MB")
+        console.print(f"{len(m['files'])} files, {sum(f.get('bytes', 0) for f in m['files'].values()) / 1e6:.1f} MB")
         return
     from kiln.frontends.detect import detect_format
     fmt = detect_format(p)

@@ -275,7 +275,42 @@ def check_shapes(path, w: dict, cfg: ArchConfig) -> None:
     expect.update({"final_norm": (E,), "lm_head": (cfg.vocab_size, E)})
     for role, shape in expect.items():
         if role in w and w[role].shape != shape:
-            raise KilnError(path, f"tensor for {role} has shape {list(w[role].shape)}, the config implies {list(shape)}")
+            name = getattr(w[role], "name", "")
+            label = f"{name} ({role})" if name and name != role else f"for {role}"
+            raise KilnError(path, f"tensor {label} has shape {list(w[role].shape)}, the config implies {list(shape)}")
+
+
+# config fields that count something, and so must be at least 1
+_COUNTS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+           "intermediate_size", "max_position_embeddings")
+
+
+def check_config(path, cfg: ArchConfig, keys: dict | None = None) -> None:
+    """The config's numbers on their own and against each other, so a file that lies about its
+    model fails here with one clear line instead of deep in the builder. ``keys`` names the
+    fields as the file spells them (``num_layers`` -> ``llama.block_count``)."""
+    from kiln.errors import KilnError
+    keys = keys or {}
+    for f in _COUNTS:
+        v = getattr(cfg, f)
+        if v < 1:
+            raise KilnError(path, f"{keys.get(f, f)} is {v}; it must be at least 1")
+    if cfg.num_heads % cfg.num_kv_heads:
+        raise KilnError(path, f"{cfg.num_heads} attention heads are not a multiple of {cfg.num_kv_heads} key/value heads")
+    if cfg.rotary_dim < 0 or cfg.rotary_dim > cfg.head_dim or cfg.rotary_dim % 2:
+        raise KilnError(path, f"rotary dimension {cfg.rotary_dim} is not an even number up to the head size {cfg.head_dim}")
+    if cfg.rotary_dim:
+        scaling = cfg.rope_scaling or {}
+        kind = scaling.get("rope_type", scaling.get("type", "default"))
+        try:
+            rope_inv_freq(cfg)
+            if rope_switch_length(cfg):
+                rope_inv_freq(cfg, long=True)
+        except KeyError as e:
+            raise KilnError(path, f"rope scaling {kind!r} has no {e.args[0]!r}") from None
+        except (TypeError, ValueError, ArithmeticError) as e:
+            text = str(e) if str(e).startswith("rope scaling") else f"rope scaling {kind!r} has bad parameters ({e})"
+            raise KilnError(path, text) from None
 
 
 

@@ -43,13 +43,16 @@ def arch_config(meta: dict, tensors: dict, path) -> tuple[A.Family, A.ArchConfig
         v = meta.get(f"{arch}.{name}", default)
         if v is None and required:
             raise KilnError(path, f"metadata key {arch}.{name} is missing")
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            kind = "a string" if isinstance(v, str) else "an array" if isinstance(v, list) else type(v).__name__
+            raise KilnError(path, f"metadata key {arch}.{name} is {kind}, not a number")
         return v
 
     try:
         heads = int(key("attention.head_count"))
         hidden = int(key("embedding_length"))
         kv = int(key("attention.head_count_kv", heads))
-        head_dim = int(key("attention.key_length", hidden // heads))
+        head_dim = int(key("attention.key_length", hidden // heads if heads > 0 else 0))
         tokens = meta.get("tokenizer.ggml.tokens")
         vocab = int(key("vocab_size", len(tokens) if tokens else None))
         scaling = {}
@@ -76,7 +79,7 @@ def arch_config(meta: dict, tensors: dict, path) -> tuple[A.Family, A.ArchConfig
             rope_theta=float(key("rope.freq_base", 10000.0)),
             rope_scaling=scaling,
             max_position_embeddings=int(key("context_length", 2048)),
-            sliding_window=meta.get(f"{arch}.attention.sliding_window"),
+            sliding_window=None if (sw := key("attention.sliding_window", required=False)) is None else int(sw),
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
             eos_token_ids=[int(eos)] if eos is not None else [],
             pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
@@ -94,12 +97,26 @@ def arch_config(meta: dict, tensors: dict, path) -> tuple[A.Family, A.ArchConfig
     if family.name == "gpt2":
         cfg.activation = "gelu_tanh"
         cfg.tie_word_embeddings = "output.weight" not in tensors
-    if cfg.num_heads % max(cfg.num_kv_heads, 1):
-        raise KilnError(path, f"{heads} attention heads are not a multiple of {kv} key/value heads")
+    A.check_config(path, cfg, {f: f"{arch}.{k}" for f, k in _METADATA_KEYS.items()})
     return family, cfg
 
 
+# ArchConfig fields as llama.cpp's metadata names them (after the architecture prefix)
+_METADATA_KEYS = {"vocab_size": "vocab_size", "hidden_size": "embedding_length", "num_layers": "block_count",
+                  "num_heads": "attention.head_count", "num_kv_heads": "attention.head_count_kv",
+                  "head_dim": "attention.key_length", "intermediate_size": "feed_forward_length",
+                  "max_position_embeddings": "context_length"}
+
+
 def load_weights(path, tensors: dict[str, Weight], family: A.Family, cfg: A.ArchConfig) -> dict[str, Weight]:
+    n = cfg.num_layers
+    if n > len(tensors):      # checked before anything is built per layer: the count may be huge
+        raise KilnError(path, f"{family.gguf_arch}.block_count says {n} layers, more than the file's "
+                              f"{len(tensors)} tensors can hold")
+    extra = sorted(name for name in tensors if name.startswith(f"blk.{n}."))
+    if extra:
+        raise KilnError(path, f"the file holds tensors for layer {n} (e.g. {extra[0]}), but "
+                              f"{family.gguf_arch}.block_count says {n} layers")
     roles = A.layer_roles(family.gguf_names, cfg.num_layers)
     out: dict[str, Weight] = {}
     for role, name in roles.items():

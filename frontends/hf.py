@@ -57,6 +57,13 @@ def arch_config(cfg: dict, path: Path) -> tuple[A.Family, A.ArchConfig]:
     if family is None:
         raise KilnError(path / "config.json", f"unsupported architecture {model_type!r} "
                         f"(kiln reads: {', '.join(sorted({t for f in A.FAMILIES.values() for t in f.hf_model_types}))})")
+    for key in (*_NUMBERS, *(family.hf_config_aliases[k] for k in _NUMBERS if k in family.hf_config_aliases)):
+        v = cfg.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise KilnError(path / "config.json", f"{key} is {json.dumps(v)}, not a number")
+    for key in ("rope_parameters", "rope_scaling"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], dict):
+            raise KilnError(path / "config.json", f"{key} is not a JSON object")
     cfg = dict(cfg)
     for canonical, key in family.hf_config_aliases.items():
         if key in cfg and canonical not in cfg:
@@ -67,7 +74,7 @@ def arch_config(cfg: dict, path: Path) -> tuple[A.Family, A.ArchConfig]:
         hidden = int(cfg["hidden_size"])
         heads = int(cfg["num_attention_heads"])
         kv = int(cfg.get("num_key_value_heads") or heads)
-        head_dim = int(cfg.get("head_dim") or hidden // heads)
+        head_dim = int(cfg.get("head_dim") or (hidden // heads if heads > 0 else 0))
         theta, scaling = _rope_params(cfg)
         partial = (cfg.get("rope_parameters") or {}).get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
         c = A.ArchConfig(
@@ -101,15 +108,20 @@ def arch_config(cfg: dict, path: Path) -> tuple[A.Family, A.ArchConfig]:
         setattr(c, k, v)
     if family.name == "gemma":
         c.embed_scale = float(hidden) ** 0.5
-    if c.num_heads % c.num_kv_heads:
-        raise KilnError(path / "config.json", f"{c.num_heads} attention heads are not a multiple of {c.num_kv_heads} key/value heads")
+    keys = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads", "num_kv_heads": "num_key_value_heads"}
+    A.check_config(path / "config.json", c, {f: family.hf_config_aliases.get(k, k) for f, k in keys.items()})
     return family, c
+
+
+# config.json keys that hold numbers (checked up front, so an error names the key)
+_NUMBERS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+            "intermediate_size", "max_position_embeddings", "rms_norm_eps", "rope_theta", "partial_rotary_factor")
 
 
 def _activation(name: str) -> str:
     table = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
              "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh"}
-    if name not in table:
+    if not isinstance(name, str) or name not in table:
         raise ValueError(f"hidden_act ({name!r} is not supported)")
     return table[name]
 
@@ -154,6 +166,9 @@ def load_weights(folder: Path, family: A.Family, cfg: A.ArchConfig) -> dict[str,
 
 def map_weights(folder, tensors: dict[str, Weight], family: A.Family, cfg: A.ArchConfig) -> dict[str, Weight]:
     """HF-named tensors -> canonical roles (transposing Conv1D, splitting fused tensors)."""
+    if cfg.num_layers > len(tensors):     # checked before anything is built per layer: the count may be huge
+        raise KilnError(folder, f"the config says {cfg.num_layers} layers, more than the checkpoint's "
+                                f"{len(tensors)} tensors can hold")
     roles = A.layer_roles(family.hf_names, cfg.num_layers)
     out: dict[str, Weight] = {}
     for role, name in roles.items():

@@ -31,6 +31,7 @@ import io
 import os
 import pickle
 import zipfile
+import zlib
 from typing import Callable
 
 import numpy as np
@@ -360,7 +361,7 @@ def _unpickle(path: str, data_or_file, persistent_load, what: str, invalid: str 
             raise KilnError(path, f"refusing to load: the pickle references {ref} ({special}), which kiln cannot read") from None
         raise KilnError(path, f"refusing to load: the pickle references {ref}, which is not a tensor") from None
     except _Bad as b:
-        raise KilnError(path, f"{what}: {b}") from None
+        raise KilnError(path, invalid or f"{what}: {b}") from None
     except KilnError:
         raise
     except EOFError:
@@ -560,7 +561,7 @@ def _read_member(path: str, zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: i
     try:
         with zf.open(info) as f:
             data = f.read(limit + 1)
-    except (zipfile.BadZipFile, EOFError, OSError, RuntimeError, NotImplementedError, ValueError) as e:
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, RuntimeError, NotImplementedError, ValueError) as e:
         raise KilnError(path, f"cannot read zip member {show_name(info.filename)}: {_one_line(e)}") from None
     if len(data) > limit:
         raise KilnError(path, f"zip member {show_name(info.filename)} is over the {limit}-byte limit")

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
+
+from kiln.artifact import ArtifactError
 
 from .onnx_check import check_external_data
 
@@ -32,15 +35,23 @@ class OnnxRuntimeSession:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
         backend = manifest["backend"]
-        model_path = Path(folder) / backend["model"]
+        try:
+            model_path = Path(folder) / backend["model"]
+            self.logits_name = backend["logits"]
+            kv = backend["kv_cache"]
+            self.layers, self.kv_heads, self.head_dim = int(kv["layers"]), int(kv["kv_heads"]), int(kv["head_dim"])
+        except (KeyError, TypeError, ValueError) as e:
+            what = f"has no {e.args[0]!r}" if isinstance(e, KeyError) else f"has a bad value ({e})"
+            raise ArtifactError(Path(folder) / "manifest.json", f"the manifest's onnxrt backend entry {what}") from None
         check_external_data(model_path)
-        self.sess = ort.InferenceSession(os.fspath(model_path), opts, providers=_providers(device))
+        try:
+            self.sess = ort.InferenceSession(os.fspath(model_path), opts, providers=_providers(device))
+        except Exception as e:                 # ORT's own exception types are not RuntimeErrors
+            if type(e).__module__.split(".")[0] != "onnxruntime":
+                raise
+            reason = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", str(e).strip()).splitlines()[0][:400]
+            raise ArtifactError(model_path, f"ONNX Runtime cannot load the model: {reason}") from None
         self.output_names = [o.name for o in self.sess.get_outputs()]
-        self.logits_name = backend["logits"]
-        kv = backend["kv_cache"]
-        self.layers = kv["layers"]
-        self.kv_heads = kv["kv_heads"]
-        self.head_dim = kv["head_dim"]
         self.max_length = manifest.get("config", {}).get("max_position_embeddings")
         # longrope models rotate with other frequencies past this length; as transformers does,
         # crossing it recomputes the cache so every cached key uses the long frequencies
