@@ -1,7 +1,7 @@
 """Lazy weights: a tensor that stays in its source file until something asks for its data.
 
 A ``Weight`` knows its logical shape, its storage format and how to produce its raw bytes
-(usually a slice of a memory-mapped file). Transformations that keep the storage format
+(usually a byte range of the source file). Transformations that keep the storage format
 (row permutation, row slicing, reshape) stay lazy and stay quantized; transformations that need
 values (transpose of a block format, scaling) dequantize to float32 on demand.
 """
@@ -15,10 +15,13 @@ from . import formats as _formats
 
 
 class Weight:
-    def __init__(self, shape, fmt, load_raw: Callable[[], np.ndarray], *, name: str = "", origin: str = ""):
+    def __init__(self, shape, fmt, load_raw: Callable[[], np.ndarray], *, name: str = "", origin: str = "",
+                 load_rows: Callable[[int, int], np.ndarray] | None = None):
         self.shape = tuple(int(d) for d in shape)
         self.format = fmt if isinstance(fmt, _formats.WeightFormat) else _formats.get(fmt)
         self._load_raw = load_raw
+        # optional: the raw bytes of rows [a, b) alone, so writers can stream a big tensor
+        self._load_rows = load_rows
         self.name = name
         self.origin = origin   # where it came from, for error messages and the manifest
 
@@ -36,6 +39,29 @@ class Weight:
     def numpy(self) -> np.ndarray:
         """The values as float32 (dequantized when the format is a block format)."""
         return self.format.dequantize(self.raw(), self.shape)
+
+    @property
+    def row_bytes(self) -> int:
+        return self.format.nbytes(self.shape[-1:]) if self.shape else self.format.type_size
+
+    def raw_chunks(self, max_bytes: int = 8 << 20):
+        """The stored bytes as flat uint8 pieces of whole rows, in order.
+
+        Weights that can load row ranges are streamed, so converting a large tensor needs a
+        few chunks of memory rather than the tensor (and its float32 copy) at once.
+        """
+        if self._load_rows is None or len(self.shape) < 2:
+            yield self.raw().reshape(-1)
+            return
+        per_row = max(self.shape[-1] * 4, self.row_bytes)       # float32 temporaries dominate
+        step = max(1, max_bytes // per_row)
+        for a in range(0, self.rows, step):
+            b = min(self.rows, a + step)
+            chunk = np.asarray(self._load_rows(a, b)).reshape(-1).view(np.uint8)
+            if chunk.size != (b - a) * self.row_bytes:
+                raise ValueError(f"weight {self.name or '?'}: rows {a}..{b} hold {chunk.size} bytes, "
+                                 f"{(b - a) * self.row_bytes} expected")
+            yield chunk
 
     @property
     def rows(self) -> int:
@@ -108,7 +134,15 @@ class Weight:
         if fmt is self.format:
             return self
         parent = self
-        return Weight(self.shape, fmt, lambda: fmt.quantize(parent.numpy()), name=self.name, origin=self.origin)
+        rows = None
+        if parent._load_rows is not None and len(self.shape) >= 2:
+            cols = self.shape[-1]
+
+            def rows(a, b):
+                values = parent.format.dequantize(parent._load_rows(a, b), (b - a, cols))
+                return fmt.quantize(values)
+        return Weight(self.shape, fmt, lambda: fmt.quantize(parent.numpy()), name=self.name, origin=self.origin,
+                      load_rows=rows)
 
     @staticmethod
     def from_array(array: np.ndarray, fmt="f32", *, name: str = "") -> "Weight":

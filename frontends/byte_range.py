@@ -54,6 +54,10 @@ class ByteRangeReader:
     def slice(self, begin: int, end: int):
         return lambda: self.read(begin, end)
 
+    def rows(self, begin: int, row_bytes: int):
+        """Loader of rows [a, b) of a tensor whose data starts at ``begin``."""
+        return lambda a, b: self.read(begin + a * row_bytes, begin + b * row_bytes)
+
     def __del__(self):
         if self._fd is not None:
             try:

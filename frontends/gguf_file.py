@@ -438,7 +438,9 @@ def read_gguf(path) -> GGUFFile:
             raise p.fail(f"tensor {show_name(name)} ends past the end of the file (needs {nbytes} "
                          f"bytes at offset {start}, file has {size})")
         offsets[name] = start
-        tensors[name] = Weight(shape, fmt, reader.slice(start, start + nbytes), name=name, origin=path)
+        row_bytes = fmt.nbytes(shape[-1:])
+        tensors[name] = Weight(shape, fmt, reader.slice(start, start + nbytes), name=name, origin=path,
+                               load_rows=reader.rows(start, row_bytes) if row_bytes else None)
     _check_overlaps(p, infos, offsets)
     return GGUFFile(path, version, alignment, metadata, types, tensors, offsets, data_offset, size)
 
@@ -791,8 +793,12 @@ def write_gguf(path, metadata: Mapping[str, Any], tensors: Iterable[tuple[str, W
 
             io(f.write, header)
             for name, w, _, nbytes in plan:
-                data = np.ascontiguousarray(w.raw()).reshape(-1)
-                io(f.write, memoryview(data))
+                written = 0
+                for data in w.raw_chunks():
+                    io(f.write, memoryview(np.ascontiguousarray(data)))
+                    written += data.size
+                if written != nbytes:
+                    raise ValueError(f"tensor {name}: {written} bytes produced, {nbytes} expected")
                 pad = _align(nbytes, alignment) - nbytes
                 if pad:
                     io(f.write, bytes(pad))

@@ -246,7 +246,9 @@ def read_safetensors(path) -> SafetensorsFile:
     mapping = ByteRangeReader(path, size)
     tensors = {}
     for begin, end, name, fmt, shape in entries:
+        row_bytes = fmt.nbytes(shape[-1:]) if shape else 0
         tensors[name] = Weight(shape, fmt, mapping.slice(data_start + begin, data_start + end),
+                               load_rows=mapping.rows(data_start + begin, row_bytes) if row_bytes else None,
                                name=name, origin=path)
     return SafetensorsFile(path, tensors, dict(metadata), n, data_start)
 
@@ -374,12 +376,14 @@ def write_safetensors(path, tensors: Iterable[tuple[str, Weight]], metadata: dic
                     if progress is not None:
                         progress(name, done, total)
                     continue
-                raw = np.ascontiguousarray(weight.raw()).reshape(-1)
-                if raw.nbytes != weight.nbytes:
-                    raise ValueError(f"tensor {show_name(name)}: {raw.nbytes} bytes loaded, {weight.nbytes} expected")
-                f.write(memoryview(raw).cast("B"))
-                done += raw.nbytes
-                del raw
+                written = 0
+                for raw in weight.raw_chunks():
+                    raw = np.ascontiguousarray(raw).reshape(-1)
+                    f.write(memoryview(raw).cast("B"))
+                    written += raw.nbytes
+                if written != weight.nbytes:
+                    raise ValueError(f"tensor {show_name(name)}: {written} bytes loaded, {weight.nbytes} expected")
+                done += written
                 if progress is not None:
                     progress(name, done, total)
             f.flush()

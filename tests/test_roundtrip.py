@@ -92,3 +92,14 @@ def test_smollm2_through_hf_keeps_tokenizer_and_greedy_tokens(smollm2_gguf, tmp_
     gen = reference["generations"][0]
     r = model.generate(gen["prompt"], max_new_tokens=16)
     assert r.ids == gen["greedy_ids"][:16]
+
+
+def test_conversion_streams_big_tensors_in_row_chunks(hf_fixture, tmp_path):
+    """A quantizing write reads the source rows piecewise, never the whole tensor at once."""
+    from kiln.weights import Weight
+    from kiln.frontends.safetensors_file import read_safetensors
+    src = read_safetensors(hf_fixture("mistral") / "model.safetensors").tensors["model.embed_tokens.weight"]
+    chunked = src.astype("q8_0")
+    pieces = list(chunked.raw_chunks(max_bytes=4096))
+    assert len(pieces) > 1
+    assert np.concatenate(pieces).tobytes() == Weight.from_array(src.numpy(), "q8_0").raw().tobytes()
