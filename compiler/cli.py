@@ -156,11 +156,29 @@ def cmd_convert(a) -> int:
     from kiln.driver import convert
     con = _console()
     t = time.perf_counter()
-    summary = convert(a.src, a.dst, to=a.to, dtype=a.dtype, quant=a.quant, console=con,
-                      quiet=a.quiet or not con.is_terminal)
+    summary = convert(a.src, a.dst, to=a.to, dtype=a.dtype, quant=a.quant, max_shard_bytes=a.max_shard_size,
+                      console=con, quiet=a.quiet or not con.is_terminal)
     con.print(f"wrote {a.dst}: {summary.get('tensors', 0)} tensors, {summary.get('bytes_in', 0) / 1e6:.1f} MB in, "
               f"{summary.get('bytes_out', 0) / 1e6:.1f} MB out, {time.perf_counter() - t:.1f} s")
     return 0
+
+
+def _size(text: str) -> int:
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    t = text.strip().upper()
+    for unit, mult in sorted(units.items(), key=lambda kv: -len(kv[0])):
+        if t.endswith(unit):
+            t, m = t[: -len(unit)], mult
+            break
+    else:
+        m = 1
+    try:
+        n = int(float(t) * m)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 2GB or 500MB)") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
+    return n
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -214,7 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("dst")
     s.add_argument("--to", required=True, choices=["hf", "gguf", "safetensors", "onnx"])
     s.add_argument("--dtype", choices=["f32", "f16", "bf16"], help="element type of float tensors")
-    s.add_argument("--quant", help="block quantization (GGUF output): q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q6_k")
+    s.add_argument("--quant", help="block quantization (GGUF output): q8_0, q4_0, q4_1, q5_0, q5_1, q2_k..q6_k")
+    s.add_argument("--max-shard-size", type=_size, metavar="SIZE",
+                   help="HF output: split safetensors above this size, e.g. 2GB or 500MB (default 2GB)")
     s.add_argument("-q", "--quiet", action="store_true")
     s.set_defaults(fn=cmd_convert)
     return p

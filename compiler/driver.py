@@ -107,7 +107,7 @@ WRITERS = {"hf": "kiln.frontends.hf", "gguf": "kiln.frontends.gguf",
 
 
 def convert(src, dst, *, to: str, dtype: str | None = None, quant: str | None = None,
-            console=None, quiet: bool = True) -> dict:
+            max_shard_bytes: int | None = None, console=None, quiet: bool = True) -> dict:
     """Convert a model between formats, streaming tensor by tensor from the source."""
     import importlib
 
@@ -139,6 +139,8 @@ def convert(src, dst, *, to: str, dtype: str | None = None, quant: str | None = 
             kwargs.update(dtype=dtype, quant=quant)
         elif to in ("hf", "safetensors"):
             kwargs.update(dtype=dtype)
+        if to == "hf" and max_shard_bytes:
+            kwargs.update(shard_bytes=max_shard_bytes)
         summary = writer.write(model, dst, **kwargs)
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     return summary
