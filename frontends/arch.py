@@ -222,6 +222,28 @@ def split_fused(weights: dict, cfg: "ArchConfig") -> dict:
     return out
 
 
+def shift_norms(weights: dict, delta: float) -> dict:
+    """Add ``delta`` to every norm scale (gemma: HF stores w, llama.cpp stores 1 + w)."""
+    return {role: (w.map_values(lambda a: a + np.float32(delta)) if role.endswith("norm") else w)
+            for role, w in weights.items()}
+
+
+def to_file_names(weights: dict, table: dict, family: Family, cfg: "ArchConfig", what: str) -> dict:
+    """Canonical role weights -> {file name: (role, weight)} in the table's order, fusing the
+    parts the format stores fused."""
+    for fused in FUSED:
+        if any(k.startswith("layers.") and k.split(".")[2] == fused for k in table):
+            weights = fuse_parts(weights, fused, cfg, cfg.num_layers)
+    roles = layer_roles(table, cfg.num_layers)
+    out = {}
+    for role, w in weights.items():
+        if role not in roles:
+            raise ValueError(f"no {what} name for the {family.name} tensor {role}")
+        out[roles[role]] = (role, w)
+    order = {name: i for i, name in enumerate(roles.values())}
+    return dict(sorted(out.items(), key=lambda kv: order[kv[0]]))
+
+
 def fuse_parts(weights: dict, fused: str, cfg: "ArchConfig", n_layers: int) -> dict:
     """The inverse of split_fused for writers whose format stores the fused tensor."""
     from kiln.weights import concat_rows

@@ -253,21 +253,8 @@ def gguf_tensors(model: ModelIR, family: A.Family, cfg: A.ArchConfig) -> dict[st
                 role = f"layers.{i}.{r}.weight"
                 weights[role] = weights[role].take_rows(rope_permute_rows(weights[role].shape[0], heads))
     if family.name == "gemma" and cfg.norm_offset:
-        # llama.cpp stores gemma's (1 + w) norm scale with the 1 added
-        for role in list(weights):
-            if role.endswith("norm"):
-                weights[role] = weights[role].map_values(lambda a: a + np.float32(1.0))
-    for fused in ("qkv", "gate_up"):
-        if any(k.startswith("layers.") and k.split(".")[2] == fused for k in family.gguf_names):
-            weights = A.fuse_parts(weights, fused, cfg, cfg.num_layers)
-    roles = A.layer_roles(family.gguf_names, cfg.num_layers)
-    out = {}
-    for role, w in weights.items():
-        if role not in roles:
-            raise ValueError(f"no GGUF name for the {family.name} tensor {role}")
-        out[roles[role]] = (role, w)
-    order = {name: i for i, name in enumerate(roles.values())}
-    return dict(sorted(out.items(), key=lambda kv: order[kv[0]]))
+        weights = A.shift_norms(weights, +1.0)      # llama.cpp stores gemma's (1 + w) norm scale
+    return A.to_file_names(weights, family.gguf_names, family, cfg, "GGUF")
 
 
 def write(model: ModelIR, path, *, dtype: str | None = None, quant: str | None = None, progress=None) -> dict:

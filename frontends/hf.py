@@ -295,21 +295,12 @@ def hf_tensors(weights: dict[str, Weight], family: A.Family, cfg: A.ArchConfig) 
     if cfg.tie_word_embeddings:
         weights.pop("lm_head", None)
     if family.name == "gemma" and not cfg.norm_offset:
-        # read from GGUF, where llama.cpp added 1 to gemma's norm weights: take it off again
-        for role in list(weights):
-            if role.endswith("norm"):
-                weights[role] = weights[role].map_values(lambda a: a - np.float32(1.0))
-    for fused in ("qkv", "gate_up"):
-        if any(k.startswith("layers.") and k.split(".")[2] == fused for k in family.hf_names):
-            weights = A.fuse_parts(weights, fused, cfg, cfg.num_layers)
-    roles = A.layer_roles(family.hf_names, cfg.num_layers)
+        weights = A.shift_norms(weights, -1.0)      # read from GGUF, where the 1 was added
     out = {}
-    for role, w in weights.items():
-        if role not in roles:
-            raise ValueError(f"no Hugging Face name for the {family.name} tensor {role}")
+    for name, (role, w) in A.to_file_names(weights, family.hf_names, family, cfg, "Hugging Face").items():
         if family.hf_conv1d and len(w.shape) == 2 and role.startswith("layers."):
             w = w.transpose()
-        out[roles[role]] = w
+        out[name] = w
     return out
 
 

@@ -38,3 +38,20 @@ def hf_fixture():
             pytest.skip(f"fixture {p} is missing")
         return p
     return get
+
+
+def greedy_tokens(session, prompt_ids, n: int, banned=()) -> list[int]:
+    """n greedy tokens through a session's KV cache, one step at a time; ``banned`` ids are
+    never chosen (as transformers' min_new_tokens bans EOS)."""
+    import numpy as np
+    session.reset(1)
+    logits = session.forward(np.asarray(prompt_ids, dtype=np.int64).reshape(1, -1), last_only=True)[0, -1]
+    out = []
+    for _ in range(n):
+        if banned:
+            logits = logits.copy()
+            logits[list(banned)] = -np.inf
+        t = int(np.argmax(logits))
+        out.append(t)
+        logits = session.forward(np.array([[t]]), last_only=True)[0, -1]
+    return out

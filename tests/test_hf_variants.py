@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import greedy_tokens
 
 from kiln.driver import compile as kiln_compile
 from kiln.frontends import hf
@@ -86,12 +87,4 @@ def test_compiled_artifact_matches_transformers(name, tmp_path):
     ref = np.load(folder / "reference.npz")
     assert np.abs(model.logits(ref["input_ids"]) - ref["logits"]).max() <= 1e-4
     # greedy decoding through the KV cache, token by token
-    sess = model.session
-    sess.reset(1)
-    logits = sess.forward(ref["prompt"], last_only=True)
-    tokens = []
-    for _ in range(16):
-        t = int(np.argmax(logits[0, -1]))
-        tokens.append(t)
-        logits = sess.forward(np.array([[t]]), last_only=True)
-    assert tokens == ref["greedy"].tolist()
+    assert greedy_tokens(model.session, ref["prompt"], 16) == ref["greedy"].tolist()

@@ -10,8 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
+from conftest import greedy_tokens
 
 from kiln.driver import compile as kiln_compile
 from kiln.driver import convert
@@ -39,16 +39,7 @@ def llama_cpp(gguf, ids, n=16, texts=()):
 
 def kiln_greedy(gguf, ids, tmp_path, n=16):
     from kiln import runtime
-    model = runtime.load(kiln_compile(gguf, output=tmp_path / "k.kiln"))
-    sess = model.session
-    sess.reset(1)
-    logits = sess.forward(np.array([ids]), last_only=True)[0, -1]
-    out = []
-    for _ in range(n):
-        t = int(np.argmax(logits))
-        out.append(t)
-        logits = sess.forward(np.array([[t]]), last_only=True)[0, -1]
-    return out
+    return greedy_tokens(runtime.load(kiln_compile(gguf, output=tmp_path / "k.kiln")).session, ids, n)
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gemma", "phi3", "gpt2"])

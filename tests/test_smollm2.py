@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import FIXTURES
+from conftest import FIXTURES, greedy_tokens
 
 REFERENCE = FIXTURES / "smollm2" / "reference.json"
 
@@ -54,21 +54,14 @@ def test_tokenizer_matches_reference(model, reference):
 def test_greedy_generation_and_top_logits(model, reference, index):
     gen = reference["generations"][index]
     assert model.tokenizer.encode(gen["prompt"]) == gen["prompt_ids"]
-    eos = model.tokenizer.eos_ids
     sess = model.session
     sess.reset(1)
     logits = sess.forward(np.array([gen["prompt_ids"]]), last_only=True)[0, -1]
     top = gen["last_logits_top10"]
     assert np.argsort(-logits)[:10].tolist() == top["ids"]
     np.testing.assert_allclose(logits[top["ids"]], top["values"], atol=1e-3)
-    tokens = []
-    for _ in range(32):
-        masked = logits.copy()
-        masked[eos] = -np.inf            # as transformers' min_new_tokens did for the reference
-        t = int(np.argmax(masked))
-        tokens.append(t)
-        logits = sess.forward(np.array([[t]]), last_only=True)[0, -1]
-    assert tokens == gen["greedy_ids"]
+    # EOS banned, as transformers' min_new_tokens did for the reference
+    assert greedy_tokens(sess, gen["prompt_ids"], 32, banned=model.tokenizer.eos_ids) == gen["greedy_ids"]
 
 
 def test_generate_stops_at_eos_and_decodes(model, reference):
