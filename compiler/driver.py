@@ -26,7 +26,12 @@ def pipeline(backend: str) -> list:
     """The flat, named list of passes for a backend."""
     from kiln.passes.dce import dce
     from kiln.passes.kv_cache import insert_kv_cache
-    return [("kv_cache", insert_kv_cache), ("dce", dce)]
+    from kiln.passes.quant_matmul import fuse_quant_matmul
+    # ORT's 4-bit MatMulNBits is exact and fast at accuracy level 0; its 8-bit kernel is only
+    # fast with int8 activations (accuracy level 4, ~0.6% error), so 8-bit blocks stay float
+    return [("kv_cache", insert_kv_cache),
+            ("quant_matmul", lambda g: fuse_quant_matmul(g, formats={"q4_0", "q4_1"})),
+            ("dce", dce)]
 
 
 def source_digest(path) -> str:

@@ -452,4 +452,25 @@ def scalar_value(v: Value):
     return None
 
 
+
+
+# ---- composite ops (produced by fusion passes; each has a decomposition) -------------------
+
+@op("QuantMatMul")
+class QuantMatMul:
+    """QuantMatMul(x [..., K], w [N, K]) = x @ wᵀ with w kept in its stored block format.
+
+    Decomposes to MatMul(x, Transpose(w)); backends that take the blocks (ONNX Runtime's
+    MatMulNBits) read ``w.weight`` directly instead of a dequantized copy.
+    """
+    @staticmethod
+    def infer(inputs, attrs):
+        x, w = inputs
+        return [TensorType(x.type.dtype, x.type.shape[:-1] + (w.type.shape[0],))]
+
+    @staticmethod
+    def compute(x, attrs):
+        return [np.matmul(x[0], x[1].T)]
+
+
 __all__ = ["REGISTRY", "OpDef", "op", "get", "infer_types", "compute", "broadcast_shapes", "scalar_value", "math"]

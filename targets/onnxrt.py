@@ -81,6 +81,7 @@ def lower(graph: Graph, out_dir, *, model_name: str = "model.onnx",
     folded: dict[int, str] = {}          # id(Transpose output) -> initializer name
     emitted_weights: set[str] = set()
     small_consts: dict[str, TensorProto] = {}
+    block_sums: dict[str, str] = {}      # activation -> its per-block sums, shared by q/k/v, gate/up
 
     def weight_init(v: Value, name: str, transform=None):
         arr = v.weight.numpy().astype(v.type.dtype, copy=False)
@@ -103,6 +104,9 @@ def lower(graph: Graph, out_dir, *, model_name: str = "model.onnx",
                 arr = v.const
                 initializers.append(onnx.numpy_helper.from_array(np.asarray(arr), v.name))
         for node in graph.nodes:
+            if node.op == "QuantMatMul":
+                nodes.extend(_quant_matmul(node, data, initializers, const_input, progress, block_sums))
+                continue
             # a transposed weight is stored transposed, so MatMul reads it directly
             if node.op == "Transpose" and node.inputs[0].is_weight:
                 w = node.inputs[0]
@@ -112,7 +116,7 @@ def lower(graph: Graph, out_dir, *, model_name: str = "model.onnx",
                 continue
             nodes.append(_lower_node(node, folded, const_input))
         for name, v in graph.weights.items():
-            if any(u.node.op != "Transpose" for u in v.uses) or v in graph.outputs:
+            if any(u.node.op not in ("Transpose", "QuantMatMul") for u in v.uses) or v in graph.outputs:
                 weight_init(v, name)
                 emitted_weights.add(name)
     finally:
@@ -127,6 +131,42 @@ def lower(graph: Graph, out_dir, *, model_name: str = "model.onnx",
     onnx.checker.check_model(os.fspath(out_dir / model_name))
     return {"onnx_nodes": len(nodes), "initializers": len(initializers),
             "data_bytes": (out_dir / f"{model_name}.data").stat().st_size}
+
+
+def _quant_matmul(node: Node, data: _DataWriter, initializers: list, const_input, progress,
+                  block_sums: dict) -> list:
+    """QuantMatMul -> MatMulNBits over the weight's own blocks (+ the block-min correction)."""
+    from kiln.targets import onnxrt_quant as Q
+    x, w = node.inputs
+    n, k = w.weight.shape
+    y = node.outputs[0].name
+    op = Q.operands(w.weight.format.name, w.weight.raw(), n, k)
+    if progress:
+        progress(w.name)
+    base = w.name
+    initializers.append(data.add(f"{base}.nbits", Q.pack_codes(op.bits, op.codes)))
+    initializers.append(data.add(f"{base}.scales", op.scales.reshape(-1)))
+    inputs = [x.name, f"{base}.nbits", f"{base}.scales"]
+    if op.zero_points is not None:
+        initializers.append(data.add(f"{base}.zero_points", Q.pack_zero_points(op.bits, op.zero_points)))
+        inputs.append(f"{base}.zero_points")
+    out = [helper.make_node("MatMulNBits", inputs, [y if op.mins is None else f"{y}.nbits"], name=node.name,
+                            domain="com.microsoft", K=k, N=n, bits=op.bits, block_size=Q.BLOCK, accuracy_level=0)]
+    if op.mins is not None:
+        # sum_k x_k (d q_k + m) = MatMulNBits(zero point 0) + (block sums of x) @ mins^T
+        initializers.append(data.add(f"{base}.mins_t", np.ascontiguousarray(op.mins.T)))
+        if x.name not in block_sums:
+            sums = block_sums[x.name] = f"{x.name}.block_sums"
+            out += [
+                helper.make_node("Reshape", [x.name, const_input([0] * (x.type.rank - 1) + [k // Q.BLOCK, Q.BLOCK])],
+                                 [f"{sums}.blocks"], name=f"{sums}.blocks"),
+                helper.make_node("ReduceSum", [f"{sums}.blocks", const_input([-1])], [sums], name=sums, keepdims=0),
+            ]
+        out += [
+            helper.make_node("MatMul", [block_sums[x.name], f"{base}.mins_t"], [f"{y}.mins"], name=f"{node.name}.mins"),
+            helper.make_node("Add", [f"{y}.nbits", f"{y}.mins"], [y], name=f"{node.name}.add_mins"),
+        ]
+    return out
 
 
 def _lower_node(node: Node, folded: dict, const_input) -> onnx.NodeProto:

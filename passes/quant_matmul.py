@@ -1,0 +1,69 @@
+"""Fusion: a linear layer over a block-quantized weight becomes one QuantMatMul.
+
+Rule: ``MatMul(x, Transpose(w, perm=[1, 0]))`` where ``w`` is a weight stored in a block format
+the target can take as it is. The blocks then reach the backend untouched (no dequantize and
+requantize); ``decompose`` turns QuantMatMul back into the primitives for backends without it.
+"""
+from __future__ import annotations
+
+from kiln.ir import Graph
+from kiln.passes_base import PassResult
+
+
+def match(node, formats: set[str]) -> tuple[object, object] | str:
+    """(x, w) of a quantized linear layer, or the reason this MatMul is not one."""
+    t = node.inputs[1].producer
+    if t is None or t.op != "Transpose" or t.attrs.get("perm") != [1, 0]:
+        return "right operand is not a transposed matrix"
+    w = t.inputs[0]
+    if not w.is_weight:
+        return "right operand is not a weight"
+    fmt = w.weight.format
+    if not fmt.is_block:
+        return "weight is not block-quantized"
+    if fmt.name not in formats or w.type.shape[-1] % fmt.block_size:
+        return f"the target takes no {fmt.name} blocks of this shape"
+    return node.inputs[0], w
+
+
+def fuse_quant_matmul(graph: Graph, formats: set[str] | None = None) -> PassResult:
+    from kiln.targets.onnxrt_quant import REPACK
+    formats = set(REPACK) if formats is None else formats
+    fused, refused = {}, 0
+    for node in list(graph.nodes):
+        if node.op != "MatMul":
+            continue
+        m = match(node, formats)
+        if isinstance(m, str):
+            # weights that stay float here: a plain float weight, or blocks the target cannot take
+            refused += m.startswith("the target")
+            continue
+        x, w = m
+        y = graph.add_node("QuantMatMul", [x, w], name=node.name, output_names=[node.outputs[0].name + ".q"])[0]
+        graph.replace_all_uses_with(node.outputs[0], y)
+        graph.remove_node(node)
+        key = w.weight.format.name
+        fused[key] = fused.get(key, 0) + 1
+    if not fused:
+        return PassResult(graph, False, {"kept_float": refused} if refused else {})
+    graph.toposort()
+    stats = {f"quant_matmul_{k}": v for k, v in sorted(fused.items())}
+    if refused:
+        stats["kept_float"] = refused
+    return PassResult(graph, True, stats)
+
+
+def decompose(graph: Graph) -> PassResult:
+    n = 0
+    for node in list(graph.nodes):
+        if node.op != "QuantMatMul":
+            continue
+        x, w = node.inputs
+        wt = graph.add_node("Transpose", [w], {"perm": [1, 0]}, name=f"{node.name}.wt")[0]
+        y = graph.add_node("MatMul", [x, wt], name=f"{node.name}.mm")[0]
+        graph.replace_all_uses_with(node.outputs[0], y)
+        graph.remove_node(node)
+        n += 1
+    if n:
+        graph.toposort()
+    return PassResult(graph, bool(n), {"decomposed": n} if n else {})

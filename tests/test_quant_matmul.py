@@ -1,0 +1,66 @@
+"""QuantMatMul fusion and its lowering to ONNX Runtime's MatMulNBits."""
+import numpy as np
+import onnxruntime as ort
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kiln.interp import run
+from kiln.ir import Graph
+from kiln.passes.dce import dce
+from kiln.passes.quant_matmul import decompose, fuse_quant_matmul
+from kiln.targets import onnxrt
+from kiln.targets.onnxrt_quant import REPACK
+from kiln.verify import verify
+from kiln.weights import Weight
+
+
+def linear_graph(fmt: str, n=64, k=96, seed=0):
+    rng = np.random.default_rng(seed)
+    g = Graph("linear")
+    x = g.add_input("x", "float32", ("batch", "seq", k))
+    w = g.add_weight("w", Weight.from_array(rng.standard_normal((n, k)).astype(np.float32), fmt, name="w"))
+    wt = g.add_node("Transpose", [w], {"perm": [1, 0]})[0]
+    y = g.add_node("MatMul", [x, wt], name="proj")[0]
+    g.outputs = [g.add_node("Relu", [y], name="out")[0]]
+    return g
+
+
+@pytest.mark.parametrize("fmt", sorted(REPACK))
+def test_fuses_block_weights_and_keeps_numbers(fmt):
+    g = linear_graph(fmt)
+    x = np.random.default_rng(1).standard_normal((2, 3, 96)).astype(np.float32)
+    before = run(g, {"x": x})["out"]
+    r = fuse_quant_matmul(g)
+    assert r.stats == {f"quant_matmul_{fmt}": 1}
+    dce(g)
+    verify(g)
+    assert [n.op for n in g.nodes] == ["QuantMatMul", "Relu"]
+    np.testing.assert_allclose(run(g, {"x": x})["out"], before, atol=1e-5)
+    decompose(g)
+    verify(g)
+    assert [n.op for n in g.nodes] == ["Transpose", "MatMul", "Relu"]
+
+
+def test_float_weights_and_untaken_formats_are_left_alone():
+    g = linear_graph("f32")
+    assert not fuse_quant_matmul(g).changed
+    g = linear_graph("q8_0")
+    r = fuse_quant_matmul(g, formats={"q4_0"})
+    assert not r.changed and r.stats == {"kept_float": 1}
+
+
+@settings(max_examples=12, deadline=None)
+@given(fmt=st.sampled_from(sorted(REPACK)), n=st.integers(1, 40), blocks=st.integers(1, 6), seq=st.integers(1, 5),
+       seed=st.integers(0, 2**16))
+def test_matmulnbits_lowering_equals_the_interpreter(tmp_path_factory, fmt, n, blocks, seq, seed):
+    g = linear_graph(fmt, n=n, k=32 * blocks, seed=seed)
+    fuse_quant_matmul(g)
+    dce(g)
+    out = tmp_path_factory.mktemp("q")
+    onnxrt.lower(g, out)
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(seed).standard_normal((1, seq, 32 * blocks)).astype(np.float32)
+    want = run(g, {"x": x})["out"]
+    got = sess.run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, want, atol=2e-5 * max(1.0, float(np.abs(want).max())))
