@@ -9,7 +9,7 @@ import json
 
 import numpy as np
 
-from .ir import Graph, TensorType, Value
+from .ir import Graph, Value
 from .weights import Weight
 
 

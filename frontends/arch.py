@@ -222,6 +222,36 @@ def split_fused(weights: dict, cfg: "ArchConfig") -> dict:
     return out
 
 
+def roles_from_file(path, tensors: dict, table: dict, cfg: "ArchConfig", *, layers_key: str,
+                    transform=None) -> dict:
+    """A file's tensors -> canonical roles: bounds the layer count by what the file can hold,
+    maps names, splits fused tensors, and checks every required role is there with its shape."""
+    from kiln.errors import KilnError
+    n = cfg.num_layers
+    if n > len(tensors):      # checked before anything is built per layer: the count may be huge
+        raise KilnError(path, f"{layers_key} says {n} layers, more than the file's {len(tensors)} tensors can hold")
+    roles = layer_roles(table, n)
+    out = {}
+    for role, name in roles.items():
+        if name in tensors:
+            out[role] = transform(role, tensors[name]) if transform else tensors[name]
+    try:
+        out = split_fused(out, cfg)
+    except ValueError as e:
+        raise KilnError(path, str(e)) from None
+    if "embed" not in out:
+        raise KilnError(path, f"tensor {table['embed']} is missing")
+    for i in range(n):
+        for r in ("q", "k", "v", "o", "up", "down"):
+            role = f"layers.{i}.{r}.weight"
+            if role not in out:
+                fused = f"layers.{i}.{'qkv' if r in 'qkv' else 'gate_up'}.weight"
+                raise KilnError(path, f"tensor {roles.get(role) or roles.get(fused, role)} is missing "
+                                      f"(needed for {role})")
+    check_shapes(path, out, cfg)
+    return out
+
+
 def shift_norms(weights: dict, delta: float) -> dict:
     """Add ``delta`` to every norm scale (gemma: HF stores w, llama.cpp stores 1 + w)."""
     return {role: (w.map_values(lambda a: a + np.float32(delta)) if role.endswith("norm") else w)

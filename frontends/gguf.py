@@ -109,30 +109,12 @@ _METADATA_KEYS = {"vocab_size": "vocab_size", "hidden_size": "embedding_length",
 
 
 def load_weights(path, tensors: dict[str, Weight], family: A.Family, cfg: A.ArchConfig) -> dict[str, Weight]:
+    out = A.roles_from_file(path, tensors, family.gguf_names, cfg, layers_key=f"{family.gguf_arch}.block_count")
     n = cfg.num_layers
-    if n > len(tensors):      # checked before anything is built per layer: the count may be huge
-        raise KilnError(path, f"{family.gguf_arch}.block_count says {n} layers, more than the file's "
-                              f"{len(tensors)} tensors can hold")
     extra = sorted(name for name in tensors if name.startswith(f"blk.{n}."))
     if extra:
         raise KilnError(path, f"the file holds tensors for layer {n} (e.g. {extra[0]}), but "
                               f"{family.gguf_arch}.block_count says {n} layers")
-    roles = A.layer_roles(family.gguf_names, cfg.num_layers)
-    out: dict[str, Weight] = {}
-    for role, name in roles.items():
-        if name in tensors:
-            out[role] = tensors[name]
-    try:
-        out = A.split_fused(out, cfg)
-    except ValueError as e:
-        raise KilnError(path, str(e)) from None
-    for i in range(cfg.num_layers):
-        for r in ("q", "k", "v", "o", "up", "down"):
-            if f"layers.{i}.{r}.weight" not in out:
-                raise KilnError(path, f"the tensor for layers.{i}.{r}.weight ({roles.get(f'layers.{i}.{r}.weight', 'fused')}) is missing")
-    if "embed" not in out:
-        raise KilnError(path, "tensor token_embd.weight is missing")
-    A.check_shapes(path, out, cfg)
     if family.rope_permuted_in_gguf:
         for i in range(cfg.num_layers):
             for r, heads in (("q", cfg.num_heads), ("k", cfg.num_kv_heads)):

@@ -5,7 +5,6 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 
 from kiln.errors import KilnError
 from kiln.ir import ModelIR
@@ -166,31 +165,12 @@ def load_weights(folder: Path, family: A.Family, cfg: A.ArchConfig) -> dict[str,
 
 def map_weights(folder, tensors: dict[str, Weight], family: A.Family, cfg: A.ArchConfig) -> dict[str, Weight]:
     """HF-named tensors -> canonical roles (transposing Conv1D, splitting fused tensors)."""
-    if cfg.num_layers > len(tensors):     # checked before anything is built per layer: the count may be huge
-        raise KilnError(folder, f"the config says {cfg.num_layers} layers, more than the checkpoint's "
-                                f"{len(tensors)} tensors can hold")
-    roles = A.layer_roles(family.hf_names, cfg.num_layers)
-    out: dict[str, Weight] = {}
-    for role, name in roles.items():
-        if name in tensors:
-            w = tensors[name]
-            if family.hf_conv1d and len(w.shape) == 2 and role.startswith("layers."):
-                w = w.transpose()
-            out[role] = w
-    try:
-        out = A.split_fused(out, cfg)
-    except ValueError as e:
-        raise KilnError(folder, str(e)) from None
-    if family.hf_names.get("embed") and "embed" not in out:
-        raise KilnError(folder, f"the checkpoint has no {family.hf_names['embed']} tensor")
-    if "lm_head" not in out and not cfg.tie_word_embeddings:
+    def conv1d_to_linear(role, w):
+        return w.transpose() if family.hf_conv1d and len(w.shape) == 2 and role.startswith("layers.") else w
+    if "lm_head" in family.hf_names and family.hf_names["lm_head"] not in tensors:
         cfg.tie_word_embeddings = True      # checkpoints that drop lm_head tie it to the embedding
-    required = [f"layers.{i}.{r}.weight" for i in range(cfg.num_layers) for r in ("q", "k", "v", "o", "up", "down")]
-    missing = [roles.get(r, r) for r in required if r not in out]
-    if missing:
-        raise KilnError(folder, f"the checkpoint lacks {len(missing)} tensors the config needs, e.g. {missing[0]}")
-    A.check_shapes(folder, out, cfg)
-    return out
+    return A.roles_from_file(folder, tensors, family.hf_names, cfg, layers_key="the config",
+                             transform=conv1d_to_linear)
 
 
 def read(path) -> ModelIR:

@@ -9,10 +9,7 @@ reads them: a location must be a plain relative path inside the model's folder, 
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
-from kiln.errors import KilnError
 from kiln.ir import ModelIR
 from kiln.runtime.onnx_check import check_external_data  # noqa: F401  (re-exported for readers)
 

@@ -361,7 +361,7 @@ CASES: dict[str, Case] = {
     "gguf sliding window not a number": G("compile", lambda t, b: _gguf_lie(
         b, t, {"llama.attention.sliding_window": "wide"}), "llama.attention.sliding_window is a string"),
     "gguf missing layer tensor": G("safetensors", lambda t, b: _gguf_lie(b, t, {}, drop={"blk.1.ffn_down.weight"}),
-                                   "blk.1.ffn_down.weight) is missing"),
+                                   "tensor blk.1.ffn_down.weight is missing"),
     "gguf unsupported architecture": G("compile", lambda t, b: _gguf_lie(b, t, {"general.architecture": "mamba"}),
                                        "unsupported architecture 'mamba'"),
     # safetensors, one file
@@ -416,7 +416,7 @@ CASES: dict[str, Case] = {
     "config.json negative heads": G("compile", lambda t, b: (lambda d: (d, d / "config.json"))(
         _hf(t, {"num_attention_heads": -4, "num_key_value_heads": -2})), "num_attention_heads is -4"),
     "config.json layer count huge": G("compile", lambda t, b: _hf(t, {"num_hidden_layers": 10**9}),
-                                      "the config says 1000000000 layers, more than the checkpoint's 21 tensors"),
+                                      "the config says 1000000000 layers, more than the file's 21 tensors"),
     "config.json rope type unknown": G("inspect", lambda t, b: (lambda d: (d, d / "config.json"))(
         _hf(t, {"rope_parameters": {"rope_theta": 10000.0, "rope_type": "wobbly"}})),
         "rope scaling type 'wobbly' is not supported"),

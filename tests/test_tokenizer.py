@@ -4,10 +4,8 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
-import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
