@@ -473,4 +473,26 @@ class QuantMatMul:
         return [np.matmul(x[0], x[1].T)]
 
 
+
+
+@op("RMSNorm", {"epsilon": REQUIRED, "offset": 0.0})
+class RMSNorm:
+    """RMSNorm(x, w) = x / sqrt(mean(x², last axis) + epsilon) * (w + offset).
+
+    ``offset`` is gemma's 1 (its checkpoints store w where the model multiplies by 1 + w).
+    Decomposes to Pow, ReduceMean, Add, Sqrt, Reciprocal, Mul, Mul (and Add for the offset).
+    """
+    @staticmethod
+    def infer(inputs, attrs):
+        return [inputs[0].type]
+
+    @staticmethod
+    def compute(x, attrs):
+        a, w = x
+        var = np.mean(np.power(a, np.float32(2.0)), axis=-1, keepdims=True)
+        inv = np.reciprocal(np.sqrt(var + np.float32(attrs["epsilon"])))
+        scale = w + np.float32(attrs["offset"]) if attrs["offset"] else w
+        return [((a * inv) * scale).astype(a.dtype)]
+
+
 __all__ = ["REGISTRY", "OpDef", "op", "get", "infer_types", "compute", "broadcast_shapes", "scalar_value", "math"]

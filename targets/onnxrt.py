@@ -17,8 +17,8 @@ from onnx import TensorProto, helper
 
 from kiln.ir import Graph, Node, Value
 
-OPSET = 18
-IR_VERSION = 10        # onnxruntime 1.31 reads at most IR version 13; onnx 1.23 writes 14 unless told
+OPSET = 23             # RMSNormalization is standard from opset 23
+IR_VERSION = 11        # opset 23's IR version; onnxruntime 1.31 reads at most 13, onnx 1.23 writes 14 unless told
 DATA_ALIGN = 64
 
 _DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "int64": TensorProto.INT64,
@@ -107,6 +107,9 @@ def lower(graph: Graph, out_dir, *, model_name: str = "model.onnx",
             if node.op == "QuantMatMul":
                 nodes.extend(_quant_matmul(node, data, initializers, const_input, progress, block_sums))
                 continue
+            if node.op == "RMSNorm":
+                nodes.append(_rmsnorm(node, weight_init))
+                continue
             # a transposed weight is stored transposed, so MatMul reads it directly
             if node.op == "Transpose" and node.inputs[0].is_weight:
                 w = node.inputs[0]
@@ -116,7 +119,7 @@ def lower(graph: Graph, out_dir, *, model_name: str = "model.onnx",
                 continue
             nodes.append(_lower_node(node, folded, const_input))
         for name, v in graph.weights.items():
-            if any(u.node.op not in ("Transpose", "QuantMatMul") for u in v.uses) or v in graph.outputs:
+            if any(not _consumed_specially(u.node) for u in v.uses) or v in graph.outputs:
                 weight_init(v, name)
                 emitted_weights.add(name)
     finally:
@@ -131,6 +134,22 @@ def lower(graph: Graph, out_dir, *, model_name: str = "model.onnx",
     onnx.checker.check_model(os.fspath(out_dir / model_name))
     return {"onnx_nodes": len(nodes), "initializers": len(initializers),
             "data_bytes": (out_dir / f"{model_name}.data").stat().st_size}
+
+
+def _consumed_specially(node: Node) -> bool:
+    """Whether this use of a weight is served by an initializer of its own, not the plain one."""
+    return node.op in ("Transpose", "QuantMatMul") or (node.op == "RMSNorm" and node.attrs.get("offset"))
+
+
+def _rmsnorm(node: Node, weight_init) -> onnx.NodeProto:
+    x, w = node.inputs
+    scale = w.name
+    offset = node.attrs.get("offset", 0.0)
+    if offset:
+        scale = f"{w.name}.plus_{offset:g}"
+        weight_init(w, scale, lambda a: a + np.float32(offset))
+    return helper.make_node("RMSNormalization", [x.name, scale], [node.outputs[0].name], name=node.name,
+                            axis=-1, epsilon=node.attrs["epsilon"], stash_type=1)
 
 
 def _quant_matmul(node: Node, data: _DataWriter, initializers: list, const_input, progress,

@@ -40,10 +40,12 @@ def test_manifest_describes_the_build(artifact, smollm2_gguf):
     assert m["source"]["format"] == "gguf"
     assert m["source"]["sha256"] == sha256_file(smollm2_gguf)
     assert m["source"]["tensor_formats"] == {"q4_1": 210, "f32": 61, "q8_0": 1}
-    assert [p["name"] for p in m["passes"]] == ["kv_cache", "quant_matmul", "dce"]
-    assert m["passes"][0]["stats"] == {"attention_layers": 30}
+    stats = {p["name"]: p["stats"] for p in m["passes"]}
+    assert list(stats) == ["kv_cache", "rmsnorm", "quant_matmul", "dce"]
+    assert stats["kv_cache"] == {"attention_layers": 30}
+    assert stats["rmsnorm"] == {"rmsnorm": 61}          # two per layer and the final norm
     # the Q4_1 blocks reach ONNX Runtime as they are; the Q8_0 tied embedding stays float
-    assert m["passes"][1]["stats"] == {"quant_matmul_q4_1": 210, "kept_float": 1}
+    assert stats["quant_matmul"] == {"quant_matmul_q4_1": 210, "kept_float": 1}
     assert "model.onnx" in m["files"] and "tokenizer/tokenizer.json" in m["files"]
 
 

@@ -1,0 +1,57 @@
+"""RMSNorm fusion: the expected graph, the same numbers, refusals with reasons, decomposition."""
+import numpy as np
+import pytest
+
+from kiln.frontends import hf
+from kiln.interp import run
+from kiln.ir import Graph
+from kiln.passes.dce import dce
+from kiln.passes.rmsnorm import decompose, fuse_rmsnorm, match, Refused
+from kiln.verify import verify
+from kiln.weights import Weight
+
+
+@pytest.mark.parametrize("family,count,offset", [("llama", 5, 0.0), ("gemma", 5, 1.0), ("qwen2", 5, 0.0)])
+def test_fuses_every_norm_of_a_model(hf_fixture, family, count, offset):
+    folder = hf_fixture(family)
+    g = hf.read(folder).graph
+    ref = np.load(folder / "reference.npz")
+    before = run(g, {"input_ids": ref["input_ids"]})[g.outputs[0].name]
+    r = fuse_rmsnorm(g)
+    assert r.stats == {"rmsnorm": count}
+    dce(g)
+    verify(g)
+    norms = [n for n in g.nodes if n.op == "RMSNorm"]
+    assert len(norms) == count and all(n.attrs["offset"] == offset for n in norms)
+    assert not any(n.op in ("Sqrt", "Reciprocal") for n in g.nodes)
+    np.testing.assert_allclose(run(g, {"input_ids": ref["input_ids"]})[g.outputs[0].name], before, atol=1e-5)
+    decompose(g)
+    verify(g)
+    np.testing.assert_allclose(run(g, {"input_ids": ref["input_ids"]})[g.outputs[0].name], before, atol=1e-5)
+
+
+def test_qwen3_head_norms_are_fused_too():
+    from conftest import REPO
+    g = hf.read(REPO / "tests" / "data" / "hf_variants" / "qwen3").graph
+    assert fuse_rmsnorm(g).stats == {"rmsnorm": 2 * 2 + 2 * 2 + 1}     # attn/mlp + q/k per layer, final
+
+
+def _near_miss(exponent=2.0, axes=(-1,)):
+    g = Graph()
+    x = g.add_input("x", "float32", (2, 8))
+    w = g.add_weight("w", Weight.from_array(np.ones(8)))
+    sq = g.add_node("Pow", [x, g.const(np.float32(exponent))])[0]
+    var = g.add_node("ReduceMean", [sq], {"axes": list(axes), "keepdims": 1})[0]
+    rstd = g.add_node("Reciprocal", [g.add_node("Sqrt", [g.add_node("Add", [var, g.const(np.float32(1e-5))])[0]])[0]])[0]
+    y = g.add_node("Mul", [g.add_node("Mul", [x, rstd])[0], w], name="out")[0]
+    g.outputs = [y]
+    return g, y.producer
+
+
+@pytest.mark.parametrize("kwargs,reason", [({"exponent": 3.0}, "square"), ({"axes": (0,)}, "axes")])
+def test_near_misses_are_refused_with_a_reason(kwargs, reason):
+    g, last = _near_miss(**kwargs)
+    with pytest.raises(Refused, match=reason):
+        match(last)
+    r = fuse_rmsnorm(g)
+    assert not r.changed and r.stats == {"refused": 1}
