@@ -28,10 +28,12 @@ def pipeline(backend: str) -> list:
     from kiln.passes.kv_cache import insert_kv_cache
     from kiln.passes.quant_matmul import fuse_quant_matmul
     from kiln.passes.rmsnorm import fuse_rmsnorm
+    from kiln.passes.rotary import fuse_rotary
     # ORT's 4-bit MatMulNBits is exact and fast at accuracy level 0; its 8-bit kernel is only
     # fast with int8 activations (accuracy level 4, ~0.6% error), so 8-bit blocks stay float
     return [("kv_cache", insert_kv_cache),
             ("rmsnorm", fuse_rmsnorm),
+            ("rotary", fuse_rotary),
             ("quant_matmul", lambda g: fuse_quant_matmul(g, formats={"q4_0", "q4_1"})),
             ("dce", dce)]
 

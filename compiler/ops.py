@@ -495,4 +495,26 @@ class RMSNorm:
         return [((a * inv) * scale).astype(a.dtype)]
 
 
+
+
+@op("Rotary")
+class Rotary:
+    """Rotary(x [b, h, s, d], cos [s, d/2], sin [s, d/2]): rotate-half rotary embedding.
+
+    x·[cos, cos] + rotate_half(x)·[sin, sin], rotate_half(x) = [-x₂, x₁]. Decomposes to
+    Slice, Neg, Concat, Mul, Add; ONNX Runtime runs it as RotaryEmbedding (opset 23).
+    """
+    @staticmethod
+    def infer(inputs, attrs):
+        return [inputs[0].type]
+
+    @staticmethod
+    def compute(x, attrs):
+        a, cos, sin = x
+        half = a.shape[-1] // 2
+        c, s_ = np.concatenate([cos, cos], -1), np.concatenate([sin, sin], -1)
+        rotated = np.concatenate([-a[..., half:], a[..., :half]], -1)
+        return [(a * c + rotated * s_).astype(a.dtype)]
+
+
 __all__ = ["REGISTRY", "OpDef", "op", "get", "infer_types", "compute", "broadcast_shapes", "scalar_value", "math"]

@@ -82,6 +82,7 @@ def lower(graph: Graph, out_dir, *, model_name: str = "model.onnx",
     emitted_weights: set[str] = set()
     small_consts: dict[str, TensorProto] = {}
     block_sums: dict[str, str] = {}      # activation -> its per-block sums, shared by q/k/v, gate/up
+    batched_tables: dict[str, str] = {}  # rotary cos/sin [s, d/2] -> [batch, s, d/2], shared by layers
 
     def weight_init(v: Value, name: str, transform=None):
         arr = v.weight.numpy().astype(v.type.dtype, copy=False)
@@ -109,6 +110,9 @@ def lower(graph: Graph, out_dir, *, model_name: str = "model.onnx",
                 continue
             if node.op == "RMSNorm":
                 nodes.append(_rmsnorm(node, weight_init))
+                continue
+            if node.op == "Rotary":
+                nodes.extend(_rotary(node, const_input, batched_tables))
                 continue
             # a transposed weight is stored transposed, so MatMul reads it directly
             if node.op == "Transpose" and node.inputs[0].is_weight:
@@ -139,6 +143,25 @@ def lower(graph: Graph, out_dir, *, model_name: str = "model.onnx",
 def _consumed_specially(node: Node) -> bool:
     """Whether this use of a weight is served by an initializer of its own, not the plain one."""
     return node.op in ("Transpose", "QuantMatMul") or (node.op == "RMSNorm" and node.attrs.get("offset"))
+
+
+def _rotary(node: Node, const_input, batched: dict) -> list:
+    """Rotary -> RotaryEmbedding (opset 23), whose tables are per batch row: [batch, s, d/2]."""
+    x, cos, sin = node.inputs
+    out = []
+    for table in (cos, sin):
+        if table.name not in batched:
+            name = batched[table.name] = f"{table.name}.batched"
+            batch = f"{name}.batch"
+            out += [
+                helper.make_node("Shape", [x.name], [f"{batch}.shape"], name=f"{batch}.shape", start=0, end=1),
+                helper.make_node("Concat", [f"{batch}.shape", const_input([1, 1])], [batch], name=batch, axis=0),
+                helper.make_node("Unsqueeze", [table.name, const_input([0])], [f"{name}.one"], name=f"{name}.one"),
+                helper.make_node("Expand", [f"{name}.one", batch], [name], name=name),
+            ]
+    out.append(helper.make_node("RotaryEmbedding", [x.name, batched[cos.name], batched[sin.name]],
+                                [node.outputs[0].name], name=node.name, interleaved=0))
+    return out
 
 
 def _rmsnorm(node: Node, weight_init) -> onnx.NodeProto:
