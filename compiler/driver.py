@@ -24,6 +24,7 @@ def load_model(path):
 
 def pipeline(backend: str) -> list:
     """The flat, named list of passes for a backend."""
+    from kiln.passes.attention import fuse_attention
     from kiln.passes.dce import dce
     from kiln.passes.kv_cache import insert_kv_cache
     from kiln.passes.quant_matmul import fuse_quant_matmul
@@ -34,6 +35,7 @@ def pipeline(backend: str) -> list:
     return [("kv_cache", insert_kv_cache),
             ("rmsnorm", fuse_rmsnorm),
             ("rotary", fuse_rotary),
+            ("attention", lambda g: fuse_attention(g, head_dim_multiple=8)),
             ("quant_matmul", lambda g: fuse_quant_matmul(g, formats={"q4_0", "q4_1"})),
             ("dce", dce)]
 

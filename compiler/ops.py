@@ -517,4 +517,48 @@ class Rotary:
         return [(a * c + rotated * s_).astype(a.dtype)]
 
 
+
+
+@op("Attention", {"scale": REQUIRED, "window": 0})
+class Attention:
+    """Causal grouped-query attention with a growing KV cache.
+
+    Attention(q [b, H, s, d], k [b, KV, s, d], v [b, KV, s, d], past_k [b, KV, p, d],
+    past_v [b, KV, p, d]) -> (out [b, s, H·d], present_k [b, KV, p+s, d], present_v).
+    Query i (position p+i) sees keys j ≤ p+i, and with ``window`` only j > p+i-window.
+    Decomposes to Concat, GQA repetition, MatMul, Mul, Add(mask), Softmax, MatMul.
+    """
+    @staticmethod
+    def infer(inputs, attrs):
+        q, k, v, pk, pv = inputs
+        b, h, s, d = q.type.shape
+        hd = h * d if isinstance(h, int) and isinstance(d, int) else None
+        total = None
+        present = TensorType(k.type.dtype, (pk.type.shape[0], pk.type.shape[1], total, pk.type.shape[3]))
+        return [TensorType(q.type.dtype, (b, s, hd)), present, present]
+
+    @staticmethod
+    def compute(x, attrs):
+        q, k, v, pk, pv = x
+        b, h, s, d = q.shape
+        kv = k.shape[1]
+        pres_k = np.concatenate([pk, k], axis=2)
+        pres_v = np.concatenate([pv, v], axis=2)
+        p = pk.shape[2]
+        rk = np.repeat(pres_k, h // kv, axis=1)
+        rv = np.repeat(pres_v, h // kv, axis=1)
+        scores = np.matmul(q, np.swapaxes(rk, -1, -2)) * np.float32(attrs["scale"])
+        qpos = p + np.arange(s)[:, None]
+        kpos = np.arange(p + s)[None, :]
+        allowed = kpos <= qpos
+        if attrs["window"]:
+            allowed &= kpos > qpos - attrs["window"]
+        scores = np.where(allowed, scores, np.float32(np.finfo(np.float32).min))
+        m = scores.max(-1, keepdims=True)
+        e = np.exp(scores - m)
+        probs = e / e.sum(-1, keepdims=True)
+        out = np.matmul(probs, rv).transpose(0, 2, 1, 3).reshape(b, s, h * d)
+        return [out.astype(q.dtype), pres_k, pres_v]
+
+
 __all__ = ["REGISTRY", "OpDef", "op", "get", "infer_types", "compute", "broadcast_shapes", "scalar_value", "math"]

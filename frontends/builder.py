@@ -70,6 +70,8 @@ def build_graph(cfg: ArchConfig, weights: dict[str, Weight], name: str = "model"
         h = e.Add(h, e.Gather(w("pos_embed"), pos, name="pos_embed"), name="embed_pos")
 
     mask = _causal_mask(e, pos, total, cfg.sliding_window)                    # [seq, total]
+    # what the mask means, so an attention fusion can check it is this mask it replaces
+    g.meta["causal_mask"] = {"value": mask.name, "window": int(cfg.sliding_window or 0)}
     cos = sin = None
     if cfg.rotary_dim:
         cos, sin = _rotary_tables(e, cfg, pos, total)                         # [seq, rotary_dim]

@@ -72,6 +72,11 @@ class OnnxRuntimeSession:
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         if ids.ndim != 2 or ids.shape[0] != self.batch:
             raise ValueError(f"ids must be [batch={self.batch}, seq], got {list(ids.shape)}")
+        if self.batch > 1 and ids.shape[1] > 1 and self.length:
+            # ORT's GroupQueryAttention takes several new tokens over a cache for one row only;
+            # step through them, which computes the same thing
+            steps = [self.forward(ids[:, i:i + 1]) for i in range(ids.shape[1])]
+            return steps[-1] if last_only else np.concatenate(steps, axis=1)
         if self.recompute_past:
             seen = np.concatenate([self.history, ids], axis=1)
             if self.length and self.length <= self.recompute_past < seen.shape[1]:

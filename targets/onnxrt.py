@@ -83,6 +83,7 @@ def lower(graph: Graph, out_dir, *, model_name: str = "model.onnx",
     small_consts: dict[str, TensorProto] = {}
     block_sums: dict[str, str] = {}      # activation -> its per-block sums, shared by q/k/v, gate/up
     batched_tables: dict[str, str] = {}  # rotary cos/sin [s, d/2] -> [batch, s, d/2], shared by layers
+    lengths: dict[str, str] = {}         # GroupQueryAttention's seqlens_k / total length, shared
 
     def weight_init(v: Value, name: str, transform=None):
         arr = v.weight.numpy().astype(v.type.dtype, copy=False)
@@ -114,6 +115,9 @@ def lower(graph: Graph, out_dir, *, model_name: str = "model.onnx",
             if node.op == "Rotary":
                 nodes.extend(_rotary(node, const_input, batched_tables))
                 continue
+            if node.op == "Attention":
+                nodes.extend(_attention(node, const_input, lengths))
+                continue
             # a transposed weight is stored transposed, so MatMul reads it directly
             if node.op == "Transpose" and node.inputs[0].is_weight:
                 w = node.inputs[0]
@@ -143,6 +147,52 @@ def lower(graph: Graph, out_dir, *, model_name: str = "model.onnx",
 def _consumed_specially(node: Node) -> bool:
     """Whether this use of a weight is served by an initializer of its own, not the plain one."""
     return node.op in ("Transpose", "QuantMatMul") or (node.op == "RMSNorm" and node.attrs.get("offset"))
+
+
+def _attention(node: Node, const_input, lengths: dict) -> list:
+    """Attention -> com.microsoft GroupQueryAttention (causal, growing BNSH cache)."""
+    q, k, v, past_k, past_v = node.inputs
+    _, heads, _, dim = q.type.shape
+    kv_heads = k.type.shape[1]
+    out: list = []
+
+    def seq_first(x, n):
+        """[b, n, s, d] -> [b, s, n·d]; a value that was just split into heads is used as it was."""
+        t = x.producer
+        if t is not None and t.op == "Transpose" and t.attrs.get("perm") == [0, 2, 1, 3]:
+            r = t.inputs[0].producer
+            if r is not None and r.op == "Reshape" and r.inputs[1].const is not None \
+                    and list(r.inputs[1].const) == [0, 0, n, dim]:
+                return r.inputs[0].name
+        name = f"{node.name}.{x.name}.bsh"
+        out.extend([helper.make_node("Transpose", [x.name], [f"{name}.t"], name=f"{name}.t", perm=[0, 2, 1, 3]),
+                    helper.make_node("Reshape", [f"{name}.t", const_input([0, 0, n * dim])], [name], name=name)])
+        return name
+
+    query, key, value = seq_first(q, heads), seq_first(k, kv_heads), seq_first(v, kv_heads)
+    if "total" not in lengths:
+        # the lengths every layer shares: total = cached + new, seqlens_k = total - 1 per row
+        t = "attention.total_length"
+        out += [
+            helper.make_node("Shape", [past_k.name], [f"{t}.past"], name=f"{t}.past", start=2, end=3),
+            helper.make_node("Shape", [q.name], [f"{t}.new"], name=f"{t}.new", start=2, end=3),
+            helper.make_node("Shape", [q.name], [f"{t}.batch"], name=f"{t}.batch", start=0, end=1),
+            helper.make_node("Add", [f"{t}.past", f"{t}.new"], [f"{t}.i64"], name=f"{t}.i64"),
+            helper.make_node("Sub", [f"{t}.i64", const_input([1])], [f"{t}.last"], name=f"{t}.last"),
+            helper.make_node("Expand", [f"{t}.last", f"{t}.batch"], [f"{t}.last_rows"], name=f"{t}.last_rows"),
+            helper.make_node("Cast", [f"{t}.last_rows"], [f"{t}.seqlens_k"], name=f"{t}.seqlens_k", to=TensorProto.INT32),
+            helper.make_node("Squeeze", [f"{t}.i64", const_input([0])], [f"{t}.scalar"], name=f"{t}.scalar"),
+            helper.make_node("Cast", [f"{t}.scalar"], [t], name=t, to=TensorProto.INT32),
+        ]
+        lengths["total"], lengths["seqlens_k"] = t, f"{t}.seqlens_k"
+    window = node.attrs.get("window") or 0
+    out.append(helper.make_node(
+        "GroupQueryAttention",
+        [query, key, value, past_k.name, past_v.name, lengths["seqlens_k"], lengths["total"]],
+        [o.name for o in node.outputs], name=node.name, domain="com.microsoft",
+        num_heads=heads, kv_num_heads=kv_heads, scale=node.attrs["scale"],
+        local_window_size=window if window else -1))
+    return out
 
 
 def _rotary(node: Node, const_input, batched: dict) -> list:

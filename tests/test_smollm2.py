@@ -41,8 +41,9 @@ def test_manifest_describes_the_build(artifact, smollm2_gguf):
     assert m["source"]["sha256"] == sha256_file(smollm2_gguf)
     assert m["source"]["tensor_formats"] == {"q4_1": 210, "f32": 61, "q8_0": 1}
     stats = {p["name"]: p["stats"] for p in m["passes"]}
-    assert list(stats) == ["kv_cache", "rmsnorm", "rotary", "quant_matmul", "dce"]
+    assert list(stats) == ["kv_cache", "rmsnorm", "rotary", "attention", "quant_matmul", "dce"]
     assert stats["rotary"] == {"rotary": 60}            # q and k of every layer
+    assert stats["attention"] == {"attention": 30}
     assert stats["kv_cache"] == {"attention_layers": 30}
     assert stats["rmsnorm"] == {"rmsnorm": 61}          # two per layer and the final norm
     # the Q4_1 blocks reach ONNX Runtime as they are; the Q8_0 tied embedding stays float

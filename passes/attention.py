@@ -1,0 +1,92 @@
+"""Fusion: cached causal attention in primitives becomes one Attention op (after the KV pass).
+
+Pattern, per layer, from the Softmax:
+
+    probs  = Softmax(Add(Mul(MatMul(q, Transpose(rep(Concat(past_k, k)))), scale), MASK))
+    out    = Reshape(Transpose(MatMul(probs, rep(Concat(past_v, v))), [0, 2, 1, 3]), [0, 0, H·d])
+
+where rep is the GQA head repetition (or nothing) and MASK is the model's causal mask
+(``graph.meta["causal_mask"]``, written by the builder with its sliding window). The rewrite
+takes q, k, v, past_k, past_v and yields out, present_k, present_v; the present outputs keep
+their names.
+"""
+from __future__ import annotations
+
+from kiln.ir import Graph, Node
+from kiln.ops import scalar_value
+from kiln.passes.kv_cache import NotAttention, _producer, _strip_repeat
+from kiln.passes_base import PassResult
+
+
+def _cached(present, graph: Graph):
+    cat = _producer(present, "Concat", "keys/values are not cached")
+    past, new = cat.inputs
+    if cat.attrs.get("axis") != 2 or past not in graph.inputs:
+        raise NotAttention("the cache is not a graph input concatenated on the sequence axis")
+    return cat, past, new
+
+
+def match(softmax: Node, graph: Graph) -> dict:
+    mask_info = graph.meta.get("causal_mask")
+    add = _producer(softmax.inputs[0], "Add", "softmax input is not scores + mask")
+    scores, mask = add.inputs
+    if mask_info is None or mask.name != mask_info["value"]:
+        raise NotAttention("the mask is not the model's causal mask")
+    mul = _producer(scores, "Mul", "scores are not scaled")
+    raw, scale = mul.inputs
+    if scalar_value(scale) is None:
+        raw, scale = scale, raw
+    if scalar_value(scale) is None:
+        raise NotAttention("the scale is not a constant")
+    qk = _producer(raw, "MatMul", "scores are not a matrix product")
+    kt = _producer(qk.inputs[1], "Transpose", "keys are not transposed")
+    if kt.attrs.get("perm") != [0, 1, 3, 2]:
+        raise NotAttention("keys are transposed the wrong way")
+    kcat, past_k, k = _cached(_strip_repeat(kt.inputs[0]), graph)
+    uses = [u.node for u in softmax.outputs[0].uses]
+    if len(uses) != 1 or uses[0].op != "MatMul":
+        raise NotAttention("probabilities do not feed one product with the values")
+    pv = uses[0]
+    vcat, past_v, v = _cached(_strip_repeat(pv.inputs[1]), graph)
+    t_uses = [u.node for u in pv.outputs[0].uses]
+    if len(t_uses) != 1 or t_uses[0].op != "Transpose" or t_uses[0].attrs.get("perm") != [0, 2, 1, 3]:
+        raise NotAttention("the context is not moved back to [batch, seq, heads, dim]")
+    r_uses = [u.node for u in t_uses[0].outputs[0].uses]
+    if len(r_uses) != 1 or r_uses[0].op != "Reshape":
+        raise NotAttention("the context heads are not merged")
+    q = qk.inputs[0]
+    if q.type.rank != 4 or k.type.rank != 4:
+        raise NotAttention("q/k are not [batch, heads, seq, dim]")
+    return {"q": q, "k": k, "v": v, "past_k": past_k, "past_v": past_v, "scale": float(scalar_value(scale)),
+            "window": mask_info["window"], "out": r_uses[0].outputs[0],
+            "present_k": kcat.outputs[0], "present_v": vcat.outputs[0]}
+
+
+def fuse_attention(graph: Graph, head_dim_multiple: int = 1) -> PassResult:
+    """``head_dim_multiple``: the target's kernel needs the head size to be a multiple of it
+    (ONNX Runtime's GroupQueryAttention: 8); other attentions stay in primitives."""
+    fused, refused = 0, 0
+    for node in list(graph.nodes):
+        if node.op != "Softmax":
+            continue
+        try:
+            m = match(node, graph)
+            if m["q"].type.shape[-1] % head_dim_multiple:
+                raise NotAttention(f"head size {m['q'].type.shape[-1]} is not a multiple of {head_dim_multiple}")
+        except NotAttention:
+            refused += 1
+            continue
+        out, pk, pv = graph.add_node("Attention", [m["q"], m["k"], m["v"], m["past_k"], m["past_v"]],
+                                     {"scale": m["scale"], "window": m["window"]}, name=f"attention.{fused}",
+                                     output_names=[m["out"].name + ".attn", m["present_k"].name + ".attn",
+                                                   m["present_v"].name + ".attn"])
+        for old, new in ((m["out"], out), (m["present_k"], pk), (m["present_v"], pv)):
+            graph.replace_all_uses_with(old, new)
+        # the cache outputs keep the names the runtime binds
+        for old, new in ((m["present_k"], pk), (m["present_v"], pv)):
+            old.name, new.name = new.name, old.name
+        fused += 1
+    if not fused:
+        return PassResult(graph, False, {"refused": refused} if refused else {})
+    graph.toposort()
+    return PassResult(graph, True, {"attention": fused, **({"refused": refused} if refused else {})})

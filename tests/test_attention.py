@@ -1,0 +1,83 @@
+"""Attention fusion after the KV pass, and its lowering to GroupQueryAttention."""
+import numpy as np
+import onnxruntime as ort
+import pytest
+from conftest import REPO
+
+from kiln.frontends import hf
+from kiln.interp import Interpreter
+from kiln.passes.attention import fuse_attention
+from kiln.passes.dce import dce
+from kiln.passes.kv_cache import insert_kv_cache
+from kiln.passes.rotary import fuse_rotary
+from kiln.targets import onnxrt
+from kiln.verify import verify
+
+VARIANTS = REPO / "tests" / "data" / "hf_variants"
+
+
+def _cached_graph(path, head_dim_multiple=8):
+    model = hf.read(path)
+    g = model.graph
+    insert_kv_cache(g)
+    fuse_rotary(g)
+    r = fuse_attention(g, head_dim_multiple=head_dim_multiple)
+    dce(g)
+    verify(g)
+    return model, g, r
+
+
+def _chunks(run, cfg, ids, splits):
+    """Run ids in pieces ending at ``splits`` through the cache; the pieces' logits joined."""
+    past = {f"past_{k}.{i}": np.zeros((ids.shape[0], cfg["num_kv_heads"], 0, cfg["head_dim"]), np.float32)
+            for i in range(cfg["num_layers"]) for k in ("key", "value")}
+    logits, start = [], 0
+    for end in list(splits) + [ids.shape[1]]:
+        out = run({**past, "input_ids": ids[:, start:end]})
+        past = {k: out["present" + k[4:]] for k in past}
+        logits.append(out["logits"])
+        start = end
+    return np.concatenate(logits, axis=1)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "mistral_sliding", "qwen3", "llama_mqa"])
+def test_fused_attention_in_interpreter_and_onnxruntime(hf_fixture, name, tmp_path):
+    path = VARIANTS / name if (VARIANTS / name).is_dir() else hf_fixture(name)
+    ref = np.load(path / "reference.npz")
+    model, g, r = _cached_graph(path)
+    assert r.stats == {"attention": model.config["num_layers"]}
+    assert [v.name for v in g.outputs[1:3]] == ["present_key.0", "present_value.0"]
+    assert not any(n.op == "Softmax" for n in g.nodes)
+    it = Interpreter(g)
+    interp = _chunks(lambda feeds: it.run(feeds, None), model.config, ref["input_ids"], [5])
+    np.testing.assert_allclose(interp, ref["logits"], atol=1e-4)
+    onnxrt.lower(g, tmp_path)
+    sess = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+
+    def run_ort(feeds):
+        return dict(zip(names, sess.run(None, feeds)))
+    # one row in two chunks (the second continues a cache); a batch of two, prefilled then
+    # token by token (ORT's kernel takes several new tokens over a cache only for one row)
+    ids = ref["input_ids"]
+    np.testing.assert_allclose(_chunks(run_ort, model.config, ids[:1], [5]), ref["logits"][:1], atol=1e-4)
+    np.testing.assert_allclose(_chunks(run_ort, model.config, ids, range(5, 12)), ref["logits"], atol=1e-4)
+
+
+def test_head_sizes_the_kernel_cannot_take_stay_in_primitives():
+    _, g, r = _cached_graph(VARIANTS / "llama_f16")          # head size 12
+    assert r.stats == {"refused": 2} and any(n.op == "Softmax" for n in g.nodes)
+
+
+def test_runtime_session_continues_a_batch_over_its_cache(hf_fixture, tmp_path):
+    from kiln import runtime
+    from kiln.driver import compile as kiln_compile
+    folder = hf_fixture("llama")
+    ref = np.load(folder / "reference.npz")
+    model = runtime.load(kiln_compile(folder, output=tmp_path / "l.kiln"))
+    assert model.manifest["passes"][3]["stats"] == {"attention": 2}
+    sess = model.session
+    sess.reset(2)
+    first = sess.forward(ref["input_ids"][:, :5])
+    rest = sess.forward(ref["input_ids"][:, 5:])
+    np.testing.assert_allclose(np.concatenate([first, rest], axis=1), ref["logits"], atol=1e-4)
