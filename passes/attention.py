@@ -90,3 +90,58 @@ def fuse_attention(graph: Graph, head_dim_multiple: int = 1) -> PassResult:
         return PassResult(graph, False, {"refused": refused} if refused else {})
     graph.toposort()
     return PassResult(graph, True, {"attention": fused, **({"refused": refused} if refused else {})})
+
+
+def decompose(graph: Graph) -> PassResult:
+    """Attention back to primitives (cache concat, GQA repetition, masked softmax)."""
+    import numpy as np
+    n = 0
+    for node in list(graph.nodes):
+        if node.op != "Attention":
+            continue
+        q, k, v, past_k, past_v = node.inputs
+        _, heads, _, dim = q.type.shape
+        kv = k.type.shape[1]
+        name = node.name
+
+        def add(op, inputs, attrs=None, suffix=""):
+            return graph.add_node(op, inputs, attrs or {}, name=f"{name}.{suffix or op.lower()}")[0]
+
+        def i64(x):
+            return graph.const(np.asarray(x, dtype=np.int64))
+
+        def repeat(x, suffix):
+            if heads == kv:
+                return x
+            x = add("Unsqueeze", [x], {"axes": [2]}, f"{suffix}.unsqueeze")
+            x = add("Expand", [x, i64([1, 1, heads // kv, 1, 1])], suffix=f"{suffix}.expand")
+            return add("Reshape", [x, i64([0, heads, -1, dim])], suffix=f"{suffix}.repeat")
+        present_k = add("Concat", [past_k, k], {"axis": 2}, "present_k")
+        present_v = add("Concat", [past_v, v], {"axis": 2}, "present_v")
+        past = add("Gather", [add("Shape", [past_k], suffix="past_shape"), i64(2)], suffix="past_len")
+        total = add("Add", [past, add("Gather", [add("Shape", [q], suffix="q_shape"), i64(2)], suffix="seq_len")],
+                    suffix="total_len")
+        qpos = add("Unsqueeze", [add("Range", [past, total, i64(1)], suffix="q_range")], {"axes": [1]}, "qpos")
+        kpos = add("Unsqueeze", [add("Range", [i64(0), total, i64(1)], suffix="k_range")], {"axes": [0]}, "kpos")
+        allowed = add("LessOrEqual", [kpos, qpos], suffix="causal")
+        if node.attrs.get("window"):
+            recent = add("Greater", [kpos, add("Sub", [qpos, i64(node.attrs["window"])], suffix="window_start")],
+                         suffix="in_window")
+            allowed = add("And", [allowed, recent], suffix="causal_window")
+        mask = add("Where", [allowed, graph.const(np.float32(0)), graph.const(np.float32(np.finfo(np.float32).min))],
+                   suffix="mask")
+        kt = add("Transpose", [repeat(present_k, "k")], {"perm": [0, 1, 3, 2]}, "k_t")
+        scores = add("Mul", [add("MatMul", [q, kt], suffix="scores"), graph.const(np.float32(node.attrs["scale"]))],
+                     suffix="scaled")
+        probs = add("Softmax", [add("Add", [scores, mask], suffix="masked")], {"axis": -1}, "probs")
+        ctx = add("Transpose", [add("MatMul", [probs, repeat(present_v, "v")], suffix="context")],
+                  {"perm": [0, 2, 1, 3]}, "context_t")
+        out = add("Reshape", [ctx, i64([0, 0, heads * dim])], suffix="out")
+        for old, new in zip(node.outputs, (out, present_k, present_v)):
+            graph.replace_all_uses_with(old, new)
+            old.name, new.name = new.name, old.name        # keep the output names the runtime binds
+        graph.remove_node(node)
+        n += 1
+    if n:
+        graph.toposort()
+    return PassResult(graph, bool(n), {"decomposed": n} if n else {})

@@ -81,3 +81,18 @@ def test_runtime_session_continues_a_batch_over_its_cache(hf_fixture, tmp_path):
     first = sess.forward(ref["input_ids"][:, :5])
     rest = sess.forward(ref["input_ids"][:, 5:])
     np.testing.assert_allclose(np.concatenate([first, rest], axis=1), ref["logits"], atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["mistral_sliding", "llama_mqa"])
+def test_decomposition_computes_the_same(name):
+    from kiln.passes.attention import decompose
+    path = VARIANTS / name
+    ref = np.load(path / "reference.npz")
+    model, g, _ = _cached_graph(path)
+    assert decompose(g).stats == {"decomposed": model.config["num_layers"]}
+    dce(g)
+    verify(g)
+    assert [v.name for v in g.outputs[1:3]] == ["present_key.0", "present_value.0"]
+    it = Interpreter(g)
+    got = _chunks(lambda feeds: it.run(feeds, None), model.config, ref["input_ids"], [5])
+    np.testing.assert_allclose(got, ref["logits"], atol=1e-4)
