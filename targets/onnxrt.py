@@ -82,7 +82,9 @@ def lower(graph: Graph, out_dir, *, model_name: str = "model.onnx",
     emitted_weights: set[str] = set()
     small_consts: dict[str, TensorProto] = {}
     block_sums: dict[str, str] = {}      # activation -> its per-block sums, shared by q/k/v, gate/up
-    batched_tables: dict[str, str] = {}  # rotary cos/sin [s, d/2] -> [batch, s, d/2], shared by layers
+    # rotary cos/sin [s, d/2] -> [batch, s, d/2], shared by layers; the batch size is read off
+    # the token ids, so no layer's activations are kept alive just for their shape
+    batched_tables: dict[str, str] = {"__batch_source__": graph.inputs[0].name}
     lengths: dict[str, str] = {}         # GroupQueryAttention's seqlens_k / total length, shared
 
     def weight_init(v: Value, name: str, transform=None):
@@ -116,7 +118,7 @@ def lower(graph: Graph, out_dir, *, model_name: str = "model.onnx",
                 nodes.extend(_rotary(node, const_input, batched_tables))
                 continue
             if node.op == "Attention":
-                nodes.extend(_attention(node, const_input, lengths))
+                nodes.extend(_attention(node, const_input, lengths, batched_tables))
                 continue
             # a transposed weight is stored transposed, so MatMul reads it directly
             if node.op == "Transpose" and node.inputs[0].is_weight:
@@ -133,6 +135,9 @@ def lower(graph: Graph, out_dir, *, model_name: str = "model.onnx",
     finally:
         data.close()
     initializers.extend(small_consts.values())
+    nodes = _live_nodes(nodes, [v.name for v in graph.outputs])
+    used = {i for n in nodes for i in n.input}
+    initializers = [t for t in initializers if t.name in used]
     g = helper.make_graph(nodes, graph.name, [_value_info(v) for v in graph.inputs],
                           [_value_info(v) for v in graph.outputs], initializer=initializers)
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)],
@@ -144,26 +149,56 @@ def lower(graph: Graph, out_dir, *, model_name: str = "model.onnx",
             "data_bytes": (out_dir / f"{model_name}.data").stat().st_size}
 
 
+def _live_nodes(nodes: list, outputs: list[str]) -> list:
+    """The nodes the outputs depend on. Lowerings that read a value's source directly (a
+    fused op taking the projection before its head split) leave the split unused, and ORT
+    would still run it."""
+    needed = set(outputs)
+    keep = []
+    for n in reversed(nodes):
+        if any(o in needed for o in n.output):
+            keep.append(n)
+            needed.update(i for i in n.input if i)
+    return keep[::-1]
+
+
 def _consumed_specially(node: Node) -> bool:
     """Whether this use of a weight is served by an initializer of its own, not the plain one."""
     return node.op in ("Transpose", "QuantMatMul") or (node.op == "RMSNorm" and node.attrs.get("offset"))
 
 
-def _attention(node: Node, const_input, lengths: dict) -> list:
+def _attention(node: Node, const_input, lengths: dict, batched: dict) -> list:
     """Attention -> com.microsoft GroupQueryAttention (causal, growing BNSH cache)."""
     q, k, v, past_k, past_v = node.inputs
     _, heads, _, dim = q.type.shape
     kv_heads = k.type.shape[1]
     out: list = []
 
+    def heads_source(t):
+        """The [b, s, n·d] value a Transpose([0, 2, 1, 3]) of [b, s, n, d] came from, or None."""
+        if t is None or t.op != "Transpose" or t.attrs.get("perm") != [0, 2, 1, 3]:
+            return None
+        r = t.inputs[0].producer
+        if r is not None and r.op == "Reshape" and r.inputs[1].const is not None \
+                and list(r.inputs[1].const) == [0, 0, t.inputs[0].type.shape[2], dim]:
+            return r.inputs[0].name
+        return None
+
     def seq_first(x, n):
-        """[b, n, s, d] -> [b, s, n·d]; a value that was just split into heads is used as it was."""
-        t = x.producer
-        if t is not None and t.op == "Transpose" and t.attrs.get("perm") == [0, 2, 1, 3]:
-            r = t.inputs[0].producer
-            if r is not None and r.op == "Reshape" and r.inputs[1].const is not None \
-                    and list(r.inputs[1].const) == [0, 0, n, dim]:
-                return r.inputs[0].name
+        """[b, n, s, d] -> [b, s, n·d]; a value that was just split into heads is used as it was,
+        and a rotation of one is done on the unsplit value (RotaryEmbedding takes [b, s, n·d])."""
+        r = x.producer
+        if r is not None and r.op == "Rotary" and r.inputs[0].type.shape[-1] == dim:
+            src = heads_source(r.inputs[0].producer)
+            if src is not None:
+                name = f"{node.name}.{x.name}.bsh"
+                out.extend(_batched_tables(r, const_input, batched))
+                out.append(helper.make_node("RotaryEmbedding", [src, batched[r.inputs[1].name], batched[r.inputs[2].name]],
+                                            [name], name=name, interleaved=0, num_heads=n))
+                return name
+        src = heads_source(x.producer)
+        if src is not None:
+            return src
         name = f"{node.name}.{x.name}.bsh"
         out.extend([helper.make_node("Transpose", [x.name], [f"{name}.t"], name=f"{name}.t", perm=[0, 2, 1, 3]),
                     helper.make_node("Reshape", [f"{name}.t", const_input([0, 0, n * dim])], [name], name=name)])
@@ -175,8 +210,8 @@ def _attention(node: Node, const_input, lengths: dict) -> list:
         t = "attention.total_length"
         out += [
             helper.make_node("Shape", [past_k.name], [f"{t}.past"], name=f"{t}.past", start=2, end=3),
-            helper.make_node("Shape", [q.name], [f"{t}.new"], name=f"{t}.new", start=2, end=3),
-            helper.make_node("Shape", [q.name], [f"{t}.batch"], name=f"{t}.batch", start=0, end=1),
+            helper.make_node("Shape", [query], [f"{t}.new"], name=f"{t}.new", start=1, end=2),
+            helper.make_node("Shape", [query], [f"{t}.batch"], name=f"{t}.batch", start=0, end=1),
             helper.make_node("Add", [f"{t}.past", f"{t}.new"], [f"{t}.i64"], name=f"{t}.i64"),
             helper.make_node("Sub", [f"{t}.i64", const_input([1])], [f"{t}.last"], name=f"{t}.last"),
             helper.make_node("Expand", [f"{t}.last", f"{t}.batch"], [f"{t}.last_rows"], name=f"{t}.last_rows"),
@@ -198,19 +233,27 @@ def _attention(node: Node, const_input, lengths: dict) -> list:
 def _rotary(node: Node, const_input, batched: dict) -> list:
     """Rotary -> RotaryEmbedding (opset 23), whose tables are per batch row: [batch, s, d/2]."""
     x, cos, sin = node.inputs
+    out = _batched_tables(node, const_input, batched)
+    out.append(helper.make_node("RotaryEmbedding", [x.name, batched[cos.name], batched[sin.name]],
+                                [node.outputs[0].name], name=node.name, interleaved=0))
+    return out
+
+
+def _batched_tables(node: Node, const_input, batched: dict) -> list:
+    """The nodes making a Rotary's cos/sin [s, d/2] into [batch, s, d/2], once per table."""
+    _, cos, sin = node.inputs
     out = []
     for table in (cos, sin):
         if table.name not in batched:
             name = batched[table.name] = f"{table.name}.batched"
             batch = f"{name}.batch"
             out += [
-                helper.make_node("Shape", [x.name], [f"{batch}.shape"], name=f"{batch}.shape", start=0, end=1),
+                helper.make_node("Shape", [batched["__batch_source__"]], [f"{batch}.shape"], name=f"{batch}.shape",
+                                 start=0, end=1),
                 helper.make_node("Concat", [f"{batch}.shape", const_input([1, 1])], [batch], name=batch, axis=0),
                 helper.make_node("Unsqueeze", [table.name, const_input([0])], [f"{name}.one"], name=f"{name}.one"),
                 helper.make_node("Expand", [f"{name}.one", batch], [name], name=name),
             ]
-    out.append(helper.make_node("RotaryEmbedding", [x.name, batched[cos.name], batched[sin.name]],
-                                [node.outputs[0].name], name=node.name, interleaved=0))
     return out
 
 
