@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
