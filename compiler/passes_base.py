@@ -52,3 +52,29 @@ def run_passes(graph: Graph, passes: list[tuple[str, Pass]], *, verify: bool = F
         if report:
             report(rec)
     return graph, records
+
+
+def decompose_op(graph: Graph, op: str, expand: Callable, *, keep_names: bool = False) -> PassResult:
+    """Replace every ``op`` node by the primitives ``expand(node, add)`` builds.
+
+    ``add(op, inputs, attrs=None, suffix="")`` appends a node named after the one it replaces
+    and returns its output; ``expand`` returns the values that stand for the node's outputs.
+    ``keep_names`` moves the old output names to the new values (graph outputs the runtime
+    binds by name).
+    """
+    n = 0
+    for node in list(graph.nodes):
+        if node.op != op:
+            continue
+
+        def add(op_, inputs, attrs=None, suffix="", _node=node):
+            return graph.add_node(op_, inputs, attrs or {}, name=f"{_node.name}.{suffix or op_.lower()}")[0]
+        for old, new in zip(node.outputs, expand(node, add)):
+            graph.replace_all_uses_with(old, new)
+            if keep_names:
+                old.name, new.name = new.name, old.name
+        graph.remove_node(node)
+        n += 1
+    if n:
+        graph.toposort()
+    return PassResult(graph, bool(n), {"decomposed": n} if n else {})

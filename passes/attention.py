@@ -15,7 +15,7 @@ from __future__ import annotations
 from kiln.ir import Graph, Node
 from kiln.ops import scalar_value
 from kiln.passes.kv_cache import NotAttention, _producer, _strip_repeat
-from kiln.passes_base import PassResult
+from kiln.passes_base import PassResult, decompose_op
 
 
 def _cached(present, graph: Graph):
@@ -95,17 +95,11 @@ def fuse_attention(graph: Graph, head_dim_multiple: int = 1) -> PassResult:
 def decompose(graph: Graph) -> PassResult:
     """Attention back to primitives (cache concat, GQA repetition, masked softmax)."""
     import numpy as np
-    n = 0
-    for node in list(graph.nodes):
-        if node.op != "Attention":
-            continue
+
+    def expand(node, add):
         q, k, v, past_k, past_v = node.inputs
         _, heads, _, dim = q.type.shape
         kv = k.type.shape[1]
-        name = node.name
-
-        def add(op, inputs, attrs=None, suffix=""):
-            return graph.add_node(op, inputs, attrs or {}, name=f"{name}.{suffix or op.lower()}")[0]
 
         def i64(x):
             return graph.const(np.asarray(x, dtype=np.int64))
@@ -136,12 +130,6 @@ def decompose(graph: Graph) -> PassResult:
         probs = add("Softmax", [add("Add", [scores, mask], suffix="masked")], {"axis": -1}, "probs")
         ctx = add("Transpose", [add("MatMul", [probs, repeat(present_v, "v")], suffix="context")],
                   {"perm": [0, 2, 1, 3]}, "context_t")
-        out = add("Reshape", [ctx, i64([0, 0, heads * dim])], suffix="out")
-        for old, new in zip(node.outputs, (out, present_k, present_v)):
-            graph.replace_all_uses_with(old, new)
-            old.name, new.name = new.name, old.name        # keep the output names the runtime binds
-        graph.remove_node(node)
-        n += 1
-    if n:
-        graph.toposort()
-    return PassResult(graph, bool(n), {"decomposed": n} if n else {})
+        return [add("Reshape", [ctx, i64([0, 0, heads * dim])], suffix="out"), present_k, present_v]
+    # the present outputs keep the names the runtime binds
+    return decompose_op(graph, "Attention", expand, keep_names=True)

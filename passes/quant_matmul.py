@@ -7,7 +7,7 @@ requantize); ``decompose`` turns QuantMatMul back into the primitives for backen
 from __future__ import annotations
 
 from kiln.ir import Graph
-from kiln.passes_base import PassResult
+from kiln.passes_base import PassResult, decompose_op
 
 
 def match(node, formats: set[str]) -> tuple[object, object] | str:
@@ -54,16 +54,8 @@ def fuse_quant_matmul(graph: Graph, formats: set[str] | None = None) -> PassResu
 
 
 def decompose(graph: Graph) -> PassResult:
-    n = 0
-    for node in list(graph.nodes):
-        if node.op != "QuantMatMul":
-            continue
+    """QuantMatMul back to MatMul(x, Transpose(w))."""
+    def expand(node, add):
         x, w = node.inputs
-        wt = graph.add_node("Transpose", [w], {"perm": [1, 0]}, name=f"{node.name}.wt")[0]
-        y = graph.add_node("MatMul", [x, wt], name=f"{node.name}.mm")[0]
-        graph.replace_all_uses_with(node.outputs[0], y)
-        graph.remove_node(node)
-        n += 1
-    if n:
-        graph.toposort()
-    return PassResult(graph, bool(n), {"decomposed": n} if n else {})
+        return [add("MatMul", [x, add("Transpose", [w], {"perm": [1, 0]}, "wt")], suffix="mm")]
+    return decompose_op(graph, "QuantMatMul", expand)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from kiln.ir import Graph, Node
 from kiln.ops import scalar_value
-from kiln.passes_base import PassResult
+from kiln.passes_base import PassResult, decompose_op
 
 
 class NotRMSNorm(Exception):
@@ -95,24 +95,13 @@ def fuse_rmsnorm(graph: Graph) -> PassResult:
 def decompose(graph: Graph) -> PassResult:
     """RMSNorm back to primitives, for a backend without it."""
     import numpy as np
-    n = 0
-    for node in list(graph.nodes):
-        if node.op != "RMSNorm":
-            continue
-        x, w = node.inputs
-        name = node.name
 
-        def add(op, inputs, attrs=None, suffix=""):
-            return graph.add_node(op, inputs, attrs or {}, name=f"{name}.{suffix or op.lower()}")[0]
+    def expand(node, add):
+        x, w = node.inputs
         var = add("ReduceMean", [add("Pow", [x, graph.const(np.float32(2.0))])], {"axes": [-1], "keepdims": 1})
         rstd = add("Reciprocal", [add("Sqrt", [add("Add", [var, graph.const(np.float32(node.attrs["epsilon"]))])])])
         scale = w
         if node.attrs.get("offset"):
             scale = add("Add", [w, graph.const(np.float32(node.attrs["offset"]))], suffix="scale")
-        y = add("Mul", [add("Mul", [x, rstd], suffix="normed"), scale], suffix="out")
-        graph.replace_all_uses_with(node.outputs[0], y)
-        graph.remove_node(node)
-        n += 1
-    if n:
-        graph.toposort()
-    return PassResult(graph, bool(n), {"decomposed": n} if n else {})
+        return [add("Mul", [add("Mul", [x, rstd], suffix="normed"), scale], suffix="out")]
+    return decompose_op(graph, "RMSNorm", expand)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from kiln.ir import Graph, Node
 from kiln.ops import scalar_value
-from kiln.passes_base import PassResult
+from kiln.passes_base import PassResult, decompose_op
 
 
 class NotRotary(Exception):
@@ -105,25 +105,15 @@ def fuse_rotary(graph: Graph) -> PassResult:
 
 
 def decompose(graph: Graph) -> PassResult:
-    n = 0
-    for node in list(graph.nodes):
-        if node.op != "Rotary":
-            continue
+    """Rotary back to Slice, Neg, Concat, Mul, Add."""
+    def expand(node, add):
         x, cos, sin = node.inputs
         d = x.type.shape[-1]
         half = d // 2
-
-        def add(op, inputs, attrs=None, suffix=""):
-            return graph.add_node(op, inputs, attrs or {}, name=f"{node.name}.{suffix or op.lower()}")[0]
         c = add("Concat", [cos, cos], {"axis": -1}, "cos")
         s = add("Concat", [sin, sin], {"axis": -1}, "sin")
         x1 = add("Slice", [x], {"starts": [0], "ends": [half], "axes": [-1]}, "x1")
         x2 = add("Slice", [x], {"starts": [half], "ends": [d], "axes": [-1]}, "x2")
         rotated = add("Concat", [add("Neg", [x2]), x1], {"axis": -1}, "rotate_half")
-        y = add("Add", [add("Mul", [x, c], suffix="xcos"), add("Mul", [rotated, s], suffix="rsin")])
-        graph.replace_all_uses_with(node.outputs[0], y)
-        graph.remove_node(node)
-        n += 1
-    if n:
-        graph.toposort()
-    return PassResult(graph, bool(n), {"decomposed": n} if n else {})
+        return [add("Add", [add("Mul", [x, c], suffix="xcos"), add("Mul", [rotated, s], suffix="rsin")])]
+    return decompose_op(graph, "Rotary", expand)
