@@ -279,14 +279,26 @@ def _quant_matmul(node: Node, data: _DataWriter, initializers: list, const_input
     if progress:
         progress(w.name)
     base = w.name
-    initializers.append(data.add(f"{base}.nbits", Q.pack_codes(op.bits, op.codes)))
-    initializers.append(data.add(f"{base}.scales", op.scales.reshape(-1)))
-    inputs = [x.name, f"{base}.nbits", f"{base}.scales"]
-    if op.zero_points is not None:
-        initializers.append(data.add(f"{base}.zero_points", Q.pack_zero_points(op.bits, op.zero_points)))
-        inputs.append(f"{base}.zero_points")
-    out = [helper.make_node("MatMulNBits", inputs, [y if op.mins is None else f"{y}.nbits"], name=node.name,
-                            domain="com.microsoft", K=k, N=n, bits=op.bits, block_size=Q.BLOCK, accuracy_level=0)]
+    out = []
+
+    def nbits(operands, suffix, result):
+        initializers.append(data.add(f"{base}{suffix}.nbits", Q.pack_codes(operands.bits, operands.codes)))
+        initializers.append(data.add(f"{base}{suffix}.scales", operands.scales.reshape(-1)))
+        inputs = [x.name, f"{base}{suffix}.nbits", f"{base}{suffix}.scales"]
+        if operands.zero_points is not None:
+            initializers.append(data.add(f"{base}{suffix}.zero_points",
+                                         Q.pack_zero_points(operands.bits, operands.zero_points)))
+            inputs.append(f"{base}{suffix}.zero_points")
+        out.append(helper.make_node("MatMulNBits", inputs, [result], name=f"{node.name}{suffix}", domain="com.microsoft",
+                                    K=k, N=n, bits=operands.bits, block_size=Q.BLOCK, accuracy_level=0))
+    partial = y if op.mins is None else f"{y}.nbits"
+    if op.bits == 8 and op.zero_points is None:
+        high, low = Q.as_two_4bit_planes(op)
+        nbits(high, ".high", f"{y}.high")
+        nbits(low, ".low", f"{y}.low")
+        out.append(helper.make_node("Add", [f"{y}.high", f"{y}.low"], [partial], name=f"{node.name}.planes"))
+    else:
+        nbits(op, "", partial)
     if op.mins is not None:
         # sum_k x_k (d q_k + m) = MatMulNBits(zero point 0) + (block sums of x) @ mins^T
         initializers.append(data.add(f"{base}.mins_t", np.ascontiguousarray(op.mins.T)))

@@ -71,6 +71,22 @@ def operands(fmt_name: str, raw: np.ndarray, n: int, k: int) -> NBitsOperands:
                          zero_points, None if mins is None else mins.astype(np.float32).reshape(n, nb))
 
 
+def as_two_4bit_planes(op: NBitsOperands) -> tuple[NBitsOperands, NBitsOperands]:
+    """An 8-bit symmetric operand (q8_0: d·(c − 128)) as two exact 4-bit ones.
+
+    With q = c − 128 = 16·hi + lo (lo in 0..15, hi in −8..7): d·q = (16d)·hi + d·lo, i.e. a
+    4-bit product with scale 16d and the default zero point 8, plus one with scale d and zero
+    point 0. ORT's 4-bit kernel is fast at full precision; its 8-bit one is not.
+    """
+    q = op.codes.astype(np.int16) - 128
+    hi = q >> 4                       # floor division by 16
+    lo = q - (hi << 4)
+    n, nb, _ = op.codes.shape
+    high = NBitsOperands(4, (hi + 8).astype(np.uint8), (op.scales * np.float32(16)).astype(np.float32), None, None)
+    low = NBitsOperands(4, lo.astype(np.uint8), op.scales, np.zeros((n, nb), np.uint8), None)
+    return high, low
+
+
 def pack_codes(bits: int, codes: np.ndarray) -> np.ndarray:
     """MatMulNBits' B: codes packed low-first along K, [N, n_blocks, 32 * bits / 8]."""
     if bits == 8:

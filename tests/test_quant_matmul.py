@@ -64,3 +64,13 @@ def test_matmulnbits_lowering_equals_the_interpreter(tmp_path_factory, fmt, n, b
     want = run(g, {"x": x})["out"]
     got = sess.run(None, {"x": x})[0]
     np.testing.assert_allclose(got, want, atol=2e-5 * max(1.0, float(np.abs(want).max())))
+
+
+def test_q8_0_as_two_4bit_planes_is_exact():
+    from kiln.targets.onnxrt_quant import as_two_4bit_planes, operands
+    rng = np.random.default_rng(3)
+    w = Weight.from_array(rng.standard_normal((16, 64)).astype(np.float32) * 3, "q8_0")
+    high, low = as_two_4bit_planes(operands("q8_0", w.raw(), 16, 64))
+    assert high.codes.max() <= 15 and low.codes.max() <= 15
+    value = (high.codes.astype(np.float32) - 8) * high.scales[..., None] + low.codes * low.scales[..., None]
+    np.testing.assert_array_equal(value.reshape(16, 64), w.numpy())

@@ -46,8 +46,8 @@ def test_manifest_describes_the_build(artifact, smollm2_gguf):
     assert stats["attention"] == {"attention": 30}
     assert stats["kv_cache"] == {"attention_layers": 30}
     assert stats["rmsnorm"] == {"rmsnorm": 61}          # two per layer and the final norm
-    # the Q4_1 blocks reach ONNX Runtime as they are; the Q8_0 tied embedding stays float
-    assert stats["quant_matmul"] == {"quant_matmul_q4_1": 210, "kept_float": 1}
+    # the Q4_1 blocks and the Q8_0 tied head reach ONNX Runtime as they are
+    assert stats["quant_matmul"] == {"quant_matmul_q4_1": 210, "quant_matmul_q8_0": 1}
     assert "model.onnx" in m["files"] and "tokenizer/tokenizer.json" in m["files"]
 
 
