@@ -292,7 +292,7 @@ def _quant_matmul(node: Node, data: _DataWriter, initializers: list, const_input
         out.append(helper.make_node("MatMulNBits", inputs, [result], name=f"{node.name}{suffix}", domain="com.microsoft",
                                     K=k, N=n, bits=operands.bits, block_size=Q.BLOCK, accuracy_level=0))
     partial = y if op.mins is None else f"{y}.nbits"
-    if op.bits == 8 and op.zero_points is None:
+    if op.bits == 8:
         high, low = Q.as_two_4bit_planes(op)
         nbits(high, ".high", f"{y}.high")
         nbits(low, ".low", f"{y}.low")

@@ -6,10 +6,12 @@ maps onto one MatMulNBits block exactly:
 | GGUF | value | MatMulNBits |
 |---|---|---|
 | q4_0 | d·(q − 8) | 4-bit, scale d, default zero point 8 |
-| q8_0 | d·q, q signed | 8-bit, code q + 128, default zero point 128 |
+| q8_0 | d·q, q signed | 8-bit, code q + 128, zero point 128 |
 | q5_0 | d·(q − 16) | 8-bit, zero point 16 |
 | q4_1 | d·q + m | 4-bit, zero point 0, plus m · (block sums of x) |
 | q5_1 | d·q + m | 8-bit, zero point 0, plus m · (block sums of x) |
+
+8-bit operands are lowered as two exact 4-bit planes (``as_two_4bit_planes``).
 
 The ``+ m`` term goes through a small second product rather than float zero points, which
 ORT serves on a slow path (DESIGN.md measured ~33× slower). Everything else is dequantized.
@@ -72,18 +74,18 @@ def operands(fmt_name: str, raw: np.ndarray, n: int, k: int) -> NBitsOperands:
 
 
 def as_two_4bit_planes(op: NBitsOperands) -> tuple[NBitsOperands, NBitsOperands]:
-    """An 8-bit symmetric operand (q8_0: d·(c − 128)) as two exact 4-bit ones.
+    """An 8-bit operand d·(c − z) as two exact 4-bit ones.
 
-    With q = c − 128 = 16·hi + lo (lo in 0..15, hi in −8..7): d·q = (16d)·hi + d·lo, i.e. a
-    4-bit product with scale 16d and the default zero point 8, plus one with scale d and zero
-    point 0. ORT's 4-bit kernel is fast at full precision; its 8-bit one is not.
+    With c = 16·hi + lo and z = 16·zh + zl: d·(c − z) = (16d)·(hi − zh) + d·(lo − zl), two
+    4-bit products (scales 16d and d) that ORT runs fast at full precision; its 8-bit kernel
+    is not. Q8_0 has z = 128 (its signed codes shifted), Q5_0 z = 16, Q5_1 z = 0.
     """
-    q = op.codes.astype(np.int16) - 128
-    hi = q >> 4                       # floor division by 16
-    lo = q - (hi << 4)
-    n, nb, _ = op.codes.shape
-    high = NBitsOperands(4, (hi + 8).astype(np.uint8), (op.scales * np.float32(16)).astype(np.float32), None, None)
-    low = NBitsOperands(4, lo.astype(np.uint8), op.scales, np.zeros((n, nb), np.uint8), None)
+    c = op.codes
+    n, nb, _ = c.shape
+    z = op.zero_points if op.zero_points is not None else np.full((n, nb), 128, np.uint8)
+    high = NBitsOperands(4, (c >> 4).astype(np.uint8), (op.scales * np.float32(16)).astype(np.float32),
+                         (z >> 4).astype(np.uint8), None)
+    low = NBitsOperands(4, (c & 15).astype(np.uint8), op.scales, (z & 15).astype(np.uint8), op.mins)
     return high, low
 
 

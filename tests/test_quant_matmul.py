@@ -66,11 +66,17 @@ def test_matmulnbits_lowering_equals_the_interpreter(tmp_path_factory, fmt, n, b
     np.testing.assert_allclose(got, want, atol=2e-5 * max(1.0, float(np.abs(want).max())))
 
 
-def test_q8_0_as_two_4bit_planes_is_exact():
+@pytest.mark.parametrize("fmt", ["q8_0", "q5_0", "q5_1"])
+def test_8bit_operands_as_two_4bit_planes_are_exact(fmt):
     from kiln.targets.onnxrt_quant import as_two_4bit_planes, operands
     rng = np.random.default_rng(3)
-    w = Weight.from_array(rng.standard_normal((16, 64)).astype(np.float32) * 3, "q8_0")
-    high, low = as_two_4bit_planes(operands("q8_0", w.raw(), 16, 64))
-    assert high.codes.max() <= 15 and low.codes.max() <= 15
-    value = (high.codes.astype(np.float32) - 8) * high.scales[..., None] + low.codes * low.scales[..., None]
+    w = Weight.from_array(rng.standard_normal((16, 64)).astype(np.float32) * 3, fmt)
+    high, low = as_two_4bit_planes(operands(fmt, w.raw(), 16, 64))
+    assert max(high.codes.max(), low.codes.max(), high.zero_points.max(), low.zero_points.max()) <= 15
+
+    def plane(p):
+        return (p.codes.astype(np.float32) - p.zero_points[..., None]) * p.scales[..., None]
+    value = plane(high) + plane(low)
+    if low.mins is not None:
+        value = value + low.mins[..., None]
     np.testing.assert_array_equal(value.reshape(16, 64), w.numpy())
