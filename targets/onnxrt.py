@@ -290,7 +290,7 @@ def _quant_matmul(node: Node, data: _DataWriter, initializers: list, const_input
                                          Q.pack_zero_points(operands.bits, operands.zero_points)))
             inputs.append(f"{base}{suffix}.zero_points")
         out.append(helper.make_node("MatMulNBits", inputs, [result], name=f"{node.name}{suffix}", domain="com.microsoft",
-                                    K=k, N=n, bits=operands.bits, block_size=Q.BLOCK, accuracy_level=0))
+                                    K=k, N=n, bits=operands.bits, block_size=operands.block, accuracy_level=0))
     partial = y if op.mins is None else f"{y}.nbits"
     if op.bits == 8:
         high, low = Q.as_two_4bit_planes(op)

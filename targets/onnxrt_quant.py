@@ -10,6 +10,8 @@ maps onto one MatMulNBits block exactly:
 | q5_0 | d·(q − 16) | 8-bit, zero point 16 |
 | q4_1 | d·q + m | 4-bit, zero point 0, plus m · (block sums of x) |
 | q5_1 | d·q + m | 8-bit, zero point 0, plus m · (block sums of x) |
+| q4_k | (d·s)·q − dmin·m per 32 | 4-bit, zero point 0, plus the min term |
+| q6_k | (d·s)·(q − 32) per 16 | 8-bit in blocks of 16, zero point 32 |
 
 8-bit operands are lowered as two exact 4-bit planes (``as_two_4bit_planes``).
 
@@ -22,7 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kiln.formats._blocks import f16_at, u32_bytes_to_bits, unpack_nibbles
+from kiln.formats._blocks import crumbs, f16_at, u32_bytes_to_bits, unpack_nibbles
+from kiln.formats._kquant import unpack_scale_min
 
 BLOCK = 32
 
@@ -30,10 +33,11 @@ BLOCK = 32
 @dataclass
 class NBitsOperands:
     bits: int
-    codes: np.ndarray              # uint8 [N, n_blocks, 32], in element order
+    codes: np.ndarray              # uint8 [N, n_blocks, block], in element order
     scales: np.ndarray             # float32 [N, n_blocks]
     zero_points: np.ndarray | None  # uint8 [N, n_blocks]; None = the operator's default
     mins: np.ndarray | None        # float32 [N, n_blocks] added per block (affine formats)
+    block: int = BLOCK             # MatMulNBits block_size (16 for Q6_K's sub-blocks)
 
 
 def _q4_0(b):
@@ -61,16 +65,34 @@ def _q5_1(b):
     return 8, _q5_codes(b, 8), f16_at(b, 0)[:, 0], 0, f16_at(b, 2)[:, 0]
 
 
-REPACK = {"q4_0": _q4_0, "q4_1": _q4_1, "q8_0": _q8_0, "q5_0": _q5_0, "q5_1": _q5_1}
+def _q4_k(b):
+    # value = (d·sc_j)·q − dmin·m_j per sub-block j of 32: a zero-point-0 4-bit block plus a min
+    scales, mins = unpack_scale_min(b[:, 4:16])
+    codes = unpack_nibbles(b[:, 16:], group=32)
+    return 4, codes, f16_at(b, 0) * scales.astype(np.float32), 0, -(f16_at(b, 2) * mins.astype(np.float32))
+
+
+def _q6_k(b):
+    # value = (d·sc_j)·(q − 32) per sub-block j of 16, q six bits: an 8-bit block of 16
+    codes = unpack_nibbles(b[:, :128], group=64) | (crumbs(b[:, 128:192], 2) << 4)
+    scales = f16_at(b, 208) * b[:, 192:208].view(np.int8).astype(np.float32)
+    return 8, codes.astype(np.uint8), scales, 32, None
+
+
+REPACK = {"q4_0": _q4_0, "q4_1": _q4_1, "q8_0": _q8_0, "q5_0": _q5_0, "q5_1": _q5_1, "q4_k": _q4_k, "q6_k": _q6_k}
+SUB_BLOCK = {"q6_k": 16}
 
 
 def operands(fmt_name: str, raw: np.ndarray, n: int, k: int) -> NBitsOperands:
-    """Repack a [n, k] weight's raw GGUF blocks."""
-    nb = k // BLOCK
-    bits, codes, scales, zp, mins = REPACK[fmt_name](np.ascontiguousarray(raw).reshape(n * nb, -1))
+    """Repack a [n, k] weight's raw GGUF blocks (super-blocks split into their sub-blocks)."""
+    from kiln import formats
+    block = SUB_BLOCK.get(fmt_name, BLOCK)
+    nb = k // block
+    fmt = formats.get(fmt_name)
+    bits, codes, scales, zp, mins = REPACK[fmt_name](np.ascontiguousarray(raw).reshape(-1, fmt.type_size))
     zero_points = None if zp is None else np.full((n, nb), zp, dtype=np.uint8)
-    return NBitsOperands(bits, codes.astype(np.uint8).reshape(n, nb, BLOCK), scales.astype(np.float32).reshape(n, nb),
-                         zero_points, None if mins is None else mins.astype(np.float32).reshape(n, nb))
+    return NBitsOperands(bits, codes.astype(np.uint8).reshape(n, nb, block), scales.astype(np.float32).reshape(n, nb),
+                         zero_points, None if mins is None else mins.astype(np.float32).reshape(n, nb), block)
 
 
 def as_two_4bit_planes(op: NBitsOperands) -> tuple[NBitsOperands, NBitsOperands]:
@@ -84,8 +106,8 @@ def as_two_4bit_planes(op: NBitsOperands) -> tuple[NBitsOperands, NBitsOperands]
     n, nb, _ = c.shape
     z = op.zero_points if op.zero_points is not None else np.full((n, nb), 128, np.uint8)
     high = NBitsOperands(4, (c >> 4).astype(np.uint8), (op.scales * np.float32(16)).astype(np.float32),
-                         (z >> 4).astype(np.uint8), None)
-    low = NBitsOperands(4, (c & 15).astype(np.uint8), op.scales, (z & 15).astype(np.uint8), op.mins)
+                         (z >> 4).astype(np.uint8), None, op.block)
+    low = NBitsOperands(4, (c & 15).astype(np.uint8), op.scales, (z & 15).astype(np.uint8), op.mins, op.block)
     return high, low
 
 
@@ -107,4 +129,5 @@ def pack_zero_points(bits: int, zp: np.ndarray) -> np.ndarray:
 
 
 def supported(fmt_name: str, k: int) -> bool:
-    return fmt_name in REPACK and k % BLOCK == 0
+    from kiln import formats
+    return fmt_name in REPACK and k % formats.get(fmt_name).block_size == 0

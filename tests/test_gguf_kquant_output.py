@@ -75,3 +75,19 @@ def test_rows_that_are_not_superblocks_fall_back(hf_fixture, tmp_path):
     convert(hf_fixture("llama"), tmp_path / "m.gguf", to="gguf", quant="q4_k")
     kinds = {t.format.name for t in read_gguf(tmp_path / "m.gguf").tensors.values()}
     assert kinds == {"f32", "q5_0"}
+
+
+@pytest.mark.parametrize("quant", ["q4_k", "q6_k"])
+def test_kquant_blocks_run_quantized_in_onnxruntime(wide_model, tmp_path, quant):
+    """Compiled, the K-quant blocks reach MatMulNBits as they are and compute what the
+    interpreter computes from the dequantized weights."""
+    from kiln import runtime
+    from kiln.driver import compile as kiln_compile
+    gguf_path = tmp_path / f"m.{quant}.gguf"
+    convert(wide_model, gguf_path, to="gguf", quant=quant)
+    model = runtime.load(kiln_compile(gguf_path, output=tmp_path / "m.kiln"))
+    stats = {p["name"]: p["stats"] for p in model.manifest["passes"]}
+    assert stats["quant_matmul"] == {f"quant_matmul_{quant}": 8}     # 7 layer weights + lm_head
+    ids = np.random.default_rng(2).integers(0, 256, size=(1, 8))
+    want = next(iter(run(load_model(gguf_path).graph, {"input_ids": ids}).values()))
+    np.testing.assert_allclose(model.logits(ids), want, atol=1e-4, rtol=1e-4)
