@@ -79,7 +79,6 @@ def lower(graph: Graph, out_dir, *, model_name: str = "model.onnx",
     initializers: list[TensorProto] = []
     nodes: list[onnx.NodeProto] = []
     folded: dict[int, str] = {}          # id(Transpose output) -> initializer name
-    emitted_weights: set[str] = set()
     small_consts: dict[str, TensorProto] = {}
     block_sums: dict[str, str] = {}      # activation -> its per-block sums, shared by q/k/v, gate/up
     # rotary cos/sin [s, d/2] -> [batch, s, d/2], shared by layers; the batch size is read off
@@ -131,7 +130,6 @@ def lower(graph: Graph, out_dir, *, model_name: str = "model.onnx",
         for name, v in graph.weights.items():
             if any(not _consumed_specially(u.node) for u in v.uses) or v in graph.outputs:
                 weight_init(v, name)
-                emitted_weights.add(name)
     finally:
         data.close()
     initializers.extend(small_consts.values())
