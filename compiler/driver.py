@@ -30,11 +30,13 @@ def pipeline(backend: str) -> list:
     from kiln.passes.quant_matmul import fuse_quant_matmul
     from kiln.passes.rmsnorm import fuse_rmsnorm
     from kiln.passes.rotary import fuse_rotary
+    from kiln.passes.skip_rmsnorm import fuse_skip_rmsnorm
     # ORT's 4-bit MatMulNBits is exact and fast at accuracy level 0; its 8-bit kernel is only
     # fast with int8 activations (accuracy level 4, ~0.6% error), so 8-bit operands (Q8_0,
     # Q5_0, Q5_1) run as two exact 4-bit planes
     return [("kv_cache", insert_kv_cache),
             ("rmsnorm", fuse_rmsnorm),
+            ("skip_rmsnorm", fuse_skip_rmsnorm),
             ("rotary", fuse_rotary),
             ("attention", lambda g: fuse_attention(g, head_dim_multiple=8)),
             ("quant_matmul", fuse_quant_matmul),

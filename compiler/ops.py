@@ -561,4 +561,23 @@ class Attention:
         return [out.astype(q.dtype), pres_k, pres_v]
 
 
+
+
+@op("SkipRMSNorm", {"epsilon": REQUIRED, "offset": 0.0})
+class SkipRMSNorm:
+    """SkipRMSNorm(a, b, w) -> (RMSNorm(a + b, w), a + b): a residual add and the norm after it.
+
+    Decomposes to Add and RMSNorm.
+    """
+    @staticmethod
+    def infer(inputs, attrs):
+        return [inputs[0].type, inputs[0].type]
+
+    @staticmethod
+    def compute(x, attrs):
+        a, b, w = x
+        total = (a + b).astype(a.dtype)
+        return [RMSNorm.compute([total, w], attrs)[0], total]
+
+
 __all__ = ["REGISTRY", "OpDef", "op", "get", "infer_types", "compute", "broadcast_shapes", "scalar_value", "math"]

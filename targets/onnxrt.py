@@ -110,7 +110,7 @@ def lower(graph: Graph, out_dir, *, model_name: str = "model.onnx",
             if node.op == "QuantMatMul":
                 nodes.extend(_quant_matmul(node, data, initializers, const_input, progress, block_sums))
                 continue
-            if node.op == "RMSNorm":
+            if node.op in ("RMSNorm", "SkipRMSNorm"):
                 nodes.append(_rmsnorm(node, weight_init))
                 continue
             if node.op == "Rotary":
@@ -162,7 +162,7 @@ def _live_nodes(nodes: list, outputs: list[str]) -> list:
 
 def _consumed_specially(node: Node) -> bool:
     """Whether this use of a weight is served by an initializer of its own, not the plain one."""
-    return node.op in ("Transpose", "QuantMatMul") or (node.op == "RMSNorm" and node.attrs.get("offset"))
+    return node.op in ("Transpose", "QuantMatMul") or (node.op in ("RMSNorm", "SkipRMSNorm") and node.attrs.get("offset"))
 
 
 def _attention(node: Node, const_input, lengths: dict, batched: dict) -> list:
@@ -256,13 +256,18 @@ def _batched_tables(node: Node, const_input, batched: dict) -> list:
 
 
 def _rmsnorm(node: Node, weight_init) -> onnx.NodeProto:
-    x, w = node.inputs
+    """RMSNorm -> ONNX RMSNormalization; SkipRMSNorm -> com.microsoft SkipSimplifiedLayerNormalization."""
+    *xs, w = node.inputs
     scale = w.name
     offset = node.attrs.get("offset", 0.0)
     if offset:
         scale = f"{w.name}.plus_{offset:g}"
         weight_init(w, scale, lambda a: a + np.float32(offset))
-    return helper.make_node("RMSNormalization", [x.name, scale], [node.outputs[0].name], name=node.name,
+    if node.op == "SkipRMSNorm":
+        y, total = (o.name for o in node.outputs)
+        return helper.make_node("SkipSimplifiedLayerNormalization", [xs[0].name, xs[1].name, scale], [y, "", "", total],
+                                name=node.name, domain="com.microsoft", epsilon=node.attrs["epsilon"])
+    return helper.make_node("RMSNormalization", [xs[0].name, scale], [node.outputs[0].name], name=node.name,
                             axis=-1, epsilon=node.attrs["epsilon"], stash_type=1)
 
 

@@ -41,7 +41,8 @@ def test_manifest_describes_the_build(artifact, smollm2_gguf):
     assert m["source"]["sha256"] == sha256_file(smollm2_gguf)
     assert m["source"]["tensor_formats"] == {"q4_1": 210, "f32": 61, "q8_0": 1}
     stats = {p["name"]: p["stats"] for p in m["passes"]}
-    assert list(stats) == ["kv_cache", "rmsnorm", "rotary", "attention", "quant_matmul", "dce"]
+    assert list(stats) == ["kv_cache", "rmsnorm", "skip_rmsnorm", "rotary", "attention", "quant_matmul", "dce"]
+    assert stats["skip_rmsnorm"] == {"skip_rmsnorm": 60}  # every norm after a residual add
     assert stats["rotary"] == {"rotary": 60}            # q and k of every layer
     assert stats["attention"] == {"attention": 30}
     assert stats["kv_cache"] == {"attention_layers": 30}
