@@ -37,7 +37,8 @@ def _config_table(cfg: dict, title: str) -> Table:
 
 
 def describe(path, console, graph: str | None = None) -> None:
-    p = Path(path)
+    from kiln.frontends.detect import resolve_path
+    p = resolve_path(path)
     if p.is_dir() and (p / "manifest.json").is_file():
         from .artifact import read_manifest
         m = read_manifest(p)

@@ -44,3 +44,10 @@ def test_inspect_reads_every_format(hf_fixture, tmp_path, capsys):
         assert words in out and "tensors" in out
     gguf_out = (main(["inspect", str(tmp_path / "m.gguf")]), capsys.readouterr().out)[1]
     assert "llama.block_count" in gguf_out and "tokenizer" in gguf_out
+
+
+def test_inspect_takes_known_model_names(smollm2_gguf, capsys):
+    from kiln.cli import main
+    assert main(["inspect", "smollm2"]) == 0
+    out = capsys.readouterr().out
+    assert "GGUF v3" in out and "q4_1" in out and "49152 tokens" in out
