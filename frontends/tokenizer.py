@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from tokenizers import Tokenizer
 
 from kiln.errors import KilnError
+from kiln.runtime.tokenizer import pick_template, read_chat_template
 
 __all__ = [
     "TokenizerSpec", "from_gguf_metadata", "from_hf_folder", "to_gguf_metadata",
@@ -457,16 +458,6 @@ def _token_text(v):
     return v if isinstance(v, str) else None
 
 
-def _pick_template(v):
-    """chat_template may be a string or a list of {"name", "template"}; take the default one."""
-    if isinstance(v, str) or v is None:
-        return v
-    if isinstance(v, list):
-        named = {d.get("name"): d.get("template") for d in v if isinstance(d, dict)}
-        return named.get("default") or next(iter(named.values()), None)
-    return None
-
-
 def _template_flags(tj: dict, bos_tok, eos_tok):
     """(adds_bos, adds_eos) according to tokenizer.json's TemplateProcessing, or (None, None)."""
     pp = tj.get("post_processor") or {}
@@ -527,15 +518,9 @@ def from_hf_folder(folder) -> TokenizerSpec | None:
     add_bos = bool(pp_bos) if add_bos is None else bool(add_bos)
     add_eos = bool(pp_eos) if add_eos is None else bool(add_eos)
 
-    template = None
-    jinja_path = os.path.join(folder, "chat_template.jinja")
-    if os.path.isfile(jinja_path):
-        with open(jinja_path, encoding="utf-8") as f:
-            template = f.read()
+    template = read_chat_template(folder, cfg)
     if template is None:
-        template = _pick_template(cfg.get("chat_template"))
-    if template is None:
-        template = _pick_template(opt_json("chat_template.json").get("chat_template"))
+        template = pick_template(opt_json("chat_template.json").get("chat_template"))
 
     mml = cfg.get("model_max_length")
     mml = int(mml) if isinstance(mml, (int, float)) and 0 < mml < 1e12 else None

@@ -42,11 +42,22 @@ def _token_text(v):
     return v if isinstance(v, str) else None
 
 
-def _pick_template(v):
+def pick_template(v):
+    """chat_template may be a string or a list of {"name", "template"}; take the default one."""
     if isinstance(v, list):
         named = {d.get("name"): d.get("template") for d in v if isinstance(d, dict)}
         return named.get("default") or next(iter(named.values()), None)
     return v if isinstance(v, str) else None
+
+
+def read_chat_template(folder, config: dict):
+    """A folder's chat template: chat_template.jinja, else tokenizer_config.json's entry.
+    Shared with the conversion side (kiln.frontends.tokenizer), which reads the same files."""
+    jinja_path = os.path.join(folder, "chat_template.jinja")
+    if os.path.isfile(jinja_path):
+        with open(jinja_path, encoding="utf-8") as f:
+            return f.read()
+    return pick_template(config.get("chat_template"))
 
 
 class Tokenizer:
@@ -99,13 +110,7 @@ class Tokenizer:
                 if isinstance(i, int) and i not in eos_ids:
                     eos_ids.append(i)
 
-        template = None
-        jinja_path = os.path.join(folder, "chat_template.jinja")
-        if os.path.isfile(jinja_path):
-            with open(jinja_path, encoding="utf-8") as f:
-                template = f.read()
-        if template is None:
-            template = _pick_template(cfg.get("chat_template"))
+        template = read_chat_template(folder, cfg)
 
         add_bos, add_eos = cfg.get("add_bos_token"), cfg.get("add_eos_token")
         if add_bos is None or add_eos is None:

