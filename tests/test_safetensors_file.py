@@ -16,9 +16,9 @@ from kiln.formats import WeightFormat
 from kiln.frontends import safetensors_file as sf
 from kiln.frontends.safetensors_file import read_safetensors, read_sharded, read_sharded_index, write_safetensors
 from kiln.weights import Weight
+from conftest import HF_FIXTURES
 
-LLAMA = "/work/shared/fixtures/hf/llama"
-needs_llama = pytest.mark.skipif(not os.path.isdir(LLAMA), reason="shared llama fixture not present")
+LLAMA = os.fspath(HF_FIXTURES / "llama")
 
 
 def _assert_clean_error(exc: KilnError, path, *fragments):
@@ -154,7 +154,6 @@ def test_empty_and_zero_tensor_files(tmp_path):
     assert stn.load_file(str(r))["z"].shape == (0, 3)
 
 
-@needs_llama
 def test_llama_shards_match_package():
     index = read_sharded_index(LLAMA)
     with open(os.path.join(LLAMA, "model.safetensors.index.json")) as fh:
@@ -172,7 +171,6 @@ def test_llama_shards_match_package():
             assert bytes(ours.tensors[name].raw()) == arr.tobytes()
 
 
-@needs_llama
 def test_llama_rewrite_loads_in_package(tmp_path):
     weights = read_sharded(LLAMA)
     out = tmp_path / "model.safetensors"

