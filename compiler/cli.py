@@ -61,7 +61,12 @@ def cmd_compile(a) -> int:
 def cmd_run(a) -> int:
     from kiln import runtime
     model = runtime.load(a.artifact, threads=a.threads)
-    prompt = a.prompt if a.prompt is not None else sys.stdin.read()
+    if a.ids is not None:
+        if a.prompt is not None or a.chat:
+            raise ValueError("--ids gives the prompt already rendered; drop --prompt and --chat")
+        prompt = _id_list(a.ids)
+    else:
+        prompt = a.prompt if a.prompt is not None else sys.stdin.read()
     if a.chat:
         messages = []
         if a.system:
@@ -80,12 +85,26 @@ def cmd_run(a) -> int:
             break
         out.write(piece)
         out.flush()
-    out.write("\n")
+    if a.ids is None or model.tokenizer is not None:
+        out.write("\n")
+    if a.ids is not None:
+        # ids in, ids out: the new tokens on a line of their own, for scripts to read
+        out.write(",".join(str(t) for t in result.ids) + "\n")
     if a.verbose and result is not None:
         t = result.timings
         _console(markup=False).print(f"[{result.finish_reason}] prompt {result.prompt_tokens} tokens, "
                          f"{len(result.ids)} new; " + ", ".join(f"{k}={v:.3g}" for k, v in t.items()))
     return 0
+
+
+def _id_list(text: str) -> list[int]:
+    try:
+        ids = [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise ValueError(f"--ids: expected comma-separated token ids, got {text!r}") from None
+    if not ids:
+        raise ValueError("--ids: no token ids given")
+    return ids
 
 
 # ---- bench ----------------------------------------------------------------------------------
@@ -203,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("run", help="generate text with a compiled artifact")
     s.add_argument("artifact")
     s.add_argument("--prompt", "-p", help="prompt text (default: read standard input)")
+    s.add_argument("--ids", metavar="1,2,3", help="prompt as token ids (no tokenizer needed); prints the new ids")
     s.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt")
     s.add_argument("--system", help="system message for --chat")
     s.add_argument("--max-new-tokens", "-n", type=int, default=128)

@@ -159,16 +159,19 @@ def generate(
     seed: int | None = None,
     stop: Sequence[str] | str | None = None,
     add_special_tokens: bool = False,
+    eos_ids: Iterable[int] | None = None,
 ) -> GenerationResult | list[GenerationResult]:
     """Complete ``prompt`` (text or token ids); a list of prompts gives a list of results.
 
     ``add_special_tokens`` encodes text prompts with the tokenizer's special tokens (its
     ``encode(text, add_special_tokens=True)``, or else BOS in front unless already there).
-    Token-id prompts are used exactly as given.
+    Token-id prompts are used exactly as given. ``tokenizer`` may be None: prompts must then
+    be token ids, results carry ids and an empty text, and generation ends at ``eos_ids``
+    (which otherwise default to the tokenizer's).
     """
     prompts, single = _prompts(tokenizer, prompt, add_special_tokens)
     job = _Job(session, tokenizer, max_new_tokens, stop,
-               Sampler(temperature, top_k, top_p, min_p, repetition_penalty, seed))
+               Sampler(temperature, top_k, top_p, min_p, repetition_penalty, seed), eos_ids)
     results: list[GenerationResult | None] = [None] * len(prompts)
     for group in _equal_length_groups(prompts):
         runner = job.run([prompts[i] for i in group], job.sampler.rows(group))
@@ -192,13 +195,15 @@ def stream(
     seed: int | None = None,
     stop: Sequence[str] | str | None = None,
     add_special_tokens: bool = False,
+    eos_ids: Iterable[int] | None = None,
 ) -> Iterator[str]:
     """Yield the completion of one prompt as pieces of text, as soon as they are final.
 
     The pieces join to exactly ``generate(...).text`` for the same arguments. Text that may
     be the beginning of a stop string is held back until the next tokens decide it. The
     iterator's return value (``StopIteration.value``, or ``yield from``) is the
-    :class:`GenerationResult`.
+    :class:`GenerationResult`. Without a tokenizer there is no text: nothing is yielded and
+    the result carries the ids.
     """
     prompts, single = _prompts(tokenizer, prompt, add_special_tokens)
     if not single:
@@ -206,7 +211,7 @@ def stream(
     # Everything is checked above and in _Job, before the first next(), so a bad argument
     # fails at the call rather than somewhere inside the caller's loop.
     job = _Job(session, tokenizer, max_new_tokens, stop,
-               Sampler(temperature, top_k, top_p, min_p, repetition_penalty, seed))
+               Sampler(temperature, top_k, top_p, min_p, repetition_penalty, seed), eos_ids)
     return _stream_pieces(job.run(prompts, job.sampler))
 
 
@@ -234,12 +239,15 @@ def _drain(runner) -> list[GenerationResult]:
 class _Job:
     """One generate/stream call's settings, checked once, shared by its prompt groups."""
 
-    def __init__(self, session, tokenizer, max_new_tokens, stop, sampler):
+    def __init__(self, session, tokenizer, max_new_tokens, stop, sampler, eos_ids=None):
         _check_count("max_new_tokens", max_new_tokens)
         self.session, self.tokenizer, self.sampler = session, tokenizer, sampler
         self.max_new_tokens = max_new_tokens
         self.stops = _stop_strings(stop)
-        self.eos = _id_set(getattr(tokenizer, "eos_ids", None))
+        if self.stops and tokenizer is None:
+            raise ValueError("stop strings need a tokenizer to read the generated text, and "
+                             "this model has none; stop on token ids with eos_ids instead")
+        self.eos = _id_set(getattr(tokenizer, "eos_ids", None) if eos_ids is None else eos_ids)
         self.stop_ids = _special_stop_ids(tokenizer, self.stops) - self.eos
 
     def run(self, prompts: list[list[int]], sampler: Sampler):
@@ -369,7 +377,19 @@ class _DiffDecoder:
         return now[len(before):]
 
 
+class _NoText:
+    """The stream decoder of a model without a tokenizer: its results are ids only."""
+
+    def add(self, token: int) -> str:
+        return ""
+
+    def flush(self) -> str:
+        return ""
+
+
 def _stream_decoder(tokenizer):
+    if tokenizer is None:
+        return _NoText()
     make = getattr(tokenizer, "stream_decoder", None)
     return make() if make is not None else _DiffDecoder(tokenizer)
 
@@ -393,10 +413,10 @@ def _timing_summary(t: dict, prompt_tokens: int) -> dict[str, float]:
 def _prompts(tokenizer, prompt, add_special_tokens: bool) -> tuple[list[list[int]], bool]:
     if isinstance(prompt, np.ndarray):
         prompt = prompt.tolist()
-    if isinstance(prompt, str) or _is_id_list(prompt):
+    if isinstance(prompt, str) or is_id_list(prompt):
         items, single = [prompt], True
     elif isinstance(prompt, (list, tuple)) and prompt and all(
-            isinstance(p, str) or _is_id_list(p) or (isinstance(p, (list, tuple)) and not p)
+            isinstance(p, str) or is_id_list(p) or (isinstance(p, (list, tuple)) and not p)
             for p in prompt):
         items, single = list(prompt), False
     else:
@@ -416,6 +436,9 @@ def _prompts(tokenizer, prompt, add_special_tokens: bool) -> tuple[list[list[int
 
 
 def _encode(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
+    if tokenizer is None:
+        raise ValueError("this model has no tokenizer, so it cannot encode a text prompt; "
+                         "pass token ids")
     if not add_special_tokens:
         return [int(t) for t in tokenizer.encode(text)]
     try:
@@ -432,7 +455,7 @@ def _encode(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
     return ids
 
 
-def _is_id_list(p) -> bool:
+def is_id_list(p) -> bool:
     if isinstance(p, np.ndarray):
         return p.ndim == 1 and np.issubdtype(p.dtype, np.integer)
     return (isinstance(p, (list, tuple)) and len(p) > 0

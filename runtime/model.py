@@ -23,6 +23,11 @@ class Model:
         self.session = OnnxRuntimeSession(self.path, self.manifest, threads=threads, device=device)
         tok_dir = self.path / "tokenizer"
         self.tokenizer = Tokenizer.load(tok_dir) if tok_dir.is_dir() else None
+        gen = self.manifest.get("generation") or {}
+        eos = gen.get("eos_token_id", self.config.get("eos_token_ids", []))
+        #: End-of-sequence ids; the tokenizer's when there is one, else the model's own.
+        self.eos_ids = list(self.tokenizer.eos_ids) if self.tokenizer is not None and self.tokenizer.eos_ids \
+            else [int(i) for i in ([eos] if isinstance(eos, int) else eos or [])]
 
     # ---- scoring ------------------------------------------------------------------------
     def logits(self, ids) -> np.ndarray:
@@ -44,11 +49,15 @@ class Model:
         return float(np.exp(nll))
 
     # ---- generation ---------------------------------------------------------------------
+    # A prompt is text or token ids; ids work whether or not the artifact has a tokenizer, and
+    # without one the results carry ids and an empty text.
     def generate(self, prompt, max_new_tokens: int = 128, **kwargs):
-        return generation.generate(self.session, self._tok(), prompt, max_new_tokens=max_new_tokens, **kwargs)
+        kwargs.setdefault("eos_ids", self.eos_ids)
+        return generation.generate(self.session, self.tokenizer, prompt, max_new_tokens=max_new_tokens, **kwargs)
 
     def stream(self, prompt, max_new_tokens: int = 128, **kwargs):
-        return generation.stream(self.session, self._tok(), prompt, max_new_tokens=max_new_tokens, **kwargs)
+        kwargs.setdefault("eos_ids", self.eos_ids)
+        return generation.stream(self.session, self.tokenizer, prompt, max_new_tokens=max_new_tokens, **kwargs)
 
     def chat_prompt(self, messages, add_generation_prompt: bool = True) -> str:
         if isinstance(messages, str):
@@ -56,7 +65,10 @@ class Model:
         return self._tok().apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
 
     def chat(self, messages, max_new_tokens: int = 256, stream: bool = False, **kwargs):
-        prompt = self.chat_prompt(messages)
+        """Answer a conversation: a list of ``{"role", "content"}`` messages rendered by the
+        model's chat template, a single user message as a string, or token ids of a
+        conversation already rendered (which need no tokenizer)."""
+        prompt = list(messages) if generation.is_id_list(messages) else self.chat_prompt(messages)
         fn = self.stream if stream else self.generate
         return fn(prompt, max_new_tokens=max_new_tokens, **kwargs)
 
@@ -67,5 +79,6 @@ class Model:
 
     def _tok(self) -> Tokenizer:
         if self.tokenizer is None:
-            raise ValueError(f"{self.path}: the artifact has no tokenizer; pass token ids")
+            raise ValueError(f"{self.path}: the artifact has no tokenizer, so text needs token "
+                             "ids in its place")
         return self.tokenizer

@@ -99,3 +99,10 @@ def test_cli_bench_reports_speeds(artifact):
     assert proc.returncode == 0, proc.stderr
     figures = json.loads(proc.stdout.strip().splitlines()[-1])
     assert figures["decode_tokens_per_s"] > 0 and figures["prefill_tokens_per_s"] > 0
+
+
+def test_generate_from_ids_carries_ids_and_text(model, reference):
+    gen = reference["generations"][0]
+    result = model.generate(gen["prompt_ids"], max_new_tokens=8)
+    assert result.ids == gen["greedy_ids"][:8]
+    assert result.text == model.tokenizer.decode(gen["greedy_ids"][:8]) != ""
