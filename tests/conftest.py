@@ -44,18 +44,25 @@ def hf_fixture():
     return get
 
 
-def greedy_tokens(session, prompt_ids, n: int, banned=()) -> list[int]:
-    """n greedy tokens through a session's KV cache, one step at a time; ``banned`` ids are
-    never chosen (as transformers' min_new_tokens bans EOS)."""
+def greedy_decode(session, prompt_ids, n: int, banned=()):
+    """n greedy tokens through a session's KV cache, one step at a time, and the float32
+    [n, vocab] logits that chose each one; ``banned`` ids are never chosen (as transformers'
+    min_new_tokens bans EOS)."""
     import numpy as np
     session.reset(1)
     logits = session.forward(np.asarray(prompt_ids, dtype=np.int64).reshape(1, -1), last_only=True)[0, -1]
-    out = []
+    out, rows = [], []
     for _ in range(n):
+        rows.append(np.array(logits, dtype=np.float32))
         if banned:
             logits = logits.copy()
             logits[list(banned)] = -np.inf
         t = int(np.argmax(logits))
         out.append(t)
         logits = session.forward(np.array([[t]]), last_only=True)[0, -1]
-    return out
+    return out, np.stack(rows) if rows else np.zeros((0, 0), np.float32)
+
+
+def greedy_tokens(session, prompt_ids, n: int, banned=()) -> list[int]:
+    """n greedy tokens through a session's KV cache, one step at a time (see greedy_decode)."""
+    return greedy_decode(session, prompt_ids, n, banned)[0]

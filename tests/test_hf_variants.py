@@ -8,17 +8,21 @@ attention, q/k/v/o and MLP biases, bf16 and f16 checkpoints, a sliding window, a
 .bin checkpoint. index.json says which variant exercises what and records the versions.
 
 Same checks as test_hf_families.py: the interpreter's full-sequence logits, then the compiled
-ONNX Runtime artifact's logits and 16 greedy tokens through its KV cache. One more: the
-interpreter over prompt + greedy[:-1] (22 tokens, so rope scaling and the sliding window are
-checked past the 16-position "original context" several variants declare) against
-``greedy_logits``.
+ONNX Runtime artifact's logits and 16 greedy tokens through its KV cache. Both the interpreter
+and the compiled artifact also run prompt + greedy[:-1] (22 tokens, so rope scaling and the
+sliding window are checked past the 16-position "original context" several variants declare)
+against ``greedy_logits``.
+
+Bounds are max |kiln - transformers| over all logits, set from what these fixtures measured
+with a stated margin (the numbers beside each bound); a bound of 1e-4 let a norm epsilon of
+1e-6 for 1e-5 through on some variants.
 """
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import greedy_tokens
+from conftest import greedy_decode
 
 from kiln.driver import compile as kiln_compile
 from kiln.frontends import hf
@@ -35,6 +39,23 @@ VARIANTS = ["qwen3", "llama_rope_linear", "llama_rope_llama3", "llama_rope_dynam
 # until the mark is removed.
 XFAIL_COMPILED: dict = {}
 XFAIL_FULL_PASS: dict = {}
+
+# Max |error| measured over every variant and check: interpreter 1.3-4.0e-6 (worst
+# llama_untied_bf16 over the greedy sequence), compiled 1.1-3.6e-6 (worst llama_mqa), on logits
+# of magnitude ~3 (float32 rounding of these larger activations; the six shared families, with
+# logits ~0.5, reach 1-3e-7). Bound 10x the worst.
+BOUND = 4e-5
+
+# transformers' generate (the greedy tokens) rotates the steps before phi3 longrope's switch
+# with the short factors and keeps them cached after it, while greedy_logits come from one
+# 22-token pass that uses the long factors throughout: no reference for the decode steps.
+DECODE_DIFFERS = {"phi3_longrope"}
+
+
+def _greedy_sequence(ref):
+    """prompt + greedy[:-1] as one row, and where greedy_logits start in its logits."""
+    ids = np.concatenate([ref["prompt"][0], ref["greedy"][:-1]])[None]
+    return ids, ref["prompt"].shape[1] - 1
 
 
 def _params(xfails: dict) -> list:
@@ -65,7 +86,7 @@ def test_interpreter_matches_transformers(name):
     verify(model.graph)
     ref = np.load(folder / "reference.npz")
     logits = run(model.graph, {"input_ids": ref["input_ids"]})[model.graph.outputs[0].name]
-    assert np.abs(logits - ref["logits"]).max() <= 1e-4
+    np.testing.assert_allclose(logits, ref["logits"], rtol=0, atol=BOUND)
 
 
 @pytest.mark.parametrize("name", _params(XFAIL_FULL_PASS))
@@ -73,9 +94,9 @@ def test_interpreter_full_pass_matches_greedy_logits(name):
     folder = _folder(name)
     model = hf.read(folder)
     ref = np.load(folder / "reference.npz")
-    ids = np.concatenate([ref["prompt"][0], ref["greedy"][:-1]])[None]
-    logits = run(model.graph, {"input_ids": ids})[model.graph.outputs[0].name][0, ref["prompt"].shape[1] - 1:]
-    assert np.abs(logits - ref["greedy_logits"]).max() <= 1e-4
+    ids, start = _greedy_sequence(ref)
+    logits = run(model.graph, {"input_ids": ids})[model.graph.outputs[0].name][0, start:]
+    np.testing.assert_allclose(logits, ref["greedy_logits"], rtol=0, atol=BOUND)
 
 
 @pytest.mark.parametrize("name", _params(XFAIL_COMPILED))
@@ -85,6 +106,13 @@ def test_compiled_artifact_matches_transformers(name, tmp_path):
     out = kiln_compile(folder, target="cpu", output=tmp_path / f"{name}.kiln", verify=True)
     model = runtime.load(out)
     ref = np.load(folder / "reference.npz")
-    assert np.abs(model.logits(ref["input_ids"]) - ref["logits"]).max() <= 1e-4
+    np.testing.assert_allclose(model.logits(ref["input_ids"]), ref["logits"], rtol=0, atol=BOUND)
+    # 22 positions: prompt + every greedy token but the last, against the logits that chose them
+    ids, start = _greedy_sequence(ref)
+    np.testing.assert_allclose(model.logits(ids)[0, start:], ref["greedy_logits"], rtol=0, atol=BOUND)
     # greedy decoding through the KV cache, token by token
-    assert greedy_tokens(model.session, ref["prompt"], 16) == ref["greedy"].tolist()
+    tokens, logits = greedy_decode(model.session, ref["prompt"], 16)
+    assert tokens == ref["greedy"].tolist()
+    if name not in DECODE_DIFFERS:
+        # each step's logits; a full pass computes the same numbers except where noted
+        np.testing.assert_allclose(logits, ref["greedy_logits"], rtol=0, atol=BOUND)
