@@ -49,7 +49,8 @@ def test_prefill_then_decode_equals_full_sequence(hf_fixture):
         out = it.run({**feeds, "input_ids": ids}, None)
         got.append(out[g.outputs[0].name])
         feeds = {f"past_{k}.{i}": out[f"present_{k}.{i}"] for i in range(L) for k in ("key", "value")}
-    np.testing.assert_allclose(np.concatenate(got, axis=1), want, atol=1e-5)
+    # measured 2.1e-7 (logits up to 0.75); bound ~10x
+    np.testing.assert_allclose(np.concatenate(got, axis=1), want, rtol=0, atol=2e-6)
 
 
 def test_matcher_finds_keys_before_repetition(hf_fixture):

@@ -10,6 +10,10 @@ from kiln.passes.rmsnorm import decompose, fuse_rmsnorm, match, Refused
 from kiln.verify import verify
 from kiln.weights import Weight
 
+# fused and decomposed graphs against the unfused one: measured 0 (the same float32
+# operations); bound 1e-6, about 8 float32 ulps at these logits' magnitude (up to 1.5)
+SAME = 1e-6
+
 
 @pytest.mark.parametrize("family,count,offset", [("llama", 5, 0.0), ("gemma", 5, 1.0), ("qwen2", 5, 0.0)])
 def test_fuses_every_norm_of_a_model(hf_fixture, family, count, offset):
@@ -24,10 +28,10 @@ def test_fuses_every_norm_of_a_model(hf_fixture, family, count, offset):
     norms = [n for n in g.nodes if n.op == "RMSNorm"]
     assert len(norms) == count and all(n.attrs["offset"] == offset for n in norms)
     assert not any(n.op in ("Sqrt", "Reciprocal") for n in g.nodes)
-    np.testing.assert_allclose(run(g, {"input_ids": ref["input_ids"]})[g.outputs[0].name], before, atol=1e-5)
+    np.testing.assert_allclose(run(g, {"input_ids": ref["input_ids"]})[g.outputs[0].name], before, rtol=0, atol=SAME)
     decompose(g)
     verify(g)
-    np.testing.assert_allclose(run(g, {"input_ids": ref["input_ids"]})[g.outputs[0].name], before, atol=1e-5)
+    np.testing.assert_allclose(run(g, {"input_ids": ref["input_ids"]})[g.outputs[0].name], before, rtol=0, atol=SAME)
 
 
 def test_qwen3_head_norms_are_fused_too():

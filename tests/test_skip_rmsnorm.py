@@ -9,6 +9,10 @@ from kiln.passes.rmsnorm import fuse_rmsnorm
 from kiln.passes.skip_rmsnorm import decompose, fuse_skip_rmsnorm
 from kiln.verify import verify
 
+# against transformers: measured 2.4e-7 for both families, fused and decomposed (logits up to
+# 1.5); bound ~10x. (A norm epsilon of 1e-6 for 1e-5 moves these logits by ~1e-4.)
+BOUND = 3e-6
+
 
 @pytest.mark.parametrize("family", ["llama", "gemma"])
 def test_fuses_norms_after_residual_adds(hf_fixture, family):
@@ -22,8 +26,8 @@ def test_fuses_norms_after_residual_adds(hf_fixture, family):
     verify(g)
     assert sum(n.op == "RMSNorm" for n in g.nodes) == 1
     got = run(g, {"input_ids": ref["input_ids"]})[g.outputs[0].name]
-    np.testing.assert_allclose(got, ref["logits"], atol=1e-4)
+    np.testing.assert_allclose(got, ref["logits"], rtol=0, atol=BOUND)
     decompose(g)
     verify(g)
     assert not any(n.op == "SkipRMSNorm" for n in g.nodes)
-    np.testing.assert_allclose(run(g, {"input_ids": ref["input_ids"]})[g.outputs[0].name], ref["logits"], atol=1e-4)
+    np.testing.assert_allclose(run(g, {"input_ids": ref["input_ids"]})[g.outputs[0].name], ref["logits"], rtol=0, atol=BOUND)
