@@ -6,6 +6,7 @@ import filecmp
 import math
 import os
 import random
+import re
 import struct
 import time
 import tracemalloc
@@ -21,13 +22,6 @@ from kiln.frontends.gguf_file import (GGML_TYPE_NAMES, ArrayType, ValueType, par
 from kiln.weights import Weight
 
 BLOCK_FORMATS = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"]
-
-
-def _format_or_skip(name: str):
-    try:
-        return formats.get(name)
-    except KeyError:
-        pytest.skip(f"kiln.formats has no {name} yet")
 
 
 def _gguf_types(t) -> list[int]:
@@ -66,8 +60,6 @@ def _assert_matches_gguf_package(path, f):
 # ---- (a) the real model against gguf.GGUFReader -------------------------------------------
 
 def test_real_model_matches_gguf_package(smollm2_gguf):
-    for name in ("q4_1", "q8_0"):
-        _format_or_skip(name)
     f = read_gguf(smollm2_gguf)
     assert f.version == 3 and f.alignment == 32
     assert f.tensors["token_embd.weight"].shape == (49152, 576)
@@ -142,7 +134,7 @@ def test_write_then_read_many_types(tmp_path):
 
 @pytest.mark.parametrize("name", BLOCK_FORMATS)
 def test_write_then_read_block_formats(tmp_path, name):
-    fmt = _format_or_skip(name)
+    fmt = formats.get(name)        # a format kiln lacks fails here, it is not skipped
     rng = np.random.default_rng(1)
     tensors = [(f"blk.{i}.w", _raw_weight(f"blk.{i}.w", shape, fmt, rng))
                for i, shape in enumerate([(3, fmt.block_size * 2), (fmt.block_size,), (2, 2, fmt.block_size)])]
@@ -242,8 +234,6 @@ def test_vocabulary_parses_fast(tmp_path):
 # ---- (c) read -> write of the real model is byte-identical --------------------------------
 
 def test_real_model_round_trip_is_byte_identical(smollm2_gguf, tmp_path):
-    for name in ("q4_1", "q8_0"):
-        _format_or_skip(name)
     f = read_gguf(smollm2_gguf)
     out = tmp_path / "copy.gguf"
     write_gguf(out, f.metadata, f.tensors, metadata_types=f.metadata_types)
@@ -473,23 +463,40 @@ def test_hostile_file(tmp_path, case):
     _check_hostile(_put(tmp_path, data), message)
 
 
-def test_hostile_count():
-    assert len(HOSTILE) >= 20
-
-
 def test_row_not_whole_blocks(tmp_path):
-    fmt = _format_or_skip("q8_0")
+    fmt = formats.get("q8_0")
     data = _file([ARCH], [_ti("w", [fmt.block_size + 1, 2], fmt.gguf_type, 0)], bytes(4096))
     _check_hostile(_put(tmp_path, data), f"tensor w rows of {fmt.block_size + 1} elements are not a whole number of q8_0 blocks of 32")
 
 
-def test_known_but_unsupported_tensor_type(tmp_path):
-    found = _unsupported_type_id()
-    if found is None:
-        pytest.skip("kiln supports every GGML type")
-    tid, name = found
-    data = _file([ARCH], [_ti("w", [256], tid, 0)], bytes(4096))
-    _check_hostile(_put(tmp_path, data), f"tensor w has GGML type {name} (id {tid}), which kiln does not support")
+# What kiln reads of the GGML types GGUF defines; the rest must be refused by name. A type
+# that stops being read, or a new one, fails here until this list says so.
+READ_TYPES = {"F32", "F16", "BF16", "F64", "I8", "I16", "I32", "I64", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
+              "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS", "TQ1_0", "TQ2_0", "MXFP4"}
+
+
+def test_read_types_are_the_registered_formats():
+    read = {name for tid, name in GGML_TYPE_NAMES.items() if formats.from_gguf_type(tid) is not None}
+    assert read == READ_TYPES
+    assert _unsupported_type_id() == (4, "Q4_2")     # the first refused id, which test_hostile_files uses
+
+
+@pytest.mark.parametrize("tid", sorted(GGML_TYPE_NAMES), ids=lambda t: GGML_TYPE_NAMES[t])
+def test_every_ggml_type_is_read_or_refused_by_name(tmp_path, tid):
+    name = GGML_TYPE_NAMES[tid]
+    fmt = formats.from_gguf_type(tid)
+    if name not in READ_TYPES:
+        assert fmt is None
+        data = _file([ARCH], [_ti("w", [256], tid, 0)], bytes(4096))
+        _check_hostile(_put(tmp_path, data), f"tensor w has GGML type {name} (id {tid}), which kiln does not support")
+        return
+    # a tensor of two rows of two blocks reads back with its format and its bytes
+    assert fmt.gguf_type == tid
+    raw = np.random.default_rng(tid).integers(0, 256, 4 * fmt.type_size, dtype=np.uint8).tobytes()
+    path = _put(tmp_path, _file([ARCH], [_ti("w", [2 * fmt.block_size, 2], tid, 0)], raw))
+    w = read_gguf(path).tensors["w"]
+    assert w.format is fmt and w.shape == (2, 2 * fmt.block_size)
+    assert w.raw().tobytes() == raw
 
 
 def test_missing_file_and_folder(tmp_path):
@@ -500,16 +507,28 @@ def test_missing_file_and_folder(tmp_path):
 
 
 def test_truncations_of_the_real_header(smollm2_gguf, tmp_path):
-    for name in ("q4_1", "q8_0"):
-        _format_or_skip(name)
     data_offset = read_gguf(smollm2_gguf).data_offset
     with open(smollm2_gguf, "rb") as fh:
         head = fh.read(data_offset + 4096)
     rng = np.random.default_rng(3)
+    # each cut is reported as what it is: too short, a read past the end of this file's length,
+    # or a count that the bytes left after it cannot hold
+    past_end = re.compile(r"(runs|ends) past the end of the file \(needs (\d+) bytes at offset (\d+), file has (\d+)\)$")
+    too_many = re.compile(r"claims (\d+) (metadata entries|\w+ items), more than the (\d+) bytes left (in the file )?can hold$")
     for cut in sorted({0, 3, 10, 23, 24, 100, data_offset - 1, data_offset + 100,
                        *rng.integers(24, data_offset, 20).tolist()}):
         # untraced: a long prefix legitimately holds ~100k parsed strings before the cut
-        _check_hostile(_put(tmp_path, head[:cut], f"cut{cut}.gguf"), "", trace=False)
+        path = _put(tmp_path, head[:cut], f"cut{cut}.gguf")
+        text = _check_hostile(path, "", trace=False)[len(str(path)) + 2:]
+        if cut < 24:
+            assert text == f"file is {cut} bytes, too small to be a GGUF file"
+        elif m := past_end.search(text):
+            need, offset, size = map(int, m.group(2, 3, 4))
+            assert size == cut and offset + need > cut, text
+        else:
+            m = too_many.search(text)
+            assert m and int(m.group(3)) < cut, text
+            assert int(m.group(1)) in (33, 49152, 48900), text   # the header's real counts
 
 
 def test_random_corruption_never_escapes_as_another_error(tmp_path):
