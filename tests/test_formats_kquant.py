@@ -324,9 +324,17 @@ def test_vectorised_quantizer_follows_the_reference_algorithm(name):
     assert same.all(), f"{name}: super-blocks differing from the reference: {np.flatnonzero(~same)}"
 
 
-def test_nearest_int_is_round_half_even():
-    for v in (0.5, 1.5, 2.5, -0.5, -1.5, 3.49999, -7.5000005, 0.0):
-        assert nearest_int(v) == int(np.rint(np.float32(v)))
+def test_kiln_nearest_int_is_ggmls():
+    """kiln's vectorised nearest_int against ggml's float trick (this file's scalar rendering),
+    on ties, near-ties and the range codes and scales take."""
+    from kiln.formats._blocks import nearest_int as kiln_nearest_int
+    ties = np.arange(-300, 301, dtype=np.float32) + F(0.5)
+    near = np.concatenate([np.nextafter(ties, F(np.inf)), np.nextafter(ties, F(-np.inf))])
+    rng = np.random.default_rng(8)
+    values = np.concatenate([ties, near, rng.uniform(-4e6, 4e6, 2000).astype(F), np.array([0.0, -0.0], F)])
+    ours = kiln_nearest_int(values)
+    assert ours.dtype == np.int32
+    assert ours.tolist() == [nearest_int(v) for v in values]
 
 
 def test_all_zero_and_constant_super_blocks():

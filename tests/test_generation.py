@@ -186,14 +186,31 @@ def test_greedy_is_deterministic():
     assert a.ids == b.ids and a.text == b.text
 
 
-def test_result_fields_and_timings():
-    res = generate(FakeSession(script=[script_of("hi")]), TOK, "x", max_new_tokens=10)
+class ClockedSession(FakeSession):
+    """A FakeSession on a fake clock: the prefill takes 0.25 s, each decode step 0.125 s."""
+
+    def __init__(self, clock, **kw):
+        super().__init__(**kw)
+        self.clock = clock
+
+    def forward(self, ids, last_only=False):
+        self.clock[0] += 0.25 if not self.cache.shape[1] else 0.125
+        return super().forward(ids, last_only)
+
+
+def test_result_fields_and_timings(monkeypatch):
+    import types
+
+    import kiln.runtime.generation as generation
+    clock = [100.0]
+    monkeypatch.setattr(generation, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    res = generate(ClockedSession(clock, script=[script_of("hi")]), TOK, "xyz", max_new_tokens=10)
     assert isinstance(res, GenerationResult)
     assert (res.ids, res.text, res.finish_reason, res.prompt_tokens) == \
-        (script_of("hi"), "hi", "eos", 1)
-    t = res.timings
-    assert t["prefill_s"] > 0 and t["decode_s"] >= 0 and t["decode_steps"] == 2
-    assert t["tokens_per_s"] >= 0 and t["prefill_tokens_per_s"] > 0
+        (script_of("hi"), "hi", "eos", 3)
+    # "h" comes out of the prefill, "i" and EOS out of two decode steps
+    assert res.timings == {"prefill_s": 0.25, "decode_s": 0.25, "decode_steps": 2,
+                           "prefill_tokens_per_s": 12.0, "tokens_per_s": 8.0}
 
 
 # -- sampling through generate ---------------------------------------------------------------

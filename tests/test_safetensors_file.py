@@ -115,7 +115,7 @@ def test_bf16_written_as_BF16(tmp_path):
 
 
 def test_reads_bf16_from_package(tmp_path):
-    ml_dtypes = pytest.importorskip("ml_dtypes")
+    import ml_dtypes      # onnx depends on it: present wherever kiln is installed
     values = np.array([1.0, -2.0, 0.5, 3.0], dtype=np.float32)
     path = tmp_path / "b.safetensors"
     stn.save_file({"x": values.astype(ml_dtypes.bfloat16)}, str(path))
@@ -370,14 +370,29 @@ def test_file_shrunk_after_reading_header(tmp_path):
         w.numpy()
 
 
-def test_reference_parser_agrees_on_hostile_layouts():
-    # The package's own parser refuses the layouts we refuse, so kiln is not stricter than the
-    # ecosystem on layout. (It does accept duplicate keys, keeping the last; kiln refuses them,
-    # since two readers could then disagree on which tensor a name means.)
-    for case in ("gap", "gap at start", "overlap", "same range twice", "trailing bytes",
-                 "offsets out of bounds", "no tensors, some data"):
-        with pytest.raises(Exception):
-            safetensors.deserialize(_HOSTILE[case][0])
+# Files the safetensors package itself accepts that kiln refuses: duplicate keys (the package
+# keeps the last; two readers could disagree on which tensor a name means) and dtypes kiln
+# does not compute with. Every other hostile file is refused by both.
+STRICTER_THAN_THE_PACKAGE = {"duplicate tensor", "unsupported dtype BOOL", "unsupported dtype F8",
+                             "hostile tensor name"}
+
+
+@pytest.mark.parametrize("case", sorted(_HOSTILE))
+def test_kiln_refuses_what_the_package_refuses(tmp_path, case):
+    """kiln is never more lenient than the ecosystem's own parser, and stricter only where
+    listed above."""
+    content, fragment = _HOSTILE[case]
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(KilnError) as info:
+        read_safetensors(path)
+    _assert_clean_error(info.value, path, fragment)
+    try:
+        safetensors.deserialize(content)
+        package_refuses = False
+    except Exception:
+        package_refuses = True
+    assert package_refuses == (case not in STRICTER_THAN_THE_PACKAGE)
 
 
 # ---- sharded index ------------------------------------------------------------------------
