@@ -38,7 +38,9 @@ def test_fuses_block_weights_and_keeps_numbers(fmt):
     dce(g)
     verify(g)
     assert [n.op for n in g.nodes] == ["QuantMatMul", "Relu"]
-    np.testing.assert_allclose(run(g, {"x": x})["out"], before, rtol=1e-5, atol=1e-5)
+    # measured 0 for every format (the same dequantized weights, the same product); bound
+    # 1e-6 of the largest output (~30)
+    np.testing.assert_allclose(run(g, {"x": x})["out"], before, rtol=0, atol=1e-6 * float(np.abs(before).max()))
     decompose(g)
     verify(g)
     assert [n.op for n in g.nodes] == ["Transpose", "MatMul", "Relu"]
@@ -52,9 +54,10 @@ def test_float_weights_and_untaken_formats_are_left_alone():
     assert not r.changed and r.stats == {"kept_float": 1}
 
 
-@settings(max_examples=12, deadline=None)
-@given(fmt=st.sampled_from(sorted(REPACK)), n=st.integers(1, 40), blocks=st.integers(1, 6), seq=st.integers(1, 5),
-       seed=st.integers(0, 2**16))
+# Per format rather than drawn among them, so that none goes untested in a run.
+@pytest.mark.parametrize("fmt", sorted(REPACK))
+@settings(max_examples=50, deadline=None)
+@given(n=st.integers(1, 40), blocks=st.integers(1, 6), seq=st.integers(1, 5), seed=st.integers(0, 2**16))
 def test_matmulnbits_lowering_equals_the_interpreter(tmp_path_factory, fmt, n, blocks, seq, seed):
     width = 256 if fmt.endswith("_k") else 32
     blocks = 1 + blocks % 2 if width == 256 else blocks
@@ -67,7 +70,9 @@ def test_matmulnbits_lowering_equals_the_interpreter(tmp_path_factory, fmt, n, b
     x = np.random.default_rng(seed).standard_normal((1, seq, width * blocks)).astype(np.float32)
     want = run(g, {"x": x})["out"]
     got = sess.run(None, {"x": x})[0]
-    np.testing.assert_allclose(got, want, atol=2e-5 * max(1.0, float(np.abs(want).max())))
+    # max |got - want| / max(1, max |want|) measured over 300 drawings per format: 4.6e-7 (q5_1) to
+    # 1.2e-6 (q4_k), float32 sums of up to 512 terms in another order; bound ~10x the worst
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * max(1.0, float(np.abs(want).max())))
 
 
 @pytest.mark.parametrize("fmt", ["q8_0", "q5_0", "q5_1", "q6_k"])
