@@ -12,10 +12,11 @@ Decisions a user may want to know:
   ``decode(ids)`` may be longer than ``text``.
 * A stop string that the tokenizer encodes as a single special token (``"<|im_end|>"``)
   never shows up in decoded text, so it is also matched as that token id.
-* Prompts of a batch are run together when they have the same length; otherwise each group
-  of equal-length prompts runs on its own, since sessions have no attention mask for left
-  padding. Results come back in the order of the prompts either way, and with a seed each
-  prompt gets the same tokens as it would alone (see :mod:`kiln.runtime.sampling`).
+* A batch of prompts runs as one batch when the session keeps a length per cache row
+  (``session.ragged_prefill``: its ``prefill`` takes prompts of different lengths); otherwise
+  each group of equal-length prompts runs on its own. Results come back in the order of the
+  prompts either way, and with a seed each prompt gets the same tokens as it would alone
+  (see :mod:`kiln.runtime.sampling`).
 * ``max_length`` of the session bounds prompt plus new tokens; hitting it ends generation
   with ``finish_reason == "length"``.
 """
@@ -91,10 +92,10 @@ def generate_ids(
     ``prefill_s``, ``decode_s`` and ``decode_steps`` as the loop runs, counting only the
     model and the sampler, not the time the caller spends between steps.
     """
-    prompts = _check_prompt_batch(prompt_ids)
+    prompts = _check_prompt_batch(prompt_ids, ragged=_ragged(session))
     _check_count("max_new_tokens", max_new_tokens)
     ends = _id_set(eos_ids) | _id_set(stop_ids)
-    batch, n = len(prompts), len(prompts[0])
+    batch, n = len(prompts), max(len(p) for p in prompts)
 
     limit = max_new_tokens
     max_length = getattr(session, "max_length", None)
@@ -118,8 +119,11 @@ def _decode_loop(session, prompts, batch, limit, sampler, ends, timings):
     fed = np.zeros(batch, dtype=np.int64)
 
     start = time.perf_counter()
-    logits = _last_logits(session.forward(np.asarray(prompts, dtype=np.int64), last_only=True),
-                          batch)
+    if len({len(p) for p in prompts}) > 1:
+        logits = _last_logits(session.prefill(prompts, last_only=True), batch)
+    else:
+        logits = _last_logits(session.forward(np.asarray(prompts, dtype=np.int64), last_only=True),
+                              batch)
     tokens = sampler(logits, history)
     if timings is not None:
         timings["prefill_s"] = time.perf_counter() - start
@@ -173,7 +177,8 @@ def generate(
     job = _Job(session, tokenizer, max_new_tokens, stop,
                Sampler(temperature, top_k, top_p, min_p, repetition_penalty, seed), eos_ids)
     results: list[GenerationResult | None] = [None] * len(prompts)
-    for group in _equal_length_groups(prompts):
+    groups = [list(range(len(prompts)))] if _ragged(session) else _equal_length_groups(prompts)
+    for group in groups:
         runner = job.run([prompts[i] for i in group], job.sampler.rows(group))
         group_results = _drain(runner)
         for i, r in zip(group, group_results):
@@ -462,14 +467,20 @@ def is_id_list(p) -> bool:
             and all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in p))
 
 
-def _check_prompt_batch(prompt_ids) -> list[list[int]]:
+def _ragged(session) -> bool:
+    """Whether the session prefills prompts of different lengths in one run (each row of its
+    KV cache has its own length)."""
+    return bool(getattr(session, "ragged_prefill", False))
+
+
+def _check_prompt_batch(prompt_ids, ragged: bool = False) -> list[list[int]]:
     prompts = [[int(t) for t in p] for p in prompt_ids]
     if not prompts:
         raise ValueError("prompt_ids is empty; give at least one prompt")
     lengths = {len(p) for p in prompts}
     if 0 in lengths:
         raise ValueError("a prompt has no tokens; the model needs at least one")
-    if len(lengths) > 1:
+    if len(lengths) > 1 and not ragged:
         raise ValueError(f"prompts of one batch must have the same length, got lengths "
                          f"{sorted(lengths)}; run them separately (generate() does this)")
     return prompts

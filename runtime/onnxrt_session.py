@@ -1,4 +1,17 @@
-"""The ONNX Runtime session: runs an artifact's model.onnx with a growing KV cache."""
+"""The ONNX Runtime session: runs an artifact's model.onnx with its KV cache.
+
+Two cache layouts, named by the manifest (``backend.kv_cache.layout``):
+
+* ``shared``: one buffer per layer for keys and one for values, ``[batch, kv_heads, capacity,
+  head_dim]``, allocated once and updated in place by GroupQueryAttention (its past and
+  present bound to the same memory through ORT's I/O binding). A decode step moves the new
+  tokens in and the requested rows of logits out; nothing else is copied. Each row has its own
+  cached length, so prompts of different lengths prefill as one right-padded batch
+  (:meth:`OnnxRuntimeSession.prefill`). The capacity doubles when a sequence outgrows it (one
+  copy, amortised), up to the artifact's ``max_length``.
+* ``concat``: the growing layout (past in, past + new out), for graphs the shared layout cannot
+  serve (learned positions, longrope's switch).
+"""
 from __future__ import annotations
 
 import os
@@ -10,6 +23,9 @@ import numpy as np
 from kiln.artifact import ArtifactError
 
 from .onnx_check import check_external_data
+
+#: First capacity of a shared cache, in tokens per row; it doubles as sequences grow.
+INITIAL_CAPACITY = 256
 
 
 def _providers(device: str | None):
@@ -25,10 +41,11 @@ def _providers(device: str | None):
 
 
 class OnnxRuntimeSession:
-    """Implements kiln.runtime.generation.Session over one ONNX model with past/present KV."""
+    """Implements kiln.runtime.generation.Session over one ONNX model with a KV cache."""
 
     def __init__(self, folder, manifest: dict, *, threads: int | None = None, device: str | None = None):
         import onnxruntime as ort
+        self._ort = ort
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or os.cpu_count() or 1
         opts.inter_op_num_threads = 1
@@ -40,6 +57,9 @@ class OnnxRuntimeSession:
             self.logits_name = backend["logits"]
             kv = backend["kv_cache"]
             self.layers, self.kv_heads, self.head_dim = int(kv["layers"]), int(kv["kv_heads"]), int(kv["head_dim"])
+            self.layout = kv.get("layout", "concat")
+            if self.layout not in ("concat", "shared"):
+                raise ValueError(f"unknown KV-cache layout {self.layout!r}")
         except (KeyError, TypeError, ValueError) as e:
             what = f"has no {e.args[0]!r}" if isinstance(e, KeyError) else f"has a bad value ({e})"
             raise ArtifactError(Path(folder) / "manifest.json", f"the manifest's onnxrt backend entry {what}") from None
@@ -52,20 +72,34 @@ class OnnxRuntimeSession:
             reason = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", str(e).strip()).splitlines()[0][:400]
             raise ArtifactError(model_path, f"ONNX Runtime cannot load the model: {reason}") from None
         self.output_names = [o.name for o in self.sess.get_outputs()]
+        self.input_names = {i.name for i in self.sess.get_inputs()}
+        self.cache_names = [f"{k}.{i}" for i in range(self.layers) for k in ("key", "value")]
         self.max_length = manifest.get("config", {}).get("max_position_embeddings")
+        if self.layout == "shared":
+            # positions past the rotary tables the artifact holds cannot be computed
+            self.max_length = min(int(backend.get("max_length") or self.max_length), self.max_length or 1 << 62)
         # longrope models rotate with other frequencies past this length; as transformers does,
         # crossing it recomputes the cache so every cached key uses the long frequencies
-        self.recompute_past = backend.get("recompute_cache_after")
+        self.recompute_past = backend.get("recompute_cache_after") if self.layout == "concat" else None
         self.history: np.ndarray | None = None
         self.past: dict[str, np.ndarray] = {}
+        self.buffers: dict[str, object] = {}
+        self.capacity = 0
+        self.lengths = np.zeros(1, dtype=np.int64)
         self.length = 0
         self.reset(1)
 
+    # ---- the Session protocol -------------------------------------------------------------
     def reset(self, batch: int = 1) -> None:
-        empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=np.float32)
-        self.past = {f"past_{k}.{i}": empty for i in range(self.layers) for k in ("key", "value")}
         self.batch = batch
         self.length = 0
+        self.lengths = np.zeros(batch, dtype=np.int64)
+        if self.layout == "shared":
+            if not self.buffers or self._buffer_batch != batch:
+                self._allocate(batch, min(INITIAL_CAPACITY, self.max_length or INITIAL_CAPACITY))
+            return
+        empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=np.float32)
+        self.past = {f"past_{name}": empty for name in self.cache_names}
         self.history = np.zeros((batch, 0), dtype=np.int64) if self.recompute_past else None
 
     def forward(self, ids: np.ndarray, last_only: bool = False) -> np.ndarray:
@@ -77,6 +111,44 @@ class OnnxRuntimeSession:
             # step through them, which computes the same thing
             steps = [self.forward(ids[:, i:i + 1]) for i in range(ids.shape[1])]
             return steps[-1] if last_only else np.concatenate(steps, axis=1)
+        s = ids.shape[1]
+        positions = np.full((self.batch, 1), s - 1) if last_only else np.tile(np.arange(s), (self.batch, 1))
+        if self.layout == "shared":
+            return self._run_shared(ids, self.lengths + s, positions)
+        return self._run_concat(ids, last_only, positions)
+
+    # ---- prompts of different lengths in one run (shared layout) ---------------------------
+    @property
+    def ragged_prefill(self) -> bool:
+        return self.layout == "shared"
+
+    def prefill(self, prompts: list[list[int]], last_only: bool = True) -> np.ndarray:
+        """Start every row of a fresh cache with its own prompt, in one run: right-padded to
+        the longest, each row's length telling attention where its keys end. Returns the
+        logits of each row's last prompt token, [batch, 1, vocab] (or [batch, longest, vocab]
+        with rows past their prompt undefined when ``last_only`` is false)."""
+        if not self.ragged_prefill:
+            raise ValueError("this artifact's KV cache grows by concatenation; prompts of one run "
+                             "must have the same length")
+        if len(prompts) != self.batch or self.length:
+            raise ValueError(f"prefill takes {self.batch} prompts on a fresh cache (reset first)")
+        lengths = np.array([len(p) for p in prompts], dtype=np.int64)
+        if lengths.min() < 1:
+            raise ValueError("a prompt has no tokens; the model needs at least one")
+        ids = np.zeros((self.batch, int(lengths.max())), dtype=np.int64)
+        for b, p in enumerate(prompts):
+            ids[b, :len(p)] = p
+        positions = (lengths - 1)[:, None] if last_only else np.tile(np.arange(ids.shape[1]), (self.batch, 1))
+        return self._run_shared(ids, lengths, positions)
+
+    # ---- the two layouts ----------------------------------------------------------------
+    def _feeds(self, ids, positions) -> dict:
+        feeds = {"input_ids": ids}
+        if "logits_positions" in self.input_names:
+            feeds["logits_positions"] = np.ascontiguousarray(positions, dtype=np.int64)
+        return feeds
+
+    def _run_concat(self, ids, last_only, positions):
         if self.recompute_past:
             seen = np.concatenate([self.history, ids], axis=1)
             if self.length and self.length <= self.recompute_past < seen.shape[1]:
@@ -85,10 +157,55 @@ class OnnxRuntimeSession:
                 logits = self.forward(seen, last_only)
                 return logits if last_only else logits[:, -n:]
             self.history = seen
-        outs = self.sess.run(None, {"input_ids": ids, **self.past})
+        outs = self.sess.run(None, {**self._feeds(ids, positions), **self.past})
         results = dict(zip(self.output_names, outs))
         for name in self.past:
             self.past[name] = results["present" + name[4:]]
         self.length += ids.shape[1]
+        self.lengths += ids.shape[1]
         logits = results[self.logits_name]
+        if "logits_positions" in self.input_names:
+            return logits
         return logits[:, -1:] if last_only else logits
+
+    def _run_shared(self, ids, new_lengths, positions):
+        """One run that leaves row b holding new_lengths[b] tokens; the new tokens of a row
+        are written right after its cached ones (a prefill's padding lands past its end)."""
+        total = int(max(new_lengths.max(), self.lengths.max() + ids.shape[1]))
+        if self.max_length is not None and total > self.max_length:
+            raise ValueError(f"the sequence would hold {total} tokens but this artifact holds at "
+                             f"most {self.max_length}")
+        if total > self.capacity:
+            self._grow(total)
+        io = self.sess.io_binding()
+        for name, arr in self._feeds(ids, positions).items():
+            io.bind_cpu_input(name, arr)
+        io.bind_cpu_input("seqlens_k", (new_lengths - 1).astype(np.int32))
+        io.bind_cpu_input("total_sequence_length", np.asarray(total, dtype=np.int32))
+        io.bind_output(self.logits_name)            # first: get_outputs() keeps binding order
+        for name in self.cache_names:
+            io.bind_ortvalue_input(f"past_{name}", self.buffers[name])
+            io.bind_ortvalue_output(f"present_{name}", self.buffers[name])
+        self.sess.run_with_iobinding(io)
+        logits = io.get_outputs()[0].numpy()
+        self.lengths = new_lengths.astype(np.int64)
+        self.length = int(self.lengths.max())
+        return logits
+
+    def _allocate(self, batch: int, capacity: int, keep: int = 0) -> None:
+        shape = (batch, self.kv_heads, capacity, self.head_dim)
+        fresh = {}
+        for name in self.cache_names:
+            arr = np.zeros(shape, dtype=np.float32)
+            if keep and name in self.buffers:
+                arr[:, :, :keep] = self.buffers[name].numpy()[:, :, :keep]
+            fresh[name] = self._ort.OrtValue.ortvalue_from_numpy(arr)
+        self.buffers, self.capacity, self._buffer_batch = fresh, capacity, batch
+
+    def _grow(self, needed: int) -> None:
+        capacity = max(self.capacity, 1)
+        while capacity < needed:
+            capacity *= 2
+        if self.max_length is not None:
+            capacity = min(capacity, self.max_length)
+        self._allocate(self.batch, capacity, keep=int(self.lengths.max()))

@@ -27,6 +27,7 @@ _DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "int64"
 # ops whose IR attributes become ONNX inputs, in ONNX input order
 _ATTRS_AS_INPUTS = {
     "Slice": ("starts", "ends", "axes", "steps"),
+    "Split": ("split",),
     "Unsqueeze": ("axes",),
     "Squeeze": ("axes",),
     "ReduceMean": ("axes",),
@@ -72,9 +73,23 @@ class _DataWriter:
 
 
 def lower(graph: Graph, out_dir, *, model_name: str = "model.onnx",
-          progress: Callable[[str], None] | None = None) -> dict:
-    """Write ``model.onnx`` + ``model.onnx.data`` into out_dir; returns a summary."""
+          progress: Callable[[str], None] | None = None, kv_layout: str = "auto",
+          max_length: int | None = None) -> dict:
+    """Write ``model.onnx`` + ``model.onnx.data`` into out_dir; returns a summary.
+
+    ``kv_layout`` "shared" keeps the KV cache in one preallocated buffer that attention
+    updates in place (see :mod:`kiln.targets.onnxrt_kv`), "concat" grows it by concatenation
+    in every step, "auto" takes the shared layout wherever it computes the same thing.
+    The model also takes ``logits_positions`` [batch, n]: the positions whose logits it
+    computes, so a prefill pays for the LM head on its last position only.
+    """
+    from . import onnxrt_kv
     out_dir = Path(out_dir)
+    shared, why_not = (None, "asked for the growing layout") if kv_layout == "concat" \
+        else onnxrt_kv.plan(graph, max_length)
+    if kv_layout == "shared" and shared is None:
+        raise ValueError(f"the shared KV-cache layout does not fit this graph: {why_not}")
+    head_input = _lm_head_input(graph)
     data = _DataWriter(out_dir / f"{model_name}.data")
     initializers: list[TensorProto] = []
     nodes: list[onnx.NodeProto] = []
@@ -85,6 +100,8 @@ def lower(graph: Graph, out_dir, *, model_name: str = "model.onnx",
     # the token ids, so no layer's activations are kept alive just for their shape
     batched_tables: dict[str, str] = {"__batch_source__": graph.inputs[0].name}
     lengths: dict[str, str] = {}         # GroupQueryAttention's seqlens_k / total length, shared
+    if shared is not None:
+        lengths.update(total="total_sequence_length", seqlens_k="seqlens_k", shared=shared)
 
     def weight_init(v: Value, name: str, transform=None):
         arr = v.weight.numpy().astype(v.type.dtype, copy=False)
@@ -130,13 +147,34 @@ def lower(graph: Graph, out_dir, *, model_name: str = "model.onnx",
         for name, v in graph.weights.items():
             if any(not _consumed_specially(u.node) for u in v.uses) or v in graph.outputs:
                 weight_init(v, name)
+        if shared is not None:
+            for (cos, sin), (cos_table, sin_table) in shared.tables.items():
+                initializers += [data.add(f"{cos}.cache", cos_table), data.add(f"{sin}.cache", sin_table)]
     finally:
         data.close()
+    extra_inputs = []
+    if head_input is not None:
+        # every ONNX node reading the LM head's input belongs to the head: give it those rows only
+        rows = f"{head_input.name}.rows"
+        first = None
+        for j, n in enumerate(nodes):
+            for i, name in enumerate(n.input):
+                if name == head_input.name:
+                    n.input[i] = rows
+                    first = j if first is None else first
+        nodes[first:first] = [
+            helper.make_node("Unsqueeze", ["logits_positions", const_input([-1])], ["logits_positions.nd"],
+                             name="logits_positions.nd"),
+            helper.make_node("GatherND", [head_input.name, "logits_positions.nd"], [rows], name=rows, batch_dims=1)]
+        extra_inputs.append(helper.make_tensor_value_info("logits_positions", TensorProto.INT64, ["batch", "logits"]))
+    if shared is not None:
+        extra_inputs += [helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
+                         helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, [])]
     initializers.extend(small_consts.values())
     nodes = _live_nodes(nodes, [v.name for v in graph.outputs])
     used = {i for n in nodes for i in n.input}
     initializers = [t for t in initializers if t.name in used]
-    g = helper.make_graph(nodes, graph.name, [_value_info(v) for v in graph.inputs],
+    g = helper.make_graph(nodes, graph.name, [_value_info(v) for v in graph.inputs] + extra_inputs,
                           [_value_info(v) for v in graph.outputs], initializer=initializers)
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)],
                               producer_name="kiln")
@@ -144,7 +182,26 @@ def lower(graph: Graph, out_dir, *, model_name: str = "model.onnx",
     onnx.save(model, os.fspath(out_dir / model_name))
     onnx.checker.check_model(os.fspath(out_dir / model_name))
     return {"onnx_nodes": len(nodes), "initializers": len(initializers),
-            "data_bytes": (out_dir / f"{model_name}.data").stat().st_size}
+            "data_bytes": (out_dir / f"{model_name}.data").stat().st_size,
+            "kv_layout": "shared" if shared is not None else "concat",
+            **({"max_length": shared.max_length} if shared is not None else {"kv_layout_reason": why_not}),
+            "logits_positions": "logits_positions" if head_input is not None else None}
+
+
+def _lm_head_input(graph: Graph) -> Value | None:
+    """The activation entering the matmul that makes the logits (elementwise ops with
+    constants may follow it, as gemma's soft-capping does), when nothing else reads it."""
+    v = graph.outputs[0]
+    while v.producer is not None:
+        n = v.producer
+        if n.op in ("MatMul", "QuantMatMul"):
+            x = n.inputs[0]
+            return x if len(x.uses) == 1 and x.type.rank == 3 else None
+        acts = [x for x in n.inputs if x is not None and not (x.is_const or x.is_weight)]
+        if n.op not in ("Mul", "Div", "Add", "Tanh", "Cast") or len(acts) != 1:
+            return None
+        v = acts[0]
+    return None
 
 
 def _live_nodes(nodes: list, outputs: list[str]) -> list:
@@ -182,10 +239,18 @@ def _attention(node: Node, const_input, lengths: dict, batched: dict) -> list:
             return r.inputs[0].name
         return None
 
+    shared = lengths.get("shared")
+    rotary_tables = None
+
     def seq_first(x, n):
         """[b, n, s, d] -> [b, s, n·d]; a value that was just split into heads is used as it was,
         and a rotation of one is done on the unsplit value (RotaryEmbedding takes [b, s, n·d])."""
+        nonlocal rotary_tables
         r = x.producer
+        if shared is not None and r is not None and id(r) in shared.rotations:
+            # the shared-cache attention rotates q and k itself, at each row's own positions
+            rotary_tables = shared.rotations[id(r)]
+            return heads_source(r.inputs[0].producer)
         if r is not None and r.op == "Rotary" and r.inputs[0].type.shape[-1] == dim:
             src = heads_source(r.inputs[0].producer)
             if src is not None:
@@ -219,12 +284,16 @@ def _attention(node: Node, const_input, lengths: dict, batched: dict) -> list:
         ]
         lengths["total"], lengths["seqlens_k"] = t, f"{t}.seqlens_k"
     window = node.attrs.get("window") or 0
+    inputs = [query, key, value, past_k.name, past_v.name, lengths["seqlens_k"], lengths["total"]]
+    rotary = {}
+    if rotary_tables is not None:
+        inputs += [f"{rotary_tables[0]}.cache", f"{rotary_tables[1]}.cache"]
+        rotary = {"do_rotary": 1, "rotary_interleaved": 0}
     out.append(helper.make_node(
-        "GroupQueryAttention",
-        [query, key, value, past_k.name, past_v.name, lengths["seqlens_k"], lengths["total"]],
+        "GroupQueryAttention", inputs,
         [o.name for o in node.outputs], name=node.name, domain="com.microsoft",
         num_heads=heads, kv_num_heads=kv_heads, scale=node.attrs["scale"],
-        local_window_size=window if window else -1))
+        local_window_size=window if window else -1, **rotary))
     return out
 
 
