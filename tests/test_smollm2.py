@@ -66,17 +66,29 @@ def test_greedy_generation_and_top_logits(model, reference, index):
     logits = sess.forward(np.array([gen["prompt_ids"]]), last_only=True)[0, -1]
     top = gen["last_logits_top10"]
     assert np.argsort(-logits)[:10].tolist() == top["ids"]
-    np.testing.assert_allclose(logits[top["ids"]], top["values"], atol=1e-3)
+    # measured 7.2e-5, 4.6e-5, 8.4e-5 for the three prompts (logits 12-31, Q4_1 blocks through
+    # MatMulNBits against transformers' float32 dequantization); bound 3x the worst
+    np.testing.assert_allclose(logits[top["ids"]], top["values"], rtol=0, atol=2.5e-4)
     # EOS banned, as transformers' min_new_tokens did for the reference
     assert greedy_tokens(sess, gen["prompt_ids"], 32, banned=model.tokenizer.eos_ids) == gen["greedy_ids"]
 
 
-def test_generate_stops_at_eos_and_decodes(model, reference):
-    gen = reference["generations"][0]
-    r = model.generate(gen["prompt"], max_new_tokens=12)
-    assert r.ids == gen["greedy_ids"][:12]
-    assert r.text == model.tokenizer.decode(gen["greedy_ids"][:12])
-    assert r.text.startswith(" Paris.")
+# Where the model itself ends each answer: greedy, <|im_end|> (id 2) is the top token after this
+# many tokens. The reference's generations suppress EOS, so the tokens before it are checked
+# against transformers and the EOS step is kiln's own choice, pinned here.
+EOS_AFTER = {0: (29, " Paris.\n\nThe answer is: 2018-01-22 12:12:53."), 2: (7, "The capital of France is Paris.")}
+
+
+@pytest.mark.parametrize("index", sorted(EOS_AFTER))
+def test_generate_stops_at_eos_and_decodes(model, reference, index):
+    gen = reference["generations"][index]
+    n, text = EOS_AFTER[index]
+    assert model.tokenizer.eos_ids == [2]
+    r = model.generate(gen["prompt"], max_new_tokens=64)
+    assert r.finish_reason == "eos"
+    assert r.ids == gen["greedy_ids"][:n]             # EOS itself is not in the output
+    assert r.text == model.tokenizer.decode(gen["greedy_ids"][:n]) == text
+    assert r.prompt_tokens == len(gen["prompt_ids"])
 
 
 def test_chat_template_matches_reference(model, reference):
@@ -92,13 +104,37 @@ def test_cli_run_chat_streams_paris(artifact):
     assert "Paris" in proc.stdout
 
 
-def test_cli_bench_reports_speeds(artifact):
-    proc = subprocess.run([sys.executable, "-m", "kiln.cli", "bench", str(artifact), "--decode-tokens", "8",
-                           "--prefill-tokens", "32", "--repeats", "1", "--json"],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    figures = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert figures["decode_tokens_per_s"] > 0 and figures["prefill_tokens_per_s"] > 0
+def test_cli_bench_counts_and_times(artifact, reference, monkeypatch, capsys):
+    """kiln bench on a fake clock: it feeds the requested numbers of tokens and reports
+    tokens / seconds of the fastest timed run (the first prefill only warms up)."""
+    import types
+
+    from kiln import cli, runtime
+    clock, calls = [0.0], []
+    prefill_costs = iter([1.0, 0.5, 0.25])               # warm-up, then the two timed runs
+    real_load = runtime.load
+
+    def load(*args, **kwargs):
+        model = real_load(*args, **kwargs)
+        forward = model.session.forward
+
+        def timed(ids, last_only=False):
+            calls.append(ids.shape[1])
+            clock[0] += next(prefill_costs) if ids.shape[1] == 32 else 0.125 if ids.shape[1] == 1 else 7.0
+            return forward(ids, last_only)
+        model.session.forward = timed
+        return model
+    monkeypatch.setattr(runtime, "load", load)
+    monkeypatch.setattr(cli, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    assert cli.main(["bench", str(artifact), "--decode-tokens", "8", "--prefill-tokens", "32",
+                     "--repeats", "2", "--json"]) == 0
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    gen = reference["generations"][0]
+    assert gen["prompt"] == "The capital of France is"          # kiln bench's default prompt
+    assert calls == [32, 32, 32] + ([len(gen["prompt_ids"])] + [1] * 8) * 2
+    assert figures["prefill_tokens_per_s"] == 32 / 0.25
+    assert figures["decode_tokens_per_s"] == 8 / (8 * 0.125)
+    assert figures["load_s"] == 0.0
 
 
 def test_generate_from_ids_carries_ids_and_text(model, reference):
