@@ -179,6 +179,8 @@ def cmd_convert(a) -> int:
                       console=con, quiet=a.quiet or not con.is_terminal)
     con.print(f"wrote {a.dst}: {summary.get('tensors', 0)} tensors, {summary.get('bytes_in', 0) / 1e6:.1f} MB in, "
               f"{summary.get('bytes_out', 0) / 1e6:.1f} MB out, {time.perf_counter() - t:.1f} s")
+    for note in summary.get("notes", ()):
+        con.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
     return 0
 
 

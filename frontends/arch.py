@@ -379,7 +379,7 @@ def rope_inv_freq(cfg: ArchConfig, long: bool = False) -> tuple[np.ndarray, floa
     idx = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32)
     inv_freq = (1.0 / (base ** (idx / dim))).astype(np.float32)
     scaling = dict(cfg.rope_scaling or {})
-    kind = scaling.get("rope_type", scaling.get("type", "default")) or "default"
+    kind = rope_kind(scaling)
     attention_factor = 1.0
     if kind == "linear":
         inv_freq = inv_freq / np.float32(scaling["factor"])
@@ -418,18 +418,93 @@ def rope_inv_freq(cfg: ArchConfig, long: bool = False) -> tuple[np.ndarray, floa
         inv_freq = ((1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation).astype(np.float32)
     elif kind == "longrope":
         # short factors within the original context, long ones past it (the builder switches)
-        factors = np.asarray(scaling.get("long_factor" if long else "short_factor"), dtype=np.float32)
+        factors = _factor_list(scaling, "long_factor" if long else "short_factor", dim // 2)
         old_ctx = scaling.get("original_max_position_embeddings", cfg.max_position_embeddings)
         inv_freq = (1.0 / (factors * base ** (idx / dim))).astype(np.float32)
         factor = cfg.max_position_embeddings / old_ctx
         attention_factor = scaling.get("attention_factor") or (
             1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(old_ctx)))
+    elif kind == "freq_factors":
+        # llama.cpp's rope_freqs.weight as read from a GGUF file: one divisor per frequency
+        inv_freq = (inv_freq / _factor_list(scaling, "freq_factors", dim // 2)).astype(np.float32)
     elif kind in ("default", "dynamic"):
         # dynamic NTK only changes frequencies past the trained context; within it, it is default
         pass
     else:
         raise ValueError(f"rope scaling type {kind!r} is not supported")
     return inv_freq.astype(np.float32), float(attention_factor)
+
+
+def rope_kind(scaling: dict | None) -> str:
+    """The scaling's type: transformers' ``rope_type`` (or the older ``type``), else "default".
+
+    kiln adds one of its own, "freq_factors" (a GGUF's ``rope_freqs.weight`` that matches no
+    type transformers knows): ``{"rope_type": "freq_factors", "freq_factors": [...]}``."""
+    scaling = scaling or {}
+    return scaling.get("rope_type", scaling.get("type", "default")) or "default"
+
+
+def _factor_list(scaling: dict, key: str, n: int) -> np.ndarray:
+    if key not in scaling:
+        raise KeyError(key)
+    factors = np.asarray(scaling[key], dtype=np.float64)
+    if factors.shape != (n,):
+        raise ValueError(f"rope scaling {rope_kind(scaling)!r} needs {n} {key} (half the rotary "
+                         f"dimension), not {factors.size}")
+    if not (np.isfinite(factors).all() and (factors > 0).all()):
+        raise ValueError(f"rope scaling {rope_kind(scaling)!r} has a {key} that is not a positive number")
+    return factors.astype(np.float32)
+
+
+def rope_freq_factors(cfg: ArchConfig) -> np.ndarray:
+    """llama.cpp's ``rope_freqs.weight`` for the config's scaling: per rotary frequency, the
+    divisor llama.cpp applies to ``theta ** (-2i/d)`` (1 where nothing is scaled).
+
+    For llama3 scaling each factor is 1 for short wavelengths (< original context / high_freq_factor),
+    ``factor`` for long ones (> original context / low_freq_factor) and ``1 / ((1 - s) / factor + s)``
+    between, with ``s = (original context / wavelength - low) / (high - low)``: transformers'
+    smoothing of the inverse frequency, written as a divisor."""
+    scaling = cfg.rope_scaling or {}
+    kind = rope_kind(scaling)
+    dim = cfg.rotary_dim
+    if kind == "freq_factors":
+        return _factor_list(scaling, "freq_factors", dim // 2)
+    if kind != "llama3":
+        raise ValueError(f"rope scaling {kind!r} has no per-frequency factors")
+    factor = float(scaling["factor"])
+    low = float(scaling.get("low_freq_factor", 1.0))
+    high = float(scaling.get("high_freq_factor", 4.0))
+    old_ctx = float(scaling.get("original_max_position_embeddings", 8192))
+    idx = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32)
+    wavelen = 2 * math.pi / (1.0 / (cfg.rope_theta ** (idx / dim))).astype(np.float32).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        between = 1.0 / ((1 - smooth) / factor + smooth)
+    out = np.where(wavelen < old_ctx / high, 1.0, np.where(wavelen > old_ctx / low, factor, between))
+    return out.astype(np.float32)
+
+
+def rope_attention_factor(cfg: ArchConfig) -> float:
+    """The factor the scaling multiplies cos/sin by (yarn's and longrope's mscale; else 1)."""
+    return rope_inv_freq(cfg)[1]
+
+
+def same_rotary(a: ArchConfig, b: ArchConfig, rtol: float = 1e-6) -> bool:
+    """Whether two configs rotate q/k alike (frequencies, cos/sin factor, longrope's switch),
+    to float32 rounding: how a GGUF's llama.cpp keys are checked against kiln's own record."""
+    if a.rotary_dim != b.rotary_dim:
+        return False
+    if not a.rotary_dim:
+        return True
+    fa, ma = rope_inv_freq(a)
+    fb, mb = rope_inv_freq(b)
+    if not (np.allclose(fa, fb, rtol=rtol, atol=0) and math.isclose(ma, mb, rel_tol=rtol)):
+        return False
+    sa, sb = rope_switch_length(a), rope_switch_length(b)
+    if sa != sb:
+        return False
+    return sa is None or bool(np.allclose(rope_inv_freq(a, long=True)[0], rope_inv_freq(b, long=True)[0],
+                                          rtol=rtol, atol=0))
 
 
 def rope_switch_length(cfg: ArchConfig) -> int | None:

@@ -17,6 +17,7 @@ from kiln.ir import ModelIR
 from kiln.weights import Weight
 
 from . import arch as A
+from . import gguf_rope
 from .builder import build_graph
 
 
@@ -55,13 +56,6 @@ def arch_config(meta: dict, tensors: dict, path) -> tuple[A.Family, A.ArchConfig
         head_dim = int(key("attention.key_length", hidden // heads if heads > 0 else 0))
         tokens = meta.get("tokenizer.ggml.tokens")
         vocab = int(key("vocab_size", len(tokens) if tokens else None))
-        scaling = {}
-        stype = meta.get(f"{arch}.rope.scaling.type")
-        if stype and stype != "none":
-            scaling = {"rope_type": stype, "factor": float(meta.get(f"{arch}.rope.scaling.factor", 1.0))}
-            octx = meta.get(f"{arch}.rope.scaling.original_context_length")
-            if octx:
-                scaling["original_max_position_embeddings"] = int(octx)
         eos = meta.get("tokenizer.ggml.eos_token_id")
         cfg = A.ArchConfig(
             family=family.name,
@@ -77,7 +71,6 @@ def arch_config(meta: dict, tensors: dict, path) -> tuple[A.Family, A.ArchConfig
             tie_word_embeddings="output.weight" not in tensors,
             rotary_dim=int(key("rope.dimension_count", head_dim)),
             rope_theta=float(key("rope.freq_base", 10000.0)),
-            rope_scaling=scaling,
             max_position_embeddings=int(key("context_length", 2048)),
             sliding_window=None if (sw := key("attention.sliding_window", required=False)) is None else int(sw),
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
@@ -97,7 +90,11 @@ def arch_config(meta: dict, tensors: dict, path) -> tuple[A.Family, A.ArchConfig
     if family.name == "gpt2":
         cfg.activation = "gelu_tanh"
         cfg.tie_word_embeddings = "output.weight" not in tensors
-    A.check_config(path, cfg, {f: f"{arch}.{k}" for f, k in _METADATA_KEYS.items()})
+    keys = {f: f"{arch}.{k}" for f, k in _METADATA_KEYS.items()}
+    A.check_config(path, cfg, keys)
+    cfg.rope_scaling = gguf_rope.from_gguf(meta, tensors, cfg, arch, path)
+    if cfg.rope_scaling:
+        A.check_config(path, cfg, keys)
     return family, cfg
 
 
@@ -204,14 +201,7 @@ def _metadata(model: ModelIR, family: A.Family, cfg: A.ArchConfig, file_type: in
     if cfg.head_dim * cfg.num_heads != cfg.hidden_size or family.name in ("gemma", "qwen3"):
         m[f"{arch}.attention.key_length"] = typed(cfg.head_dim, "uint32")
         m[f"{arch}.attention.value_length"] = typed(cfg.head_dim, "uint32")
-    kind = (cfg.rope_scaling or {}).get("rope_type", (cfg.rope_scaling or {}).get("type"))
-    if kind in ("linear", "yarn"):
-        m[f"{arch}.rope.scaling.type"] = kind
-        m[f"{arch}.rope.scaling.factor"] = typed(cfg.rope_scaling["factor"], "float32")
-        if "original_max_position_embeddings" in cfg.rope_scaling:
-            m[f"{arch}.rope.scaling.original_context_length"] = typed(cfg.rope_scaling["original_max_position_embeddings"], "uint32")
-    if cfg.sliding_window and family.gguf_arch != "llama":
-        m[f"{arch}.attention.sliding_window"] = typed(cfg.sliding_window, "uint32")
+    m.update(gguf_rope.for_gguf(cfg, arch)[0])      # rope scaling and attention window
     if model.tokenizer is not None:
         from .tokenizer import to_gguf_metadata
         m.update(to_gguf_metadata(model.tokenizer))
@@ -244,7 +234,10 @@ def write(model: ModelIR, path, *, dtype: str | None = None, quant: str | None =
     from .gguf_file import write_gguf
     cfg = A.ArchConfig.from_dict(model.config)
     family = A.FAMILIES[cfg.family]
-    tensors = gguf_tensors(model, family, cfg)
+    _, extra, notes = gguf_rope.for_gguf(cfg, family.gguf_arch)
+    # llama.cpp's converter writes these first (rope_freqs, longrope's factors), always F32
+    tensors = {name: (name.split(".")[0], Weight.from_array(a, name=name)) for name, a in extra.items()}
+    tensors.update(gguf_tensors(model, family, cfg))
     planned = []
     counts: dict[str, int] = {}
     for name, (role, w) in tensors.items():
@@ -259,5 +252,5 @@ def write(model: ModelIR, path, *, dtype: str | None = None, quant: str | None =
     meta = _metadata(model, family, cfg, FILE_TYPES.get(main, 0))
     write_gguf(path, meta, planned, progress=progress)
     return {"tensors": len(planned), "formats": counts,
-            "bytes_in": sum(w.nbytes for _, w in tensors.values()),
-            "bytes_out": os.path.getsize(path)}
+            "bytes_in": sum(w.nbytes for name, (_, w) in tensors.items() if name not in extra),
+            "bytes_out": os.path.getsize(path), "notes": notes}

@@ -60,9 +60,14 @@ def arch_config(cfg: dict, path: Path) -> tuple[A.Family, A.ArchConfig]:
         v = cfg.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
             raise KilnError(path / "config.json", f"{key} is {json.dumps(v)}, not a number")
+    for key in (*_WHOLE, *(family.hf_config_aliases[k] for k in _WHOLE if k in family.hf_config_aliases)):
+        v = cfg.get(key)
+        if isinstance(v, float):     # int(32.5) would quietly build a model of another size
+            raise KilnError(path / "config.json", f"{key} is {json.dumps(v)}, not a whole number")
     for key in ("rope_parameters", "rope_scaling"):
         if cfg.get(key) is not None and not isinstance(cfg[key], dict):
             raise KilnError(path / "config.json", f"{key} is not a JSON object")
+    _check_token_ids(cfg, path / "config.json", cfg.get("vocab_size"), model_type)
     cfg = dict(cfg)
     for canonical, key in family.hf_config_aliases.items():
         if key in cfg and canonical not in cfg:
@@ -115,6 +120,34 @@ def arch_config(cfg: dict, path: Path) -> tuple[A.Family, A.ArchConfig]:
 # config.json keys that hold numbers (checked up front, so an error names the key)
 _NUMBERS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
             "intermediate_size", "max_position_embeddings", "rms_norm_eps", "rope_theta", "partial_rotary_factor")
+
+
+# config.json keys that count something: whole numbers (a JSON 32.0 included, as transformers
+# would build nothing with it either)
+_WHOLE = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+          "head_dim", "intermediate_size", "max_position_embeddings", "sliding_window")
+
+
+# transformers' class defaults that lie past the vocabulary of a shrunk test model (tiny random
+# checkpoints keep them: GPT2Config's 50256, Phi3Config's 32000). They name no token and are
+# tolerated as they are; any other id outside the vocabulary is refused.
+_DEFAULT_IDS = {"gpt2": {"bos_token_id": 50256, "eos_token_id": 50256},
+                "phi3": {"eos_token_id": 32000, "pad_token_id": 32000}}
+
+
+def _check_token_ids(cfg: dict, path: Path, vocab, model_type=None) -> None:
+    """bos/eos/pad ids name tokens: integers inside the vocabulary (eos may be a list)."""
+    defaults = _DEFAULT_IDS.get(model_type, {})
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        v = cfg.get(key)
+        if v is None:
+            continue
+        for x in (v if key == "eos_token_id" and isinstance(v, list) else [v]):
+            if isinstance(x, bool) or not isinstance(x, int):
+                raise KilnError(path, f"{key} is {json.dumps(v)}, not a token id")
+            if isinstance(vocab, int) and not isinstance(vocab, bool) and not 0 <= x < vocab \
+                    and defaults.get(key) != x:
+                raise KilnError(path, f"{key} {x} is outside the vocabulary (vocab_size {vocab})")
 
 
 def _activation(name: str) -> str:
@@ -189,7 +222,7 @@ def read(path) -> ModelIR:
         tokenizer = from_hf_folder(folder)
     except ImportError:
         pass
-    gen = _generation_config(folder)
+    gen = _generation_config(folder, cfg.vocab_size, raw_cfg.get("model_type"))
     if not gen.get("eos_token_id") and cfg.eos_token_ids:
         gen["eos_token_id"] = cfg.eos_token_ids
     return ModelIR(graph=graph, config=cfg.to_dict(), weights=weights,
@@ -198,7 +231,7 @@ def read(path) -> ModelIR:
                    tokenizer=tokenizer, generation=gen)
 
 
-def _generation_config(folder: Path) -> dict:
+def _generation_config(folder: Path, vocab_size: int, model_type=None) -> dict:
     p = folder / "generation_config.json"
     if not p.is_file():
         return {}
@@ -206,6 +239,9 @@ def _generation_config(folder: Path) -> dict:
         d = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise KilnError(p, f"not a readable JSON file ({e})") from None
+    if not isinstance(d, dict):
+        raise KilnError(p, "not a JSON object")
+    _check_token_ids(d, p, vocab_size, model_type)
     keep = ("eos_token_id", "bos_token_id", "pad_token_id", "temperature", "top_k", "top_p", "repetition_penalty", "do_sample", "max_new_tokens")
     out = {k: d[k] for k in keep if k in d and d[k] is not None}
     if "eos_token_id" in out:
@@ -269,6 +305,22 @@ def hf_config(cfg: A.ArchConfig, family: A.Family, dtype: str) -> dict:
     return out
 
 
+def hf_family(cfg: A.ArchConfig, folder) -> A.Family:
+    """The transformers family a config is written as. transformers' Llama has no attention
+    window, Mistral is Llama with one: a llama model with a window (read from a GGUF file, whose
+    llama architecture covers both) is written as Mistral."""
+    family = A.FAMILIES[cfg.family]
+    if A.rope_kind(cfg.rope_scaling) == "freq_factors":
+        raise KilnError(folder, "the model's rope_freqs.weight factors match no rope scaling transformers knows "
+                                "(llama3 with llama.cpp's defaults was tried), so config.json cannot state them")
+    if family.name == "llama" and cfg.sliding_window:
+        if cfg.attention_bias or cfg.output_bias or cfg.mlp_bias:
+            raise KilnError(folder, f"transformers has no llama-family model with both biases and an attention "
+                                    f"window ({cfg.sliding_window})")
+        return A.FAMILIES["mistral"]
+    return family
+
+
 def hf_tensors(weights: dict[str, Weight], family: A.Family, cfg: A.ArchConfig) -> dict[str, Weight]:
     """Canonical role weights -> HF checkpoint names, undoing kiln's read transforms."""
     weights = dict(weights)
@@ -301,7 +353,7 @@ def write(model: ModelIR, folder, *, dtype: str | None = None, shard_bytes: int 
 
     from .safetensors_file import write_safetensors
     cfg = A.ArchConfig.from_dict(model.config)
-    family = A.FAMILIES[cfg.family]
+    family = hf_family(cfg, folder)
     dtype = dtype or default_dtype(model.weights)
     if dtype not in _TORCH_DTYPE:
         raise KilnError(folder, f"a Hugging Face folder holds f32, f16 or bf16 tensors, not {dtype}")
