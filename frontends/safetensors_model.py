@@ -76,7 +76,7 @@ def read(path) -> ModelIR:
 def write(model: ModelIR, path, *, dtype: str | None = None, progress=None) -> dict:
     from .safetensors_file import write_safetensors
     cfg = A.ArchConfig.from_dict(model.config)
-    family = A.FAMILIES[cfg.family]
+    family = hf.hf_family(cfg, path)      # as the HF writer: a llama model with a window is Mistral
     dtype = dtype or hf.default_dtype(model.weights)
     tensors = {n: (w if len(w.shape) < 2 and w.format.name == "f32" else w.astype(dtype))
                for n, w in hf.hf_tensors(model.weights, family, cfg).items()}

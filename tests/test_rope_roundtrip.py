@@ -195,6 +195,14 @@ def test_written_gguf_dynamic_and_window_notes(converted):
     assert converted("llama_rope_linear")["summary"]["notes"] == []
 
 
+def test_window_survives_gguf_to_bare_safetensors(converted, tmp_path):
+    from kiln.frontends.safetensors_file import read_safetensors
+    convert(converted("mistral_sliding")["gguf"], tmp_path / "m.safetensors", to="safetensors")
+    config = json.loads(read_safetensors(tmp_path / "m.safetensors").metadata["kiln.hf_config"])
+    assert config["model_type"] == "mistral" and config["sliding_window"] == 4
+    assert load_model(tmp_path / "m.safetensors").config["sliding_window"] == 4
+
+
 def test_convert_command_prints_the_notes(tmp_path):
     out = subprocess.run([sys.executable, "-m", "kiln.cli", "convert", str(DATA / "mistral_sliding"),
                           str(tmp_path / "m.gguf"), "--to", "gguf", "--quiet"],
@@ -339,7 +347,7 @@ def test_generation_config_token_ids_are_checked(tmp_path):
 
 # ---- llama.cpp itself ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["llama_rope_llama3", "llama_rope_linear"])
+@pytest.mark.parametrize("name", ["llama_rope_llama3", "llama_rope_linear", "qwen2_yarn", "llama_rope_dynamic"])
 def test_llama_cpp_greedy_tokens_equal_kiln(converted, name, tmp_path):
     from test_llama_cpp import _llama_python, kiln_greedy, llama_cpp
     if _llama_python() is None:
