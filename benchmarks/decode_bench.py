@@ -1,60 +1,139 @@
 #!/usr/bin/env python3
-"""kiln's decode and prefill speed beside the peers, measured in the same run.
+"""kiln's prefill and decode speed beside the peers', measured in one run by one script.
 
-    python benchmarks/decode_bench.py ARTIFACT.kiln --gguf MODEL.gguf \
-        [--peer-python PEER_VENV/bin/python] [--hf HF_DIR]
-        [--oga-python OGA_VENV/bin/python --oga OGA_DIR] [--tokens 128]
+    python benchmarks/decode_bench.py ARTIFACT.kiln [--gguf MODEL.gguf] [--hf HF_DIR] [--oga OGA_DIR]
+        [--llama-cpp-python PY] [--torch-python PY] [--oga-python PY]
+        [--threads 2] [--repeats 3] [--tokens 128] [--prefill-tokens 130] [--skip-missing] [--json OUT]
 
-Runs `kiln bench` on the artifact, then ../shared/bench/peers.py with the peer venv's python
-(llama-cpp-python, onnxruntime-genai, transformers: whichever it has), and prints one table
-with kiln's speed as a ratio of each peer's.
+Every engine is timed by benchmarks/peers.py, run with that engine's own Python (kiln: this
+one; the peers: their venvs, given by the flags or by KILN_LLAMA_CPP_PYTHON,
+KILN_TORCH_PYTHON and KILN_OGA_PYTHON), with the same thread count, the same prompt, the same
+numbers of tokens and the same number of timed runs. The engines take turns: each of the
+--repeats rounds runs every engine once (a fresh process, one warm-up, one timed prefill and
+one timed decode), so a change in the machine's speed during the benchmark hits all of them
+alike. The table gives each engine's median tokens/s and every run's.
+
+A peer asked for (by its model flag) that cannot run -- no Python given, not installed, or it
+fails -- ends the benchmark with a non-zero exit status and its error, unless --skip-missing
+is given, which leaves it out of the table with the reason.
+
+See benchmarks/README.md for setting up the peer venvs and the models.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import re
+import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
-PEERS = Path(__file__).resolve().parents[2] / "shared" / "bench" / "peers.py"
+PEERS = Path(__file__).resolve().parent / "peers.py"
+
+# engine -> (model flag, python flag, environment variable)
+PEER_ENGINES = {
+    "llama.cpp": ("gguf", "llama_cpp_python", "KILN_LLAMA_CPP_PYTHON"),
+    "transformers": ("hf", "torch_python", "KILN_TORCH_PYTHON"),
+    "onnxruntime-genai": ("oga", "oga_python", "KILN_OGA_PYTHON"),
+}
 
 
-def main() -> None:
+class EngineFailed(Exception):
+    pass
+
+
+def run_once(engine: str, python: str, model: str, a) -> dict:
+    cmd = [python, str(PEERS), engine, model, "--threads", str(a.threads), "--repeats", "1",
+           "--tokens", str(a.tokens), "--prefill-tokens", str(a.prefill_tokens)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise EngineFailed(f"{engine}: {' '.join(cmd)}: {e}") from None
+    if proc.returncode != 0:
+        raise EngineFailed(f"{engine}: exit status {proc.returncode}: {' '.join(cmd)}\n{proc.stderr.strip()[-3000:]}")
+    try:
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        raise EngineFailed(f"{engine}: no result line in its output: {proc.stdout[-1000:]!r}") from None
+
+
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("artifact")
-    ap.add_argument("--gguf")
-    ap.add_argument("--hf")
-    ap.add_argument("--oga")
-    ap.add_argument("--peer-python", help="python with llama-cpp-python and/or torch+transformers")
-    ap.add_argument("--oga-python", help="python with onnxruntime-genai (often its own venv)")
-    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("artifact", help="the compiled kiln artifact")
+    ap.add_argument("--gguf", help="the GGUF file for llama.cpp")
+    ap.add_argument("--hf", help="the Hugging Face folder for transformers (float32)")
+    ap.add_argument("--oga", help="the folder made by onnxruntime-genai's model builder")
+    ap.add_argument("--llama-cpp-python", default=os.environ.get("KILN_LLAMA_CPP_PYTHON"),
+                    help="python with llama-cpp-python (default: $KILN_LLAMA_CPP_PYTHON)")
+    ap.add_argument("--torch-python", default=os.environ.get("KILN_TORCH_PYTHON"),
+                    help="python with torch and transformers (default: $KILN_TORCH_PYTHON)")
+    ap.add_argument("--oga-python", default=os.environ.get("KILN_OGA_PYTHON"),
+                    help="python with onnxruntime-genai (default: $KILN_OGA_PYTHON)")
+    ap.add_argument("--threads", type=int, default=2, help="threads for every engine (default 2)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per engine, taken in turns (default 3)")
+    ap.add_argument("--tokens", type=int, default=128, help="greedy decode steps per run (default 128)")
+    ap.add_argument("--prefill-tokens", type=int, default=130, help="prompt length for prefill (default 130)")
+    ap.add_argument("--skip-missing", action="store_true", help="leave out a peer that cannot run instead of failing")
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds one engine run may take")
+    ap.add_argument("--json", help="also write the results here")
     a = ap.parse_args()
-    out = subprocess.run([sys.executable, "-m", "kiln.cli", "bench", a.artifact, "--decode-tokens", str(a.tokens), "--json"],
-                         capture_output=True, text=True, check=True).stdout
-    kiln = json.loads(out.strip().splitlines()[-1])
-    rows = [("kiln", kiln["prefill_tokens_per_s"], kiln["decode_tokens_per_s"])]
-    jobs = []
-    if a.peer_python:
-        jobs.append((a.peer_python, {"gguf": a.gguf, "hf": a.hf}))
-    if a.oga_python and a.oga:
-        jobs.append((a.oga_python, {"oga": a.oga}))
-    for python, paths in jobs:
-        cmd = [python, str(PEERS), "--tokens", str(a.tokens)]
-        for flag, path in paths.items():
-            if path:
-                cmd += [f"--{flag}", path]
-        peers = subprocess.run(cmd, capture_output=True, text=True).stdout
-        for line in peers.splitlines()[1:]:
-            m = re.match(r"(.{20})\s*([\d.]+|-)\s+([\d.]+)", line)
-            if m:
-                rows.append((m.group(1).strip(), None if m.group(2) == "-" else float(m.group(2)), float(m.group(3))))
-    print(f"{'engine':<22}{'prefill tok/s':>15}{'decode tok/s':>14}{'kiln decode ratio':>19}")
-    for name, pf, dec in rows:
-        ratio = kiln["decode_tokens_per_s"] / dec
-        print(f"{name:<22}{(f'{pf:.1f}' if pf else '-'):>15}{dec:>14.1f}{ratio:>18.2f}x")
+    if a.repeats < 1 or a.threads < 1:
+        ap.error("--repeats and --threads must be at least 1")
+
+    engines: list[tuple[str, str, str]] = [("kiln", sys.executable, a.artifact)]
+    skipped: dict[str, str] = {}
+    for engine, (model_flag, python_flag, env) in PEER_ENGINES.items():
+        model, python = getattr(a, model_flag), getattr(a, python_flag)
+        if not model:
+            continue
+        if not python:
+            reason = f"no Python for it: give --{python_flag.replace('_', '-')} or set {env}"
+            if not a.skip_missing:
+                print(f"decode_bench: {engine}: {reason}", file=sys.stderr)
+                return 2
+            skipped[engine] = reason
+            continue
+        engines.append((engine, python, model))
+
+    runs: dict[str, list[dict]] = {name: [] for name, _, _ in engines}
+    for r in range(a.repeats):
+        for name, python, model in list(engines):
+            try:
+                runs[name].append(run_once(name, python, model, a))
+            except EngineFailed as e:
+                if name == "kiln" or not a.skip_missing:
+                    print(f"decode_bench: {e}", file=sys.stderr)
+                    return 1
+                skipped[name] = str(e)
+                engines = [x for x in engines if x[0] != name]
+                del runs[name]
+            print(f"round {r + 1}/{a.repeats}: {name} done", file=sys.stderr, flush=True)
+
+    rows = []
+    for name, results in runs.items():
+        prefill = [x["prefill"]["runs_tokens_per_s"][0] for x in results]
+        decode = [x["decode"]["runs_tokens_per_s"][0] for x in results]
+        rows.append({"engine": name, "prefill_tokens_per_s": statistics.median(prefill), "prefill_runs": prefill,
+                     "decode_tokens_per_s": statistics.median(decode), "decode_runs": decode,
+                     "greedy": results[-1]["greedy"]})
+    kiln = rows[0]
+    print(f"decode_bench: {a.threads} threads, {a.repeats} runs per engine (median, then every run), "
+          f"prefill {a.prefill_tokens} tokens, decode {a.tokens} tokens")
+    print(f"{'engine':<20}{'prefill tok/s':>15}{'decode tok/s':>14}{'kiln decode vs it':>19}  runs (prefill | decode)")
+    for row in rows:
+        ratio = "-" if row is kiln else f"{kiln['decode_tokens_per_s'] / row['decode_tokens_per_s']:.2f}x"
+        every = (", ".join(f"{x:.1f}" for x in row["prefill_runs"]) + " | "
+                 + ", ".join(f"{x:.1f}" for x in row["decode_runs"]))
+        print(f"{row['engine']:<20}{row['prefill_tokens_per_s']:>15.1f}{row['decode_tokens_per_s']:>14.1f}{ratio:>19}  {every}")
+    for name, reason in skipped.items():
+        print(f"{name:<20} skipped: {reason}")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"threads": a.threads, "repeats": a.repeats, "tokens": a.tokens,
+                                            "prefill_tokens": a.prefill_tokens, "rows": rows, "skipped": skipped},
+                                           indent=1))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

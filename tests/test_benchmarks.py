@@ -1,0 +1,74 @@
+"""The benchmark scripts (benchmarks/): what they time and how they fail, on kiln itself.
+
+The peers' own venvs are not needed here: kiln is timed by the same peers.py, and a peer that
+cannot run is played by an engine missing from this venv or by a Python that fails.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, SMOLLM2_REFERENCE
+
+BENCH = REPO / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def artifact(smollm2_gguf, tmp_path_factory):
+    from kiln.driver import compile as kiln_compile
+    return kiln_compile(smollm2_gguf, target="cpu", output=tmp_path_factory.mktemp("bench") / "smollm2.kiln")
+
+
+def _run(*args, env=None):
+    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=600,
+                          env=env, cwd=REPO)
+
+
+def test_peers_times_kiln_as_asked(artifact):
+    proc = _run(BENCH / "peers.py", "kiln", artifact, "--threads", "1", "--repeats", "2", "--tokens", "4",
+                "--prefill-tokens", "12")
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (r["engine"], r["threads"], r["repeats"], r["prefill_tokens"], r["decode_tokens"]) == ("kiln", 1, 2, 12, 4)
+    assert len(r["prefill_s"]) == len(r["decode_s"]) == 2
+    assert r["prefill"]["runs_tokens_per_s"] == [12 / s for s in r["prefill_s"]]
+    assert r["decode"]["runs_tokens_per_s"] == [4 / s for s in r["decode_s"]]
+    assert r["decode"]["tokens_per_s"] == sum(4 / s for s in r["decode_s"]) / 2      # the median of two
+    # the prompt's greedy token and the 4 timed steps: transformers' greedy tokens
+    greedy = json.loads(SMOLLM2_REFERENCE.read_text())["generations"][0]["greedy_ids"]
+    assert r["greedy"] == greedy[:5]
+
+
+def test_peers_says_when_an_engine_is_missing(tmp_path):
+    proc = _run(BENCH / "peers.py", "onnxruntime-genai", tmp_path, "--tokens", "2")
+    assert proc.returncode == 3
+    assert proc.stderr.startswith(f"peers.py: onnxruntime-genai is not installed in {sys.executable}")
+    proc = _run(BENCH / "peers.py", "llama.cpp", tmp_path / "none.gguf")
+    assert proc.returncode == 2 and "none.gguf: no such file or folder" in proc.stderr
+
+
+def test_decode_bench_fails_with_the_peers_error(artifact, tmp_path):
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"")
+    failing = tmp_path / "python"
+    failing.write_text("#!/bin/sh\necho 'no llama here' >&2\nexit 7\n")
+    failing.chmod(0o755)
+    common = [BENCH / "decode_bench.py", artifact, "--gguf", gguf, "--repeats", "1", "--tokens", "2",
+              "--prefill-tokens", "4", "--threads", "1"]
+    proc = _run(*common, "--llama-cpp-python", failing)
+    assert proc.returncode == 1
+    assert "decode_bench: llama.cpp: exit status 7" in proc.stderr and "no llama here" in proc.stderr
+    proc = _run(*common, "--llama-cpp-python", failing, "--skip-missing", "--json", tmp_path / "r.json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert [r["engine"] for r in result["rows"]] == ["kiln"]
+    assert "exit status 7" in result["skipped"]["llama.cpp"]
+    assert result["rows"][0]["decode_runs"] == [result["rows"][0]["decode_tokens_per_s"]]
+    # a peer asked for without a Python for it
+    env = {k: v for k, v in os.environ.items() if k != "KILN_LLAMA_CPP_PYTHON"}
+    proc = _run(*common, env=env)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("decode_bench: llama.cpp: no Python for it: give --llama-cpp-python "
+                                   "or set KILN_LLAMA_CPP_PYTHON")
