@@ -1,18 +1,17 @@
 """The artifact format: a folder ``NAME.kiln/`` with ``manifest.json`` and the backend's files.
 
 Written into a staging folder beside the destination and renamed into place only when
-complete, so an interrupted build never leaves a half artifact under the final name. This
-module is imported by the runtime, so it stays light: json, hashlib, os.
+complete (``kiln.atomic.staging``), so an interrupted build never leaves a half artifact under
+the final name. This module is imported by the runtime, so it stays light: json, hashlib, os.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from .atomic import staging  # noqa: F401  (writers stage artifacts through here)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -27,30 +26,6 @@ def sha256_file(path, chunk: int = 1 << 22) -> str:
                 break
             h.update(b)
     return h.hexdigest()
-
-
-@contextlib.contextmanager
-def staging(dest):
-    """Yield a temporary folder; on success it replaces ``dest`` atomically, on error it vanishes."""
-    dest = Path(dest)
-    parent = dest.parent if str(dest.parent) else Path(".")
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)       # mkdtemp makes it private; an artifact is an ordinary folder
-    try:
-        yield tmp
-        if dest.exists():
-            old = parent / f".{dest.name}.old-{os.getpid()}"
-            os.replace(dest, old)
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def write_manifest(folder, manifest: dict) -> dict:

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Callable
 
 from . import __version__
-from .artifact import staging, write_manifest
+from .artifact import write_manifest
+from .atomic import kill_point, staging
 from .errors import KilnError
 from .passes_base import PassRecord, run_passes
 
@@ -86,7 +87,11 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
     with staging(output) as tmp:
         stage("lowering to ONNX")
         from kiln.targets import onnxrt
-        summary = onnxrt.lower(graph, tmp, progress=on_weight)
+        def weight_done(name):
+            kill_point("weight")
+            if on_weight is not None:
+                on_weight(name)
+        summary = onnxrt.lower(graph, tmp, progress=weight_done)
         if model.tokenizer is not None:
             model.tokenizer.save(tmp / "tokenizer")
             # the runtime tokenizer reads end-of-sequence ids from here too
@@ -147,6 +152,7 @@ def convert(src, dst, *, to: str, dtype: str | None = None, quant: str | None = 
         task = prog.add_task(f"converting to {to}", total=total)
 
         def progress(name, nbytes=0):
+            kill_point("tensor")
             prog.update(task, advance=1, description=f"{name}")
         kwargs = {"progress": progress}
         if to == "gguf":

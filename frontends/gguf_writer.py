@@ -6,12 +6,12 @@ encodes. ``write_gguf`` is re-exported there, so callers import both from one pl
 from __future__ import annotations
 
 import os
-import secrets
 import struct
 from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
+from kiln.atomic import atomic_file
 from kiln.errors import KilnError
 from kiln.weights import Weight
 
@@ -289,8 +289,8 @@ def write_gguf(path, metadata: Mapping[str, Any], tensors: Iterable[tuple[str, W
     tokenizer arrays their fixed types; other ints int32, or int64/uint64 when too big).
     ``alignment`` defaults to the metadata's ``general.alignment``, else 32.
 
-    The file is built under a temporary name in the destination folder and renamed into place
-    only once complete; on any failure the temporary file is removed.
+    The file is built under a staging name in the destination folder, fsynced and renamed into
+    place only once complete (``kiln.atomic.atomic_file``); on any failure it is removed.
     """
     path = os.fspath(path)
     metadata = dict(metadata)
@@ -332,46 +332,27 @@ def write_gguf(path, metadata: Mapping[str, Any], tensors: Iterable[tuple[str, W
         header += entry
     header += bytes(_align(len(header), alignment) - len(header))
 
-    folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise KilnError(path, "is a folder; give a file name for the GGUF file")
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)   # 0o666: honour the umask
-    except OSError as e:
-        raise KilnError(path, f"cannot write: {e.strerror or e}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            def io(fn, *args):
-                # only our own I/O becomes "cannot write"; a loader's OSError stays its own
-                try:
-                    return fn(*args)
-                except OSError as e:
-                    raise KilnError(path, f"cannot write: {e.strerror or e}") from None
 
-            io(f.write, header)
-            for name, w, _, nbytes in plan:
-                written = 0
-                for data in w.raw_chunks():
-                    io(f.write, memoryview(np.ascontiguousarray(data)))
-                    written += data.size
-                if written != nbytes:
-                    raise ValueError(f"tensor {name}: {written} bytes produced, {nbytes} expected")
-                pad = _align(nbytes, alignment) - nbytes
-                if pad:
-                    io(f.write, bytes(pad))
-                if progress is not None:
-                    progress(name, nbytes)
-            io(f.flush)
-            io(os.fsync, f.fileno())
-        io(os.replace, tmp, path)
-    except BaseException:
-        _remove(tmp)
-        raise
+    def io(fn, *args):
+        # only our own I/O becomes "cannot write"; a loader's OSError stays its own
+        try:
+            return fn(*args)
+        except OSError as e:
+            raise KilnError(path, f"cannot write: {e.strerror or e}") from None
 
-
-def _remove(tmp: str) -> None:
-    try:
-        os.unlink(tmp)
-    except FileNotFoundError:
-        pass
+    with atomic_file(path) as f:
+        io(f.write, header)
+        for name, w, _, nbytes in plan:
+            written = 0
+            for data in w.raw_chunks():
+                io(f.write, memoryview(np.ascontiguousarray(data)))
+                written += data.size
+            if written != nbytes:
+                raise ValueError(f"tensor {name}: {written} bytes produced, {nbytes} expected")
+            pad = _align(nbytes, alignment) - nbytes
+            if pad:
+                io(f.write, bytes(pad))
+            if progress is not None:
+                progress(name, nbytes)

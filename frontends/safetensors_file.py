@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import threading
 from typing import Callable, Iterable
 
@@ -330,9 +329,10 @@ def write_safetensors(path, tensors: Iterable[tuple[str, Weight]], metadata: dic
     """Write ``tensors`` to ``path`` one at a time, atomically.
 
     The header is built from shapes and formats alone, then each tensor's bytes are loaded and
-    written in turn, so at most one tensor is in memory. Data goes to a temporary file in the
-    destination folder that is renamed over ``path`` only when complete: on any error nothing is
-    left at ``path`` (an existing file there is untouched). ``progress(name, done_bytes,
+    written in turn, so at most one tensor is in memory. Data goes to a staging file in the
+    destination folder that is fsynced and renamed over ``path`` only when complete
+    (``kiln.atomic.atomic_file``): on any error nothing is left at ``path`` (an existing file
+    there is untouched). ``progress(name, done_bytes,
     total_bytes)`` is called after each tensor. Only plain element formats can be stored; a block
     format raises ``ValueError`` naming the tensor.
     """
@@ -362,36 +362,24 @@ def write_safetensors(path, tensors: Iterable[tuple[str, Weight]], metadata: dic
     blob = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     blob += b" " * (-len(blob) % 8)   # keeps the data section 8-byte aligned, as the reference writer does
 
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)   # 0o666: honour the umask like open()
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(len(blob).to_bytes(8, "little"))
-            f.write(blob)
-            done = 0
-            for name, weight in items:
-                if weight.nbytes == 0:
-                    # nothing to write (and Weight.raw cannot shape an empty tensor into rows)
-                    if progress is not None:
-                        progress(name, done, total)
-                    continue
-                written = 0
-                for raw in weight.raw_chunks():
-                    raw = np.ascontiguousarray(raw).reshape(-1)
-                    f.write(memoryview(raw).cast("B"))
-                    written += raw.nbytes
-                if written != weight.nbytes:
-                    raise ValueError(f"tensor {show_name(name)}: {written} bytes loaded, {weight.nbytes} expected")
-                done += written
+    from kiln.atomic import atomic_file
+    with atomic_file(path) as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        done = 0
+        for name, weight in items:
+            if weight.nbytes == 0:
+                # nothing to write (and Weight.raw cannot shape an empty tensor into rows)
                 if progress is not None:
                     progress(name, done, total)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+                continue
+            written = 0
+            for raw in weight.raw_chunks():
+                raw = np.ascontiguousarray(raw).reshape(-1)
+                f.write(memoryview(raw).cast("B"))
+                written += raw.nbytes
+            if written != weight.nbytes:
+                raise ValueError(f"tensor {show_name(name)}: {written} bytes loaded, {weight.nbytes} expected")
+            done += written
+            if progress is not None:
+                progress(name, done, total)

@@ -215,7 +215,9 @@ class TokenizerSpec:
         """Write tokenizer.json and tokenizer_config.json into ``folder`` (created if needed)."""
         folder = os.fspath(folder)
         os.makedirs(folder, exist_ok=True)
-        self.tokenizer.save(os.path.join(folder, "tokenizer.json"))
+        # written by Python (not the library's own save), so a full disk is an OSError like any other
+        with open(os.path.join(folder, "tokenizer.json"), "w", encoding="utf-8") as f:
+            f.write(self.tokenizer.to_str(pretty=True))
         with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
             json.dump(self.tokenizer_config(), f, indent=2, ensure_ascii=False)
             f.write("\n")
