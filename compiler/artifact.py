@@ -2,7 +2,11 @@
 
 Written into a staging folder beside the destination and renamed into place only when
 complete (``kiln.atomic.staging``), so an interrupted build never leaves a half artifact under
-the final name. This module is imported by the runtime, so it stays light: json, hashlib, os.
+the final name. The manifest lists every other file with its size and sha256 and carries its
+own sha256 (``manifest_sha256``, computed with that value zeroed). Loading checks the listing
+and every size (cheap: no file is read); ``check_hashes`` (``kiln verify``, ``runtime.load(...,
+verify=True)``) also checks every byte. This module is imported by the runtime, so it stays
+light: json, hashlib, os.
 """
 from __future__ import annotations
 
@@ -13,8 +17,10 @@ from pathlib import Path
 
 from .atomic import staging  # noqa: F401  (writers stage artifacts through here)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2          # 2: the manifest carries its own sha256; every file has bytes and sha256
 MANIFEST = "manifest.json"
+SELF_HASH = "manifest_sha256"
+_SELF_HASH_AT = b'"manifest_sha256": "'
 
 
 def sha256_file(path, chunk: int = 1 << 22) -> str:
@@ -28,6 +34,15 @@ def sha256_file(path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def _self_hash(raw: bytes) -> str | None:
+    """sha256 of the manifest's bytes with its own hash value zeroed; None if it has none."""
+    i = raw.rfind(_SELF_HASH_AT)
+    if i < 0:
+        return None
+    j = i + len(_SELF_HASH_AT)
+    return hashlib.sha256(raw[:j] + b"0" * 64 + raw[j + 64:]).hexdigest()
+
+
 def write_manifest(folder, manifest: dict) -> dict:
     """Complete ``manifest`` with the list of files and their hashes, then write it."""
     folder = Path(folder)
@@ -35,8 +50,11 @@ def write_manifest(folder, manifest: dict) -> dict:
     for p in sorted(folder.rglob("*")):
         if p.is_file() and p.name != MANIFEST:
             files[p.relative_to(folder).as_posix()] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-    manifest = {"format_version": FORMAT_VERSION, **manifest, "files": files}
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_json_default) + "\n")
+    manifest = {"format_version": FORMAT_VERSION, **manifest, "files": files, SELF_HASH: "0" * 64}
+    raw = (json.dumps(manifest, indent=2, default=_json_default) + "\n").encode("utf-8")
+    manifest[SELF_HASH] = _self_hash(raw)
+    at = raw.rfind(_SELF_HASH_AT) + len(_SELF_HASH_AT)     # the last key, so the last match
+    (folder / MANIFEST).write_bytes(raw[:at] + manifest[SELF_HASH].encode() + raw[at + 64:])
     return manifest
 
 
@@ -59,6 +77,12 @@ class ArtifactError(Exception):
 
 
 def read_manifest(folder, *, check_hashes: bool = False) -> dict:
+    """Read and check an artifact's manifest; raises ArtifactError naming the offending file.
+
+    Always: the manifest's structure, every listed file present with its listed size, and no
+    file present that is not listed. With ``check_hashes``: the manifest's own sha256 and every
+    file's sha256 too. Nothing else of the artifact is read before these checks pass.
+    """
     folder = Path(folder)
     mpath = folder / MANIFEST
     if not folder.is_dir():
@@ -66,14 +90,15 @@ def read_manifest(folder, *, check_hashes: bool = False) -> dict:
     if not mpath.is_file():
         raise ArtifactError(folder, "not a kiln artifact (no manifest.json)")
     try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+        raw = mpath.read_bytes()
+        manifest = json.loads(raw.decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ArtifactError(mpath, f"unreadable manifest ({e})") from None
     if not isinstance(manifest, dict):
         raise ArtifactError(mpath, "the manifest is not a JSON object")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(mpath, f"artifact format version {manifest.get('format_version')} "
-                            f"is not the one this kiln reads ({FORMAT_VERSION})")
+                            f"is not the one this kiln reads ({FORMAT_VERSION}); compile the model again")
     files = manifest.get("files", {})
     if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
         raise ArtifactError(mpath, "the manifest's 'files' is not an object of file entries")
@@ -82,14 +107,31 @@ def read_manifest(folder, *, check_hashes: bool = False) -> dict:
         raise ArtifactError(mpath, "the manifest names no backend")
     if "model" in backend and (not isinstance(backend["model"], str) or backend["model"] not in files):
         raise ArtifactError(mpath, f"the backend's model {backend['model']!r} is not a file listed in the manifest")
+    if check_hashes:
+        claimed = manifest.get(SELF_HASH)
+        if not isinstance(claimed, str):
+            raise ArtifactError(mpath, f"the manifest has no {SELF_HASH}")
+        if _self_hash(raw) != claimed:
+            raise ArtifactError(mpath, "does not match its own sha256 (the manifest was edited or damaged)")
     for rel, info in files.items():
-        if not rel or Path(rel).is_absolute() or ".." in Path(rel).parts or "\\" in rel or "\0" in rel:
+        if not rel or Path(rel).is_absolute() or ".." in Path(rel).parts or "\\" in rel or "\0" in rel \
+                or rel == MANIFEST:
             raise ArtifactError(mpath, f"the manifest lists {rel!r}, which is not a path inside the artifact")
+        if not isinstance(info.get("bytes"), int) or not isinstance(info.get("sha256"), str):
+            raise ArtifactError(mpath, f"the manifest's entry for {rel} lacks its bytes or sha256")
+    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir()} - {MANIFEST}
+    for rel in sorted(present - set(files)):
+        raise ArtifactError(folder / rel, "is not listed in the manifest (a file added to the artifact)")
+    for rel, info in files.items():
         p = folder / rel
         if not p.is_file():
             raise ArtifactError(folder, f"file {rel} listed in the manifest is missing")
-        if p.stat().st_size != info.get("bytes"):
-            raise ArtifactError(folder, f"file {rel} has {p.stat().st_size} bytes, the manifest says {info.get('bytes')}")
-        if check_hashes and sha256_file(p) != info.get("sha256"):
-            raise ArtifactError(folder, f"file {rel} does not match its sha256 in the manifest")
+        if p.stat().st_size != info["bytes"]:
+            raise ArtifactError(p, f"has {p.stat().st_size} bytes, the manifest says {info['bytes']} "
+                                "(truncated, extended or replaced)")
+    if check_hashes:
+        for rel, info in files.items():
+            if sha256_file(folder / rel) != info["sha256"]:
+                raise ArtifactError(folder / rel, "does not match its sha256 in the manifest "
+                                    "(edited, damaged or swapped)")
     return manifest

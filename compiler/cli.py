@@ -1,4 +1,4 @@
-"""The ``kiln`` command: inspect, compile, run, bench, convert.
+"""The ``kiln`` command: inspect, compile, run, verify, bench, convert.
 
 Errors a user can act on print as one line ``kiln: PATH: PROBLEM`` and exit with code 2;
 set KILN_DEBUG=1 to see the traceback of an unexpected failure.
@@ -160,6 +160,16 @@ def cmd_bench(a) -> int:
     return 0
 
 
+# ---- verify ---------------------------------------------------------------------------------
+
+def cmd_verify(a) -> int:
+    from kiln.artifact import read_manifest
+    m = read_manifest(a.artifact, check_hashes=True)
+    size = sum(f["bytes"] for f in m["files"].values())
+    print(f"{a.artifact}: ok, manifest and {len(m['files'])} files match their sha256 ({size / 1e6:.1f} MB)")
+    return 0
+
+
 # ---- inspect --------------------------------------------------------------------------------
 
 def cmd_inspect(a) -> int:
@@ -238,6 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int)
     s.add_argument("-v", "--verbose", action="store_true", help="print timings after the answer")
     s.set_defaults(fn=cmd_run)
+
+    s = sub.add_parser("verify", help="check every file of an artifact against its sha256 in the manifest")
+    s.add_argument("artifact")
+    s.set_defaults(fn=cmd_verify)
 
     s = sub.add_parser("bench", help="measure prefill and decode speed of an artifact")
     s.add_argument("artifact")

@@ -12,9 +12,9 @@ from .tokenizer import Tokenizer
 
 
 class Model:
-    def __init__(self, folder, *, threads: int | None = None, device: str | None = None):
+    def __init__(self, folder, *, threads: int | None = None, device: str | None = None, verify: bool = False):
         self.path = Path(folder)
-        self.manifest = read_manifest(self.path)
+        self.manifest = read_manifest(self.path, check_hashes=verify)
         self.config = self.manifest.get("config", {})
         backend = self.manifest["backend"]["name"]
         if backend != "onnxrt":
