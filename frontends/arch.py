@@ -248,6 +248,15 @@ def roles_from_file(path, tensors: dict, table: dict, cfg: "ArchConfig", *, laye
                 fused = f"layers.{i}.{'qkv' if r in 'qkv' else 'gate_up'}.weight"
                 raise KilnError(path, f"tensor {roles.get(role) or roles.get(fused, role)} is missing "
                                       f"(needed for {role})")
+    # the other tensors the builder cannot do without (biases are optional)
+    per_layer = ["attn_norm", "mlp_norm"] + (["gate.weight"] if cfg.gated_mlp else []) \
+        + (["q_norm", "k_norm"] if cfg.qk_norm else [])
+    needed = ["final_norm"] + (["pos_embed"] if cfg.learned_positions else []) \
+        + (["lm_head"] if not cfg.tie_word_embeddings else []) + [f"layers.{i}.{r}" for i in range(n) for r in per_layer]
+    for role in needed:
+        if role not in out:
+            fused = role.replace("gate.weight", "gate_up.weight")
+            raise KilnError(path, f"tensor {roles.get(role) or roles.get(fused, role)} is missing (needed for {role})")
     check_shapes(path, out, cfg)
     return out
 

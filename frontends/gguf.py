@@ -8,6 +8,7 @@ permutation, which whole-row block formats survive untouched.
 from __future__ import annotations
 
 import os
+import reprlib
 from pathlib import Path
 
 import numpy as np
@@ -37,17 +38,31 @@ def arch_config(meta: dict, tensors: dict, path) -> tuple[A.Family, A.ArchConfig
     arch = meta.get("general.architecture")
     family = A.family_for_gguf_arch(arch) if isinstance(arch, str) else None
     if family is None:
-        raise KilnError(path, f"unsupported architecture {arch!r} "
+        raise KilnError(path, f"unsupported architecture {reprlib.repr(arch)} "
                         f"(kiln reads: {', '.join(sorted({f.gguf_arch for f in A.FAMILIES.values()}))})")
 
-    def key(name, default=None, required=True):
+    def key(name, default=None, required=True, whole=True):
         v = meta.get(f"{arch}.{name}", default)
         if v is None and required:
             raise KilnError(path, f"metadata key {arch}.{name} is missing")
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
             kind = "a string" if isinstance(v, str) else "an array" if isinstance(v, list) else type(v).__name__
             raise KilnError(path, f"metadata key {arch}.{name} is {kind}, not a number")
+        if v is not None and whole:
+            # counts and sizes: llama.cpp reads them as uint32 (a float here could be inf or 2.5)
+            if isinstance(v, float) and not v.is_integer():
+                raise KilnError(path, f"metadata key {arch}.{name} is {v}, not a whole number")
+            if not -2**31 <= v < 2**32:
+                raise KilnError(path, f"metadata key {arch}.{name} is {int(v)}, out of range for a count")
         return v
+
+    def token_id(name):
+        v = meta.get(f"tokenizer.ggml.{name}")
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not v.is_integer()):
+            raise KilnError(path, f"metadata key tokenizer.ggml.{name} is {reprlib.repr(v)}, not a token id")
+        return int(v)
 
     try:
         heads = int(key("attention.head_count"))
@@ -56,7 +71,7 @@ def arch_config(meta: dict, tensors: dict, path) -> tuple[A.Family, A.ArchConfig
         head_dim = int(key("attention.key_length", hidden // heads if heads > 0 else 0))
         tokens = meta.get("tokenizer.ggml.tokens")
         vocab = int(key("vocab_size", len(tokens) if tokens else None))
-        eos = meta.get("tokenizer.ggml.eos_token_id")
+        eos = token_id("eos_token_id")
         cfg = A.ArchConfig(
             family=family.name,
             vocab_size=vocab,
@@ -66,19 +81,20 @@ def arch_config(meta: dict, tensors: dict, path) -> tuple[A.Family, A.ArchConfig
             num_kv_heads=kv,
             head_dim=head_dim,
             intermediate_size=int(key("feed_forward_length")),
-            norm_eps=float(meta.get(f"{arch}.attention.layer_norm_rms_epsilon",
-                                    meta.get(f"{arch}.attention.layer_norm_epsilon", 1e-5))),
+            norm_eps=float(key("attention.layer_norm_rms_epsilon" if f"{arch}.attention.layer_norm_rms_epsilon" in meta
+                               else "attention.layer_norm_epsilon", 1e-5, whole=False)),
             tie_word_embeddings="output.weight" not in tensors,
             rotary_dim=int(key("rope.dimension_count", head_dim)),
-            rope_theta=float(key("rope.freq_base", 10000.0)),
+            rope_theta=float(key("rope.freq_base", 10000.0, whole=False)),
             max_position_embeddings=int(key("context_length", 2048)),
             sliding_window=None if (sw := key("attention.sliding_window", required=False)) is None else int(sw),
-            bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-            eos_token_ids=[int(eos)] if eos is not None else [],
-            pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
+            bos_token_id=token_id("bos_token_id"),
+            eos_token_ids=[eos] if eos is not None else [],
+            pad_token_id=token_id("padding_token_id"),
         )
     except (TypeError, ValueError) as e:
-        raise KilnError(path, f"bad model metadata: {e}") from None
+        text = str(e)
+        raise KilnError(path, f"bad model metadata: {text if len(text) <= 160 else text[:157] + '...'}") from None
     for k, v in family.flags.items():
         setattr(cfg, k, v)
     if family.name == "gemma":
@@ -133,7 +149,7 @@ def read(path) -> ModelIR:
     tokenizer = None
     if "tokenizer.ggml.tokens" in f.metadata:
         from .tokenizer import from_gguf_metadata
-        tokenizer = from_gguf_metadata(f.metadata)
+        tokenizer = from_gguf_metadata(f.metadata, path)
     gen = {"eos_token_id": cfg.eos_token_ids} if cfg.eos_token_ids else {}
     formats: dict[str, int] = {}
     for t in f.tensors.values():

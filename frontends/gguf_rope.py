@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import reprlib
 from dataclasses import replace
 
 import numpy as np
@@ -171,7 +172,7 @@ def _llama_cpp_scaling(meta: dict, tensors: dict, cfg: A.ArchConfig, arch: str, 
     def number(suffix, default=None):
         v = meta.get(p + suffix, default)
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
-            raise KilnError(path, f"metadata key {p}{suffix} is {v!r}, not a number")
+            raise KilnError(path, f"metadata key {p}{suffix} is {reprlib.repr(v)}, not a number")
         return v
 
     def vector(name):
@@ -231,7 +232,7 @@ def _llama_cpp_scaling(meta: dict, tensors: dict, cfg: A.ArchConfig, arch: str, 
             if (v := number(suffix)) is not None:
                 found[hf_key] = short_float(v)
         return found
-    raise KilnError(path, f"rope scaling type {stype!r} is not supported (metadata key {p}type; kiln reads "
+    raise KilnError(path, f"rope scaling type {reprlib.repr(stype)} is not supported (metadata key {p}type; kiln reads "
                           f"none, linear, yarn and longrope)")
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import reprlib
 import warnings
 from dataclasses import dataclass, field
 
@@ -112,7 +113,7 @@ def _pre_info(name: str | None) -> _Pre:
     if name in PRE_TOKENIZERS:
         return PRE_TOKENIZERS[name]
     warnings.warn(f"unknown GGUF pre-tokenizer {name!r}; using llama.cpp's 'default' regexes, "
-                  "so tokenization may differ from the original model", stacklevel=3)
+                  "so tokenization may differ from the original model", stacklevel=4)
     return PRE_TOKENIZERS["default"]
 
 
@@ -241,10 +242,17 @@ def _seq(meta: dict, key: str, kind, required=False):
             if kind is str:
                 out.append(x.decode("utf-8") if isinstance(x, (bytes, bytearray)) else str(x))
             else:
-                out.append(kind(x))
-        except (UnicodeDecodeError, ValueError, TypeError):
-            raise KilnError(None, f"GGUF metadata {key} has a malformed entry {x!r}") from None
+                out.append(_convert(x, kind))
+        except (UnicodeDecodeError, ValueError, TypeError, OverflowError):
+            raise KilnError(None, f"GGUF metadata {key} has a malformed entry {reprlib.repr(x)}") from None
     return out
+
+
+def _convert(v, kind):
+    """``kind(v)``, except that a float is an int only when it is a whole number (not 2.5, inf)."""
+    if kind is int and isinstance(v, float) and not v.is_integer():
+        raise ValueError(f"{v} is not a whole number")
+    return kind(v)
 
 
 def _scalar(meta: dict, key: str, kind, default=None):
@@ -256,18 +264,29 @@ def _scalar(meta: dict, key: str, kind, default=None):
     if isinstance(v, (bytes, bytearray)):
         v = v.decode("utf-8", "replace")
     try:
-        return kind(v)
-    except (TypeError, ValueError):
-        raise KilnError(None, f"GGUF metadata {key} should be {kind.__name__}, got {v!r}") from None
+        return _convert(v, kind)
+    except (TypeError, ValueError, OverflowError):
+        raise KilnError(None, f"GGUF metadata {key} should be {kind.__name__}, got {reprlib.repr(v)}") from None
 
 
-def from_gguf_metadata(meta: dict) -> TokenizerSpec:
-    """Build a :class:`TokenizerSpec` from GGUF metadata values (a plain ``{key: value}`` dict)."""
+def from_gguf_metadata(meta: dict, path=None) -> TokenizerSpec:
+    """Build a :class:`TokenizerSpec` from GGUF metadata values (a plain ``{key: value}`` dict).
+
+    ``path``, the file the metadata came from, is named in every error."""
+    try:
+        return _from_gguf_metadata(meta)
+    except KilnError as e:
+        if e.path is None and path is not None:
+            raise KilnError(path, e.message) from None
+        raise
+
+
+def _from_gguf_metadata(meta: dict) -> TokenizerSpec:
     model = _scalar(meta, "tokenizer.ggml.model", str)
     if model is None:
         raise KilnError(None, "GGUF metadata has no tokenizer.ggml.model")
     if model not in ("gpt2", "llama"):
-        raise KilnError(None, f"GGUF tokenizer model {model!r} is not supported (kiln reads 'gpt2' and 'llama')")
+        raise KilnError(None, f"GGUF tokenizer model {reprlib.repr(model)} is not supported (kiln reads 'gpt2' and 'llama')")
     tokens = _seq(meta, "tokenizer.ggml.tokens", str, required=True)
     n = len(tokens)
     if n == 0:
@@ -283,12 +302,12 @@ def from_gguf_metadata(meta: dict) -> TokenizerSpec:
     tokens = list(tokens)
     for i, t in enumerate(tokens):
         if t == "":
-            warnings.warn(f"GGUF token {i} is empty; named [EMPTY_{i}] as llama.cpp does", stacklevel=2)
+            warnings.warn(f"GGUF token {i} is empty; named [EMPTY_{i}] as llama.cpp does", stacklevel=3)
             tokens[i] = f"[EMPTY_{i}]"
     vocab = {}
     for i, t in enumerate(tokens):
         if t in vocab:
-            raise KilnError(None, f"GGUF vocabulary has token {t!r} twice (ids {vocab[t]} and {i})")
+            raise KilnError(None, f"GGUF vocabulary has token {reprlib.repr(t)} twice (ids {vocab[t]} and {i})")
         vocab[t] = i
 
     def special_id(key, default=None):
@@ -296,7 +315,7 @@ def from_gguf_metadata(meta: dict) -> TokenizerSpec:
         if v is None:
             return default
         if not 0 <= v < n:
-            warnings.warn(f"GGUF {key} = {v} is outside the vocabulary of {n}; ignored", stacklevel=3)
+            warnings.warn(f"GGUF {key} = {v} is outside the vocabulary of {n}; ignored", stacklevel=4)
             return default
         return v
 
@@ -378,7 +397,7 @@ def _parse_merges(meta: dict) -> list:
     for m in _seq(meta, "tokenizer.ggml.merges", str):
         pair = _split_merge(m)
         if pair is None:
-            raise KilnError(None, f"GGUF merge {m!r} is not two tokens separated by a space")
+            raise KilnError(None, f"GGUF merge {reprlib.repr(m)} is not two tokens separated by a space")
         out.append(pair)
     return out
 
@@ -392,7 +411,7 @@ def _valid_merges(merges: list, vocab: dict) -> list:
     ok = [(a, b) for a, b in merges if a in vocab and b in vocab and a + b in vocab]
     if len(ok) != len(merges):
         warnings.warn(f"{len(merges) - len(ok)} GGUF merges name tokens outside the vocabulary; "
-                      "dropped", stacklevel=3)
+                      "dropped", stacklevel=4)
     return ok
 
 
