@@ -12,7 +12,9 @@ the data section, with offsets relative to its start.
 from __future__ import annotations
 
 import json
+import math
 import os
+import reprlib
 import threading
 from typing import Callable, Iterable
 
@@ -25,6 +27,7 @@ from kiln.weights import Weight
 from .byte_range import ByteRangeReader
 
 MAX_HEADER_BYTES = 100_000_000   # the safetensors package's own limit
+MAX_DIMS = 64                    # numpy's limit on the dimensions of an array
 INDEX_NAME = "model.safetensors.index.json"
 MAX_INDEX_BYTES = 100_000_000
 
@@ -166,20 +169,32 @@ def _parse_entry(path: str, name: str, entry) -> tuple[_formats.WeightFormat, tu
     fmt = _formats.get(_DTYPE_TO_FORMAT[dtype])
     if not isinstance(shape, list) or not all(_is_int(d) for d in shape):
         raise KilnError(path, f"{where}: shape is not a list of integers")
+    # Shapes and offsets are echoed through reprlib: a hostile header may hold 4000-digit numbers.
+    if len(shape) > MAX_DIMS:
+        raise KilnError(path, f"{where}: shape has {len(shape)} dimensions (at most {MAX_DIMS})")
     if any(d < 0 for d in shape):
-        raise KilnError(path, f"{where}: shape {shape} has a negative dimension")
+        raise KilnError(path, f"{where}: shape {reprlib.repr(shape)} has a negative dimension")
+    if any(d >= 2**64 for d in shape):
+        raise KilnError(path, f"{where}: shape {reprlib.repr(shape)} has a dimension past 64 bits")
     if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)):
         raise KilnError(path, f"{where}: data_offsets is not a pair of integers")
     begin, end = offsets
-    if begin < 0 or end < begin:
-        raise KilnError(path, f"{where}: data_offsets [{begin}, {end}] are not an increasing pair of non-negative integers")
+    if begin < 0 or end < begin or end >= 2**64:
+        raise KilnError(path, f"{where}: data_offsets {reprlib.repr(offsets)} are not an increasing pair of "
+                              "non-negative 64-bit integers")
     # Python integers do not overflow: a shape like [2**62, 4] simply fails the comparison.
     numel = 1
     for d in shape:
         numel *= d
     nbytes = numel * fmt.type_size
     if nbytes != end - begin:
-        raise KilnError(path, f"{where}: shape {shape} of {dtype} needs {nbytes} bytes but data_offsets span {end - begin}")
+        need = nbytes if nbytes < 10**40 else "more than 10**40"
+        raise KilnError(path, f"{where}: shape {reprlib.repr(shape)} of {dtype} needs {need} bytes but "
+                              f"data_offsets span {end - begin}")
+    if math.prod(d for d in shape if d) * max(fmt.type_size, 4) >= 2**63:
+        # only an empty tensor gets here ([2**62, 0]); numpy refuses such a shape even with no
+        # elements (as float32 values too), and the safetensors package's checked product as well
+        raise KilnError(path, f"{where}: shape {reprlib.repr(shape)} is too large for 64-bit sizes, even with no elements")
     return fmt, tuple(shape), begin, end
 
 
