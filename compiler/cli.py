@@ -47,7 +47,8 @@ def cmd_compile(a) -> int:
 
         t = time.perf_counter()
         out = kiln_compile(a.model, target=a.target, output=a.output, verify=a.verify, dump_ir=a.dump_ir,
-                           on_pass=on_pass, on_weight=on_weight, on_stage=on_stage)
+                           on_pass=on_pass, on_weight=on_weight, on_stage=on_stage,
+                           quant=a.quant, requantize=a.requantize)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     if not a.quiet:
         for line in pass_lines:
@@ -186,7 +187,7 @@ def cmd_convert(a) -> int:
     con = _console()
     t = time.perf_counter()
     summary = convert(a.src, a.dst, to=a.to, dtype=a.dtype, quant=a.quant, max_shard_bytes=a.max_shard_size,
-                      console=con, quiet=a.quiet or not con.is_terminal)
+                      console=con, quiet=a.quiet or not con.is_terminal, requantize=a.requantize)
     con.print(f"wrote {a.dst}: {summary.get('tensors', 0)} tensors, {summary.get('bytes_in', 0) / 1e6:.1f} MB in, "
               f"{summary.get('bytes_out', 0) / 1e6:.1f} MB out, {time.perf_counter() - t:.1f} s")
     for note in summary.get("notes", ()):
@@ -212,6 +213,10 @@ def _size(text: str) -> int:
     return n
 
 
+QUANT_HELP = ("a block type for every matrix (q8_0, q4_0, q4_1, q5_0, q5_1, q2_k..q6_k) or a llama.cpp "
+              "mixture (q4_k_m, q4_k_s, q5_k_m, q5_k_s, q3_k_s, q3_k_m, q3_k_l, q2_k_m, q6_k)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kiln", description="Compile, convert and run transformer language models.")
     p.add_argument("--version", action="version", version=_version())
@@ -228,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", help="artifact folder (default: NAME.kiln)")
     s.add_argument("--verify", action="store_true", help="verify the IR after every pass")
     s.add_argument("--dump-ir", metavar="DIR", help="write the IR after each pass into DIR")
+    s.add_argument("--quant", help="quantize a float model's weights: " + QUANT_HELP)
+    s.add_argument("--requantize", action="store_true", help="allow --quant on an already-quantized model")
     s.add_argument("-q", "--quiet", action="store_true")
     s.set_defaults(fn=cmd_compile)
 
@@ -268,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("dst")
     s.add_argument("--to", required=True, choices=["hf", "gguf", "safetensors", "onnx"])
     s.add_argument("--dtype", choices=["f32", "f16", "bf16"], help="element type of float tensors")
-    s.add_argument("--quant", help="block quantization (GGUF output): q8_0, q4_0, q4_1, q5_0, q5_1, q2_k..q6_k")
+    s.add_argument("--quant", help="GGUF output: " + QUANT_HELP)
+    s.add_argument("--requantize", action="store_true", help="allow --quant on an already-quantized model")
     s.add_argument("--max-shard-size", type=_size, metavar="SIZE",
                    help="HF output: split safetensors above this size, e.g. 2GB or 500MB (default 2GB)")
     s.add_argument("-q", "--quiet", action="store_true")

@@ -58,10 +58,32 @@ def source_digest(path) -> str:
     return h.hexdigest()
 
 
+def quant_scheme(quant: str):
+    """A --quant name as a scheme (block type or llama.cpp mixture), or a one-line error."""
+    from kiln import quant_schemes
+    try:
+        return quant_schemes.get(quant)
+    except ValueError as e:
+        raise KilnError(None, str(e)) from None
+
+
+def refuse_requantize(model, quant: str, requantize: bool, path=None) -> None:
+    """--quant on a model whose weights are already blocks: an error unless asked for."""
+    blocks = sorted({w.format.name for w in model.weights.values() if w.format.is_block})
+    if blocks and not requantize:
+        raise KilnError(path or model.source.get("path"),
+                        f"is already quantized ({', '.join(blocks)}); --quant {quant} would quantize its weights "
+                        f"a second time and lose precision twice (leave out --quant to keep its blocks, "
+                        f"or add --requantize)")
+
+
 def compile(model, target: str = "cpu", output=None, *, verify: bool = False, dump_ir: str | None = None,
             on_pass: Callable[[PassRecord], None] | None = None, on_weight: Report | None = None,
-            on_stage: Report | None = None):
-    """Compile a model (path or ModelIR) for ``target`` into the artifact folder ``output``."""
+            on_stage: Report | None = None, quant: str | None = None, requantize: bool = False):
+    """Compile a model (path or ModelIR) for ``target`` into the artifact folder ``output``.
+
+    ``quant`` quantizes a float model's weights first: a block type or a llama.cpp mixture
+    (``kiln.quant_schemes``); an already-quantized model is refused unless ``requantize``."""
     from kiln.frontends.arch import ArchConfig, rope_switch_length
     from kiln.targets.presets import resolve
     t0 = time.perf_counter()
@@ -70,6 +92,7 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
         preset = resolve(target)
     except ValueError as e:
         raise KilnError(None, str(e)) from None
+    scheme = quant_scheme(quant) if quant else None
     src_path = None
     if isinstance(model, (str, os.PathLike)):
         from kiln.frontends.detect import resolve_path
@@ -80,9 +103,16 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
     if output is None:
         name = Path(model.source.get("path") or "model").name.split(".")[0] or "model"
         output = f"{name}.kiln"
+    passes = pipeline(preset.default_backend)
+    if scheme is not None:
+        from kiln.frontends.arch import FAMILIES
+        from kiln.passes.quantize import quantize_pass
+        from kiln.quant_schemes import Layout
+        refuse_requantize(model, quant, requantize, src_path)
+        layout = Layout.of(model.config, FAMILIES[model.config["family"]])
+        passes = [("quantize", quantize_pass(scheme, layout, requantize=requantize))] + passes
     stage("running passes")
-    graph, records = run_passes(model.graph, pipeline(preset.default_backend), verify=verify,
-                                dump_dir=dump_ir, report=on_pass)
+    graph, records = run_passes(model.graph, passes, verify=verify, dump_dir=dump_ir, report=on_pass)
     cfg = model.config
     with staging(output) as tmp:
         stage("lowering to ONNX")
@@ -111,6 +141,7 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
                                      "kv_heads": cfg["num_kv_heads"], "head_dim": cfg["head_dim"]},
                         "recompute_cache_after": rope_switch_length(ArchConfig.from_dict(cfg)),
                         **summary},
+            "quantization": graph.meta.get("quantization"),
             "passes": [{"name": r.name, "changed": r.changed, "stats": r.stats, "seconds": round(r.seconds, 4)} for r in records],
             "generation": model.generation,
             "tokenizer": "tokenizer" if model.tokenizer is not None else None,
@@ -126,8 +157,11 @@ WRITERS = {"hf": "kiln.frontends.hf", "gguf": "kiln.frontends.gguf",
 
 
 def convert(src, dst, *, to: str, dtype: str | None = None, quant: str | None = None,
-            max_shard_bytes: int | None = None, console=None, quiet: bool = True) -> dict:
-    """Convert a model between formats, streaming tensor by tensor from the source."""
+            max_shard_bytes: int | None = None, console=None, quiet: bool = True, requantize: bool = False) -> dict:
+    """Convert a model between formats, streaming tensor by tensor from the source.
+
+    ``quant`` (GGUF output) is a block type or a llama.cpp mixture; a source that is already
+    quantized is refused unless ``requantize``."""
     import importlib
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -136,15 +170,11 @@ def convert(src, dst, *, to: str, dtype: str | None = None, quant: str | None = 
     if quant and to != "gguf":
         raise KilnError(dst, f"--quant is for GGUF output; {to} holds f32, f16 or bf16 tensors (use --dtype)")
     if quant:
-        from kiln import formats
-        try:
-            fmt = formats.get(quant)
-        except KeyError as e:
-            raise KilnError(None, str(e.args[0])) from None
-        if not fmt.is_block or fmt.gguf_type is None:
-            raise KilnError(None, f"{quant} is not a GGUF block format")
+        quant = quant_scheme(quant).name
     t0 = time.perf_counter()
     model = load_model(src)
+    if quant:
+        refuse_requantize(model, quant, requantize)
     writer = importlib.import_module(WRITERS[to])
     total = len(model.weights)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} tensors"),

@@ -46,6 +46,12 @@ def describe(path, console, graph: str | None = None) -> None:
         source = m.get("source") or {}
         console.print(f"architecture {m.get('architecture')}, target {m.get('target')}, backend {m['backend'].get('name')}")
         console.print(f"source {source.get('format')} {source.get('path')} sha256 {source.get('sha256')}")
+        q = m.get("quantization")
+        if isinstance(q, dict):
+            counts = ", ".join(f"{k} {v}" for k, v in (q.get("formats") or {}).items())
+            console.print(f"quantized at compile time: {q.get('scheme')} ({q.get('kind')}"
+                          f"{', requantized' if q.get('requantized') else ''}): {counts}; "
+                          f"{q.get('kept_float', 0)} kept float", markup=False)
         for rec in m.get("passes", []):
             console.print(f"  pass {rec['name']}: {rec['stats']}")
         console.print(f"{len(m['files'])} files, {sum(f.get('bytes', 0) for f in m['files'].values()) / 1e6:.1f} MB")

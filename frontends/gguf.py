@@ -165,26 +165,19 @@ def read(path) -> ModelIR:
 # llama.cpp's general.file_type values (enum llama_ftype) for the main tensor type of a file
 FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q2_k": 10,
               "q3_k": 12, "q4_k": 15, "q5_k": 17, "q6_k": 18, "bf16": 32}
-_FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
 # roles llama.cpp always keeps in float32 (norms, biases and other 1-D tensors are F32 too)
 _ALWAYS_F32 = ("pos_embed",)
 
 
-def tensor_format(role: str, w: Weight, dtype: str | None, quant: str | None) -> str:
+def tensor_format(role: str, w: Weight, dtype: str | None, quant: str | None, layout=None) -> str:
     """The GGUF type of one tensor, following llama.cpp's converter: 1-D tensors and position
-    embeddings stay F32; a block type that does not divide the rows falls back to F16."""
-    from kiln import formats
+    embeddings stay F32; ``quant`` (a block type or a llama.cpp mixture, ``kiln.quant_schemes``,
+    with llama.cpp's fallback types for rows that are not whole blocks) picks the rest."""
     if len(w.shape) < 2 or role in _ALWAYS_F32:
         return "f32"
     if quant:
-        fmt = formats.get(quant)
-        if w.shape[-1] % fmt.block_size == 0:
-            return fmt.name
-        # rows that are not whole super-blocks get a 32-wide type of similar size, as llama.cpp does
-        fallback = _FALLBACK.get(fmt.name)
-        if fallback and w.shape[-1] % formats.get(fallback).block_size == 0:
-            return fallback
-        return "f16"
+        from kiln import quant_schemes
+        return quant_schemes.get(quant).gguf_type(role, w.shape, layout)
     if dtype:
         return dtype
     if w.format.gguf_type is not None:
@@ -256,8 +249,12 @@ def write(model: ModelIR, path, *, dtype: str | None = None, quant: str | None =
     tensors.update(gguf_tensors(model, family, cfg))
     planned = []
     counts: dict[str, int] = {}
+    layout = None
+    if quant:
+        from kiln.quant_schemes import Layout
+        layout = Layout.of(cfg, family)
     for name, (role, w) in tensors.items():
-        fmt = tensor_format(role, w, dtype, quant)
+        fmt = tensor_format(role, w, dtype, quant, layout)
         counts[fmt] = counts.get(fmt, 0) + 1
         planned.append((name, w.astype(fmt)))
     if quant or dtype:
@@ -265,7 +262,12 @@ def write(model: ModelIR, path, *, dtype: str | None = None, quant: str | None =
     else:
         others = {f: c for f, c in counts.items() if f != "f32"}
         main = max(others, key=others.get) if others else "f32"
-    meta = _metadata(model, family, cfg, FILE_TYPES.get(main, 0))
+    if quant and main not in FILE_TYPES:
+        from kiln.quant_schemes import get
+        file_type = get(quant).file_type or 0           # a mixture's own llama_ftype
+    else:
+        file_type = FILE_TYPES.get(main, 0)
+    meta = _metadata(model, family, cfg, file_type)
     write_gguf(path, meta, planned, progress=progress)
     return {"tensors": len(planned), "formats": counts,
             "bytes_in": sum(w.nbytes for name, (_, w) in tensors.items() if name not in extra),
