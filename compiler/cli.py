@@ -98,6 +98,16 @@ def cmd_run(a) -> int:
     return 0
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated counts, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected counts of at least 1, got {text!r}")
+    return values
+
+
 def _id_list(text: str) -> list[int]:
     try:
         ids = [int(x) for x in text.replace(" ", "").split(",") if x]
@@ -144,6 +154,19 @@ def cmd_bench(a) -> int:
             logits = sess.forward(np.asarray([[nxt]]), last_only=True)
         decode.append(time.perf_counter() - t)
     decode_tps = a.decode_tokens / min(decode)
+    by_context = {}
+    for ctx in a.context or []:
+        # decode speed with ctx tokens already in the cache (attention grows with it)
+        history = (base * (ctx // max(len(base), 1) + 1))[:ctx]
+        runs = []
+        for _ in range(a.repeats):
+            sess.reset(1)
+            logits = sess.forward(np.asarray([history]), last_only=True)
+            t = time.perf_counter()
+            for _ in range(a.decode_tokens):
+                logits = sess.forward(np.asarray([[int(np.argmax(logits[0, -1]))]]), last_only=True)
+            runs.append(time.perf_counter() - t)
+        by_context[ctx] = a.decode_tokens / min(runs)
     table = Table(title=f"kiln bench {a.artifact}")
     for col in ("metric", "value"):
         table.add_column(col)
@@ -152,11 +175,14 @@ def cmd_bench(a) -> int:
     table.add_row("load", f"{load_s:.2f} s")
     table.add_row(f"prefill ({len(long)} tokens)", f"{prefill_tps:.1f} tokens/s")
     table.add_row(f"decode ({a.decode_tokens} tokens, greedy)", f"{decode_tps:.1f} tokens/s")
+    for ctx, tps in by_context.items():
+        table.add_row(f"decode after {ctx} tokens of context", f"{tps:.1f} tokens/s")
     table.add_row("peak memory (RSS)", f"{peak_rss_mb():.0f} MB")
     _console(stderr=False).print(table)
     if a.json:
         import json
         print(json.dumps({"prefill_tokens_per_s": prefill_tps, "decode_tokens_per_s": decode_tps,
+                          "decode_tokens_per_s_at_context": {str(c): v for c, v in by_context.items()},
                           "peak_rss_mb": peak_rss_mb(), "load_s": load_s}))
     return 0
 
@@ -266,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prefill-tokens", type=int, default=130)
     s.add_argument("--decode-tokens", type=int, default=128)
     s.add_argument("--repeats", type=int, default=2)
+    s.add_argument("--context", type=_int_list, metavar="16,128,512,1000",
+                   help="also time decoding with this many tokens already in the cache")
     s.add_argument("--threads", type=int)
     s.add_argument("--json", action="store_true", help="also print the figures as JSON")
     s.set_defaults(fn=cmd_bench)
