@@ -79,11 +79,15 @@ def refuse_requantize(model, quant: str, requantize: bool, path=None) -> None:
 
 def compile(model, target: str = "cpu", output=None, *, verify: bool = False, dump_ir: str | None = None,
             on_pass: Callable[[PassRecord], None] | None = None, on_weight: Report | None = None,
-            on_stage: Report | None = None, quant: str | None = None, requantize: bool = False):
+            on_stage: Report | None = None, kv_layout: str = "auto", quant: str | None = None,
+            requantize: bool = False):
     """Compile a model (path or ModelIR) for ``target`` into the artifact folder ``output``.
 
     ``quant`` quantizes a float model's weights first: a block type or a llama.cpp mixture
-    (``kiln.quant_schemes``); an already-quantized model is refused unless ``requantize``."""
+    (``kiln.quant_schemes``); an already-quantized model is refused unless ``requantize``.
+
+    ``kv_layout``: "auto" (the preallocated, in-place KV cache wherever it computes the same
+    thing as the graph, else the growing one), "shared" or "concat" to insist on one."""
     from kiln.frontends.arch import ArchConfig, rope_switch_length
     from kiln.targets.presets import resolve
     t0 = time.perf_counter()
@@ -121,7 +125,8 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
             kill_point("weight")
             if on_weight is not None:
                 on_weight(name)
-        summary = onnxrt.lower(graph, tmp, progress=weight_done)
+        summary = onnxrt.lower(graph, tmp, progress=weight_done, kv_layout=kv_layout,
+                               max_length=cfg.get("max_position_embeddings"))
         if model.tokenizer is not None:
             model.tokenizer.save(tmp / "tokenizer")
             # the runtime tokenizer reads end-of-sequence ids from here too
@@ -137,7 +142,7 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
             "target": {"preset": preset.name, "device": preset.device, "isa": preset.isa},
             "backend": {"name": "onnxrt", "model": "model.onnx", "logits": graph.outputs[0].name,
                         "inputs": [v.name for v in graph.inputs], "outputs": [v.name for v in graph.outputs],
-                        "kv_cache": {"layout": "concat", "layers": graph.meta.get("kv_cache", {}).get("layers", 0),
+                        "kv_cache": {"layout": summary.pop("kv_layout"), "layers": graph.meta.get("kv_cache", {}).get("layers", 0),
                                      "kv_heads": cfg["num_kv_heads"], "head_dim": cfg["head_dim"]},
                         "recompute_cache_after": rope_switch_length(ArchConfig.from_dict(cfg)),
                         **summary},
