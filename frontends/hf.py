@@ -67,7 +67,7 @@ def arch_config(cfg: dict, path: Path) -> tuple[A.Family, A.ArchConfig]:
     for key in ("rope_parameters", "rope_scaling"):
         if cfg.get(key) is not None and not isinstance(cfg[key], dict):
             raise KilnError(path / "config.json", f"{key} is not a JSON object")
-    _check_token_ids(cfg, path / "config.json", cfg.get("vocab_size"), model_type)
+    _check_token_ids(cfg, path / "config.json", cfg.get("vocab_size"))
     cfg = dict(cfg)
     for canonical, key in family.hf_config_aliases.items():
         if key in cfg and canonical not in cfg:
@@ -128,16 +128,8 @@ _WHOLE = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads
           "head_dim", "intermediate_size", "max_position_embeddings", "sliding_window")
 
 
-# transformers' class defaults that lie past the vocabulary of a shrunk test model (tiny random
-# checkpoints keep them: GPT2Config's 50256, Phi3Config's 32000). They name no token and are
-# tolerated as they are; any other id outside the vocabulary is refused.
-_DEFAULT_IDS = {"gpt2": {"bos_token_id": 50256, "eos_token_id": 50256},
-                "phi3": {"eos_token_id": 32000, "pad_token_id": 32000}}
-
-
-def _check_token_ids(cfg: dict, path: Path, vocab, model_type=None) -> None:
+def _check_token_ids(cfg: dict, path: Path, vocab) -> None:
     """bos/eos/pad ids name tokens: integers inside the vocabulary (eos may be a list)."""
-    defaults = _DEFAULT_IDS.get(model_type, {})
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         v = cfg.get(key)
         if v is None:
@@ -145,8 +137,7 @@ def _check_token_ids(cfg: dict, path: Path, vocab, model_type=None) -> None:
         for x in (v if key == "eos_token_id" and isinstance(v, list) else [v]):
             if isinstance(x, bool) or not isinstance(x, int):
                 raise KilnError(path, f"{key} is {json.dumps(v)}, not a token id")
-            if isinstance(vocab, int) and not isinstance(vocab, bool) and not 0 <= x < vocab \
-                    and defaults.get(key) != x:
+            if isinstance(vocab, int) and not isinstance(vocab, bool) and not 0 <= x < vocab:
                 raise KilnError(path, f"{key} {x} is outside the vocabulary (vocab_size {vocab})")
 
 
@@ -222,7 +213,7 @@ def read(path) -> ModelIR:
         tokenizer = from_hf_folder(folder)
     except ImportError:
         pass
-    gen = _generation_config(folder, cfg.vocab_size, raw_cfg.get("model_type"))
+    gen = _generation_config(folder, cfg.vocab_size)
     if not gen.get("eos_token_id") and cfg.eos_token_ids:
         gen["eos_token_id"] = cfg.eos_token_ids
     return ModelIR(graph=graph, config=cfg.to_dict(), weights=weights,
@@ -231,7 +222,7 @@ def read(path) -> ModelIR:
                    tokenizer=tokenizer, generation=gen)
 
 
-def _generation_config(folder: Path, vocab_size: int, model_type=None) -> dict:
+def _generation_config(folder: Path, vocab_size: int) -> dict:
     p = folder / "generation_config.json"
     if not p.is_file():
         return {}
@@ -241,7 +232,7 @@ def _generation_config(folder: Path, vocab_size: int, model_type=None) -> dict:
         raise KilnError(p, f"not a readable JSON file ({e})") from None
     if not isinstance(d, dict):
         raise KilnError(p, "not a JSON object")
-    _check_token_ids(d, p, vocab_size, model_type)
+    _check_token_ids(d, p, vocab_size)
     keep = ("eos_token_id", "bos_token_id", "pad_token_id", "temperature", "top_k", "top_p", "repetition_penalty", "do_sample", "max_new_tokens")
     out = {k: d[k] for k in keep if k in d and d[k] is not None}
     if "eos_token_id" in out:
