@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import collections
 import io
+import math
 import os
 import pickle
+import reprlib
 import zipfile
 import zlib
 from typing import Callable
@@ -391,13 +393,13 @@ def _make_weight(path: str, name: str, ref: _TensorRef) -> Weight:
     size, stride, offset = ref.size, ref.stride, ref.offset
     if not isinstance(size, (tuple, list)) or not all(_is_int(d) and d >= 0 for d in size):
         raise KilnError(path, f"{where}: size is not a list of non-negative integers")
-    if not isinstance(stride, (tuple, list)) or not all(_is_int(s) and s >= 0 for s in stride):
+    if not isinstance(stride, (tuple, list)) or not all(_is_int(s) and 0 <= s < 2**63 for s in stride):
         raise KilnError(path, f"{where}: stride is not a list of non-negative integers")
     if len(size) != len(stride):
         raise KilnError(path, f"{where}: size has {len(size)} dimensions but stride has {len(stride)}")
     if len(size) > MAX_NDIM:
         raise KilnError(path, f"{where} has {len(size)} dimensions (at most {MAX_NDIM})")
-    if not _is_int(offset) or offset < 0:
+    if not _is_int(offset) or not 0 <= offset < 2**63:
         raise KilnError(path, f"{where}: storage offset is not a non-negative integer")
     fmt = _formats.get(dtype.format_name)
     size, stride = tuple(size), tuple(stride)
@@ -405,11 +407,20 @@ def _make_weight(path: str, name: str, ref: _TensorRef) -> Weight:
     numel = 1
     for d in size:
         numel *= d
+    if math.prod(d for d in size if d) * max(isz, 4) >= 2**63:
+        # an empty tensor ([0, 2**62]) can claim such a size: numpy refuses to shape it, even
+        # with no elements, and so would any use of it
+        raise KilnError(path, f"{where}: size {reprlib.repr(size)} is too large for 64-bit sizes")
     if numel == 0:
         return Weight(size, fmt, lambda: np.empty(0, dtype=np.uint8), name=name, origin=path)
     last = offset + sum((d - 1) * s for d, s in zip(size, stride))   # highest element touched
     if (last + 1) * isz > storage.nbytes:
         raise KilnError(path, f"{where} reaches byte {(last + 1) * isz} of {storage!r}, which holds only {storage.nbytes}")
+    if numel * isz > storage.nbytes:
+        # strides that repeat elements (0 for an expanded dimension): a tiny file could claim a
+        # tensor of terabytes, and kiln copies a view out into a tensor of its own
+        raise KilnError(path, f"{where} has {numel} elements, more than the {storage.nbytes // isz} of {storage!r} "
+                              "(overlapping strides, as torch's expand makes, are not supported)")
 
     contiguous, expect = True, 1
     for d, s in zip(reversed(size), reversed(stride)):

@@ -8,8 +8,8 @@ read it. Every case must end in one of two ways:
   dequantized, the tokenizer run once), or
 * a ``KilnError`` whose message is one short line naming the case's file or folder.
 
-Anything else is a crash: another exception type, a case that runs past ``CASE_SECONDS``, or
-memory past the limits. A target runs in a child process (``run_target``) under
+Anything else is a crash: another exception type, a case that uses more than ``CASE_SECONDS``
+of CPU (or ``CASE_WALL_SECONDS`` of wall time), or memory past the limits. A target runs in a child process (``run_target``) under
 ``RLIMIT_AS`` = ``AS_LIMIT``; the parent reads the child's peak RSS from ``wait4`` and fails
 above ``RSS_LIMIT``, and a child that dies or hangs leaves its last case on disk to inspect.
 
@@ -41,7 +41,8 @@ from hypothesis import strategies as st
 from kiln.errors import KilnError
 
 DEFAULT_EXAMPLES = 300
-CASE_SECONDS = 5.0              # per case: SIGALRM in the child
+CASE_SECONDS = 5.0              # per case, CPU time (SIGPROF): load on a shared machine cannot trip it
+CASE_WALL_SECONDS = 30.0        # per case, wall time (SIGALRM): a case blocked in a system call
 STUCK_SECONDS = 60.0            # no new case for this long (start-up included): the parent kills
 AS_LIMIT = 1536 << 20           # address space of the child (bytes)
 RSS_LIMIT = 1 << 30             # peak resident memory of the child (bytes)
@@ -71,7 +72,7 @@ def target(**strategies):
 
 
 class CaseTimeout(BaseException):
-    """Raised by SIGALRM inside a case. A BaseException so that no reader's ``except
+    """Raised by SIGPROF/SIGALRM inside a case. A BaseException so that no reader's ``except
     Exception`` can turn a hang into an ordinary error."""
 
 
@@ -82,7 +83,8 @@ class Workspace:
         self.root = Path(root)
         self.dir = self.root / "case"
         self.cases = self.ok = self.errors = 0
-        self.slowest = (0.0, "")
+        self.slowest = (0.0, "")        # CPU seconds, the case's notes
+        self.slowest_wall = 0.0
         self.note_text = ""
         self.messages: collections.Counter = collections.Counter()
 
@@ -107,6 +109,7 @@ class Workspace:
     def stats(self) -> dict:
         return {"cases": self.cases, "ok": self.ok, "errors": self.errors,
                 "slowest_s": round(self.slowest[0], 4), "slowest_case": self.slowest[1],
+                "slowest_wall_s": round(self.slowest_wall, 4),
                 "top_errors": self.messages.most_common(12)}
 
 
@@ -144,7 +147,9 @@ def _shape_of(message: str) -> str:
 
 
 def _alarm(signum, frame):
-    raise CaseTimeout(f"case ran past {CASE_SECONDS} s")
+    if signum == signal.SIGPROF:
+        raise CaseTimeout(f"case used more than {CASE_SECONDS} s of CPU")
+    raise CaseTimeout(f"case ran more than {CASE_WALL_SECONDS} s")
 
 
 def _run_child(test_file: str, name: str, root: str, stats_path: str) -> int:
@@ -159,6 +164,7 @@ def _run_child(test_file: str, name: str, root: str, stats_path: str) -> int:
     ws = Workspace(Path(root))
     if hasattr(module, "prepare"):      # build the valid base files outside the timed cases
         module.prepare(ws.root / "bases")
+    signal.signal(signal.SIGPROF, _alarm)
     signal.signal(signal.SIGALRM, _alarm)
     n = examples()
     run_seed = int(os.environ.get(ENV_SEED) or int.from_bytes(os.urandom(4), "little")) if long_run() else None
@@ -171,16 +177,19 @@ def _run_child(test_file: str, name: str, root: str, stats_path: str) -> int:
     def one_case(**draws):
         ws.fresh()
         ws.cases += 1
-        os.utime(heartbeat)          # the parent's watchdog: a case stuck in C code gets no SIGALRM
-        signal.setitimer(signal.ITIMER_REAL, CASE_SECONDS)
-        t0 = time.perf_counter()
+        os.utime(heartbeat)          # the parent's watchdog: a case stuck in C code never sees a signal
+        signal.setitimer(signal.ITIMER_PROF, CASE_SECONDS)
+        signal.setitimer(signal.ITIMER_REAL, CASE_WALL_SECONDS)
+        t0, c0 = time.perf_counter(), time.process_time()
         try:
             fn(ws, **draws)
         finally:
+            signal.setitimer(signal.ITIMER_PROF, 0)
             signal.setitimer(signal.ITIMER_REAL, 0)
-            dt = time.perf_counter() - t0
-            if dt > ws.slowest[0]:
-                ws.slowest = (dt, ws.note_text)
+            cpu, wall = time.process_time() - c0, time.perf_counter() - t0
+            if cpu > ws.slowest[0]:
+                ws.slowest = (cpu, ws.note_text)
+            ws.slowest_wall = max(ws.slowest_wall, wall)
 
     test = given(**fn.fuzz_strategies)(one_case)
     test = settings(max_examples=n, derandomize=run_seed is None, database=None, deadline=None,
@@ -234,7 +243,7 @@ def run_target(test_file: str, name: str, tmp_path: Path) -> dict:
         killed, done = threading.Event(), threading.Event()
 
         def watchdog():
-            # SIGALRM ends a slow case that runs Python; one stuck in C code (or a child that
+            # signals end a slow case that runs Python; one stuck in C code (or a child that
             # stops making progress at all) is killed here and reported with its case on disk
             while not done.wait(0.5):
                 if time.time() - heartbeat.stat().st_mtime > STUCK_SECONDS:
