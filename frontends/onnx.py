@@ -22,10 +22,18 @@ def write(model: ModelIR, folder, *, progress=None) -> dict:
     from kiln.targets import onnxrt
     graph, _ = run_passes(model.graph, [("kv_cache", insert_kv_cache), ("dce", dce)])
     with staging(folder) as tmp:
-        summary = onnxrt.lower(graph, tmp, progress=(lambda name: progress(name, 0)) if progress else None)
+        # the growing (concatenated) cache: a standalone model keeps no state between runs
+        summary = onnxrt.lower(graph, tmp, progress=(lambda name: progress(name, 0)) if progress else None,
+                               kv_layout="concat")
         if model.tokenizer is not None:
             model.tokenizer.save(tmp)
-        io = {"inputs": {v.name: {"dtype": v.type.dtype, "shape": list(v.type.shape)} for v in graph.inputs},
+        inputs = {v.name: {"dtype": v.type.dtype, "shape": list(v.type.shape)} for v in graph.inputs}
+        if summary.get("logits_positions"):
+            # the lowering adds it: which positions' logits the model computes
+            inputs[summary["logits_positions"]] = {
+                "dtype": "int64", "shape": ["batch", "logits"],
+                "meaning": "positions (0-based, within this run's input_ids) whose logits are computed"}
+        io = {"inputs": inputs,
               "outputs": {v.name: {"dtype": v.type.dtype, "shape": list(v.type.shape)} for v in graph.outputs},
               "kv_cache": {"layout": "concat", "past": "past_key.N / past_value.N", "present": "present_key.N / present_value.N"},
               "config": model.config}

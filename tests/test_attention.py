@@ -56,12 +56,15 @@ def test_fused_attention_in_interpreter_and_onnxruntime(hf_fixture, name, tmp_pa
     it = Interpreter(g)
     interp = _chunks(lambda feeds: it.run(feeds, None), model.config, ref["input_ids"], [5])
     np.testing.assert_allclose(interp, ref["logits"], rtol=0, atol=BOUND[name])
-    onnxrt.lower(g, tmp_path)
+    # the growing cache, fed by hand (the preallocated layout is tests/test_kv_shared.py's)
+    onnxrt.lower(g, tmp_path, kv_layout="concat")
     sess = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
 
     def run_ort(feeds):
-        return dict(zip(names, sess.run(None, feeds)))
+        b, n = feeds["input_ids"].shape
+        every = np.broadcast_to(np.arange(n), (b, n))                # logits of every position
+        return dict(zip(names, sess.run(None, {**feeds, "logits_positions": every})))
     # one row in two chunks (the second continues a cache); a batch of two, prefilled then
     # token by token (ORT's kernel takes several new tokens over a cache only for one row)
     ids = ref["input_ids"]

@@ -19,13 +19,16 @@ def test_onnx_export_runs_in_onnxruntime_with_kv_cache(hf_fixture, tmp_path):
     io = json.loads((out / "kiln_io.json").read_text())
     assert "past_key.0" in io["inputs"] and "present_value.1" in io["outputs"]
     sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    # kiln_io.json lists exactly what the model takes
+    assert sorted(io["inputs"]) == sorted(i.name for i in sess.get_inputs())
     ref = np.load(src / "reference.npz")
     empty = {i.name: np.zeros((1, 4, 0, 16), np.float32) for i in sess.get_inputs() if i.name.startswith("past")}
     names = [o.name for o in sess.get_outputs()]
     feeds = {**empty, "input_ids": ref["prompt"]}
     tokens, logits = [], []
     for _ in range(16):
-        outs = dict(zip(names, sess.run(None, feeds)))
+        last = np.array([[feeds["input_ids"].shape[1] - 1]])        # the logits of the last position only
+        outs = dict(zip(names, sess.run(None, {**feeds, "logits_positions": last})))
         logits.append(outs[names[0]][0, -1])
         t = int(np.argmax(logits[-1]))
         tokens.append(t)

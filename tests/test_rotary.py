@@ -55,13 +55,17 @@ def test_ort_rotary_embedding_matches_for_a_batch_with_a_cache(hf_fixture, tmp_p
     insert_kv_cache(g)
     fuse_rotary(g)
     dce(g)
-    onnxrt.lower(g, tmp_path)
+    onnxrt.lower(g, tmp_path, kv_layout="concat")                   # the growing cache, fed by hand
     sess = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
     past = {i.name: np.zeros((2, 2, 0, 8), np.float32) for i in sess.get_inputs() if i.name.startswith("past")}
     ids = ref["input_ids"]
-    first = dict(zip(names, sess.run(None, {**past, "input_ids": ids[:, :7]})))
-    rest = dict(zip(names, sess.run(None, {**{k: first["present" + k[4:]] for k in past}, "input_ids": ids[:, 7:]})))
+
+    def every(n):                                                   # logits of every position
+        return np.broadcast_to(np.arange(n), (2, n))
+    first = dict(zip(names, sess.run(None, {**past, "input_ids": ids[:, :7], "logits_positions": every(7)})))
+    rest = dict(zip(names, sess.run(None, {**{k: first["present" + k[4:]] for k in past}, "input_ids": ids[:, 7:],
+                                           "logits_positions": every(5)})))
     got = np.concatenate([first[names[0]], rest[names[0]]], axis=1)
     # against transformers: measured 1.9e-7 (logits ~0.5); bound ~10x
     np.testing.assert_allclose(got, ref["logits"], rtol=0, atol=2e-6)
