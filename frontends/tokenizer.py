@@ -237,7 +237,7 @@ def _seq(meta: dict, key: str, kind, required=False):
     if isinstance(v, (str, bytes)) or not hasattr(v, "__iter__"):
         raise KilnError(None, f"GGUF metadata {key} should be an array, got {type(v).__name__}")
     out = []
-    for x in v:
+    for i, x in enumerate(v):
         try:
             if kind is str:
                 out.append(x.decode("utf-8") if isinstance(x, (bytes, bytearray)) else str(x))
@@ -245,6 +245,9 @@ def _seq(meta: dict, key: str, kind, required=False):
                 out.append(_convert(x, kind))
         except (UnicodeDecodeError, ValueError, TypeError, OverflowError):
             raise KilnError(None, f"GGUF metadata {key} has a malformed entry {reprlib.repr(x)}") from None
+        if kind is str and _has_surrogates(out[-1]):
+            # the GGUF reader keeps bytes that are not UTF-8 as surrogates; text cannot hold them
+            raise KilnError(None, f"GGUF metadata {key}[{i}] is not valid UTF-8: {reprlib.repr(out[-1])}")
     return out
 
 
@@ -264,9 +267,12 @@ def _scalar(meta: dict, key: str, kind, default=None):
     if isinstance(v, (bytes, bytearray)):
         v = v.decode("utf-8", "replace")
     try:
-        return _convert(v, kind)
+        v = _convert(v, kind)
     except (TypeError, ValueError, OverflowError):
         raise KilnError(None, f"GGUF metadata {key} should be {kind.__name__}, got {reprlib.repr(v)}") from None
+    if kind is str and _has_surrogates(v):
+        raise KilnError(None, f"GGUF metadata {key} is not valid UTF-8: {reprlib.repr(v)}")
+    return v
 
 
 def from_gguf_metadata(meta: dict, path=None) -> TokenizerSpec:
@@ -463,19 +469,43 @@ def _post_processor_json(tokens, bos: int | None, eos: int | None, byte_level: b
 # HF folder -> spec
 # --------------------------------------------------------------------------------------------
 
-def _read_json(path: str):
+def _read_json(path: str) -> dict:
+    """The JSON object in ``path``; anything else is one KilnError naming the file."""
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise KilnError(path, f"not valid JSON ({e.msg} at line {e.lineno})") from None
+        with open(path, "rb") as f:
+            data = json.loads(f.read().decode("utf-8"))
+    except OSError as e:
+        raise KilnError(path, f"cannot read: {e.strerror or e}") from None
     except UnicodeDecodeError:
         raise KilnError(path, "not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise KilnError(path, f"not valid JSON ({e.msg} at line {e.lineno})") from None
+    except RecursionError:
+        raise KilnError(path, "not valid JSON (nested too deeply)") from None
+    except ValueError as e:      # a number past Python's digit limit
+        raise KilnError(path, f"not valid JSON ({_first_line(e)})") from None
+    if not isinstance(data, dict):
+        raise KilnError(path, f"not a JSON object (a JSON {type(data).__name__})")
+    return data
+
+
+def _has_surrogates(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _first_line(e: BaseException, limit: int = 160) -> str:
+    lines = str(e).splitlines()
+    text = lines[0] if lines else type(e).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _token_text(v):
     if isinstance(v, dict):
-        return v.get("content")
+        v = v.get("content")
     return v if isinstance(v, str) else None
 
 
@@ -505,7 +535,17 @@ def from_hf_folder(folder) -> TokenizerSpec | None:
     try:
         tok = Tokenizer.from_str(json.dumps(tj))
     except Exception as e:  # the tokenizers library raises a bare Exception
-        raise KilnError(tj_path, f"not a tokenizer the tokenizers library can load ({str(e).splitlines()[0]})") from None
+        raise KilnError(tj_path, f"not a tokenizer the tokenizers library can load ({_first_line(e)})") from None
+    _check_template_processing(tj_path, tj)
+    _smoke_test(tj_path, tok)
+    ids = tok.get_vocab(with_added_tokens=True).values()
+    n_vocab = max(ids, default=-1) + 1
+    if n_vocab > max(2 * len(ids), len(ids) + 65536):
+        # GGUF (and every runtime table) lays tokens out by id: 2**31 would mean 2**31 entries
+        raise KilnError(tj_path, f"token ids run up to {n_vocab - 1}, but there are only {len(ids)} tokens")
+
+    def is_id(i) -> bool:       # ids from the config files name tokens: others are ignored
+        return isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n_vocab
 
     def opt_json(name):
         p = os.path.join(folder, name)
@@ -520,7 +560,9 @@ def from_hf_folder(folder) -> TokenizerSpec | None:
         return t
 
     def id_of(text):
-        return None if text is None else tok.token_to_id(text)
+        if text is None or _has_surrogates(text):     # a "\ud800" escape names no token
+            return None
+        return tok.token_to_id(text)
 
     bos_tok, eos_tok = tok_of("bos_token"), tok_of("eos_token")
     bos, eos = id_of(bos_tok), id_of(eos_tok)
@@ -529,9 +571,9 @@ def from_hf_folder(folder) -> TokenizerSpec | None:
     gen_eos = gen.get("eos_token_id")
     for src in (extra, gen_eos):
         for i in (src if isinstance(src, list) else [src]):
-            if isinstance(i, int) and i not in eos_ids:
+            if is_id(i) and i not in eos_ids:
                 eos_ids.append(i)
-    if bos is None and isinstance(gen.get("bos_token_id"), int):
+    if bos is None and is_id(gen.get("bos_token_id")):
         bos = gen["bos_token_id"]
     pp_bos, pp_eos = _template_flags(tj, bos_tok, eos_tok)
     add_bos = cfg.get("add_bos_token")
@@ -539,9 +581,7 @@ def from_hf_folder(folder) -> TokenizerSpec | None:
     add_bos = bool(pp_bos) if add_bos is None else bool(add_bos)
     add_eos = bool(pp_eos) if add_eos is None else bool(add_eos)
 
-    template = read_chat_template(folder, cfg)
-    if template is None:
-        template = pick_template(opt_json("chat_template.json").get("chat_template"))
+    template = _chat_template(folder, cfg, opt_json)
 
     mml = cfg.get("model_max_length")
     mml = int(mml) if isinstance(mml, (int, float)) and 0 < mml < 1e12 else None
@@ -552,6 +592,55 @@ def from_hf_folder(folder) -> TokenizerSpec | None:
         tokenizer=tok, bos_id=bos, eos_ids=eos_ids, pad_id=id_of(tok_of("pad_token")), unk_id=unk,
         add_bos=add_bos and bos is not None, add_eos=add_eos and eos is not None,
         chat_template=template, model_max_length=mml)
+
+
+def _check_template_processing(path: str, tj: dict) -> None:
+    """The library loads a TemplateProcessing whose template names a special token that its
+    ``special_tokens`` lacks, then panics on the first encode: refuse it here, by name."""
+    pp = tj.get("post_processor") or {}
+    procs = pp.get("processors") or [] if pp.get("type") == "Sequence" else [pp]
+    for p in procs:
+        if not isinstance(p, dict) or p.get("type") != "TemplateProcessing":
+            continue
+        known = p.get("special_tokens") or {}
+        for part in ("single", "pair"):
+            for piece in p.get(part) or []:
+                token = (piece.get("SpecialToken") or {}).get("id") if isinstance(piece, dict) else None
+                if token is not None and token not in known:
+                    raise KilnError(path, f"post_processor's {part} template uses the special token "
+                                          f"{reprlib.repr(token)}, which its special_tokens does not define")
+
+
+def _smoke_test(path: str, tok: Tokenizer) -> None:
+    """Encode and decode a little text once: the library accepts some tokenizer.json files that it
+    then cannot run, and fails on them with a Rust panic (a BaseException, not an Exception)."""
+    try:
+        ids = tok.encode("Hello world", "and a pair", add_special_tokens=True).ids
+        tok.decode(ids, skip_special_tokens=False)
+    except BaseException as e:
+        if not isinstance(e, Exception) and type(e).__name__ != "PanicException":
+            raise                      # KeyboardInterrupt and the like stay what they are
+        raise KilnError(path, f"the tokenizers library loads it but cannot encode with it ({_first_line(e)})") from None
+
+
+def _chat_template(folder: str, cfg: dict, opt_json) -> str | None:
+    """The folder's chat template: chat_template.jinja, tokenizer_config.json, chat_template.json."""
+    jinja = os.path.join(folder, "chat_template.jinja")
+    source = jinja if os.path.isfile(jinja) else os.path.join(folder, "tokenizer_config.json")
+    try:
+        template = read_chat_template(folder, cfg)
+        if template is None:
+            source = os.path.join(folder, "chat_template.json")
+            template = pick_template(opt_json("chat_template.json").get("chat_template"))
+    except UnicodeDecodeError:
+        raise KilnError(source, "not UTF-8 text") from None
+    except OSError as e:
+        raise KilnError(source, f"cannot read: {e.strerror or e}") from None
+    except TypeError:      # a list of templates whose names are not strings (unhashable)
+        raise KilnError(source, "chat_template is neither a string nor a list of named templates") from None
+    if template is not None and not isinstance(template, str):
+        raise KilnError(source, f"chat_template is a {type(template).__name__}, not a string")
+    return template
 
 
 # --------------------------------------------------------------------------------------------
