@@ -28,6 +28,7 @@ def pipeline(backend: str) -> list:
     from kiln.passes.attention import fuse_attention
     from kiln.passes.dce import dce
     from kiln.passes.kv_cache import insert_kv_cache
+    from kiln.passes.merge_matmul import merge_matmul
     from kiln.passes.quant_matmul import fuse_quant_matmul
     from kiln.passes.rmsnorm import fuse_rmsnorm
     from kiln.passes.rotary import fuse_rotary
@@ -40,6 +41,10 @@ def pipeline(backend: str) -> list:
             ("skip_rmsnorm", fuse_skip_rmsnorm),
             ("rotary", fuse_rotary),
             ("attention", lambda g: fuse_attention(g, head_dim_multiple=8)),
+            # q/k/v and gate/up as one product each, before quant_matmul makes them one
+            # MatMulNBits (and one min-term correction); the attention lowering still finds each
+            # projection's head split below the Split
+            ("merge_matmul", merge_matmul),
             ("quant_matmul", fuse_quant_matmul),
             ("dce", dce)]
 

@@ -377,6 +377,22 @@ class Slice:
         return [a[tuple(idx)]]
 
 
+@op("Split", {"axis": REQUIRED, "split": REQUIRED})
+class Split:
+    """Split(x) into consecutive parts of ``split`` sizes along ``axis`` (ONNX Split)."""
+    @staticmethod
+    def infer(inputs, attrs):
+        shape = inputs[0].type.shape
+        ax = _norm_axis(attrs["axis"], len(shape))
+        if isinstance(shape[ax], int) and shape[ax] != sum(attrs["split"]):
+            raise ValueError(f"Split: parts {attrs['split']} do not add up to {shape[ax]}")
+        return [TensorType(inputs[0].type.dtype, shape[:ax] + (int(n),) + shape[ax + 1:]) for n in attrs["split"]]
+
+    @staticmethod
+    def compute(x, attrs):
+        return np.split(x[0], np.cumsum(attrs["split"])[:-1], axis=attrs["axis"])
+
+
 @op("Unsqueeze", {"axes": REQUIRED})
 class Unsqueeze:
     @staticmethod

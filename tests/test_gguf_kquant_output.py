@@ -101,7 +101,8 @@ def test_kquant_blocks_run_quantized_in_onnxruntime(wide_model, tmp_path, quant)
     convert(wide_model, gguf_path, to="gguf", quant=quant)
     model = runtime.load(kiln_compile(gguf_path, output=tmp_path / "m.kiln"))
     stats = {p["name"]: p["stats"] for p in model.manifest["passes"]}
-    assert stats["quant_matmul"] == {f"quant_matmul_{quant}": 8}     # 7 layer weights + lm_head
+    assert stats["merge_matmul"] == {"merged": 2, "matmuls": 5}       # q/k/v and gate/up
+    assert stats["quant_matmul"] == {f"quant_matmul_{quant}": 5}     # q_k_v, o, gate_up, down + lm_head
     ids = np.random.default_rng(2).integers(0, 256, size=(1, 8))
     want = next(iter(run(load_model(gguf_path).graph, {"input_ids": ids}).values()))
     # measured 7.4e-6 (q4_k) and 3.5e-6 (q6_k) on logits ~3; bound ~10x the worst

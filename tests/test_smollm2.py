@@ -41,14 +41,18 @@ def test_manifest_describes_the_build(artifact, smollm2_gguf):
     assert m["source"]["sha256"] == sha256_file(smollm2_gguf)
     assert m["source"]["tensor_formats"] == {"q4_1": 210, "f32": 61, "q8_0": 1}
     stats = {p["name"]: p["stats"] for p in m["passes"]}
-    assert list(stats) == ["kv_cache", "rmsnorm", "skip_rmsnorm", "rotary", "attention", "quant_matmul", "dce"]
+    assert list(stats) == ["kv_cache", "rmsnorm", "skip_rmsnorm", "rotary", "attention", "merge_matmul", "quant_matmul",
+                           "dce"]
     assert stats["skip_rmsnorm"] == {"skip_rmsnorm": 60}  # every norm after a residual add
     assert stats["rotary"] == {"rotary": 60}            # q and k of every layer
     assert stats["attention"] == {"attention": 30}
     assert stats["kv_cache"] == {"attention_layers": 30}
     assert stats["rmsnorm"] == {"rmsnorm": 61}          # two per layer and the final norm
+    # q/k/v and gate/up of every layer as one product each (7 -> 4 per layer); the tied head
+    # is not merged into anything
+    assert stats["merge_matmul"] == {"merged": 60, "matmuls": 150}
     # the Q4_1 blocks and the Q8_0 tied head reach ONNX Runtime as they are
-    assert stats["quant_matmul"] == {"quant_matmul_q4_1": 210, "quant_matmul_q8_0": 1}
+    assert stats["quant_matmul"] == {"quant_matmul_q4_1": 120, "quant_matmul_q8_0": 1}
     assert "model.onnx" in m["files"] and "tokenizer/tokenizer.json" in m["files"]
 
 
