@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 from .atomic import staging  # noqa: F401  (writers stage artifacts through here)
+from .errors import KilnError
 
 FORMAT_VERSION = 2          # 2: the manifest carries its own sha256; every file has bytes and sha256
 MANIFEST = "manifest.json"
@@ -70,10 +71,25 @@ def _json_default(o):
     raise TypeError(f"{type(o).__name__} is not JSON serialisable")
 
 
-class ArtifactError(Exception):
+class ArtifactError(KilnError):
+    """A problem with an artifact, naming the offending file: a KilnError like any input's."""
+
     def __init__(self, path, message):
-        self.path, self.message = os.fspath(path), message
-        super().__init__(f"{self.path}: {message}")
+        super().__init__(path, message)
+
+
+def _show(name) -> str:
+    """A name from the manifest fit for a one-line message: quoted when odd, cut when long."""
+    text = name if isinstance(name, str) else repr(name)
+    if not text or not text.isprintable() or text != text.strip():
+        text = repr(text)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _at(folder: Path, rel: str) -> tuple[Path, str]:
+    """Where an error about file ``rel`` points: the file itself, or, when its name would break
+    the message's line, the folder, with the name quoted at the start of the message."""
+    return (folder / rel, "") if _show(rel) == rel else (folder, f"file {_show(rel)} ")
 
 
 def read_manifest(folder, *, check_hashes: bool = False) -> dict:
@@ -94,10 +110,14 @@ def read_manifest(folder, *, check_hashes: bool = False) -> dict:
         manifest = json.loads(raw.decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ArtifactError(mpath, f"unreadable manifest ({e})") from None
+    except RecursionError:
+        raise ArtifactError(mpath, "unreadable manifest (nested too deeply)") from None
+    except ValueError as e:       # a number past Python's digit limit
+        raise ArtifactError(mpath, f"unreadable manifest ({str(e).split(';')[0]})") from None
     if not isinstance(manifest, dict):
         raise ArtifactError(mpath, "the manifest is not a JSON object")
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise ArtifactError(mpath, f"artifact format version {manifest.get('format_version')} "
+        raise ArtifactError(mpath, f"artifact format version {_show(manifest.get('format_version'))} "
                             f"is not the one this kiln reads ({FORMAT_VERSION}); compile the model again")
     files = manifest.get("files", {})
     if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
@@ -106,7 +126,7 @@ def read_manifest(folder, *, check_hashes: bool = False) -> dict:
     if not isinstance(backend, dict) or not isinstance(backend.get("name"), str):
         raise ArtifactError(mpath, "the manifest names no backend")
     if "model" in backend and (not isinstance(backend["model"], str) or backend["model"] not in files):
-        raise ArtifactError(mpath, f"the backend's model {backend['model']!r} is not a file listed in the manifest")
+        raise ArtifactError(mpath, f"the backend's model {_show(backend['model'])} is not a file listed in the manifest")
     if check_hashes:
         claimed = manifest.get(SELF_HASH)
         if not isinstance(claimed, str):
@@ -116,22 +136,32 @@ def read_manifest(folder, *, check_hashes: bool = False) -> dict:
     for rel, info in files.items():
         if not rel or Path(rel).is_absolute() or ".." in Path(rel).parts or "\\" in rel or "\0" in rel \
                 or rel == MANIFEST:
-            raise ArtifactError(mpath, f"the manifest lists {rel!r}, which is not a path inside the artifact")
-        if not isinstance(info.get("bytes"), int) or not isinstance(info.get("sha256"), str):
-            raise ArtifactError(mpath, f"the manifest's entry for {rel} lacks its bytes or sha256")
+            raise ArtifactError(mpath, f"the manifest lists {_show(rel)}, which is not a path inside the artifact")
+        size = info.get("bytes")
+        if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size < 2**63 \
+                or not isinstance(info.get("sha256"), str):
+            raise ArtifactError(mpath, f"the manifest's entry for {_show(rel)} lacks its bytes or sha256")
     present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir()} - {MANIFEST}
     for rel in sorted(present - set(files)):
-        raise ArtifactError(folder / rel, "is not listed in the manifest (a file added to the artifact)")
+        where, what = _at(folder, rel)
+        raise ArtifactError(where, f"{what}is not listed in the manifest (a file added to the artifact)")
     for rel, info in files.items():
         p = folder / rel
-        if not p.is_file():
-            raise ArtifactError(folder, f"file {rel} listed in the manifest is missing")
-        if p.stat().st_size != info["bytes"]:
-            raise ArtifactError(p, f"has {p.stat().st_size} bytes, the manifest says {info['bytes']} "
+        try:
+            if not p.is_file():
+                raise ArtifactError(folder, f"file {_show(rel)} listed in the manifest is missing")
+            size = p.stat().st_size
+        except OSError as e:          # a name too long for the file system, say
+            raise ArtifactError(mpath, f"the manifest lists {_show(rel)}, which cannot be read "
+                                       f"({e.strerror or type(e).__name__})") from None
+        if size != info["bytes"]:
+            where, what = _at(folder, rel)
+            raise ArtifactError(where, f"{what}has {size} bytes, the manifest says {info['bytes']} "
                                 "(truncated, extended or replaced)")
     if check_hashes:
         for rel, info in files.items():
             if sha256_file(folder / rel) != info["sha256"]:
-                raise ArtifactError(folder / rel, "does not match its sha256 in the manifest "
+                where, what = _at(folder, rel)
+                raise ArtifactError(where, f"{what}does not match its sha256 in the manifest "
                                     "(edited, damaged or swapped)")
     return manifest
