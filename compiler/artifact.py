@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 from .atomic import staging  # noqa: F401  (writers stage artifacts through here)

@@ -341,6 +341,8 @@ def check_shapes(path, w: dict, cfg: ArchConfig) -> None:
             raise KilnError(path, f"tensor {label} has shape {list(w[role].shape)}, the config implies {list(shape)}")
 
 
+MAX_HEAD_DIM = 65536       # real models use 64 to 512
+
 # config fields that count something, and so must be at least 1
 _COUNTS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
            "intermediate_size", "max_position_embeddings")
@@ -358,6 +360,10 @@ def check_config(path, cfg: ArchConfig, keys: dict | None = None) -> None:
             raise KilnError(path, f"{keys.get(f, f)} is {v}; it must be at least 1")
     if cfg.num_heads % cfg.num_kv_heads:
         raise KilnError(path, f"{cfg.num_heads} attention heads are not a multiple of {cfg.num_kv_heads} key/value heads")
+    if cfg.head_dim > MAX_HEAD_DIM:
+        # checked before the rotary tables below are computed: their size follows the head size
+        raise KilnError(path, f"{keys.get('head_dim', 'head_dim')} is {cfg.head_dim}; kiln handles heads of up to "
+                              f"{MAX_HEAD_DIM} dimensions")
     if cfg.rotary_dim < 0 or cfg.rotary_dim > cfg.head_dim or cfg.rotary_dim % 2:
         raise KilnError(path, f"rotary dimension {cfg.rotary_dim} is not an even number up to the head size {cfg.head_dim}")
     if cfg.rotary_dim:

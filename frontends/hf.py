@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -18,6 +19,15 @@ def is_hf_folder(path) -> bool:
     return Path(path).is_dir() and (Path(path) / "config.json").is_file()
 
 
+def _show(v, style=json.dumps) -> str:
+    """A config value fit for a one-line message: hostile files hold 4000-digit numbers."""
+    try:
+        text = style(v)
+    except (TypeError, ValueError):
+        text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def read_config(folder: Path) -> dict:
     path = folder / "config.json"
     try:
@@ -25,6 +35,10 @@ def read_config(folder: Path) -> dict:
             cfg = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise KilnError(path, f"not a readable JSON config ({e.__class__.__name__}: {e})") from None
+    except RecursionError:
+        raise KilnError(path, "not a readable JSON config (nested too deeply)") from None
+    except ValueError as e:      # a number past Python's digit limit
+        raise KilnError(path, f"not a readable JSON config ({str(e).split(';')[0]})") from None
     if not isinstance(cfg, dict):
         raise KilnError(path, "config.json is not a JSON object")
     return cfg
@@ -54,16 +68,20 @@ def arch_config(cfg: dict, path: Path) -> tuple[A.Family, A.ArchConfig]:
     model_type = cfg.get("model_type")
     family = A.family_for_model_type(model_type) if isinstance(model_type, str) else None
     if family is None:
-        raise KilnError(path / "config.json", f"unsupported architecture {model_type!r} "
+        raise KilnError(path / "config.json", f"unsupported architecture {_show(model_type, repr)} "
                         f"(kiln reads: {', '.join(sorted({t for f in A.FAMILIES.values() for t in f.hf_model_types}))})")
     for key in (*_NUMBERS, *(family.hf_config_aliases[k] for k in _NUMBERS if k in family.hf_config_aliases)):
         v = cfg.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
-            raise KilnError(path / "config.json", f"{key} is {json.dumps(v)}, not a number")
+            raise KilnError(path / "config.json", f"{key} is {_show(v)}, not a number")
+        if v is not None and not (abs(v) < 2**63 and math.isfinite(v)):     # JSON's 1e400, NaN, 10**4000
+            raise KilnError(path / "config.json", f"{key} is {_show(v)}, not a finite number in range")
     for key in (*_WHOLE, *(family.hf_config_aliases[k] for k in _WHOLE if k in family.hf_config_aliases)):
         v = cfg.get(key)
         if isinstance(v, float):     # int(32.5) would quietly build a model of another size
-            raise KilnError(path / "config.json", f"{key} is {json.dumps(v)}, not a whole number")
+            raise KilnError(path / "config.json", f"{key} is {_show(v)}, not a whole number")
+        if isinstance(v, int) and not -2**31 <= v < 2**32:   # sizes and counts: llama.cpp's uint32
+            raise KilnError(path / "config.json", f"{key} is {_show(v)}, out of range for a count")
     for key in ("rope_parameters", "rope_scaling"):
         if cfg.get(key) is not None and not isinstance(cfg[key], dict):
             raise KilnError(path / "config.json", f"{key} is not a JSON object")
@@ -106,8 +124,8 @@ def arch_config(cfg: dict, path: Path) -> tuple[A.Family, A.ArchConfig]:
             eos_token_ids=_eos_list(cfg.get("eos_token_id")),
             pad_token_id=cfg.get("pad_token_id"),
         )
-    except (KeyError, TypeError, ValueError) as e:
-        raise KilnError(path / "config.json", f"config is missing or has a bad value for {e}") from None
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
+        raise KilnError(path / "config.json", f"config is missing or has a bad value for {_show(str(e))[1:-1]}") from None
     for k, v in family.flags.items():
         setattr(c, k, v)
     if family.name == "gemma":
@@ -136,16 +154,16 @@ def _check_token_ids(cfg: dict, path: Path, vocab) -> None:
             continue
         for x in (v if key == "eos_token_id" and isinstance(v, list) else [v]):
             if isinstance(x, bool) or not isinstance(x, int):
-                raise KilnError(path, f"{key} is {json.dumps(v)}, not a token id")
+                raise KilnError(path, f"{key} is {_show(v)}, not a token id")
             if isinstance(vocab, int) and not isinstance(vocab, bool) and not 0 <= x < vocab:
-                raise KilnError(path, f"{key} {x} is outside the vocabulary (vocab_size {vocab})")
+                raise KilnError(path, f"{key} {_show(x)} is outside the vocabulary (vocab_size {_show(vocab)})")
 
 
 def _activation(name: str) -> str:
     table = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
              "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh"}
     if not isinstance(name, str) or name not in table:
-        raise ValueError(f"hidden_act ({name!r} is not supported)")
+        raise ValueError(f"hidden_act ({_show(name, repr)} is not supported)")
     return table[name]
 
 
@@ -230,6 +248,10 @@ def _generation_config(folder: Path, vocab_size: int) -> dict:
         d = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise KilnError(p, f"not a readable JSON file ({e})") from None
+    except RecursionError:
+        raise KilnError(p, "not a readable JSON file (nested too deeply)") from None
+    except ValueError as e:      # a number past Python's digit limit
+        raise KilnError(p, f"not a readable JSON file ({str(e).split(';')[0]})") from None
     if not isinstance(d, dict):
         raise KilnError(p, "not a JSON object")
     _check_token_ids(d, p, vocab_size)

@@ -625,6 +625,14 @@ def test_codec_round_trips(tmp_path):
         touch_container(read_gguf(tmp_path / f"{name}.gguf"))
 
 
+def test_regression_head_size_that_would_fill_memory(model_base, tmp_path):
+    # found by the HF config fuzzer (check_config is shared): a head size of 2**31 with as many
+    # rotary dimensions made the rotary check allocate 8 GiB before any tensor shape was checked
+    p = _rewrite(model_base, tmp_path / "m.gguf", {"llama.attention.key_length": typed(2**31, "uint32"),
+                                                   "llama.rope.dimension_count": typed(2**31, "uint32")})
+    _refused(p, "llama.attention.key_length is 2147483648; kiln handles heads of up to 65536")
+
+
 @pytest.mark.parametrize("name", ["fuzz_container", "fuzz_model_fields", "fuzz_model_values"])
 def test_fuzz(name, tmp_path):
     fuzzing.run_target(__file__, name, tmp_path)
