@@ -283,6 +283,11 @@ def _attention(node: Node, const_input, lengths: dict, batched: dict) -> list:
             helper.make_node("Cast", [f"{t}.scalar"], [t], name=t, to=TensorProto.INT32),
         ]
         lengths["total"], lengths["seqlens_k"] = t, f"{t}.seqlens_k"
+    packed = _packed_qkv(q, k, v, dim) if rotary_tables is not None else None
+    if packed is not None:
+        # q, k and v are consecutive parts of one merged projection: the kernel reads it packed,
+        # and the Split and its copies disappear
+        query, key, value = packed, "", ""
     window = node.attrs.get("window") or 0
     inputs = [query, key, value, past_k.name, past_v.name, lengths["seqlens_k"], lengths["total"]]
     rotary = {}
@@ -295,6 +300,33 @@ def _attention(node: Node, const_input, lengths: dict, batched: dict) -> list:
         num_heads=heads, kv_num_heads=kv_heads, scale=node.attrs["scale"],
         local_window_size=window if window else -1, **rotary))
     return out
+
+
+def _packed_qkv(q: Value, k: Value, v: Value, dim: int) -> str | None:
+    """The merged [b, s, (H + 2·KV)·d] projection q, k and v were split from (q and k through the
+    rotation the attention applies itself), when nothing else reads the parts."""
+    def part(x: Value, rotated: bool) -> Value | None:
+        if rotated:
+            x = x.producer.inputs[0]
+        t = x.producer
+        if t is None or t.op != "Transpose" or len(x.uses) != 1:
+            return None
+        r = t.inputs[0].producer
+        if r is None or r.op != "Reshape" or len(t.inputs[0].uses) != 1:
+            return None
+        src = r.inputs[0]
+        return src if len(src.uses) == 1 else None
+
+    parts = [part(q, True), part(k, True), part(v, False)]
+    if any(p is None for p in parts):
+        return None
+    split = parts[0].producer
+    if split is None or split.op != "Split" or list(split.outputs) != parts:
+        return None
+    widths = [q.type.shape[1] * dim, k.type.shape[1] * dim, v.type.shape[1] * dim]
+    if split.attrs["axis"] not in (-1, 2) or list(split.attrs["split"]) != widths:
+        return None
+    return split.inputs[0].name
 
 
 def _rotary(node: Node, const_input, batched: dict) -> list:

@@ -171,3 +171,13 @@ def test_smollm2_uses_the_shared_layout_and_keeps_its_tokens(smollm2_gguf, tmp_p
     # the chat answer ends at <|im_end|> after 7 tokens (the reference banned EOS to go on)
     assert [r.ids for r in results] == [g["greedy_ids"][:n] for g, n in zip(ref["generations"], (8, 8, 7))]
     assert [r.finish_reason for r in results] == ["length", "length", "eos"]
+
+
+def test_merged_qkv_reaches_the_attention_packed(llama_pair):
+    import onnx
+    shared, concat = (onnx.load(p / "model.onnx", load_external_data=False).graph for p in llama_pair)
+    gqa = [n for n in shared.node if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == 2 and all(list(n.input[1:3]) == ["", ""] for n in gqa)
+    assert [n.input[0] for n in gqa] == ["layers.0.q_k_v", "layers.1.q_k_v"]   # the merged projection
+    # the growing layout rotates q and k outside the kernel, so they stay apart there
+    assert all(n.input[1] != "" for n in concat.node if n.op_type == "GroupQueryAttention")
