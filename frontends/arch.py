@@ -210,13 +210,14 @@ def split_fused(weights: dict, cfg: "ArchConfig") -> dict:
     for role, w in weights.items():
         parts = role.split(".")
         if len(parts) == 4 and parts[2] in FUSED:
+            sizes = [(name, rows(cfg)) for name, rows in FUSED[parts[2]]]
+            total = sum(n for _, n in sizes)
+            if total != w.shape[0]:     # before any row index is built: the config's sizes may be huge
+                raise ValueError(f"fused tensor {role} has {w.shape[0]} rows, the config implies {total}")
             start = 0
-            for name, rows in FUSED[parts[2]]:
-                n = rows(cfg)
+            for name, n in sizes:
                 out[f"{parts[0]}.{parts[1]}.{name}.{parts[3]}"] = w.take_rows(np.arange(start, start + n))
                 start += n
-            if start != w.shape[0]:
-                raise ValueError(f"fused tensor {role} has {w.shape[0]} rows, the config implies {start}")
         else:
             out[role] = w
     return out

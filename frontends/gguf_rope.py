@@ -158,7 +158,7 @@ def from_gguf(meta: dict, tensors: dict, cfg: A.ArchConfig, arch: str, path) -> 
 def _record(raw, path) -> dict:
     try:
         value = json.loads(raw) if isinstance(raw, str) else None
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):      # not JSON, nested too deeply, a 5000-digit number
         value = None
     if not isinstance(value, dict):
         raise KilnError(path, f"metadata key {KILN_KEY} is not a JSON object")

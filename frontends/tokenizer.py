@@ -509,16 +509,34 @@ def _token_text(v):
     return v if isinstance(v, str) else None
 
 
+def _template_processors(tj: dict) -> list:
+    """tokenizer.json's TemplateProcessing post-processors (alone or inside a Sequence)."""
+    pp = tj.get("post_processor")
+    if not isinstance(pp, dict):
+        return []
+    procs = pp.get("processors") if pp.get("type") == "Sequence" else [pp]
+    return [p for p in (procs if isinstance(procs, list) else [])
+            if isinstance(p, dict) and p.get("type") == "TemplateProcessing"]
+
+
+def _special_of(piece):
+    """The special token a template piece names, or None. The library takes the piece's fields as
+    an object or, as serde allows for any struct, as a list ([id, type_id])."""
+    sp = piece.get("SpecialToken") if isinstance(piece, dict) else None
+    if isinstance(sp, dict):
+        return sp.get("id")
+    if isinstance(sp, list) and sp:
+        return sp[0]
+    return None
+
+
 def _template_flags(tj: dict, bos_tok, eos_tok):
     """(adds_bos, adds_eos) according to tokenizer.json's TemplateProcessing, or (None, None)."""
-    pp = tj.get("post_processor") or {}
-    procs = pp.get("processors", []) if pp.get("type") == "Sequence" else [pp]
-    for p in procs:
-        if p.get("type") == "TemplateProcessing":
-            single = p.get("single", [])
-            first = single[0].get("SpecialToken", {}).get("id") if single else None
-            last = single[-1].get("SpecialToken", {}).get("id") if single else None
-            return (first is not None and first == bos_tok), (last is not None and last == eos_tok)
+    for p in _template_processors(tj):
+        single = p.get("single") if isinstance(p.get("single"), list) else []
+        first = _special_of(single[0]) if single else None
+        last = _special_of(single[-1]) if single else None
+        return (first is not None and first == bos_tok), (last is not None and last == eos_tok)
     return None, None
 
 
@@ -597,16 +615,13 @@ def from_hf_folder(folder) -> TokenizerSpec | None:
 def _check_template_processing(path: str, tj: dict) -> None:
     """The library loads a TemplateProcessing whose template names a special token that its
     ``special_tokens`` lacks, then panics on the first encode: refuse it here, by name."""
-    pp = tj.get("post_processor") or {}
-    procs = pp.get("processors") or [] if pp.get("type") == "Sequence" else [pp]
-    for p in procs:
-        if not isinstance(p, dict) or p.get("type") != "TemplateProcessing":
-            continue
-        known = p.get("special_tokens") or {}
+    for p in _template_processors(tj):
+        known = p.get("special_tokens") if isinstance(p.get("special_tokens"), dict) else {}
         for part in ("single", "pair"):
-            for piece in p.get(part) or []:
-                token = (piece.get("SpecialToken") or {}).get("id") if isinstance(piece, dict) else None
-                if token is not None and token not in known:
+            pieces = p.get(part) if isinstance(p.get(part), list) else []
+            for piece in pieces:
+                token = _special_of(piece)
+                if token is not None and (not isinstance(token, str) or token not in known):
                     raise KilnError(path, f"post_processor's {part} template uses the special token "
                                           f"{reprlib.repr(token)}, which its special_tokens does not define")
 

@@ -40,7 +40,7 @@ from hypothesis import strategies as st
 
 from kiln.errors import KilnError
 
-DEFAULT_EXAMPLES = 300
+DEFAULT_EXAMPLES = 400
 CASE_SECONDS = 5.0              # per case, CPU time (SIGPROF): load on a shared machine cannot trip it
 CASE_WALL_SECONDS = 30.0        # per case, wall time (SIGALRM): a case blocked in a system call
 STUCK_SECONDS = 60.0            # no new case for this long (start-up included): the parent kills
@@ -293,7 +293,7 @@ def interesting_uint(bits: int, current: int | None = None):
         picks |= {current - 2, current - 1, current + 1, current + 2, current * 2, current // 2,
                   current + 2**32, current | 2**63}
     picks = sorted(p for p in picks if 0 <= p <= top)
-    return st.one_of(st.sampled_from(picks), st.integers(0, top), st.integers(0, 300))
+    return st.one_of(st.sampled_from(picks), st.integers(0, top), st.integers(0, min(300, top)))
 
 
 def interesting_sint(bits: int, current: int | None = None):

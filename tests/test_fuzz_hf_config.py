@@ -174,6 +174,18 @@ def test_regression_head_size_that_would_fill_memory(folder):
     _refused(folder, "head_dim is 2147483648; kiln handles heads of up to 65536 dimensions")
 
 
+def test_regression_fused_tensor_sizes_that_would_fill_memory(tmp_path):
+    # found by the long run of fuzz_config: phi3 (fused gate_up) with intermediate_size 2**31 - 1
+    # built the row index of each part (16 GiB, MemoryError) before comparing the fused rows
+    folder = tmp_path / "phi3"
+    folder.mkdir()
+    (folder / "model.safetensors").symlink_to(SOURCES["phi3"] / "model.safetensors")
+    (folder / "generation_config.json").write_bytes((SOURCES["phi3"] / "generation_config.json").read_bytes())
+    (folder / "config.json").write_bytes((SOURCES["phi3"] / "config.json").read_bytes())
+    _edit(folder, intermediate_size=2**31 - 1)
+    _refused(folder, "fused tensor .* has .* rows, the config implies 4294967294", "")
+
+
 @pytest.mark.parametrize("value", [fuzzing.Raw("Infinity"), fuzzing.Raw("NaN"), fuzzing.Raw("1e400")])
 def test_regression_numbers_that_are_not_finite(folder, value):
     # found by fuzz_config: partial_rotary_factor Infinity raised OverflowError (int(16 * inf))

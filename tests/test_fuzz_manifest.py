@@ -11,7 +11,6 @@ one-line KilnError (ArtifactError is one) naming a file of the artifact.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import warnings
 from pathlib import Path
 
@@ -330,6 +329,21 @@ def test_regression_template_naming_an_undefined_special_token(hf_folder):
     pp["special_tokens"] = {"0": pp["special_tokens"]["<s>"]}
     (hf_folder / "tokenizer.json").write_text(json.dumps(tj))
     _refused(hf_folder, "tokenizer.json", "special token '<s>', which its special_tokens does not define")
+
+
+def test_regression_template_pieces_written_as_lists(hf_folder):
+    # found by the long run of fuzz_hf_folder: the library takes a piece's fields as a list
+    # ({"SpecialToken": ["<s>", 0]}, serde's sequence form of a struct); kiln called .get on it
+    # (AttributeError)
+    tj = json.loads((hf_folder / "tokenizer.json").read_text())
+    pp = tj["post_processor"]
+    pp["single"] = [{"SpecialToken": ["<s>", 0]}, {"Sequence": ["A", 0]}]
+    (hf_folder / "tokenizer.json").write_text(json.dumps(tj))
+    spec = ft.from_hf_folder(hf_folder)
+    assert spec.add_bos and touch(spec) > 3
+    pp["single"] = [{"SpecialToken": ["<t>", 0]}, {"Sequence": ["A", 0]}]
+    (hf_folder / "tokenizer.json").write_text(json.dumps(tj))
+    _refused(hf_folder, "tokenizer.json", "special token '<t>', which its special_tokens does not define")
 
 
 def test_regression_special_token_that_is_a_lone_surrogate(hf_folder):
