@@ -35,7 +35,9 @@ fi
 cache=$(mktemp -d)
 trap 'rm -rf "$cache"' EXIT
 # -i: a model folder on disk (-m would name a model on the Hugging Face hub); int4 weights,
-# the CPU execution provider
-"$oga_python" -m onnxruntime_genai.models.builder -i "$hf_dir" -o "$oga_dir" -p int4 -e cpu -c "$cache"
+# the CPU execution provider; prune_lm_head: the LM head over the last position only in prefill,
+# as every engine is timed (by default the builder's graph computes logits for every position)
+"$oga_python" -m onnxruntime_genai.models.builder -i "$hf_dir" -o "$oga_dir" -p int4 -e cpu -c "$cache" \
+    --extra_options prune_lm_head=true
 test -f "$oga_dir/genai_config.json"
 echo "wrote $oga_dir"

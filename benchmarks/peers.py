@@ -30,8 +30,10 @@ the error on stderr.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -110,6 +112,7 @@ def _oga_folder_with_threads(folder: str, threads: int) -> str:
     """The builder's folder as links, with genai_config.json asking for ``threads`` threads."""
     src = Path(folder)
     out = Path(tempfile.mkdtemp(prefix="oga-threads-"))
+    atexit.register(shutil.rmtree, out, ignore_errors=True)
     for f in src.iterdir():
         if f.name != "genai_config.json":
             (out / f.name).symlink_to(f.resolve())
