@@ -48,7 +48,7 @@ def cmd_compile(a) -> int:
         t = time.perf_counter()
         out = kiln_compile(a.model, target=a.target, output=a.output, verify=a.verify, dump_ir=a.dump_ir,
                            on_pass=on_pass, on_weight=on_weight, on_stage=on_stage,
-                           quant=a.quant, requantize=a.requantize)
+                           quant=a.quant, requantize=a.requantize, precision=a.precision)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     if not a.quiet:
         for line in pass_lines:
@@ -261,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dump-ir", metavar="DIR", help="write the IR after each pass into DIR")
     s.add_argument("--quant", help="quantize a float model's weights: " + QUANT_HELP)
     s.add_argument("--requantize", action="store_true", help="allow --quant on an already-quantized model")
+    s.add_argument("--precision", choices=["exact", "fast"], default="exact",
+                   help="exact: float32 products, equal to the reference interpreter (default); fast: "
+                        "int8 activations in quantized matmuls, as llama.cpp computes")
     s.add_argument("-q", "--quiet", action="store_true")
     s.set_defaults(fn=cmd_compile)
 

@@ -85,11 +85,14 @@ def refuse_requantize(model, quant: str, requantize: bool, path=None) -> None:
 def compile(model, target: str = "cpu", output=None, *, verify: bool = False, dump_ir: str | None = None,
             on_pass: Callable[[PassRecord], None] | None = None, on_weight: Report | None = None,
             on_stage: Report | None = None, kv_layout: str = "auto", quant: str | None = None,
-            requantize: bool = False):
+            requantize: bool = False, precision: str = "exact"):
     """Compile a model (path or ModelIR) for ``target`` into the artifact folder ``output``.
 
     ``quant`` quantizes a float model's weights first: a block type or a llama.cpp mixture
     (``kiln.quant_schemes``); an already-quantized model is refused unless ``requantize``.
+
+    ``precision``: "exact" (products in float32, equal to the interpreter to float32 rounding)
+    or "fast" (int8 activations in quantized matmuls, as llama.cpp computes).
 
     ``kv_layout``: "auto" (the preallocated, in-place KV cache wherever it computes the same
     thing as the graph, else the growing one), "shared" or "concat" to insist on one."""
@@ -131,7 +134,7 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
             if on_weight is not None:
                 on_weight(name)
         summary = onnxrt.lower(graph, tmp, progress=weight_done, kv_layout=kv_layout,
-                               max_length=cfg.get("max_position_embeddings"))
+                               max_length=cfg.get("max_position_embeddings"), precision=precision)
         if model.tokenizer is not None:
             model.tokenizer.save(tmp / "tokenizer")
             # the runtime tokenizer reads end-of-sequence ids from here too
@@ -152,6 +155,7 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
                         "recompute_cache_after": rope_switch_length(ArchConfig.from_dict(cfg)),
                         **summary},
             "quantization": graph.meta.get("quantization"),
+            "precision": precision,
             "passes": [{"name": r.name, "changed": r.changed, "stats": r.stats, "seconds": round(r.seconds, 4)} for r in records],
             "generation": model.generation,
             "tokenizer": "tokenizer" if model.tokenizer is not None else None,

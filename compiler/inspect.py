@@ -46,6 +46,8 @@ def describe(path, console, graph: str | None = None) -> None:
         source = m.get("source") or {}
         console.print(f"architecture {m.get('architecture')}, target {m.get('target')}, backend {m['backend'].get('name')}")
         console.print(f"source {source.get('format')} {source.get('path')} sha256 {source.get('sha256')}")
+        kv = (m["backend"].get("kv_cache") or {}).get("layout")
+        console.print(f"precision {m.get('precision', 'exact')}, KV cache {kv}", markup=False)
         q = m.get("quantization")
         if isinstance(q, dict):
             counts = ", ".join(f"{k} {v}" for k, v in (q.get("formats") or {}).items())

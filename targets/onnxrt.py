@@ -20,6 +20,7 @@ from kiln.ir import Graph, Node, Value
 OPSET = 23             # RMSNormalization is standard from opset 23
 IR_VERSION = 11        # opset 23's IR version; onnxruntime 1.31 reads at most 13, onnx 1.23 writes 14 unless told
 DATA_ALIGN = 64
+PRECISIONS = ("exact", "fast")
 
 _DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "int64": TensorProto.INT64,
            "int32": TensorProto.INT32, "bool": TensorProto.BOOL, "int8": TensorProto.INT8, "uint8": TensorProto.UINT8}
@@ -74,7 +75,7 @@ class _DataWriter:
 
 def lower(graph: Graph, out_dir, *, model_name: str = "model.onnx",
           progress: Callable[[str], None] | None = None, kv_layout: str = "auto",
-          max_length: int | None = None) -> dict:
+          max_length: int | None = None, precision: str = "exact") -> dict:
     """Write ``model.onnx`` + ``model.onnx.data`` into out_dir; returns a summary.
 
     ``kv_layout`` "shared" keeps the KV cache in one preallocated buffer that attention
@@ -82,7 +83,11 @@ def lower(graph: Graph, out_dir, *, model_name: str = "model.onnx",
     in every step, "auto" takes the shared layout wherever it computes the same thing.
     The model also takes ``logits_positions`` [batch, n]: the positions whose logits it
     computes, so a prefill pays for the LM head on its last position only.
+    ``precision`` "exact" keeps every product in float32; "fast" lets quantized matmuls use
+    int8 activations (see :func:`_quant_matmul`).
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     from . import onnxrt_kv
     out_dir = Path(out_dir)
     shared, why_not = (None, "asked for the growing layout") if kv_layout == "concat" \
@@ -124,8 +129,11 @@ def lower(graph: Graph, out_dir, *, model_name: str = "model.onnx",
                 arr = v.const
                 initializers.append(onnx.numpy_helper.from_array(np.asarray(arr), v.name))
         for node in graph.nodes:
+            if _gathers_blocks(node):
+                nodes.append(_gather_blocks(node, data, initializers, progress))
+                continue
             if node.op == "QuantMatMul":
-                nodes.extend(_quant_matmul(node, data, initializers, const_input, progress, block_sums))
+                nodes.extend(_quant_matmul(node, data, initializers, const_input, progress, block_sums, precision))
                 continue
             if node.op in ("RMSNorm", "SkipRMSNorm"):
                 nodes.append(_rmsnorm(node, weight_init))
@@ -219,7 +227,45 @@ def _live_nodes(nodes: list, outputs: list[str]) -> list:
 
 def _consumed_specially(node: Node) -> bool:
     """Whether this use of a weight is served by an initializer of its own, not the plain one."""
-    return node.op in ("Transpose", "QuantMatMul") or (node.op in ("RMSNorm", "SkipRMSNorm") and node.attrs.get("offset"))
+    return node.op in ("Transpose", "QuantMatMul") or (node.op in ("RMSNorm", "SkipRMSNorm") and node.attrs.get("offset")) \
+        or _gathers_blocks(node)
+
+
+# block formats whose rows GatherBlockQuantized reads as they are: (bits, zero point)
+_GATHER_BLOCKS = {"q8_0": 8, "q5_0": 8, "q4_0": 4}
+
+
+def _gathers_blocks(node: Node) -> bool:
+    """A row lookup (the token embedding) in a weight stored as blocks kiln can gather as they
+    are, so the table is never dequantized: a Q8_0 embedding stays 1.06 bytes a value, not 4."""
+    if node.op != "Gather" or node.attrs.get("axis", 0) != 0 or not node.inputs[0].is_weight:
+        return False
+    w = node.inputs[0].weight
+    return w.format.name in _GATHER_BLOCKS and len(w.shape) == 2 and w.shape[1] % 32 == 0
+
+
+def _gather_blocks(node: Node, data: _DataWriter, initializers: list, progress) -> onnx.NodeProto:
+    """Gather from blocks -> com.microsoft GatherBlockQuantized over the same codes and scales
+    MatMulNBits takes (exact: code − zero point, times the block's scale)."""
+    from kiln.targets import onnxrt_quant as Q
+    table, ids = node.inputs
+    n, k = table.weight.shape
+    op = Q.operands(table.weight.format.name, table.weight.raw(), n, k)
+    if progress:
+        progress(table.name)
+    base = f"{table.name}.gather"
+    initializers.append(data.add(f"{base}.codes", Q.pack_codes(op.bits, op.codes).reshape(n, -1)))
+    initializers.append(data.add(f"{base}.scales", op.scales))
+    inputs = [f"{base}.codes", ids.name, f"{base}.scales"]
+    zp = op.zero_points if op.zero_points is not None else (
+        np.full(op.scales.shape, 128, np.uint8) if op.bits == 8 else None)
+    if zp is not None:
+        packed = Q.pack_zero_points(op.bits, zp)
+        initializers.append(data.add(f"{base}.zero_points", packed.reshape(n, -1)))
+        inputs.append(f"{base}.zero_points")
+    return helper.make_node("GatherBlockQuantized", inputs, [node.outputs[0].name], name=node.name,
+                            domain="com.microsoft", gather_axis=0, quantize_axis=1, block_size=Q.BLOCK,
+                            bits=op.bits)
 
 
 def _attention(node: Node, const_input, lengths: dict, batched: dict) -> list:
@@ -373,8 +419,13 @@ def _rmsnorm(node: Node, weight_init) -> onnx.NodeProto:
 
 
 def _quant_matmul(node: Node, data: _DataWriter, initializers: list, const_input, progress,
-                  block_sums: dict) -> list:
-    """QuantMatMul -> MatMulNBits over the weight's own blocks (+ the block-min correction)."""
+                  block_sums: dict, precision: str = "exact") -> list:
+    """QuantMatMul -> MatMulNBits over the weight's own blocks (+ the block-min correction).
+
+    ``exact`` multiplies in float32 (accuracy level 0), 8-bit blocks as two exact 4-bit planes
+    since the 8-bit kernel is slow at that level; ``fast`` lets the kernel quantize the
+    activations to int8 per block (accuracy level 4), as llama.cpp does for its dot products,
+    and then runs 8-bit blocks as they are."""
     from kiln.targets import onnxrt_quant as Q
     x, w = node.inputs
     n, k = w.weight.shape
@@ -394,9 +445,10 @@ def _quant_matmul(node: Node, data: _DataWriter, initializers: list, const_input
                                          Q.pack_zero_points(operands.bits, operands.zero_points)))
             inputs.append(f"{base}{suffix}.zero_points")
         out.append(helper.make_node("MatMulNBits", inputs, [result], name=f"{node.name}{suffix}", domain="com.microsoft",
-                                    K=k, N=n, bits=operands.bits, block_size=operands.block, accuracy_level=0))
+                                    K=k, N=n, bits=operands.bits, block_size=operands.block,
+                                    accuracy_level=4 if precision == "fast" else 0))
     partial = y if op.mins is None else f"{y}.nbits"
-    if op.bits == 8:
+    if op.bits == 8 and precision == "exact":
         high, low = Q.as_two_4bit_planes(op)
         nbits(high, ".high", f"{y}.high")
         nbits(low, ".low", f"{y}.low")
