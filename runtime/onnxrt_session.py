@@ -84,6 +84,7 @@ class OnnxRuntimeSession:
         self.history: np.ndarray | None = None
         self.past: dict[str, np.ndarray] = {}
         self.buffers: dict[str, object] = {}
+        self._io = None
         self.capacity = 0
         self.lengths = np.zeros(1, dtype=np.int64)
         self.length = 0
@@ -177,20 +178,28 @@ class OnnxRuntimeSession:
                              f"most {self.max_length}")
         if total > self.capacity:
             self._grow(total)
-        io = self.sess.io_binding()
+        io = self._binding()
         for name, arr in self._feeds(ids, positions).items():
             io.bind_cpu_input(name, arr)
         io.bind_cpu_input("seqlens_k", (new_lengths - 1).astype(np.int32))
         io.bind_cpu_input("total_sequence_length", np.asarray(total, dtype=np.int32))
-        io.bind_output(self.logits_name)            # first: get_outputs() keeps binding order
-        for name in self.cache_names:
-            io.bind_ortvalue_input(f"past_{name}", self.buffers[name])
-            io.bind_ortvalue_output(f"present_{name}", self.buffers[name])
+        io.bind_output(self.logits_name)            # a fresh output: its shape changes per run
         self.sess.run_with_iobinding(io)
         logits = io.get_outputs()[0].numpy()
         self.lengths = new_lengths.astype(np.int64)
         self.length = int(self.lengths.max())
         return logits
+
+    def _binding(self):
+        """The I/O binding with the cache buffers bound, made again only when they change."""
+        if self._io is None:
+            io = self.sess.io_binding()
+            io.bind_output(self.logits_name)            # first: get_outputs() keeps binding order
+            for name in self.cache_names:
+                io.bind_ortvalue_input(f"past_{name}", self.buffers[name])
+                io.bind_ortvalue_output(f"present_{name}", self.buffers[name])
+            self._io = io
+        return self._io
 
     def _allocate(self, batch: int, capacity: int, keep: int = 0) -> None:
         shape = (batch, self.kv_heads, capacity, self.head_dim)
@@ -201,6 +210,7 @@ class OnnxRuntimeSession:
                 arr[:, :, :keep] = self.buffers[name].numpy()[:, :, :keep]
             fresh[name] = self._ort.OrtValue.ortvalue_from_numpy(arr)
         self.buffers, self.capacity, self._buffer_batch = fresh, capacity, batch
+        self._io = None
 
     def _grow(self, needed: int) -> None:
         capacity = max(self.capacity, 1)
