@@ -270,16 +270,22 @@ def _exchange(a: str, b: str) -> bool:
 
 
 @contextlib.contextmanager
-def staging(dest):
+def staging(dest, marker: str | None = None):
     """Yield a new folder beside ``dest``; on success it replaces ``dest`` atomically.
 
     On error the folder vanishes and ``dest`` (if any) is untouched; if the process dies, the
     next kiln write into the same folder clears what was left (see the module docstring).
+    With ``marker`` (a file every output of this kind holds), an existing non-empty folder
+    without it is refused rather than replaced: it is somebody's folder, not an earlier output.
     """
     dest = Path(dest)
     parent = os.fspath(dest.parent) if str(dest.parent) else "."
     if os.path.lexists(dest) and not dest.is_dir():
         raise KilnError(dest, "exists and is not a folder; remove it or choose another name")
+    if marker and dest.is_dir() and any(dest.iterdir()) and not (dest / marker).exists():
+        raise KilnError(dest, f"is a folder with other files in it (no {marker}, so not an earlier "
+                              "output of this kind); kiln replaces its destination whole, so "
+                              "choose a new or empty folder")
     try:
         os.makedirs(parent, exist_ok=True)
     except OSError as e:

@@ -126,7 +126,7 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
     stage("running passes")
     graph, records = run_passes(model.graph, passes, verify=verify, dump_dir=dump_ir, report=on_pass)
     cfg = model.config
-    with staging(output) as tmp:
+    with staging(output, marker="manifest.json") as tmp:
         stage("lowering to ONNX")
         from kiln.targets import onnxrt
         def weight_done(name):

@@ -380,7 +380,7 @@ def write(model: ModelIR, folder, *, dtype: str | None = None, shard_bytes: int 
             size = 0
         shards[-1].append(name)
         size += w.nbytes
-    with staging(folder) as tmp:
+    with staging(folder, marker="config.json") as tmp:
         config = hf_config(cfg, family, dtype)
         if model.source.get("name"):
             config["_name_or_path"] = model.source["name"]

@@ -21,7 +21,7 @@ def write(model: ModelIR, folder, *, progress=None) -> dict:
     from kiln.passes_base import run_passes
     from kiln.targets import onnxrt
     graph, _ = run_passes(model.graph, [("kv_cache", insert_kv_cache), ("dce", dce)])
-    with staging(folder) as tmp:
+    with staging(folder, marker="kiln_io.json") as tmp:
         # the growing (concatenated) cache: a standalone model keeps no state between runs
         summary = onnxrt.lower(graph, tmp, progress=(lambda name: progress(name, 0)) if progress else None,
                                kv_layout="concat")
