@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """kiln's prefill and decode speed beside the peers', measured in one run by one script.
 
-    python benchmarks/decode_bench.py ARTIFACT.kiln [--gguf MODEL.gguf] [--hf HF_DIR] [--oga OGA_DIR]
+    python benchmarks/decode_bench.py ARTIFACT.kiln [MORE.kiln ...] [--gguf MODEL.gguf] [--hf HF_DIR] [--oga OGA_DIR]
         [--llama-cpp-python PY] [--torch-python PY] [--oga-python PY]
-        [--threads 2] [--repeats 3] [--tokens 128] [--prefill-tokens 130] [--skip-missing] [--json OUT]
+        [--threads 2] [--repeats 3] [--tokens 128] [--prefill-tokens 130] [--context N]
+        [--skip-missing] [--json OUT]
 
 Every engine is timed by benchmarks/peers.py, run with that engine's own Python (kiln: this
 one; the peers: their venvs, given by the flags or by KILN_LLAMA_CPP_PYTHON,
@@ -45,7 +46,7 @@ class EngineFailed(Exception):
 
 def run_once(engine: str, python: str, model: str, a) -> dict:
     cmd = [python, str(PEERS), engine, model, "--threads", str(a.threads), "--repeats", "1",
-           "--tokens", str(a.tokens), "--prefill-tokens", str(a.prefill_tokens)]
+           "--tokens", str(a.tokens), "--prefill-tokens", str(a.prefill_tokens), "--context", str(a.context)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
     except (OSError, subprocess.TimeoutExpired) as e:
@@ -60,7 +61,7 @@ def run_once(engine: str, python: str, model: str, a) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("artifact", help="the compiled kiln artifact")
+    ap.add_argument("artifact", nargs="+", help="compiled kiln artifacts (the first is the one ratios are of)")
     ap.add_argument("--gguf", help="the GGUF file for llama.cpp")
     ap.add_argument("--hf", help="the Hugging Face folder for transformers (float32)")
     ap.add_argument("--oga", help="the folder made by onnxruntime-genai's model builder")
@@ -74,6 +75,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per engine, taken in turns (default 3)")
     ap.add_argument("--tokens", type=int, default=128, help="greedy decode steps per run (default 128)")
     ap.add_argument("--prefill-tokens", type=int, default=130, help="prompt length for prefill (default 130)")
+    ap.add_argument("--context", type=int, default=0,
+                    help="tokens already in the cache when the timed decode steps start (default: the prompt)")
     ap.add_argument("--skip-missing", action="store_true", help="leave out a peer that cannot run instead of failing")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds one engine run may take")
     ap.add_argument("--json", help="also write the results here")
@@ -81,7 +84,8 @@ def main() -> int:
     if a.repeats < 1 or a.threads < 1:
         ap.error("--repeats and --threads must be at least 1")
 
-    engines: list[tuple[str, str, str]] = [("kiln", sys.executable, a.artifact)]
+    engines: list[tuple[str, str, str]] = [
+        ("kiln" if i == 0 else f"kiln {Path(p).name}", sys.executable, p) for i, p in enumerate(a.artifact)]
     skipped: dict[str, str] = {}
     for engine, (model_flag, python_flag, env) in PEER_ENGINES.items():
         model, python = getattr(a, model_flag), getattr(a, python_flag)
@@ -116,20 +120,25 @@ def main() -> int:
         decode = [x["decode"]["runs_tokens_per_s"][0] for x in results]
         rows.append({"engine": name, "prefill_tokens_per_s": statistics.median(prefill), "prefill_runs": prefill,
                      "decode_tokens_per_s": statistics.median(decode), "decode_runs": decode,
+                     "peak_rss_mb": max(x.get("peak_rss_mb", 0) for x in results),
                      "greedy": results[-1]["greedy"]})
     kiln = rows[0]
     print(f"decode_bench: {a.threads} threads, {a.repeats} runs per engine (median, then every run), "
-          f"prefill {a.prefill_tokens} tokens, decode {a.tokens} tokens")
-    print(f"{'engine':<20}{'prefill tok/s':>15}{'decode tok/s':>14}{'kiln decode vs it':>19}  runs (prefill | decode)")
+          f"prefill {a.prefill_tokens} tokens, decode {a.tokens} tokens"
+          + (f" after {a.context} tokens of context" if a.context else ""))
+    print(f"{'engine':<26}{'prefill tok/s':>15}{'decode tok/s':>14}{'kiln decode vs it':>19}{'peak RSS MB':>13}"
+          "  runs (prefill | decode)")
     for row in rows:
         ratio = "-" if row is kiln else f"{kiln['decode_tokens_per_s'] / row['decode_tokens_per_s']:.2f}x"
         every = (", ".join(f"{x:.1f}" for x in row["prefill_runs"]) + " | "
                  + ", ".join(f"{x:.1f}" for x in row["decode_runs"]))
-        print(f"{row['engine']:<20}{row['prefill_tokens_per_s']:>15.1f}{row['decode_tokens_per_s']:>14.1f}{ratio:>19}  {every}")
+        print(f"{row['engine']:<26}{row['prefill_tokens_per_s']:>15.1f}{row['decode_tokens_per_s']:>14.1f}{ratio:>19}"
+              f"{row['peak_rss_mb']:>13.0f}  {every}")
     for name, reason in skipped.items():
         print(f"{name:<20} skipped: {reason}")
     if a.json:
         Path(a.json).write_text(json.dumps({"threads": a.threads, "repeats": a.repeats, "tokens": a.tokens,
+                                            "context": a.context,
                                             "prefill_tokens": a.prefill_tokens, "rows": rows, "skipped": skipped},
                                            indent=1))
     return 0

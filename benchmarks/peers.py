@@ -3,7 +3,7 @@
 engine, kiln included, so that all of them are timed by the same code.
 
     ENGINE_PYTHON benchmarks/peers.py ENGINE MODEL [--threads 2] [--repeats 3] [--tokens 128]
-                                      [--prefill-tokens 130] [--prompt TEXT]
+                                      [--prefill-tokens 130] [--context N] [--prompt TEXT]
 
 Run it with the Python of the engine's own venv (it imports only the standard library and
 numpy at start, the engine when it runs):
@@ -18,12 +18,14 @@ What is timed, the same for every engine:
 - prefill: the prompt's token ids repeated to --prefill-tokens ids, evaluated from an empty
   cache with the logits of the last position only; one untimed warm-up, then --repeats timed
   runs;
-- decode: from an empty cache the prompt is evaluated (untimed) and its greedy token chosen;
-  then --tokens greedy steps are timed, each one forward pass over one new token and an argmax
+- decode: from an empty cache the prompt (repeated to --context ids when given, so the
+  steps run with that much already in the cache) is evaluated (untimed) and its greedy token
+  chosen; then --tokens greedy steps are timed, each one forward pass over one new token and an argmax
   (onnxruntime-genai: one generate_next_token), --repeats times.
 
 Every engine gets --threads threads for its matrix work. The result is one JSON line on stdout:
-the seconds of every timed run, the token counts and the first 16 greedy ids. Any failure (the
+the seconds of every timed run, the token counts, the first 16 greedy ids and the process's
+peak resident memory. Any failure (the
 engine not importable, the model not loading) ends the script with a non-zero exit status and
 the error on stderr.
 """
@@ -33,6 +35,7 @@ import argparse
 import atexit
 import json
 import os
+import resource
 import shutil
 import statistics
 import sys
@@ -49,13 +52,18 @@ def repeated(ids: list[int], n: int) -> list[int]:
     return (ids * (n // max(len(ids), 1) + 1))[:n]
 
 
+def context(ids: list[int], a) -> list[int]:
+    """The decode prompt: the prompt's ids, or repeated to --context ids."""
+    return repeated(ids, a.context) if a.context else ids
+
+
 # ---- engines: each returns (prefill seconds per run, decode seconds per run, greedy ids) ------
 
 def run_kiln(path: str, a) -> tuple[list[float], list[float], list[int]]:
     from kiln import runtime
     model = runtime.load(path, threads=a.threads)
     sess = model.session
-    ids = model.tokenizer.encode(a.prompt)
+    ids = context(model.tokenizer.encode(a.prompt), a)
     long = np.asarray([repeated(ids, a.prefill_tokens)], dtype=np.int64)
 
     def prefill() -> float:
@@ -79,9 +87,10 @@ def run_kiln(path: str, a) -> tuple[list[float], list[float], list[int]]:
 def run_llama_cpp(path: str, a) -> tuple[list[float], list[float], list[int]]:
     from llama_cpp import Llama
     llm = Llama(model_path=path, n_threads=a.threads, n_threads_batch=a.threads,
-                n_ctx=max(a.prefill_tokens, 64) + a.tokens + 64, n_batch=512, logits_all=False, verbose=False)
+                n_ctx=max(a.prefill_tokens, a.context, 64) + a.tokens + 64, n_batch=512, logits_all=False,
+                verbose=False)
     n_vocab = llm.n_vocab()
-    ids = llm.tokenize(a.prompt.encode(), add_bos=False, special=False)
+    ids = context(llm.tokenize(a.prompt.encode(), add_bos=False, special=False), a)
     long = repeated(ids, a.prefill_tokens)
 
     def last_logits() -> np.ndarray:
@@ -127,7 +136,7 @@ def _oga_folder_with_threads(folder: str, threads: int) -> str:
 def run_onnxruntime_genai(path: str, a) -> tuple[list[float], list[float], list[int]]:
     import onnxruntime_genai as og
     model = og.Model(_oga_folder_with_threads(path, a.threads))
-    ids = [int(t) for t in og.Tokenizer(model).encode(a.prompt)]
+    ids = context([int(t) for t in og.Tokenizer(model).encode(a.prompt)], a)
     long = repeated(ids, a.prefill_tokens)
 
     def generator(max_length: int):
@@ -162,7 +171,7 @@ def run_transformers(path: str, a) -> tuple[list[float], list[float], list[int]]
     torch.set_num_interop_threads(1)
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    ids = tok(a.prompt, add_special_tokens=False).input_ids
+    ids = context(tok(a.prompt, add_special_tokens=False).input_ids, a)
     long = torch.tensor([repeated(ids, a.prefill_tokens)])
 
     @torch.inference_mode()
@@ -213,6 +222,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=128, help="greedy decode steps per timed run")
     ap.add_argument("--prefill-tokens", type=int, default=130)
+    ap.add_argument("--context", type=int, default=0, help="tokens in the cache before the timed decode steps")
     ap.add_argument("--prompt", default=PROMPT)
     a = ap.parse_args()
     if a.threads < 1 or a.repeats < 1 or a.tokens < 1 or a.prefill_tokens < 1:
@@ -230,7 +240,8 @@ def main() -> int:
         "repeats": a.repeats, "prefill_tokens": a.prefill_tokens, "decode_tokens": a.tokens,
         "prefill_s": prefill_s, "decode_s": decode_s,
         "prefill": summary(prefill_s, a.prefill_tokens), "decode": summary(decode_s, a.tokens),
-        "greedy": greedy[:16],
+        "greedy": greedy[:16], "context": a.context,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }))
     return 0
 
