@@ -106,6 +106,19 @@ def test_capacity_grows_without_changing_results(llama_pair, monkeypatch):
     np.testing.assert_allclose(np.concatenate(steps, axis=1), concat.logits(ids), rtol=0, atol=SAME)
 
 
+def test_growth_during_a_ragged_batch_keeps_every_row(llama_pair, monkeypatch):
+    from kiln.runtime import onnxrt_session
+    monkeypatch.setattr(onnxrt_session, "INITIAL_CAPACITY", 4)
+    shared = _load(llama_pair[0])
+    prompts = [[5, 9, 200], [12, 40, 41, 42, 43, 44], [7]]
+    together = shared.generate(prompts, max_new_tokens=20)            # 26 tokens: 4 -> 8 -> 16 -> 32
+    assert shared.session.capacity == 32
+    for p, r in zip(prompts, together):
+        assert r.ids == shared.generate(p, max_new_tokens=20).ids
+    concat = _load(llama_pair[1])
+    assert [r.ids for r in together] == [concat.generate(p, max_new_tokens=20).ids for p in prompts]
+
+
 def test_ragged_prefill_equals_each_prompt_alone(llama_pair):
     shared = _load(llama_pair[0])
     prompts = [[5, 9, 200, 17, 4, 88, 31], [12], [7, 7, 7, 250]]
@@ -150,6 +163,15 @@ def test_sliding_window_on_the_shared_layout(tmp_path):
     concat = _load(kiln_compile(folder, output=tmp_path / "c.kiln", kv_layout="concat"))
     ids = np.arange(10, 30)[None]
     np.testing.assert_allclose(shared.logits(ids), concat.logits(ids), rtol=0, atol=SAME)
+    # and both against the reference interpreter on the builder's own windowed mask, over a
+    # prefill and decode steps (a window off by one in the lowering moves these by ~1)
+    from kiln.interp import run
+    graph = load_model(folder).graph
+    want = run(graph, {"input_ids": ids})[graph.outputs[0].name]
+    s = shared.session
+    s.reset(1)
+    steps = [s.forward(ids[:, :7])] + [s.forward(ids[:, i:i + 1]) for i in range(7, 20)]
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), want, rtol=0, atol=3e-6)
     full = _load(kiln_compile(HF_FIXTURES / "llama", output=tmp_path / "f.kiln"))
     assert np.abs(shared.logits(ids) - full.logits(ids)).max() > 1e-3       # the window matters
     assert shared.generate(list(range(10, 16)), max_new_tokens=12).ids == \

@@ -59,3 +59,29 @@ def test_near_misses_are_refused_with_a_reason(kwargs, reason):
         match(last)
     r = fuse_rmsnorm(g)
     assert not r.changed and r.stats == {"refused": 1}
+
+
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_the_op_is_the_formula_and_onnx_runtimes_rmsnormalization(offset):
+    # small activations, where the epsilon matters: an epsilon moved outside the root, or
+    # applied twice, changes these results by far more than the bound
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from kiln import ops
+    rng = np.random.default_rng(0)
+    x = (1e-3 * rng.standard_normal((2, 3, 16))).astype(np.float32)
+    w = rng.standard_normal(16).astype(np.float32)
+    eps = 1e-5
+    [got] = ops.compute("RMSNorm", [x, w], {"epsilon": eps, "offset": offset})
+    x64 = x.astype(np.float64)
+    want = x64 / np.sqrt((x64 ** 2).mean(-1, keepdims=True) + eps) * (w + offset)
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=0)
+    node = helper.make_node("RMSNormalization", ["x", "w"], ["y"], axis=-1, epsilon=eps)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, x.shape)],
+                              initializer=[onnx.numpy_helper.from_array((w + offset).astype(np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)], ir_version=11)
+    [y] = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_allclose(got, y, rtol=2e-6, atol=0)
