@@ -385,8 +385,11 @@ def _from_gguf_metadata(meta: dict) -> TokenizerSpec:
           "decoder": decoder, "model": model_json}
     try:
         tok = Tokenizer.from_str(json.dumps(tj, ensure_ascii=False))
-    except Exception as e:  # the tokenizers library raises a bare Exception
-        raise KilnError(None, f"GGUF tokenizer cannot be built: {str(e).splitlines()[0]}") from None
+    except BaseException as e:  # the tokenizers library raises a bare Exception, or panics
+        if not _library_failure(e):
+            raise
+        raise KilnError(None, f"GGUF tokenizer cannot be built: {_first_line(e)}") from None
+    _smoke_test(None, tok)
 
     arch = _scalar(meta, "general.architecture", str)
     ctx = _scalar(meta, f"{arch}.context_length", int) if arch else None
@@ -552,7 +555,9 @@ def from_hf_folder(folder) -> TokenizerSpec | None:
     tj = _read_json(tj_path)
     try:
         tok = Tokenizer.from_str(json.dumps(tj))
-    except Exception as e:  # the tokenizers library raises a bare Exception
+    except BaseException as e:  # the tokenizers library raises a bare Exception, or panics
+        if not _library_failure(e):
+            raise
         raise KilnError(tj_path, f"not a tokenizer the tokenizers library can load ({_first_line(e)})") from None
     _check_template_processing(tj_path, tj)
     _smoke_test(tj_path, tok)
@@ -626,15 +631,21 @@ def _check_template_processing(path: str, tj: dict) -> None:
                                           f"{reprlib.repr(token)}, which its special_tokens does not define")
 
 
-def _smoke_test(path: str, tok: Tokenizer) -> None:
-    """Encode and decode a little text once: the library accepts some tokenizer.json files that it
-    then cannot run, and fails on them with a Rust panic (a BaseException, not an Exception)."""
+def _library_failure(e: BaseException) -> bool:
+    """An error of the tokenizers library: an Exception, or a Rust panic, which pyo3 raises as
+    PanicException, a BaseException (KeyboardInterrupt and the like are not failures)."""
+    return isinstance(e, Exception) or type(e).__name__ == "PanicException"
+
+
+def _smoke_test(path: str | None, tok: Tokenizer) -> None:
+    """Encode and decode a little text once: the library accepts some tokenizers that it then
+    cannot run, and fails on them with a Rust panic."""
     try:
         ids = tok.encode("Hello world", "and a pair", add_special_tokens=True).ids
         tok.decode(ids, skip_special_tokens=False)
     except BaseException as e:
-        if not isinstance(e, Exception) and type(e).__name__ != "PanicException":
-            raise                      # KeyboardInterrupt and the like stay what they are
+        if not _library_failure(e):
+            raise
         raise KilnError(path, f"the tokenizers library loads it but cannot encode with it ({_first_line(e)})") from None
 
 

@@ -331,6 +331,16 @@ def test_regression_template_naming_an_undefined_special_token(hf_folder):
     _refused(hf_folder, "tokenizer.json", "special token '<s>', which its special_tokens does not define")
 
 
+def test_regression_library_panics_while_loading(hf_folder):
+    # found by the second long run of fuzz_hf_folder: a BPE continuing_subword_prefix longer than
+    # the merged tokens makes Tokenizer.from_str panic (slice index underflow in the library);
+    # the PanicException, a BaseException, went past kiln's 'except Exception'
+    tj = json.loads((hf_folder / "tokenizer.json").read_text())
+    tj["model"]["continuing_subword_prefix"] = "__metadata__"
+    (hf_folder / "tokenizer.json").write_text(json.dumps(tj))
+    _refused(hf_folder, "tokenizer.json", "not a tokenizer the tokenizers library can load .range end index")
+
+
 def test_regression_template_pieces_written_as_lists(hf_folder):
     # found by the long run of fuzz_hf_folder: the library takes a piece's fields as a list
     # ({"SpecialToken": ["<s>", 0]}, serde's sequence form of a struct); kiln called .get on it
