@@ -45,7 +45,8 @@ class EngineFailed(Exception):
 
 
 def run_once(engine: str, python: str, model: str, a) -> dict:
-    cmd = [python, str(PEERS), engine, model, "--threads", str(a.threads), "--repeats", "1",
+    # "kiln NAME.kiln" labels a second artifact; the engine is the first word
+    cmd = [python, str(PEERS), engine.split()[0], model, "--threads", str(a.threads), "--repeats", "1",
            "--tokens", str(a.tokens), "--prefill-tokens", str(a.prefill_tokens), "--context", str(a.context)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
