@@ -111,6 +111,40 @@ def as_two_4bit_planes(op: NBitsOperands) -> tuple[NBitsOperands, NBitsOperands]
     return high, low
 
 
+def min_into_zero_points(op: NBitsOperands) -> NBitsOperands:
+    """An affine operand d·q + m (q in 0..15) as one 8-bit operand s·(c − z), for the fast mode.
+
+    With s = d/k, c = k·q + c₀ and z = c₀ − round(k·m/d): s·(c − z) = d·q + (d/k)·round(k·m/d),
+    so m moves by at most d/(2k). k is the largest of 16, 8, 4, 2, 1 for which c and z fit a
+    byte (k = 16 unless a block's minimum lies far above zero): at most 1/32 of a step, 1/16 of
+    the rounding Q4_1 itself makes. No min-term product remains. A block with d = 0 (constant
+    m) is exact: scale m, code 1, zero point 0.
+    """
+    d = op.scales.astype(np.float64)
+    m = op.mins.astype(np.float64)
+    q = op.codes.astype(np.int32)
+    n, nb, blk = q.shape
+    safe_d = np.where(d == 0, 1.0, d)
+    k = np.zeros((n, nb))
+    t = np.zeros((n, nb))
+    for cand in (16, 8, 4, 2, 1):
+        tc = np.rint(cand * m / safe_d)
+        fits = (np.maximum(tc, 0) <= np.minimum(255 + tc, 255 - 15 * cand)) & (k == 0)
+        k = np.where(fits, cand, k)
+        t = np.where(fits, tc, t)
+    if (k == 0).any() & (d != 0).any():
+        raise ValueError("a block's minimum lies too far from zero for an 8-bit zero point")
+    c0 = np.maximum(t, 0)
+    codes = k[..., None] * q + c0[..., None]
+    zp = c0 - t
+    scales = d / np.where(k == 0, 1, k)
+    const = d == 0
+    codes = np.where(const[..., None], 1, codes)
+    zp = np.where(const, 0, zp)
+    scales = np.where(const, m, scales)
+    return NBitsOperands(8, codes.astype(np.uint8), scales.astype(np.float32), zp.astype(np.uint8), None, op.block)
+
+
 def pack_codes(bits: int, codes: np.ndarray) -> np.ndarray:
     """MatMulNBits' B: codes packed low-first along K, [N, n_blocks, 32 * bits / 8]."""
     if bits == 8:

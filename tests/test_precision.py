@@ -37,9 +37,11 @@ def test_exact_runs_float32_products_and_fast_int8_activations(smollm2_pair):
     exact, fast = (_nodes(a, "MatMulNBits") for a in smollm2_pair)
     assert {_attr(n, "accuracy_level") for n in exact} == {0}
     assert {_attr(n, "accuracy_level") for n in fast} == {4}
-    # the Q8_0 head: two exact 4-bit planes at full precision, one 8-bit product in fast mode
+    # the Q8_0 head: two exact 4-bit planes at full precision, one 8-bit product in fast mode;
+    # the Q4_1 matrices' minimums: a min-term product in exact mode, 8-bit zero points in fast
     assert len(exact) == 122 and len(fast) == 121
-    assert sorted(_attr(n, "bits") for n in fast).count(8) == 1
+    assert {_attr(n, "bits") for n in fast} == {8}
+    assert len(_nodes(smollm2_pair[0], "MatMul")) == 120 and not _nodes(smollm2_pair[1], "MatMul")
 
 
 def test_fast_mode_agrees_with_the_reference(smollm2_pair):
@@ -54,7 +56,7 @@ def test_fast_mode_agrees_with_the_reference(smollm2_pair):
         got = greedy_tokens(fast.session, g["prompt_ids"], 32, banned=eos)
         agree.append(next((i for i, (a, b) in enumerate(zip(got, g["greedy_ids"])) if a != b), 32))
     # Leading tokens that agree with transformers' float32 run (EOS banned, as it was made):
-    # measured here (AVX-512) kiln fast [10, 3, 19], llama.cpp 0.3.36 on the same GGUF
+    # measured here (AVX-512) kiln fast [5, 32, 0], llama.cpp 0.3.36 on the same GGUF
     # [5, 13, 0] (its own int8 dot products). Fast mode must agree as long as llama.cpp overall.
     assert sum(agree) >= 18, agree
 
@@ -97,3 +99,28 @@ def test_gathered_rows_equal_the_dequantized_table(tmp_path, quant):
     want = next(iter(run(ref.graph, {"input_ids": ids}).values()))
     # float32 rounding only: the gathered rows are the dequantized rows exactly
     np.testing.assert_allclose(runtime.load(art).logits(ids), want, rtol=0, atol=2e-5)
+
+
+def test_min_folded_into_zero_points_moves_each_weight_by_at_most_a_32nd_of_a_step():
+    from kiln.targets import onnxrt_quant as Q
+    rng = np.random.default_rng(5)
+    n, nb = 64, 8
+    codes = rng.integers(0, 16, (n, nb, 32)).astype(np.uint8)
+    d = rng.uniform(0.001, 0.05, (n, nb)).astype(np.float32)
+    m = (-d * rng.uniform(0, 15, (n, nb))).astype(np.float32)
+    m[0, 0] = 3 * d[0, 0]              # a block lying above zero: a smaller multiplier
+    m[1, 1] = 40 * d[1, 1]             # far above zero: smaller still
+    d[2, 2] = 0                        # a constant block: exact
+    op = Q.NBitsOperands(4, codes, d, 0, m)
+    folded = Q.min_into_zero_points(op)
+    assert folded.bits == 8 and folded.mins is None
+    want = codes * d[..., None].astype(np.float64) + m[..., None]
+    got = (folded.codes.astype(np.float64) - folded.zero_points[..., None]) * folded.scales[..., None]
+    err = np.abs(got - want)
+    assert err[2, 2].max() == 0
+    step = np.where(d == 0, 1, d)[..., None]
+    ratio = (err / step).max(axis=-1)
+    assert ratio.max() <= 1 / 2 + 1e-6            # the 40-step block (multiplier 1)
+    typical = np.ones((n, nb), bool)
+    typical[0, 0] = typical[1, 1] = typical[2, 2] = False
+    assert ratio[typical].max() <= 1 / 32 + 1e-6  # multiplier 16 wherever the minimum is <= 0
