@@ -84,6 +84,8 @@ class OnnxRuntimeSession:
         self.history: np.ndarray | None = None
         self.past: dict[str, np.ndarray] = {}
         self.buffers: dict[str, object] = {}
+        self._arrays: dict[str, np.ndarray] = {}
+        self._side = None
         self._io = None
         self.capacity = 0
         self.lengths = np.zeros(1, dtype=np.int64)
@@ -141,6 +143,68 @@ class OnnxRuntimeSession:
             ids[b, :len(p)] = p
         positions = (lengths - 1)[:, None] if last_only else np.tile(np.arange(ids.shape[1]), (self.batch, 1))
         return self._run_shared(ids, lengths, positions)
+
+    # ---- rows that join and leave a running batch (shared layout) --------------------------
+    def start_rows(self, batch: int) -> None:
+        """An empty cache of ``batch`` rows for a scheduler: rows join with :meth:`join_row`,
+        all rows advance together with :meth:`step`, and :meth:`free_row` empties one."""
+        if self.layout != "shared":
+            raise ValueError("rows can join a running batch only with the shared KV-cache layout")
+        self.reset(batch)
+        self._side = None
+
+    def join_row(self, r: int, prompt: list[int]) -> np.ndarray:
+        """Prefill ``prompt`` into row ``r`` while the other rows keep their state; returns
+        the logits of its last token, float32 [vocab].
+
+        ORT's GroupQueryAttention takes several new tokens over a cache for one row only, so
+        the prompt runs through a batch-1 cache of its own (same InferenceSession, its own
+        buffers); its keys and values are then copied into row r of the batch buffers (the
+        numpy arrays behind the OrtValues share their memory)."""
+        n = len(prompt)
+        if n < 1:
+            raise ValueError("a prompt has no tokens; the model needs at least one")
+        if self.max_length is not None and n > self.max_length:
+            raise ValueError(f"the prompt has {n} tokens but this artifact holds at most {self.max_length}")
+        if not 0 <= r < self.batch:
+            raise ValueError(f"row {r} is not in a batch of {self.batch}")
+        side = self._side_session()
+        side.reset(1)
+        logits = side.prefill([list(prompt)], last_only=True)[0, -1]
+        if n > self.capacity:
+            self._grow(n)
+        for name in self.cache_names:
+            self._arrays[name][r, :, :n] = side._arrays[name][0, :, :n]
+        self.lengths[r] = n
+        self.length = int(self.lengths.max())
+        return logits
+
+    def free_row(self, r: int) -> None:
+        self.lengths[r] = 0
+        self.length = int(self.lengths.max())
+
+    def step(self, tokens: np.ndarray, active: np.ndarray) -> np.ndarray:
+        """One decode step of every row: row b appends ``tokens[b]`` at its own length.
+        Rows not ``active`` feed their token over an empty cache and stay empty; their
+        logits are meaningless. Returns float32 [batch, vocab]."""
+        ids = np.ascontiguousarray(np.asarray(tokens, dtype=np.int64).reshape(self.batch, 1))
+        active = np.asarray(active, dtype=bool)
+        before = np.where(active, self.lengths, 0)
+        self.lengths = before
+        logits = self._run_shared(ids, before + 1, np.zeros((self.batch, 1), dtype=np.int64))
+        self.lengths = np.where(active, self.lengths, 0)
+        self.length = int(self.lengths.max())
+        return logits[:, -1]
+
+    def _side_session(self):
+        if getattr(self, "_side", None) is None:
+            side = object.__new__(type(self))
+            side.__dict__.update({k: v for k, v in self.__dict__.items()
+                                  if k not in ("buffers", "_arrays", "_io", "_side")})
+            side.buffers, side._arrays, side._io, side.capacity = {}, {}, None, 0
+            side.reset(1)
+            self._side = side
+        return self._side
 
     # ---- the two layouts ----------------------------------------------------------------
     def _feeds(self, ids, positions) -> dict:
@@ -203,13 +267,16 @@ class OnnxRuntimeSession:
 
     def _allocate(self, batch: int, capacity: int, keep: int = 0) -> None:
         shape = (batch, self.kv_heads, capacity, self.head_dim)
-        fresh = {}
+        fresh, arrays = {}, {}
         for name in self.cache_names:
             arr = np.zeros(shape, dtype=np.float32)
             if keep and name in self.buffers:
                 arr[:, :, :keep] = self.buffers[name].numpy()[:, :, :keep]
+            # on CPU the OrtValue shares the array's memory: writing one writes the other
             fresh[name] = self._ort.OrtValue.ortvalue_from_numpy(arr)
+            arrays[name] = arr
         self.buffers, self.capacity, self._buffer_batch = fresh, capacity, batch
+        self._arrays = arrays
         self._io = None
 
     def _grow(self, needed: int) -> None:

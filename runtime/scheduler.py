@@ -1,0 +1,279 @@
+"""Continuous batching: requests join a running batch at the next step and leave when done.
+
+A :class:`Scheduler` owns one session (shared KV-cache layout) with ``max_batch`` rows.
+Requests queue (at most ``max_queue`` waiting), take a free row at the next step (their prompt
+prefilled into that row while the other rows keep their state), stream their tokens, and free
+the row when they end (EOS, a stop string or id, ``max_tokens``, the model's length limit, or
+cancellation). No HTTP here: ``kiln serve`` is a thin layer over this.
+
+Every request has its own :class:`~kiln.runtime.sampling.Sampler`, drawing from row 0's stream
+of its seed, as a single prompt does in :func:`~kiln.runtime.generation.generate`. Each row of
+the batch computes only from its own cache, so a request gets the same tokens whether it runs
+alone or beside others.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .generation import (_StopMatcher, _check_count, _id_set, _special_stop_ids, _stop_strings,
+                         _stream_decoder)
+from .sampling import Sampler
+
+__all__ = ["Scheduler", "Request", "QueueFull", "Event"]
+
+
+class QueueFull(RuntimeError):
+    """The scheduler's queue holds ``max_queue`` waiting requests already."""
+
+
+@dataclass
+class Event:
+    """What a request streams: a new token (``token``, and the text it made final, possibly
+    empty), or the end (``finish_reason`` set: "eos", "stop", "length" or "cancelled")."""
+    token: int | None = None
+    text: str = ""
+    finish_reason: str | None = None
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    sampler: Sampler
+    max_tokens: int
+    stops: list[str]
+    eos: set[int]
+    stop_ids: set[int]
+    on_event: object = None
+    ids: list[int] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    finish_reason: str | None = None
+    submitted: float = 0.0
+    first_token_at: float | None = None
+    _events: queue.Queue = field(default_factory=queue.Queue)
+    _cancelled: bool = False
+    _row: int | None = None
+    _limit: int = 0
+    _count: int = 0
+    _matcher: object = None
+    _history: list[int] = field(default_factory=list)
+    _next: int = 0
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt)
+
+    @property
+    def completion_tokens(self) -> int:
+        return self._count
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def cancel(self) -> None:
+        """Stop generating; the row is freed at the scheduler's next step."""
+        self._cancelled = True
+
+    def __iter__(self):
+        """Events until the end (the last one carries ``finish_reason``)."""
+        while True:
+            ev = self._events.get()
+            yield ev
+            if ev.finish_reason is not None:
+                return
+
+    def result(self, timeout: float | None = None) -> "Request":
+        for _ in self:
+            pass
+        return self
+
+    def _emit(self, ev: Event) -> None:
+        if self.on_event is not None:
+            self.on_event(ev)
+        else:
+            self._events.put(ev)
+
+
+class Scheduler:
+    def __init__(self, session, tokenizer=None, *, max_batch: int = 4, max_queue: int = 64,
+                 eos_ids: Iterable[int] | None = None):
+        if max_batch < 1 or max_queue < 0:
+            raise ValueError("max_batch must be >= 1 and max_queue >= 0")
+        self.session, self.tokenizer = session, tokenizer
+        self.max_batch, self.max_queue = int(max_batch), int(max_queue)
+        self.eos_ids = _id_set(getattr(tokenizer, "eos_ids", None) if eos_ids is None else eos_ids)
+        session.start_rows(self.max_batch)
+        self.rows: list[Request | None] = [None] * self.max_batch
+        self.waiting: deque[Request] = deque()
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.steps = 0
+
+    @property
+    def max_length(self) -> int | None:
+        return self.session.max_length
+
+    # ---- requests -------------------------------------------------------------------------
+    def submit(self, prompt: Sequence[int], *, max_tokens: int = 128, temperature: float = 0.0,
+               top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+               repetition_penalty: float = 1.0, seed: int | None = None,
+               stop: Sequence[str] | str | None = None, eos_ids: Iterable[int] | None = None,
+               on_event=None) -> Request:
+        """Queue a request; raises ValueError for bad settings, QueueFull when the queue is full."""
+        prompt = [int(t) for t in prompt]
+        if not prompt:
+            raise ValueError("the prompt has no tokens; the model needs at least one")
+        _check_count("max_tokens", max_tokens)
+        if self.max_length is not None and len(prompt) > self.max_length:
+            raise ValueError(f"the prompt has {len(prompt)} tokens but the model holds at most "
+                             f"{self.max_length}")
+        sampler = Sampler(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+        stops = _stop_strings(stop)
+        if stops and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer, and this model has none")
+        eos = self.eos_ids if eos_ids is None else _id_set(eos_ids)
+        stop_ids = (_special_stop_ids(self.tokenizer, stops) if stops else set()) - eos
+        req = Request(prompt, sampler, int(max_tokens), stops, eos, stop_ids, on_event)
+        req.submitted = time.perf_counter()
+        limit = req.max_tokens
+        if self.max_length is not None:
+            limit = min(limit, self.max_length - len(prompt))
+        req._limit = limit
+        req._matcher = _StopMatcher(_stream_decoder(self.tokenizer), stops)
+        req._history = list(prompt)
+        with self._lock:
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are waiting already "
+                                f"(max_queue={self.max_queue})")
+            self.waiting.append(req)
+            self._wake.notify()
+        return req
+
+    @property
+    def active(self) -> int:
+        return sum(r is not None for r in self.rows)
+
+    def idle(self) -> bool:
+        with self._lock:
+            return not self.waiting and self.active == 0
+
+    # ---- one step ---------------------------------------------------------------------------
+    def step(self) -> bool:
+        """Admit waiting requests into free rows, then advance every running row by one token.
+        Returns whether there was anything to do."""
+        worked = False
+        for r, req in enumerate(self.rows):
+            if req is not None and req._cancelled:
+                self._finish(req, "cancelled")
+        while None in self.rows:
+            with self._lock:
+                if not self.waiting:
+                    break
+                req = self.waiting.popleft()
+            if req._cancelled:
+                self._end(req, "cancelled")
+                continue
+            worked = True
+            if req._limit <= 0:
+                self._end(req, "length")
+                continue
+            r = self.rows.index(None)
+            self.rows[r], req._row = req, r
+            logits = self.session.join_row(r, req.prompt)
+            self._take(req, logits)
+        running = [r for r, req in enumerate(self.rows) if req is not None]
+        if not running:
+            return worked
+        tokens = np.zeros(self.max_batch, dtype=np.int64)
+        active = np.zeros(self.max_batch, dtype=bool)
+        for r in running:
+            tokens[r], active[r] = self.rows[r]._next, True
+        logits = self.session.step(tokens, active)
+        self.steps += 1
+        for r in running:
+            self._take(self.rows[r], logits[r])
+        return True
+
+    def _take(self, req: Request, logits: np.ndarray) -> None:
+        """Sample the request's next token from its logits and stream it."""
+        if req._cancelled:
+            self._finish(req, "cancelled")
+            return
+        t = int(req.sampler(np.asarray(logits)[None, :], [req._history])[0])
+        if req.first_token_at is None:
+            req.first_token_at = time.perf_counter()
+        req._history.append(t)
+        req._count += 1
+        reason = None
+        if t in req.eos or t in req.stop_ids:
+            reason = "eos" if t in req.eos else "stop"
+            piece, hit = req._matcher.finish()
+        else:
+            req.ids.append(t)
+            piece, hit = req._matcher.add(t)
+        if hit:
+            reason = "stop"
+        if piece:
+            req.text.append(piece)
+        req._emit(Event(token=t, text=piece))
+        if reason is None and req._count >= req._limit:
+            piece, hit = req._matcher.finish()
+            if piece:
+                req.text.append(piece)
+                req._emit(Event(text=piece))
+            reason = "stop" if hit else "length"
+        if reason is not None:
+            self._finish(req, reason)
+        else:
+            req._next = t
+
+    def _finish(self, req: Request, reason: str) -> None:
+        if req._row is not None:
+            self.session.free_row(req._row)
+            self.rows[req._row] = None
+            req._row = None
+        self._end(req, reason)
+
+    def _end(self, req: Request, reason: str) -> None:
+        req.finish_reason = reason
+        req._emit(Event(finish_reason=reason))
+
+    # ---- the background loop ---------------------------------------------------------------
+    def start(self) -> "Scheduler":
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="kiln-scheduler", daemon=True)
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopping and not self.waiting and self.active == 0:
+                    self._wake.wait(0.5)
+                if self._stopping and not self.waiting and self.active == 0:
+                    return
+            try:
+                self.step()
+            except Exception as e:                 # a model failure ends every running request
+                for req in [*self.rows]:
+                    if req is not None:
+                        self._finish(req, "error")
+                import sys
+                print(f"kiln scheduler: {type(e).__name__}: {e}", file=sys.stderr)
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Let queued and running requests finish, then end the loop."""
+        with self._lock:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
