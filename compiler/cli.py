@@ -1,4 +1,4 @@
-"""The ``kiln`` command: inspect, compile, run, verify, bench, convert.
+"""The ``kiln`` command: inspect, compile, run, serve, verify, bench, convert.
 
 Errors a user can act on print as one line ``kiln: PATH: PROBLEM`` and exit with code 2;
 set KILN_DEBUG=1 to see the traceback of an unexpected failure.
@@ -189,6 +189,19 @@ def cmd_bench(a) -> int:
 
 # ---- verify ---------------------------------------------------------------------------------
 
+def cmd_serve(a) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        from kiln.errors import KilnError
+        raise KilnError(None, "kiln serve needs FastAPI and uvicorn: pip install 'kiln[serve]'") from None
+    from kiln.runtime.server import serve
+    serve(a.artifact, host=a.host, port=a.port, max_batch=a.max_batch, max_queue=a.max_queue,
+          api_key=a.api_key or os.environ.get("KILN_API_KEY") or None, threads=a.threads)
+    return 0
+
+
 def cmd_verify(a) -> int:
     from kiln.artifact import read_manifest
     m = read_manifest(a.artifact, check_hashes=True)
@@ -285,6 +298,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-v", "--verbose", action="store_true", help="print timings after the answer")
     s.set_defaults(fn=cmd_run)
 
+    s = sub.add_parser("serve", help="serve an artifact over an OpenAI-compatible HTTP API")
+    s.add_argument("artifact")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--max-batch", type=int, default=8, help="requests generating at once (default 8)")
+    s.add_argument("--max-queue", type=int, default=64, help="requests waiting for a row (default 64)")
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health "
+                                     "(default: $KILN_API_KEY, else none)")
+    s.add_argument("--threads", type=int)
+    s.set_defaults(fn=cmd_serve)
+
     s = sub.add_parser("verify", help="check every file of an artifact against its sha256 in the manifest")
     s.add_argument("artifact")
     s.set_defaults(fn=cmd_verify)
@@ -336,7 +360,7 @@ def main(argv=None) -> int:
     from kiln.artifact import ArtifactError
     from kiln.errors import KilnError
     args = build_parser().parse_args(argv)
-    if args.fn in (cmd_run, cmd_bench):
+    if args.fn in (cmd_run, cmd_bench, cmd_serve):
         args.fn = _user_errors_of_the_runtime(args.fn)
     try:
         return args.fn(args) or 0

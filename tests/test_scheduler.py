@@ -143,3 +143,11 @@ def test_smollm2_staggered_requests_equal_alone(smollm2):
         assert g.ids == reqs[i].ids and g.text == "".join(reqs[i].text)
         assert {"eos": "eos", "stop": "stop", "length": "length"}[g.finish_reason] == reqs[i].finish_reason
     assert tok is not None
+
+
+def test_cache_arrays_share_memory_with_the_ortvalues(llama):
+    session = runtime.load(llama, threads=1).session
+    session.start_rows(2)
+    name = session.cache_names[0]
+    session._arrays[name][1, 0, 3, 0] = 42.0
+    assert session.buffers[name].numpy()[1, 0, 3, 0] == 42.0

@@ -1,0 +1,297 @@
+"""``kiln serve``: an OpenAI-compatible HTTP API over the continuous-batching scheduler.
+
+This module only translates: JSON requests into :meth:`Scheduler.submit` calls (the chat
+template and tokenizer of the model render and encode the prompt), the scheduler's events into
+OpenAI responses and server-sent events, and every bad request into OpenAI's error JSON
+``{"error": {"message", "type", "code"}}`` with a 4xx status. Generation itself lives in
+:mod:`kiln.runtime.scheduler`.
+
+FastAPI on uvicorn: both are widely used, maintained, and pinned in the ``serve`` extra.
+"""
+
+import asyncio
+import json
+import time
+import uuid
+from pathlib import Path
+
+from .scheduler import QueueFull, Scheduler
+
+FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "stop", "error": "error"}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 code: str | None = None, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "code": self.code,
+                          "param": self.param}}
+
+
+def _number(body, name, default, kind=float, lo=None, hi=None, lo_open=False):
+    v = body.get(name, default)
+    if v is None:
+        return default
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (kind is float or float(v).is_integer())
+    if ok:
+        v = kind(v)
+        ok = (lo is None or (v > lo if lo_open else v >= lo)) and (hi is None or v <= hi)
+    if not ok:
+        rng = f" in {'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}]" if lo is not None else ""
+        raise APIError(422, f"{name} must be {'an integer' if kind is int else 'a number'}{rng}, got {body.get(name)!r}",
+                       code="invalid_value", param=name)
+    return v
+
+
+class Service:
+    """The HTTP-independent half: request dicts in, scheduler requests and response dicts out."""
+
+    def __init__(self, model, scheduler: Scheduler, name: str):
+        self.model, self.scheduler, self.name = model, scheduler, name
+        self.created = int(time.time())
+
+    def settings(self, body: dict) -> dict:
+        if body.get("model") not in (None, self.name):
+            raise APIError(404, f"the model {body.get('model')!r} does not exist; this server has {self.name!r}",
+                           code="model_not_found", param="model")
+        if _number(body, "n", 1, int, 1) != 1:
+            raise APIError(400, "only n=1 is supported", code="unsupported_value", param="n")
+        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+        limit = self.scheduler.max_length or 1 << 30
+        max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", 16 if "messages" not in body else limit,
+                             int, 0)
+        stop = body.get("stop")
+        if stop is not None and not (isinstance(stop, str) or (isinstance(stop, list) and all(
+                isinstance(s, str) and s for s in stop))):
+            raise APIError(422, "stop must be a string or a list of strings", code="invalid_value", param="stop")
+        if isinstance(stop, str) and not stop:
+            stop = None
+        seed = body.get("seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise APIError(422, f"seed must be a non-negative integer, got {seed!r}", code="invalid_value",
+                           param="seed")
+        return dict(max_tokens=max_tokens,
+                    temperature=_number(body, "temperature", 1.0, float, 0, 2),
+                    top_p=_number(body, "top_p", 1.0, float, 0, 1, lo_open=True),
+                    top_k=_number(body, "top_k", 0, int, 0),
+                    min_p=_number(body, "min_p", 0.0, float, 0, 1),
+                    repetition_penalty=_number(body, "repetition_penalty", 1.0, float, 0, lo_open=True),
+                    seed=seed, stop=stop or None)
+
+    def prompt_ids(self, body: dict, chat: bool) -> list[int]:
+        tok = self.model.tokenizer
+        if chat:
+            msgs = body.get("messages")
+            if not isinstance(msgs, list) or not msgs or not all(
+                    isinstance(m, dict) and isinstance(m.get("role"), str) for m in msgs):
+                raise APIError(422, "messages must be a non-empty list of {role, content} objects",
+                               code="invalid_value", param="messages")
+            if tok is None:
+                raise APIError(400, "this model has no tokenizer, so it cannot render chat messages",
+                               code="unsupported_value", param="messages")
+            msgs = [{**m, "content": _content(m.get("content"))} for m in msgs]
+            ids = tok.encode(self.model.chat_prompt(msgs))
+        else:
+            p = body.get("prompt")
+            if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
+                p = p[0]
+            if isinstance(p, str):
+                if tok is None:
+                    raise APIError(400, "this model has no tokenizer; send the prompt as token ids",
+                                   code="unsupported_value", param="prompt")
+                ids = tok.encode(p)
+            elif isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+                ids = list(p)
+            else:
+                raise APIError(422, "prompt must be a string or a list of token ids", code="invalid_value",
+                               param="prompt")
+        if not ids:
+            raise APIError(422, "the prompt has no tokens", code="invalid_value", param="prompt")
+        limit = self.scheduler.max_length
+        if limit is not None and len(ids) >= limit:
+            raise APIError(413, f"the prompt has {len(ids)} tokens but this model's context holds {limit}",
+                           code="context_length_exceeded", param="messages" if chat else "prompt")
+        return ids
+
+    def submit(self, body: dict, chat: bool, on_event):
+        settings = self.settings(body)
+        ids = self.prompt_ids(body, chat)
+        try:
+            return self.scheduler.submit(ids, on_event=on_event, **settings)
+        except QueueFull as e:
+            raise APIError(429, str(e), "server_busy", code="queue_full") from None
+        except ValueError as e:
+            raise APIError(422, str(e), code="invalid_value") from None
+
+    @staticmethod
+    def usage(req) -> dict:
+        return {"prompt_tokens": req.prompt_tokens, "completion_tokens": req.completion_tokens,
+                "total_tokens": req.prompt_tokens + req.completion_tokens}
+
+
+def _content(c) -> str:
+    if isinstance(c, str):
+        return c
+    if isinstance(c, list):
+        return "".join(p.get("text", "") for p in c if isinstance(p, dict))
+    return "" if c is None else str(c)
+
+
+def create_app(service: Service, api_key: str | None = None):
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    app = FastAPI(title="kiln", docs_url=None, redoc_url=None, openapi_url=None)
+
+    def error(e: APIError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, e: APIError):
+        return error(e)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, e):
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        return error(APIError(e.status_code, str(e.detail), code=codes.get(e.status_code)))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request, e):
+        return error(APIError(422, "invalid request", code="invalid_value"))
+
+    @app.exception_handler(Exception)
+    async def _internal(request, e):
+        return error(APIError(500, f"internal error: {type(e).__name__}", "server_error", code="internal_error"))
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        if api_key is not None and request.url.path != "/health":
+            given = request.headers.get("authorization", "")
+            if given != f"Bearer {api_key}":
+                return error(APIError(401, "invalid or missing API key", "authentication_error",
+                                      code="invalid_api_key"))
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        s = service.scheduler
+        return {"status": "ok", "running": s.active, "waiting": len(s.waiting)}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": service.name, "object": "model",
+                                            "created": service.created, "owned_by": "kiln"}]}
+
+    async def body_of(request: Request) -> dict:
+        raw = await request.body()
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+        return body
+
+    async def complete(request: Request, chat: bool):
+        body = await body_of(request)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        req = service.submit(body, chat, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        kind = "chat.completion" if chat else "text_completion"
+
+        async def next_event():
+            # wakes up now and then to notice a client that went away
+            while True:
+                try:
+                    return await asyncio.wait_for(events.get(), 0.5)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        req.cancel()
+                        raise asyncio.CancelledError from None
+
+        def chunk(piece: str | None, finish: str | None, first: bool = False) -> str:
+            if chat:
+                delta = {} if piece is None else {"content": piece}
+                if first:
+                    delta = {"role": "assistant", "content": ""}
+                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": piece or "", "logprobs": None, "finish_reason": finish}
+            out = {"id": rid, "object": kind + (".chunk" if chat else ""), "created": created,
+                   "model": service.name, "choices": [choice]}
+            if finish is not None:
+                out["usage"] = Service.usage(req)
+            return f"data: {json.dumps(out)}\n\n"
+
+        if body.get("stream"):
+            async def sse():
+                try:
+                    if chat:
+                        yield chunk(None, None, first=True)
+                    while True:
+                        ev = await next_event()
+                        if ev.finish_reason is not None:
+                            yield chunk(None, FINISH[ev.finish_reason])
+                            yield "data: [DONE]\n\n"
+                            return
+                        if ev.text:
+                            yield chunk(ev.text, None)
+                finally:
+                    req.cancel()            # a no-op once done; frees the row of a client gone away
+            return StreamingResponse(sse(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        try:
+            while True:
+                ev = await next_event()
+                if ev.finish_reason is not None:
+                    break
+        finally:
+            req.cancel()
+        text = "".join(req.text)
+        finish = FINISH[req.finish_reason]
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                      "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        return {"id": rid, "object": kind, "created": created, "model": service.name,
+                "choices": [choice], "usage": Service.usage(req)}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await complete(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await complete(request, chat=True)
+
+    return app
+
+
+def build(artifact, *, max_batch: int = 8, max_queue: int = 64, api_key: str | None = None,
+          threads: int | None = None, name: str | None = None):
+    """The app and its running scheduler for an artifact folder."""
+    from kiln import runtime
+    model = runtime.load(artifact, threads=threads)
+    sched = Scheduler(model.session, model.tokenizer, max_batch=max_batch, max_queue=max_queue,
+                      eos_ids=model.eos_ids).start()
+    service = Service(model, sched, name or Path(artifact).name.removesuffix(".kiln"))
+    return create_app(service, api_key), service
+
+
+def serve(artifact, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8, max_queue: int = 64,
+          api_key: str | None = None, threads: int | None = None) -> None:
+    import uvicorn
+    app, service = build(artifact, max_batch=max_batch, max_queue=max_queue, api_key=api_key, threads=threads)
+    print(f"kiln: serving {service.name!r} on http://{host}:{port}/v1 (max batch {max_batch})", flush=True)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    finally:
+        service.scheduler.stop(timeout=30)
