@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from .atomic import staging  # noqa: F401  (writers stage artifacts through here)
-from .errors import KilnError
+from .errors import KilnError, load_json_object
 
 FORMAT_VERSION = 2          # 2: the manifest carries its own sha256; every file has bytes and sha256
 MANIFEST = "manifest.json"
@@ -106,15 +106,10 @@ def read_manifest(folder, *, check_hashes: bool = False) -> dict:
         raise ArtifactError(folder, "not a kiln artifact (no manifest.json)")
     try:
         raw = mpath.read_bytes()
-        manifest = json.loads(raw.decode("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ArtifactError(mpath, f"unreadable manifest ({e})") from None
-    except RecursionError:
-        raise ArtifactError(mpath, "unreadable manifest (nested too deeply)") from None
-    except ValueError as e:       # a number past Python's digit limit
-        raise ArtifactError(mpath, f"unreadable manifest ({str(e).split(';')[0]})") from None
-    if not isinstance(manifest, dict):
-        raise ArtifactError(mpath, "the manifest is not a JSON object")
+    except OSError as e:
+        raise ArtifactError(mpath, f"unreadable manifest ({e.strerror or e})") from None
+    manifest = load_json_object(mpath, unreadable="unreadable manifest", data=raw, error=ArtifactError,
+                                not_object="the manifest is not a JSON object")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(mpath, f"artifact format version {_show(manifest.get('format_version'))} "
                             f"is not the one this kiln reads ({FORMAT_VERSION}); compile the model again")

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 
-from kiln.errors import KilnError
+from kiln.errors import KilnError, load_json_object
 from kiln.ir import ModelIR
 from kiln.weights import Weight
 
@@ -30,17 +30,8 @@ def _show(v, style=json.dumps) -> str:
 
 def read_config(folder: Path) -> dict:
     path = folder / "config.json"
-    try:
-        with open(path, encoding="utf-8") as f:
-            cfg = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise KilnError(path, f"not a readable JSON config ({e.__class__.__name__}: {e})") from None
-    except RecursionError:
-        raise KilnError(path, "not a readable JSON config (nested too deeply)") from None
-    except ValueError as e:      # a number past Python's digit limit
-        raise KilnError(path, f"not a readable JSON config ({str(e).split(';')[0]})") from None
-    if not isinstance(cfg, dict):
-        raise KilnError(path, "config.json is not a JSON object")
+    cfg = load_json_object(path, unreadable="not a readable JSON config",
+                           not_object="config.json is not a JSON object")
     return cfg
 
 
@@ -244,16 +235,7 @@ def _generation_config(folder: Path, vocab_size: int) -> dict:
     p = folder / "generation_config.json"
     if not p.is_file():
         return {}
-    try:
-        d = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise KilnError(p, f"not a readable JSON file ({e})") from None
-    except RecursionError:
-        raise KilnError(p, "not a readable JSON file (nested too deeply)") from None
-    except ValueError as e:      # a number past Python's digit limit
-        raise KilnError(p, f"not a readable JSON file ({str(e).split(';')[0]})") from None
-    if not isinstance(d, dict):
-        raise KilnError(p, "not a JSON object")
+    d = load_json_object(p, unreadable="not a readable JSON file", not_object="not a JSON object")
     _check_token_ids(d, p, vocab_size)
     keep = ("eos_token_id", "bos_token_id", "pad_token_id", "temperature", "top_k", "top_p", "repetition_penalty", "do_sample", "max_new_tokens")
     out = {k: d[k] for k in keep if k in d and d[k] is not None}

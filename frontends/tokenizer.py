@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 from tokenizers import Tokenizer
 
-from kiln.errors import KilnError
+from kiln.errors import KilnError, load_json_object
 from kiln.runtime.tokenizer import pick_template, read_chat_template
 
 __all__ = [
@@ -474,22 +474,7 @@ def _post_processor_json(tokens, bos: int | None, eos: int | None, byte_level: b
 
 def _read_json(path: str) -> dict:
     """The JSON object in ``path``; anything else is one KilnError naming the file."""
-    try:
-        with open(path, "rb") as f:
-            data = json.loads(f.read().decode("utf-8"))
-    except OSError as e:
-        raise KilnError(path, f"cannot read: {e.strerror or e}") from None
-    except UnicodeDecodeError:
-        raise KilnError(path, "not UTF-8 text") from None
-    except json.JSONDecodeError as e:
-        raise KilnError(path, f"not valid JSON ({e.msg} at line {e.lineno})") from None
-    except RecursionError:
-        raise KilnError(path, "not valid JSON (nested too deeply)") from None
-    except ValueError as e:      # a number past Python's digit limit
-        raise KilnError(path, f"not valid JSON ({_first_line(e)})") from None
-    if not isinstance(data, dict):
-        raise KilnError(path, f"not a JSON object (a JSON {type(data).__name__})")
-    return data
+    return load_json_object(path, unreadable="not valid JSON", not_object="not a JSON object")
 
 
 def _has_surrogates(text: str) -> bool:
