@@ -194,6 +194,23 @@ def _write_error(dest, e: OSError) -> KilnError | None:
 # ---- files ----------------------------------------------------------------------------------
 
 @contextlib.contextmanager
+def _removed_on_failure(tmp: str, dest):
+    """On any failure inside, the staging entry ``tmp`` goes; a write error becomes the
+    one-line KilnError for ``dest`` (disk full, read-only), anything else propagates."""
+    try:
+        yield
+    except OSError as e:
+        _remove(tmp)
+        err = _write_error(dest, e)
+        if err is None:
+            raise
+        raise err from None
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+@contextlib.contextmanager
 def atomic_file(dest):
     """Yield a binary file open for writing; on success it becomes ``dest`` atomically.
 
@@ -216,7 +233,7 @@ def atomic_file(dest):
     except OSError as e:
         raise KilnError(dest, f"cannot write: {e.strerror or e}") from None
     kill_point("file.created")
-    try:
+    with _removed_on_failure(tmp, dest):
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
@@ -226,15 +243,6 @@ def atomic_file(dest):
                 os.replace(tmp, dest)
             kill_point("file.replaced")
         _fsync_dir(folder)
-    except OSError as e:
-        _remove(tmp)
-        err = _write_error(dest, e)
-        if err is None:
-            raise
-        raise err from None
-    except BaseException:
-        _remove(tmp)
-        raise
 
 
 # ---- folders --------------------------------------------------------------------------------
@@ -306,7 +314,7 @@ def staging(dest, marker: str | None = None):
     _own_staging.add(os.path.realpath(tmp))
     kill_point("folder.created")
     trash = None
-    try:
+    with _removed_on_failure(tmp, dest):
         try:
             yield Path(tmp)
             _fsync_tree(tmp)
@@ -317,15 +325,6 @@ def staging(dest, marker: str | None = None):
         finally:
             _own_staging.discard(os.path.realpath(tmp))
             os.close(fd)
-    except OSError as e:
-        _remove(tmp)
-        err = _write_error(dest, e)
-        if err is None:
-            raise
-        raise err from None
-    except BaseException:
-        _remove(tmp)
-        raise
     if trash:
         _remove(trash)
         kill_point("folder.cleaned")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-# The repository's own copy of ../shared/fixtures (see tests/data/fixtures/README.md): a user's
+# The repository's own copy of the team's reference fixtures (tests/data/fixtures/README.md): a user's
 # clone has nothing beside it, and a test whose data is missing must fail, not skip.
 FIXTURES = REPO / "tests" / "data" / "fixtures"
 SMOLLM2_REFERENCE = FIXTURES / "smollm2" / "reference.json"

@@ -28,7 +28,7 @@ def _graph(folder):
 @pytest.fixture(scope="module")
 def llama_pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("kv")
-    return (kiln_compile(HF_FIXTURES / "llama", output=root / "shared.kiln", kv_layout="shared"),
+    return (kiln_compile(HF_FIXTURES / "llama", output=root / "shared.kiln", kv_layout='shared'),
             kiln_compile(HF_FIXTURES / "llama", output=root / "concat.kiln", kv_layout="concat"))
 
 
@@ -61,7 +61,7 @@ def test_plan_tables_are_the_rotary_tables_of_every_position():
 
 def test_manifest_names_the_layout(llama_pair):
     shared, concat = (json.loads((p / "manifest.json").read_text())["backend"] for p in llama_pair)
-    assert shared["kv_cache"]["layout"] == "shared" and shared["max_length"] == 128
+    assert shared["kv_cache"]["layout"] == 'shared' and shared["max_length"] == 128
     assert concat["kv_cache"]["layout"] == "concat" and concat["kv_layout_reason"] == "asked for the growing layout"
 
 
@@ -159,7 +159,7 @@ def test_sliding_window_on_the_shared_layout(tmp_path):
     cfg = json.loads((folder / "config.json").read_text())
     cfg.update(model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=4)
     (folder / "config.json").write_text(json.dumps(cfg))
-    shared = _load(kiln_compile(folder, output=tmp_path / "s.kiln", kv_layout="shared"))
+    shared = _load(kiln_compile(folder, output=tmp_path / "s.kiln", kv_layout='shared'))
     concat = _load(kiln_compile(folder, output=tmp_path / "c.kiln", kv_layout="concat"))
     ids = np.arange(10, 30)[None]
     np.testing.assert_allclose(shared.logits(ids), concat.logits(ids), rtol=0, atol=SAME)
@@ -181,7 +181,7 @@ def test_sliding_window_on_the_shared_layout(tmp_path):
 def test_smollm2_uses_the_shared_layout_and_keeps_its_tokens(smollm2_gguf, tmp_path):
     art = kiln_compile(smollm2_gguf, output=tmp_path / "s.kiln")
     backend = json.loads((art / "manifest.json").read_text())["backend"]
-    assert backend["kv_cache"]["layout"] == "shared" and backend["max_length"] == 8192
+    assert backend["kv_cache"]["layout"] == 'shared' and backend["max_length"] == 8192
     ref = json.loads((HF_FIXTURES.parent / "smollm2" / "reference.json").read_text())
     model = _load(art)
     prompts = [g["prompt_ids"] for g in ref["generations"]]
