@@ -187,6 +187,33 @@ def cmd_bench(a) -> int:
     return 0
 
 
+# ---- eval -----------------------------------------------------------------------------------
+
+def cmd_eval(a) -> int:
+    import json
+    from pathlib import Path
+
+    from kiln import runtime
+    model = runtime.load(a.artifact, threads=a.threads)
+    if model.tokenizer is None:
+        raise ValueError(f"{a.artifact}: the artifact has no tokenizer to read {a.text} with")
+    try:
+        text = Path(a.text).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ValueError(f"{a.text}: cannot read: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{a.text}: not UTF-8 text") from None
+    ids = model.tokenizer.encode(text)
+    if a.max_tokens:
+        ids = ids[:a.max_tokens]
+    r = model.evaluate(ids, window=a.window, stride=a.stride)
+    print(f"perplexity {r['perplexity']:.4f} over {r['tokens']} tokens (window {r['window']}, stride "
+          f"{r['stride']}), {r['tokens_per_s']:.0f} tokens/s")
+    if a.json:
+        print(json.dumps(r))
+    return 0
+
+
 # ---- verify ---------------------------------------------------------------------------------
 
 def cmd_serve(a) -> int:
@@ -313,6 +340,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("artifact")
     s.set_defaults(fn=cmd_verify)
 
+    s = sub.add_parser("eval", help="perplexity of a text, with a sliding window past the context")
+    s.add_argument("artifact")
+    s.add_argument("--text", required=True, help="a UTF-8 text file")
+    s.add_argument("--window", type=int, help="tokens per window (default: the model's context)")
+    s.add_argument("--stride", type=int, help="tokens between window starts (default: half a window)")
+    s.add_argument("--max-tokens", type=int, help="score only the text's first N tokens")
+    s.add_argument("--threads", type=int)
+    s.add_argument("--json", action="store_true", help="also print the figures as JSON")
+    s.set_defaults(fn=cmd_eval)
+
     s = sub.add_parser("bench", help="measure prefill and decode speed of an artifact")
     s.add_argument("artifact")
     s.add_argument("--prompt", default="The capital of France is")
@@ -360,7 +397,7 @@ def main(argv=None) -> int:
     from kiln.artifact import ArtifactError
     from kiln.errors import KilnError
     args = build_parser().parse_args(argv)
-    if args.fn in (cmd_run, cmd_bench, cmd_serve):
+    if args.fn in (cmd_run, cmd_bench, cmd_serve, cmd_eval):
         args.fn = _user_errors_of_the_runtime(args.fn)
     try:
         return args.fn(args) or 0

@@ -38,15 +38,56 @@ class Model:
         self.session.reset(ids.shape[0])
         return np.asarray(self.session.forward(ids), dtype=np.float32)
 
-    def perplexity(self, text_or_ids) -> float:
+    def perplexity(self, text_or_ids, *, window: int | None = None, stride: int | None = None) -> float:
+        """exp(mean negative log-likelihood) of every token after the first; see :meth:`evaluate`."""
+        return self.evaluate(text_or_ids, window=window, stride=stride)["perplexity"]
+
+    def evaluate(self, text_or_ids, *, window: int | None = None, stride: int | None = None,
+                 chunk: int = 256) -> dict:
+        """Perplexity with a sliding window, as transformers' guide computes it.
+
+        A text longer than ``window`` tokens (default: the model's context) is scored in
+        windows that start ``stride`` tokens apart (default: half a window); each token is
+        scored once, in the first window that holds it, with everything before it in that
+        window as context. Each window runs through the KV cache ``chunk`` tokens at a time,
+        so memory holds one chunk's logits, not the whole text's.
+        Returns perplexity, the tokens scored, seconds and tokens per second.
+        """
+        import time
         ids = self._ids(text_or_ids)
         if len(ids) < 2:
             raise ValueError("perplexity needs at least two tokens")
-        logits = self.logits([ids])[0, :-1].astype(np.float64)
-        m = logits.max(-1, keepdims=True)
-        logp = logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
-        nll = -logp[np.arange(len(ids) - 1), ids[1:]].mean()
-        return float(np.exp(nll))
+        limit = self.session.max_length or len(ids)
+        window = min(window or limit, limit)
+        if window < 2:
+            raise ValueError(f"window must be at least 2 tokens, got {window}")
+        stride = stride or max(window // 2, 1)
+        if not 1 <= stride <= window:
+            raise ValueError(f"stride must be between 1 and the window ({window}), got {stride}")
+        start = time.perf_counter()
+        nll, scored, done = 0.0, 0, 1          # tokens before index `done` are already scored
+        begin = 0
+        while done < len(ids):
+            end = min(begin + window, len(ids))
+            self.session.reset(1)
+            for c in range(begin, end, chunk):
+                part = ids[c:min(c + chunk, end)]
+                logits = np.asarray(self.session.forward(np.asarray([part], dtype=np.int64)))[0]
+                # the logits at position p predict token p + 1: score those not scored before
+                targets = np.arange(c + 1, c + 1 + len(part))
+                keep = (targets < end) & (targets >= done)
+                if keep.any():
+                    rows = logits[keep].astype(np.float64)
+                    m = rows.max(-1, keepdims=True)
+                    logp = rows - m - np.log(np.exp(rows - m).sum(-1, keepdims=True))
+                    nll -= logp[np.arange(len(rows)), np.asarray(ids)[targets[keep]]].sum()
+                    scored += int(keep.sum())
+            done = end
+            begin += stride
+        seconds = time.perf_counter() - start
+        return {"perplexity": float(np.exp(nll / scored)), "tokens": scored, "seconds": seconds,
+                "tokens_per_s": len(ids) / seconds if seconds else float("inf"), "window": window,
+                "stride": stride}
 
     # ---- generation ---------------------------------------------------------------------
     # A prompt is text or token ids; ids work whether or not the artifact has a tokenizer, and
