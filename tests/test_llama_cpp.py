@@ -3,14 +3,12 @@
 Runs when llama-cpp-python is importable here, or when KILN_LLAMA_CPP_PYTHON names a Python
 that has it (a peer venv: llama-cpp-python is never a test dependency of kiln).
 """
-import importlib.util
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import llama_cpp_python, needs_llama_cpp
 from conftest import greedy_tokens
 
 from kiln.driver import compile as kiln_compile
@@ -19,14 +17,8 @@ from kiln.driver import convert
 HERE = Path(__file__).parent
 
 
-def _llama_python() -> str | None:
-    if importlib.util.find_spec("llama_cpp") is not None:
-        return sys.executable
-    return os.environ.get("KILN_LLAMA_CPP_PYTHON")
-
-
-pytestmark = pytest.mark.skipif(_llama_python() is None, reason="llama-cpp-python is not installed "
-                                "(set KILN_LLAMA_CPP_PYTHON to a Python that has it)")
+_llama_python = llama_cpp_python
+pytestmark = needs_llama_cpp
 
 
 def llama_cpp(gguf, ids, n=16, texts=()):

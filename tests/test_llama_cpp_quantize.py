@@ -5,14 +5,12 @@ llama.cpp's quantizer (``llama_model_quantize``, what ``llama-quantize`` runs) a
 type and the same bytes. Runs when llama-cpp-python is importable here, or when
 KILN_LLAMA_CPP_PYTHON names a Python that has it (a peer venv: never a kiln dependency).
 """
-import importlib.util
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import llama_cpp_python, needs_llama_cpp
 
 from kiln.driver import convert
 from kiln.frontends.gguf_file import read_gguf
@@ -20,14 +18,8 @@ from kiln.frontends.gguf_file import read_gguf
 HERE = Path(__file__).parent
 
 
-def _llama_python() -> str | None:
-    if importlib.util.find_spec("llama_cpp") is not None:
-        return sys.executable
-    return os.environ.get("KILN_LLAMA_CPP_PYTHON")
-
-
-pytestmark = pytest.mark.skipif(_llama_python() is None, reason="llama-cpp-python is not installed "
-                                "(set KILN_LLAMA_CPP_PYTHON to a Python that has it)")
+_llama_python = llama_cpp_python
+pytestmark = needs_llama_cpp
 
 # kiln's name -> llama.cpp's file type name (kiln's q2_k_m is llama.cpp's Q2_K mixture)
 FTYPES = {"q4_k_m": "Q4_K_M", "q4_k_s": "Q4_K_S", "q5_k_m": "Q5_K_M", "q5_k_s": "Q5_K_S", "q6_k": "Q6_K",

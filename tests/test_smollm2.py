@@ -1,7 +1,7 @@
 """End to end on the real model: SmolLM2-135M-Instruct (Q4_1 GGUF) compiled for this CPU.
 
 References come from transformers running the same GGUF dequantized to float32
-(../shared/fixtures/smollm2/reference.json). Its 32-token generations were made with EOS
+(tests/data/fixtures/smollm2/reference.json). Its 32-token generations were made with EOS
 suppressed (they run past <|im_end|>), so the comparison masks EOS the same way.
 """
 import json
