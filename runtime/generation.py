@@ -124,7 +124,8 @@ def _decode_loop(session, prompts, batch, limit, sampler, ends, timings):
     else:
         logits = _last_logits(session.forward(np.asarray(prompts, dtype=np.int64), last_only=True),
                               batch)
-    tokens = sampler(logits, history)
+    prompt_lens = [len(p) for p in prompts]
+    tokens = sampler(logits, history, prompt_lens)
     if timings is not None:
         timings["prefill_s"] = time.perf_counter() - start
 
@@ -143,7 +144,7 @@ def _decode_loop(session, prompts, batch, limit, sampler, ends, timings):
         # and what they compute is thrown away.
         start = time.perf_counter()
         logits = _last_logits(session.forward(fed[:, None].copy(), last_only=True), batch)
-        tokens = sampler(logits, history)
+        tokens = sampler(logits, history, prompt_lens)
         if timings is not None:
             timings["decode_s"] += time.perf_counter() - start
             timings["decode_steps"] += 1
@@ -161,6 +162,8 @@ def generate(
     min_p: float = 0.0,
     repetition_penalty: float = 1.0,
     seed: int | None = None,
+    frequency_penalty: float = 0.0,
+    presence_penalty: float = 0.0,
     stop: Sequence[str] | str | None = None,
     add_special_tokens: bool = False,
     eos_ids: Iterable[int] | None = None,
@@ -175,7 +178,8 @@ def generate(
     """
     prompts, single = _prompts(tokenizer, prompt, add_special_tokens)
     job = _Job(session, tokenizer, max_new_tokens, stop,
-               Sampler(temperature, top_k, top_p, min_p, repetition_penalty, seed), eos_ids)
+               Sampler(temperature, top_k, top_p, min_p, repetition_penalty, seed,
+                       frequency_penalty, presence_penalty), eos_ids)
     results: list[GenerationResult | None] = [None] * len(prompts)
     groups = [list(range(len(prompts)))] if _ragged(session) else _equal_length_groups(prompts)
     for group in groups:
@@ -198,6 +202,8 @@ def stream(
     min_p: float = 0.0,
     repetition_penalty: float = 1.0,
     seed: int | None = None,
+    frequency_penalty: float = 0.0,
+    presence_penalty: float = 0.0,
     stop: Sequence[str] | str | None = None,
     add_special_tokens: bool = False,
     eos_ids: Iterable[int] | None = None,
@@ -216,7 +222,8 @@ def stream(
     # Everything is checked above and in _Job, before the first next(), so a bad argument
     # fails at the call rather than somewhere inside the caller's loop.
     job = _Job(session, tokenizer, max_new_tokens, stop,
-               Sampler(temperature, top_k, top_p, min_p, repetition_penalty, seed), eos_ids)
+               Sampler(temperature, top_k, top_p, min_p, repetition_penalty, seed,
+                       frequency_penalty, presence_penalty), eos_ids)
     return _stream_pieces(job.run(prompts, job.sampler))
 
 

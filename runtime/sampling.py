@@ -4,7 +4,18 @@ The order of the steps follows transformers' logits processors, so a user moving
 ``model.generate(...)`` gets the same distribution for the same settings (up to ties at the
 top-k boundary, which transformers keeps all of):
 
-    repetition penalty -> temperature -> top-k -> top-p -> min-p -> draw
+    repetition penalty -> frequency/presence penalty -> temperature -> top-k -> top-p -> min-p -> draw
+
+The frequency and presence penalties are OpenAI's (transformers has none): over the tokens
+generated so far (not the prompt, as vLLM reads OpenAI's definition),
+``logit[t] -= count[t] * frequency_penalty + (count[t] > 0) * presence_penalty``. The
+repetition penalty is transformers' multiplicative one over prompt and generated tokens
+(positive logits divided by it, negative ones multiplied); llama.cpp's ``repeat_penalty`` is
+the same formula over its last ``repeat_last_n`` tokens. The two kinds do not convert into
+each other: ``r`` lowers a seen token's logit ``x`` by ``x * (1 - 1/r)`` when ``x > 0`` and
+by ``|x| * (r - 1)`` when not, an amount that depends on ``x``, while the presence penalty
+subtracts a constant; ``presence_penalty = x * (1 - 1/r)`` matches ``r`` only for seen tokens
+whose logit is near ``x``, and only once per token (``r`` never grows with the count).
 
 Ties are always broken towards the lower token id (greedy picks it, top-k keeps it), so the
 candidate set is a function of the logits alone and ``top_k=1`` is exactly greedy.
@@ -40,6 +51,8 @@ class Sampler:
         min_p: float = 0.0,
         repetition_penalty: float = 1.0,
         seed: int | None = None,
+        frequency_penalty: float = 0.0,
+        presence_penalty: float = 0.0,
     ):
         self.temperature = _check_float("temperature", temperature, ">= 0", lambda v: v >= 0)
         if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
@@ -49,6 +62,10 @@ class Sampler:
         self.min_p = _check_float("min_p", min_p, "in [0, 1]", lambda v: 0 <= v <= 1)
         self.repetition_penalty = _check_float(
             "repetition_penalty", repetition_penalty, "> 0", lambda v: v > 0)
+        self.frequency_penalty = _check_float(
+            "frequency_penalty", frequency_penalty, "in [-2, 2]", lambda v: -2 <= v <= 2)
+        self.presence_penalty = _check_float(
+            "presence_penalty", presence_penalty, "in [-2, 2]", lambda v: -2 <= v <= 2)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))
                                  or seed < 0):
             raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
@@ -64,7 +81,8 @@ class Sampler:
     def __repr__(self) -> str:
         return (f"Sampler(temperature={self.temperature}, top_k={self.top_k}, top_p={self.top_p},"
                 f" min_p={self.min_p}, repetition_penalty={self.repetition_penalty},"
-                f" seed={self.seed})")
+                f" frequency_penalty={self.frequency_penalty},"
+                f" presence_penalty={self.presence_penalty}, seed={self.seed})")
 
     def rows(self, rows: Sequence[int]) -> Sampler:
         """A view whose batch row ``j`` draws from this sampler's stream ``rows[j]``.
@@ -77,25 +95,27 @@ class Sampler:
         view._rows = [base[r] if base is not None else int(r) for r in rows]
         return view
 
-    def __call__(self, logits: np.ndarray, history: Sequence[Sequence[int]] | None = None
-                 ) -> np.ndarray:
+    def __call__(self, logits: np.ndarray, history: Sequence[Sequence[int]] | None = None,
+                 prompt_lens: Sequence[int] | None = None) -> np.ndarray:
         """Return the chosen token ids, int64 ``[batch]``.
 
         ``history[b]`` is every token row ``b`` has seen so far (prompt and generated); only
-        the repetition penalty reads it.
+        the penalties read it. ``prompt_lens[b]`` is how many of its first tokens are the
+        prompt, which the frequency and presence penalties skip (None: no prompt, every token
+        of the history counts).
         """
         logits = self._check_logits(logits, history)
         out = np.empty(logits.shape[0], dtype=np.int64)
         for b in range(logits.shape[0]):
-            row = self._penalized(logits[b], history[b] if history is not None else ())
+            row = self._penalized(logits[b], *self._row_history(history, prompt_lens, b))
             if self.greedy:
                 out[b] = _argmax(row)
             else:
                 out[b] = self._draw(*self._candidates(row), b)
         return out
 
-    def distribution(self, logits: np.ndarray, history: Sequence[Sequence[int]] | None = None
-                     ) -> np.ndarray:
+    def distribution(self, logits: np.ndarray, history: Sequence[Sequence[int]] | None = None,
+                     prompt_lens: Sequence[int] | None = None) -> np.ndarray:
         """The probabilities ``__call__`` draws from, float64 ``[batch, vocab]``.
 
         Tokens removed by the filters have probability exactly 0. Greedy gives one-hot rows.
@@ -103,7 +123,7 @@ class Sampler:
         logits = self._check_logits(logits, history)
         out = np.zeros(logits.shape, dtype=np.float64)
         for b in range(logits.shape[0]):
-            row = self._penalized(logits[b], history[b] if history is not None else ())
+            row = self._penalized(logits[b], *self._row_history(history, prompt_lens, b))
             if self.greedy:
                 out[b, _argmax(row)] = 1.0
             else:
@@ -130,7 +150,14 @@ class Sampler:
                 f"history has {len(history)} rows but logits have batch {logits.shape[0]}")
         return logits
 
-    def _penalized(self, row: np.ndarray, history: Sequence[int]) -> np.ndarray:
+    @staticmethod
+    def _row_history(history, prompt_lens, b) -> tuple[Sequence[int], int]:
+        if history is None:
+            return (), 0
+        return history[b], 0 if prompt_lens is None else int(prompt_lens[b])
+
+    def _penalized(self, row: np.ndarray, history: Sequence[int], prompt_len: int = 0
+                   ) -> np.ndarray:
         # float64: float32 sums over a 150k vocabulary drift enough to move the top-p cut.
         row = row.astype(np.float64)
         if self.repetition_penalty != 1.0 and len(history):
@@ -139,6 +166,12 @@ class Sampler:
             vals = row[seen]
             row[seen] = np.where(vals > 0, vals / self.repetition_penalty,
                                  vals * self.repetition_penalty)
+        if (self.frequency_penalty or self.presence_penalty) and len(history) > prompt_len:
+            ids, counts = np.unique(np.asarray(history[prompt_len:], dtype=np.int64),
+                                    return_counts=True)
+            keep = (ids >= 0) & (ids < row.shape[0])
+            ids, counts = ids[keep], counts[keep]
+            row[ids] -= counts * self.frequency_penalty + self.presence_penalty
         if (row == -np.inf).all():
             raise ValueError("every logit is -inf; nothing can be sampled")
         return row

@@ -217,3 +217,47 @@ def test_sampled_id_is_inside_the_top_k_top_p_min_p_set(logits, temperature, top
     assert p[p > p_token].sum() < top_p + 1e-9
     # min-p: relative to the most likely surviving token.
     assert dist[token] >= min_p * dist.max() - 1e-12
+
+
+def _penalty_reference(logits, history, prompt_len, rep, freq, pres):
+    """OpenAI's additive penalties (generated tokens only) after transformers' multiplicative
+    one (every token seen), written out plainly."""
+    row = logits.astype(np.float64).copy()
+    for t in set(history):
+        row[t] = row[t] / rep if row[t] > 0 else row[t] * rep
+    counts = np.bincount(np.asarray(history[prompt_len:], dtype=np.int64), minlength=len(row))
+    return row - counts * freq - (counts > 0) * pres
+
+
+@pytest.mark.parametrize("freq,pres,rep", [(0.7, 0.0, 1.0), (0.0, 1.3, 1.0), (-1.5, 2.0, 1.0),
+                                           (0.4, -0.6, 1.3)])
+def test_frequency_and_presence_penalties_match_the_formula(freq, pres, rep):
+    rng = np.random.default_rng(7)
+    logits = rng.normal(0, 2, size=(1, 40)).astype(np.float32)
+    prompt = [3, 3, 5, 9]
+    history = prompt + [5, 5, 5, 11, 3, 20, 20]
+    want = _penalty_reference(logits[0], history, len(prompt), rep, freq, pres)
+    s = Sampler(temperature=1.0, repetition_penalty=rep, frequency_penalty=freq, presence_penalty=pres)
+    got = s.distribution(logits, [history], [len(prompt)])[0]
+    ref = np.exp(want - want.max())
+    np.testing.assert_allclose(got, ref / ref.sum(), rtol=1e-12, atol=1e-15)
+    # the prompt's tokens are not counted: 9 appears only there
+    if rep == 1.0:
+        assert got[9] / got[0] == pytest.approx(np.exp(float(logits[0, 9]) - float(logits[0, 0])))
+    # greedy picks the argmax of the adjusted logits
+    greedy = Sampler(frequency_penalty=freq, presence_penalty=pres, repetition_penalty=rep)
+    assert greedy(logits, [history], [len(prompt)])[0] == int(np.argmax(want))
+
+
+def test_penalties_push_greedy_off_a_repeated_token():
+    logits = np.array([[0.0, 3.0, 2.5]], dtype=np.float32)
+    s = Sampler(frequency_penalty=0.2)
+    assert s(logits, [[1, 1]], [0])[0] == 1            # 3.0 - 0.4 > 2.5
+    assert s(logits, [[1, 1, 1]], [0])[0] == 2         # 3.0 - 0.6 < 2.5
+    assert s(logits, [[1, 1, 1]], [3])[0] == 1         # all prompt: not counted
+    assert Sampler(presence_penalty=0.6)(logits, [[1]], [0])[0] == 2
+    for bad in (2.5, -2.01, float("nan")):
+        with pytest.raises(ValueError, match="frequency_penalty"):
+            Sampler(frequency_penalty=bad)
+        with pytest.raises(ValueError, match="presence_penalty"):
+            Sampler(presence_penalty=bad)
