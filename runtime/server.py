@@ -13,9 +13,13 @@ import asyncio
 import json
 import time
 import uuid
+from importlib.resources import files
 from pathlib import Path
 
 from .scheduler import QueueFull, Scheduler
+
+# The chat page at GET /: one self-contained HTML file shipped in the package (package-data).
+CHAT_PAGE = files("kiln.runtime") / "web" / "chat.html"
 
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "stop", "error": "error"}
 
@@ -143,7 +147,7 @@ def _content(c) -> str:
 def create_app(service: Service, api_key: str | None = None):
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     app = FastAPI(title="kiln", docs_url=None, redoc_url=None, openapi_url=None)
@@ -170,12 +174,17 @@ def create_app(service: Service, api_key: str | None = None):
 
     @app.middleware("http")
     async def _auth(request: Request, call_next):
-        if api_key is not None and request.url.path != "/health":
+        # the chat page is static; the API calls it makes carry the key
+        if api_key is not None and request.url.path not in ("/health", "/"):
             given = request.headers.get("authorization", "")
             if given != f"Bearer {api_key}":
                 return error(APIError(401, "invalid or missing API key", "authentication_error",
                                       code="invalid_api_key"))
         return await call_next(request)
+
+    @app.get("/")
+    async def chat_page():
+        return HTMLResponse(CHAT_PAGE.read_text(encoding="utf-8"))
 
     @app.get("/health")
     async def health():
@@ -290,7 +299,8 @@ def serve(artifact, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int
           api_key: str | None = None, threads: int | None = None) -> None:
     import uvicorn
     app, service = build(artifact, max_batch=max_batch, max_queue=max_queue, api_key=api_key, threads=threads)
-    print(f"kiln: serving {service.name!r} on http://{host}:{port}/v1 (max batch {max_batch})", flush=True)
+    print(f"kiln: serving {service.name!r} on http://{host}:{port}/v1 (max batch {max_batch}); "
+          f"chat page at http://{host}:{port}/", flush=True)
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning")
     finally:

@@ -24,6 +24,7 @@ def test_wheel_contains_every_module(tmp_path):
     wheel = next(tmp_path.glob("kiln-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     expected = {f"{FOLDERS[p.relative_to(REPO).parts[0]]}/{'/'.join(p.relative_to(REPO).parts[1:])}"
-                for folder in FOLDERS for p in (REPO / folder).rglob("*.py")}
+                for folder in FOLDERS for pattern in ("*.py", "*.html") for p in (REPO / folder).rglob(pattern)}
+    assert "kiln/runtime/web/chat.html" in expected        # kiln serve's chat page is package data
     missing = sorted(expected - names)
-    assert not missing, f"modules missing from the wheel: {missing}"
+    assert not missing, f"files missing from the wheel: {missing}"
