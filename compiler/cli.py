@@ -76,6 +76,8 @@ def cmd_run(a) -> int:
         prompt = model.chat_prompt(messages)
     kwargs = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                   min_p=a.min_p, repetition_penalty=a.repetition_penalty, seed=a.seed, stop=a.stop or None)
+    if a.num_beams != 1 or a.num_return_sequences != 1:
+        return _run_beams(a, model, prompt, kwargs)
     pieces = model.stream(prompt, **kwargs)
     out = sys.stdout
     while True:
@@ -96,6 +98,31 @@ def cmd_run(a) -> int:
         _console(markup=False).print(f"[{result.finish_reason}] prompt {result.prompt_tokens} tokens, "
                          f"{len(result.ids)} new; " + ", ".join(f"{k}={v:.3g}" for k, v in t.items()))
     return 0
+
+
+def _run_beams(a, model, prompt, kwargs) -> int:
+    """Beam search prints when it ends (no streaming): each returned hypothesis, best first,
+    as text and/or its ids line, and with -v its score."""
+    results = model.generate(prompt, num_beams=a.num_beams, length_penalty=a.length_penalty,
+                             early_stopping=a.early_stopping, num_return_sequences=a.num_return_sequences,
+                             **kwargs)
+    for result in results if isinstance(results, list) else [results]:
+        if a.ids is None or model.tokenizer is not None:
+            sys.stdout.write(result.text + "\n")
+        if a.ids is not None:
+            sys.stdout.write(",".join(str(t) for t in result.ids) + "\n")
+        sys.stdout.flush()
+        if a.verbose:
+            _console(markup=False).print(f"[{result.finish_reason}] score {result.score:.6g}, prompt "
+                                         f"{result.prompt_tokens} tokens, {len(result.ids)} new")
+    return 0
+
+
+def _early_stopping(text: str):
+    value = {"true": True, "false": False, "never": "never"}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected true, false or never, got {text!r}")
+    return value
 
 
 def _int_list(text: str) -> list[int]:
@@ -315,6 +342,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--repetition-penalty", type=float, default=1.0)
     s.add_argument("--seed", type=int)
     s.add_argument("--stop", action="append", help="stop string (repeatable)")
+    s.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (as transformers)")
+    s.add_argument("--length-penalty", type=float, default=1.0,
+                   help="beam score = sum of log-probabilities / new tokens ** this (default 1.0)")
+    s.add_argument("--early-stopping", nargs="?", const=True, default=False, type=_early_stopping,
+                   metavar="never", help="end beam search once num-beams hypotheses finished "
+                   "(or 'never': until none can improve)")
+    s.add_argument("--num-return-sequences", type=int, default=1, help="beam hypotheses to print, best first")
     s.add_argument("--threads", type=int)
     s.add_argument("-v", "--verbose", action="store_true", help="print timings after the answer")
     s.set_defaults(fn=cmd_run)

@@ -48,6 +48,10 @@ class Session(Protocol):
     logits ``[batch, seq, vocab]``, or ``[batch, 1, vocab]`` for the last position only when
     ``last_only`` is true (which lets a backend skip the LM head for the rest of a prefill).
     ``max_length`` is the most tokens one row of the cache can hold, or None if unbounded.
+
+    Optional: ``reorder_rows(index)`` (int64 ``[batch]``) makes row b of the cache hold what
+    row ``index[b]`` held, rows repeating or dropping out; beam search
+    (:mod:`kiln.runtime.beam`) needs it for ``num_beams`` > 1.
     """
 
     max_length: int | None

@@ -92,8 +92,18 @@ class Model:
     # ---- generation ---------------------------------------------------------------------
     # A prompt is text or token ids; ids work whether or not the artifact has a tokenizer, and
     # without one the results carry ids and an empty text.
-    def generate(self, prompt, max_new_tokens: int = 128, **kwargs):
+    def generate(self, prompt, max_new_tokens: int = 128, *, num_beams: int = 1, length_penalty: float = 1.0,
+                 early_stopping: bool | str = False, num_return_sequences: int = 1, **kwargs):
+        """Greedy or sampled completion; with ``num_beams`` > 1 (or ``num_return_sequences`` > 1)
+        beam search as transformers' ``generate(num_beams=...)``: see :mod:`kiln.runtime.beam`,
+        whose results carry a ``score`` and come best first in a list when
+        ``num_return_sequences`` > 1."""
         kwargs.setdefault("eos_ids", self.eos_ids)
+        if num_beams != 1 or num_return_sequences != 1:
+            from . import beam
+            return beam.generate(self.session, self.tokenizer, prompt, max_new_tokens=max_new_tokens,
+                                 num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
+                                 num_return_sequences=num_return_sequences, **kwargs)
         return generation.generate(self.session, self.tokenizer, prompt, max_new_tokens=max_new_tokens, **kwargs)
 
     def stream(self, prompt, max_new_tokens: int = 128, **kwargs):

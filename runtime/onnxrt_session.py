@@ -120,6 +120,28 @@ class OnnxRuntimeSession:
             return self._run_shared(ids, self.lengths + s, positions)
         return self._run_concat(ids, last_only, positions)
 
+    def reorder_rows(self, index) -> None:
+        """Row b of the cache becomes what row ``index[b]`` held (beam search's step from
+        parent beams to their children); rows may repeat or drop out."""
+        index = np.asarray(index, dtype=np.int64)
+        if index.shape != (self.batch,) or (index.size and not 0 <= index.min() <= index.max() < self.batch):
+            raise ValueError(f"reorder_rows takes {self.batch} row numbers below {self.batch}, "
+                             f"got {index.tolist()}")
+        if np.array_equal(index, np.arange(self.batch)):
+            return
+        if self.layout == "shared":
+            n = int(self.lengths.max())
+            # in place: the OrtValues bound to these arrays share their memory
+            for name in self.cache_names:
+                arr = self._arrays[name]
+                arr[:, :, :n] = arr[index, :, :n]
+        else:
+            self.past = {name: value[index] for name, value in self.past.items()}
+            if self.history is not None:
+                self.history = self.history[index]
+        self.lengths = self.lengths[index]
+        self.length = int(self.lengths.max())
+
     # ---- prompts of different lengths in one run (shared layout) ---------------------------
     @property
     def ragged_prefill(self) -> bool:
