@@ -43,12 +43,13 @@ def cmd_compile(a) -> int:
 
         def on_weight(name):
             weights_done[0] += 1
-            prog.update(task, description=f"lowering to ONNX: {name}", completed=weights_done[0])
+            prog.update(task, description=f"writing weights: {name}", completed=weights_done[0])
 
         t = time.perf_counter()
         out = kiln_compile(a.model, target=a.target, output=a.output, verify=a.verify, dump_ir=a.dump_ir,
                            on_pass=on_pass, on_weight=on_weight, on_stage=on_stage,
-                           quant=a.quant, requantize=a.requantize, precision=a.precision)
+                           quant=a.quant, requantize=a.requantize, precision=a.precision,
+                           backend=a.backend, arch=a.arch)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     if not a.quiet:
         for line in pass_lines:
@@ -316,7 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("compile", help="compile a model for a device")
     s.add_argument("model", help="Hugging Face folder or .gguf file")
-    s.add_argument("--target", default="cpu", help="cpu, cpu-avx2, cpu-avx512, cpu-neon, cuda (default: cpu = this host)")
+    s.add_argument("--target", default="cpu", help="cpu, cpu-avx2, cpu-avx512, cpu-neon, cuda, cuda-sm80/86/89/90, "
+                                                   "metal (default: cpu = this host)")
+    s.add_argument("--backend", choices=["onnxrt", "tvm"],
+                   help="code generator (default: the target's own: onnxrt, or tvm for metal)")
+    s.add_argument("--arch", help="CUDA architecture for --target cuda: sm80, sm86, sm89 or sm90")
     s.add_argument("-o", "--output", help="artifact folder (default: NAME.kiln)")
     s.add_argument("--verify", action="store_true", help="verify the IR after every pass")
     s.add_argument("--dump-ir", metavar="DIR", help="write the IR after each pass into DIR")

@@ -85,7 +85,8 @@ def refuse_requantize(model, quant: str, requantize: bool, path=None) -> None:
 def compile(model, target: str = "cpu", output=None, *, verify: bool = False, dump_ir: str | None = None,
             on_pass: Callable[[PassRecord], None] | None = None, on_weight: Report | None = None,
             on_stage: Report | None = None, kv_layout: str = "auto", quant: str | None = None,
-            requantize: bool = False, precision: str = "exact"):
+            requantize: bool = False, precision: str = "exact", backend: str | None = None,
+            arch: str | None = None):
     """Compile a model (path or ModelIR) for ``target`` into the artifact folder ``output``.
 
     ``quant`` quantizes a float model's weights first: a block type or a llama.cpp mixture
@@ -95,15 +96,20 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
     or "fast" (int8 activations in quantized matmuls, as llama.cpp computes).
 
     ``kv_layout``: "auto" (the preallocated, in-place KV cache wherever it computes the same
-    thing as the graph, else the growing one), "shared" or "concat" to insist on one."""
-    from kiln.frontends.arch import ArchConfig, rope_switch_length
-    from kiln.targets.presets import resolve
+    thing as the graph, else the growing one), "shared" or "concat" to insist on one.
+
+    ``backend``: "onnxrt" or "tvm" (default: the target's own; metal has only TVM);
+    ``arch`` picks a CUDA architecture (sm80, sm86, sm89, sm90) for the cuda target."""
+    from kiln.targets.presets import backend_for, resolve
     t0 = time.perf_counter()
     stage = on_stage or (lambda s: None)
     try:
-        preset = resolve(target)
+        preset = resolve(target, arch)
+        backend = backend_for(preset, backend)
     except ValueError as e:
         raise KilnError(None, str(e)) from None
+    if backend == "tvm" and precision != "exact":
+        raise KilnError(None, "--precision fast is an ONNX Runtime mode; the TVM backend computes in float32 (exact)")
     scheme = quant_scheme(quant) if quant else None
     src_path = None
     if isinstance(model, (str, os.PathLike)):
@@ -115,7 +121,7 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
     if output is None:
         name = Path(model.source.get("path") or "model").name.split(".")[0] or "model"
         output = f"{name}.kiln"
-    passes = pipeline(preset.default_backend)
+    passes = pipeline(backend)
     if scheme is not None:
         from kiln.frontends.arch import FAMILIES
         from kiln.passes.quantize import quantize_pass
@@ -127,14 +133,14 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
     graph, records = run_passes(model.graph, passes, verify=verify, dump_dir=dump_ir, report=on_pass)
     cfg = model.config
     with staging(output, marker="manifest.json") as tmp:
-        stage("lowering to ONNX")
-        from kiln.targets import onnxrt
         def weight_done(name):
             kill_point("weight")
             if on_weight is not None:
                 on_weight(name)
-        summary = onnxrt.lower(graph, tmp, progress=weight_done, kv_layout=kv_layout,
-                               max_length=cfg.get("max_position_embeddings"), precision=precision)
+        if backend == "tvm":
+            backend_entry = _lower_tvm(graph, tmp, preset, cfg, weight_done, stage)
+        else:
+            backend_entry = _lower_onnxrt(graph, tmp, preset, cfg, weight_done, stage, kv_layout, precision)
         if model.tokenizer is not None:
             model.tokenizer.save(tmp / "tokenizer")
             # the runtime tokenizer reads end-of-sequence ids from here too
@@ -148,12 +154,7 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
             "architecture": cfg["family"],
             "config": cfg,
             "target": {"preset": preset.name, "device": preset.device, "isa": preset.isa},
-            "backend": {"name": "onnxrt", "model": "model.onnx", "logits": graph.outputs[0].name,
-                        "inputs": [v.name for v in graph.inputs], "outputs": [v.name for v in graph.outputs],
-                        "kv_cache": {"layout": summary.pop("kv_layout"), "layers": graph.meta.get("kv_cache", {}).get("layers", 0),
-                                     "kv_heads": cfg["num_kv_heads"], "head_dim": cfg["head_dim"]},
-                        "recompute_cache_after": rope_switch_length(ArchConfig.from_dict(cfg)),
-                        **summary},
+            "backend": backend_entry,
             "quantization": graph.meta.get("quantization"),
             "precision": precision,
             "passes": [{"name": r.name, "changed": r.changed, "stats": r.stats, "seconds": round(r.seconds, 4)} for r in records],
@@ -164,6 +165,39 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
         }
         write_manifest(tmp, manifest)
     return Path(output)
+
+
+def _lower_onnxrt(graph, tmp, preset, cfg, weight_done, stage, kv_layout, precision) -> dict:
+    from kiln.frontends.arch import ArchConfig, rope_switch_length
+    from kiln.targets import onnxrt
+    stage("lowering to ONNX")
+    summary = onnxrt.lower(graph, tmp, progress=weight_done, kv_layout=kv_layout,
+                           max_length=cfg.get("max_position_embeddings"), precision=precision)
+    return {"name": "onnxrt", "model": "model.onnx", "logits": graph.outputs[0].name,
+            "inputs": [v.name for v in graph.inputs], "outputs": [v.name for v in graph.outputs],
+            "kv_cache": {"layout": summary.pop("kv_layout"), "layers": graph.meta.get("kv_cache", {}).get("layers", 0),
+                         "kv_heads": cfg["num_kv_heads"], "head_dim": cfg["head_dim"]},
+            "recompute_cache_after": rope_switch_length(ArchConfig.from_dict(cfg)),
+            # CUDA through ONNX Runtime needs the onnxruntime-gpu wheel in place of onnxruntime
+            "requires": ["onnxruntime-gpu==1.31.1"] if preset.device == "cuda" else ["onnxruntime==1.31.1"],
+            **summary}
+
+
+def _lower_tvm(graph, tmp, preset, cfg, weight_done, stage) -> dict:
+    try:
+        import tvm  # noqa: F401
+    except ImportError:
+        raise KilnError(None, "the TVM backend needs Apache TVM: pip install 'kiln[tvm]' "
+                              "(apache-tvm==0.27.0.post1 with apache-tvm-ffi==0.1.14.post0)") from None
+    from kiln.targets.tvm import build, targets
+    target = targets.for_preset(preset.device, preset.isa)
+    try:
+        summary = build.build(graph, tmp, target, max_length=cfg.get("max_position_embeddings"),
+                              progress=weight_done, stage=stage)
+    except ValueError as e:
+        raise KilnError(None, f"the TVM backend cannot compile this model: {e}") from None
+    return {"name": "tvm", "runnable_here": target.runnable_here,
+            "requires": ["apache-tvm==0.27.0.post1", "apache-tvm-ffi==0.1.14.post0"], **summary}
 
 
 WRITERS = {"hf": "kiln.frontends.hf", "gguf": "kiln.frontends.gguf",

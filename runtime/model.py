@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kiln.artifact import read_manifest
+from kiln.artifact import ArtifactError, read_manifest
 
 from . import generation
 from .tokenizer import Tokenizer
@@ -17,10 +17,15 @@ class Model:
         self.manifest = read_manifest(self.path, check_hashes=verify)
         self.config = self.manifest.get("config", {})
         backend = self.manifest["backend"]["name"]
-        if backend != "onnxrt":
-            raise ValueError(f"{self.path}: backend {backend!r} is not available in this runtime")
-        from .onnxrt_session import OnnxRuntimeSession
-        self.session = OnnxRuntimeSession(self.path, self.manifest, threads=threads, device=device)
+        # each backend's session is imported only when one of its artifacts is opened, so
+        # ONNX Runtime artifacts never pay for importing TVM
+        if backend == "onnxrt":
+            from .onnxrt_session import OnnxRuntimeSession as session_type
+        elif backend == "tvm":
+            from .tvm_session import TVMSession as session_type
+        else:
+            raise ArtifactError(self.path / "manifest.json", f"names backend {backend!r}, which this runtime does not have")
+        self.session = session_type(self.path, self.manifest, threads=threads, device=device)
         tok_dir = self.path / "tokenizer"
         self.tokenizer = Tokenizer.load(tok_dir) if tok_dir.is_dir() else None
         gen = self.manifest.get("generation") or {}

@@ -53,8 +53,11 @@ def _absorbable_rotary(x: Value, dim: int) -> Node | None:
     return r if heads_split(r.inputs[0], dim) else None
 
 
-def plan(graph: Graph, max_length: int | None) -> tuple[SharedCachePlan | None, str]:
-    """(plan, "") when the shared layout computes what the graph does, else (None, why not)."""
+def plan(graph: Graph, max_length: int | None, *, rotary_head_multiple: int = 16) -> tuple[SharedCachePlan | None, str]:
+    """(plan, "") when the shared layout computes what the graph does, else (None, why not).
+
+    ``rotary_head_multiple``: the head sizes whose rotation the attention kernel can apply
+    (ORT's CPU kernel: multiples of 16; a backend rotating on its own passes 1)."""
     attentions = [n for n in graph.nodes if n.op == "Attention"]
     if not attentions:
         return None, "the graph has no fused attention"
@@ -74,9 +77,9 @@ def plan(graph: Graph, max_length: int | None) -> tuple[SharedCachePlan | None, 
             return None, f"{att.name}: only one of q and k has a rotation the attention can apply"
         if rq is None:
             continue
-        if dim % 16:
+        if dim % rotary_head_multiple:
             # ORT's CPU kernel rotates only heads whose size is a multiple of 16
-            return None, f"{att.name}: head size {dim} is not a multiple of 16"
+            return None, f"{att.name}: head size {dim} is not a multiple of {rotary_head_multiple}"
         if rq.inputs[1] is not rk.inputs[1] or rq.inputs[2] is not rk.inputs[2]:
             return None, f"{att.name}: q and k rotate with different tables"
         key = (rq.inputs[1].name, rq.inputs[2].name)

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+BACKENDS = ("onnxrt", "tvm")
 
 
 @dataclass(frozen=True)
@@ -30,18 +32,43 @@ def host_isa() -> str:
 
 
 PRESETS = {
-    "cpu-avx2": Preset("cpu-avx2", "cpu", "avx2", ("onnxrt",), "onnxrt"),
-    "cpu-avx512": Preset("cpu-avx512", "cpu", "avx512", ("onnxrt",), "onnxrt"),
-    "cpu-neon": Preset("cpu-neon", "cpu", "neon", ("onnxrt",), "onnxrt"),
-    "cuda": Preset("cuda", "cuda", None, ("onnxrt",), "onnxrt"),
+    "cpu-avx2": Preset("cpu-avx2", "cpu", "avx2", ("onnxrt", "tvm"), "onnxrt"),
+    "cpu-avx512": Preset("cpu-avx512", "cpu", "avx512", ("onnxrt", "tvm"), "onnxrt"),
+    "cpu-neon": Preset("cpu-neon", "cpu", "neon", ("onnxrt", "tvm"), "onnxrt"),
+    "cuda": Preset("cuda", "cuda", "sm80", ("onnxrt", "tvm"), "onnxrt"),
+    **{f"cuda-{sm}": Preset(f"cuda-{sm}", "cuda", sm, ("onnxrt", "tvm"), "onnxrt")
+       for sm in ("sm80", "sm86", "sm89", "sm90")},
+    "metal": Preset("metal", "metal", None, ("tvm",), "tvm"),
 }
 
 
-def resolve(name: str) -> Preset:
+def names() -> list[str]:
+    return ["cpu", *PRESETS]
+
+
+def resolve(name: str, arch: str | None = None) -> Preset:
+    """The preset called ``name``; ``arch`` (sm80, sm86, sm89, sm90) picks a CUDA architecture."""
     if name == "cpu":
         isa = host_isa()
         base = PRESETS.get(f"cpu-{isa}", PRESETS["cpu-avx2"])
         return Preset("cpu", "cpu", isa, base.backends, base.default_backend)
     if name not in PRESETS:
-        raise ValueError(f"unknown target {name!r}; known: cpu, {', '.join(PRESETS)}")
-    return PRESETS[name]
+        raise ValueError(f"unknown target {name!r}; choose from {', '.join(names())}")
+    preset = PRESETS[name]
+    if arch is not None:
+        arch = arch.replace("_", "").lower()
+        if preset.device != "cuda" or f"cuda-{arch}" not in PRESETS:
+            raise ValueError(f"--arch {arch} does not fit target {name!r} (CUDA architectures: sm80, sm86, sm89, sm90)")
+        preset = replace(preset, name=f"cuda-{arch}", isa=arch)
+    return preset
+
+
+def backend_for(preset: Preset, backend: str | None) -> str:
+    """The backend asked for, or the preset's default; a one-line error when it cannot serve it."""
+    if backend is None:
+        return preset.default_backend
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    if backend not in preset.backends:
+        raise ValueError(f"target {preset.name!r} has no {backend} backend; it has {', '.join(preset.backends)}")
+    return backend

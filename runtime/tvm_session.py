@@ -1,0 +1,215 @@
+"""The TVM session: runs an artifact's compiled library (``backend.name == "tvm"``).
+
+The KV cache is one tensor per layer for keys and one for values, ``[batch, kv_heads,
+capacity, head_dim]`` on the device, allocated once and updated in place by the library's
+``kv_append`` kernel; a call moves the new tokens in and the requested rows of logits out.
+Each row has its own cached length (``lengths``), so in the artifact's ``rows`` mode prompts
+of different lengths prefill as one right-padded batch, and a row can join a running batch
+by prefilling through a view of its own slice of the cache (no copy). ``uniform`` artifacts
+(positions computed from the cache length, e.g. learned position embeddings) run rows of
+equal length only.
+
+Implements the same protocol as :class:`kiln.runtime.onnxrt_session.OnnxRuntimeSession`.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from kiln.artifact import ArtifactError
+
+INITIAL_CAPACITY = 256
+DEVICES = {"cpu": "cpu", "cuda": "cuda", "metal": "metal"}
+
+
+def _device(kind: str, folder: Path):
+    import tvm
+    dev = tvm.device(DEVICES[kind], 0)
+    if not dev.exist:
+        raise ArtifactError(folder, f"was compiled for {kind}, and this machine has no {kind} device "
+                                    f"(compile it again with --target cpu to run it here)")
+    return dev
+
+
+class TVMSession:
+    def __init__(self, folder, manifest: dict, *, threads: int | None = None, device: str | None = None):
+        folder = Path(folder)
+        backend = manifest["backend"]
+        try:
+            kind = manifest["target"]["device"]
+            library = folder / backend["library"]
+            weights = folder / backend["weights"]
+            names = list(backend["params"])
+            kv = backend["kv_cache"]
+            self.mode = kv["mode"]
+            self.layers, self.kv_heads, self.head_dim = int(kv["layers"]), int(kv["kv_heads"]), int(kv["head_dim"])
+        except (KeyError, TypeError, ValueError) as e:
+            what = f"has no {e.args[0]!r}" if isinstance(e, KeyError) else f"has a bad value ({e})"
+            raise ArtifactError(folder / "manifest.json", f"the manifest's tvm backend entry {what}") from None
+        if kind not in DEVICES:
+            raise ArtifactError(folder / "manifest.json", f"names an unknown device {kind!r}")
+        if not backend.get("runnable_here", True):
+            raise ArtifactError(folder, f"holds {kind} code cross-compiled for another machine "
+                                        f"({backend.get('target')}); run it there")
+        if threads:
+            os.environ.setdefault("TVM_NUM_THREADS", str(threads))
+        try:
+            import tvm
+            from tvm import relax
+        except ImportError:
+            raise ArtifactError(folder, "was compiled with the TVM backend; running it needs Apache TVM "
+                                        "(pip install 'kiln[tvm]')") from None
+        from safetensors.numpy import load_file
+        self._tvm = tvm
+        self.dev = _device(kind, folder)
+        try:
+            lib = tvm.runtime.load_module(str(library))
+        except Exception as e:           # TVM raises its own error types for a bad library
+            raise ArtifactError(library, f"TVM cannot load the library: {str(e).strip().splitlines()[-1][:300]}") from None
+        self.vm = relax.VirtualMachine(lib, self.dev)
+        self._prefill, self._decode = self.vm["prefill"], self.vm["decode"]
+        arrays = load_file(str(weights))
+        missing = [n for n in names if n not in arrays]
+        if missing:
+            raise ArtifactError(weights, f"lacks the weight {missing[0]!r} the library takes")
+        self.params = [tvm.runtime.tensor(arrays[n], self.dev) for n in names]
+        del arrays
+        self.max_length = int(backend.get("max_length") or manifest.get("config", {}).get("max_position_embeddings") or 1 << 30)
+        self.caches: list = []
+        self.capacity = 0
+        self.batch = 0
+        self.lengths = np.zeros(1, dtype=np.int64)
+        self.length = 0
+        self.reset(1)
+
+    # ---- the Session protocol -------------------------------------------------------------
+    def reset(self, batch: int = 1) -> None:
+        if batch != self.batch or not self.caches:
+            self.batch = batch
+            self._allocate(min(INITIAL_CAPACITY, self.max_length))
+        self.lengths = np.zeros(batch, dtype=np.int64)
+        self.length = 0
+
+    def forward(self, ids: np.ndarray, last_only: bool = False) -> np.ndarray:
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if ids.ndim != 2 or ids.shape[0] != self.batch:
+            raise ValueError(f"ids must be [batch={self.batch}, seq], got {list(ids.shape)}")
+        s = ids.shape[1]
+        positions = np.full((self.batch, 1), s - 1) if last_only else np.tile(np.arange(s), (self.batch, 1))
+        return self._run(ids, self.lengths, positions)
+
+    @property
+    def ragged_prefill(self) -> bool:
+        return self.mode == "rows"
+
+    def prefill(self, prompts: list[list[int]], last_only: bool = True) -> np.ndarray:
+        """Every row of a fresh cache starts with its own prompt, in one run (right-padded);
+        returns [batch, 1, vocab] (or [batch, longest, vocab] when not ``last_only``)."""
+        if not self.ragged_prefill:
+            raise ValueError("this artifact computes positions from one shared length; prompts of one run "
+                             "must have the same length")
+        if len(prompts) != self.batch or self.length:
+            raise ValueError(f"prefill takes {self.batch} prompts on a fresh cache (reset first)")
+        lengths = np.array([len(p) for p in prompts], dtype=np.int64)
+        if lengths.min() < 1:
+            raise ValueError("a prompt has no tokens; the model needs at least one")
+        ids = np.zeros((self.batch, int(lengths.max())), dtype=np.int64)
+        for b, p in enumerate(prompts):
+            ids[b, :len(p)] = p
+        positions = (lengths - 1)[:, None] if last_only else np.tile(np.arange(ids.shape[1]), (self.batch, 1))
+        logits = self._run(ids, self.lengths, positions)
+        self.lengths = lengths
+        self.length = int(lengths.max())
+        return logits
+
+    # ---- rows that join and leave a running batch -----------------------------------------
+    def start_rows(self, batch: int) -> None:
+        if self.mode != "rows":
+            raise ValueError("rows can join a running batch only in an artifact whose positions are per row")
+        self.reset(batch)
+
+    def join_row(self, r: int, prompt: list[int]) -> np.ndarray:
+        """Prefill ``prompt`` into row ``r`` through a view of that row's cache slice (the
+        other rows are not touched); returns its last token's logits, float32 [vocab]."""
+        n = len(prompt)
+        if n < 1:
+            raise ValueError("a prompt has no tokens; the model needs at least one")
+        if n > self.max_length:
+            raise ValueError(f"the prompt has {n} tokens but this artifact holds at most {self.max_length}")
+        if not 0 <= r < self.batch:
+            raise ValueError(f"row {r} is not in a batch of {self.batch}")
+        if n > self.capacity:
+            self._grow(n)
+        views = [self._row_view(c, r) for c in self.caches]
+        args = [self._tensor(np.asarray([prompt], dtype=np.int64)), self._tensor(np.zeros(1, np.int32)),
+                self._tensor(np.asarray([[n - 1]], dtype=np.int64)), views, self.params]
+        logits = self._prefill(*args).numpy()[0, -1]
+        self.lengths[r] = n
+        self.length = int(self.lengths.max())
+        return logits
+
+    def free_row(self, r: int) -> None:
+        self.lengths[r] = 0
+        self.length = int(self.lengths.max())
+
+    def step(self, tokens: np.ndarray, active: np.ndarray) -> np.ndarray:
+        ids = np.ascontiguousarray(np.asarray(tokens, dtype=np.int64).reshape(self.batch, 1))
+        active = np.asarray(active, dtype=bool)
+        before = np.where(active, self.lengths, 0)
+        logits = self._run(ids, before, np.zeros((self.batch, 1), dtype=np.int64))
+        self.lengths = np.where(active, before + 1, 0)
+        self.length = int(self.lengths.max())
+        return logits[:, -1]
+
+    def reorder_rows(self, index) -> None:
+        """Row b takes what row index[b] held (beam search keeps its best beams)."""
+        index = np.asarray(index, dtype=np.int64)
+        for i, c in enumerate(self.caches):
+            arr = c.numpy()
+            self.caches[i] = self._tvm.runtime.tensor(np.ascontiguousarray(arr[index]), self.dev)
+        self.lengths = self.lengths[index]
+
+    # ---- internals ------------------------------------------------------------------------
+    def _tensor(self, arr):
+        return self._tvm.runtime.tensor(arr, self.dev)
+
+    def _run(self, ids, lengths, positions):
+        s = ids.shape[1]
+        total = int((lengths + s).max())
+        if total > self.max_length:
+            raise ValueError(f"the sequence would hold {total} tokens but this artifact holds at most {self.max_length}")
+        if self.mode == "uniform" and len(set(lengths.tolist())) > 1:
+            raise ValueError("this artifact runs rows of one length only")
+        if total > self.capacity:
+            self._grow(total)
+        args = [self._tensor(ids), self._tensor(lengths.astype(np.int32)),
+                self._tensor(np.ascontiguousarray(positions, dtype=np.int64)), self.caches, self.params]
+        if self.mode == "uniform":
+            args.append(self._tvm.runtime.ShapeTuple([int(lengths[0])]))
+        fn = self._decode if s == 1 else self._prefill
+        logits = fn(*args).numpy()
+        self.lengths = lengths + s
+        self.length = int(self.lengths.max())
+        return logits
+
+    def _row_view(self, cache, r: int):
+        shape = (1, self.kv_heads, self.capacity, self.head_dim)
+        return cache._create_view(shape, relative_byte_offset=r * self.kv_heads * self.capacity * self.head_dim * 4)
+
+    def _allocate(self, capacity: int, keep: int = 0) -> None:
+        shape = (self.batch, self.kv_heads, capacity, self.head_dim)
+        fresh = []
+        for i in range(2 * self.layers):
+            arr = np.zeros(shape, dtype=np.float32)
+            if keep and self.caches:
+                arr[:, :, :keep] = self.caches[i].numpy()[:, :, :keep]
+            fresh.append(self._tvm.runtime.tensor(arr, self.dev))
+        self.caches, self.capacity = fresh, capacity
+
+    def _grow(self, needed: int) -> None:
+        capacity = max(self.capacity, 1)
+        while capacity < needed:
+            capacity *= 2
+        self._allocate(min(capacity, self.max_length), keep=int(self.lengths.max()))

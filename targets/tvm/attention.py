@@ -1,0 +1,166 @@
+"""The KV cache and attention kernels of the TVM backend, written as TIR.
+
+The cache of a layer is two buffers ``[batch, kv_heads, capacity, head_dim]`` that the session
+allocates once and passes to every call; ``kv_append`` writes a step's new keys and values
+into them in place (Relax ``call_tir_inplace``), at each row's own cached length, and
+``attention`` reads them back. Nothing is copied past -> present.
+
+``attention`` computes causal grouped-query attention for query i of row b (absolute position
+``lengths[b] + i``) over keys ``0 .. lengths[b] + i`` (and only the last ``window`` of them
+for sliding-window models), with the softmax computed online (running maximum and sum, as
+flash attention does), so no score buffer of the context's length is needed. The order of
+the float32 additions differs from the interpreter's softmax-then-matmul by rounding only.
+
+Each kernel comes in two schedules: CPU (a parallel loop over (row, head, query), 16-lane
+vectors over the head dimension) and GPU (a thread block per (row, head, query), a thread
+per head-dimension element, the dot product reduced in shared memory).
+"""
+from __future__ import annotations
+
+import math
+
+from tvm.script import tirx as T
+
+LANES = 16
+
+
+def kv_append(kv_heads: int, head_dim: int, gpu: bool):
+    """(k_cache, v_cache, k [b, KV, s, D], v, lengths int32 [b]) -> the caches, written in place."""
+    KV, D = kv_heads, head_dim
+
+    if gpu:
+        @T.prim_func(private=True)
+        def kv_append_gpu(kc_h: T.handle, vc_h: T.handle, k_h: T.handle, v_h: T.handle, len_h: T.handle):
+            T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
+            b, s, cap = T.int64(), T.int64(), T.int64()
+            KC = T.match_buffer(kc_h, (b, KV, cap, D), "float32")
+            VC = T.match_buffer(vc_h, (b, KV, cap, D), "float32")
+            K = T.match_buffer(k_h, (b, KV, s, D), "float32")
+            V = T.match_buffer(v_h, (b, KV, s, D), "float32")
+            L = T.match_buffer(len_h, (b,), "int32")
+            bx = T.launch_thread("blockIdx.x", b * KV * s)
+            tx = T.launch_thread("threadIdx.x", D)
+            r = bx // (KV * s)
+            h = bx // s % KV
+            i = bx % s
+            KC[r, h, T.Cast("int64", L[r]) + i, tx] = K[r, h, i, tx]
+            VC[r, h, T.Cast("int64", L[r]) + i, tx] = V[r, h, i, tx]
+        return kv_append_gpu
+
+    @T.prim_func(private=True)
+    def kv_append_cpu(kc_h: T.handle, vc_h: T.handle, k_h: T.handle, v_h: T.handle, len_h: T.handle):
+        T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
+        b, s, cap = T.int64(), T.int64(), T.int64()
+        KC = T.match_buffer(kc_h, (b, KV, cap, D), "float32")
+        VC = T.match_buffer(vc_h, (b, KV, cap, D), "float32")
+        K = T.match_buffer(k_h, (b, KV, s, D), "float32")
+        V = T.match_buffer(v_h, (b, KV, s, D), "float32")
+        L = T.match_buffer(len_h, (b,), "int32")
+        for r in range(b):
+            for h in range(KV):
+                for i in range(s):
+                    for d in T.vectorized(D):
+                        KC[r, h, T.Cast("int64", L[r]) + i, d] = K[r, h, i, d]
+                        VC[r, h, T.Cast("int64", L[r]) + i, d] = V[r, h, i, d]
+    return kv_append_cpu
+
+
+def attention(heads: int, kv_heads: int, head_dim: int, scale: float, window: int, gpu: bool):
+    """(q [b, H, s, D], k_cache, v_cache, lengths int32 [b]) -> out [b, s, H*D]."""
+    H, KV, D = heads, kv_heads, head_dim
+    group = H // KV
+    scale = float(scale)
+    window = int(window)
+    windowed = window > 0
+    lanes = LANES if D % LANES == 0 else 1
+    neg = -3.4028234663852886e38
+
+    if gpu:
+        steps = int(math.log2(D)) if D & (D - 1) == 0 else 0
+        if not steps:
+            raise ValueError(f"the GPU attention kernel needs a power-of-two head size, not {D}")
+
+        @T.prim_func(private=True)
+        def attention_gpu(q_h: T.handle, kc_h: T.handle, vc_h: T.handle, len_h: T.handle, o_h: T.handle):
+            T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
+            b, s, cap = T.int64(), T.int64(), T.int64()
+            Q = T.match_buffer(q_h, (b, H, s, D), "float32")
+            KC = T.match_buffer(kc_h, (b, KV, cap, D), "float32")
+            VC = T.match_buffer(vc_h, (b, KV, cap, D), "float32")
+            L = T.match_buffer(len_h, (b,), "int32")
+            O = T.match_buffer(o_h, (b, s, H * D), "float32")
+            bx = T.launch_thread("blockIdx.x", b * H * s)
+            tx = T.launch_thread("threadIdx.x", D)
+            red = T.alloc_buffer((D,), "float32", scope="shared")
+            st = T.alloc_buffer((3,), "float32", scope="local")     # running max, sum, accumulator
+            r = bx // (H * s)
+            h = bx // s % H
+            i = bx % s
+            pos = T.Cast("int64", L[r]) + i
+            start = T.max(pos - window + 1, T.int64(0)) if windowed else T.int64(0)
+            st[0] = T.float32(neg)
+            st[1] = T.float32(0)
+            st[2] = T.float32(0)
+            for j in range(start, pos + 1):
+                red[tx] = Q[r, h, i, tx] * KC[r, h // group, j, tx]
+                T.tvm_storage_sync("shared")
+                for p in range(steps):
+                    if tx < T.shift_right(D, p + 1):
+                        red[tx] = red[tx] + red[tx + T.shift_right(D, p + 1)]
+                    T.tvm_storage_sync("shared")
+                score = red[0] * T.float32(scale)
+                T.tvm_storage_sync("shared")
+                m_new = T.max(st[0], score)
+                alpha = T.exp(st[0] - m_new)
+                p_j = T.exp(score - m_new)
+                st[1] = st[1] * alpha + p_j
+                st[2] = st[2] * alpha + p_j * VC[r, h // group, j, tx]
+                st[0] = m_new
+            O[r, i, h * D + tx] = st[2] / st[1]
+        return attention_gpu
+
+    @T.prim_func(private=True)
+    def attention_cpu(q_h: T.handle, kc_h: T.handle, vc_h: T.handle, len_h: T.handle, o_h: T.handle):
+        T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
+        b, s, cap = T.int64(), T.int64(), T.int64()
+        Q = T.match_buffer(q_h, (b, H, s, D), "float32")
+        KC = T.match_buffer(kc_h, (b, KV, cap, D), "float32")
+        VC = T.match_buffer(vc_h, (b, KV, cap, D), "float32")
+        L = T.match_buffer(len_h, (b,), "int32")
+        O = T.match_buffer(o_h, (b, s, H * D), "float32")
+        for task in T.parallel(b * H * s):
+            acc = T.alloc_buffer((D,), "float32", scope="local")
+            part = T.alloc_buffer((lanes,), "float32", scope="local")
+            st = T.alloc_buffer((3,), "float32", scope="local")    # running max, sum, score
+            r = task // (H * s)
+            h = task // s % H
+            i = task % s
+            pos = T.Cast("int64", L[r]) + i
+            start = T.max(pos - window + 1, T.int64(0)) if windowed else T.int64(0)
+            st[0] = T.float32(neg)
+            st[1] = T.float32(0)
+            for d in T.vectorized(D):
+                acc[d] = T.float32(0)
+            for j in range(start, pos + 1):
+                for l in T.vectorized(lanes):
+                    part[l] = T.float32(0)
+                for c in range(D // lanes):
+                    for l in T.vectorized(lanes):
+                        part[l] = part[l] + Q[r, h, i, c * lanes + l] * KC[r, h // group, j, c * lanes + l]
+                st[2] = T.float32(0)
+                for l in range(lanes):
+                    st[2] = st[2] + part[l]
+                st[2] = st[2] * T.float32(scale)
+                if st[2] > st[0]:
+                    # a new maximum: rescale what was summed so far
+                    st[1] = st[1] * T.exp(st[0] - st[2])
+                    for d in T.vectorized(D):
+                        acc[d] = acc[d] * T.exp(st[0] - st[2])
+                    st[0] = st[2]
+                st[2] = T.exp(st[2] - st[0])
+                st[1] = st[1] + st[2]
+                for d in T.vectorized(D):
+                    acc[d] = acc[d] + st[2] * VC[r, h // group, j, d]
+            for d in T.vectorized(D):
+                O[r, i, h * D + d] = acc[d] / st[1]
+    return attention_cpu
