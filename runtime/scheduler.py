@@ -24,6 +24,7 @@ import numpy as np
 
 from .generation import (_StopMatcher, _check_count, _id_set, _special_stop_ids, _stop_strings,
                          _stream_decoder)
+from .logprobs import token_logprobs
 from .sampling import Sampler
 
 __all__ = ["Scheduler", "Request", "QueueFull", "Event"]
@@ -36,10 +37,16 @@ class QueueFull(RuntimeError):
 @dataclass
 class Event:
     """What a request streams: a new token (``token``, and the text it made final, possibly
-    empty), or the end (``finish_reason`` set: "eos", "stop", "length" or "cancelled")."""
+    empty), or the end (``finish_reason`` set: "eos", "stop", "length" or "cancelled").
+
+    For a request that asked for logprobs, a token of the completion (not EOS or a stop id)
+    also carries ``logprob`` and ``top_logprobs`` (``[(id, logprob)]``, most likely first):
+    see :mod:`kiln.runtime.logprobs` for what they are of."""
     token: int | None = None
     text: str = ""
     finish_reason: str | None = None
+    logprob: float | None = None
+    top_logprobs: list | None = None
 
 
 @dataclass
@@ -51,7 +58,10 @@ class Request:
     eos: set[int]
     stop_ids: set[int]
     on_event: object = None
+    logprobs: int | None = None
     ids: list[int] = field(default_factory=list)
+    #: ``(token, logprob, [(id, logprob)])`` per token of ``ids``, when ``logprobs`` is set
+    token_logprobs: list = field(default_factory=list)
     text: list[str] = field(default_factory=list)
     finish_reason: str | None = None
     submitted: float = 0.0
@@ -127,8 +137,15 @@ class Scheduler:
                top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
                repetition_penalty: float = 1.0, seed: int | None = None,
                stop: Sequence[str] | str | None = None, eos_ids: Iterable[int] | None = None,
-               on_event=None) -> Request:
-        """Queue a request; raises ValueError for bad settings, QueueFull when the queue is full."""
+               on_event=None, frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
+               logprobs: int | None = None, sample_stream: int = 0) -> Request:
+        """Queue a request; raises ValueError for bad settings, QueueFull when the queue is full.
+
+        ``logprobs`` (None, or how many top alternatives, 0..20) asks for every token's
+        logprob. ``sample_stream`` picks which of the seed's random streams draws: row
+        ``sample_stream`` of ``generate``'s batch, so the ``n`` choices of one seeded prompt
+        are its streams 0..n-1 (stream 0 is what a single prompt uses).
+        """
         prompt = [int(t) for t in prompt]
         if not prompt:
             raise ValueError("the prompt has no tokens; the model needs at least one")
@@ -136,13 +153,22 @@ class Scheduler:
         if self.max_length is not None and len(prompt) > self.max_length:
             raise ValueError(f"the prompt has {len(prompt)} tokens but the model holds at most "
                              f"{self.max_length}")
-        sampler = Sampler(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+        sampler = Sampler(temperature, top_k, top_p, min_p, repetition_penalty, seed,
+                          frequency_penalty, presence_penalty)
+        _check_count("sample_stream", sample_stream)
+        if sample_stream:
+            sampler = sampler.rows([sample_stream])
+        if logprobs is not None:
+            _check_count("logprobs", logprobs)
+            if logprobs > 20:
+                raise ValueError(f"logprobs must be at most 20, got {logprobs}")
         stops = _stop_strings(stop)
         if stops and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer, and this model has none")
         eos = self.eos_ids if eos_ids is None else _id_set(eos_ids)
         stop_ids = (_special_stop_ids(self.tokenizer, stops) if stops else set()) - eos
-        req = Request(prompt, sampler, int(max_tokens), stops, eos, stop_ids, on_event)
+        req = Request(prompt, sampler, int(max_tokens), stops, eos, stop_ids, on_event,
+                      None if logprobs is None else int(logprobs))
         req.submitted = time.perf_counter()
         limit = req.max_tokens
         if self.max_length is not None:
@@ -208,23 +234,27 @@ class Scheduler:
         if req._cancelled:
             self._finish(req, "cancelled")
             return
-        t = int(req.sampler(np.asarray(logits)[None, :], [req._history])[0])
+        t = int(req.sampler(np.asarray(logits)[None, :], [req._history], [len(req.prompt)])[0])
         if req.first_token_at is None:
             req.first_token_at = time.perf_counter()
         req._history.append(t)
         req._count += 1
         reason = None
+        logprob = top = None
         if t in req.eos or t in req.stop_ids:
             reason = "eos" if t in req.eos else "stop"
             piece, hit = req._matcher.finish()
         else:
             req.ids.append(t)
             piece, hit = req._matcher.add(t)
+            if req.logprobs is not None:
+                logprob, top = token_logprobs(logits, t, req.logprobs)
+                req.token_logprobs.append((t, logprob, top))
         if hit:
             reason = "stop"
         if piece:
             req.text.append(piece)
-        req._emit(Event(token=t, text=piece))
+        req._emit(Event(token=t, text=piece, logprob=logprob, top_logprobs=top))
         if reason is None and req._count >= req._limit:
             piece, hit = req._matcher.finish()
             if piece:

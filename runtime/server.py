@@ -10,12 +10,14 @@ FastAPI on uvicorn: both are widely used, maintained, and pinned in the ``serve`
 """
 
 import asyncio
+import functools
 import json
 import time
 import uuid
 from importlib.resources import files
 from pathlib import Path
 
+from .logprobs import TokenStrings, chat_logprobs, completion_logprobs
 from .scheduler import QueueFull, Scheduler
 
 # The chat page at GET /: one self-contained HTML file shipped in the package (package-data).
@@ -56,13 +58,12 @@ class Service:
     def __init__(self, model, scheduler: Scheduler, name: str):
         self.model, self.scheduler, self.name = model, scheduler, name
         self.created = int(time.time())
+        self.token_strings = TokenStrings(model.tokenizer)
 
     def settings(self, body: dict) -> dict:
         if body.get("model") not in (None, self.name):
             raise APIError(404, f"the model {body.get('model')!r} does not exist; this server has {self.name!r}",
                            code="model_not_found", param="model")
-        if _number(body, "n", 1, int, 1) != 1:
-            raise APIError(400, "only n=1 is supported", code="unsupported_value", param="n")
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
         limit = self.scheduler.max_length or 1 << 30
         max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", 16 if "messages" not in body else limit,
@@ -83,6 +84,8 @@ class Service:
                     top_k=_number(body, "top_k", 0, int, 0),
                     min_p=_number(body, "min_p", 0.0, float, 0, 1),
                     repetition_penalty=_number(body, "repetition_penalty", 1.0, float, 0, lo_open=True),
+                    frequency_penalty=_number(body, "frequency_penalty", 0.0, float, -2, 2),
+                    presence_penalty=_number(body, "presence_penalty", 0.0, float, -2, 2),
                     seed=seed, stop=stop or None)
 
     def prompt_ids(self, body: dict, chat: bool) -> list[int]:
@@ -120,20 +123,58 @@ class Service:
                            code="context_length_exceeded", param="messages" if chat else "prompt")
         return ids
 
-    def submit(self, body: dict, chat: bool, on_event):
+    def choices(self, body: dict, chat: bool) -> tuple[int, int | None]:
+        """``n`` and the number of top alternatives per token (None: no logprobs).
+
+        Chat: ``logprobs: true`` with ``top_logprobs`` 0..20; completions: ``logprobs`` 0..5,
+        OpenAI's ranges. ``n`` choices are ``n`` batch rows, so at most ``--max-batch``.
+        """
+        n = _number(body, "n", 1, int, 1)
+        if n > self.scheduler.max_batch:
+            raise APIError(400, f"n={n} is more than this server runs at once (--max-batch "
+                                f"{self.scheduler.max_batch})", code="unsupported_value", param="n")
+        if not chat:
+            return n, (None if body.get("logprobs") is None else _number(body, "logprobs", 0, int, 0, 5))
+        want = body.get("logprobs")
+        if want not in (None, True, False):
+            raise APIError(422, f"logprobs must be true or false, got {want!r}", code="invalid_value",
+                           param="logprobs")
+        top = body.get("top_logprobs")
+        if top is not None:
+            top = _number(body, "top_logprobs", 0, int, 0, 20)
+            if not want:
+                raise APIError(400, "top_logprobs needs logprobs: true", code="invalid_value",
+                               param="top_logprobs")
+        return n, (top or 0) if want else None
+
+    def submit(self, body: dict, chat: bool, on_event) -> list:
+        """Queue the request's ``n`` choices; ``on_event(i, event)`` gets choice i's events.
+
+        Choice i draws from stream i of the seed (see ``Scheduler.submit``'s
+        ``sample_stream``), so choice 0 is what the same request with ``n=1`` gets.
+        """
         settings = self.settings(body)
+        n, logprobs = self.choices(body, chat)
         ids = self.prompt_ids(body, chat)
+        reqs = []
         try:
-            return self.scheduler.submit(ids, on_event=on_event, **settings)
-        except QueueFull as e:
-            raise APIError(429, str(e), "server_busy", code="queue_full") from None
-        except ValueError as e:
+            for i in range(n):
+                reqs.append(self.scheduler.submit(ids, on_event=functools.partial(on_event, i),
+                                                  logprobs=logprobs, sample_stream=i, **settings))
+        except (QueueFull, ValueError) as e:
+            for r in reqs:
+                r.cancel()
+            if isinstance(e, QueueFull):
+                raise APIError(429, str(e), "server_busy", code="queue_full") from None
             raise APIError(422, str(e), code="invalid_value") from None
+        return reqs
 
     @staticmethod
-    def usage(req) -> dict:
-        return {"prompt_tokens": req.prompt_tokens, "completion_tokens": req.completion_tokens,
-                "total_tokens": req.prompt_tokens + req.completion_tokens}
+    def usage(reqs) -> dict:
+        """The prompt counted once, every choice's tokens."""
+        done = sum(r.completion_tokens for r in reqs)
+        return {"prompt_tokens": reqs[0].prompt_tokens, "completion_tokens": done,
+                "total_tokens": reqs[0].prompt_tokens + done}
 
 
 def _content(c) -> str:
@@ -210,10 +251,24 @@ def create_app(service: Service, api_key: str | None = None):
         body = await body_of(request)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        req = service.submit(body, chat, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+        reqs = service.submit(body, chat, lambda i, ev: loop.call_soon_threadsafe(events.put_nowait, (i, ev)))
+        n, want_logprobs = len(reqs), reqs[0].logprobs is not None
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         kind = "chat.completion" if chat else "text_completion"
+
+        def cancel():
+            for r in reqs:
+                r.cancel()              # a no-op once done; frees the row of a client gone away
+
+        def logprobs(i: int, entries: list, start: int = 0) -> dict | None:
+            """Choice i's logprobs of ``entries``, its tokens from number ``start`` on."""
+            if not want_logprobs:
+                return None
+            if chat:
+                return chat_logprobs(entries, service.token_strings)
+            return completion_logprobs(entries, service.token_strings, reqs[i].ids[:start + len(entries)],
+                                       start)
 
         async def next_event():
             # wakes up now and then to notice a client that went away
@@ -222,56 +277,76 @@ def create_app(service: Service, api_key: str | None = None):
                     return await asyncio.wait_for(events.get(), 0.5)
                 except asyncio.TimeoutError:
                     if await request.is_disconnected():
-                        req.cancel()
+                        cancel()
                         raise asyncio.CancelledError from None
 
-        def chunk(piece: str | None, finish: str | None, first: bool = False) -> str:
+        def chunk(i: int, piece: str | None, finish: str | None, first: bool = False, lps=None,
+                  usage: bool = False) -> str:
             if chat:
                 delta = {} if piece is None else {"content": piece}
                 if first:
                     delta = {"role": "assistant", "content": ""}
-                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+                choice = {"index": i, "delta": delta, "logprobs": lps, "finish_reason": finish}
             else:
-                choice = {"index": 0, "text": piece or "", "logprobs": None, "finish_reason": finish}
+                choice = {"index": i, "text": piece or "", "logprobs": lps, "finish_reason": finish}
             out = {"id": rid, "object": kind + (".chunk" if chat else ""), "created": created,
                    "model": service.name, "choices": [choice]}
-            if finish is not None:
-                out["usage"] = Service.usage(req)
+            if usage:
+                out["usage"] = Service.usage(reqs)
             return f"data: {json.dumps(out)}\n\n"
 
         if body.get("stream"):
             async def sse():
+                # a token whose text is held back (a possible stop string, a partial character)
+                # sends its logprobs with the next piece of text, or alone before the finish
+                pending: list[list] = [[] for _ in reqs]
+                sent = [0] * n
+
+                def flush(i):
+                    lps = logprobs(i, pending[i], sent[i])
+                    sent[i] += len(pending[i])
+                    pending[i] = []
+                    return lps
                 try:
                     if chat:
-                        yield chunk(None, None, first=True)
-                    while True:
-                        ev = await next_event()
+                        for i in range(n):
+                            yield chunk(i, None, None, first=True)
+                    left = n
+                    while left:
+                        i, ev = await next_event()
+                        if ev.logprob is not None:
+                            pending[i].append((ev.token, ev.logprob, ev.top_logprobs))
                         if ev.finish_reason is not None:
-                            yield chunk(None, FINISH[ev.finish_reason])
-                            yield "data: [DONE]\n\n"
-                            return
-                        if ev.text:
-                            yield chunk(ev.text, None)
+                            if pending[i]:
+                                yield chunk(i, "", None, lps=flush(i))
+                            left -= 1
+                            yield chunk(i, None, FINISH[ev.finish_reason], usage=not left)
+                        elif ev.text:
+                            yield chunk(i, ev.text, None, lps=flush(i))
+                    yield "data: [DONE]\n\n"
                 finally:
-                    req.cancel()            # a no-op once done; frees the row of a client gone away
+                    cancel()
             return StreamingResponse(sse(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         try:
-            while True:
-                ev = await next_event()
-                if ev.finish_reason is not None:
-                    break
+            left = n
+            while left:
+                _, ev = await next_event()
+                left -= ev.finish_reason is not None
         finally:
-            req.cancel()
-        text = "".join(req.text)
-        finish = FINISH[req.finish_reason]
-        if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "logprobs": None, "finish_reason": finish}
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            cancel()
+        choices = []
+        for i, req in enumerate(reqs):
+            text = "".join(req.text)
+            finish = FINISH[req.finish_reason]
+            if chat:
+                choices.append({"index": i, "message": {"role": "assistant", "content": text},
+                                "logprobs": logprobs(i, req.token_logprobs), "finish_reason": finish})
+            else:
+                choices.append({"index": i, "text": text, "logprobs": logprobs(i, req.token_logprobs),
+                                "finish_reason": finish})
         return {"id": rid, "object": kind, "created": created, "model": service.name,
-                "choices": [choice], "usage": Service.usage(req)}
+                "choices": choices, "usage": Service.usage(reqs)}
 
     @app.post("/v1/completions")
     async def completions(request: Request):

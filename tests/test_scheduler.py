@@ -151,3 +151,28 @@ def test_cache_arrays_share_memory_with_the_ortvalues(llama):
     name = session.cache_names[0]
     session._arrays[name][1, 0, 3, 0] = 42.0
     assert session.buffers[name].numpy()[1, 0, 3, 0] == 42.0
+
+
+def test_sample_streams_are_the_rows_of_generate_and_logprobs_are_the_models(llama):
+    """Choice i of an n>1 request (sample_stream=i) is row i of generate's seeded batch; with
+    logprobs every completion token carries the log-softmax of the model's raw logits."""
+    model = runtime.load(llama, threads=2)
+    prompt = [5, 9, 2, 14, 3]
+    want = model.generate([prompt] * 3, max_new_tokens=8, temperature=1.0, seed=21, eos_ids=[])
+    sch = Scheduler(model.session, None, max_batch=4, eos_ids=[])
+    reqs = [sch.submit(prompt, max_tokens=8, temperature=1.0, seed=21, sample_stream=i, logprobs=2)
+            for i in range(3)]
+    _drain(sch)
+    assert [r.ids for r in reqs] == [w.ids for w in want]
+    assert len({tuple(r.ids) for r in reqs}) == 3
+    ref = runtime.load(llama, threads=2)
+    for r in reqs:
+        x = ref.logits([prompt + r.ids[:-1]])[0, len(prompt) - 1:].astype(np.float64)
+        lsm = x - x.max(-1, keepdims=True)
+        lsm -= np.log(np.exp(lsm).sum(-1, keepdims=True))
+        assert [t for t, _, _ in r.token_logprobs] == r.ids
+        for j, (t, lp, top) in enumerate(r.token_logprobs):
+            assert lp == pytest.approx(lsm[j, t], abs=1e-4)
+            assert [u for u, _ in top] == np.argsort(-lsm[j], kind="stable")[:2].tolist()
+    with pytest.raises(ValueError, match="logprobs"):
+        sch.submit(prompt, logprobs=21)
