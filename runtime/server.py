@@ -6,6 +6,13 @@ OpenAI responses and server-sent events, and every bad request into OpenAI's err
 ``{"error": {"message", "type", "code"}}`` with a 4xx status. Generation itself lives in
 :mod:`kiln.runtime.scheduler`.
 
+Beyond OpenAI's settings: ``top_k``, ``min_p`` and ``repetition_penalty`` (transformers'
+multiplicative penalty, llama.cpp's ``repeat_penalty``). OpenAI's ``frequency_penalty`` and
+``presence_penalty`` are applied as OpenAI defines them, after it; the two kinds do not convert
+into each other (:mod:`kiln.runtime.sampling` says why). ``logprobs`` are of the model's raw
+distribution (:mod:`kiln.runtime.logprobs`); ``n`` choices are ``n`` batch rows, choice ``i``
+drawing from stream ``i`` of the seed.
+
 FastAPI on uvicorn: both are widely used, maintained, and pinned in the ``serve`` extra.
 """
 
