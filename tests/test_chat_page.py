@@ -191,3 +191,14 @@ def test_stop_aborts_a_long_answer(server, browser):
     body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "temperature": 0}
     status, _, raw = _request(server + "/v1/chat/completions", body, KEY, timeout=20)
     assert status == 200 and json.loads(raw)["usage"]["completion_tokens"] >= 1
+
+
+def test_wrong_key_shows_the_error_and_keeps_the_question(server, browser):
+    browser.get(server + "/")
+    _until(lambda: browser.find_element("id", "key-note").is_displayed(), 10, "the page to ask for the API key")
+    _set(browser, "api_key", "not-the-key")
+    _ask(browser, "Hello")
+    _until(lambda: browser.execute_script("return !!document.querySelector('#log .error')"), 10, "the error")
+    assert _messages(browser) == [["msg error", "invalid or missing API key", ""]]
+    assert browser.find_element("id", "input").get_attribute("value") == "Hello"
+    assert browser.find_element("id", "key-note").is_displayed() and _state(browser) == "idle"
