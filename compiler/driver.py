@@ -190,13 +190,13 @@ def _lower_tvm(graph, tmp, preset, cfg, weight_done, stage) -> dict:
         raise KilnError(None, "the TVM backend needs Apache TVM: pip install 'kiln[tvm]' "
                               "(apache-tvm==0.27.0.post1 with apache-tvm-ffi==0.1.14.post0)") from None
     from kiln.targets.tvm import build, targets
-    target = targets.for_preset(preset.device, preset.isa)
+    target = targets.for_preset(preset.device, preset.isa, arch=preset.isa if preset.device == "cuda" else None)
     try:
         summary = build.build(graph, tmp, target, max_length=cfg.get("max_position_embeddings"),
                               progress=weight_done, stage=stage)
     except ValueError as e:
         raise KilnError(None, f"the TVM backend cannot compile this model: {e}") from None
-    return {"name": "tvm", "runnable_here": target.runnable_here,
+    return {"name": "tvm", **({"cross_compiled_for": target.cross} if target.cross else {}),
             "requires": ["apache-tvm==0.27.0.post1", "apache-tvm-ffi==0.1.14.post0"], **summary}
 
 

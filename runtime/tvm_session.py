@@ -14,6 +14,7 @@ Implements the same protocol as :class:`kiln.runtime.onnxrt_session.OnnxRuntimeS
 from __future__ import annotations
 
 import os
+import platform
 from pathlib import Path
 
 import numpy as np
@@ -50,9 +51,10 @@ class TVMSession:
             raise ArtifactError(folder / "manifest.json", f"the manifest's tvm backend entry {what}") from None
         if kind not in DEVICES:
             raise ArtifactError(folder / "manifest.json", f"names an unknown device {kind!r}")
-        if not backend.get("runnable_here", True):
-            raise ArtifactError(folder, f"holds {kind} code cross-compiled for another machine "
-                                        f"({backend.get('target')}); run it there")
+        cross = backend.get("cross_compiled_for")
+        if cross and platform.machine().lower() not in (cross, "arm64" if cross == "aarch64" else cross):
+            raise ArtifactError(folder, f"was cross-compiled for {cross}; run it on such a machine "
+                                        f"(its library is objects that kiln links there)")
         if threads:
             os.environ.setdefault("TVM_NUM_THREADS", str(threads))
         try:

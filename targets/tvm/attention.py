@@ -31,10 +31,10 @@ def kv_append(kv_heads: int, head_dim: int, gpu: bool):
     if gpu:
         @T.prim_func(private=True)
         def kv_append_gpu(kc_h: T.handle, vc_h: T.handle, k_h: T.handle, v_h: T.handle, len_h: T.handle):
-            T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
+            T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
             b, s, cap = T.int64(), T.int64(), T.int64()
-            KC = T.match_buffer(kc_h, (b, KV, cap, D), "float32")
-            VC = T.match_buffer(vc_h, (b, KV, cap, D), "float32")
+            KC = T.match_buffer(kc_h, (b, KV, cap, D), "float32", offset_factor=1)
+            VC = T.match_buffer(vc_h, (b, KV, cap, D), "float32", offset_factor=1)
             K = T.match_buffer(k_h, (b, KV, s, D), "float32")
             V = T.match_buffer(v_h, (b, KV, s, D), "float32")
             L = T.match_buffer(len_h, (b,), "int32")
@@ -49,10 +49,10 @@ def kv_append(kv_heads: int, head_dim: int, gpu: bool):
 
     @T.prim_func(private=True)
     def kv_append_cpu(kc_h: T.handle, vc_h: T.handle, k_h: T.handle, v_h: T.handle, len_h: T.handle):
-        T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
         b, s, cap = T.int64(), T.int64(), T.int64()
-        KC = T.match_buffer(kc_h, (b, KV, cap, D), "float32")
-        VC = T.match_buffer(vc_h, (b, KV, cap, D), "float32")
+        KC = T.match_buffer(kc_h, (b, KV, cap, D), "float32", offset_factor=1)
+        VC = T.match_buffer(vc_h, (b, KV, cap, D), "float32", offset_factor=1)
         K = T.match_buffer(k_h, (b, KV, s, D), "float32")
         V = T.match_buffer(v_h, (b, KV, s, D), "float32")
         L = T.match_buffer(len_h, (b,), "int32")
@@ -82,11 +82,11 @@ def attention(heads: int, kv_heads: int, head_dim: int, scale: float, window: in
 
         @T.prim_func(private=True)
         def attention_gpu(q_h: T.handle, kc_h: T.handle, vc_h: T.handle, len_h: T.handle, o_h: T.handle):
-            T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
+            T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
             b, s, cap = T.int64(), T.int64(), T.int64()
             Q = T.match_buffer(q_h, (b, H, s, D), "float32")
-            KC = T.match_buffer(kc_h, (b, KV, cap, D), "float32")
-            VC = T.match_buffer(vc_h, (b, KV, cap, D), "float32")
+            KC = T.match_buffer(kc_h, (b, KV, cap, D), "float32", offset_factor=1)
+            VC = T.match_buffer(vc_h, (b, KV, cap, D), "float32", offset_factor=1)
             L = T.match_buffer(len_h, (b,), "int32")
             O = T.match_buffer(o_h, (b, s, H * D), "float32")
             bx = T.launch_thread("blockIdx.x", b * H * s)
@@ -121,11 +121,11 @@ def attention(heads: int, kv_heads: int, head_dim: int, scale: float, window: in
 
     @T.prim_func(private=True)
     def attention_cpu(q_h: T.handle, kc_h: T.handle, vc_h: T.handle, len_h: T.handle, o_h: T.handle):
-        T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
         b, s, cap = T.int64(), T.int64(), T.int64()
         Q = T.match_buffer(q_h, (b, H, s, D), "float32")
-        KC = T.match_buffer(kc_h, (b, KV, cap, D), "float32")
-        VC = T.match_buffer(vc_h, (b, KV, cap, D), "float32")
+        KC = T.match_buffer(kc_h, (b, KV, cap, D), "float32", offset_factor=1)
+        VC = T.match_buffer(vc_h, (b, KV, cap, D), "float32", offset_factor=1)
         L = T.match_buffer(len_h, (b,), "int32")
         O = T.match_buffer(o_h, (b, s, H * D), "float32")
         for task in T.parallel(b * H * s):

@@ -37,6 +37,7 @@ def build(graph: Graph, out_dir, target: TVMTarget, *, max_length: int | None = 
     executable = tvm.compile(mod, target=tvm_target)
     compile_s = time.perf_counter() - t0
     executable.export_library(str(out_dir / target.library))
+    device = write_device_source(executable, out_dir) if target.gpu else {}
     say("writing weights")
     tensors = {}
     for p in plan.params:
@@ -52,17 +53,32 @@ def build(graph: Graph, out_dir, target: TVMTarget, *, max_length: int | None = 
             "kv_cache": {"mode": plan.mode, "layers": layers, "kv_heads": kv_heads,
                          "head_dim": head_dim, **({"why_uniform": plan.why_uniform} if plan.why_uniform else {})},
             "max_length": plan.max_length, "weight_formats": plan.formats,
-            "tvm_compile_seconds": round(compile_s, 2), "kernels": _kernel_names(executable)}
+            "tvm_compile_seconds": round(compile_s, 2), **device}
 
 
-def _kernel_names(executable) -> list:
-    """The compiled functions' names, for inspect and the tests."""
-    try:
-        lib = executable.mod if hasattr(executable, "mod") else executable
-        names = set()
-        for m in [lib] + list(getattr(lib, "imported_modules", [])):
-            for n in getattr(m, "get_function_names", lambda: [])() or []:
-                names.add(str(n))
-        return sorted(names)
-    except Exception:           # a listing only; a module kind without one lists nothing
-        return []
+def _device_modules(module):
+    """The modules under the executable's library that hold device code (cuda, metal)."""
+    found, stack = [], [module]
+    while stack:
+        m = stack.pop()
+        if m.kind in DEVICE_SOURCE:
+            found.append(m)
+        stack.extend(m.imports)
+    return found
+
+
+#: device-code module kind -> (file written beside the library, kernel declaration pattern)
+DEVICE_SOURCE = {"cuda": ("device_code.cu", r"__global__ void(?: __launch_bounds__\(\d+\))? (\w+)\("),
+                 "metal": ("device_code.metal", r"kernel void (\w+)\(")}
+
+
+def write_device_source(executable, out_dir: Path) -> dict:
+    """A readable copy of the GPU kernels (the library carries its own) and their names."""
+    import re
+    out = {}
+    for m in _device_modules(executable.mod):
+        name, pattern = DEVICE_SOURCE[m.kind]
+        src = m.inspect_source("")
+        (out_dir / name).write_text(src)
+        out = {"device_source": name, "kernels": sorted(set(re.findall(pattern, src)))}
+    return out

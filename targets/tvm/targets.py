@@ -13,7 +13,7 @@ class TVMTarget:
     host: dict | None       # the host's, for GPU targets
     gpu: bool
     library: str            # file name of the exported library in the artifact
-    runnable_here: bool     # whether this machine can load what is built
+    cross: str | None       # the machine a cross-compiled CPU library runs on (aarch64), else None
 
 
 def host_cpu() -> str:
@@ -34,13 +34,13 @@ def for_preset(device: str, isa: str | None, arch: str | None = None) -> TVMTarg
             target = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"], "num-cores": cores}
             if native:
                 target = {"kind": "llvm", "mcpu": host_cpu(), "num-cores": cores}
-            return TVMTarget(target, None, False, "model.so" if native else "model.tar", native)
+            return TVMTarget(target, None, False, "model.so" if native else "model.tar", None if native else "aarch64")
         mcpu = {"avx2": "haswell", "avx512": "skylake-avx512"}.get(isa or "", None)
         target = {"kind": "llvm", "mcpu": mcpu or host_cpu(), "num-cores": cores}
-        return TVMTarget(target, None, False, "model.so", True)
+        return TVMTarget(target, None, False, "model.so", None)
     if device == "cuda":
         sm = (arch or "sm80").replace("sm_", "sm")
-        return TVMTarget({"kind": "cuda", "arch": f"sm_{sm[2:]}"}, {"kind": "llvm"}, True, "model.so", False)
+        return TVMTarget({"kind": "cuda", "arch": f"sm_{sm[2:]}"}, {"kind": "llvm"}, True, "model.so", None)
     if device == "metal":
-        return TVMTarget({"kind": "metal"}, {"kind": "llvm", "mtriple": "arm64-apple-macos"}, True, "model.tar", False)
+        return TVMTarget({"kind": "metal"}, {"kind": "llvm", "mtriple": "arm64-apple-macos"}, True, "model.tar", None)
     raise ValueError(f"the TVM backend has no target for device {device!r}")

@@ -1,0 +1,175 @@
+"""The TVM backend (``--backend tvm``): every fixture family against transformers' outputs,
+its KV cache (ragged rows, joining rows, reordering), and its builds for other devices.
+
+CPU artifacts are built and run here. CUDA and Metal artifacts are built without the device
+(this machine has neither): the checks read their device code and manifest. The aarch64
+(NEON) build is cross-compiled and exported as objects to link on that machine.
+"""
+import json
+
+import numpy as np
+import pytest
+from conftest import ALL_FAMILIES, greedy_decode
+
+from kiln import runtime
+from kiln.driver import compile as kiln_compile
+from kiln.errors import KilnError
+
+# Max |error| measured against transformers per family: 1.2e-7 (gpt2) to 2.4e-7 (gemma, qwen2)
+# over the 12-token batch; the online softmax adds rounding only. Bound 10x the worst.
+BOUND = 3e-6
+
+
+@pytest.fixture(scope="module")
+def compiled(hf_fixture, tmp_path_factory):
+    cache = {}
+
+    def get(family, target="cpu"):
+        if (family, target) not in cache:
+            out = tmp_path_factory.mktemp("tvm") / f"{family}-{target}.kiln"
+            cache[family, target] = kiln_compile(hf_fixture(family), target=target, output=out, backend="tvm")
+        return cache[family, target]
+    return get
+
+
+def _greedy_sequence(ref):
+    ids = np.concatenate([ref["prompt"][0], ref["greedy"][:-1]])[None]
+    return ids, ref["prompt"].shape[1] - 1
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_family_matches_transformers(compiled, hf_fixture, family):
+    model = runtime.load(compiled(family))
+    assert model.manifest["backend"]["name"] == "tvm"
+    ref = np.load(hf_fixture(family) / "reference.npz")
+    np.testing.assert_allclose(model.logits(ref["input_ids"]), ref["logits"], rtol=0, atol=BOUND)
+    ids, start = _greedy_sequence(ref)
+    np.testing.assert_allclose(model.logits(ids)[0, start:], ref["greedy_logits"], rtol=0, atol=BOUND)
+    tokens, logits = greedy_decode(model.session, ref["prompt"], 16)
+    assert tokens == ref["greedy"].tolist()
+    np.testing.assert_allclose(logits, ref["greedy_logits"], rtol=0, atol=BOUND)
+
+
+def test_positions_mode_follows_the_graph(compiled):
+    # rotary models keep per-row positions; gpt2's learned positions read the cache length
+    llama = json.loads((compiled("llama") / "manifest.json").read_text())["backend"]["kv_cache"]
+    gpt2 = json.loads((compiled("gpt2") / "manifest.json").read_text())["backend"]["kv_cache"]
+    assert llama["mode"] == "rows" and gpt2["mode"] == "uniform"
+    assert "reads" in gpt2["why_uniform"] or "output" in gpt2["why_uniform"]
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_ragged_prefill_equals_each_prompt_alone(compiled, family):
+    model = runtime.load(compiled(family))
+    prompts = [[5, 9, 13], [7, 1, 2, 3, 4, 8, 11], [42]]
+    alone = []
+    for p in prompts:
+        tokens, logits = greedy_decode(model.session, [p], 6)
+        alone.append((tokens, logits))
+    s = model.session
+    s.reset(3)
+    last = s.prefill(prompts)[:, -1]
+    rows = [[int(np.argmax(last[b]))] for b in range(3)]
+    steps = [last]
+    for _ in range(5):
+        out = s.forward(np.array([[r[-1]] for r in rows]), last_only=True)[:, -1]
+        steps.append(out)
+        for b in range(3):
+            rows[b].append(int(np.argmax(out[b])))
+    for b in range(3):
+        assert rows[b] == alone[b][0]
+        np.testing.assert_allclose(np.stack([st[b] for st in steps]), alone[b][1], rtol=0, atol=1e-5)
+
+
+def test_rows_join_and_leave_a_running_batch(compiled):
+    model = runtime.load(compiled("qwen2"))
+    s = model.session
+    first, _ = greedy_decode(s, [[3, 4, 5]], 5)
+    second, _ = greedy_decode(s, [[9, 8, 7, 6, 5, 4]], 3)
+    s.start_rows(4)
+    t0 = int(np.argmax(s.join_row(2, [3, 4, 5])))
+    got0 = [t0]
+    # row 2 decodes two tokens alone, then row 0 joins with a longer prompt
+    for _ in range(2):
+        got0.append(int(np.argmax(s.step(np.array([0, 0, got0[-1], 0]), np.array([0, 0, 1, 0], bool))[2])))
+    got1 = [int(np.argmax(s.join_row(0, [9, 8, 7, 6, 5, 4])))]
+    for _ in range(2):
+        out = s.step(np.array([got1[-1], 0, got0[-1], 0]), np.array([1, 0, 1, 0], bool))
+        got0.append(int(np.argmax(out[2])))
+        got1.append(int(np.argmax(out[0])))
+    assert got0 == first and got1 == second
+    s.free_row(2)
+    assert s.lengths.tolist() == [8, 0, 0, 0]
+
+
+def test_reorder_rows_moves_whole_rows(compiled):
+    model = runtime.load(compiled("llama"))
+    s = model.session
+    s.reset(2)
+    s.prefill([[1, 2, 3], [4, 5, 6, 7]])
+    s.reorder_rows([1, 1])
+    out = s.forward(np.array([[9], [9]]), last_only=True)[:, -1]
+    s.reset(1)
+    alone = s.forward(np.array([[4, 5, 6, 7, 9]]), last_only=True)[0, -1]
+    np.testing.assert_allclose(out[0], alone, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(out[1], alone, rtol=0, atol=1e-5)
+
+
+def test_uniform_artifact_refuses_ragged_rows(compiled):
+    s = runtime.load(compiled("gpt2")).session
+    s.reset(2)
+    with pytest.raises(ValueError, match="one shared length"):
+        s.prefill([[1, 2], [3]])
+
+
+# ---- builds for devices this machine does not have -------------------------------------------
+
+FUSED_FAMILIES = ("attention", "kv_append", "rotary", "rms_norm", "skip_rms_norm")
+
+
+@pytest.mark.parametrize("target,source", [("cuda", "device_code.cu"), ("metal", "device_code.metal")])
+def test_gpu_build_holds_a_kernel_per_fused_op(compiled, target, source):
+    out = compiled("llama", target)
+    m = json.loads((out / "manifest.json").read_text())
+    b = m["backend"]
+    assert (m["target"]["device"], b["name"]) == (target, "tvm") and "cross_compiled_for" not in b
+    assert (out / b["library"]).stat().st_size > 0 and (out / b["weights"]).is_file()
+    assert b["device_source"] == source
+    code = (out / source).read_text()
+    for family in FUSED_FAMILIES:
+        assert any(k.startswith(family) or f"_{family}" in k for k in b["kernels"]), family
+        assert family in code
+    assert b["requires"][0].startswith("apache-tvm==")
+
+
+def test_cuda_arch_reaches_the_target(hf_fixture, tmp_path):
+    out = kiln_compile(hf_fixture("llama"), target="cuda", arch="sm90", output=tmp_path / "a.kiln", backend="tvm")
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["target"]["preset"] == "cuda-sm90" and m["backend"]["target"]["arch"] == "sm_90"
+
+
+def test_neon_cross_build_exports_objects(compiled):
+    out = compiled("qwen2", "cpu-neon")
+    b = json.loads((out / "manifest.json").read_text())["backend"]
+    assert b["library"] == "model.tar" and (out / "model.tar").stat().st_size > 0
+    assert b["target"]["mtriple"].startswith("aarch64") and b["cross_compiled_for"] == "aarch64"
+    with pytest.raises(KilnError, match="was cross-compiled for aarch64; run it on such a machine"):
+        runtime.load(out)
+
+
+def test_gpu_artifact_here_is_a_one_line_error(compiled):
+    with pytest.raises(KilnError, match="compiled for cuda, and this machine has no cuda device"):
+        runtime.load(compiled("llama", "cuda"))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"target": "tpu"}, "unknown target 'tpu'; choose from cpu, cpu-avx2"),
+    ({"target": "metal", "backend": "onnxrt"}, "target 'metal' has no onnxrt backend; it has tvm"),
+    ({"target": "cuda", "arch": "sm70"}, "--arch sm70 does not fit target 'cuda'"),
+    ({"target": "cpu", "backend": "tvm", "precision": "fast"}, "--precision fast is an ONNX Runtime mode"),
+])
+def test_bad_target_or_backend_is_refused(hf_fixture, tmp_path, kwargs, message):
+    kwargs.setdefault("backend", None)
+    with pytest.raises(KilnError, match=message.replace("(", r"\(")):
+        kiln_compile(hf_fixture("llama"), output=tmp_path / "x.kiln", **kwargs)
+    assert not (tmp_path / "x.kiln").exists()
