@@ -1,0 +1,727 @@
+"""Matmuls and embedding lookups that read GGUF blocks as they are, written as TIR.
+
+The contract with :mod:`.lower`::
+
+    SUPPORTED                      kiln format names with a fused kernel (every one listed below)
+    pack(weight) -> {name: array}  what the artifact stores for a [n, k] block weight
+    matmul(bb, x, packed, fmt, n, k, target, *, exact=True) -> relax.Expr
+        x float32 [..., k] (symbolic leading dims) @ wᵀ -> float32 [..., n]; ``packed`` are the
+        Relax values of ``pack``'s arrays, in its order
+    gather(bb, ids, packed, fmt, n, k, target) -> relax.Expr
+        ids int64 [...] -> float32 [..., k], the rows of the same arrays (ids outside 0..n-1
+        are clamped, as ``relax.op.take(mode="clip")`` does)
+
+Layout. Rows go in tiles of 16 (the last tile padded with zero rows): every array is
+``[tiles, X, 16]`` with entry ``[t, x, l]`` belonging to row ``16·t + l``, so 16 rows' values
+for one k are one contiguous vector (and 16 GPU threads read 64 contiguous bytes). A weight's
+unsigned codes are split into bit planes, low bits first (``bits4`` + ``bits1`` for five-bit
+codes, ``bits4`` + ``bits2`` for Q6_K, ``bits2`` + ``bits1`` for Q3_K, ``bits8`` for Q8_0): a
+plane of width b packs the 32/b consecutive k's of a uint32 word, k at bit ``(k mod 32/b)·b``.
+The scales stay as GGUF has them: float16 ``d``/``m``/``dmin`` and the integer sub-block scales
+(``sc``, ``mn``) unpacked to one byte each. Nothing is dequantized ahead of time; the arrays
+are about the size of the GGUF blocks (the unpacked 6-bit K-quant scales add 1/16 to 1/32 bit
+per weight).
+
+Arithmetic. Every kernel computes a weight exactly as ``gguf.quants.dequantize`` does, in
+float32: ``scale · (code − offset) [+ bias]`` with ``scale = d`` (legacy formats) or
+``d · sc`` (K-quants, one float32 product), ``bias = m`` (Q4_1, Q5_1) or ``−(dmin · mn)``
+(Q2_K, Q4_K, Q5_K); then multiplies it by x in float32 and sums. Only the order of the
+additions (and, where LLVM contracts, a fused multiply-add) differs from numpy's
+``x @ dequantize(w).T``. ``exact=False`` runs the same kernels for now.
+
+Kernels by target (one prim func per (format, n, k, target), marked ``tirx.is_scheduled`` so
+dlight leaves it alone):
+
+* CPU (llvm): one function with two paths chosen by the row count M at run time. M ≤ 2 (decode):
+  a GEMV parallel over tiles, each 16-row tile's weights dequantized straight into four
+  16-lane accumulators (four, so the FMA chain does not wait on its own latency), sub-block
+  scales hoisted per 32 k's. M > 2 (prefill): per tile (two on AVX-512) the weights of a
+  k-chunk (≤ 512) are dequantized into a float32 buffer once, then a register-blocked
+  product runs over the rows, 6 (AVX-512) or 4 rows at a time.
+* GPU (cuda, metal, ...): M ≤ 4: a block of 128 threads per tile, 16 lanes × 8 slices of k,
+  the slices summed in shared memory. Otherwise a 16×16-thread block per (tile, 16 rows) that
+  stages 32 k's of dequantized weights and of x in shared memory.
+* gather: a token per parallel iteration (CPU) or per thread block (GPU).
+
+The GPU kernels can be built with ``emulate=True`` (see ``_Threads``): the same arithmetic
+with the thread indices as serial loops, compiled for the CPU, which is how the tests check
+their numbers on a machine without a GPU.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+LANES = 16          # rows per tile: the layout's vector
+CHUNK = 32          # k's per step of the CPU kernels (a multiple of every plane's and scale's span)
+GPU_UNIT = 8        # k's per thread step of the GPU GEMV
+CPU_GEMV_MAX_ROWS = 2
+GPU_GEMV_MAX_ROWS = 4
+
+
+# ---- formats ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Format:
+    name: str
+    block: int                          # GGUF block size
+    group: int                          # elements sharing one scale (and bias)
+    planes: tuple                       # code bit widths, low bits first
+    offset: int                         # value = scale · (code − offset) [+ bias]
+    params: tuple                       # (name, dtype, elements per entry along k)
+    scale: Callable                     # get(name) -> float32 PrimExpr
+    bias: Callable | None
+    decode: Callable                    # blocks -> (codes uint8 [B, block], {param: [B, block/per]})
+
+
+def _f16(blocks, at):
+    return np.ascontiguousarray(blocks[:, at:at + 2]).view(np.float16)
+
+
+def _decode_q4_0(b):
+    from kiln.formats._blocks import unpack_nibbles
+    return unpack_nibbles(b[:, 2:]), {"d": _f16(b, 0)}
+
+
+def _decode_q4_1(b):
+    from kiln.formats._blocks import unpack_nibbles
+    return unpack_nibbles(b[:, 4:]), {"d": _f16(b, 0), "m": _f16(b, 2)}
+
+
+def _decode_q5_0(b):
+    from kiln.formats._blocks import u32_bytes_to_bits, unpack_nibbles
+    return unpack_nibbles(b[:, 6:]) | (u32_bytes_to_bits(b[:, 2:6]) << 4), {"d": _f16(b, 0)}
+
+
+def _decode_q5_1(b):
+    from kiln.formats._blocks import u32_bytes_to_bits, unpack_nibbles
+    return unpack_nibbles(b[:, 8:]) | (u32_bytes_to_bits(b[:, 4:8]) << 4), {"d": _f16(b, 0), "m": _f16(b, 2)}
+
+
+def _decode_q8_0(b):
+    # signed codes stored shifted by 128, so every plane holds unsigned codes
+    return (b[:, 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8), {"d": _f16(b, 0)}
+
+
+def _decode_q2_k(b):
+    from kiln.formats._blocks import crumbs
+    # sc keeps GGUF's byte: scale in the low nibble, min in the high one
+    return crumbs(b[:, 16:80], 2), {"sc": b[:, :16], "d": _f16(b, 80), "dmin": _f16(b, 82)}
+
+
+def _decode_q3_k(b):
+    from kiln.formats._blocks import crumbs
+    from kiln.formats.q3_k import _unpack_scales
+    # code = low two bits + 4 · mask bit; value = d · (scale − 32) · (code − 4)
+    codes = crumbs(b[:, 32:96], 2) | (crumbs(b[:, :32], 1) << 2)
+    return codes, {"sc": _unpack_scales(b[:, 96:108]), "d": _f16(b, 108)}
+
+
+def _decode_q4_k(b):
+    from kiln.formats._blocks import unpack_nibbles
+    from kiln.formats._kquant import unpack_scale_min
+    sc, mn = unpack_scale_min(b[:, 4:16])
+    return unpack_nibbles(b[:, 16:], group=32), {"sc": sc, "mn": mn, "d": _f16(b, 0), "dmin": _f16(b, 2)}
+
+
+def _decode_q5_k(b):
+    from kiln.formats._blocks import crumbs, unpack_nibbles
+    from kiln.formats._kquant import unpack_scale_min
+    sc, mn = unpack_scale_min(b[:, 4:16])
+    codes = unpack_nibbles(b[:, 48:], group=32) | (crumbs(b[:, 16:48], 1) << 4)
+    return codes, {"sc": sc, "mn": mn, "d": _f16(b, 0), "dmin": _f16(b, 2)}
+
+
+def _decode_q6_k(b):
+    from kiln.formats._blocks import crumbs, unpack_nibbles
+    codes = unpack_nibbles(b[:, :128], group=64) | (crumbs(b[:, 128:192], 2) << 4)
+    return codes, {"sc": b[:, 192:208].view(np.int8), "d": _f16(b, 208)}
+
+
+def _f32(e):
+    from tvm import tirx
+    return tirx.Cast("float32", e)
+
+
+def _times_d(get):
+    return _f32(get("d")) * _f32(get("sc"))
+
+
+def _minus_dmin(get):
+    return -(_f32(get("dmin")) * _f32(get("mn")))
+
+
+_LEGACY_D = (("d", "float16", 32),)
+_LEGACY_DM = (("d", "float16", 32), ("m", "float16", 32))
+_AFFINE_K = (("sc", "uint8", 32), ("mn", "uint8", 32), ("d", "float16", 256), ("dmin", "float16", 256))
+
+_FORMATS = {f.name: f for f in (
+    _Format("q4_0", 32, 32, (4,), 8, _LEGACY_D, lambda g: _f32(g("d")), None, _decode_q4_0),
+    _Format("q4_1", 32, 32, (4,), 0, _LEGACY_DM, lambda g: _f32(g("d")), lambda g: _f32(g("m")), _decode_q4_1),
+    _Format("q5_0", 32, 32, (4, 1), 16, _LEGACY_D, lambda g: _f32(g("d")), None, _decode_q5_0),
+    _Format("q5_1", 32, 32, (4, 1), 0, _LEGACY_DM, lambda g: _f32(g("d")), lambda g: _f32(g("m")), _decode_q5_1),
+    _Format("q8_0", 32, 32, (8,), 128, _LEGACY_D, lambda g: _f32(g("d")), None, _decode_q8_0),
+    _Format("q2_k", 256, 16, (2,), 0, (("sc", "uint8", 16), ("d", "float16", 256), ("dmin", "float16", 256)),
+            lambda g: _f32(g("d")) * _f32(g("sc") & 15),
+            lambda g: -(_f32(g("dmin")) * _f32(g("sc") >> 4)), _decode_q2_k),
+    _Format("q3_k", 256, 16, (2, 1), 4, (("sc", "int8", 16), ("d", "float16", 256)), _times_d, None, _decode_q3_k),
+    _Format("q4_k", 256, 32, (4,), 0, _AFFINE_K, _times_d, _minus_dmin, _decode_q4_k),
+    _Format("q5_k", 256, 32, (4, 1), 0, _AFFINE_K, _times_d, _minus_dmin, _decode_q5_k),
+    _Format("q6_k", 256, 16, (4, 2), 32, (("sc", "int8", 16), ("d", "float16", 256)), _times_d, None, _decode_q6_k),
+)}
+
+#: every format here has fused CPU and GPU kernels; other block formats (iq*, tq*, mxfp4) are
+#: not fused: the lowering stores those dequantized.
+SUPPORTED = frozenset(_FORMATS)
+
+
+def _array_names(spec: _Format) -> list[str]:
+    return [f"bits{b}" for b in spec.planes] + [p[0] for p in spec.params]
+
+
+def _array_shapes(spec: _Format, n: int, k: int) -> list[tuple]:
+    tiles = _tiles(n)
+    return ([(tiles, k * b // 32, LANES) for b in spec.planes]
+            + [(tiles, k // per, LANES) for _, _, per in spec.params])
+
+
+def _array_dtypes(spec: _Format) -> list[str]:
+    return ["uint32"] * len(spec.planes) + [p[1] for p in spec.params]
+
+
+def _tiles(n: int) -> int:
+    return -(-n // LANES)
+
+
+def _check(fmt: str, n: int, k: int, origin=None) -> _Format:
+    from kiln.errors import KilnError
+    spec = _FORMATS.get(fmt)
+    if spec is None:
+        raise KilnError(origin, f"no fused TVM kernel for weight format {fmt!r}; fused: {', '.join(sorted(SUPPORTED))}")
+    if n <= 0 or k <= 0 or k % spec.block:
+        raise KilnError(origin, f"a {fmt} weight of shape [{n}, {k}]: k must be a positive multiple of {spec.block}")
+    return spec
+
+
+# ---- pack ---------------------------------------------------------------------------------
+
+_PACK_ROWS = 4096   # rows repacked at a time: bounds the temporaries for a large embedding
+
+
+def pack(weight) -> dict[str, np.ndarray]:
+    """The arrays stored for a [n, k] block weight: its codes as bit planes and its scales,
+    tiled by 16 rows (see the module docstring). Keeps every block quantized."""
+    from kiln.errors import KilnError
+    if len(weight.shape) != 2:
+        raise KilnError(weight.origin or None, f"weight {weight.name or '?'}: fused quantized kernels take 2-D weights, not {list(weight.shape)}")
+    n, k = weight.shape
+    spec = _check(weight.format.name, n, k, weight.origin or None)
+    tiles = _tiles(n)
+    out = {name: np.zeros(shape, dtype) for name, shape, dtype
+           in zip(_array_names(spec), _array_shapes(spec, n, k), _array_dtypes(spec))}
+    raw = weight.raw()
+    per_row = k // spec.block
+    for a in range(0, n, _PACK_ROWS):
+        b = min(n, a + _PACK_ROWS)
+        codes, params = spec.decode(np.ascontiguousarray(raw[a:b]).reshape((b - a) * per_row, -1))
+        codes = codes.reshape(b - a, k)
+        t0, t1 = a // LANES, -(-b // LANES)
+        shift = 0
+        for width in spec.planes:
+            field = (codes >> shift) & ((1 << width) - 1)
+            shift += width
+            per = 32 // width
+            words = field.reshape(b - a, k // per, per).astype(np.uint32) << (np.arange(per, dtype=np.uint32) * width)
+            _put_tiles(out[f"bits{width}"], t0, t1, a, np.bitwise_or.reduce(words, axis=-1))
+        for name, dtype, per in spec.params:
+            _put_tiles(out[name], t0, t1, a, params[name].reshape(b - a, k // per).astype(dtype))
+    assert all(v.shape[0] == tiles for v in out.values())
+    return out
+
+
+def _put_tiles(dst: np.ndarray, t0: int, t1: int, row0: int, rows: np.ndarray) -> None:
+    """Write rows [row0, row0 + len) (row0 a multiple of 16) into tiles t0..t1 of dst [tiles, X, 16]."""
+    padded = np.zeros(((t1 - t0) * LANES, rows.shape[1]), dst.dtype)
+    padded[:len(rows)] = rows
+    dst[t0:t1] = padded.reshape(t1 - t0, LANES, -1).transpose(0, 2, 1)
+
+
+# ---- TIR expressions of one weight --------------------------------------------------------
+
+def _split(u, unit: int, kk, per: int):
+    """k = u·unit + kk (kk a Python int below unit, or an expression): the index of k's entry
+    in an array with ``per`` k's an entry, and k's position in that entry."""
+    if isinstance(kk, int) and unit % per == 0:
+        return u * (unit // per) + kk // per, kk % per
+    if isinstance(kk, int) and per % unit == 0:
+        return u // (per // unit), (u % (per // unit)) * unit + kk
+    k = u * unit + kk
+    return k // per, k % per
+
+
+class _Weights:
+    """TIR expressions for the weights of one format, given the kernel's buffers."""
+
+    def __init__(self, spec: _Format, bufs: list):
+        self.spec = spec
+        names = _array_names(spec)
+        self.bufs = dict(zip(names, bufs))
+
+    def code(self, t, u, unit: int, kk, lane):
+        from tvm import tirx
+        code, shift = None, 0
+        for width in self.spec.planes:
+            idx, pos = _split(u, unit, kk, 32 // width)
+            word = self.bufs[f"bits{width}"][t, idx, lane]
+            amount = tirx.const(pos * width, "uint32") if isinstance(pos, int) else tirx.Cast("uint32", pos * width)
+            field = tirx.bitwise_and(tirx.shift_right(word, amount), tirx.const((1 << width) - 1, "uint32"))
+            if shift:
+                field = tirx.shift_left(field, tirx.const(shift, "uint32"))
+            code = field if code is None else tirx.bitwise_or(code, field)
+            shift += width
+        return code
+
+    def scale_bias(self, t, u, unit: int, kk, lane):
+        """(scale, bias or None) of the group that holds k = u·unit + kk."""
+        def get(name):
+            per = next(p for n_, _, p in self.spec.params if n_ == name)
+            return self.bufs[name][t, _split(u, unit, kk, per)[0], lane]
+        return self.spec.scale(get), (self.spec.bias(get) if self.spec.bias else None)
+
+    def combine(self, scale, bias, code):
+        from tvm import tirx
+        q = tirx.Cast("int32", code)
+        if self.spec.offset:
+            q = q - tirx.const(self.spec.offset, "int32")
+        w = scale * tirx.Cast("float32", q)
+        return w if bias is None else w + bias
+
+    def value(self, t, u, unit: int, kk, lane):
+        scale, bias = self.scale_bias(t, u, unit, kk, lane)
+        return self.combine(scale, bias, self.code(t, u, unit, kk, lane))
+
+
+# ---- targets ------------------------------------------------------------------------------
+
+_GPU_KINDS = ("cuda", "metal", "rocm", "vulkan", "opencl", "webgpu")
+
+
+@dataclass(frozen=True)
+class _CpuShape:
+    """Register blocking of the CPU GEMM for one vector ISA."""
+    tiles: int      # 16-row tiles per parallel task
+    rows: int       # rows of x per register block
+
+
+def _target_key(target) -> str:
+    import json
+    if isinstance(target, dict):
+        return json.dumps(target, sort_keys=True, default=list)
+    return str(target)
+
+
+def _is_gpu(target: dict) -> bool:
+    kind = target.get("kind") if isinstance(target, dict) else str(target).split()[0]
+    return kind in _GPU_KINDS
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_shape(target_key: str) -> _CpuShape:
+    import json
+
+    import tvm
+    from tvm.target import codegen
+    t = tvm.target.Target(json.loads(target_key))
+    if codegen.target_has_features("avx512f", t):
+        return _CpuShape(tiles=2, rows=6)          # 12 zmm accumulators of 32
+    return _CpuShape(tiles=1, rows=4)              # AVX2: 8 of 16 ymm; NEON: 16 of 32 q
+
+
+# ---- CPU kernels --------------------------------------------------------------------------
+
+def _k_chunk(k: int) -> int:
+    """The largest multiple of 32 that divides k and is at most 512 (a GEMM k-chunk)."""
+    units = k // CHUNK
+    return CHUNK * max(d for d in range(1, 17) if units % d == 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_matmul_func(fmt: str, n: int, k: int, target_key: str):
+    from tvm import tirx
+    from tvm.script.ir_builder import IRBuilder
+    from tvm.script.ir_builder import tirx as T
+
+    spec = _FORMATS[fmt]
+    shape = _cpu_shape(target_key)
+    tiles = _tiles(n)
+    tt = shape.tiles if tiles % shape.tiles == 0 else 1
+    mb = shape.rows
+    kc = _k_chunk(k)
+    groups = CHUNK // spec.group
+    acc_n = 4
+    with IRBuilder() as ib:
+        with T.prim_func(private=True):
+            T.func_name(f"qmm_{fmt}_{n}x{k}")
+            T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
+            m_rows = T.int64()
+            x = T.arg("x", T.buffer((m_rows, k), "float32"))
+            bufs = [T.arg(name, T.buffer(s, d)) for name, s, d in
+                    zip(_array_names(spec), _array_shapes(spec, n, k), _array_dtypes(spec))]
+            out = T.arg("out", T.buffer((m_rows, tiles * LANES), "float32"))
+            W = _Weights(spec, bufs)
+
+            def hoist_scales(t, c, scb, bib):
+                for g in range(groups):
+                    with T.vectorized(0, LANES) as lane:
+                        s, bias = W.scale_bias(t, c, CHUNK, g * spec.group, lane)
+                        T.buffer_store(scb, s, [g, lane])
+                        if bias is not None:
+                            T.buffer_store(bib, bias, [g, lane])
+
+            def weight(t, c, kk, lane, scb, bib):
+                g = kk // spec.group
+                return W.combine(scb[g, lane], bib[g, lane] if spec.bias else None, W.code(t, c, CHUNK, kk, lane))
+
+            with T.If(m_rows <= CPU_GEMV_MAX_ROWS):
+                with T.Then():
+                    with T.parallel(0, tiles) as t:
+                        acc = T.alloc_buffer((acc_n, LANES), "float32")
+                        scb = T.alloc_buffer((groups, LANES), "float32")
+                        bib = T.alloc_buffer((groups, LANES), "float32")
+                        with T.serial(0, m_rows) as m:
+                            for a in range(acc_n):
+                                with T.vectorized(0, LANES) as lane:
+                                    T.buffer_store(acc, tirx.const(0, "float32"), [a, lane])
+                            with T.serial(0, k // CHUNK) as c:
+                                hoist_scales(t, c, scb, bib)
+                                for kk in range(CHUNK):
+                                    with T.vectorized(0, LANES) as lane:
+                                        a = kk % acc_n
+                                        T.buffer_store(acc, acc[a, lane] + x[m, c * CHUNK + kk]
+                                                       * weight(t, c, kk, lane, scb, bib), [a, lane])
+                            with T.vectorized(0, LANES) as lane:
+                                T.buffer_store(out, (acc[0, lane] + acc[1, lane]) + (acc[2, lane] + acc[3, lane]),
+                                               [m, t * LANES + lane])
+                with T.Else():
+                    with T.parallel(0, tiles // tt) as task:
+                        wt = T.alloc_buffer((kc, tt * LANES), "float32")
+                        acc = T.alloc_buffer((mb, tt * LANES), "float32")
+                        scb = T.alloc_buffer((groups, LANES), "float32")
+                        bib = T.alloc_buffer((groups, LANES), "float32")
+                        with T.serial(0, k // kc) as kci:
+                            # dequantize this k-chunk of the task's tiles once
+                            with T.serial(0, kc // CHUNK) as ci:
+                                c = kci * (kc // CHUNK) + ci
+                                for u in range(tt):
+                                    t = task * tt + u
+                                    hoist_scales(t, c, scb, bib)
+                                    for kk in range(CHUNK):
+                                        with T.vectorized(0, LANES) as lane:
+                                            T.buffer_store(wt, weight(t, c, kk, lane, scb, bib),
+                                                           [ci * CHUNK + kk, u * LANES + lane])
+                            with T.serial(0, (m_rows + mb - 1) // mb) as mo:
+                                # rows past the end repeat the last row: no branch in the loop
+                                rows = [T.min(mo * mb + i, m_rows - 1) for i in range(mb)]
+                                for i in range(mb):
+                                    for u in range(tt):
+                                        with T.vectorized(0, LANES) as lane:
+                                            col = (task * tt + u) * LANES + lane
+                                            start = tirx.Select(kci == 0, tirx.const(0, "float32"), out[rows[i], col])
+                                            T.buffer_store(acc, start, [i, u * LANES + lane])
+                                with T.serial(0, kc) as kx:
+                                    for i in range(mb):
+                                        xv = x[rows[i], kci * kc + kx]
+                                        for u in range(tt):
+                                            with T.vectorized(0, LANES) as lane:
+                                                j = u * LANES + lane
+                                                T.buffer_store(acc, acc[i, j] + xv * wt[kx, j], [i, j])
+                                for i in range(mb):
+                                    with T.If(mo * mb + i < m_rows):
+                                        with T.Then():
+                                            for u in range(tt):
+                                                with T.vectorized(0, LANES) as lane:
+                                                    T.buffer_store(out, acc[i, u * LANES + lane],
+                                                                   [mo * mb + i, (task * tt + u) * LANES + lane])
+    return ib.get()
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_gather_func(fmt: str, n: int, k: int):
+    from tvm.script.ir_builder import IRBuilder
+    from tvm.script.ir_builder import tirx as T
+
+    spec = _FORMATS[fmt]
+    with IRBuilder() as ib:
+        with T.prim_func(private=True):
+            T.func_name(f"qgather_{fmt}_{n}x{k}")
+            T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
+            count = T.int64()
+            ids = T.arg("ids", T.buffer((count,), "int64"))
+            bufs = [T.arg(name, T.buffer(s, d)) for name, s, d in
+                    zip(_array_names(spec), _array_shapes(spec, n, k), _array_dtypes(spec))]
+            out = T.arg("out", T.buffer((count, k), "float32"))
+            W = _Weights(spec, bufs)
+            with T.parallel(0, count) as i:
+                row = T.max(T.min(ids[i], n - 1), 0)
+                t, lane = row // LANES, row % LANES
+                with T.serial(0, k // CHUNK) as c:
+                    for kk in range(CHUNK):
+                        T.buffer_store(out, W.value(t, c, CHUNK, kk, lane), [i, c * CHUNK + kk])
+    return ib.get()
+
+
+# ---- GPU kernels --------------------------------------------------------------------------
+
+class _Threads:
+    """A GPU kernel's thread structure, or (``emulate``) the same kernel for the CPU.
+
+    On a GPU the block and thread indices are launched once and every barrier-separated phase
+    runs on all threads. Emulated, each phase is a serial loop nest over the thread indices
+    (inside serial loops over the block indices): with a barrier between phases, that is the
+    order of effects a GPU guarantees, so the numbers are the kernel's. Per-thread values that
+    live across phases are arrays indexed by the thread when emulated.
+    """
+
+    def __init__(self, emulate: bool, blocks: dict, threads: dict):
+        self.emulate = emulate
+        self.blocks, self.threads = blocks, threads
+        self.block_vars = self.thread_vars = None
+        self._frames = []
+
+    def __enter__(self):
+        from tvm.script.ir_builder import tirx as T
+        if self.emulate:
+            loops = {tag: T.serial(0, ext) for tag, ext in self.blocks.items()}
+            self.block_vars = {tag: f.__enter__() for tag, f in loops.items()}
+            self._frames = list(loops.values())
+        else:
+            self.block_vars = {}
+            for tag, ext in self.blocks.items():
+                f = T.launch_thread(tag, ext)
+                self.block_vars[tag] = f.__enter__()
+                self._frames.append(f)
+            self.thread_vars = {}
+            for tag, ext in self.threads.items():
+                f = T.launch_thread(tag, ext)
+                self.thread_vars[tag] = f.__enter__()
+                self._frames.append(f)
+        return self
+
+    def __exit__(self, *exc):
+        for f in reversed(self._frames):
+            f.__exit__(*exc)
+
+    def phase(self):
+        """A context whose value is the thread indices {tag: var}."""
+        from contextlib import ExitStack, contextmanager
+
+        from tvm.script.ir_builder import tirx as T
+
+        @contextmanager
+        def run():
+            if not self.emulate:
+                yield self.thread_vars
+                return
+            with ExitStack() as stack:
+                yield {tag: stack.enter_context(T.serial(0, ext)) for tag, ext in self.threads.items()}
+        return run()
+
+    def sync(self):
+        from tvm.script.ir_builder import tirx as T
+        from tvm import tirx
+        if not self.emulate:
+            T.evaluate(tirx.op.tvm_storage_sync("shared"))
+
+    def shared(self, shape, dtype="float32"):
+        from tvm.script.ir_builder import tirx as T
+        return T.alloc_buffer(shape, dtype, scope="global" if self.emulate else "shared")
+
+    def local(self, size: int, dtype="float32"):
+        """A per-thread array of ``size``; index it with ``at(buf, tv, i)``."""
+        from tvm.script.ir_builder import tirx as T
+        if self.emulate:
+            return T.alloc_buffer(tuple(self.threads.values()) + (size,), dtype)
+        return T.alloc_buffer((size,), dtype, scope="local")
+
+    def at(self, tv: dict, i):
+        return [tv[tag] for tag in self.threads] + [i] if self.emulate else [i]
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu_matmul_func(fmt: str, n: int, k: int, emulate: bool = False):
+    from tvm import tirx
+    from tvm.script.ir_builder import IRBuilder
+    from tvm.script.ir_builder import tirx as T
+
+    spec = _FORMATS[fmt]
+    tiles = _tiles(n)
+    slices = 8                    # GEMV: k split over 8 groups of 16 threads
+    units = k // GPU_UNIT
+    bm, bk = 16, CHUNK            # GEMM: 16 rows × 16 lanes per block, 32 k's a step
+    with IRBuilder() as ib:
+        with T.prim_func(private=True):
+            T.func_name(f"qmm_{fmt}_{n}x{k}_gpu")
+            T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
+            m_rows = T.int64()
+            x = T.arg("x", T.buffer((m_rows, k), "float32"))
+            bufs = [T.arg(name, T.buffer(s, d)) for name, s, d in
+                    zip(_array_names(spec), _array_shapes(spec, n, k), _array_dtypes(spec))]
+            out = T.arg("out", T.buffer((m_rows, tiles * LANES), "float32"))
+            W = _Weights(spec, bufs)
+            with T.If(m_rows <= GPU_GEMV_MAX_ROWS):
+                with T.Then():
+                    with _Threads(emulate, {"blockIdx.x": tiles}, {"threadIdx.x": slices * LANES}) as th:
+                        t = th.block_vars["blockIdx.x"]
+                        red = th.shared((slices * LANES,))
+                        acc = th.local(1)
+                        with T.serial(0, m_rows) as m:
+                            with th.phase() as tv:
+                                tx = tv["threadIdx.x"]
+                                s, lane = tx // LANES, tx % LANES
+                                T.buffer_store(acc, tirx.const(0, "float32"), th.at(tv, 0))
+                                with T.serial(0, (units + slices - 1) // slices) as step:
+                                    u = step * slices + s
+                                    with T.If(u < units):
+                                        with T.Then():
+                                            for kk in range(GPU_UNIT):
+                                                T.buffer_store(acc, acc[tuple(th.at(tv, 0))] + x[m, u * GPU_UNIT + kk]
+                                                               * W.value(t, u, GPU_UNIT, kk, lane), th.at(tv, 0))
+                                T.buffer_store(red, acc[tuple(th.at(tv, 0))], [tx])
+                            th.sync()
+                            with th.phase() as tv:
+                                tx = tv["threadIdx.x"]
+                                with T.If(tx < LANES):
+                                    with T.Then():
+                                        total = red[tx]
+                                        for s in range(1, slices):
+                                            total = total + red[s * LANES + tx]
+                                        T.buffer_store(out, total, [m, t * LANES + tx])
+                            th.sync()
+                with T.Else():
+                    blocks = {"blockIdx.x": tiles, "blockIdx.y": (m_rows + bm - 1) // bm}
+                    with _Threads(emulate, blocks, {"threadIdx.y": bm, "threadIdx.x": LANES}) as th:
+                        t, mb = th.block_vars["blockIdx.x"], th.block_vars["blockIdx.y"]
+                        ws = th.shared((bk, LANES))
+                        xs = th.shared((bm, bk))
+                        acc = th.local(1)
+                        with th.phase() as tv:
+                            T.buffer_store(acc, tirx.const(0, "float32"), th.at(tv, 0))
+                        with T.serial(0, k // bk) as c:
+                            with th.phase() as tv:
+                                ty, tx = tv["threadIdx.y"], tv["threadIdx.x"]
+                                row = T.min(mb * bm + ty, m_rows - 1)
+                                for h in range(bk // bm):
+                                    kk = ty * (bk // bm) + h
+                                    T.buffer_store(ws, W.value(t, c, bk, kk, tx), [kk, tx])
+                                for h in range(bk // LANES):
+                                    T.buffer_store(xs, x[row, c * bk + tx * (bk // LANES) + h], [ty, tx * (bk // LANES) + h])
+                            th.sync()
+                            with th.phase() as tv:
+                                ty, tx = tv["threadIdx.y"], tv["threadIdx.x"]
+                                total = acc[tuple(th.at(tv, 0))]
+                                for kk in range(bk):
+                                    total = total + xs[ty, kk] * ws[kk, tx]
+                                T.buffer_store(acc, total, th.at(tv, 0))
+                            th.sync()
+                        with th.phase() as tv:
+                            ty, tx = tv["threadIdx.y"], tv["threadIdx.x"]
+                            with T.If(mb * bm + ty < m_rows):
+                                with T.Then():
+                                    T.buffer_store(out, acc[tuple(th.at(tv, 0))], [mb * bm + ty, t * LANES + tx])
+    return ib.get()
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu_gather_func(fmt: str, n: int, k: int, emulate: bool = False):
+    from tvm.script.ir_builder import IRBuilder
+    from tvm.script.ir_builder import tirx as T
+
+    spec = _FORMATS[fmt]
+    threads = 64
+    units = k // GPU_UNIT
+    with IRBuilder() as ib:
+        with T.prim_func(private=True):
+            T.func_name(f"qgather_{fmt}_{n}x{k}_gpu")
+            T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
+            count = T.int64()
+            ids = T.arg("ids", T.buffer((count,), "int64"))
+            bufs = [T.arg(name, T.buffer(s, d)) for name, s, d in
+                    zip(_array_names(spec), _array_shapes(spec, n, k), _array_dtypes(spec))]
+            out = T.arg("out", T.buffer((count, k), "float32"))
+            W = _Weights(spec, bufs)
+            with _Threads(emulate, {"blockIdx.x": count}, {"threadIdx.x": threads}) as th:
+                i = th.block_vars["blockIdx.x"]
+                with th.phase() as tv:
+                    tx = tv["threadIdx.x"]
+                    row = T.max(T.min(ids[i], n - 1), 0)
+                    t, lane = row // LANES, row % LANES
+                    with T.serial(0, (units + threads - 1) // threads) as step:
+                        u = step * threads + tx
+                        with T.If(u < units):
+                            with T.Then():
+                                for kk in range(GPU_UNIT):
+                                    T.buffer_store(out, W.value(t, u, GPU_UNIT, kk, lane), [i, u * GPU_UNIT + kk])
+    return ib.get()
+
+
+# ---- Relax --------------------------------------------------------------------------------
+
+def _dims(expr) -> list:
+    shape = expr.ty.shape
+    if shape is None or not hasattr(shape, "values"):
+        from kiln.errors import KilnError
+        raise KilnError(None, "fused quantized kernels need an input of known rank and shape")
+    return list(shape.values)
+
+
+def _product(dims):
+    from tvm import tirx
+    total = None
+    for d in dims:
+        d = tirx.Cast("int64", d) if str(d.ty) != "int64" else d
+        total = d if total is None else total * d
+    return total if total is not None else tirx.IntImm("int64", 1)
+
+
+def matmul(bb, x, packed: list, fmt: str, n: int, k: int, target: dict, *, exact: bool = True):
+    """x float32 [..., k] @ wᵀ for the packed [n, k] weight -> float32 [..., n]."""
+    from tvm import relax, tirx
+    _check(fmt, n, k)
+    dims = _dims(x)
+    lead = dims[:-1]
+    rows = _product(lead)
+    x2 = x if len(lead) == 1 else bb.emit(relax.op.reshape(x, relax.ShapeExpr([rows, tirx.IntImm("int64", k)])))
+    if _is_gpu(target):
+        func, name = _gpu_matmul_func(fmt, n, k), f"qmm_{fmt}_gpu"
+    else:
+        func, name = _cpu_matmul_func(fmt, n, k, _target_key(target)), f"qmm_{fmt}"
+    gv = bb.add_func(func, name)
+    width = _tiles(n) * LANES
+    y = bb.emit(relax.call_tir(gv, [x2, *packed], relax.TensorType([rows, tirx.IntImm("int64", width)], "float32")))
+    if width != n:
+        y = bb.emit(relax.op.strided_slice(y, axes=[1], begin=[0], end=[n]))
+    if len(lead) != 1:
+        y = bb.emit(relax.op.reshape(y, relax.ShapeExpr([*lead, tirx.IntImm("int64", n)])))
+    return y
+
+
+def gather(bb, ids, packed: list, fmt: str, n: int, k: int, target: dict):
+    """Rows ``ids`` (int64 [...]) of the packed [n, k] weight, dequantized -> float32 [..., k]."""
+    from tvm import relax, tirx
+    _check(fmt, n, k)
+    lead = _dims(ids)
+    count = _product(lead)
+    flat = ids if len(lead) == 1 else bb.emit(relax.op.reshape(ids, relax.ShapeExpr([count])))
+    if _is_gpu(target):
+        func, name = _gpu_gather_func(fmt, n, k), f"qgather_{fmt}_gpu"
+    else:
+        func, name = _cpu_gather_func(fmt, n, k), f"qgather_{fmt}"
+    gv = bb.add_func(func, name)
+    y = bb.emit(relax.call_tir(gv, [flat, *packed], relax.TensorType([count, tirx.IntImm("int64", k)], "float32")))
+    if len(lead) != 1:
+        y = bb.emit(relax.op.reshape(y, relax.ShapeExpr([*lead, tirx.IntImm("int64", k)])))
+    return y
