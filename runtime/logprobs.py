@@ -2,8 +2,9 @@
 
 The log-probability reported for a token is of the model's own distribution: the log-softmax
 of the raw logits at that step, before any penalty, temperature or top-k/top-p/min-p filter
-(what OpenAI reports and vLLM reports by default). It therefore does not depend on the
-sampling settings, and a greedy token's logprob equals the top entry of ``top_logprobs``.
+(vLLM's default, ``raw_logprobs``; OpenAI documents no processing either). It therefore
+does not depend on the sampling settings, and a greedy token's logprob equals the top entry
+of ``top_logprobs``.
 The scheduler computes it (in float64, from the float32 logits of the request's row) only
 for requests that ask.
 """
@@ -27,7 +28,8 @@ def token_logprobs(logits: np.ndarray, token: int, k: int) -> tuple[float, list[
     """The logprob of ``token`` and the ``k`` most likely tokens with theirs (highest first,
     ties to the lower id) under the log-softmax of one row of logits."""
     x = np.asarray(logits, dtype=np.float64)
-    m = x[np.isfinite(x)].max(initial=0.0)
+    finite = x[np.isfinite(x)]
+    m = finite.max() if finite.size else 0.0
     lse = m + math.log(np.exp(x - m).sum())
     top = _ranked_top(x, k)[:k] if k else ()
     return _finite(x[token] - lse), [(int(i), _finite(x[i] - lse)) for i in top]
