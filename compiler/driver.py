@@ -190,7 +190,8 @@ def _lower_tvm(graph, tmp, preset, cfg, weight_done, stage) -> dict:
         raise KilnError(None, "the TVM backend needs Apache TVM: pip install 'kiln[tvm]' "
                               "(apache-tvm==0.27.0.post1 with apache-tvm-ffi==0.1.14.post0)") from None
     from kiln.targets.tvm import build, targets
-    target = targets.for_preset(preset.device, preset.isa, arch=preset.isa if preset.device == "cuda" else None)
+    target = targets.for_preset(preset.device, preset.isa, arch=preset.isa if preset.device == "cuda" else None,
+                                 host=preset.name == "cpu")
     try:
         summary = build.build(graph, tmp, target, max_length=cfg.get("max_position_embeddings"),
                               progress=weight_done, stage=stage)

@@ -46,7 +46,17 @@ def describe(path, console, graph: str | None = None) -> None:
         source = m.get("source") or {}
         console.print(f"architecture {m.get('architecture')}, target {m.get('target')}, backend {m['backend'].get('name')}")
         console.print(f"source {source.get('format')} {source.get('path')} sha256 {source.get('sha256')}")
-        kv = (m["backend"].get("kv_cache") or {}).get("layout")
+        b = m["backend"]
+        kv = b.get("kv_cache") or {}
+        if b.get("name") == "tvm":
+            kv = f"in place, positions per {'row' if kv.get('mode') == 'rows' else 'batch (one length)'}"
+            console.print(f"library {b.get('library')} for {b.get('target')}, weights {b.get('weights')}"
+                          + (f", device code {b['device_source']} ({len(b.get('kernels', []))} kernels)"
+                             if b.get("device_source") else ""), markup=False)
+        else:
+            kv = kv.get("layout")
+        if b.get("requires"):
+            console.print(f"needs {', '.join(b['requires'])}", markup=False)
         console.print(f"precision {m.get('precision', 'exact')}, KV cache {kv}", markup=False)
         q = m.get("quantization")
         if isinstance(q, dict):

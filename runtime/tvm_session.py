@@ -25,6 +25,15 @@ INITIAL_CAPACITY = 256
 DEVICES = {"cpu": "cpu", "cuda": "cuda", "metal": "metal"}
 
 
+def runtime_only() -> None:
+    """Make a later ``import tvm`` load TVM's runtime library alone (about 70 MB of memory
+    instead of the compiler's 160 MB). For processes that only run artifacts (kiln run,
+    bench, serve, eval): once TVM is imported this way, the process cannot compile."""
+    import sys
+    if "tvm" not in sys.modules:
+        os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")
+
+
 def _device(kind: str, folder: Path):
     import tvm
     dev = tvm.device(DEVICES[kind], 0)
@@ -59,25 +68,19 @@ class TVMSession:
             os.environ.setdefault("TVM_NUM_THREADS", str(threads))
         try:
             import tvm
-            from tvm import relax
+            from tvm.runtime.vm import VirtualMachine
         except ImportError:
             raise ArtifactError(folder, "was compiled with the TVM backend; running it needs Apache TVM "
                                         "(pip install 'kiln[tvm]')") from None
-        from safetensors.numpy import load_file
         self._tvm = tvm
         self.dev = _device(kind, folder)
         try:
             lib = tvm.runtime.load_module(str(library))
         except Exception as e:           # TVM raises its own error types for a bad library
             raise ArtifactError(library, f"TVM cannot load the library: {str(e).strip().splitlines()[-1][:300]}") from None
-        self.vm = relax.VirtualMachine(lib, self.dev)
+        self.vm = VirtualMachine(lib, self.dev)
         self._prefill, self._decode = self.vm["prefill"], self.vm["decode"]
-        arrays = load_file(str(weights))
-        missing = [n for n in names if n not in arrays]
-        if missing:
-            raise ArtifactError(weights, f"lacks the weight {missing[0]!r} the library takes")
-        self.params = [tvm.runtime.tensor(arrays[n], self.dev) for n in names]
-        del arrays
+        self.params = self._load_params(weights, names)
         self.max_length = int(backend.get("max_length") or manifest.get("config", {}).get("max_position_embeddings") or 1 << 30)
         self.caches: list = []
         self.capacity = 0
@@ -174,6 +177,20 @@ class TVMSession:
         self.lengths = self.lengths[index]
 
     # ---- internals ------------------------------------------------------------------------
+    def _load_params(self, weights: Path, names: list) -> list:
+        """The weights on the device, read one tensor at a time (memory holds the device copy
+        and one tensor in flight, not the whole file twice)."""
+        from safetensors import SafetensorError, safe_open
+        try:
+            with safe_open(str(weights), "np") as f:
+                present = set(f.keys())
+                missing = [n for n in names if n not in present]
+                if missing:
+                    raise ArtifactError(weights, f"lacks the weight {missing[0]!r} the library takes")
+                return [self._tvm.runtime.tensor(f.get_tensor(n), self.dev) for n in names]
+        except (SafetensorError, OSError) as e:
+            raise ArtifactError(weights, f"cannot be read as safetensors ({e})") from None
+
     def _tensor(self, arr):
         return self._tvm.runtime.tensor(arr, self.dev)
 

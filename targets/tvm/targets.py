@@ -21,9 +21,10 @@ def host_cpu() -> str:
     return codegen.llvm_get_system_cpu()
 
 
-def for_preset(device: str, isa: str | None, arch: str | None = None) -> TVMTarget:
+def for_preset(device: str, isa: str | None, arch: str | None = None, *, host: bool = False) -> TVMTarget:
     """The TVM target of a kiln preset: cpu (host ISA), cpu-avx2, cpu-avx512, cpu-neon
-    (aarch64, cross-compiled: exported as objects to link there), cuda[-smXX], metal."""
+    (aarch64, cross-compiled: exported as objects to link there), cuda[-smXX], metal.
+    ``host``: the plain ``cpu`` preset, compiled for exactly this machine's CPU."""
     import os
     import platform
     if device == "cpu":
@@ -35,7 +36,7 @@ def for_preset(device: str, isa: str | None, arch: str | None = None) -> TVMTarg
             if native:
                 target = {"kind": "llvm", "mcpu": host_cpu(), "num-cores": cores}
             return TVMTarget(target, None, False, "model.so" if native else "model.tar", None if native else "aarch64")
-        mcpu = {"avx2": "haswell", "avx512": "skylake-avx512"}.get(isa or "", None)
+        mcpu = host_cpu() if host else {"avx2": "haswell", "avx512": "skylake-avx512"}.get(isa or "")
         target = {"kind": "llvm", "mcpu": mcpu or host_cpu(), "num-cores": cores}
         return TVMTarget(target, None, False, "model.so", None)
     if device == "cuda":
