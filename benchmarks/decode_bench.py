@@ -115,6 +115,12 @@ def main() -> int:
                 del runs[name]
             print(f"round {r + 1}/{a.repeats}: {name} done", file=sys.stderr, flush=True)
 
+    compile_s = {}
+    for name, _, model in engines:
+        manifest = Path(model) / "manifest.json"
+        if Path(model).is_dir() and manifest.is_file():
+            m = json.loads(manifest.read_text())
+            compile_s[name] = (m.get("backend", {}).get("name", "?"), m.get("compile_seconds"))
     rows = []
     for name, results in runs.items():
         prefill = [x["prefill"]["runs_tokens_per_s"][0] for x in results]
@@ -122,18 +128,20 @@ def main() -> int:
         rows.append({"engine": name, "prefill_tokens_per_s": statistics.median(prefill), "prefill_runs": prefill,
                      "decode_tokens_per_s": statistics.median(decode), "decode_runs": decode,
                      "peak_rss_mb": max(x.get("peak_rss_mb", 0) for x in results),
-                     "greedy": results[-1]["greedy"]})
+                     "greedy": results[-1]["greedy"],
+                     **({"backend": compile_s[name][0], "compile_s": compile_s[name][1]} if name in compile_s else {})})
     kiln = rows[0]
     print(f"decode_bench: {a.threads} threads, {a.repeats} runs per engine (median, then every run), "
           f"prefill {a.prefill_tokens} tokens, decode {a.tokens} tokens"
           + (f" after {a.context} tokens of context" if a.context else ""))
-    print(f"{'engine':<26}{'prefill tok/s':>15}{'decode tok/s':>14}{'kiln decode vs it':>19}{'peak RSS MB':>13}"
-          "  runs (prefill | decode)")
+    print(f"{'engine':<26}{'backend':>8}{'compile s':>10}{'prefill tok/s':>15}{'decode tok/s':>14}"
+          f"{'kiln decode vs it':>19}{'peak RSS MB':>13}  runs (prefill | decode)")
     for row in rows:
         ratio = "-" if row is kiln else f"{kiln['decode_tokens_per_s'] / row['decode_tokens_per_s']:.2f}x"
         every = (", ".join(f"{x:.1f}" for x in row["prefill_runs"]) + " | "
                  + ", ".join(f"{x:.1f}" for x in row["decode_runs"]))
-        print(f"{row['engine']:<26}{row['prefill_tokens_per_s']:>15.1f}{row['decode_tokens_per_s']:>14.1f}{ratio:>19}"
+        built = f"{row['compile_s']:.1f}" if row.get("compile_s") is not None else "-"
+        print(f"{row['engine']:<26}{row.get('backend', '-'):>8}{built:>10}{row['prefill_tokens_per_s']:>15.1f}{row['decode_tokens_per_s']:>14.1f}{ratio:>19}"
               f"{row['peak_rss_mb']:>13.0f}  {every}")
     for name, reason in skipped.items():
         print(f"{name:<20} skipped: {reason}")
