@@ -28,14 +28,16 @@ from .onnx_check import check_external_data
 INITIAL_CAPACITY = 256
 
 
-def _providers(device: str | None):
+def _providers(device: str | None, folder=None):
     import onnxruntime as ort
     available = ort.get_available_providers()
     if device in (None, "cpu"):
         return ["CPUExecutionProvider"]
     if device == "cuda":
         if "CUDAExecutionProvider" not in available:
-            raise RuntimeError("this artifact wants CUDA, but onnxruntime here has no CUDA provider")
+            raise ArtifactError(folder, "was compiled for cuda, and onnxruntime here has no CUDA provider "
+                                        "(on a machine with an NVIDIA GPU: pip uninstall onnxruntime && "
+                                        "pip install onnxruntime-gpu==1.31.1; or compile with --target cpu)")
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 
@@ -65,7 +67,7 @@ class OnnxRuntimeSession:
             raise ArtifactError(Path(folder) / "manifest.json", f"the manifest's onnxrt backend entry {what}") from None
         check_external_data(model_path)
         try:
-            self.sess = ort.InferenceSession(os.fspath(model_path), opts, providers=_providers(device))
+            self.sess = ort.InferenceSession(os.fspath(model_path), opts, providers=_providers(device or manifest.get("target", {}).get("device"), folder))
         except Exception as e:                 # ORT's own exception types are not RuntimeErrors
             if type(e).__module__.split(".")[0] != "onnxruntime":
                 raise

@@ -157,9 +157,14 @@ def test_neon_cross_build_exports_objects(compiled):
         runtime.load(out)
 
 
-def test_gpu_artifact_here_is_a_one_line_error(compiled):
+def test_gpu_artifact_here_is_a_one_line_error(compiled, hf_fixture, tmp_path):
     with pytest.raises(KilnError, match="compiled for cuda, and this machine has no cuda device"):
         runtime.load(compiled("llama", "cuda"))
+    # the ONNX Runtime cuda artifact names the package it needs
+    out = kiln_compile(hf_fixture("llama"), target="cuda", output=tmp_path / "o.kiln")
+    assert json.loads((out / "manifest.json").read_text())["backend"]["requires"] == ["onnxruntime-gpu==1.31.1"]
+    with pytest.raises(KilnError, match="compiled for cuda, and onnxruntime here has no CUDA provider"):
+        runtime.load(out)
 
 
 @pytest.mark.parametrize("kwargs,message", [
