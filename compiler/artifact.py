@@ -119,8 +119,11 @@ def read_manifest(folder, *, check_hashes: bool = False) -> dict:
     backend = manifest.get("backend")
     if not isinstance(backend, dict) or not isinstance(backend.get("name"), str):
         raise ArtifactError(mpath, "the manifest names no backend")
-    if "model" in backend and (not isinstance(backend["model"], str) or backend["model"] not in files):
-        raise ArtifactError(mpath, f"the backend's model {_show(backend['model'])} is not a file listed in the manifest")
+    # the files a backend runs from (onnxrt: model; tvm: library and weights) must be listed,
+    # so their sizes are checked and a manifest cannot point outside the folder
+    for key in ("model", "library", "weights"):
+        if key in backend and (not isinstance(backend[key], str) or backend[key] not in files):
+            raise ArtifactError(mpath, f"the backend's {key} {_show(backend[key])} is not a file listed in the manifest")
     if check_hashes:
         claimed = manifest.get(SELF_HASH)
         if not isinstance(claimed, str):

@@ -231,3 +231,16 @@ def test_smollm2_gpu_build_has_quantized_kernels(smollm2_gguf, tmp_path, target)
     # the Q4_1 matmuls and the Q8_0 head and embedding read blocks in the kernel itself
     assert any("q4_1" in k for k in kernels) and any("q8_0" in k and "gather" in k for k in kernels)
     assert (out / b["weights"]).stat().st_size < 1.1 * smollm2_gguf.stat().st_size
+
+
+def test_manifest_must_list_the_library(compiled, tmp_path):
+    import shutil
+
+    from kiln.artifact import ArtifactError
+    art = tmp_path / "a.kiln"
+    shutil.copytree(compiled("llama"), art)
+    m = json.loads((art / "manifest.json").read_text())
+    m["backend"]["library"] = "../elsewhere.so"
+    (art / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match="the backend's library ../elsewhere.so is not a file listed"):
+        runtime.load(art)
