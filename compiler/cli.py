@@ -212,8 +212,10 @@ def cmd_bench(a) -> int:
                           "peak_rss_mb": peak_rss_mb(), "load_s": load_s}))
     if a.plot:
         from kiln.benchplot import machine, plot_decode
-        note = (f"{machine()}, {a.threads or os.cpu_count()} threads; kiln bench {a.artifact} "
-                f"--decode-tokens {a.decode_tokens} --repeats {a.repeats}")
+        # the load average says whether the figures come from a quiet machine
+        note = (f"{machine()}, load average {os.getloadavg()[0]:.1f}, {a.threads or os.cpu_count()} threads; "
+                f"kiln bench {a.artifact} --decode-tokens {a.decode_tokens} --repeats {a.repeats}"
+                + (f"; peers: {', '.join(os.path.basename(f) for f in a.peers_json)}" if a.peers_json else ""))
         plot_decode(a.plot, {len(base): decode_rate, **by_context}, peers,
                     label=f"kiln ({model.manifest['backend']['name']})", note=note)
         print(f"wrote {a.plot}", file=sys.stderr)
