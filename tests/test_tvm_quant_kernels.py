@@ -81,7 +81,7 @@ def cpu_results():
             arrays = [tvm.runtime.tensor(a) for arrs in packed.values() for a in arrs.values()]
             rng = np.random.default_rng(7)
             runs = {}
-            for b, s in [(1, 1), (1, 2), (1, 5), (2, 3), (2, 41)]:
+            for b, s in [(1, 1), (1, 2), (1, 5), (2, 3), (1, 9), (2, 41)]:
                 x = rng.standard_normal((b, s, K)).astype(np.float32)
                 ids = rng.integers(0, N_ODD, (b, s))
                 runs[(b, s)] = (x, ids, [o.numpy() for o in vm["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(ids),
@@ -104,7 +104,7 @@ def test_pack_keeps_the_blocks(fmt):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("rows", [(1, 1), (1, 2), (1, 5), (2, 3), (2, 41)], ids=lambda r: f"{r[0]}x{r[1]}")
+@pytest.mark.parametrize("rows", [(1, 1), (1, 2), (1, 5), (2, 3), (1, 9), (2, 41)], ids=lambda r: f"{r[0]}x{r[1]}")
 def test_cpu_matmul_matches_dequantized_product(fmt, rows, cpu_results):
     weights, runs = cpu_results(fmt)
     x, _, outs = runs[rows]

@@ -32,12 +32,14 @@ additions (and, where LLVM contracts, a fused multiply-add) differs from numpy's
 Kernels by target (one prim func per (format, n, k, target), marked ``tirx.is_scheduled`` so
 dlight leaves it alone):
 
-* CPU (llvm): one function with two paths chosen by the row count M at run time. M ≤ 2 (decode):
-  a GEMV parallel over tiles, each 16-row tile's weights dequantized straight into four
-  16-lane accumulators (four, so the FMA chain does not wait on its own latency), sub-block
-  scales hoisted per 32 k's. M > 2 (prefill): per tile (two on AVX-512) the weights of a
-  k-chunk (≤ 512) are dequantized into a float32 buffer once, then a register-blocked
-  product runs over the rows, 6 (AVX-512) or 4 rows at a time.
+* CPU (llvm): one function whose path is chosen by the row count M at run time (a chain of
+  TIR ifs; decode is M = 1). M ≤ 8: a GEMV parallel over 16-row tiles; each 16-lane weight
+  vector is dequantized once per pass over 1, 2 or 4 rows of x (M = 1, 2, else) into enough
+  accumulators that the FMA chains do not wait on their own latency; the sub-block scales are
+  computed once per 32 k's. M > 8: per task of one tile (two on AVX-512) the weights of a
+  k-chunk (≤ 512 k's) are dequantized into a float32 buffer once, then a register-blocked
+  product runs over the rows, 6 (AVX-512) or 4 rows at a time (rows past the end repeat the
+  last row, so the inner loop has no branch).
 * GPU (cuda, metal, ...): M ≤ 4: a block of 128 threads per tile, 16 lanes × 8 slices of k,
   the slices summed in shared memory. Otherwise a 16×16-thread block per (tile, 16 rows) that
   stages 32 k's of dequantized weights and of x in shared memory.
@@ -59,7 +61,7 @@ import numpy as np
 LANES = 16          # rows per tile: the layout's vector
 CHUNK = 32          # k's per step of the CPU kernels (a multiple of every plane's and scale's span)
 GPU_UNIT = 8        # k's per thread step of the GPU GEMV
-CPU_GEMV_MAX_ROWS = 2
+CPU_GEMV_MAX_ROWS = 8
 GPU_GEMV_MAX_ROWS = 4
 
 
@@ -360,6 +362,7 @@ def _cpu_matmul_func(fmt: str, n: int, k: int, target_key: str):
     tiles = _tiles(n)
     tt = shape.tiles if tiles % shape.tiles == 0 else 1
     mb = shape.rows
+    wide = shape.tiles > 1          # 32 vector registers: room for more accumulators
     kc = _k_chunk(k)
     groups = CHUNK // spec.group
     acc_n = 4
@@ -386,66 +389,98 @@ def _cpu_matmul_func(fmt: str, n: int, k: int, target_key: str):
                 g = kk // spec.group
                 return W.combine(scb[g, lane], bib[g, lane] if spec.bias else None, W.code(t, c, CHUNK, kk, lane))
 
-            with T.If(m_rows <= CPU_GEMV_MAX_ROWS):
-                with T.Then():
-                    with T.parallel(0, tiles) as t:
-                        acc = T.alloc_buffer((acc_n, LANES), "float32")
-                        scb = T.alloc_buffer((groups, LANES), "float32")
-                        bib = T.alloc_buffer((groups, LANES), "float32")
-                        with T.serial(0, m_rows) as m:
-                            for a in range(acc_n):
+            def gemv(rows_per_pass: int, accs: int):
+                """Each weight vector dequantized once per pass over ``rows_per_pass`` rows of x,
+                with ``accs`` accumulators per row (together at least four FMA chains)."""
+                r = rows_per_pass
+                with T.parallel(0, tiles) as t:
+                    acc = T.alloc_buffer((r * accs, LANES), "float32")
+                    wv = T.alloc_buffer((LANES,), "float32")
+                    scb = T.alloc_buffer((groups, LANES), "float32")
+                    bib = T.alloc_buffer((groups, LANES), "float32")
+                    with T.serial(0, (m_rows + r - 1) // r) as mo:
+                        rows = [T.min(mo * r + i, m_rows - 1) for i in range(r)] if r > 1 else [mo]
+                        for a in range(r * accs):
+                            with T.vectorized(0, LANES) as lane:
+                                T.buffer_store(acc, tirx.const(0, "float32"), [a, lane])
+                        with T.serial(0, k // CHUNK) as c:
+                            hoist_scales(t, c, scb, bib)
+                            for kk in range(CHUNK):
                                 with T.vectorized(0, LANES) as lane:
-                                    T.buffer_store(acc, tirx.const(0, "float32"), [a, lane])
-                            with T.serial(0, k // CHUNK) as c:
+                                    T.buffer_store(wv, weight(t, c, kk, lane, scb, bib), [lane])
+                                for i in range(r):
+                                    with T.vectorized(0, LANES) as lane:
+                                        a = i * accs + kk % accs
+                                        T.buffer_store(acc, acc[a, lane] + x[rows[i], c * CHUNK + kk] * wv[lane], [a, lane])
+                        for i in range(r):
+                            def store():
+                                with T.vectorized(0, LANES) as lane:
+                                    parts = [acc[i * accs + a, lane] for a in range(accs)]
+                                    while len(parts) > 1:       # pairwise
+                                        parts = [parts[j] + parts[j + 1] for j in range(0, len(parts), 2)]
+                                    total = parts[0]
+                                    T.buffer_store(out, total, [mo * r + i, t * LANES + lane])
+                            if r == 1:
+                                store()
+                            else:
+                                with T.If(mo * r + i < m_rows):
+                                    with T.Then():
+                                        store()
+
+            def gemm():
+                with T.parallel(0, tiles // tt) as task:
+                    wt = T.alloc_buffer((kc, tt * LANES), "float32")
+                    acc = T.alloc_buffer((mb, tt * LANES), "float32")
+                    scb = T.alloc_buffer((groups, LANES), "float32")
+                    bib = T.alloc_buffer((groups, LANES), "float32")
+                    with T.serial(0, k // kc) as kci:
+                        # dequantize this k-chunk of the task's tiles once
+                        with T.serial(0, kc // CHUNK) as ci:
+                            c = kci * (kc // CHUNK) + ci
+                            for u in range(tt):
+                                t = task * tt + u
                                 hoist_scales(t, c, scb, bib)
                                 for kk in range(CHUNK):
                                     with T.vectorized(0, LANES) as lane:
-                                        a = kk % acc_n
-                                        T.buffer_store(acc, acc[a, lane] + x[m, c * CHUNK + kk]
-                                                       * weight(t, c, kk, lane, scb, bib), [a, lane])
-                            with T.vectorized(0, LANES) as lane:
-                                T.buffer_store(out, (acc[0, lane] + acc[1, lane]) + (acc[2, lane] + acc[3, lane]),
-                                               [m, t * LANES + lane])
-                with T.Else():
-                    with T.parallel(0, tiles // tt) as task:
-                        wt = T.alloc_buffer((kc, tt * LANES), "float32")
-                        acc = T.alloc_buffer((mb, tt * LANES), "float32")
-                        scb = T.alloc_buffer((groups, LANES), "float32")
-                        bib = T.alloc_buffer((groups, LANES), "float32")
-                        with T.serial(0, k // kc) as kci:
-                            # dequantize this k-chunk of the task's tiles once
-                            with T.serial(0, kc // CHUNK) as ci:
-                                c = kci * (kc // CHUNK) + ci
+                                        T.buffer_store(wt, weight(t, c, kk, lane, scb, bib),
+                                                       [ci * CHUNK + kk, u * LANES + lane])
+                        with T.serial(0, (m_rows + mb - 1) // mb) as mo:
+                            # rows past the end repeat the last row: no branch in the loop
+                            rows = [T.min(mo * mb + i, m_rows - 1) for i in range(mb)]
+                            for i in range(mb):
                                 for u in range(tt):
-                                    t = task * tt + u
-                                    hoist_scales(t, c, scb, bib)
-                                    for kk in range(CHUNK):
-                                        with T.vectorized(0, LANES) as lane:
-                                            T.buffer_store(wt, weight(t, c, kk, lane, scb, bib),
-                                                           [ci * CHUNK + kk, u * LANES + lane])
-                            with T.serial(0, (m_rows + mb - 1) // mb) as mo:
-                                # rows past the end repeat the last row: no branch in the loop
-                                rows = [T.min(mo * mb + i, m_rows - 1) for i in range(mb)]
+                                    with T.vectorized(0, LANES) as lane:
+                                        col = (task * tt + u) * LANES + lane
+                                        start = tirx.Select(kci == 0, tirx.const(0, "float32"), out[rows[i], col])
+                                        T.buffer_store(acc, start, [i, u * LANES + lane])
+                            with T.serial(0, kc) as kx:
                                 for i in range(mb):
+                                    xv = x[rows[i], kci * kc + kx]
                                     for u in range(tt):
                                         with T.vectorized(0, LANES) as lane:
-                                            col = (task * tt + u) * LANES + lane
-                                            start = tirx.Select(kci == 0, tirx.const(0, "float32"), out[rows[i], col])
-                                            T.buffer_store(acc, start, [i, u * LANES + lane])
-                                with T.serial(0, kc) as kx:
-                                    for i in range(mb):
-                                        xv = x[rows[i], kci * kc + kx]
+                                            j = u * LANES + lane
+                                            T.buffer_store(acc, acc[i, j] + xv * wt[kx, j], [i, j])
+                            for i in range(mb):
+                                with T.If(mo * mb + i < m_rows):
+                                    with T.Then():
                                         for u in range(tt):
                                             with T.vectorized(0, LANES) as lane:
-                                                j = u * LANES + lane
-                                                T.buffer_store(acc, acc[i, j] + xv * wt[kx, j], [i, j])
-                                for i in range(mb):
-                                    with T.If(mo * mb + i < m_rows):
-                                        with T.Then():
-                                            for u in range(tt):
-                                                with T.vectorized(0, LANES) as lane:
-                                                    T.buffer_store(out, acc[i, u * LANES + lane],
-                                                                   [mo * mb + i, (task * tt + u) * LANES + lane])
+                                                T.buffer_store(out, acc[i, u * LANES + lane],
+                                                               [mo * mb + i, (task * tt + u) * LANES + lane])
+
+            with T.If(m_rows == 1):
+                with T.Then():
+                    gemv(1, 4)
+                with T.Else():
+                    with T.If(m_rows == 2):
+                        with T.Then():
+                            gemv(2, 4 if wide else 2)
+                        with T.Else():
+                            with T.If(m_rows <= CPU_GEMV_MAX_ROWS):
+                                with T.Then():
+                                    gemv(4, 2 if wide else 1)
+                                with T.Else():
+                                    gemm()
     return ib.get()
 
 
