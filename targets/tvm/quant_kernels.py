@@ -38,8 +38,8 @@ dlight leaves it alone):
   accumulators that the FMA chains do not wait on their own latency; the sub-block scales are
   computed once per 32 k's. M > 8: per task of one tile (two on AVX-512) the weights of a
   k-chunk (≤ 512 k's) are dequantized into a float32 buffer once, then a register-blocked
-  product runs over the rows, 6 (AVX-512) or 4 rows at a time (rows past the end repeat the
-  last row, so the inner loop has no branch).
+  product runs over the rows, 6 at a time (2 without AVX2 or NEON; rows past the end repeat
+  the last row, so the inner loop has no branch).
 * GPU (cuda, metal, ...): M ≤ 4: a block of 128 threads per tile, 16 lanes × 8 slices of k,
   the slices summed in shared memory. Otherwise a 16×16-thread block per (tile, 16 rows) that
   stages 32 k's of dequantized weights and of x in shared memory.
@@ -340,7 +340,10 @@ def _cpu_shape(target_key: str) -> _CpuShape:
     t = tvm.target.Target(json.loads(target_key))
     if codegen.target_has_features("avx512f", t):
         return _CpuShape(tiles=2, rows=6)          # 12 zmm accumulators of 32
-    return _CpuShape(tiles=1, rows=4)              # AVX2: 8 of 16 ymm; NEON: 16 of 32 q
+    triple = str(t.attrs.get("mtriple", ""))
+    if codegen.target_has_features("avx2", t) or triple.startswith(("aarch64", "arm64")):
+        return _CpuShape(tiles=1, rows=6)          # AVX2: 12 of 16 ymm; NEON: 24 of 32 q
+    return _CpuShape(tiles=1, rows=2)              # 16-byte vectors, 16 registers
 
 
 # ---- CPU kernels --------------------------------------------------------------------------
