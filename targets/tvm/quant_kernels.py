@@ -27,7 +27,11 @@ float32: ``scale · (code − offset) [+ bias]`` with ``scale = d`` (legacy form
 ``d · sc`` (K-quants, one float32 product), ``bias = m`` (Q4_1, Q5_1) or ``−(dmin · mn)``
 (Q2_K, Q4_K, Q5_K); then multiplies it by x in float32 and sums. Only the order of the
 additions (and, where LLVM contracts, a fused multiply-add) differs from numpy's
-``x @ dequantize(w).T``. ``exact=False`` runs the same kernels for now.
+``x @ dequantize(w).T``. ``exact=False`` changes the CPU GEMV (M ≤ 8) only: per scale group
+it sums code · x in float32 and applies the group's scale and bias once, to the sum and to the
+group's sum of x (llama.cpp's order of operations, activations kept in float32): 10–30% less
+time on a decode step's products, with rounding of the same order (measured ~1e-7 of the
+summed |products|, like the exact path). Activations are never quantized.
 
 Kernels by target (one prim func per (format, n, k, target), marked ``tirx.is_scheduled`` so
 dlight leaves it alone):
@@ -355,7 +359,7 @@ def _k_chunk(k: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _cpu_matmul_func(fmt: str, n: int, k: int, target_key: str):
+def _cpu_matmul_func(fmt: str, n: int, k: int, target_key: str, fast: bool = False):
     from tvm import tirx
     from tvm.script.ir_builder import IRBuilder
     from tvm.script.ir_builder import tirx as T
@@ -371,7 +375,7 @@ def _cpu_matmul_func(fmt: str, n: int, k: int, target_key: str):
     acc_n = 4
     with IRBuilder() as ib:
         with T.prim_func(private=True):
-            T.func_name(f"qmm_{fmt}_{n}x{k}")
+            T.func_name(f"qmm_{fmt}_{n}x{k}{'_fast' if fast else ''}")
             T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
             m_rows = T.int64()
             x = T.arg("x", T.buffer((m_rows, k), "float32"))
@@ -430,6 +434,68 @@ def _cpu_matmul_func(fmt: str, n: int, k: int, target_key: str):
                                     with T.Then():
                                         store()
 
+            def gemv_folded(rows_per_pass: int, accs: int):
+                """``exact=False``: per group, Σ code·x in float32, then scale · that +
+                (bias − scale · offset) · Σ x. Four vector operations per weight vector instead
+                of six; sums are reassociated, so rounding differs more than in the exact path."""
+                r = rows_per_pass
+                ngroups = k // spec.group
+                xs = T.alloc_buffer((CPU_GEMV_MAX_ROWS, ngroups), "float32")
+                with T.serial(0, m_rows) as m:
+                    with T.serial(0, ngroups) as gi:
+                        total = x[m, gi * spec.group]
+                        for j in range(1, spec.group):
+                            total = total + x[m, gi * spec.group + j]
+                        T.buffer_store(xs, total, [m, gi])
+                with T.parallel(0, tiles) as t:
+                    acc = T.alloc_buffer((r, LANES), "float32")
+                    part = T.alloc_buffer((r * accs, LANES), "float32")
+                    qv = T.alloc_buffer((LANES,), "float32")
+                    scb = T.alloc_buffer((groups, LANES), "float32")
+                    zb = T.alloc_buffer((groups, LANES), "float32")
+                    with T.serial(0, (m_rows + r - 1) // r) as mo:
+                        rows = [T.min(mo * r + i, m_rows - 1) for i in range(r)] if r > 1 else [mo]
+                        for i in range(r):
+                            with T.vectorized(0, LANES) as lane:
+                                T.buffer_store(acc, tirx.const(0, "float32"), [i, lane])
+                        with T.serial(0, k // CHUNK) as c:
+                            for g in range(groups):
+                                with T.vectorized(0, LANES) as lane:
+                                    sc, bias = W.scale_bias(t, c, CHUNK, g * spec.group, lane)
+                                    T.buffer_store(scb, sc, [g, lane])
+                                    zero = -(scb[g, lane] * tirx.const(float(spec.offset), "float32"))
+                                    if bias is not None:
+                                        zero = bias + zero if spec.offset else bias
+                                    T.buffer_store(zb, zero, [g, lane])
+                            for g in range(groups):
+                                for a in range(r * accs):
+                                    with T.vectorized(0, LANES) as lane:
+                                        T.buffer_store(part, tirx.const(0, "float32"), [a, lane])
+                                for kk in range(g * spec.group, (g + 1) * spec.group):
+                                    with T.vectorized(0, LANES) as lane:
+                                        T.buffer_store(qv, tirx.Cast("float32", W.code(t, c, CHUNK, kk, lane)), [lane])
+                                    for i in range(r):
+                                        with T.vectorized(0, LANES) as lane:
+                                            a = i * accs + kk % accs
+                                            T.buffer_store(part, part[a, lane] + x[rows[i], c * CHUNK + kk] * qv[lane], [a, lane])
+                                for i in range(r):
+                                    with T.vectorized(0, LANES) as lane:
+                                        parts = [part[i * accs + a, lane] for a in range(accs)]
+                                        while len(parts) > 1:
+                                            parts = [parts[j] + parts[j + 1] for j in range(0, len(parts), 2)]
+                                        T.buffer_store(acc, acc[i, lane] + scb[g, lane] * parts[0]
+                                                       + zb[g, lane] * xs[rows[i], c * groups + g], [i, lane])
+                        for i in range(r):
+                            def store():
+                                with T.vectorized(0, LANES) as lane:
+                                    T.buffer_store(out, acc[i, lane], [mo * r + i, t * LANES + lane])
+                            if r == 1:
+                                store()
+                            else:
+                                with T.If(mo * r + i < m_rows):
+                                    with T.Then():
+                                        store()
+
             def gemm():
                 with T.parallel(0, tiles // tt) as task:
                     wt = T.alloc_buffer((kc, tt * LANES), "float32")
@@ -471,17 +537,18 @@ def _cpu_matmul_func(fmt: str, n: int, k: int, target_key: str):
                                                 T.buffer_store(out, acc[i, u * LANES + lane],
                                                                [mo * mb + i, (task * tt + u) * LANES + lane])
 
+            small = gemv_folded if fast else gemv
             with T.If(m_rows == 1):
                 with T.Then():
-                    gemv(1, 4)
+                    small(1, 4)
                 with T.Else():
                     with T.If(m_rows == 2):
                         with T.Then():
-                            gemv(2, 4 if wide else 2)
+                            small(2, 4 if wide else 2)
                         with T.Else():
                             with T.If(m_rows <= CPU_GEMV_MAX_ROWS):
                                 with T.Then():
-                                    gemv(4, 2 if wide else 1)
+                                    small(4, 2 if wide else 1)
                                 with T.Else():
                                     gemm()
     return ib.get()
@@ -736,7 +803,8 @@ def matmul(bb, x, packed: list, fmt: str, n: int, k: int, target: dict, *, exact
     if _is_gpu(target):
         func, name = _gpu_matmul_func(fmt, n, k), f"qmm_{fmt}_gpu"
     else:
-        func, name = _cpu_matmul_func(fmt, n, k, _target_key(target)), f"qmm_{fmt}"
+        func = _cpu_matmul_func(fmt, n, k, _target_key(target), not exact)
+        name = f"qmm_{fmt}" if exact else f"qmm_{fmt}_fast"
     gv = bb.add_func(func, name)
     width = _tiles(n) * LANES
     y = bb.emit(relax.call_tir(gv, [x2, *packed], relax.TensorType([rows, tirx.IntImm("int64", width)], "float32")))
