@@ -647,11 +647,11 @@ def _cpu_matmul_func(fmt: str, n: int, k: int, target_key: str, fast: bool = Fal
                 small = gemv_folded if fast else gemv
             with T.If(m_rows == 1):
                 with T.Then():
-                    small(1, 4)
+                    small(1, 4 if wide else 2)
                 with T.Else():
                     with T.If(m_rows == 2):
                         with T.Then():
-                            small(2, 4 if wide else 2)
+                            small(2, 4 if wide else 1)
                         with T.Else():
                             with T.If(m_rows <= CPU_GEMV_MAX_ROWS):
                                 with T.Then():
