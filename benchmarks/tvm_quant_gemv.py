@@ -2,8 +2,11 @@
 
 For each of the model's matmul shapes (merged q/k/v, o, merged gate/up, down: Q4_1; the Q8_0
 LM head) and a row count (1 = a decode step, 130 = a prefill), each engine runs one function
-that applies the same weight ``--repeat`` times to one input, so call overheads spread out
-the way they do inside a model; the time per product is reported. ONNX Runtime runs what
+that applies the weight several times to one input, so call overheads spread out the way they
+do inside a model; the time per product is reported. By default it is the same weight each
+time (it stays in cache: the kernels' compute); ``--cold`` gives every product its own copy,
+64 MB of them in all, so the weights stream from memory as a decode step's do (the model's
+weights are ~100 MB; this machine's last-level cache 32 MB). ONNX Runtime runs what
 kiln's ORT backend emits in exact mode (targets/onnxrt.py ``_quant_matmul``): MatMulNBits at
 accuracy level 0 plus the block-minimum product for Q4_1, Q8_0 as two exact 4-bit planes.
 
@@ -64,11 +67,16 @@ def _time(fn, repeat: int, budget_s: float = 1.5) -> float:
     return best / repeat * 1e6
 
 
-def repeat_for(w) -> int:
+COLD_BYTES = 64 << 20
+
+
+def repeat_for(w, cold: bool) -> int:
+    if cold:
+        return max(3, -(-COLD_BYTES // w.nbytes))
     return 4 if w.shape[0] > 10000 else 16
 
 
-def run_tvm(rows: int) -> dict:
+def run_tvm(rows: int, cold: bool) -> dict:
     import tvm
     from tvm import relax
 
@@ -80,22 +88,24 @@ def run_tvm(rows: int) -> dict:
         arrays = Q.pack(w)
         bb = relax.BlockBuilder()
         x = relax.Var("x", relax.TensorType([1, rows, k], "float32"))
-        params = [relax.Var(a, relax.TensorType(list(v.shape), str(v.dtype))) for a, v in arrays.items()]
-        r = repeat_for(w)
-        with bb.function("main", [x, *params]):
+        r = repeat_for(w, cold)
+        copies = r if cold else 1
+        params = [[relax.Var(f"{a}{c}", relax.TensorType(list(v.shape), str(v.dtype))) for a, v in arrays.items()]
+                  for c in range(copies)]
+        with bb.function("main", [x, *[p for ps in params for p in ps]]):
             with bb.dataflow():
-                ys = [Q.matmul(bb, x, params, w.format.name, n, k, target) for _ in range(r)]
+                ys = [Q.matmul(bb, x, params[i % copies], w.format.name, n, k, target) for i in range(r)]
                 o = bb.emit_output(relax.Tuple(ys))
             bb.emit_func_output(o)
         vm = relax.VirtualMachine(tvm.compile(bb.get(), target=tvm.target.Target(target)), tvm.cpu())
         xs = tvm.runtime.tensor(np.random.default_rng(0).standard_normal((1, rows, k)).astype(np.float32))
-        dev = [tvm.runtime.tensor(a) for a in arrays.values()]
+        dev = [tvm.runtime.tensor(a.copy()) for _ in range(copies) for a in arrays.values()]
         f = vm["main"]
         out[name] = _time(lambda: f(xs, *dev), r)
     return out
 
 
-def _ort_model(w, rows: int, r: int) -> bytes:
+def _ort_model(w, rows: int, r: int, cold: bool) -> bytes:
     from onnx import TensorProto, helper, numpy_helper
 
     from kiln.targets import onnxrt_quant as Q
@@ -104,32 +114,35 @@ def _ort_model(w, rows: int, r: int) -> bytes:
     inits, nodes, outputs = {}, [], []
 
     def nbits(o, suffix, x, result):
-        inits[f"B{suffix}"] = Q.pack_codes(o.bits, o.codes)
-        inits[f"S{suffix}"] = o.scales.reshape(-1)
+        if f"B{suffix}" not in inits:
+            inits[f"B{suffix}"] = Q.pack_codes(o.bits, o.codes)
+            inits[f"S{suffix}"] = o.scales.reshape(-1)
+            if o.zero_points is not None:
+                inits[f"Z{suffix}"] = Q.pack_zero_points(o.bits, o.zero_points)
         ins = [x, f"B{suffix}", f"S{suffix}"]
         if o.zero_points is not None:
-            inits[f"Z{suffix}"] = Q.pack_zero_points(o.bits, o.zero_points)
             ins.append(f"Z{suffix}")
         nodes.append(helper.make_node("MatMulNBits", ins, [result], domain="com.microsoft", K=k, N=n, bits=o.bits,
                                       block_size=o.block, accuracy_level=0))
     if op.mins is not None:
-        inits["mins_t"] = np.ascontiguousarray(op.mins.T)
         inits["blocks_shape"] = np.array([0, 0, k // Q.BLOCK, Q.BLOCK], np.int64)
         inits["axes"] = np.array([-1], np.int64)
         nodes += [helper.make_node("Reshape", ["x", "blocks_shape"], ["xb"]),
                   helper.make_node("ReduceSum", ["xb", "axes"], ["sums"], keepdims=0)]
+    planes = Q.as_two_4bit_planes(op) if op.bits == 8 else None
     for i in range(r):
         y = f"y{i}"
+        copy = f"#{i}" if cold else ""
         partial = y if op.mins is None else f"p{i}"
-        if op.bits == 8:
-            high, low = Q.as_two_4bit_planes(op)
-            nbits(high, ".high", "x", f"h{i}")
-            nbits(low, ".low", "x", f"l{i}")
+        if planes:
+            nbits(planes[0], f".high{copy}", "x", f"h{i}")
+            nbits(planes[1], f".low{copy}", "x", f"l{i}")
             nodes.append(helper.make_node("Add", [f"h{i}", f"l{i}"], [partial]))
         else:
-            nbits(op, "", "x", partial)
+            nbits(op, copy, "x", partial)
         if op.mins is not None:
-            nodes += [helper.make_node("MatMul", ["sums", "mins_t"], [f"c{i}"]),
+            inits.setdefault(f"mins_t{copy}", np.ascontiguousarray(op.mins.T))
+            nodes += [helper.make_node("MatMul", ["sums", f"mins_t{copy}"], [f"c{i}"]),
                       helper.make_node("Add", [partial, f"c{i}"], [y])]
         outputs.append(helper.make_tensor_value_info(y, TensorProto.FLOAT, [1, rows, n]))
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, rows, k])], outputs,
@@ -139,15 +152,15 @@ def _ort_model(w, rows: int, r: int) -> bytes:
     return m.SerializeToString()
 
 
-def run_ort(rows: int, threads: int) -> dict:
+def run_ort(rows: int, threads: int, cold: bool) -> dict:
     import onnxruntime as ort
     out = {}
     for name, w in weights().items():
-        r = repeat_for(w)
+        r = repeat_for(w, cold)
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
-        sess = ort.InferenceSession(_ort_model(w, rows, r), so, providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(_ort_model(w, rows, r, cold), so, providers=["CPUExecutionProvider"])
         x = np.random.default_rng(0).standard_normal((1, rows, w.shape[1])).astype(np.float32)
         out[name] = _time(lambda: sess.run(None, {"x": x}), r)
     return out
@@ -158,10 +171,11 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cold", action="store_true", help="a copy of the weight per product (64 MB in all)")
     ap.add_argument("--engine", choices=["tvm", "ort"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.engine:
-        res = run_tvm(args.rows) if args.engine == "tvm" else run_ort(args.rows, args.threads)
+        res = run_tvm(args.rows, args.cold) if args.engine == "tvm" else run_ort(args.rows, args.threads, args.cold)
         print(json.dumps(res))
         return
     env = dict(os.environ, TVM_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads))
@@ -169,10 +183,11 @@ def main() -> None:
     for _ in range(args.rounds):
         for engine in rounds:
             proc = subprocess.run([sys.executable, __file__, "--engine", engine, "--rows", str(args.rows),
-                                   "--threads", str(args.threads)], env=env, capture_output=True, text=True, check=True)
+                                   "--threads", str(args.threads)] + (["--cold"] if args.cold else []), env=env, capture_output=True, text=True, check=True)
             rounds[engine].append(json.loads(proc.stdout.strip().splitlines()[-1]))
     ws = weights()
-    print(f"rows={args.rows}, {args.threads} threads, µs per product (best / median of {args.rounds} rounds)")
+    print(f"rows={args.rows}, {args.threads} threads, {'a weight copy per product' if args.cold else 'one weight, in cache'}, "
+          f"µs per product (best / median of {args.rounds} rounds)")
     print("| shape | N×K | format | TVM | ORT | TVM/ORT time |")
     print("|---|---|---|---|---|---|")
     for name in SHAPES:
