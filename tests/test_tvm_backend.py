@@ -9,7 +9,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import ALL_FAMILIES, FIXTURES, greedy_decode, greedy_tokens
+from conftest import ALL_FAMILIES, greedy_decode
 
 from kiln import runtime
 from kiln.driver import compile as kiln_compile
@@ -127,7 +127,9 @@ def test_uniform_artifact_refuses_ragged_rows(compiled):
 FUSED_FAMILIES = ("attention", "kv_append", "rotary", "rms_norm", "skip_rms_norm")
 
 
-@pytest.mark.parametrize("target,source", [("cuda", "device_code.cu"), ("metal", "device_code.metal")])
+# Metal is checked on SmolLM2 (tests/test_tvm_smollm2.py): this fixture's float matmuls take
+# dlight's Metal matmul rule 25 s to schedule, SmolLM2's quantized ones 5 s
+@pytest.mark.parametrize("target,source", [("cuda", "device_code.cu")])
 def test_gpu_build_holds_a_kernel_per_fused_op(compiled, target, source):
     out = compiled("llama", target)
     m = json.loads((out / "manifest.json").read_text())
@@ -178,62 +180,6 @@ def test_bad_target_or_backend_is_refused(hf_fixture, tmp_path, kwargs, message)
     with pytest.raises(KilnError, match=message.replace("(", r"\(")):
         kiln_compile(hf_fixture("llama"), output=tmp_path / "x.kiln", **kwargs)
     assert not (tmp_path / "x.kiln").exists()
-
-
-# ---- SmolLM2: the GGUF's Q4_1 / Q8_0 blocks kept as they are --------------------------------
-
-SMOLLM2_REFERENCE = FIXTURES / "smollm2" / "reference.json"
-
-
-@pytest.fixture(scope="module")
-def smollm2_tvm(smollm2_gguf, tmp_path_factory):
-    return kiln_compile(smollm2_gguf, output=tmp_path_factory.mktemp("tvm") / "smollm2.kiln", backend="tvm")
-
-
-@pytest.mark.parametrize("index", [0, 1, 2])
-def test_smollm2_reproduces_the_reference(smollm2_tvm, index):
-    gen = json.loads(SMOLLM2_REFERENCE.read_text())["generations"][index]
-    model = runtime.load(smollm2_tvm)
-    s = model.session
-    s.reset(1)
-    logits = s.forward(np.array([gen["prompt_ids"]]), last_only=True)[0, -1]
-    top = gen["last_logits_top10"]
-    assert np.argsort(-logits)[:10].tolist() == top["ids"]
-    # measured 1.2e-5, 1.7e-5, 4.2e-5 (the ONNX Runtime artifact: 8.7e-5, 2.7e-5, 5.1e-5)
-    np.testing.assert_allclose(logits[top["ids"]], top["values"], rtol=0, atol=2.5e-4)
-    assert greedy_tokens(s, gen["prompt_ids"], 32, banned=model.tokenizer.eos_ids) == gen["greedy_ids"]
-    # streaming gives the same text as generating, through the chat and text paths alike
-    text = model.generate(gen["prompt"], max_new_tokens=12).text
-    assert "".join(model.stream(gen["prompt"], max_new_tokens=12)) == text
-
-
-def test_smollm2_weights_stay_blocks(smollm2_tvm, smollm2_gguf):
-    from safetensors import safe_open
-    b = json.loads((smollm2_tvm / "manifest.json").read_text())["backend"]
-    formats = b["weight_formats"]
-    assert formats["embed"] == "q8_0"          # tied: the embedding and the LM head share it
-    assert {f for name, f in formats.items() if name.endswith(".weight")} == {"q4_1"}
-    weights = smollm2_tvm / b["weights"]
-    # no float copy of a matrix: the file is about the GGUF's size (float32 would be 5x more)
-    assert weights.stat().st_size < 1.1 * smollm2_gguf.stat().st_size
-    with safe_open(str(weights), "np") as f:
-        q = {n: f.get_slice(n) for n in f.keys() if n.startswith("layers.0.o.weight.")}
-    # Q4_1 576x576: 4-bit codes in uint32 words, and a float16 scale and minimum per 32 values
-    assert {n: (x.get_dtype(), int(np.prod(x.get_shape()))) for n, x in q.items()} == {
-        "layers.0.o.weight.bits4": ("U32", 576 * 576 // 8),
-        "layers.0.o.weight.d": ("F16", 576 * 576 // 32), "layers.0.o.weight.m": ("F16", 576 * 576 // 32)}
-
-
-@pytest.mark.parametrize("target", ["cuda", "metal"])
-def test_smollm2_gpu_build_has_quantized_kernels(smollm2_gguf, tmp_path, target):
-    out = kiln_compile(smollm2_gguf, target=target, output=tmp_path / "s.kiln", backend="tvm")
-    b = json.loads((out / "manifest.json").read_text())["backend"]
-    kernels = b["kernels"]
-    for family in FUSED_FAMILIES:
-        assert any(family in k for k in kernels), family
-    # the Q4_1 matmuls and the Q8_0 head and embedding read blocks in the kernel itself
-    assert any("q4_1" in k for k in kernels) and any("q8_0" in k and "gather" in k for k in kernels)
-    assert (out / b["weights"]).stat().st_size < 1.1 * smollm2_gguf.stat().st_size
 
 
 def test_manifest_must_list_the_library(compiled, tmp_path):
