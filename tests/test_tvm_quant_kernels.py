@@ -175,8 +175,8 @@ def _emulated(func):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_gpu_kernels_arithmetic_emulated_on_cpu(fmt):
-    n = N_ODD
+@pytest.mark.parametrize("n", [N_ODD, N_EVEN])     # GEMM blocks of 1 and of 4 tiles
+def test_gpu_kernels_arithmetic_emulated_on_cpu(fmt, n):
     w = _weight(fmt, n, seed=3)
     w64 = _reference(w)
     arrays = [tvm.runtime.tensor(a) for a in Q.pack(w).values()]

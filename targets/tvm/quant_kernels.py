@@ -48,8 +48,9 @@ dlight leaves it alone):
   product runs over the rows, 6 at a time (2 without AVX2 or NEON; rows past the end repeat
   the last row, so the inner loop has no branch).
 * GPU (cuda, metal, ...): M ≤ 4: a block of 128 threads per tile, 16 lanes × 8 slices of k,
-  the slices summed in shared memory. Otherwise a 16×16-thread block per (tile, 16 rows) that
-  stages 32 k's of dequantized weights and of x in shared memory.
+  the slices summed in shared memory. Otherwise a 16×16-thread block per (4 tiles, 32 rows)
+  that stages 32 k's of dequantized weights and of x in shared memory; each thread keeps 8
+  outputs (2 rows × 4 tiles) in registers, so 6 shared-memory reads feed 8 FMAs.
 * gather: a token per parallel iteration (CPU) or per thread block (GPU).
 
 The GPU kernels can be built with ``emulate=True`` (see ``_Threads``): the same arithmetic
@@ -773,7 +774,8 @@ def _gpu_matmul_func(fmt: str, n: int, k: int, emulate: bool = False):
     tiles = _tiles(n)
     slices = 8                    # GEMV: k split over 8 groups of 16 threads
     units = k // GPU_UNIT
-    bm, bk = 16, CHUNK            # GEMM: 16 rows × 16 lanes per block, 32 k's a step
+    bm, bk = 16, CHUNK            # GEMM: 16 × 16 threads, 32 k's a step,
+    bm_rows = 32                  # 32 rows × up to 4 tiles per block (8 outputs a thread)
     with IRBuilder() as ib:
         with T.prim_func(private=True):
             T.func_name(f"qmm_{fmt}_{n}x{k}_gpu")
@@ -814,36 +816,50 @@ def _gpu_matmul_func(fmt: str, n: int, k: int, emulate: bool = False):
                                         T.buffer_store(out, total, [m, t * LANES + tx])
                             th.sync()
                 with T.Else():
-                    blocks = {"blockIdx.x": tiles, "blockIdx.y": (m_rows + bm - 1) // bm}
+                    # each thread: rows ty and ty + 16 of the block's 32, lane tx of its 4 tiles
+                    tb = 4 if tiles % 4 == 0 else 2 if tiles % 2 == 0 else 1
+                    rpt = bm_rows // bm
+                    blocks = {"blockIdx.x": tiles // tb, "blockIdx.y": (m_rows + bm_rows - 1) // bm_rows}
                     with _Threads(emulate, blocks, {"threadIdx.y": bm, "threadIdx.x": LANES}) as th:
-                        t, mb = th.block_vars["blockIdx.x"], th.block_vars["blockIdx.y"]
-                        ws = th.shared((bk, LANES))
-                        xs = th.shared((bm, bk))
-                        acc = th.local(1)
+                        tg, mb = th.block_vars["blockIdx.x"], th.block_vars["blockIdx.y"]
+                        ws = th.shared((bk, tb * LANES))
+                        xs = th.shared((bm_rows, bk + 1))        # + 1: rows in different banks
+                        acc = th.local(rpt * tb)
                         with th.phase() as tv:
-                            T.buffer_store(acc, tirx.const(0, "float32"), th.at(tv, 0))
+                            for a in range(rpt * tb):
+                                T.buffer_store(acc, tirx.const(0, "float32"), th.at(tv, a))
                         with T.serial(0, k // bk) as c:
                             with th.phase() as tv:
                                 ty, tx = tv["threadIdx.y"], tv["threadIdx.x"]
-                                row = T.min(mb * bm + ty, m_rows - 1)
                                 for h in range(bk // bm):
                                     kk = ty * (bk // bm) + h
-                                    T.buffer_store(ws, W.value(t, c, bk, kk, tx), [kk, tx])
-                                for h in range(bk // LANES):
-                                    T.buffer_store(xs, x[row, c * bk + tx * (bk // LANES) + h], [ty, tx * (bk // LANES) + h])
+                                    for u in range(tb):
+                                        T.buffer_store(ws, W.value(tg * tb + u, c, bk, kk, tx), [kk, u * LANES + tx])
+                                for i in range(rpt):
+                                    row = T.min(mb * bm_rows + ty + bm * i, m_rows - 1)
+                                    for h in range(bk // LANES):
+                                        kk = tx * (bk // LANES) + h
+                                        T.buffer_store(xs, x[row, c * bk + kk], [ty + bm * i, kk])
                             th.sync()
                             with th.phase() as tv:
                                 ty, tx = tv["threadIdx.y"], tv["threadIdx.x"]
-                                total = acc[tuple(th.at(tv, 0))]
+                                totals = [acc[tuple(th.at(tv, a))] for a in range(rpt * tb)]
                                 for kk in range(bk):
-                                    total = total + xs[ty, kk] * ws[kk, tx]
-                                T.buffer_store(acc, total, th.at(tv, 0))
+                                    for i in range(rpt):
+                                        xv = xs[ty + bm * i, kk]
+                                        for u in range(tb):
+                                            totals[i * tb + u] = totals[i * tb + u] + xv * ws[kk, u * LANES + tx]
+                                for a in range(rpt * tb):
+                                    T.buffer_store(acc, totals[a], th.at(tv, a))
                             th.sync()
                         with th.phase() as tv:
                             ty, tx = tv["threadIdx.y"], tv["threadIdx.x"]
-                            with T.If(mb * bm + ty < m_rows):
-                                with T.Then():
-                                    T.buffer_store(out, acc[tuple(th.at(tv, 0))], [mb * bm + ty, t * LANES + tx])
+                            for i in range(rpt):
+                                with T.If(mb * bm_rows + ty + bm * i < m_rows):
+                                    with T.Then():
+                                        for u in range(tb):
+                                            T.buffer_store(out, acc[tuple(th.at(tv, i * tb + u))],
+                                                           [mb * bm_rows + ty + bm * i, (tg * tb + u) * LANES + tx])
     return ib.get()
 
 
