@@ -108,8 +108,8 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
         backend = backend_for(preset, backend)
     except ValueError as e:
         raise KilnError(None, str(e)) from None
-    if backend == "tvm" and precision != "exact":
-        raise KilnError(None, "--precision fast is an ONNX Runtime mode; the TVM backend computes in float32 (exact)")
+    if precision not in ("exact", "fast"):
+        raise KilnError(None, f"unknown precision {precision!r}; choose exact or fast")
     scheme = quant_scheme(quant) if quant else None
     src_path = None
     if isinstance(model, (str, os.PathLike)):
@@ -138,7 +138,7 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
             if on_weight is not None:
                 on_weight(name)
         if backend == "tvm":
-            backend_entry = _lower_tvm(graph, tmp, preset, cfg, weight_done, stage)
+            backend_entry = _lower_tvm(graph, tmp, preset, cfg, weight_done, stage, precision)
         else:
             backend_entry = _lower_onnxrt(graph, tmp, preset, cfg, weight_done, stage, kv_layout, precision)
         if model.tokenizer is not None:
@@ -183,7 +183,7 @@ def _lower_onnxrt(graph, tmp, preset, cfg, weight_done, stage, kv_layout, precis
             **summary}
 
 
-def _lower_tvm(graph, tmp, preset, cfg, weight_done, stage) -> dict:
+def _lower_tvm(graph, tmp, preset, cfg, weight_done, stage, precision) -> dict:
     try:
         import tvm  # noqa: F401
     except ImportError:
@@ -194,7 +194,7 @@ def _lower_tvm(graph, tmp, preset, cfg, weight_done, stage) -> dict:
                                  host=preset.name == "cpu")
     try:
         summary = build.build(graph, tmp, target, max_length=cfg.get("max_position_embeddings"),
-                              progress=weight_done, stage=stage)
+                              progress=weight_done, stage=stage, precision=precision)
     except ValueError as e:
         raise KilnError(None, f"the TVM backend cannot compile this model: {e}") from None
     return {"name": "tvm", **({"cross_compiled_for": target.cross} if target.cross else {}),

@@ -173,7 +173,7 @@ def test_gpu_artifact_here_is_a_one_line_error(compiled, hf_fixture, tmp_path):
     ({"target": "tpu"}, "unknown target 'tpu'; choose from cpu, cpu-avx2"),
     ({"target": "metal", "backend": "onnxrt"}, "target 'metal' has no onnxrt backend; it has tvm"),
     ({"target": "cuda", "arch": "sm70"}, "--arch sm70 does not fit target 'cuda'"),
-    ({"target": "cpu", "backend": "tvm", "precision": "fast"}, "--precision fast is an ONNX Runtime mode"),
+    ({"target": "cpu", "backend": "tvm", "precision": "fastest"}, "unknown precision 'fastest'; choose exact or fast"),
 ])
 def test_bad_target_or_backend_is_refused(hf_fixture, tmp_path, kwargs, message):
     kwargs.setdefault("backend", None)

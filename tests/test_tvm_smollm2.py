@@ -68,3 +68,17 @@ def test_smollm2_gpu_build_has_quantized_kernels(smollm2_gguf, tmp_path, target)
     code = (out / source).read_text()
     assert all(k in code for k in kernels)
     assert (out / b["weights"]).stat().st_size < 1.1 * smollm2_gguf.stat().st_size
+
+
+def test_smollm2_fast_precision_agrees_as_long_as_llama_cpp(smollm2_gguf, tmp_path):
+    # --precision fast: decode products with int8 activations (AVX-512 VNNI here). Greedy
+    # tokens equal to the float32 reference's for at least as long as llama.cpp's own output
+    # (measured for llama-cpp-python 0.3.36 on this GGUF: 5, 13 and 0 tokens; kiln fast: 15, 13, 0)
+    out = kiln_compile(smollm2_gguf, output=tmp_path / "fast.kiln", backend="tvm", precision="fast")
+    assert json.loads((out / "manifest.json").read_text())["precision"] == "fast"
+    model = runtime.load(out)
+    llama_cpp = [5, 13, 0]
+    for gen, floor in zip(json.loads(SMOLLM2_REFERENCE.read_text())["generations"], llama_cpp):
+        toks = greedy_tokens(model.session, gen["prompt_ids"], 32, banned=model.tokenizer.eos_ids)
+        agree = next((i for i, (a, b) in enumerate(zip(toks, gen["greedy_ids"])) if a != b), len(toks))
+        assert agree >= floor

@@ -22,7 +22,8 @@ WEIGHTS = "weights.safetensors"
 
 
 def build(graph: Graph, out_dir, target: TVMTarget, *, max_length: int | None = None,
-          progress: Callable[[str], None] | None = None, stage: Callable[[str], None] | None = None) -> dict:
+          progress: Callable[[str], None] | None = None, stage: Callable[[str], None] | None = None,
+          precision: str = "exact") -> dict:
     import tvm
     from safetensors.numpy import save_file
 
@@ -30,7 +31,7 @@ def build(graph: Graph, out_dir, target: TVMTarget, *, max_length: int | None = 
     out_dir = Path(out_dir)
     say = stage or (lambda s: None)
     say("lowering to TVM Relax")
-    mod, plan = lower(graph, Target(target.target, target.gpu), max_length)
+    mod, plan = lower(graph, Target(target.target, target.gpu, exact=precision == "exact"), max_length)
     say("compiling with TVM")
     t0 = time.perf_counter()
     tvm_target = tvm.target.Target(target.target, host=target.host) if target.host else tvm.target.Target(target.target)

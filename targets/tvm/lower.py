@@ -85,6 +85,7 @@ class Target:
     """What the lowering needs to know of the device."""
     tvm: dict               # the TVM target dict
     gpu: bool
+    exact: bool = True      # False: quantized matmuls may use int8 activations (--precision fast)
 
 
 def plan_graph(graph: Graph, max_length: int | None, quant_formats: frozenset) -> Plan:
@@ -468,7 +469,7 @@ class FunctionLowering:
         if fmt in self.kernels["quant"].SUPPORTED:
             rows, cols = w.weight.shape
             return self.kernels["quant"].matmul(self.bb, self.tensor(x), self.params_of(w.name), fmt, rows, cols,
-                                                self.target.tvm)
+                                                self.target.tvm, exact=self.target.exact)
         return relax.op.matmul(self.tensor(x), self.param(f"{w.name}.T"))
 
 
