@@ -1,0 +1,322 @@
+"""Matmuls over float weights (f32, f16, bf16) kept in their own type, written as TIR.
+
+The contract with :mod:`.lower` is :mod:`.quant_kernels`' for matmuls::
+
+    SUPPORTED                      kiln format names with a kernel here
+    pack(weight) -> {name: array}  what the artifact stores for a [n, k] float weight
+    matmul(bb, x, packed, fmt, n, k, target, *, exact=True) -> relax.Expr
+        x float32 [..., k] (symbolic leading dims) @ wᵀ -> float32 [..., n]; ``packed`` are the
+        Relax values of ``pack``'s arrays, in its order
+
+Layout. One array ``w`` of shape ``[tiles, k, 16]``: entry ``[t, j, l]`` is row ``16·t + l``'s
+value at column j (the last tile padded with zero rows), so the 16 rows' values for one k are
+one contiguous vector (a zmm register of float32 on AVX-512, 64 contiguous bytes for 16 GPU
+threads). Values keep their storage type: float32, float16, or bf16 as its uint16 bits (LLVM's
+own bfloat16 is not reliable across TVM's targets; a bf16 value is its float32's upper half,
+so widening is a shift). Nothing is widened ahead of time: a bf16 weight is half the bytes of
+the float32 copy the lowering used to store, and a decode step is a stream of weights.
+
+Arithmetic. Each weight is widened to float32 exactly, multiplied by x in float32 and summed
+in float32; only the order of the additions (and LLVM's fused multiply-adds) differs from
+numpy's ``x @ w.astype(float32).T``. ``exact`` is accepted for the contract and changes
+nothing: there is no cheaper product of float weights that kiln's fast precision would allow.
+
+Kernels by target (one prim func per (format, n, k, target), marked ``tirx.is_scheduled`` when
+scheduled here):
+
+* CPU (llvm): one function whose path is chosen by the row count M at run time (TIR ifs;
+  decode is M = 1). M ≤ 8: a GEMV parallel over 16-row tiles; each widened weight vector
+  feeds 1, 2 or 4 rows of x, with several accumulators per row so the FMA chains do not wait
+  on their own latency. M > 8: per task of one tile (two on AVX-512) a k-chunk (≤ 512 k's) of
+  weights is widened into a float32 buffer once, then a register-blocked product runs over
+  the rows, 6 at a time (rows past the end repeat the last row: no branch in the loop).
+* GPU (cuda, metal, ...): the product as a plain TE reduction, left unscheduled for the
+  default pipeline's dlight rules.
+"""
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+LANES = 16                  # rows per tile: the layout's vector
+CPU_GEMV_MAX_ROWS = 8
+GEMV_UNROLL = 8             # k's per unrolled GEMV step (the accumulators rotate over them)
+MAX_K_CHUNK = 512           # k's of widened weights per GEMM task step (32 KiB a tile)
+
+_STORAGE = {"f32": "float32", "f16": "float16", "bf16": "uint16"}
+
+#: kiln's plain float formats (compiler/formats/plain.py); f64 is not a weight type worth a kernel
+SUPPORTED = frozenset(_STORAGE)
+
+_GPU_KINDS = ("cuda", "metal", "rocm", "vulkan", "opencl", "webgpu")
+
+
+def _tiles(n: int) -> int:
+    return -(-n // LANES)
+
+
+def _check(fmt: str, n: int, k: int, origin=None) -> str:
+    from kiln.errors import KilnError
+    if fmt not in _STORAGE:
+        raise KilnError(origin, f"no TVM float kernel for weight format {fmt!r}; kernels: {', '.join(sorted(SUPPORTED))}")
+    if n <= 0 or k <= 0:
+        raise KilnError(origin, f"a {fmt} weight of shape [{n}, {k}]: both sizes must be positive")
+    return _STORAGE[fmt]
+
+
+# ---- pack ---------------------------------------------------------------------------------
+
+_PACK_ROWS = 4096   # rows re-laid-out at a time: bounds the temporaries for a large LM head
+
+
+def pack(weight) -> dict[str, np.ndarray]:
+    """``{"w": [tiles, k, 16]}`` in the weight's own storage type (see the module docstring)."""
+    from kiln.errors import KilnError
+    if len(weight.shape) != 2:
+        raise KilnError(weight.origin or None, f"weight {weight.name or '?'}: float matmul kernels take 2-D weights, not {list(weight.shape)}")
+    n, k = weight.shape
+    dtype = _check(weight.format.name, n, k, weight.origin or None)
+    values = weight.raw().view(dtype).reshape(n, k)      # the stored bits, never converted
+    tiles = _tiles(n)
+    out = np.zeros((tiles, k, LANES), dtype)
+    for a in range(0, n, _PACK_ROWS):
+        b = min(n, a + _PACK_ROWS)
+        t0, t1 = a // LANES, _tiles(b)
+        padded = np.zeros(((t1 - t0) * LANES, k), dtype)
+        padded[:b - a] = values[a:b]
+        out[t0:t1] = padded.reshape(t1 - t0, LANES, k).transpose(0, 2, 1)
+    return {"w": out}
+
+
+def _widen(fmt: str, value):
+    """A stored weight value as float32, exactly."""
+    from tvm import tirx
+    if fmt == "f32":
+        return value
+    if fmt == "f16":
+        return tirx.Cast("float32", value)
+    return tirx.reinterpret("float32", tirx.shift_left(tirx.Cast("uint32", value), tirx.const(16, "uint32")))
+
+
+# ---- targets ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _CpuShape:
+    """Register blocking of the CPU GEMM for one vector ISA."""
+    tiles: int      # 16-row tiles per parallel task
+    rows: int       # rows of x per register block
+    wide: bool      # 32 vector registers: room for more GEMV accumulators
+
+
+def _target_key(target) -> str:
+    return json.dumps(target, sort_keys=True, default=list) if isinstance(target, dict) else str(target)
+
+
+def _is_gpu(target) -> bool:
+    kind = target.get("kind") if isinstance(target, dict) else str(target).split()[0]
+    return kind in _GPU_KINDS
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_shape(target_key: str) -> _CpuShape:
+    import tvm
+    from tvm.target import codegen
+    spec = json.loads(target_key) if target_key.startswith("{") else target_key
+    t = tvm.target.Target(spec)
+    if codegen.target_has_features("avx512f", t):
+        return _CpuShape(tiles=2, rows=6, wide=True)       # 12 of 32 zmm accumulate
+    triple = str(t.attrs.get("mtriple", ""))
+    if codegen.target_has_features("avx2", t) or triple.startswith(("aarch64", "arm64")):
+        return _CpuShape(tiles=1, rows=6, wide=False)      # AVX2: 12 of 16 ymm; NEON: 24 of 32 q
+    return _CpuShape(tiles=1, rows=2, wide=False)          # 16-byte vectors, 16 registers
+
+
+def _k_chunks(k: int) -> tuple[int, int, int]:
+    """(count, size, last): k split into ``count`` GEMM chunks of ``size`` k's, the last of
+    ``last`` (as even as multiples of 8 allow, none over MAX_K_CHUNK)."""
+    count = -(-k // MAX_K_CHUNK)
+    size = -(-k // count)
+    size = min(k, -(-size // 8) * 8)
+    count = -(-k // size)
+    return count, size, k - (count - 1) * size
+
+
+# ---- CPU kernel ---------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _cpu_matmul_func(fmt: str, n: int, k: int, target_key: str):
+    from tvm import tirx
+    from tvm.script.ir_builder import IRBuilder
+    from tvm.script.ir_builder import tirx as T
+
+    dtype = _STORAGE[fmt]
+    shape = _cpu_shape(target_key)
+    tiles = _tiles(n)
+    tt = shape.tiles if tiles % shape.tiles == 0 else 1
+    mb = shape.rows
+    chunks, kc, k_last = _k_chunks(k)
+    unroll = GEMV_UNROLL
+    zero = tirx.const(0, "float32")
+    with IRBuilder() as ib:
+        with T.prim_func(private=True):
+            T.func_name(f"fmm_{fmt}_{n}x{k}")
+            T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
+            m_rows = T.int64()
+            x = T.arg("x", T.buffer((m_rows, k), "float32"))
+            w = T.arg("w", T.buffer((tiles, k, LANES), dtype))
+            out = T.arg("out", T.buffer((m_rows, tiles * LANES), "float32"))
+
+            def gemv(r: int, accs: int):
+                """Each weight vector widened once per pass over ``r`` rows of x, into ``accs``
+                accumulators per row."""
+                with T.parallel(0, tiles) as t:
+                    acc = T.alloc_buffer((r * accs, LANES), "float32")
+                    wv = T.alloc_buffer((LANES,), "float32")
+                    with T.serial(0, (m_rows + r - 1) // r) as mo:
+                        rows = [T.min(mo * r + i, m_rows - 1) for i in range(r)] if r > 1 else [mo]
+                        for a in range(r * accs):
+                            with T.vectorized(0, LANES) as lane:
+                                T.buffer_store(acc, zero, [a, lane])
+
+                        def step(j, a):
+                            with T.vectorized(0, LANES) as lane:
+                                T.buffer_store(wv, _widen(fmt, w[t, j, lane]), [lane])
+                            for i in range(r):
+                                with T.vectorized(0, LANES) as lane:
+                                    T.buffer_store(acc, acc[i * accs + a, lane] + x[rows[i], j] * wv[lane],
+                                                   [i * accs + a, lane])
+                        if k >= unroll:
+                            with T.serial(0, k // unroll) as u:
+                                for kk in range(unroll):
+                                    step(u * unroll + kk, kk % accs)
+                        for kk in range(k - k % unroll, k):
+                            step(kk, kk % accs)
+                        for i in range(r):
+                            def store():
+                                with T.vectorized(0, LANES) as lane:
+                                    parts = [acc[i * accs + a, lane] for a in range(accs)]
+                                    while len(parts) > 1:       # pairwise
+                                        parts = [parts[j] + parts[j + 1] for j in range(0, len(parts), 2)]
+                                    T.buffer_store(out, parts[0], [mo * r + i, t * LANES + lane])
+                            if r == 1:
+                                store()
+                            else:
+                                with T.If(mo * r + i < m_rows):
+                                    with T.Then():
+                                        store()
+
+            def gemm():
+                with T.parallel(0, tiles // tt) as task:
+                    wt = T.alloc_buffer((kc, tt * LANES), "float32")
+                    acc = T.alloc_buffer((mb, tt * LANES), "float32")
+
+                    def chunk(k0, size: int, first):
+                        # widen this k-chunk of the task's tiles once
+                        with T.serial(0, size) as kx:
+                            for u in range(tt):
+                                with T.vectorized(0, LANES) as lane:
+                                    T.buffer_store(wt, _widen(fmt, w[task * tt + u, k0 + kx, lane]), [kx, u * LANES + lane])
+                        with T.serial(0, (m_rows + mb - 1) // mb) as mo:
+                            rows = [T.min(mo * mb + i, m_rows - 1) for i in range(mb)]
+                            for i in range(mb):
+                                for u in range(tt):
+                                    with T.vectorized(0, LANES) as lane:
+                                        col = (task * tt + u) * LANES + lane
+                                        start = (zero if first is True else out[rows[i], col] if first is False
+                                                 else tirx.Select(first, zero, out[rows[i], col]))
+                                        T.buffer_store(acc, start, [i, u * LANES + lane])
+                            with T.serial(0, size) as kx:
+                                for i in range(mb):
+                                    xv = x[rows[i], k0 + kx]
+                                    for u in range(tt):
+                                        with T.vectorized(0, LANES) as lane:
+                                            j = u * LANES + lane
+                                            T.buffer_store(acc, acc[i, j] + xv * wt[kx, j], [i, j])
+                            for i in range(mb):
+                                with T.If(mo * mb + i < m_rows):
+                                    with T.Then():
+                                        for u in range(tt):
+                                            with T.vectorized(0, LANES) as lane:
+                                                T.buffer_store(out, acc[i, u * LANES + lane],
+                                                               [mo * mb + i, (task * tt + u) * LANES + lane])
+                    if chunks == 1:
+                        chunk(0, k, True)
+                    else:
+                        if kc == k_last:
+                            with T.serial(0, chunks) as ci:
+                                chunk(ci * kc, kc, ci == 0)
+                        else:
+                            with T.serial(0, chunks - 1) as ci:
+                                chunk(ci * kc, kc, ci == 0)
+                            chunk((chunks - 1) * kc, k_last, False)
+
+            wide = shape.wide
+            with T.If(m_rows == 1):
+                with T.Then():
+                    gemv(1, 4 if wide else 2)
+                with T.Else():
+                    with T.If(m_rows == 2):
+                        with T.Then():
+                            gemv(2, 4 if wide else 1)
+                        with T.Else():
+                            with T.If(m_rows <= CPU_GEMV_MAX_ROWS):
+                                with T.Then():
+                                    gemv(4, 2 if wide else 1)
+                                with T.Else():
+                                    gemm()
+    return ib.get()
+
+
+# ---- GPU: a plain reduction for dlight ----------------------------------------------------
+
+def _gpu_product(x, w, fmt: str):
+    """x [m, k] @ the tiled weight w [tiles, k, 16] -> [m, tiles·16], as one TE reduction."""
+    from tvm import te
+    k = x.shape[1]
+    r = te.reduce_axis((0, k), name="k")
+    return te.compute((x.shape[0], w.shape[0] * LANES),
+                      lambda i, j: te.sum(x[i, r] * _widen(fmt, w[j // LANES, r, j % LANES]), axis=r),
+                      name="fmm")
+
+
+# ---- Relax --------------------------------------------------------------------------------
+
+def _dims(expr) -> list:
+    shape = expr.ty.shape
+    if shape is None or not hasattr(shape, "values"):
+        from kiln.errors import KilnError
+        raise KilnError(None, "float matmul kernels need an input of known rank and shape")
+    return list(shape.values)
+
+
+def _product(dims):
+    from tvm import tirx
+    total = None
+    for d in dims:
+        d = tirx.Cast("int64", d) if str(d.ty) != "int64" else d
+        total = d if total is None else total * d
+    return total if total is not None else tirx.IntImm("int64", 1)
+
+
+def matmul(bb, x, packed: list, fmt: str, n: int, k: int, target: dict, *, exact: bool = True):
+    """x float32 [..., k] @ wᵀ for the packed [n, k] weight -> float32 [..., n]."""
+    from tvm import relax, tirx
+    _check(fmt, n, k)
+    dims = _dims(x)
+    lead = dims[:-1]
+    rows = _product(lead)
+    x2 = x if len(lead) == 1 else bb.emit(relax.op.reshape(x, relax.ShapeExpr([rows, tirx.IntImm("int64", k)])))
+    width = _tiles(n) * LANES
+    if _is_gpu(target):
+        y = bb.emit_te(_gpu_product, x2, packed[0], fmt, primfunc_name_hint=f"fmm_{fmt}_{n}x{k}_gpu")
+    else:
+        gv = bb.add_func(_cpu_matmul_func(fmt, n, k, _target_key(target)), f"fmm_{fmt}")
+        y = bb.emit(relax.call_tir(gv, [x2, *packed], relax.TensorType([rows, tirx.IntImm("int64", width)], "float32")))
+    if width != n:
+        y = bb.emit(relax.op.strided_slice(y, axes=[1], begin=[0], end=[n]))
+    if len(lead) != 1:
+        y = bb.emit(relax.op.reshape(y, relax.ShapeExpr([*lead, tirx.IntImm("int64", n)])))
+    return y
