@@ -60,11 +60,13 @@ their numbers on a machine without a GPU.
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+
+from kiln.formats._blocks import crumbs, u32_bytes_to_bits, unpack_nibbles
+from kiln.formats._kquant import unpack_scale_min
 
 LANES = 16          # rows per tile: the layout's vector
 CHUNK = 32          # k's per step of the CPU kernels (a multiple of every plane's and scale's span)
@@ -93,22 +95,18 @@ def _f16(blocks, at):
 
 
 def _decode_q4_0(b):
-    from kiln.formats._blocks import unpack_nibbles
     return unpack_nibbles(b[:, 2:]), {"d": _f16(b, 0)}
 
 
 def _decode_q4_1(b):
-    from kiln.formats._blocks import unpack_nibbles
     return unpack_nibbles(b[:, 4:]), {"d": _f16(b, 0), "m": _f16(b, 2)}
 
 
 def _decode_q5_0(b):
-    from kiln.formats._blocks import u32_bytes_to_bits, unpack_nibbles
     return unpack_nibbles(b[:, 6:]) | (u32_bytes_to_bits(b[:, 2:6]) << 4), {"d": _f16(b, 0)}
 
 
 def _decode_q5_1(b):
-    from kiln.formats._blocks import u32_bytes_to_bits, unpack_nibbles
     return unpack_nibbles(b[:, 8:]) | (u32_bytes_to_bits(b[:, 4:8]) << 4), {"d": _f16(b, 0), "m": _f16(b, 2)}
 
 
@@ -118,13 +116,13 @@ def _decode_q8_0(b):
 
 
 def _decode_q2_k(b):
-    from kiln.formats._blocks import crumbs
     # sc keeps GGUF's byte: scale in the low nibble, min in the high one
     return crumbs(b[:, 16:80], 2), {"sc": b[:, :16], "d": _f16(b, 80), "dmin": _f16(b, 82)}
 
 
 def _decode_q3_k(b):
-    from kiln.formats._blocks import crumbs
+    # imported here: importing a format module first would leave kiln's registry holding
+    # that format alone (it fills itself on first use only when empty)
     from kiln.formats.q3_k import _unpack_scales
     # code = low two bits + 4 · mask bit; value = d · (scale − 32) · (code − 4)
     codes = crumbs(b[:, 32:96], 2) | (crumbs(b[:, :32], 1) << 2)
@@ -132,22 +130,17 @@ def _decode_q3_k(b):
 
 
 def _decode_q4_k(b):
-    from kiln.formats._blocks import unpack_nibbles
-    from kiln.formats._kquant import unpack_scale_min
     sc, mn = unpack_scale_min(b[:, 4:16])
     return unpack_nibbles(b[:, 16:], group=32), {"sc": sc, "mn": mn, "d": _f16(b, 0), "dmin": _f16(b, 2)}
 
 
 def _decode_q5_k(b):
-    from kiln.formats._blocks import crumbs, unpack_nibbles
-    from kiln.formats._kquant import unpack_scale_min
     sc, mn = unpack_scale_min(b[:, 4:16])
     codes = unpack_nibbles(b[:, 48:], group=32) | (crumbs(b[:, 16:48], 1) << 4)
     return codes, {"sc": sc, "mn": mn, "d": _f16(b, 0), "dmin": _f16(b, 2)}
 
 
 def _decode_q6_k(b):
-    from kiln.formats._blocks import crumbs, unpack_nibbles
     codes = unpack_nibbles(b[:, :128], group=64) | (crumbs(b[:, 128:192], 2) << 4)
     return codes, {"sc": b[:, 192:208].view(np.int8), "d": _f16(b, 208)}
 
@@ -385,7 +378,6 @@ def _cpu_matmul_func(fmt: str, n: int, k: int, target_key: str, fast: bool = Fal
     int8 = _int8_activations(fmt, target_key)
     kc = _k_chunk(k)
     groups = CHUNK // spec.group
-    acc_n = 4
     with IRBuilder() as ib:
         with T.prim_func(private=True):
             T.func_name(f"qmm_{fmt}_{n}x{k}{'_fast' if fast else ''}")
