@@ -106,6 +106,24 @@ def test_cpu_matmul_matches_the_product(fmt, rows, cpu_results):
         assert err < TOLERANCE, (fmt, rows, err)
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_cpu_gather_is_the_stored_rows(fmt):
+    n, k = N_ODD, 96
+    w = _weight(fmt, n, k)
+    bb = relax.BlockBuilder()
+    ids = relax.Var("ids", relax.TensorType([tvm.tirx.Var("b", "int64"), tvm.tirx.Var("s", "int64")], "int64"))
+    arrays = F.pack(w)
+    p = relax.Var("w", relax.TensorType(list(arrays["w"].shape), str(arrays["w"].dtype)))
+    with bb.function("main", [ids, p]):
+        with bb.dataflow():
+            out = bb.emit_output(F.gather(bb, ids, [p], fmt, n, k, HOST))
+        bb.emit_func_output(out)
+    vm = relax.VirtualMachine(tvm.compile(bb.get(), target=tvm.target.Target(HOST)), tvm.cpu())
+    rows = np.array([[0, 7, n - 1], [16, n + 5, -2]], np.int64)    # outside 0..n-1: clamped
+    got = vm["main"](tvm.runtime.tensor(rows), tvm.runtime.tensor(arrays["w"])).numpy()
+    np.testing.assert_array_equal(got, _reference(w)[np.clip(rows, 0, n - 1)].astype(np.float32))
+
+
 def test_inexact_mode_is_the_same_kernel():
     assert F.matmul.__kwdefaults__ == {"exact": True}
     w = _weight("bf16", 16, 64)
@@ -127,10 +145,13 @@ def _small_module(target, fmts=FORMATS):
     bb = relax.BlockBuilder()
     s = tvm.tirx.Var("s", "int64")
     x = relax.Var("x", relax.TensorType([1, s, 96], "float32"))
+    ids = relax.Var("ids", relax.TensorType([1, s], "int64"))
     params = {f: relax.Var(f, relax.TensorType([3, 96, F.LANES], F._STORAGE[f])) for f in fmts}
-    with bb.function("main", [x, *params.values()]):
+    with bb.function("main", [x, ids, *params.values()]):
         with bb.dataflow():
-            out = bb.emit_output(relax.Tuple([F.matmul(bb, x, [p], f, 40, 96, target) for f, p in params.items()]))
+            outs = [F.matmul(bb, x, [p], f, 40, 96, target) for f, p in params.items()]
+            outs += [F.gather(bb, ids, [p], f, 40, 96, target) for f, p in params.items()]
+            out = bb.emit_output(relax.Tuple(outs))
         bb.emit_func_output(out)
     return bb.get()
 
@@ -154,7 +175,8 @@ def test_gpu_builds_hold_the_kernel(kind, host, fmts):
     head = 'extern "C" __global__ void' if kind == "cuda" else "kernel void"
     for fmt in fmts:
         # the product may be fused with the slice that drops the padding rows
-        assert any(head in line and f"fmm_{fmt}_40x96_gpu" in line for line in src.splitlines()), (kind, fmt)
+        for kernel in (f"fmm_{fmt}_40x96_gpu", f"fgather_{fmt}_40x96_gpu"):
+            assert any(head in line and kernel in line for line in src.splitlines()), (kind, kernel)
     # dlight's matmul rule: operands staged in shared memory, not one thread per output
     assert ("__shared__" in src) if kind == "cuda" else ("threadgroup" in src)
 

@@ -7,6 +7,10 @@ The contract with :mod:`.lower` is :mod:`.quant_kernels`' for matmuls::
     matmul(bb, x, packed, fmt, n, k, target, *, exact=True) -> relax.Expr
         x float32 [..., k] (symbolic leading dims) @ wᵀ -> float32 [..., n]; ``packed`` are the
         Relax values of ``pack``'s arrays, in its order
+    gather(bb, ids, packed, fmt, n, k, target) -> relax.Expr
+        ids int64 [...] -> float32 [..., k], the rows of the same arrays (ids outside 0..n-1
+        are clamped, as ``relax.op.take(mode="clip")`` does): a tied embedding and LM head
+        share one bf16 copy
 
 Layout. One array ``w`` of shape ``[tiles, k, 16]``: entry ``[t, j, l]`` is row ``16·t + l``'s
 value at column j (the last tile padded with zero rows), so the 16 rows' values for one k are
@@ -31,7 +35,8 @@ scheduled here):
   weights is widened into a float32 buffer once, then a register-blocked product runs over
   the rows, 6 at a time (rows past the end repeat the last row: no branch in the loop).
 * GPU (cuda, metal, ...): the product as a plain TE reduction, left unscheduled for the
-  default pipeline's dlight rules.
+  default pipeline's dlight rules (its Matmul rule stages both operands in shared memory).
+* gather: a token per parallel iteration (CPU); a TE computation for dlight (GPU).
 """
 from __future__ import annotations
 
@@ -270,6 +275,26 @@ def _cpu_matmul_func(fmt: str, n: int, k: int, target_key: str):
     return ib.get()
 
 
+@functools.lru_cache(maxsize=None)
+def _cpu_gather_func(fmt: str, n: int, k: int):
+    from tvm.script.ir_builder import IRBuilder
+    from tvm.script.ir_builder import tirx as T
+
+    with IRBuilder() as ib:
+        with T.prim_func(private=True):
+            T.func_name(f"fgather_{fmt}_{n}x{k}")
+            T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
+            count = T.int64()
+            ids = T.arg("ids", T.buffer((count,), "int64"))
+            w = T.arg("w", T.buffer((_tiles(n), k, LANES), _STORAGE[fmt]))
+            out = T.arg("out", T.buffer((count, k), "float32"))
+            with T.parallel(0, count) as i:
+                row = T.max(T.min(ids[i], n - 1), 0)
+                with T.serial(0, k) as j:
+                    T.buffer_store(out, _widen(fmt, w[row // LANES, j, row % LANES]), [i, j])
+    return ib.get()
+
+
 # ---- GPU: a plain reduction for dlight ----------------------------------------------------
 
 def _gpu_product(x, w, fmt: str):
@@ -280,6 +305,14 @@ def _gpu_product(x, w, fmt: str):
     return te.compute((x.shape[0], w.shape[0] * LANES),
                       lambda i, j: te.sum(x[i, r] * _widen(fmt, w[j // LANES, r, j % LANES]), axis=r),
                       name="fmm")
+
+
+def _gpu_rows(ids, w, fmt: str, n: int):
+    from tvm import te, tirx
+    def f(i, j):
+        row = tirx.max(tirx.min(ids[i], tirx.const(n - 1, "int64")), tirx.const(0, "int64"))
+        return _widen(fmt, w[row // LANES, j, row % LANES])
+    return te.compute((ids.shape[0], w.shape[1]), f, name="fgather")
 
 
 # ---- Relax --------------------------------------------------------------------------------
@@ -319,4 +352,21 @@ def matmul(bb, x, packed: list, fmt: str, n: int, k: int, target: dict, *, exact
         y = bb.emit(relax.op.strided_slice(y, axes=[1], begin=[0], end=[n]))
     if len(lead) != 1:
         y = bb.emit(relax.op.reshape(y, relax.ShapeExpr([*lead, tirx.IntImm("int64", n)])))
+    return y
+
+
+def gather(bb, ids, packed: list, fmt: str, n: int, k: int, target: dict):
+    """Rows ``ids`` (int64 [...]) of the packed [n, k] weight, widened -> float32 [..., k]."""
+    from tvm import relax, tirx
+    _check(fmt, n, k)
+    lead = _dims(ids)
+    count = _product(lead)
+    flat = ids if len(lead) == 1 else bb.emit(relax.op.reshape(ids, relax.ShapeExpr([count])))
+    if _is_gpu(target):
+        y = bb.emit_te(_gpu_rows, flat, packed[0], fmt, n, primfunc_name_hint=f"fgather_{fmt}_{n}x{k}_gpu")
+    else:
+        gv = bb.add_func(_cpu_gather_func(fmt, n, k), f"fgather_{fmt}")
+        y = bb.emit(relax.call_tir(gv, [flat, *packed], relax.TensorType([count, tirx.IntImm("int64", k)], "float32")))
+    if len(lead) != 1:
+        y = bb.emit(relax.op.reshape(y, relax.ShapeExpr([*lead, tirx.IntImm("int64", k)])))
     return y
