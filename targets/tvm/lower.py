@@ -190,9 +190,7 @@ class FunctionLowering:
         kv_heads, head_dim = cache_shape(graph)
         cache_type = relax.TensorType([self.batch, kv_heads, cap, head_dim], "float32")
         self.caches = relax.Var("caches", relax.TupleType([cache_type] * (2 * self.layers)))
-        self.params = relax.Var("params", relax.TupleType(
-            [relax.TensorType(list(p.array.shape), str(p.array.dtype)) for p in self.plan.params]))
-        args = [ids, self.lengths, self.logits_positions, self.caches, self.params]
+        args = [ids, self.lengths, self.logits_positions, self.caches, self._params_var()]
         if self.plan.mode == "uniform":
             args.append(relax.Var("past", relax.ShapeType([self.past])))
         with bb.function(name, args):
@@ -201,16 +199,39 @@ class FunctionLowering:
                 for v in graph.inputs[1:]:
                     if not v.name.startswith(("past_key.", "past_value.")):
                         raise ValueError(f"the TVM lowering does not know the graph input {v.name}")
-                needed = self._needed()
-                for node in graph.nodes:
-                    if id(node) in needed:
-                        self.lower(node)
+                self._lower_nodes([graph.outputs[0]])
                 logits = bb.emit_output(self.tensor(graph.outputs[0]))
             bb.emit_func_output(logits)
 
-    def _needed(self) -> set:
-        """The nodes the logits depend on (an attention's cache outputs are written in place)."""
-        need = {id(self.graph.outputs[0])}
+    def build_plain(self, name: str) -> None:
+        """A function of the graph's own inputs returning all its outputs (no KV cache): for
+        graphs without attention, such as the one-op graphs of the op tests."""
+        bb, graph = self.bb, self.graph
+        inputs = [relax.Var(v.name, relax.TensorType([self.dim(d) if d is not None else tir.Var(f"{v.name}_{i}", "int64")
+                                                      for i, d in enumerate(v.type.shape)], v.type.dtype))
+                  for v in graph.inputs]
+        with bb.function(name, inputs + [self._params_var()]):
+            with bb.dataflow():
+                for v, var in zip(graph.inputs, inputs):
+                    self.env[id(v)] = var
+                self._lower_nodes(graph.outputs)
+                out = bb.emit_output(relax.Tuple([self.tensor(v) for v in graph.outputs]))
+            bb.emit_func_output(out)
+
+    def _params_var(self):
+        self.params = relax.Var("params", relax.TupleType(
+            [relax.TensorType(list(p.array.shape), str(p.array.dtype)) for p in self.plan.params]))
+        return self.params
+
+    def _lower_nodes(self, outputs: list) -> None:
+        needed = self._needed(outputs)
+        for node in self.graph.nodes:
+            if id(node) in needed:
+                self.lower(node)
+
+    def _needed(self, outputs: list) -> set:
+        """The nodes the outputs depend on (an attention's cache outputs are written in place)."""
+        need = {id(v) for v in outputs}
         nodes = set()
         for n in reversed(self.graph.nodes):
             if any(id(o) in need for o in n.outputs):
@@ -543,6 +564,16 @@ def _infer_minus_one(src: list, out: list, i: int):
         if j != i:
             rest = rest * d
     return tir.floordiv(total, rest)
+
+
+def lower_plain(graph: Graph, target: Target):
+    """(IRModule with ``main(*graph inputs, params) -> (outputs...)``, Plan) for a graph
+    without a KV cache."""
+    from . import quant_kernels
+    plan = plan_graph(graph, None, quant_kernels.SUPPORTED)
+    bb = relax.BlockBuilder()
+    FunctionLowering(bb, graph, plan, target, False, {"quant": quant_kernels}, 0, None).build_plain("main")
+    return bb.get(), plan
 
 
 def lower(graph: Graph, target: Target, max_length: int | None):
