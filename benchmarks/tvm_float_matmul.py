@@ -34,7 +34,7 @@ STREAM_BYTES = 64 << 20
 
 
 def _copies(n: int, k: int, itemsize: int) -> int:
-    return max(1, min(32, -(-STREAM_BYTES // (n * k * itemsize))))
+    return max(1, min(128, -(-STREAM_BYTES // (n * k * itemsize))))
 
 
 def _weights(n: int, k: int, copies: int):
