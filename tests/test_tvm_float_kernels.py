@@ -1,7 +1,8 @@
 """The TVM backend's float-weight matmuls (targets/tvm/float_kernels.py).
 
 Numbers are checked on the CPU against numpy's float64 product with the weight's own values;
-the GPU builds (left to dlight) and the cross builds are checked by the code they contain.
+the GPU matmul's arithmetic runs on the CPU through its emulated build, and the GPU and cross
+builds are checked by the code they contain.
 """
 from __future__ import annotations
 
@@ -141,12 +142,12 @@ def test_inexact_mode_is_the_same_kernel():
     np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
-def _small_module(target, fmts=FORMATS):
+def _small_module(target):
     bb = relax.BlockBuilder()
     s = tvm.tirx.Var("s", "int64")
     x = relax.Var("x", relax.TensorType([1, s, 96], "float32"))
     ids = relax.Var("ids", relax.TensorType([1, s], "int64"))
-    params = {f: relax.Var(f, relax.TensorType([3, 96, F.LANES], F._STORAGE[f])) for f in fmts}
+    params = {f: relax.Var(f, relax.TensorType([3, 96, F.LANES], F._STORAGE[f])) for f in FORMATS}
     with bb.function("main", [x, ids, *params.values()]):
         with bb.dataflow():
             outs = [F.matmul(bb, x, [p], f, 40, 96, target) for f, p in params.items()]
@@ -162,23 +163,43 @@ def _modules(m):
         yield from _modules(i)
 
 
-@pytest.mark.parametrize("kind,host,fmts", [
-    ("cuda", {"kind": "llvm"}, FORMATS),
-    ("metal", {"kind": "llvm", "mtriple": "arm64-apple-macos"}, ["bf16"]),     # dlight on Metal: ~4 s a kernel
-])
-def test_gpu_builds_hold_the_kernel(kind, host, fmts):
+def _emulated(func):
+    return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target={"kind": "llvm"})["main"]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("n,k", [(N_ODD, 100), (N_EVEN, 96), (48, K)], ids=["odd", "even", "longk"])
+def test_gpu_matmul_arithmetic_emulated_on_cpu(fmt, n, k):
+    """GEMV blocks (≤ 4 rows) and GEMM blocks of 1, 4 and 3 tiles; k not a multiple of the
+    GEMV's 8 slices nor of the GEMM's 32-k steps (100, 1100)."""
+    w = _weight(fmt, n, k, seed=3)
+    w64 = _reference(w)
+    mm = _emulated(F._gpu_matmul_func(fmt, n, k, emulate=True))
+    arr = tvm.runtime.tensor(F.pack(w)["w"])
+    rng = np.random.default_rng(5)
+    for m in (1, 3, 4, 5, 37):      # a partial row block in the GEMM
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        out = tvm.runtime.empty((m, F._tiles(n) * F.LANES), "float32")
+        mm(tvm.runtime.tensor(x), arr, out)
+        assert _relative_error(out.numpy()[:, :n], x, w64) < TOLERANCE, (fmt, n, k, m)
+
+
+@pytest.mark.parametrize("kind,host", [("cuda", {"kind": "llvm"}), ("metal", {"kind": "llvm", "mtriple": "arm64-apple-macos"})])
+def test_gpu_builds_hold_the_kernels(kind, host):
     target = {"kind": "cuda", "arch": "sm_80"} if kind == "cuda" else {"kind": "metal"}
-    ex = tvm.compile(_small_module(target, fmts), target=tvm.target.Target(target, host=host))
+    ex = tvm.compile(_small_module(target), target=tvm.target.Target(target, host=host))
     device = [m for m in _modules(ex.mod) if m.kind == kind]
     assert len(device) == 1
     src = device[0].inspect_source("" if kind == "cuda" else "metal")
     head = 'extern "C" __global__ void' if kind == "cuda" else "kernel void"
-    for fmt in fmts:
-        # the product may be fused with the slice that drops the padding rows
-        for kernel in (f"fmm_{fmt}_40x96_gpu", f"fgather_{fmt}_40x96_gpu"):
+    for fmt in FORMATS:
+        # the GEMV and the GEMM of the hand-scheduled product; the gather (dlight) may be fused
+        for kernel in (f"fmm_{fmt}_40x96_gpu_kernel(", f"fmm_{fmt}_40x96_gpu_kernel_1(", f"fgather_{fmt}_40x96_gpu"):
             assert any(head in line and kernel in line for line in src.splitlines()), (kind, kernel)
-    # dlight's matmul rule: operands staged in shared memory, not one thread per output
-    assert ("__shared__" in src) if kind == "cuda" else ("threadgroup" in src)
+    if kind == "cuda":
+        assert "__syncthreads()" in src and "__shared__" in src
+    else:
+        assert "threadgroup_barrier" in src and "threadgroup float" in src
 
 
 @pytest.mark.parametrize("target,vector", [

@@ -34,9 +34,16 @@ scheduled here):
   on their own latency. M > 8: per task of one tile (two on AVX-512) a k-chunk (≤ 512 k's) of
   weights is widened into a float32 buffer once, then a register-blocked product runs over
   the rows, 6 at a time (rows past the end repeat the last row: no branch in the loop).
-* GPU (cuda, metal, ...): the product as a plain TE reduction, left unscheduled for the
-  default pipeline's dlight rules (its Matmul rule stages both operands in shared memory).
+* GPU (cuda, metal, ...): M ≤ 4: a block of 128 threads per tile, 16 lanes × 8 slices of k
+  (a step reads 128 contiguous weights), every row's sum kept per thread and the slices summed
+  in shared memory. Otherwise a 16×16-thread block per (up to 4 tiles, 32 rows) that stages 32
+  k's of widened weights and of x in shared memory; each thread keeps 8 outputs (2 rows × 4
+  tiles) in registers.
 * gather: a token per parallel iteration (CPU); a TE computation for dlight (GPU).
+
+The GPU matmul can be built with ``emulate=True`` (see ``_Grid``): the same arithmetic with
+the thread indices as serial loops, compiled for the CPU, which is how the tests check its
+numbers on a machine without a GPU.
 """
 from __future__ import annotations
 
@@ -295,16 +302,191 @@ def _cpu_gather_func(fmt: str, n: int, k: int):
     return ib.get()
 
 
-# ---- GPU: a plain reduction for dlight ----------------------------------------------------
+# ---- GPU kernels --------------------------------------------------------------------------
 
-def _gpu_product(x, w, fmt: str):
-    """x [m, k] @ the tiled weight w [tiles, k, 16] -> [m, tiles·16], as one TE reduction."""
-    from tvm import te
-    k = x.shape[1]
-    r = te.reduce_axis((0, k), name="k")
-    return te.compute((x.shape[0], w.shape[0] * LANES),
-                      lambda i, j: te.sum(x[i, r] * _widen(fmt, w[j // LANES, r, j % LANES]), axis=r),
-                      name="fmm")
+GPU_GEMV_MAX_ROWS = 4
+GPU_SLICES = 8              # GEMV: k split over 8 groups of 16 threads (a block reads 128 values a step)
+
+
+class _Grid:
+    """A GPU kernel's blocks and threads, or (``emulate``) the same kernel for the CPU.
+
+    On a GPU the block and thread indices are launched once and each barrier-separated phase
+    runs on all threads. Emulated, each phase is a serial loop nest over the thread indices
+    inside serial loops over the blocks: with a barrier between phases that is an order of
+    effects a GPU allows, so the numbers are the kernel's. ``carried`` per-thread arrays (live
+    across phases) get one copy per thread when emulated.
+    """
+
+    def __init__(self, emulate: bool, blocks: dict, threads: dict):
+        self.emulate, self.blocks, self.threads = emulate, blocks, threads
+        self._frames = []
+
+    def __enter__(self):
+        from tvm.script.ir_builder import tirx as T
+        self.block_vars, self.thread_vars = {}, {}
+        for tag, ext in self.blocks.items():
+            f = T.serial(0, ext) if self.emulate else T.launch_thread(tag, ext)
+            self.block_vars[tag] = f.__enter__()
+            self._frames.append(f)
+        if not self.emulate:
+            for tag, ext in self.threads.items():
+                f = T.launch_thread(tag, ext)
+                self.thread_vars[tag] = f.__enter__()
+                self._frames.append(f)
+        return self
+
+    def __exit__(self, *exc):
+        for f in reversed(self._frames):
+            f.__exit__(*exc)
+
+    def phase(self):
+        """A context whose value is the thread indices {tag: var}."""
+        from contextlib import ExitStack, contextmanager
+
+        from tvm.script.ir_builder import tirx as T
+
+        @contextmanager
+        def run():
+            if not self.emulate:
+                yield self.thread_vars
+                return
+            with ExitStack() as stack:
+                yield {tag: stack.enter_context(T.serial(0, ext)) for tag, ext in self.threads.items()}
+        return run()
+
+    def sync(self):
+        from tvm import tirx
+        from tvm.script.ir_builder import tirx as T
+        if not self.emulate:
+            T.evaluate(tirx.op.tvm_storage_sync("shared"))
+
+    def shared(self, shape):
+        from tvm.script.ir_builder import tirx as T
+        return T.alloc_buffer(shape, "float32", scope="global" if self.emulate else "shared")
+
+    def local(self, size: int, carried: bool = False):
+        from tvm.script.ir_builder import tirx as T
+        if self.emulate:
+            return T.alloc_buffer((tuple(self.threads.values()) if carried else ()) + (size,), "float32")
+        return T.alloc_buffer((size,), "float32", scope="local")
+
+    def at(self, tv: dict, i, carried: bool = False):
+        return [tv[tag] for tag in self.threads] + [i] if self.emulate and carried else [i]
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu_matmul_func(fmt: str, n: int, k: int, emulate: bool = False):
+    from tvm import tirx
+    from tvm.script.ir_builder import IRBuilder
+    from tvm.script.ir_builder import tirx as T
+
+    dtype = _STORAGE[fmt]
+    tiles = _tiles(n)
+    zero = tirx.const(0, "float32")
+    threads = GPU_SLICES * LANES
+    bk, bm, bm_rows = 32, 16, 32        # GEMM: 16 × 16 threads, 32 k's a step, 32 rows a block
+    rpt = bm_rows // bm                 # rows per thread
+    tb = 4 if tiles % 4 == 0 else 2 if tiles % 2 == 0 else 1    # tiles per block
+    rows_max = GPU_GEMV_MAX_ROWS
+    with IRBuilder() as ib:
+        with T.prim_func(private=True):
+            T.func_name(f"fmm_{fmt}_{n}x{k}_gpu")
+            T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
+            m_rows = T.int64()
+            x = T.arg("x", T.buffer((m_rows, k), "float32"))
+            w = T.arg("w", T.buffer((tiles, k, LANES), dtype))
+            out = T.arg("out", T.buffer((m_rows, tiles * LANES), "float32"))
+
+            def guarded(kidx, value):
+                return value if k % bk == 0 else tirx.if_then_else(kidx < k, value, zero)
+
+            with T.If(m_rows <= rows_max):
+                with T.Then():
+                    # a block per tile: thread (slice s, lane) sums k = s, s + 8, ... for every row
+                    with _Grid(emulate, {"blockIdx.x": tiles}, {"threadIdx.x": threads}) as g:
+                        t = g.block_vars["blockIdx.x"]
+                        red = g.shared((rows_max, threads))
+                        acc = g.local(rows_max)
+                        wv = g.local(1)
+                        with g.phase() as tv:
+                            tx = tv["threadIdx.x"]
+                            s, lane = tx // LANES, tx % LANES
+                            for i in range(rows_max):
+                                T.buffer_store(acc, zero, [i])
+                            with T.serial(0, (k + GPU_SLICES - 1) // GPU_SLICES) as step:
+                                kidx = step * GPU_SLICES + s
+
+                                def body():
+                                    T.buffer_store(wv, _widen(fmt, w[t, kidx, lane]), [0])
+                                    for i in range(rows_max):
+                                        row = T.min(tirx.const(i, "int64"), m_rows - 1)
+                                        T.buffer_store(acc, acc[i] + x[row, kidx] * wv[0], [i])
+                                if k % GPU_SLICES:
+                                    with T.If(kidx < k):
+                                        with T.Then():
+                                            body()
+                                else:
+                                    body()
+                            for i in range(rows_max):
+                                T.buffer_store(red, acc[i], [i, tx])
+                        g.sync()
+                        with g.phase() as tv:
+                            tx = tv["threadIdx.x"]
+                            i, lane = tx // LANES, tx % LANES
+                            with T.If(tirx.all(i < rows_max, tirx.Cast("int64", i) < m_rows)):
+                                with T.Then():
+                                    total = red[i, lane]
+                                    for sl in range(1, GPU_SLICES):
+                                        total = total + red[i, sl * LANES + lane]
+                                    T.buffer_store(out, total, [i, t * LANES + lane])
+                with T.Else():
+                    # a block per (tb tiles, 32 rows); each thread: rows ty and ty + 16, lane tx of the tiles
+                    blocks = {"blockIdx.x": tiles // tb, "blockIdx.y": (m_rows + bm_rows - 1) // bm_rows}
+                    with _Grid(emulate, blocks, {"threadIdx.y": bm, "threadIdx.x": LANES}) as g:
+                        tg, mb = g.block_vars["blockIdx.x"], g.block_vars["blockIdx.y"]
+                        ws = g.shared((bk, tb * LANES))
+                        xs = g.shared((bm_rows, bk + 1))        # + 1: rows in different banks
+                        acc = g.local(rpt * tb, carried=True)
+                        with g.phase() as tv:
+                            for a in range(rpt * tb):
+                                T.buffer_store(acc, zero, g.at(tv, a, True))
+                        with T.serial(0, (k + bk - 1) // bk) as c:
+                            with g.phase() as tv:
+                                ty, tx = tv["threadIdx.y"], tv["threadIdx.x"]
+                                for h in range(bk // bm):
+                                    kk = h * bm + ty            # 16 threads of a row read 16 contiguous values
+                                    kidx = c * bk + kk
+                                    for u in range(tb):
+                                        T.buffer_store(ws, guarded(kidx, _widen(fmt, w[tg * tb + u, T.min(kidx, k - 1), tx])),
+                                                       [kk, u * LANES + tx])
+                                for i in range(rpt):
+                                    row = T.min(mb * bm_rows + ty + bm * i, m_rows - 1)
+                                    for h in range(bk // LANES):
+                                        kk = h * LANES + tx
+                                        kidx = c * bk + kk
+                                        T.buffer_store(xs, guarded(kidx, x[row, T.min(kidx, k - 1)]), [ty + bm * i, kk])
+                            g.sync()
+                            with g.phase() as tv:
+                                ty, tx = tv["threadIdx.y"], tv["threadIdx.x"]
+                                totals = [acc[tuple(g.at(tv, a, True))] for a in range(rpt * tb)]
+                                for kk in range(bk):
+                                    for i in range(rpt):
+                                        xv = xs[ty + bm * i, kk]
+                                        for u in range(tb):
+                                            totals[i * tb + u] = totals[i * tb + u] + xv * ws[kk, u * LANES + tx]
+                                for a in range(rpt * tb):
+                                    T.buffer_store(acc, totals[a], g.at(tv, a, True))
+                            g.sync()
+                        with g.phase() as tv:
+                            ty, tx = tv["threadIdx.y"], tv["threadIdx.x"]
+                            for i in range(rpt):
+                                with T.If(mb * bm_rows + ty + bm * i < m_rows):
+                                    with T.Then():
+                                        for u in range(tb):
+                                            T.buffer_store(out, acc[tuple(g.at(tv, i * tb + u, True))],
+                                                           [mb * bm_rows + ty + bm * i, (tg * tb + u) * LANES + tx])
+    return ib.get()
 
 
 def _gpu_rows(ids, w, fmt: str, n: int):
@@ -344,10 +526,10 @@ def matmul(bb, x, packed: list, fmt: str, n: int, k: int, target: dict, *, exact
     x2 = x if len(lead) == 1 else bb.emit(relax.op.reshape(x, relax.ShapeExpr([rows, tirx.IntImm("int64", k)])))
     width = _tiles(n) * LANES
     if _is_gpu(target):
-        y = bb.emit_te(_gpu_product, x2, packed[0], fmt, primfunc_name_hint=f"fmm_{fmt}_{n}x{k}_gpu")
+        gv = bb.add_func(_gpu_matmul_func(fmt, n, k), f"fmm_{fmt}_{n}x{k}_gpu")
     else:
-        gv = bb.add_func(_cpu_matmul_func(fmt, n, k, _target_key(target)), f"fmm_{fmt}")
-        y = bb.emit(relax.call_tir(gv, [x2, *packed], relax.TensorType([rows, tirx.IntImm("int64", width)], "float32")))
+        gv = bb.add_func(_cpu_matmul_func(fmt, n, k, _target_key(target)), f"fmm_{fmt}_{n}x{k}")
+    y = bb.emit(relax.call_tir(gv, [x2, *packed], relax.TensorType([rows, tirx.IntImm("int64", width)], "float32")))
     if width != n:
         y = bb.emit(relax.op.strided_slice(y, axes=[1], begin=[0], end=[n]))
     if len(lead) != 1:
@@ -365,7 +547,7 @@ def gather(bb, ids, packed: list, fmt: str, n: int, k: int, target: dict):
     if _is_gpu(target):
         y = bb.emit_te(_gpu_rows, flat, packed[0], fmt, n, primfunc_name_hint=f"fgather_{fmt}_{n}x{k}_gpu")
     else:
-        gv = bb.add_func(_cpu_gather_func(fmt, n, k), f"fgather_{fmt}")
+        gv = bb.add_func(_cpu_gather_func(fmt, n, k), f"fgather_{fmt}_{n}x{k}")
         y = bb.emit(relax.call_tir(gv, [flat, *packed], relax.TensorType([count, tirx.IntImm("int64", k)], "float32")))
     if len(lead) != 1:
         y = bb.emit(relax.op.reshape(y, relax.ShapeExpr([*lead, tirx.IntImm("int64", k)])))
