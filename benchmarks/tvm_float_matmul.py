@@ -94,7 +94,6 @@ def run_numpy(n: int, k: int, m: int) -> float:
 
 
 def run_ort(n: int, k: int, m: int, threads: int) -> float:
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
     ws = _weights(n, k, _copies(n, k, 4))
