@@ -138,7 +138,7 @@ class FunctionLowering:
         self.kernels = kernels
         self.layers = layers
         self.head_input = head_input
-        self.env: dict[int, object] = {}
+        self.env: dict = {}            # id(Value) -> Relax expression or Sym; also shared rows
         self._param_vars: dict[int, relax.Expr] = {}
         self._positions = None
 
@@ -445,13 +445,19 @@ class FunctionLowering:
     def op_Rotary(self, n):
         x, cos, sin = n.inputs
         if id(n) in self.plan.rotations:
-            c_name, s_name = self.plan.rotations[id(n)]
-            pos = self.positions()
-            c = self.bb.emit(relax.op.take(self.param(f"rope.{c_name}"), pos, axis=0, mode="clip"))
-            s = self.bb.emit(relax.op.take(self.param(f"rope.{s_name}"), pos, axis=0, mode="clip"))
+            c, s = (self.table_rows(name) for name in self.plan.rotations[id(n)])
         else:
             c, s = self.tensor(cos), self.tensor(sin)
         return self.bb.emit_te(_rotary, self.tensor(x), c, s, primfunc_name_hint="rotary")
+
+    def table_rows(self, name: str):
+        """A rotary table's rows at each new token's position, [batch, seq, d/2]; gathered once
+        per function and shared by every layer's q and k."""
+        key = f"rows.{name}"
+        if key not in self.env:
+            table = self.param(f"rope.{name}")
+            self.env[key] = self.bb.emit(relax.op.take(table, self.positions(), axis=0, mode="clip"))
+        return self.env[key]
 
     def positions(self):
         """Each new token's absolute position, int64 [batch, seq]: its row's length onward."""
