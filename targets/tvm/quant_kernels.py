@@ -25,9 +25,11 @@ per weight).
 Arithmetic. Every kernel computes a weight exactly as ``gguf.quants.dequantize`` does, in
 float32: ``scale · (code − offset) [+ bias]`` with ``scale = d`` (legacy formats) or
 ``d · sc`` (K-quants, one float32 product), ``bias = m`` (Q4_1, Q5_1) or ``−(dmin · mn)``
-(Q2_K, Q4_K, Q5_K); then multiplies it by x in float32 and sums. Only the order of the
-additions (and, where LLVM contracts, a fused multiply-add) differs from numpy's
-``x @ dequantize(w).T``.
+(Q2_K, Q4_K, Q5_K); then multiplies it by x in float32 and sums. Every ``scale · code``
+product is exact in float32 (a half's 11 significant bits times at most 13 bits of integers),
+so the weight is bit for bit gguf's even where LLVM fuses the bias into a multiply-add (the
+lookups are checked for equality). Only the order of the additions of the products (and
+LLVM's fused multiply-adds there) differs from numpy's ``x @ dequantize(w).T``.
 
 ``exact=False`` (kiln's fast precision) changes the CPU GEMV (M ≤ 8) only. On AVX-512 VNNI, for
 q4_0, q4_1, q4_k and q8_0, x is quantized to int8 per 32 values (scale max|x|/127, as llama.cpp
