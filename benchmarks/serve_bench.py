@@ -1,0 +1,126 @@
+"""Throughput of ``kiln serve`` with 1, 4 and 8 concurrent streaming clients.
+
+Starts ``kiln serve ARTIFACT`` on a free loopback port, then for each client count starts that
+many clients together (threads with the official ``openai`` client), each streaming
+``--tokens`` tokens of a seeded story (the prompt asks for a long story and ``max_tokens``
+bounds it). Reports total generated tokens/s (all clients' tokens over the
+wall time from the first request to the last token) and time to first token (mean, worst).
+
+    .venv/bin/python benchmarks/serve_bench.py smollm2.kiln [--clients 1,4,8] [--tokens 128] [--max-batch 8]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(base: str, proc, timeout: float = 120) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        if proc.poll() is not None:
+            raise SystemExit(f"serve_bench: the server exited ({proc.returncode}): {proc.stderr.read()}")
+        try:
+            with urllib.request.urlopen(base + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise SystemExit("serve_bench: the server did not come up")
+
+
+def one_client(client, model: str, i: int, tokens: int, out: dict, start: float) -> None:
+    try:
+        _one_client(client, model, i, tokens, out, start)
+    except Exception as e:               # reported by run(): a thread cannot raise to it
+        out[i] = {"error": f"{type(e).__name__}: {e}"}
+
+
+def _one_client(client, model: str, i: int, tokens: int, out: dict, start: float) -> None:
+    first, n, counted = None, 0, None
+    stream = client.chat.completions.create(
+        model=model, stream=True, max_tokens=tokens, temperature=0.8, seed=100 + i,
+        messages=[{"role": "user", "content": f"Tell me a long story about a lighthouse keeper number {i}."}])
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            if first is None:
+                first = time.perf_counter() - start
+            n += 1
+        if getattr(chunk, "usage", None) is not None:
+            counted = chunk.usage.completion_tokens
+    out[i] = {"ttft": first, "tokens": counted if counted is not None else n, "end": time.perf_counter() - start}
+
+
+def run(base: str, clients: int, tokens: int) -> dict:
+    from openai import OpenAI
+    client = OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=600)
+    model = client.models.list().data[0].id
+    out: dict = {}
+    start = time.perf_counter()
+    threads = [threading.Thread(target=one_client, args=(client, model, i, tokens, out, start))
+               for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    errors = [r["error"] for r in out.values() if "error" in r]
+    if errors:
+        raise SystemExit(f"serve_bench: a client failed: {errors[0]}")
+    wall = max(r["end"] for r in out.values())
+    # the server's own count (usage on the last chunk), else the chunks that carried text
+    generated = sum(r["tokens"] for r in out.values())
+    return {"clients": clients, "wall_s": wall, "tokens": generated,
+            "ttft_mean_s": statistics.mean(r["ttft"] for r in out.values()),
+            "ttft_worst_s": max(r["ttft"] for r in out.values())}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("artifact")
+    ap.add_argument("--clients", default="1,4,8")
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--max-batch", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "kiln.cli", "serve", a.artifact, "--port", str(port),
+                             "--max-batch", str(a.max_batch), "--threads", str(a.threads)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_ready(base, proc)
+        run(base, 1, 8)                                   # warm-up
+        rows = []
+        for n in (int(x) for x in a.clients.split(",")):
+            r = run(base, n, a.tokens)
+            with urllib.request.urlopen(base + "/health") as h:
+                json.load(h)
+            r["tokens_per_s"] = r["tokens"] / r["wall_s"]
+            rows.append(r)
+            print(f"{n} client(s): {r['tokens']} tokens in {r['wall_s']:.2f} s = {r['tokens_per_s']:.1f} tokens/s "
+                  f"in total; time to first token {r['ttft_mean_s']:.2f} s mean, {r['ttft_worst_s']:.2f} s worst",
+                  flush=True)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(rows, f, indent=1)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
