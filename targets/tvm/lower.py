@@ -99,9 +99,14 @@ def plan_graph(graph: Graph, max_length: int | None, quant_formats: frozenset) -
             plan.add(f"rope.{sin}", {"": s})
     else:
         plan = Plan("uniform", int(max_length or onnxrt_kv.MAX_TABLE_POSITIONS), why_uniform=why)
-    from . import quant_kernels
+    from . import float_kernels, quant_kernels
     for v in graph.weights.values():
         w = v.weight
+        if _float_kernel_weight(v, float_kernels.SUPPORTED):
+            # kept in its own type (bf16 stays 2 bytes), tiled for float_kernels
+            plan.add(v.name, float_kernels.pack(w))
+            plan.formats[v.name] = w.format.name
+            continue
         for u in v.uses:
             node = u.node
             blocks = w.format.is_block and w.format.name in quant_formats and len(w.shape) == 2
@@ -123,6 +128,22 @@ def plan_graph(graph: Graph, max_length: int | None, quant_formats: frozenset) -
                 plan.add(v.name, {"": w.numpy().astype(v.type.dtype)})
                 plan.formats.setdefault(v.name, v.type.dtype)
     return plan
+
+
+def _float_kernel_weight(v: Value, formats: frozenset) -> bool:
+    """Whether a float weight (f32, f16, bf16) is read only as the right operand of MatMuls
+    through ``Transpose(perm=[1, 0])`` or as the table of a row Gather (an embedding, tied or
+    not): then one packed copy in its own type serves every use."""
+    w = v.weight
+    if w.format.name not in formats or len(w.shape) != 2 or not v.uses:
+        return False
+    for u in v.uses:
+        node = u.node
+        if not ((node.op == "Transpose" and u.index == 0 and list(node.attrs["perm"]) == [1, 0]
+                 and all(t.node.op == "MatMul" and t.index == 1 for t in node.outputs[0].uses))
+                or (node.op == "Gather" and u.index == 0 and node.attrs.get("axis", 0) == 0)):
+            return False
+    return True
 
 
 class FunctionLowering:
@@ -319,7 +340,18 @@ class FunctionLowering:
     # ---- reductions and products ----------------------------------------------------------
     def op_MatMul(self, n):
         a, b = n.inputs
+        w = self._float_weight(b.producer.inputs[0]) if b.producer is not None and b.producer.op == "Transpose" else None
+        if w is not None:
+            rows, cols = w.weight.shape
+            return self.kernels["float"].matmul(self.bb, self.tensor(a), self.params_of(w.name), w.weight.format.name,
+                                                rows, cols, self.target.tvm, exact=self.target.exact)
         return relax.op.matmul(self.tensor(a), self.tensor(b))
+
+    def _float_weight(self, v: Value) -> Value | None:
+        """v, when it is a weight stored for the float kernels."""
+        if v.is_weight and self.plan.formats.get(v.name) in self.kernels["float"].SUPPORTED and v.name in self.plan.index:
+            return v
+        return None
 
     def op_Softmax(self, n):
         return relax.op.nn.softmax(self.tensor(n.inputs[0]), axis=n.attrs["axis"])
@@ -364,6 +396,8 @@ class FunctionLowering:
 
     def op_Transpose(self, n):
         x = n.inputs[0]
+        if x.is_weight and self._float_weight(x) is not None:
+            return None
         if x.is_weight:
             return self.param(f"{x.name}.T")
         return relax.op.permute_dims(self.tensor(x), list(n.attrs["perm"]))
@@ -392,6 +426,10 @@ class FunctionLowering:
         s, si = self.sym(table), self.sym(idx)
         if isinstance(self.env.get(id(table)), Sym) and si is not None and si.scalar:
             return Sym([s.values[int(si.values[0])]], scalar=True)
+        if table.is_weight and self._float_weight(table) is not None and axis == 0:
+            w = table.weight
+            return self.kernels["float"].gather(self.bb, self.tensor(idx), self.params_of(table.name),
+                                                w.format.name, w.shape[0], w.shape[1], self.target.tvm)
         if table.is_weight and table.name in self.plan.formats and self.plan.formats[table.name] in self.kernels["quant"].SUPPORTED:
             w = table.weight
             return self.kernels["quant"].gather(self.bb, self.tensor(idx), self.params_of(table.name),
@@ -575,10 +613,11 @@ def _infer_minus_one(src: list, out: list, i: int):
 def lower_plain(graph: Graph, target: Target):
     """(IRModule with ``main(*graph inputs, params) -> (outputs...)``, Plan) for a graph
     without a KV cache."""
-    from . import quant_kernels
+    from . import float_kernels, quant_kernels
     plan = plan_graph(graph, None, quant_kernels.SUPPORTED)
     bb = relax.BlockBuilder()
-    FunctionLowering(bb, graph, plan, target, False, {"quant": quant_kernels}, 0, None).build_plain("main")
+    kernels = {"quant": quant_kernels, "float": float_kernels}
+    FunctionLowering(bb, graph, plan, target, False, kernels, 0, None).build_plain("main")
     return bb.get(), plan
 
 
@@ -586,14 +625,14 @@ def lower(graph: Graph, target: Target, max_length: int | None):
     """(IRModule with prefill and decode, Plan) for the graph after kiln's passes."""
     from kiln.targets.onnxrt import _lm_head_input
 
-    from . import quant_kernels
+    from . import float_kernels, quant_kernels
     attentions = [n for n in graph.nodes if n.op == "Attention"]
     if not attentions or "kv_cache" not in graph.meta:
         raise ValueError("the TVM backend needs the fused attention with a KV cache")
     plan = plan_graph(graph, max_length, quant_kernels.SUPPORTED)
     head_input = _lm_head_input(graph)
     bb = relax.BlockBuilder()
-    kernels: dict = {"quant": quant_kernels}
+    kernels: dict = {"quant": quant_kernels, "float": float_kernels}
     for name in ENTRY_POINTS:
         FunctionLowering(bb, graph, plan, target, name == "decode", kernels, len(attentions), head_input).build(name)
     return bb.get(), plan
