@@ -23,6 +23,7 @@ import numpy as np
 from kiln.artifact import ArtifactError
 
 from .onnx_check import check_external_data
+from .rows import check_join, doubled_capacity, right_padded
 
 #: First capacity of a shared cache, in tokens per row; it doubles as sequences grow.
 INITIAL_CAPACITY = 256
@@ -157,15 +158,7 @@ class OnnxRuntimeSession:
         if not self.ragged_prefill:
             raise ValueError("this artifact's KV cache grows by concatenation; prompts of one run "
                              "must have the same length")
-        if len(prompts) != self.batch or self.length:
-            raise ValueError(f"prefill takes {self.batch} prompts on a fresh cache (reset first)")
-        lengths = np.array([len(p) for p in prompts], dtype=np.int64)
-        if lengths.min() < 1:
-            raise ValueError("a prompt has no tokens; the model needs at least one")
-        ids = np.zeros((self.batch, int(lengths.max())), dtype=np.int64)
-        for b, p in enumerate(prompts):
-            ids[b, :len(p)] = p
-        positions = (lengths - 1)[:, None] if last_only else np.tile(np.arange(ids.shape[1]), (self.batch, 1))
+        ids, lengths, positions = right_padded(prompts, self.batch, self.length, last_only)
         return self._run_shared(ids, lengths, positions)
 
     # ---- rows that join and leave a running batch (shared layout) --------------------------
@@ -186,12 +179,7 @@ class OnnxRuntimeSession:
         buffers); its keys and values are then copied into row r of the batch buffers (the
         numpy arrays behind the OrtValues share their memory)."""
         n = len(prompt)
-        if n < 1:
-            raise ValueError("a prompt has no tokens; the model needs at least one")
-        if self.max_length is not None and n > self.max_length:
-            raise ValueError(f"the prompt has {n} tokens but this artifact holds at most {self.max_length}")
-        if not 0 <= r < self.batch:
-            raise ValueError(f"row {r} is not in a batch of {self.batch}")
+        check_join(r, n, self.batch, self.max_length)
         side = self._side_session()
         side.reset(1)
         logits = side.prefill([list(prompt)], last_only=True)[0, -1]
@@ -304,9 +292,5 @@ class OnnxRuntimeSession:
         self._io = None
 
     def _grow(self, needed: int) -> None:
-        capacity = max(self.capacity, 1)
-        while capacity < needed:
-            capacity *= 2
-        if self.max_length is not None:
-            capacity = min(capacity, self.max_length)
-        self._allocate(self.batch, capacity, keep=int(self.lengths.max()))
+        self._allocate(self.batch, doubled_capacity(self.capacity, needed, self.max_length),
+                       keep=int(self.lengths.max()))

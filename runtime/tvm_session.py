@@ -21,6 +21,8 @@ import numpy as np
 
 from kiln.artifact import ArtifactError
 
+from .rows import check_join, doubled_capacity, right_padded
+
 INITIAL_CAPACITY = 256
 DEVICES = {"cpu": "cpu", "cuda": "cuda", "metal": "metal"}
 
@@ -115,15 +117,7 @@ class TVMSession:
         if not self.ragged_prefill:
             raise ValueError("this artifact computes positions from one shared length; prompts of one run "
                              "must have the same length")
-        if len(prompts) != self.batch or self.length:
-            raise ValueError(f"prefill takes {self.batch} prompts on a fresh cache (reset first)")
-        lengths = np.array([len(p) for p in prompts], dtype=np.int64)
-        if lengths.min() < 1:
-            raise ValueError("a prompt has no tokens; the model needs at least one")
-        ids = np.zeros((self.batch, int(lengths.max())), dtype=np.int64)
-        for b, p in enumerate(prompts):
-            ids[b, :len(p)] = p
-        positions = (lengths - 1)[:, None] if last_only else np.tile(np.arange(ids.shape[1]), (self.batch, 1))
+        ids, lengths, positions = right_padded(prompts, self.batch, self.length, last_only)
         logits = self._run(ids, self.lengths, positions)
         self.lengths = lengths
         self.length = int(lengths.max())
@@ -139,12 +133,7 @@ class TVMSession:
         """Prefill ``prompt`` into row ``r`` through a view of that row's cache slice (the
         other rows are not touched); returns its last token's logits, float32 [vocab]."""
         n = len(prompt)
-        if n < 1:
-            raise ValueError("a prompt has no tokens; the model needs at least one")
-        if n > self.max_length:
-            raise ValueError(f"the prompt has {n} tokens but this artifact holds at most {self.max_length}")
-        if not 0 <= r < self.batch:
-            raise ValueError(f"row {r} is not in a batch of {self.batch}")
+        check_join(r, n, self.batch, self.max_length)
         if n > self.capacity:
             self._grow(n)
         views = [self._row_view(c, r) for c in self.caches]
@@ -228,7 +217,4 @@ class TVMSession:
         self.caches, self.capacity = fresh, capacity
 
     def _grow(self, needed: int) -> None:
-        capacity = max(self.capacity, 1)
-        while capacity < needed:
-            capacity *= 2
-        self._allocate(min(capacity, self.max_length), keep=int(self.lengths.max()))
+        self._allocate(doubled_capacity(self.capacity, needed, self.max_length), keep=int(self.lengths.max()))
