@@ -129,9 +129,11 @@ def attention(heads: int, kv_heads: int, head_dim: int, scale: float, window: in
         L = T.match_buffer(len_h, (b,), "int32")
         O = T.match_buffer(o_h, (b, s, H * D), "float32")
         for task in T.parallel(b * H * s):
-            acc = T.alloc_buffer((D,), "float32", scope="local")
-            part = T.alloc_buffer((lanes,), "float32", scope="local")
-            st = T.alloc_buffer((3,), "float32", scope="local")    # running max, sum, score
+            # default scope: on the CPU, "local" buffers come from the workspace allocator,
+            # one allocation per task; these small ones belong on the stack
+            acc = T.alloc_buffer((D,), "float32")
+            part = T.alloc_buffer((lanes,), "float32")
+            st = T.alloc_buffer((3,), "float32")    # running max, sum, score
             r = task // (H * s)
             h = task // s % H
             i = task % s
