@@ -49,7 +49,7 @@ def cmd_compile(a) -> int:
         out = kiln_compile(a.model, target=a.target, output=a.output, verify=a.verify, dump_ir=a.dump_ir,
                            on_pass=on_pass, on_weight=on_weight, on_stage=on_stage,
                            quant=a.quant, requantize=a.requantize, precision=a.precision,
-                           backend=a.backend, arch=a.arch)
+                           backend=a.backend, arch=a.arch, kv_dtype=a.kv_dtype)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     if not a.quiet:
         for line in pass_lines:
@@ -337,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", choices=["onnxrt", "tvm"],
                    help="code generator (default: the target's own: onnxrt, or tvm for metal)")
     s.add_argument("--arch", help="CUDA architecture for --target cuda: sm80, sm86, sm89 or sm90")
+    s.add_argument("--kv-dtype", choices=["f32", "f16"], default="f32",
+                   help="KV-cache element type (f16: TVM backend, half the memory traffic at long context)")
     s.add_argument("-o", "--output", help="artifact folder (default: NAME.kiln)")
     s.add_argument("--verify", action="store_true", help="verify the IR after every pass")
     s.add_argument("--dump-ir", metavar="DIR", help="write the IR after each pass into DIR")

@@ -86,7 +86,7 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
             on_pass: Callable[[PassRecord], None] | None = None, on_weight: Report | None = None,
             on_stage: Report | None = None, kv_layout: str = "auto", quant: str | None = None,
             requantize: bool = False, precision: str = "exact", backend: str | None = None,
-            arch: str | None = None):
+            arch: str | None = None, kv_dtype: str = "f32"):
     """Compile a model (path or ModelIR) for ``target`` into the artifact folder ``output``.
 
     ``quant`` quantizes a float model's weights first: a block type or a llama.cpp mixture
@@ -99,7 +99,9 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
     thing as the graph, else the growing one), "shared" or "concat" to insist on one.
 
     ``backend``: "onnxrt" or "tvm" (default: the target's own; metal has only TVM);
-    ``arch`` picks a CUDA architecture (sm80, sm86, sm89, sm90) for the cuda target."""
+    ``arch`` picks a CUDA architecture (sm80, sm86, sm89, sm90) for the cuda target.
+    ``kv_dtype``: "f32" or "f16" (TVM backend: the KV cache in float16, half the memory
+    traffic of long contexts; ONNX Runtime artifacts keep float32)."""
     from kiln.targets.presets import backend_for, resolve
     t0 = time.perf_counter()
     stage = on_stage or (lambda s: None)
@@ -110,6 +112,10 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
         raise KilnError(None, str(e)) from None
     if precision not in ("exact", "fast"):
         raise KilnError(None, f"unknown precision {precision!r}; choose exact or fast")
+    if kv_dtype not in ("f32", "f16"):
+        raise KilnError(None, f"unknown KV-cache type {kv_dtype!r}; choose f32 or f16")
+    if kv_dtype == "f16" and backend != "tvm":
+        raise KilnError(None, "--kv-dtype f16 needs --backend tvm (the ONNX Runtime backend keeps a float32 cache)")
     scheme = quant_scheme(quant) if quant else None
     src_path = None
     if isinstance(model, (str, os.PathLike)):
@@ -138,7 +144,7 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
             if on_weight is not None:
                 on_weight(name)
         if backend == "tvm":
-            backend_entry = _lower_tvm(graph, tmp, preset, cfg, weight_done, stage, precision)
+            backend_entry = _lower_tvm(graph, tmp, preset, cfg, weight_done, stage, precision, kv_dtype)
         else:
             backend_entry = _lower_onnxrt(graph, tmp, preset, cfg, weight_done, stage, kv_layout, precision)
         if model.tokenizer is not None:
@@ -183,7 +189,7 @@ def _lower_onnxrt(graph, tmp, preset, cfg, weight_done, stage, kv_layout, precis
             **summary}
 
 
-def _lower_tvm(graph, tmp, preset, cfg, weight_done, stage, precision) -> dict:
+def _lower_tvm(graph, tmp, preset, cfg, weight_done, stage, precision, kv_dtype) -> dict:
     try:
         import tvm  # noqa: F401
     except ImportError:
@@ -194,7 +200,8 @@ def _lower_tvm(graph, tmp, preset, cfg, weight_done, stage, precision) -> dict:
                                  host=preset.name == "cpu")
     try:
         summary = build.build(graph, tmp, target, max_length=cfg.get("max_position_embeddings"),
-                              progress=weight_done, stage=stage, precision=precision)
+                              progress=weight_done, stage=stage, precision=precision,
+                              kv_dtype={"f32": "float32", "f16": "float16"}[kv_dtype])
     except ValueError as e:
         raise KilnError(None, f"the TVM backend cannot compile this model: {e}") from None
     return {"name": "tvm", **({"cross_compiled_for": target.cross} if target.cross else {}),

@@ -56,6 +56,9 @@ class TVMSession:
             names = list(backend["params"])
             kv = backend["kv_cache"]
             self.mode = kv["mode"]
+            self.kv_dtype = np.dtype(kv.get("dtype", "float32"))
+            if self.kv_dtype not in (np.float32, np.float16):
+                raise ValueError(f"KV-cache dtype {self.kv_dtype}")
             self.layers, self.kv_heads, self.head_dim = int(kv["layers"]), int(kv["kv_heads"]), int(kv["head_dim"])
         except (KeyError, TypeError, ValueError) as e:
             what = f"has no {e.args[0]!r}" if isinstance(e, KeyError) else f"has a bad value ({e})"
@@ -208,13 +211,14 @@ class TVMSession:
 
     def _row_view(self, cache, r: int):
         shape = (1, self.kv_heads, self.capacity, self.head_dim)
-        return cache._create_view(shape, relative_byte_offset=r * self.kv_heads * self.capacity * self.head_dim * 4)
+        row_bytes = self.kv_heads * self.capacity * self.head_dim * self.kv_dtype.itemsize
+        return cache._create_view(shape, relative_byte_offset=r * row_bytes)
 
     def _allocate(self, capacity: int, keep: int = 0) -> None:
         shape = (self.batch, self.kv_heads, capacity, self.head_dim)
         fresh = []
         for i in range(2 * self.layers):
-            arr = np.zeros(shape, dtype=np.float32)
+            arr = np.zeros(shape, dtype=self.kv_dtype)
             if keep and self.caches:
                 arr[:, :, :keep] = self.caches[i].numpy()[:, :, :keep]
             fresh.append(self._tvm.runtime.tensor(arr, self.dev))

@@ -24,17 +24,18 @@ from tvm.script import tirx as T
 LANES = 16
 
 
-def kv_append(kv_heads: int, head_dim: int, gpu: bool):
-    """(k_cache, v_cache, k [b, KV, s, D], v, lengths int32 [b]) -> the caches, written in place."""
-    KV, D = kv_heads, head_dim
+def kv_append(kv_heads: int, head_dim: int, gpu: bool, cache_dtype: str = "float32"):
+    """(k_cache, v_cache, k [b, KV, s, D], v, lengths int32 [b]) -> the caches, written in place
+    (rounded to float16 for a float16 cache)."""
+    KV, D, CD = kv_heads, head_dim, cache_dtype
 
     if gpu:
         @T.prim_func(private=True)
         def kv_append_gpu(kc_h: T.handle, vc_h: T.handle, k_h: T.handle, v_h: T.handle, len_h: T.handle):
             T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
             b, s, cap = T.int64(), T.int64(), T.int64()
-            KC = T.match_buffer(kc_h, (b, KV, cap, D), "float32", offset_factor=1)
-            VC = T.match_buffer(vc_h, (b, KV, cap, D), "float32", offset_factor=1)
+            KC = T.match_buffer(kc_h, (b, KV, cap, D), CD, offset_factor=1)
+            VC = T.match_buffer(vc_h, (b, KV, cap, D), CD, offset_factor=1)
             K = T.match_buffer(k_h, (b, KV, s, D), "float32")
             V = T.match_buffer(v_h, (b, KV, s, D), "float32")
             L = T.match_buffer(len_h, (b,), "int32")
@@ -43,16 +44,16 @@ def kv_append(kv_heads: int, head_dim: int, gpu: bool):
             r = bx // (KV * s)
             h = bx // s % KV
             i = bx % s
-            KC[r, h, T.Cast("int64", L[r]) + i, tx] = K[r, h, i, tx]
-            VC[r, h, T.Cast("int64", L[r]) + i, tx] = V[r, h, i, tx]
+            KC[r, h, T.Cast("int64", L[r]) + i, tx] = T.Cast(CD, K[r, h, i, tx])
+            VC[r, h, T.Cast("int64", L[r]) + i, tx] = T.Cast(CD, V[r, h, i, tx])
         return kv_append_gpu
 
     @T.prim_func(private=True)
     def kv_append_cpu(kc_h: T.handle, vc_h: T.handle, k_h: T.handle, v_h: T.handle, len_h: T.handle):
         T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
         b, s, cap = T.int64(), T.int64(), T.int64()
-        KC = T.match_buffer(kc_h, (b, KV, cap, D), "float32", offset_factor=1)
-        VC = T.match_buffer(vc_h, (b, KV, cap, D), "float32", offset_factor=1)
+        KC = T.match_buffer(kc_h, (b, KV, cap, D), CD, offset_factor=1)
+        VC = T.match_buffer(vc_h, (b, KV, cap, D), CD, offset_factor=1)
         K = T.match_buffer(k_h, (b, KV, s, D), "float32")
         V = T.match_buffer(v_h, (b, KV, s, D), "float32")
         L = T.match_buffer(len_h, (b,), "int32")
@@ -60,19 +61,22 @@ def kv_append(kv_heads: int, head_dim: int, gpu: bool):
             for h in range(KV):
                 for i in range(s):
                     for d in T.vectorized(D):
-                        KC[r, h, T.Cast("int64", L[r]) + i, d] = K[r, h, i, d]
-                        VC[r, h, T.Cast("int64", L[r]) + i, d] = V[r, h, i, d]
+                        KC[r, h, T.Cast("int64", L[r]) + i, d] = T.Cast(CD, K[r, h, i, d])
+                        VC[r, h, T.Cast("int64", L[r]) + i, d] = T.Cast(CD, V[r, h, i, d])
     return kv_append_cpu
 
 
-def attention(heads: int, kv_heads: int, head_dim: int, scale: float, window: int, gpu: bool):
-    """(q [b, H, s, D], k_cache, v_cache, lengths int32 [b]) -> out [b, s, H*D]."""
-    H, KV, D = heads, kv_heads, head_dim
+def attention(heads: int, kv_heads: int, head_dim: int, scale: float, window: int, gpu: bool,
+              cache_dtype: str = "float32"):
+    """(q [b, H, s, D], k_cache, v_cache, lengths int32 [b]) -> out [b, s, H*D]; a float16
+    cache is widened to float32 as it is read."""
+    H, KV, D, CD = heads, kv_heads, head_dim, cache_dtype
     group = H // KV
     scale = float(scale)
     window = int(window)
     windowed = window > 0
     lanes = LANES if D % LANES == 0 else 1
+    tree = lanes == LANES
     neg = -3.4028234663852886e38
 
     if gpu:
@@ -85,8 +89,8 @@ def attention(heads: int, kv_heads: int, head_dim: int, scale: float, window: in
             T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
             b, s, cap = T.int64(), T.int64(), T.int64()
             Q = T.match_buffer(q_h, (b, H, s, D), "float32")
-            KC = T.match_buffer(kc_h, (b, KV, cap, D), "float32", offset_factor=1)
-            VC = T.match_buffer(vc_h, (b, KV, cap, D), "float32", offset_factor=1)
+            KC = T.match_buffer(kc_h, (b, KV, cap, D), CD, offset_factor=1)
+            VC = T.match_buffer(vc_h, (b, KV, cap, D), CD, offset_factor=1)
             L = T.match_buffer(len_h, (b,), "int32")
             O = T.match_buffer(o_h, (b, s, H * D), "float32")
             bx = T.launch_thread("blockIdx.x", b * H * s)
@@ -102,7 +106,7 @@ def attention(heads: int, kv_heads: int, head_dim: int, scale: float, window: in
             st[1] = T.float32(0)
             st[2] = T.float32(0)
             for j in range(start, pos + 1):
-                red[tx] = Q[r, h, i, tx] * KC[r, h // group, j, tx]
+                red[tx] = Q[r, h, i, tx] * T.Cast("float32", KC[r, h // group, j, tx])
                 T.tvm_storage_sync("shared")
                 for p in range(steps):
                     if tx < T.shift_right(D, p + 1):
@@ -114,7 +118,7 @@ def attention(heads: int, kv_heads: int, head_dim: int, scale: float, window: in
                 alpha = T.exp(st[0] - m_new)
                 p_j = T.exp(score - m_new)
                 st[1] = st[1] * alpha + p_j
-                st[2] = st[2] * alpha + p_j * VC[r, h // group, j, tx]
+                st[2] = st[2] * alpha + p_j * T.Cast("float32", VC[r, h // group, j, tx])
                 st[0] = m_new
             O[r, i, h * D + tx] = st[2] / st[1]
         return attention_gpu
@@ -124,15 +128,15 @@ def attention(heads: int, kv_heads: int, head_dim: int, scale: float, window: in
         T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
         b, s, cap = T.int64(), T.int64(), T.int64()
         Q = T.match_buffer(q_h, (b, H, s, D), "float32")
-        KC = T.match_buffer(kc_h, (b, KV, cap, D), "float32", offset_factor=1)
-        VC = T.match_buffer(vc_h, (b, KV, cap, D), "float32", offset_factor=1)
+        KC = T.match_buffer(kc_h, (b, KV, cap, D), CD, offset_factor=1)
+        VC = T.match_buffer(vc_h, (b, KV, cap, D), CD, offset_factor=1)
         L = T.match_buffer(len_h, (b,), "int32")
         O = T.match_buffer(o_h, (b, s, H * D), "float32")
         for task in T.parallel(b * H * s):
             # default scope: on the CPU, "local" buffers come from the workspace allocator,
             # one allocation per task; these small ones belong on the stack
             acc = T.alloc_buffer((D,), "float32")
-            part = T.alloc_buffer((lanes,), "float32")
+            part = T.alloc_buffer((LANES,), "float32")
             st = T.alloc_buffer((3,), "float32")    # running max, sum, score
             r = task // (H * s)
             h = task // s % H
@@ -148,10 +152,18 @@ def attention(heads: int, kv_heads: int, head_dim: int, scale: float, window: in
                     part[l] = T.float32(0)
                 for c in range(D // lanes):
                     for l in T.vectorized(lanes):
-                        part[l] = part[l] + Q[r, h, i, c * lanes + l] * KC[r, h // group, j, c * lanes + l]
-                st[2] = T.float32(0)
-                for l in range(lanes):
-                    st[2] = st[2] + part[l]
+                        part[l] = part[l] + Q[r, h, i, c * lanes + l] * T.Cast("float32", KC[r, h // group, j, c * lanes + l])
+                if tree:
+                    # halving adds: a chain of 4 dependent adds instead of 16
+                    for l in T.vectorized(8):
+                        part[l] = part[l] + part[l + 8]
+                    for l in T.vectorized(4):
+                        part[l] = part[l] + part[l + 4]
+                    st[2] = (part[0] + part[2]) + (part[1] + part[3])
+                else:
+                    st[2] = T.float32(0)
+                    for l in range(lanes):
+                        st[2] = st[2] + part[l]
                 st[2] = st[2] * T.float32(scale)
                 if st[2] > st[0]:
                     # a new maximum: rescale what was summed so far
@@ -162,7 +174,7 @@ def attention(heads: int, kv_heads: int, head_dim: int, scale: float, window: in
                 st[2] = T.exp(st[2] - st[0])
                 st[1] = st[1] + st[2]
                 for d in T.vectorized(D):
-                    acc[d] = acc[d] + st[2] * VC[r, h // group, j, d]
+                    acc[d] = acc[d] + st[2] * T.Cast("float32", VC[r, h // group, j, d])
             for d in T.vectorized(D):
                 O[r, i, h * D + d] = acc[d] / st[1]
     return attention_cpu

@@ -4,7 +4,7 @@ The module has two entry points over the same weights, ``prefill`` (any number o
 and ``decode`` (one new token per row, so the matmuls compile as GEMVs):
 
     fn(input_ids int64 [batch, seq], lengths int32 [batch], logits_positions int64 [batch, n],
-       caches (k.0, v.0, k.1, ...: float32 [batch, kv_heads, capacity, head_dim]),
+       caches (k.0, v.0, k.1, ...: [batch, kv_heads, capacity, head_dim], float32 or float16),
        params (the weights, in the manifest's order)[, past: Shape([past])])
        -> logits float32 [batch, n, vocab]
 
@@ -86,6 +86,7 @@ class Target:
     tvm: dict               # the TVM target dict
     gpu: bool
     exact: bool = True      # False: quantized matmuls may use int8 activations (--precision fast)
+    kv_dtype: str = "float32"   # the KV cache's element type (float16 halves its memory traffic)
 
 
 def plan_graph(graph: Graph, max_length: int | None, quant_formats: frozenset) -> Plan:
@@ -209,7 +210,7 @@ class FunctionLowering:
         self.logits_positions = relax.Var("logits_positions", relax.TensorType([self.batch, self.n_logits], "int64"))
         cap = tir.Var("capacity", "int64")
         kv_heads, head_dim = cache_shape(graph)
-        cache_type = relax.TensorType([self.batch, kv_heads, cap, head_dim], "float32")
+        cache_type = relax.TensorType([self.batch, kv_heads, cap, head_dim], self.target.kv_dtype)
         self.caches = relax.Var("caches", relax.TupleType([cache_type] * (2 * self.layers)))
         args = [ids, self.lengths, self.logits_positions, self.caches, self._params_var()]
         if self.plan.mode == "uniform":
@@ -525,7 +526,7 @@ class FunctionLowering:
         key = (kind, *args)
         if key not in self.kernels:
             make = attn_kernels.kv_append if kind == "kv_append" else attn_kernels.attention
-            self.kernels[key] = self.bb.add_func(make(*args, gpu=self.target.gpu), kind)
+            self.kernels[key] = self.bb.add_func(make(*args, gpu=self.target.gpu, cache_dtype=self.target.kv_dtype), kind)
         return self.kernels[key]
 
     def op_QuantMatMul(self, n):
