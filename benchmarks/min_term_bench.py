@@ -19,7 +19,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from kiln import formats
-from kiln.targets import onnxrt_quant as Q
+from kiln.targets.onnxrt import quant as Q
 
 
 def _model(nodes, inits, n, rows, k):

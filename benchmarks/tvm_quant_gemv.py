@@ -7,7 +7,7 @@ do inside a model; the time per product is reported. By default it is the same w
 time (it stays in cache: the kernels' compute); ``--cold`` gives every product its own copy,
 64 MB of them in all, so the weights stream from memory as a decode step's do (the model's
 weights are ~100 MB; this machine's last-level cache 32 MB). ONNX Runtime runs what
-kiln's ORT backend emits in exact mode (targets/onnxrt.py ``_quant_matmul``): MatMulNBits at
+kiln's ORT backend emits in exact mode (targets/onnxrt/lower.py ``_quant_matmul``): MatMulNBits at
 accuracy level 0 plus the block-minimum product for Q4_1, Q8_0 as two exact 4-bit planes.
 
 Each engine times in a process of its own (2 threads: ``TVM_NUM_THREADS``, ORT's intra-op
@@ -108,7 +108,7 @@ def run_tvm(rows: int, cold: bool) -> dict:
 def _ort_model(w, rows: int, r: int, cold: bool) -> bytes:
     from onnx import TensorProto, helper, numpy_helper
 
-    from kiln.targets import onnxrt_quant as Q
+    from kiln.targets.onnxrt import quant as Q
     n, k = w.shape
     op = Q.operands(w.format.name, w.raw(), n, k)
     inits, nodes, outputs = {}, [], []

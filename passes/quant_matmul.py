@@ -27,7 +27,7 @@ def match(node, formats: set[str]) -> tuple[object, object] | str:
 
 
 def fuse_quant_matmul(graph: Graph, formats: set[str] | None = None) -> PassResult:
-    from kiln.targets.onnxrt_quant import REPACK
+    from kiln.targets.onnxrt.quant import REPACK
     formats = set(REPACK) if formats is None else formats
     fused, refused = {}, 0
     for node in list(graph.nodes):

@@ -1,4 +1,4 @@
-"""The copy-free KV cache on ONNX Runtime (targets/onnxrt_kv.py, runtime/onnxrt_session.py):
+"""The copy-free KV cache on ONNX Runtime (targets/kv_plan.py, runtime/onnxrt_session.py):
 one preallocated buffer per layer updated in place, a length per batch row, ragged prefill.
 
 The growing (concatenating) layout is the reference here: it is checked against transformers
@@ -13,7 +13,7 @@ from conftest import HF_FIXTURES, greedy_tokens
 from kiln.driver import compile as kiln_compile
 from kiln.driver import load_model, pipeline
 from kiln.passes_base import run_passes
-from kiln.targets import onnxrt_kv
+from kiln.targets import kv_plan
 
 VARIANTS = HF_FIXTURES.parent.parent / "hf_variants"
 # both layouts run float32 attention over the same numbers; measured differences are <= 5e-7
@@ -43,12 +43,12 @@ def _load(path):
     (HF_FIXTURES / "mistral", "head size 8 is not a multiple of 16"),       # ORT's rotary kernel
 ])
 def test_plan_refuses_what_the_shared_layout_cannot_compute(folder, reason):
-    plan, why = onnxrt_kv.plan(_graph(folder), 128)
+    plan, why = kv_plan.plan(_graph(folder), 128)
     assert plan is None and reason in why
 
 
 def test_plan_tables_are_the_rotary_tables_of_every_position():
-    plan, why = onnxrt_kv.plan(_graph(HF_FIXTURES / "llama"), 128)
+    plan, why = kv_plan.plan(_graph(HF_FIXTURES / "llama"), 128)
     assert why == "" and plan.max_length == 128
     assert len(plan.rotations) == 4                   # q and k of both layers
     [(cos, sin)] = plan.tables.values()

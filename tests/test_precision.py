@@ -102,7 +102,7 @@ def test_gathered_rows_equal_the_dequantized_table(tmp_path, quant):
 
 
 def test_min_folded_into_zero_points_moves_each_weight_by_at_most_a_32nd_of_a_step():
-    from kiln.targets import onnxrt_quant as Q
+    from kiln.targets.onnxrt import quant as Q
     rng = np.random.default_rng(5)
     n, nb = 64, 8
     codes = rng.integers(0, 16, (n, nb, 32)).astype(np.uint8)

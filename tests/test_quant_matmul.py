@@ -10,7 +10,7 @@ from kiln.ir import Graph
 from kiln.passes.dce import dce
 from kiln.passes.quant_matmul import decompose, fuse_quant_matmul
 from kiln.targets import onnxrt
-from kiln.targets.onnxrt_quant import REPACK
+from kiln.targets.onnxrt.quant import REPACK
 from kiln.verify import verify
 from kiln.weights import Weight
 
@@ -77,7 +77,7 @@ def test_matmulnbits_lowering_equals_the_interpreter(tmp_path_factory, fmt, n, b
 
 @pytest.mark.parametrize("fmt", ["q8_0", "q5_0", "q5_1", "q6_k"])
 def test_8bit_operands_as_two_4bit_planes_are_exact(fmt):
-    from kiln.targets.onnxrt_quant import as_two_4bit_planes, operands
+    from kiln.targets.onnxrt.quant import as_two_4bit_planes, operands
     rng = np.random.default_rng(3)
     k = 256 if fmt.endswith("_k") else 64
     w = Weight.from_array(rng.standard_normal((16, k)).astype(np.float32) * 3, fmt)

@@ -163,7 +163,7 @@ def test_compiled_logits_equal_the_interpreter_on_the_quantized_weights(wide_mod
     stats = {p["name"]: p["stats"] for p in model.manifest["passes"]}
     assert list(stats)[0] == "quantize"
     # every matrix product over blocks ORT takes is fused; the rest is lowered as float32
-    from kiln.targets.onnxrt_quant import REPACK
+    from kiln.targets.onnxrt.quant import REPACK
     lay = layout_of(ref)
     chosen = {get(quant).type_for(role, w.shape, lay) for role, w in ref.weights.items() if role != "embed"} - {None}
     fused = {k.removeprefix("quant_matmul_") for k in stats["quant_matmul"] if k.startswith("quant_matmul_")}

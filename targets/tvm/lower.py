@@ -15,7 +15,7 @@ whose logits are computed, so a prefill pays for the LM head on its last token o
 Positions come from one of two places (``KVMode``):
 
 * ``rows``: each row's own length. The rotary tables are precomputed for every position (as
-  the ONNX Runtime lowering does for its shared cache, :mod:`kiln.targets.onnxrt_kv`), so
+  the ONNX Runtime lowering does for its shared cache, :mod:`kiln.targets.kv_plan`), so
   rows of different lengths run together. Used wherever positions reach nothing but rotations
   and attention masks.
 * ``uniform``: the graph computes positions itself from the cache length (learned position
@@ -91,15 +91,15 @@ class Target:
 
 def plan_graph(graph: Graph, max_length: int | None, quant_formats: frozenset) -> Plan:
     """Decide the KV mode and how every weight is stored (blocks kept, transposes folded)."""
-    from kiln.targets import onnxrt_kv
-    shared, why = onnxrt_kv.plan(graph, max_length, rotary_head_multiple=1)
+    from kiln.targets import kv_plan
+    shared, why = kv_plan.plan(graph, max_length, rotary_head_multiple=1)
     if shared is not None:
         plan = Plan("rows", shared.max_length, rotations=dict(shared.rotations))
         for (cos, sin), (c, s) in shared.tables.items():
             plan.add(f"rope.{cos}", {"": c})
             plan.add(f"rope.{sin}", {"": s})
     else:
-        plan = Plan("uniform", int(max_length or onnxrt_kv.MAX_TABLE_POSITIONS), why_uniform=why)
+        plan = Plan("uniform", int(max_length or kv_plan.MAX_TABLE_POSITIONS), why_uniform=why)
     from . import float_kernels, quant_kernels
     for v in graph.weights.values():
         w = v.weight
@@ -624,14 +624,14 @@ def lower_plain(graph: Graph, target: Target):
 
 def lower(graph: Graph, target: Target, max_length: int | None):
     """(IRModule with prefill and decode, Plan) for the graph after kiln's passes."""
-    from kiln.targets.onnxrt import _lm_head_input
+    from kiln.targets.lm_head import lm_head_input
 
     from . import float_kernels, quant_kernels
     attentions = [n for n in graph.nodes if n.op == "Attention"]
     if not attentions or "kv_cache" not in graph.meta:
         raise ValueError("the TVM backend needs the fused attention with a KV cache")
     plan = plan_graph(graph, max_length, quant_kernels.SUPPORTED)
-    head_input = _lm_head_input(graph)
+    head_input = lm_head_input(graph)
     bb = relax.BlockBuilder()
     kernels: dict = {"quant": quant_kernels, "float": float_kernels}
     for name in ENTRY_POINTS:

@@ -1,4 +1,6 @@
-"""The copy-free KV cache on ONNX Runtime: can a graph run with one preallocated buffer?
+"""Can a graph run with one preallocated KV cache whose rows each have their own length?
+
+Shared by both backends (ONNX Runtime's shared layout, TVM's per-row positions).
 
 In the shared layout every layer's keys and values live in one buffer per session,
 ``[batch, kv_heads, max_length, head_dim]``, that GroupQueryAttention reads and writes in place

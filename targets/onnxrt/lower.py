@@ -16,6 +16,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from kiln.ir import Graph, Node, Value
+from kiln.targets.lm_head import lm_head_input
 
 OPSET = 23             # RMSNormalization is standard from opset 23
 IR_VERSION = 11        # opset 23's IR version; onnxruntime 1.31 reads at most 13, onnx 1.23 writes 14 unless told
@@ -79,7 +80,7 @@ def lower(graph: Graph, out_dir, *, model_name: str = "model.onnx",
     """Write ``model.onnx`` + ``model.onnx.data`` into out_dir; returns a summary.
 
     ``kv_layout`` "shared" keeps the KV cache in one preallocated buffer that attention
-    updates in place (see :mod:`kiln.targets.onnxrt_kv`), "concat" grows it by concatenation
+    updates in place (see :mod:`kiln.targets.kv_plan`), "concat" grows it by concatenation
     in every step, "auto" takes the shared layout wherever it computes the same thing.
     The model also takes ``logits_positions`` [batch, n]: the positions whose logits it
     computes, so a prefill pays for the LM head on its last position only.
@@ -88,13 +89,13 @@ def lower(graph: Graph, out_dir, *, model_name: str = "model.onnx",
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-    from . import onnxrt_kv
+    from kiln.targets import kv_plan
     out_dir = Path(out_dir)
     shared, why_not = (None, "asked for the growing layout") if kv_layout == "concat" \
-        else onnxrt_kv.plan(graph, max_length)
+        else kv_plan.plan(graph, max_length)
     if kv_layout == "shared" and shared is None:
         raise ValueError(f"the shared KV-cache layout does not fit this graph: {why_not}")
-    head_input = _lm_head_input(graph)
+    head_input = lm_head_input(graph)
     data = _DataWriter(out_dir / f"{model_name}.data")
     initializers: list[TensorProto] = []
     nodes: list[onnx.NodeProto] = []
@@ -196,22 +197,6 @@ def lower(graph: Graph, out_dir, *, model_name: str = "model.onnx",
             "logits_positions": "logits_positions" if head_input is not None else None}
 
 
-def _lm_head_input(graph: Graph) -> Value | None:
-    """The activation entering the matmul that makes the logits (elementwise ops with
-    constants may follow it, as gemma's soft-capping does), when nothing else reads it."""
-    v = graph.outputs[0]
-    while v.producer is not None:
-        n = v.producer
-        if n.op in ("MatMul", "QuantMatMul"):
-            x = n.inputs[0]
-            return x if len(x.uses) == 1 and x.type.rank == 3 else None
-        acts = [x for x in n.inputs if x is not None and not (x.is_const or x.is_weight)]
-        if n.op not in ("Mul", "Div", "Add", "Tanh", "Cast") or len(acts) != 1:
-            return None
-        v = acts[0]
-    return None
-
-
 def _live_nodes(nodes: list, outputs: list[str]) -> list:
     """The nodes the outputs depend on. Lowerings that read a value's source directly (a
     fused op taking the projection before its head split) leave the split unused, and ORT
@@ -247,7 +232,7 @@ def _gathers_blocks(node: Node) -> bool:
 def _gather_blocks(node: Node, data: _DataWriter, initializers: list, progress) -> onnx.NodeProto:
     """Gather from blocks -> com.microsoft GatherBlockQuantized over the same codes and scales
     MatMulNBits takes (exact: code − zero point, times the block's scale)."""
-    from kiln.targets import onnxrt_quant as Q
+    from . import quant as Q
     table, ids = node.inputs
     n, k = table.weight.shape
     op = Q.operands(table.weight.format.name, table.weight.raw(), n, k)
@@ -426,8 +411,8 @@ def _quant_matmul(node: Node, data: _DataWriter, initializers: list, const_input
     since the 8-bit kernel is slow at that level; ``fast`` lets the kernel quantize the
     activations to int8 per block (accuracy level 4), as llama.cpp does for its dot products,
     runs 8-bit blocks as they are, and folds a 4-bit format's block minimum into 8-bit zero
-    points (``onnxrt_quant.min_into_zero_points``) instead of a second product."""
-    from kiln.targets import onnxrt_quant as Q
+    points (``quant.min_into_zero_points``) instead of a second product."""
+    from . import quant as Q
     x, w = node.inputs
     n, k = w.weight.shape
     y = node.outputs[0].name
