@@ -14,6 +14,7 @@ from tvm import relax
 
 from kiln.errors import KilnError
 from kiln.targets.tvm import quant_kernels as Q
+from kiln.targets.tvm.kernel_common import target_key
 from kiln.weights import Weight
 
 FORMATS = sorted(Q.SUPPORTED)
@@ -144,7 +145,7 @@ def _int8_activation_reference(fmt: str, w: Weight, x: np.ndarray) -> np.ndarray
 def test_cpu_matmul_inexact_mode(fmt, rows, cpu_results):
     weights, runs = cpu_results(fmt)
     x, _, outs = runs[rows]
-    int8 = Q._int8_activations(fmt, Q._target_key(HOST)) and rows[0] * rows[1] <= Q.CPU_GEMV_MAX_ROWS
+    int8 = Q._int8_activations(fmt, target_key(HOST)) and rows[0] * rows[1] <= Q.CPU_GEMV_MAX_ROWS
     for w, y in zip(weights.values(), outs[len(weights):2 * len(weights)]):
         assert y.shape == (*rows, w.shape[0])
         y, x2 = y.reshape(-1, w.shape[0]), x.reshape(-1, K)
@@ -266,7 +267,7 @@ def test_real_smollm2_weights(smollm2_gguf):
     for w in (down, embed):
         n, k = w.shape
         arrays = Q.pack(w)
-        f = _emulated(Q._cpu_matmul_func(w.format.name, n, k, Q._target_key(HOST)))
+        f = _emulated(Q._cpu_matmul_func(w.format.name, n, k, target_key(HOST)))
         dev = [tvm.runtime.tensor(a) for a in arrays.values()]
         x = rng.standard_normal((1, k)).astype(np.float32)
         out = tvm.runtime.empty((1, Q._tiles(n) * Q.LANES), "float32")

@@ -41,17 +41,17 @@ scheduled here):
   tiles) in registers.
 * gather: a token per parallel iteration (CPU); a TE computation for dlight (GPU).
 
-The GPU matmul can be built with ``emulate=True`` (see ``_Grid``): the same arithmetic with
+The GPU matmul can be built with ``emulate=True`` (see ``kernel_common.Threads``): the same arithmetic with
 the thread indices as serial loops, compiled for the CPU, which is how the tests check its
 numbers on a machine without a GPU.
 """
 from __future__ import annotations
 
 import functools
-import json
-from dataclasses import dataclass
 
 import numpy as np
+
+from .kernel_common import Threads, cpu_shape, dims, is_gpu, product, target_key
 
 LANES = 16                  # rows per tile: the layout's vector
 CPU_GEMV_MAX_ROWS = 8
@@ -63,7 +63,6 @@ _STORAGE = {"f32": "float32", "f16": "float16", "bf16": "uint16"}
 #: kiln's plain float formats (compiler/formats/plain.py); f64 is not a weight type worth a kernel
 SUPPORTED = frozenset(_STORAGE)
 
-_GPU_KINDS = ("cuda", "metal", "rocm", "vulkan", "opencl", "webgpu")
 
 
 def _tiles(n: int) -> int:
@@ -115,37 +114,6 @@ def _widen(fmt: str, value):
 
 # ---- targets ------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class _CpuShape:
-    """Register blocking of the CPU GEMM for one vector ISA."""
-    tiles: int      # 16-row tiles per parallel task
-    rows: int       # rows of x per register block
-    wide: bool      # 32 vector registers: room for more GEMV accumulators
-
-
-def _target_key(target) -> str:
-    return json.dumps(target, sort_keys=True, default=list) if isinstance(target, dict) else str(target)
-
-
-def _is_gpu(target) -> bool:
-    kind = target.get("kind") if isinstance(target, dict) else str(target).split()[0]
-    return kind in _GPU_KINDS
-
-
-@functools.lru_cache(maxsize=None)
-def _cpu_shape(target_key: str) -> _CpuShape:
-    import tvm
-    from tvm.target import codegen
-    spec = json.loads(target_key) if target_key.startswith("{") else target_key
-    t = tvm.target.Target(spec)
-    if codegen.target_has_features("avx512f", t):
-        return _CpuShape(tiles=2, rows=6, wide=True)       # 12 of 32 zmm accumulate
-    triple = str(t.attrs.get("mtriple", ""))
-    if codegen.target_has_features("avx2", t) or triple.startswith(("aarch64", "arm64")):
-        return _CpuShape(tiles=1, rows=6, wide=False)      # AVX2: 12 of 16 ymm; NEON: 24 of 32 q
-    return _CpuShape(tiles=1, rows=2, wide=False)          # 16-byte vectors, 16 registers
-
-
 def _k_chunks(k: int) -> tuple[int, int, int]:
     """(count, size, last): k split into ``count`` GEMM chunks of ``size`` k's, the last of
     ``last`` (as even as multiples of 8 allow, none over MAX_K_CHUNK)."""
@@ -165,7 +133,7 @@ def _cpu_matmul_func(fmt: str, n: int, k: int, target_key: str):
     from tvm.script.ir_builder import tirx as T
 
     dtype = _STORAGE[fmt]
-    shape = _cpu_shape(target_key)
+    shape = cpu_shape(target_key)
     tiles = _tiles(n)
     tt = shape.tiles if tiles % shape.tiles == 0 else 1
     mb = shape.rows
@@ -308,73 +276,6 @@ GPU_GEMV_MAX_ROWS = 4
 GPU_SLICES = 8              # GEMV: k split over 8 groups of 16 threads (a block reads 128 values a step)
 
 
-class _Grid:
-    """A GPU kernel's blocks and threads, or (``emulate``) the same kernel for the CPU.
-
-    On a GPU the block and thread indices are launched once and each barrier-separated phase
-    runs on all threads. Emulated, each phase is a serial loop nest over the thread indices
-    inside serial loops over the blocks: with a barrier between phases that is an order of
-    effects a GPU allows, so the numbers are the kernel's. ``carried`` per-thread arrays (live
-    across phases) get one copy per thread when emulated.
-    """
-
-    def __init__(self, emulate: bool, blocks: dict, threads: dict):
-        self.emulate, self.blocks, self.threads = emulate, blocks, threads
-        self._frames = []
-
-    def __enter__(self):
-        from tvm.script.ir_builder import tirx as T
-        self.block_vars, self.thread_vars = {}, {}
-        for tag, ext in self.blocks.items():
-            f = T.serial(0, ext) if self.emulate else T.launch_thread(tag, ext)
-            self.block_vars[tag] = f.__enter__()
-            self._frames.append(f)
-        if not self.emulate:
-            for tag, ext in self.threads.items():
-                f = T.launch_thread(tag, ext)
-                self.thread_vars[tag] = f.__enter__()
-                self._frames.append(f)
-        return self
-
-    def __exit__(self, *exc):
-        for f in reversed(self._frames):
-            f.__exit__(*exc)
-
-    def phase(self):
-        """A context whose value is the thread indices {tag: var}."""
-        from contextlib import ExitStack, contextmanager
-
-        from tvm.script.ir_builder import tirx as T
-
-        @contextmanager
-        def run():
-            if not self.emulate:
-                yield self.thread_vars
-                return
-            with ExitStack() as stack:
-                yield {tag: stack.enter_context(T.serial(0, ext)) for tag, ext in self.threads.items()}
-        return run()
-
-    def sync(self):
-        from tvm import tirx
-        from tvm.script.ir_builder import tirx as T
-        if not self.emulate:
-            T.evaluate(tirx.op.tvm_storage_sync("shared"))
-
-    def shared(self, shape):
-        from tvm.script.ir_builder import tirx as T
-        return T.alloc_buffer(shape, "float32", scope="global" if self.emulate else "shared")
-
-    def local(self, size: int, carried: bool = False):
-        from tvm.script.ir_builder import tirx as T
-        if self.emulate:
-            return T.alloc_buffer((tuple(self.threads.values()) if carried else ()) + (size,), "float32")
-        return T.alloc_buffer((size,), "float32", scope="local")
-
-    def at(self, tv: dict, i, carried: bool = False):
-        return [tv[tag] for tag in self.threads] + [i] if self.emulate and carried else [i]
-
-
 @functools.lru_cache(maxsize=None)
 def _gpu_matmul_func(fmt: str, n: int, k: int, emulate: bool = False):
     from tvm import tirx
@@ -404,7 +305,7 @@ def _gpu_matmul_func(fmt: str, n: int, k: int, emulate: bool = False):
             with T.If(m_rows <= rows_max):
                 with T.Then():
                     # a block per tile: thread (slice s, lane) sums k = s, s + 8, ... for every row
-                    with _Grid(emulate, {"blockIdx.x": tiles}, {"threadIdx.x": threads}) as g:
+                    with Threads(emulate, {"blockIdx.x": tiles}, {"threadIdx.x": threads}) as g:
                         t = g.block_vars["blockIdx.x"]
                         red = g.shared((rows_max, threads))
                         acc = g.local(rows_max)
@@ -443,7 +344,7 @@ def _gpu_matmul_func(fmt: str, n: int, k: int, emulate: bool = False):
                 with T.Else():
                     # a block per (tb tiles, 32 rows); each thread: rows ty and ty + 16, lane tx of the tiles
                     blocks = {"blockIdx.x": tiles // tb, "blockIdx.y": (m_rows + bm_rows - 1) // bm_rows}
-                    with _Grid(emulate, blocks, {"threadIdx.y": bm, "threadIdx.x": LANES}) as g:
+                    with Threads(emulate, blocks, {"threadIdx.y": bm, "threadIdx.x": LANES}) as g:
                         tg, mb = g.block_vars["blockIdx.x"], g.block_vars["blockIdx.y"]
                         ws = g.shared((bk, tb * LANES))
                         xs = g.shared((bm_rows, bk + 1))        # + 1: rows in different banks
@@ -499,36 +400,19 @@ def _gpu_rows(ids, w, fmt: str, n: int):
 
 # ---- Relax --------------------------------------------------------------------------------
 
-def _dims(expr) -> list:
-    shape = expr.ty.shape
-    if shape is None or not hasattr(shape, "values"):
-        from kiln.errors import KilnError
-        raise KilnError(None, "float matmul kernels need an input of known rank and shape")
-    return list(shape.values)
-
-
-def _product(dims):
-    from tvm import tirx
-    total = None
-    for d in dims:
-        d = tirx.Cast("int64", d) if str(d.ty) != "int64" else d
-        total = d if total is None else total * d
-    return total if total is not None else tirx.IntImm("int64", 1)
-
-
 def matmul(bb, x, packed: list, fmt: str, n: int, k: int, target: dict, *, exact: bool = True):
     """x float32 [..., k] @ wᵀ for the packed [n, k] weight -> float32 [..., n]."""
     from tvm import relax, tirx
     _check(fmt, n, k)
-    dims = _dims(x)
-    lead = dims[:-1]
-    rows = _product(lead)
+    x_dims = dims(x)
+    lead = x_dims[:-1]
+    rows = product(lead)
     x2 = x if len(lead) == 1 else bb.emit(relax.op.reshape(x, relax.ShapeExpr([rows, tirx.IntImm("int64", k)])))
     width = _tiles(n) * LANES
-    if _is_gpu(target):
+    if is_gpu(target):
         gv = bb.add_func(_gpu_matmul_func(fmt, n, k), f"fmm_{fmt}_{n}x{k}_gpu")
     else:
-        gv = bb.add_func(_cpu_matmul_func(fmt, n, k, _target_key(target)), f"fmm_{fmt}_{n}x{k}")
+        gv = bb.add_func(_cpu_matmul_func(fmt, n, k, target_key(target)), f"fmm_{fmt}_{n}x{k}")
     y = bb.emit(relax.call_tir(gv, [x2, *packed], relax.TensorType([rows, tirx.IntImm("int64", width)], "float32")))
     if width != n:
         y = bb.emit(relax.op.strided_slice(y, axes=[1], begin=[0], end=[n]))
@@ -541,10 +425,10 @@ def gather(bb, ids, packed: list, fmt: str, n: int, k: int, target: dict):
     """Rows ``ids`` (int64 [...]) of the packed [n, k] weight, widened -> float32 [..., k]."""
     from tvm import relax, tirx
     _check(fmt, n, k)
-    lead = _dims(ids)
-    count = _product(lead)
+    lead = dims(ids)
+    count = product(lead)
     flat = ids if len(lead) == 1 else bb.emit(relax.op.reshape(ids, relax.ShapeExpr([count])))
-    if _is_gpu(target):
+    if is_gpu(target):
         y = bb.emit_te(_gpu_rows, flat, packed[0], fmt, n, primfunc_name_hint=f"fgather_{fmt}_{n}x{k}_gpu")
     else:
         gv = bb.add_func(_cpu_gather_func(fmt, n, k), f"fgather_{fmt}_{n}x{k}")

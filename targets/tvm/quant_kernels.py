@@ -55,7 +55,7 @@ dlight leaves it alone):
   outputs (2 rows × 4 tiles) in registers, so 6 shared-memory reads feed 8 FMAs.
 * gather: a token per parallel iteration (CPU) or per thread block (GPU).
 
-The GPU kernels can be built with ``emulate=True`` (see ``_Threads``): the same arithmetic
+The GPU kernels can be built with ``emulate=True`` (see ``kernel_common.Threads``): the same arithmetic
 with the thread indices as serial loops, compiled for the CPU, which is how the tests check
 their numbers on a machine without a GPU.
 """
@@ -69,6 +69,8 @@ import numpy as np
 
 from kiln.formats._blocks import crumbs, u32_bytes_to_bits, unpack_nibbles
 from kiln.formats._kquant import unpack_scale_min
+
+from .kernel_common import Threads, cpu_shape, dims, is_gpu, product, target_key
 
 LANES = 16          # rows per tile: the layout's vector
 CHUNK = 32          # k's per step of the CPU kernels (a multiple of every plane's and scale's span)
@@ -312,42 +314,6 @@ class _Weights:
 
 # ---- targets ------------------------------------------------------------------------------
 
-_GPU_KINDS = ("cuda", "metal", "rocm", "vulkan", "opencl", "webgpu")
-
-
-@dataclass(frozen=True)
-class _CpuShape:
-    """Register blocking of the CPU GEMM for one vector ISA."""
-    tiles: int      # 16-row tiles per parallel task
-    rows: int       # rows of x per register block
-    vnni: bool = False   # AVX-512 VNNI: int8 dot products for exact=False
-
-
-def _target_key(target) -> str:
-    import json
-    if isinstance(target, dict):
-        return json.dumps(target, sort_keys=True, default=list)
-    return str(target)
-
-
-def _is_gpu(target: dict) -> bool:
-    kind = target.get("kind") if isinstance(target, dict) else str(target).split()[0]
-    return kind in _GPU_KINDS
-
-
-@functools.lru_cache(maxsize=None)
-def _cpu_shape(target_key: str) -> _CpuShape:
-    import json
-
-    import tvm
-    from tvm.target import codegen
-    t = tvm.target.Target(json.loads(target_key))
-    if codegen.target_has_features("avx512f", t):
-        return _CpuShape(tiles=2, rows=6, vnni=codegen.target_has_features("avx512vnni", t))
-    triple = str(t.attrs.get("mtriple", ""))
-    if codegen.target_has_features("avx2", t) or triple.startswith(("aarch64", "arm64")):
-        return _CpuShape(tiles=1, rows=6)          # AVX2: 12 of 16 ymm; NEON: 24 of 32 q
-    return _CpuShape(tiles=1, rows=2)              # 16-byte vectors, 16 registers
 
 
 # ---- CPU kernels --------------------------------------------------------------------------
@@ -356,7 +322,7 @@ def _int8_activations(fmt: str, target_key: str) -> bool:
     """Whether ``exact=False`` quantizes x to int8 for this format on this CPU target: on AVX-512
     VNNI, for codes of 4 or 8 bits with a scale per 32 (q4_0, q4_1, q4_k, q8_0)."""
     spec = _FORMATS[fmt]
-    return _cpu_shape(target_key).vnni and spec.group == CHUNK and spec.planes in ((4,), (8,))
+    return cpu_shape(target_key).vnni and spec.group == CHUNK and spec.planes in ((4,), (8,))
 
 
 def _k_chunk(k: int) -> int:
@@ -372,7 +338,7 @@ def _cpu_matmul_func(fmt: str, n: int, k: int, target_key: str, fast: bool = Fal
     from tvm.script.ir_builder import tirx as T
 
     spec = _FORMATS[fmt]
-    shape = _cpu_shape(target_key)
+    shape = cpu_shape(target_key)
     tiles = _tiles(n)
     tt = shape.tiles if tiles % shape.tiles == 0 else 1
     mb = shape.rows
@@ -683,81 +649,6 @@ def _cpu_gather_func(fmt: str, n: int, k: int):
 
 # ---- GPU kernels --------------------------------------------------------------------------
 
-class _Threads:
-    """A GPU kernel's thread structure, or (``emulate``) the same kernel for the CPU.
-
-    On a GPU the block and thread indices are launched once and every barrier-separated phase
-    runs on all threads. Emulated, each phase is a serial loop nest over the thread indices
-    (inside serial loops over the block indices): with a barrier between phases, that is the
-    order of effects a GPU guarantees, so the numbers are the kernel's. Per-thread values that
-    live across phases are arrays indexed by the thread when emulated.
-    """
-
-    def __init__(self, emulate: bool, blocks: dict, threads: dict):
-        self.emulate = emulate
-        self.blocks, self.threads = blocks, threads
-        self.block_vars = self.thread_vars = None
-        self._frames = []
-
-    def __enter__(self):
-        from tvm.script.ir_builder import tirx as T
-        if self.emulate:
-            loops = {tag: T.serial(0, ext) for tag, ext in self.blocks.items()}
-            self.block_vars = {tag: f.__enter__() for tag, f in loops.items()}
-            self._frames = list(loops.values())
-        else:
-            self.block_vars = {}
-            for tag, ext in self.blocks.items():
-                f = T.launch_thread(tag, ext)
-                self.block_vars[tag] = f.__enter__()
-                self._frames.append(f)
-            self.thread_vars = {}
-            for tag, ext in self.threads.items():
-                f = T.launch_thread(tag, ext)
-                self.thread_vars[tag] = f.__enter__()
-                self._frames.append(f)
-        return self
-
-    def __exit__(self, *exc):
-        for f in reversed(self._frames):
-            f.__exit__(*exc)
-
-    def phase(self):
-        """A context whose value is the thread indices {tag: var}."""
-        from contextlib import ExitStack, contextmanager
-
-        from tvm.script.ir_builder import tirx as T
-
-        @contextmanager
-        def run():
-            if not self.emulate:
-                yield self.thread_vars
-                return
-            with ExitStack() as stack:
-                yield {tag: stack.enter_context(T.serial(0, ext)) for tag, ext in self.threads.items()}
-        return run()
-
-    def sync(self):
-        from tvm.script.ir_builder import tirx as T
-        from tvm import tirx
-        if not self.emulate:
-            T.evaluate(tirx.op.tvm_storage_sync("shared"))
-
-    def shared(self, shape, dtype="float32"):
-        from tvm.script.ir_builder import tirx as T
-        return T.alloc_buffer(shape, dtype, scope="global" if self.emulate else "shared")
-
-    def local(self, size: int, dtype="float32"):
-        """A per-thread array of ``size``; index it with ``at(buf, tv, i)``."""
-        from tvm.script.ir_builder import tirx as T
-        if self.emulate:
-            return T.alloc_buffer(tuple(self.threads.values()) + (size,), dtype)
-        return T.alloc_buffer((size,), dtype, scope="local")
-
-    def at(self, tv: dict, i):
-        return [tv[tag] for tag in self.threads] + [i] if self.emulate else [i]
-
-
 @functools.lru_cache(maxsize=None)
 def _gpu_matmul_func(fmt: str, n: int, k: int, emulate: bool = False):
     from tvm import tirx
@@ -782,23 +673,23 @@ def _gpu_matmul_func(fmt: str, n: int, k: int, emulate: bool = False):
             W = _Weights(spec, bufs)
             with T.If(m_rows <= GPU_GEMV_MAX_ROWS):
                 with T.Then():
-                    with _Threads(emulate, {"blockIdx.x": tiles}, {"threadIdx.x": slices * LANES}) as th:
+                    with Threads(emulate, {"blockIdx.x": tiles}, {"threadIdx.x": slices * LANES}) as th:
                         t = th.block_vars["blockIdx.x"]
                         red = th.shared((slices * LANES,))
-                        acc = th.local(1)
+                        acc = th.local(1, carried=True)
                         with T.serial(0, m_rows) as m:
                             with th.phase() as tv:
                                 tx = tv["threadIdx.x"]
                                 s, lane = tx // LANES, tx % LANES
-                                T.buffer_store(acc, tirx.const(0, "float32"), th.at(tv, 0))
+                                T.buffer_store(acc, tirx.const(0, "float32"), th.at(tv, 0, True))
                                 with T.serial(0, (units + slices - 1) // slices) as step:
                                     u = step * slices + s
                                     with T.If(u < units):
                                         with T.Then():
                                             for kk in range(GPU_UNIT):
-                                                T.buffer_store(acc, acc[tuple(th.at(tv, 0))] + x[m, u * GPU_UNIT + kk]
-                                                               * W.value(t, u, GPU_UNIT, kk, lane), th.at(tv, 0))
-                                T.buffer_store(red, acc[tuple(th.at(tv, 0))], [tx])
+                                                T.buffer_store(acc, acc[tuple(th.at(tv, 0, True))] + x[m, u * GPU_UNIT + kk]
+                                                               * W.value(t, u, GPU_UNIT, kk, lane), th.at(tv, 0, True))
+                                T.buffer_store(red, acc[tuple(th.at(tv, 0, True))], [tx])
                             th.sync()
                             with th.phase() as tv:
                                 tx = tv["threadIdx.x"]
@@ -814,14 +705,14 @@ def _gpu_matmul_func(fmt: str, n: int, k: int, emulate: bool = False):
                     tb = 4 if tiles % 4 == 0 else 2 if tiles % 2 == 0 else 1
                     rpt = bm_rows // bm
                     blocks = {"blockIdx.x": tiles // tb, "blockIdx.y": (m_rows + bm_rows - 1) // bm_rows}
-                    with _Threads(emulate, blocks, {"threadIdx.y": bm, "threadIdx.x": LANES}) as th:
+                    with Threads(emulate, blocks, {"threadIdx.y": bm, "threadIdx.x": LANES}) as th:
                         tg, mb = th.block_vars["blockIdx.x"], th.block_vars["blockIdx.y"]
                         ws = th.shared((bk, tb * LANES))
                         xs = th.shared((bm_rows, bk + 1))        # + 1: rows in different banks
-                        acc = th.local(rpt * tb)
+                        acc = th.local(rpt * tb, carried=True)
                         with th.phase() as tv:
                             for a in range(rpt * tb):
-                                T.buffer_store(acc, tirx.const(0, "float32"), th.at(tv, a))
+                                T.buffer_store(acc, tirx.const(0, "float32"), th.at(tv, a, True))
                         with T.serial(0, k // bk) as c:
                             with th.phase() as tv:
                                 ty, tx = tv["threadIdx.y"], tv["threadIdx.x"]
@@ -837,14 +728,14 @@ def _gpu_matmul_func(fmt: str, n: int, k: int, emulate: bool = False):
                             th.sync()
                             with th.phase() as tv:
                                 ty, tx = tv["threadIdx.y"], tv["threadIdx.x"]
-                                totals = [acc[tuple(th.at(tv, a))] for a in range(rpt * tb)]
+                                totals = [acc[tuple(th.at(tv, a, True))] for a in range(rpt * tb)]
                                 for kk in range(bk):
                                     for i in range(rpt):
                                         xv = xs[ty + bm * i, kk]
                                         for u in range(tb):
                                             totals[i * tb + u] = totals[i * tb + u] + xv * ws[kk, u * LANES + tx]
                                 for a in range(rpt * tb):
-                                    T.buffer_store(acc, totals[a], th.at(tv, a))
+                                    T.buffer_store(acc, totals[a], th.at(tv, a, True))
                             th.sync()
                         with th.phase() as tv:
                             ty, tx = tv["threadIdx.y"], tv["threadIdx.x"]
@@ -852,7 +743,7 @@ def _gpu_matmul_func(fmt: str, n: int, k: int, emulate: bool = False):
                                 with T.If(mb * bm_rows + ty + bm * i < m_rows):
                                     with T.Then():
                                         for u in range(tb):
-                                            T.buffer_store(out, acc[tuple(th.at(tv, i * tb + u))],
+                                            T.buffer_store(out, acc[tuple(th.at(tv, i * tb + u, True))],
                                                            [mb * bm_rows + ty + bm * i, (tg * tb + u) * LANES + tx])
     return ib.get()
 
@@ -875,7 +766,7 @@ def _gpu_gather_func(fmt: str, n: int, k: int, emulate: bool = False):
                     zip(_array_names(spec), _array_shapes(spec, n, k), _array_dtypes(spec))]
             out = T.arg("out", T.buffer((count, k), "float32"))
             W = _Weights(spec, bufs)
-            with _Threads(emulate, {"blockIdx.x": count}, {"threadIdx.x": threads}) as th:
+            with Threads(emulate, {"blockIdx.x": count}, {"threadIdx.x": threads}) as th:
                 i = th.block_vars["blockIdx.x"]
                 with th.phase() as tv:
                     tx = tv["threadIdx.x"]
@@ -892,35 +783,18 @@ def _gpu_gather_func(fmt: str, n: int, k: int, emulate: bool = False):
 
 # ---- Relax --------------------------------------------------------------------------------
 
-def _dims(expr) -> list:
-    shape = expr.ty.shape
-    if shape is None or not hasattr(shape, "values"):
-        from kiln.errors import KilnError
-        raise KilnError(None, "fused quantized kernels need an input of known rank and shape")
-    return list(shape.values)
-
-
-def _product(dims):
-    from tvm import tirx
-    total = None
-    for d in dims:
-        d = tirx.Cast("int64", d) if str(d.ty) != "int64" else d
-        total = d if total is None else total * d
-    return total if total is not None else tirx.IntImm("int64", 1)
-
-
 def matmul(bb, x, packed: list, fmt: str, n: int, k: int, target: dict, *, exact: bool = True):
     """x float32 [..., k] @ wᵀ for the packed [n, k] weight -> float32 [..., n]."""
     from tvm import relax, tirx
     _check(fmt, n, k)
-    dims = _dims(x)
-    lead = dims[:-1]
-    rows = _product(lead)
+    x_dims = dims(x)
+    lead = x_dims[:-1]
+    rows = product(lead)
     x2 = x if len(lead) == 1 else bb.emit(relax.op.reshape(x, relax.ShapeExpr([rows, tirx.IntImm("int64", k)])))
-    if _is_gpu(target):
+    if is_gpu(target):
         func, name = _gpu_matmul_func(fmt, n, k), f"qmm_{fmt}_gpu"
     else:
-        func = _cpu_matmul_func(fmt, n, k, _target_key(target), not exact)
+        func = _cpu_matmul_func(fmt, n, k, target_key(target), not exact)
         name = f"qmm_{fmt}" if exact else f"qmm_{fmt}_fast"
     gv = bb.add_func(func, name)
     width = _tiles(n) * LANES
@@ -936,10 +810,10 @@ def gather(bb, ids, packed: list, fmt: str, n: int, k: int, target: dict):
     """Rows ``ids`` (int64 [...]) of the packed [n, k] weight, dequantized -> float32 [..., k]."""
     from tvm import relax, tirx
     _check(fmt, n, k)
-    lead = _dims(ids)
-    count = _product(lead)
+    lead = dims(ids)
+    count = product(lead)
     flat = ids if len(lead) == 1 else bb.emit(relax.op.reshape(ids, relax.ShapeExpr([count])))
-    if _is_gpu(target):
+    if is_gpu(target):
         func, name = _gpu_gather_func(fmt, n, k), f"qgather_{fmt}_gpu"
     else:
         func, name = _cpu_gather_func(fmt, n, k), f"qgather_{fmt}"

@@ -1,0 +1,129 @@
+"""What the hand-written TVM kernels share (quantized and float matmuls): targets as cache
+keys, the CPU's register blocking per vector ISA, GPU thread structure (or its CPU
+emulation, for testing GPU kernels' arithmetic here), and Relax shape arithmetic."""
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+
+GPU_KINDS = ("cuda", "metal", "rocm", "vulkan", "opencl", "webgpu")
+
+
+def target_key(target) -> str:
+    """A hashable key for a TVM target dict (the kernels are cached per target)."""
+    return json.dumps(target, sort_keys=True, default=list) if isinstance(target, dict) else str(target)
+
+
+def is_gpu(target) -> bool:
+    kind = target.get("kind") if isinstance(target, dict) else str(target).split()[0]
+    return kind in GPU_KINDS
+
+
+@dataclass(frozen=True)
+class CpuShape:
+    """Register blocking of the CPU GEMMs for one vector ISA."""
+    tiles: int            # 16-row tiles per parallel task
+    rows: int             # rows of x per register block
+    wide: bool            # 32 vector registers: room for more GEMV accumulators
+    vnni: bool = False    # AVX-512 VNNI: int8 dot products (fast precision)
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_shape(key: str) -> CpuShape:
+    import tvm
+    from tvm.target import codegen
+    t = tvm.target.Target(json.loads(key) if key.startswith("{") else key)
+    if codegen.target_has_features("avx512f", t):                        # 12 of 32 zmm accumulate
+        return CpuShape(tiles=2, rows=6, wide=True, vnni=codegen.target_has_features("avx512vnni", t))
+    triple = str(t.attrs.get("mtriple", ""))
+    if codegen.target_has_features("avx2", t) or triple.startswith(("aarch64", "arm64")):
+        return CpuShape(tiles=1, rows=6, wide=False)      # AVX2: 12 of 16 ymm; NEON: 24 of 32 q
+    return CpuShape(tiles=1, rows=2, wide=False)          # 16-byte vectors, 16 registers
+
+
+class Threads:
+    """A GPU kernel's blocks and threads, or (``emulate``) the same kernel for the CPU.
+
+    On a GPU the block and thread indices are launched once and each barrier-separated phase
+    runs on all threads. Emulated, each phase is a serial loop nest over the thread indices
+    inside serial loops over the blocks: with a barrier between phases that is an order of
+    effects a GPU allows, so the numbers are the kernel's. ``carried`` per-thread arrays (live
+    across phases) get one copy per thread when emulated; index them with ``at``.
+    """
+
+    def __init__(self, emulate: bool, blocks: dict, threads: dict):
+        self.emulate, self.blocks, self.threads = emulate, blocks, threads
+        self.block_vars: dict = {}
+        self.thread_vars: dict = {}
+        self._frames: list = []
+
+    def __enter__(self):
+        from tvm.script.ir_builder import tirx as T
+        for tag, ext in self.blocks.items():
+            f = T.serial(0, ext) if self.emulate else T.launch_thread(tag, ext)
+            self.block_vars[tag] = f.__enter__()
+            self._frames.append(f)
+        if not self.emulate:
+            for tag, ext in self.threads.items():
+                f = T.launch_thread(tag, ext)
+                self.thread_vars[tag] = f.__enter__()
+                self._frames.append(f)
+        return self
+
+    def __exit__(self, *exc):
+        for f in reversed(self._frames):
+            f.__exit__(*exc)
+
+    def phase(self):
+        """A context whose value is the thread indices {tag: var}."""
+        from contextlib import ExitStack, contextmanager
+
+        from tvm.script.ir_builder import tirx as T
+
+        @contextmanager
+        def run():
+            if not self.emulate:
+                yield self.thread_vars
+                return
+            with ExitStack() as stack:
+                yield {tag: stack.enter_context(T.serial(0, ext)) for tag, ext in self.threads.items()}
+        return run()
+
+    def sync(self):
+        from tvm import tirx
+        from tvm.script.ir_builder import tirx as T
+        if not self.emulate:
+            T.evaluate(tirx.op.tvm_storage_sync("shared"))
+
+    def shared(self, shape, dtype: str = "float32"):
+        from tvm.script.ir_builder import tirx as T
+        return T.alloc_buffer(shape, dtype, scope="global" if self.emulate else "shared")
+
+    def local(self, size: int, dtype: str = "float32", carried: bool = False):
+        from tvm.script.ir_builder import tirx as T
+        if self.emulate:
+            return T.alloc_buffer((tuple(self.threads.values()) if carried else ()) + (size,), dtype)
+        return T.alloc_buffer((size,), dtype, scope="local")
+
+    def at(self, tv: dict, i, carried: bool = False) -> list:
+        return [tv[tag] for tag in self.threads] + [i] if self.emulate and carried else [i]
+
+
+def dims(expr, what: str = "matmul kernels") -> list:
+    """The Relax expression's shape as a list of PrimExprs."""
+    shape = expr.ty.shape
+    if shape is None or not hasattr(shape, "values"):
+        from kiln.errors import KilnError
+        raise KilnError(None, f"{what} need an input of known rank and shape")
+    return list(shape.values)
+
+
+def product(values):
+    """The int64 product of shape values (1 for none)."""
+    from tvm import tirx
+    total = None
+    for d in values:
+        d = tirx.Cast("int64", d) if str(d.ty) != "int64" else d
+        total = d if total is None else total * d
+    return total if total is not None else tirx.IntImm("int64", 1)
