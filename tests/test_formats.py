@@ -338,3 +338,15 @@ def test_weight_roundtrip_through_formats():
 def test_rejects_partial_blocks():
     with pytest.raises(ValueError):
         formats.get("q4_k").quantize(np.zeros((2, 300), np.float32))
+
+
+def test_registry_is_complete_whichever_format_module_is_imported_first():
+    # a format module imported on its own used to leave the registry holding only itself
+    import subprocess
+    import sys
+    code = ("import kiln.formats.q3_k\nfrom kiln import formats\n"
+            "print(formats.get('q8_0').name, len(formats.all_formats()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    name, count = out.stdout.split()
+    assert name == "q8_0" and int(count) > 20

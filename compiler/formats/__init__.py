@@ -99,14 +99,22 @@ def _f32_to_plain(values: np.ndarray, dtype: str) -> np.ndarray:
     return values.astype(np.dtype(dtype))
 
 
+_loaded = False
+
+
 def _load_all() -> None:
+    # once, whatever is registered already: a format module imported on its own registers
+    # only itself, so a non-empty registry does not mean a complete one
+    global _loaded
+    if _loaded:
+        return
     for mod in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{mod.name}")
+    _loaded = True
 
 
 def get(name: str) -> WeightFormat:
-    if not _REGISTRY:
-        _load_all()
+    _load_all()
     try:
         return _REGISTRY[name.lower()]
     except KeyError:
@@ -114,12 +122,10 @@ def get(name: str) -> WeightFormat:
 
 
 def from_gguf_type(type_id: int) -> WeightFormat | None:
-    if not _REGISTRY:
-        _load_all()
+    _load_all()
     return _BY_GGUF.get(type_id)
 
 
 def all_formats() -> dict[str, WeightFormat]:
-    if not _REGISTRY:
-        _load_all()
+    _load_all()
     return dict(_REGISTRY)
