@@ -19,7 +19,7 @@ from kiln.runtime import beam
 
 REFERENCE = FIXTURES / "beam" / "beam_reference.json"
 FAMILIES = ["llama", "qwen2"]
-LAYOUTS = ["shared", "concat"]
+LAYOUTS = ['shared', "concat"]
 SCORE_RTOL = 2e-6
 
 
@@ -82,7 +82,7 @@ def test_beam_search_equals_transformers(models, reference, layout):
 
 def test_without_reordering_the_cache_the_results_differ(models, reference):
     """The cases depend on reorder_rows: a session that ignores it goes wrong."""
-    model = models["llama", "shared"]
+    model = models["llama", 'shared']
 
     class Frozen:
         def __init__(self, session):
@@ -138,7 +138,7 @@ def test_reorder_rows_moves_whole_rows(models, layout):
 
 
 def test_reorder_rows_keeps_row_lengths_shared(models):
-    session = models["llama", "shared"].session
+    session = models["llama", 'shared'].session
     prompts = [[5, 6], [7, 8, 9, 10, 11], [12, 13, 14]]
     session.reset(3)
     session.prefill(prompts)
@@ -159,7 +159,7 @@ def test_cli_prints_the_best_hypotheses(models, reference, capsys):
                 if c["family"] == "llama" and not c["eos_token_id"] and c["num_return_sequences"] == 4)
     # the artifact's own EOS (2) would end generation; none of these hypotheses holds it
     assert all(2 not in s for s in case["sequences"][:2])
-    model = models["llama", "shared"]
+    model = models["llama", 'shared']
     rc = main(["run", str(model.path), "--ids", ",".join(map(str, case["prompt"])), "-n", "12",
                "--num-beams", "4", "--num-return-sequences", "2"])
     assert rc == 0
@@ -168,7 +168,7 @@ def test_cli_prints_the_best_hypotheses(models, reference, capsys):
 
 
 def test_bad_beam_arguments(models):
-    model = models["llama", "shared"]
+    model = models["llama", 'shared']
     with pytest.raises(ValueError, match="temperature=0.7 cannot be used with num_beams > 1"):
         model.generate([1, 2, 3], 4, num_beams=2, temperature=0.7)
     with pytest.raises(ValueError, match="stop="):
@@ -182,7 +182,7 @@ def test_bad_beam_arguments(models):
 
 
 def test_a_list_of_prompts_gives_a_list(models, reference):
-    model = models["qwen2", "shared"]
+    model = models["qwen2", 'shared']
     cases = [c for c in reference["cases"] if c["family"] == "qwen2" and c["length_penalty"] == 0.5]
     out = model.generate([c["prompt"] for c in cases], 12, num_beams=4, length_penalty=0.5, early_stopping=True,
                          num_return_sequences=2, eos_ids=cases[0]["eos_token_id"])
