@@ -8,6 +8,7 @@ import numpy as np
 from kiln.artifact import ArtifactError, read_manifest
 
 from . import generation
+from .heap import release_free_heap
 from .tokenizer import Tokenizer
 
 
@@ -25,9 +26,12 @@ class Model:
             from .tvm_session import TVMSession as session_type
         else:
             raise ArtifactError(self.path / "manifest.json", f"names backend {backend!r}, which this runtime does not have")
-        self.session = session_type(self.path, self.manifest, threads=threads, device=device)
+        # the tokenizer first: parsing its JSON briefly takes some 40 MB, which is then given
+        # back, so the process's peak memory is not that on top of the weights
         tok_dir = self.path / "tokenizer"
         self.tokenizer = Tokenizer.load(tok_dir) if tok_dir.is_dir() else None
+        release_free_heap()
+        self.session = session_type(self.path, self.manifest, threads=threads, device=device)
         gen = self.manifest.get("generation") or {}
         eos = gen.get("eos_token_id", self.config.get("eos_token_ids", []))
         #: End-of-sequence ids; the tokenizer's when there is one, else the model's own.

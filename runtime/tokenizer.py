@@ -73,8 +73,7 @@ class Tokenizer:
         self.add_bos = bool(add_bos) and bos_id is not None
         self.add_eos = bool(add_eos) and bool(self._eos_ids)
         self.chat_template = chat_template
-        vocab = tokenizer.get_vocab(with_added_tokens=True)
-        self._vocab_size = max(vocab.values()) + 1 if vocab else 0
+        self._vocab_size = None
 
     # -- loading ------------------------------------------------------------------------------
 
@@ -150,7 +149,11 @@ class Tokenizer:
 
     @property
     def vocab_size(self) -> int:
-        """One more than the largest token id (model vocabulary and added tokens)."""
+        """One more than the largest token id (model vocabulary and added tokens). Computed when
+        first asked for: the vocabulary as a Python dict is ~10 MB that loading need not hold."""
+        if self._vocab_size is None:
+            vocab = self._tok.get_vocab(with_added_tokens=True)
+            self._vocab_size = max(vocab.values()) + 1 if vocab else 0
         return self._vocab_size
 
     @property

@@ -22,6 +22,8 @@ import numpy as np
 from kiln.artifact import ArtifactError
 
 from .rows import check_join, doubled_capacity, right_padded
+from .safetensors_index import read_index
+from .tvm_runtime import RuntimeMissing, TVMRuntime
 
 INITIAL_CAPACITY = 256
 DEVICES = {"cpu": "cpu", "cuda": "cuda", "metal": "metal"}
@@ -30,19 +32,12 @@ DEVICES = {"cpu": "cpu", "cuda": "cuda", "metal": "metal"}
 def runtime_only() -> None:
     """Make a later ``import tvm`` load TVM's runtime library alone (about 70 MB of memory
     instead of the compiler's 160 MB). For processes that only run artifacts (kiln run,
-    bench, serve, eval): once TVM is imported this way, the process cannot compile."""
+    bench, serve, eval) and reach ``import tvm`` at all (a GPU artifact; the CPU path loads
+    the runtime library without it, see :mod:`kiln.runtime.tvm_runtime`): once TVM is
+    imported this way, the process cannot compile."""
     import sys
     if "tvm" not in sys.modules:
         os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")
-
-
-def _device(kind: str, folder: Path):
-    import tvm
-    dev = tvm.device(DEVICES[kind], 0)
-    if not dev.exist:
-        raise ArtifactError(folder, f"was compiled for {kind}, and this machine has no {kind} device "
-                                    f"(compile it again with --target cpu to run it here)")
-    return dev
 
 
 class TVMSession:
@@ -76,18 +71,17 @@ class TVMSession:
         else:
             os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
         try:
-            import tvm
-            from tvm.runtime.vm import VirtualMachine
-        except ImportError:
+            self.rt = TVMRuntime(kind)
+        except RuntimeMissing:
             raise ArtifactError(folder, "was compiled with the TVM backend; running it needs Apache TVM "
                                         "(pip install 'kiln[tvm]')") from None
-        self._tvm = tvm
-        self.dev = _device(kind, folder)
+        if not self.rt.device_exists:
+            raise ArtifactError(folder, f"was compiled for {kind}, and this machine has no {kind} device "
+                                        f"(compile it again with --target cpu to run it here)")
         try:
-            lib = tvm.runtime.load_module(str(library))
+            self.vm = self.rt.load_vm(library)
         except Exception as e:           # TVM raises its own error types for a bad library
             raise ArtifactError(library, f"TVM cannot load the library: {str(e).strip().splitlines()[-1][:300]}") from None
-        self.vm = VirtualMachine(lib, self.dev)
         self._prefill, self._decode = self.vm["prefill"], self.vm["decode"]
         self.params = self._load_params(weights, names)
         self.max_length = int(backend.get("max_length") or manifest.get("config", {}).get("max_position_embeddings") or 1 << 30)
@@ -144,9 +138,9 @@ class TVMSession:
         if n > self.capacity:
             self._grow(n)
         views = [self._row_view(c, r) for c in self.caches]
-        args = [self._tensor(np.asarray([prompt], dtype=np.int64)), self._tensor(np.zeros(1, np.int32)),
-                self._tensor(np.asarray([[n - 1]], dtype=np.int64)), views, self.params]
-        logits = self._prefill(*args).numpy()[0, -1]
+        args = [self.rt.tensor(np.asarray([prompt], dtype=np.int64)), self.rt.tensor(np.zeros(1, np.int32)),
+                self.rt.tensor(np.asarray([[n - 1]], dtype=np.int64)), views, self.params]
+        logits = self.rt.numpy(self._prefill(*args))[0, -1]
         self.lengths[r] = n
         self.length = int(self.lengths.max())
         return logits
@@ -168,27 +162,24 @@ class TVMSession:
         """Row b takes what row index[b] held (beam search keeps its best beams)."""
         index = np.asarray(index, dtype=np.int64)
         for i, c in enumerate(self.caches):
-            arr = c.numpy()
-            self.caches[i] = self._tvm.runtime.tensor(np.ascontiguousarray(arr[index]), self.dev)
+            self.caches[i] = self.rt.tensor(self.rt.numpy(c)[index])
         self.lengths = self.lengths[index]
 
     # ---- internals ------------------------------------------------------------------------
     def _load_params(self, weights: Path, names: list) -> list:
-        """The weights on the device, read one tensor at a time (memory holds the device copy
-        and one tensor in flight, not the whole file twice)."""
-        from safetensors import SafetensorError, safe_open
+        """The weights on the device, each read from the file straight into its tensor (on the
+        CPU; elsewhere through one tensor-sized host buffer), so memory never holds a second
+        copy of the file."""
+        index = read_index(weights)
+        missing = [n for n in names if n not in index]
+        if missing:
+            raise ArtifactError(weights, f"lacks the weight {missing[0]!r} the library takes")
         try:
-            with safe_open(str(weights), "np") as f:
-                present = set(f.keys())
-                missing = [n for n in names if n not in present]
-                if missing:
-                    raise ArtifactError(weights, f"lacks the weight {missing[0]!r} the library takes")
-                return [self._tvm.runtime.tensor(f.get_tensor(n), self.dev) for n in names]
-        except (SafetensorError, OSError) as e:
-            raise ArtifactError(weights, f"cannot be read as safetensors ({e})") from None
-
-    def _tensor(self, arr):
-        return self._tvm.runtime.tensor(arr, self.dev)
+            with open(weights, "rb") as f:
+                return [self.rt.read_into(f, index[n].start, index[n].nbytes, index[n].shape, index[n].dtype)
+                        for n in names]
+        except (OSError, EOFError) as e:
+            raise ArtifactError(weights, f"cannot be read ({e})") from None
 
     def _run(self, ids, lengths, positions):
         s = ids.shape[1]
@@ -199,12 +190,12 @@ class TVMSession:
             raise ValueError("this artifact runs rows of one length only")
         if total > self.capacity:
             self._grow(total)
-        args = [self._tensor(ids), self._tensor(lengths.astype(np.int32)),
-                self._tensor(np.ascontiguousarray(positions, dtype=np.int64)), self.caches, self.params]
+        args = [self.rt.tensor(ids), self.rt.tensor(lengths.astype(np.int32)),
+                self.rt.tensor(np.ascontiguousarray(positions, dtype=np.int64)), self.caches, self.params]
         if self.mode == "uniform":
-            args.append(self._tvm.runtime.ShapeTuple([int(lengths[0])]))
+            args.append(self.rt.shape([int(lengths[0])]))
         fn = self._decode if s == 1 else self._prefill
-        logits = fn(*args).numpy()
+        logits = self.rt.numpy(fn(*args))
         self.lengths = lengths + s
         self.length = int(self.lengths.max())
         return logits
@@ -212,16 +203,18 @@ class TVMSession:
     def _row_view(self, cache, r: int):
         shape = (1, self.kv_heads, self.capacity, self.head_dim)
         row_bytes = self.kv_heads * self.capacity * self.head_dim * self.kv_dtype.itemsize
-        return cache._create_view(shape, relative_byte_offset=r * row_bytes)
+        return self.rt.view(cache, shape, r * row_bytes)
 
     def _allocate(self, capacity: int, keep: int = 0) -> None:
         shape = (self.batch, self.kv_heads, capacity, self.head_dim)
         fresh = []
         for i in range(2 * self.layers):
-            arr = np.zeros(shape, dtype=self.kv_dtype)
             if keep and self.caches:
-                arr[:, :, :keep] = self.caches[i].numpy()[:, :, :keep]
-            fresh.append(self._tvm.runtime.tensor(arr, self.dev))
+                arr = np.zeros(shape, dtype=self.kv_dtype)
+                arr[:, :, :keep] = self.rt.numpy(self.caches[i])[:, :, :keep]
+                fresh.append(self.rt.tensor(arr))
+            else:
+                fresh.append(self.rt.zeros(shape, self.kv_dtype.name))
         self.caches, self.capacity = fresh, capacity
 
     def _grow(self, needed: int) -> None:
