@@ -40,7 +40,8 @@ def pipeline(backend: str) -> list:
             ("rmsnorm", fuse_rmsnorm),
             ("skip_rmsnorm", fuse_skip_rmsnorm),
             ("rotary", fuse_rotary),
-            ("attention", lambda g: fuse_attention(g, head_dim_multiple=8)),
+            # ORT's GroupQueryAttention needs head sizes in multiples of 8; TVM's kernel takes any
+            ("attention", lambda g: fuse_attention(g, head_dim_multiple=8 if backend == "onnxrt" else 1)),
             # q/k/v and gate/up as one product each, before quant_matmul makes them one
             # MatMulNBits (and one min-term correction); the attention lowering still finds each
             # projection's head split below the Split
@@ -204,7 +205,9 @@ def _lower_tvm(graph, tmp, preset, cfg, weight_done, stage, precision, kv_dtype)
                               kv_dtype={"f32": "float32", "f16": "float16"}[kv_dtype])
     except ValueError as e:
         raise KilnError(None, f"the TVM backend cannot compile this model: {e}") from None
+    from kiln.frontends.arch import ArchConfig, rope_switch_length
     return {"name": "tvm", **({"cross_compiled_for": target.cross} if target.cross else {}),
+            "recompute_cache_after": rope_switch_length(ArchConfig.from_dict(cfg)),
             "requires": ["apache-tvm==0.27.0.post1", "apache-tvm-ffi==0.1.14.post0"], **summary}
 
 

@@ -84,6 +84,11 @@ class TVMSession:
             raise ArtifactError(library, f"TVM cannot load the library: {str(e).strip().splitlines()[-1][:300]}") from None
         self._prefill, self._decode = self.vm["prefill"], self.vm["decode"]
         self.params = self._load_params(weights, names)
+        # longrope models rotate with other frequencies past this length; as transformers'
+        # generate does, the call that crosses it recomputes the cache from the whole sequence
+        # so every cached key uses the long frequencies (only "uniform" artifacts have a switch)
+        self.recompute_past = backend.get("recompute_cache_after")
+        self.history = np.zeros((1, 0), dtype=np.int64)
         self.max_length = int(backend.get("max_length") or manifest.get("config", {}).get("max_position_embeddings") or 1 << 30)
         self.caches: list = []
         self.capacity = 0
@@ -99,11 +104,20 @@ class TVMSession:
             self._allocate(min(INITIAL_CAPACITY, self.max_length))
         self.lengths = np.zeros(batch, dtype=np.int64)
         self.length = 0
+        self.history = np.zeros((batch, 0), dtype=np.int64)
 
     def forward(self, ids: np.ndarray, last_only: bool = False) -> np.ndarray:
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         if ids.ndim != 2 or ids.shape[0] != self.batch:
             raise ValueError(f"ids must be [batch={self.batch}, seq], got {list(ids.shape)}")
+        if self.recompute_past:
+            seen = np.concatenate([self.history, ids], axis=1)
+            if self.length and self.length <= self.recompute_past < seen.shape[1]:
+                n = ids.shape[1]
+                self.reset(self.batch)
+                logits = self.forward(seen, last_only)
+                return logits if last_only else logits[:, -n:]
+            self.history = seen
         s = ids.shape[1]
         positions = np.full((self.batch, 1), s - 1) if last_only else np.tile(np.arange(s), (self.batch, 1))
         return self._run(ids, self.lengths, positions)
@@ -152,6 +166,8 @@ class TVMSession:
     def step(self, tokens: np.ndarray, active: np.ndarray) -> np.ndarray:
         ids = np.ascontiguousarray(np.asarray(tokens, dtype=np.int64).reshape(self.batch, 1))
         active = np.asarray(active, dtype=bool)
+        if self.recompute_past and active.all():
+            return self.forward(ids, last_only=True)[:, -1]      # through the switch's recompute
         before = np.where(active, self.lengths, 0)
         logits = self._run(ids, before, np.zeros((self.batch, 1), dtype=np.int64))
         self.lengths = np.where(active, before + 1, 0)
@@ -161,9 +177,15 @@ class TVMSession:
     def reorder_rows(self, index) -> None:
         """Row b takes what row index[b] held (beam search keeps its best beams)."""
         index = np.asarray(index, dtype=np.int64)
+        if index.shape != (self.batch,) or (index.size and not 0 <= index.min() <= index.max() < self.batch):
+            raise ValueError(f"reorder_rows takes {self.batch} row numbers below {self.batch}, "
+                             f"got {index.tolist()}")
+        if np.array_equal(index, np.arange(self.batch)):
+            return
         for i, c in enumerate(self.caches):
             self.caches[i] = self.rt.tensor(self.rt.numpy(c)[index])
         self.lengths = self.lengths[index]
+        self.history = self.history[index]
 
     # ---- internals ------------------------------------------------------------------------
     def _load_params(self, weights: Path, names: list) -> list:

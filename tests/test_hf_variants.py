@@ -8,7 +8,9 @@ attention, q/k/v/o and MLP biases, bf16 and f16 checkpoints, a sliding window, a
 .bin checkpoint. index.json says which variant exercises what and records the versions.
 
 Same checks as test_hf_families.py: the interpreter's full-sequence logits, then the compiled
-ONNX Runtime artifact's logits and 16 greedy tokens through its KV cache. Both the interpreter
+artifact's (ONNX Runtime and TVM) logits and 16 greedy tokens through its KV cache. These found
+two TVM gaps: head sizes not a multiple of 8 (ORT's limit, not TVM's) and longrope's cache
+recompute at the switch, which transformers' generate does. Both the interpreter
 and the compiled artifact also run prompt + greedy[:-1] (22 tokens, so rope scaling and the
 sliding window are checked past the 16-position "original context" several variants declare)
 against ``greedy_logits``.
@@ -99,11 +101,12 @@ def test_interpreter_full_pass_matches_greedy_logits(name):
     np.testing.assert_allclose(logits, ref["greedy_logits"], rtol=0, atol=BOUND)
 
 
+@pytest.mark.parametrize("backend", ["onnxrt", "tvm"])
 @pytest.mark.parametrize("name", _params(XFAIL_COMPILED))
-def test_compiled_artifact_matches_transformers(name, tmp_path):
+def test_compiled_artifact_matches_transformers(name, backend, tmp_path):
     from kiln import runtime
     folder = _folder(name)
-    out = kiln_compile(folder, target="cpu", output=tmp_path / f"{name}.kiln", verify=True)
+    out = kiln_compile(folder, target="cpu", output=tmp_path / f"{name}.kiln", verify=True, backend=backend)
     model = runtime.load(out)
     ref = np.load(folder / "reference.npz")
     np.testing.assert_allclose(model.logits(ref["input_ids"]), ref["logits"], rtol=0, atol=BOUND)
