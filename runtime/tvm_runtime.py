@@ -120,6 +120,11 @@ class TVMRuntime:
             self._from_bytes(t, np.zeros(nbytes, np.uint8).ctypes.data_as(ctypes.c_void_p), nbytes)
         return t
 
+    def host(self, t) -> np.ndarray:
+        """``t`` as a numpy array: on the CPU a view of its memory (which it keeps alive), so a
+        call's logits are not copied; elsewhere a copy."""
+        return np.from_dlpack(t) if self.kind == "cpu" else self.numpy(t)
+
     def numpy(self, t) -> np.ndarray:
         """A host copy of ``t`` (float32, int64, ... -- not bfloat16)."""
         out = np.empty(tuple(t.shape), dtype=np.dtype(str(t.dtype)))
@@ -130,6 +135,10 @@ class TVMRuntime:
     def view(self, t, shape, byte_offset: int):
         """A tensor of ``shape`` over ``t``'s memory from ``byte_offset`` on (no copy)."""
         return self._view(t, self._ffi.Shape([int(d) for d in shape]), t.dtype, byte_offset)
+
+    def array(self, items: list):
+        """An FFI array of ``items`` (tensors), to pass to a function as one argument."""
+        return self._ffi.convert(list(items))
 
     def shape(self, values):
         return self._ffi.Shape([int(v) for v in values])

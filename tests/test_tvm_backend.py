@@ -115,6 +115,20 @@ def test_reorder_rows_moves_whole_rows(compiled):
     np.testing.assert_allclose(out[1], alone, rtol=0, atol=1e-5)
 
 
+def test_logits_kept_by_the_caller_survive_later_calls(compiled):
+    # on the CPU a call's logits are a view of the VM's output tensor, not a copy: holding them
+    # must keep that memory from being reused by the next call
+    s = runtime.load(compiled("llama")).session
+    s.reset(1)
+    first = s.forward(np.array([[1, 2, 3]]), last_only=True)
+    kept = first.copy()
+    for t in (4, 5, 6, 7):
+        s.forward(np.array([[t]]), last_only=True)
+    s.reset(1)
+    s.forward(np.array([[9, 9, 9, 9]]))
+    np.testing.assert_array_equal(first, kept)
+
+
 def test_uniform_artifact_refuses_ragged_rows(compiled):
     s = runtime.load(compiled("gpt2")).session
     s.reset(2)
