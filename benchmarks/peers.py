@@ -61,8 +61,6 @@ def context(ids: list[int], a) -> list[int]:
 
 def run_kiln(path: str, a) -> tuple[list[float], list[float], list[int]]:
     from kiln import runtime
-    from kiln.runtime.tvm_session import runtime_only
-    runtime_only()          # a TVM artifact runs on TVM's runtime library alone, as kiln bench does
     model = runtime.load(path, threads=a.threads)
     sess = model.session
     ids = context(model.tokenizer.encode(a.prompt), a)

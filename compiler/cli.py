@@ -454,8 +454,6 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.fn in (cmd_run, cmd_bench, cmd_serve, cmd_eval):
         args.fn = _user_errors_of_the_runtime(args.fn)
-        from kiln.runtime.tvm_session import runtime_only
-        runtime_only()
     try:
         return args.fn(args) or 0
     except (KilnError, ArtifactError) as e:

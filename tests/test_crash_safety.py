@@ -224,6 +224,8 @@ WRITERS = {
     "safetensors": (_convert("safetensors"), "out.safetensors"),
     "onnx": (_convert("onnx"), "out-onnx"),
     "compile": (lambda src, dest: ["compile", src, "-o", dest, "-q"], "out.kiln"),
+    # LLVM ends the process when it cannot write the library: the export runs in a child
+    "compile-tvm": (lambda src, dest: ["compile", src, "--backend", "tvm", "-o", dest, "-q"], "out.kiln"),
 }
 # 0: the first byte fails; 600: small JSON files fit (config.json is 557 bytes), tensor data not
 LIMITS = [0, 600, 60_000]

@@ -8,6 +8,10 @@ CPUs, linked on the machine that runs them.
 """
 from __future__ import annotations
 
+import errno
+import json
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -27,7 +31,6 @@ def build(graph: Graph, out_dir, target: TVMTarget, *, max_length: int | None = 
     """``kv_dtype`` "float16" halves the bytes attention reads per token at long context (as
     llama.cpp's default cache does); "float32" keeps the cache exact."""
     import tvm
-    from safetensors.numpy import save_file
 
     from .lower import ENTRY_POINTS, Target, lower
     out_dir = Path(out_dir)
@@ -40,15 +43,10 @@ def build(graph: Graph, out_dir, target: TVMTarget, *, max_length: int | None = 
     tvm_target = tvm.target.Target(target.target, host=target.host) if target.host else tvm.target.Target(target.target)
     executable = tvm.compile(mod, target=tvm_target)
     compile_s = time.perf_counter() - t0
-    executable.export_library(str(out_dir / target.library))
+    export(executable, out_dir / target.library)
     device = write_device_source(executable, out_dir) if target.gpu else {}
     say("writing weights")
-    tensors = {}
-    for p in plan.params:
-        tensors[p.name] = p.array
-        if progress:
-            progress(p.name)
-    save_file(tensors, str(out_dir / WEIGHTS))
+    write_weights(out_dir / WEIGHTS, plan.params, progress)
     from .lower import cache_shape
     kv_heads, head_dim = cache_shape(graph)
     layers = sum(1 for n in graph.nodes if n.op == "Attention")
@@ -58,6 +56,77 @@ def build(graph: Graph, out_dir, target: TVMTarget, *, max_length: int | None = 
                          "head_dim": head_dim, **({"why_uniform": plan.why_uniform} if plan.why_uniform else {})},
             "max_length": plan.max_length, "weight_formats": plan.formats,
             "tvm_compile_seconds": round(compile_s, 2), **device}
+
+
+#: numpy dtype -> safetensors dtype (bf16 weights are stored as their uint16 bits)
+SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "int64": "I64", "int32": "I32", "int16": "I16",
+                      "int8": "I8", "uint32": "U32", "uint16": "U16", "uint8": "U8", "float64": "F64"}
+
+
+def write_weights(path: Path, params: list, progress: Callable[[str], None] | None = None) -> None:
+    """The weights as safetensors, written one tensor at a time: memory holds what the
+    lowering made and nothing more (the safetensors package's writer first joins every tensor
+    into one buffer, a second copy of the model). A failed write raises the OSError itself."""
+    header, offset = {}, 0
+    for p in params:
+        header[p.name] = {"dtype": SAFETENSORS_DTYPES[p.array.dtype.name], "shape": list(p.array.shape),
+                          "data_offsets": [offset, offset + p.array.nbytes]}
+        offset += p.array.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)           # the data section 8-byte aligned, as the format's writer does
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for p in params:
+            if p.array.nbytes:
+                f.write(memoryview(np.ascontiguousarray(p.array).reshape(-1)).cast("B"))
+            if progress:
+                progress(p.name)
+
+
+def export(executable, path: Path) -> None:
+    """Write the library. LLVM ends the whole process when it cannot write an object file (a
+    full disk: "LLVM ERROR: IO failure on output stream"), which would skip kiln's clean-up of
+    the half-built artifact and its one-line error, so where the system can fork the export
+    runs in a child process and its failure comes back here as the OSError it was."""
+    # TVM's object files go beside the library, not to /tmp: a full disk then fails where
+    # the artifact is written, and nothing is left elsewhere
+    workspace = path.parent / ".tvm-build"
+    workspace.mkdir()
+    try:
+        _export(executable, path, workspace)
+    finally:
+        shutil.rmtree(workspace, ignore_errors=True)
+
+
+def _export(executable, path: Path, workspace: Path) -> None:
+    if not hasattr(os, "fork"):
+        executable.export_library(str(path), workspace_dir=str(workspace))
+        return
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                   # the child: its stderr goes to the parent
+        code = 0
+        try:
+            os.close(read_end)
+            os.dup2(write_end, 2)
+            executable.export_library(str(path), workspace_dir=str(workspace))
+        except BaseException as e:                 # noqa: BLE001 - reported through the pipe
+            os.write(2, f"{type(e).__name__}: {e}".encode(errors="replace"))
+            code = 3
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as f:
+        message = f.read().decode(errors="replace").strip()
+    _, status = os.waitpid(pid, 0)
+    if status == 0:
+        return
+    for code in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EIO):
+        if os.strerror(code) in message:
+            raise OSError(code, os.strerror(code), str(path))
+    last = message.splitlines()[-1] if message else f"exit status {status}"
+    raise RuntimeError(f"TVM could not write the library {path.name}: {last[:300]}")
 
 
 def _device_modules(module):
