@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -87,8 +88,8 @@ def write_weights(path: Path, params: list, progress: Callable[[str], None] | No
 def export(executable, path: Path) -> None:
     """Write the library. LLVM ends the whole process when it cannot write an object file (a
     full disk: "LLVM ERROR: IO failure on output stream"), which would skip kiln's clean-up of
-    the half-built artifact and its one-line error, so where the system can fork the export
-    runs in a child process and its failure comes back here as the OSError it was."""
+    the half-built artifact and its one-line error, so on Linux the export runs in a forked
+    child and its failure comes back here as the OSError it was."""
     # TVM's object files go beside the library, not to /tmp: a full disk then fails where
     # the artifact is written, and nothing is left elsewhere
     workspace = path.parent / ".tvm-build"
@@ -100,7 +101,8 @@ def export(executable, path: Path) -> None:
 
 
 def _export(executable, path: Path, workspace: Path) -> None:
-    if not hasattr(os, "fork"):
+    if not sys.platform.startswith("linux"):
+        # macOS forbids much in a forked child once Objective-C (TVM's Metal runtime) is up
         executable.export_library(str(path), workspace_dir=str(workspace))
         return
     read_end, write_end = os.pipe()
