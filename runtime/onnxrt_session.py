@@ -23,7 +23,7 @@ import numpy as np
 from kiln.artifact import ArtifactError
 
 from .onnx_check import check_external_data
-from .rows import check_join, doubled_capacity, right_padded
+from .rows import check_join, doubled_capacity, recomputed_at_switch, right_padded
 
 #: First capacity of a shared cache, in tokens per row; it doubles as sequences grow.
 INITIAL_CAPACITY = 256
@@ -227,13 +227,9 @@ class OnnxRuntimeSession:
 
     def _run_concat(self, ids, last_only, positions):
         if self.recompute_past:
-            seen = np.concatenate([self.history, ids], axis=1)
-            if self.length and self.length <= self.recompute_past < seen.shape[1]:
-                n = ids.shape[1]
-                self.reset(self.batch)
-                logits = self.forward(seen, last_only)
-                return logits if last_only else logits[:, -n:]
-            self.history = seen
+            recomputed = recomputed_at_switch(self, ids, last_only)
+            if recomputed is not None:
+                return recomputed
         outs = self.sess.run(None, {**self._feeds(ids, positions), **self.past})
         results = dict(zip(self.output_names, outs))
         for name in self.past:

@@ -21,7 +21,7 @@ import numpy as np
 
 from kiln.artifact import ArtifactError
 
-from .rows import check_join, doubled_capacity, right_padded
+from .rows import check_join, doubled_capacity, recomputed_at_switch, right_padded
 from .safetensors_index import read_index
 from .tvm_runtime import RuntimeMissing, TVMRuntime
 
@@ -74,9 +74,7 @@ class TVMSession:
         self._prefill, self._decode = self.vm["prefill"], self.vm["decode"]
         # passed as one FFI array built once: a Python list would be converted on every call
         self.params = self.rt.array(self._load_params(weights, names))
-        # longrope models rotate with other frequencies past this length; as transformers'
-        # generate does, the call that crosses it recomputes the cache from the whole sequence
-        # so every cached key uses the long frequencies (only "uniform" artifacts have a switch)
+        # longrope's switch (rows.recomputed_at_switch); only "uniform" artifacts have one
         self.recompute_past = backend.get("recompute_cache_after")
         self.history = np.zeros((1, 0), dtype=np.int64)
         self.max_length = int(backend.get("max_length") or manifest.get("config", {}).get("max_position_embeddings") or 1 << 30)
@@ -102,13 +100,9 @@ class TVMSession:
         if ids.ndim != 2 or ids.shape[0] != self.batch:
             raise ValueError(f"ids must be [batch={self.batch}, seq], got {list(ids.shape)}")
         if self.recompute_past:
-            seen = np.concatenate([self.history, ids], axis=1)
-            if self.length and self.length <= self.recompute_past < seen.shape[1]:
-                n = ids.shape[1]
-                self.reset(self.batch)
-                logits = self.forward(seen, last_only)
-                return logits if last_only else logits[:, -n:]
-            self.history = seen
+            recomputed = recomputed_at_switch(self, ids, last_only)
+            if recomputed is not None:
+                return recomputed
         s = ids.shape[1]
         positions = np.full((self.batch, 1), s - 1) if last_only else np.tile(np.arange(s), (self.batch, 1))
         return self._run(ids, self.lengths, positions)
