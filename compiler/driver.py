@@ -207,8 +207,19 @@ def _lower_tvm(graph, tmp, preset, cfg, weight_done, stage, precision, kv_dtype)
         raise KilnError(None, f"the TVM backend cannot compile this model: {e}") from None
     from kiln.frontends.arch import ArchConfig, rope_switch_length
     return {"name": "tvm", **({"cross_compiled_for": target.cross} if target.cross else {}),
+            **_cpu_features(preset),
             "recompute_cache_after": rope_switch_length(ArchConfig.from_dict(cfg)),
             "requires": ["apache-tvm==0.27.0.post1", "apache-tvm-ffi==0.1.14.post0"], **summary}
+
+
+def _cpu_features(preset) -> dict:
+    """The x86 vector instruction sets a TVM CPU library may use: the host's own for ``cpu``
+    (compiled for this exact CPU model), the preset's for cpu-avx2 / cpu-avx512."""
+    from kiln.runtime.cpu_features import PRESET_FLAGS, host_flags
+    if preset.device != "cpu" or preset.isa == "neon":
+        return {}
+    flags = host_flags() if preset.name == "cpu" else PRESET_FLAGS.get(preset.isa)
+    return {"cpu_features": sorted(flags)} if flags else {}
 
 
 WRITERS = {"hf": "kiln.frontends.hf", "gguf": "kiln.frontends.gguf",

@@ -21,6 +21,7 @@ import numpy as np
 
 from kiln.artifact import ArtifactError
 
+from .cpu_features import missing
 from .rows import check_join, doubled_capacity, recomputed_at_switch, right_padded
 from .safetensors_index import read_index
 from .tvm_runtime import RuntimeMissing, TVMRuntime
@@ -49,6 +50,13 @@ class TVMSession:
             raise ArtifactError(folder / "manifest.json", f"the manifest's tvm backend entry {what}") from None
         if kind not in DEVICES:
             raise ArtifactError(folder / "manifest.json", f"names an unknown device {kind!r}")
+        needs = backend.get("cpu_features", [])
+        if not isinstance(needs, list) or not all(isinstance(f, str) for f in needs):
+            raise ArtifactError(folder / "manifest.json", "the manifest's tvm backend entry has a bad cpu_features")
+        lacking = missing(needs) if kind == "cpu" else []
+        if lacking:
+            raise ArtifactError(folder, f"was compiled for a CPU with {', '.join(lacking)}, which this one lacks "
+                                        f"(compile it again here, or for --target cpu-avx2)")
         cross = backend.get("cross_compiled_for")
         if cross and platform.machine().lower() not in (cross, "arm64" if cross == "aarch64" else cross):
             raise ArtifactError(folder, f"was cross-compiled for {cross}; run it on such a machine "

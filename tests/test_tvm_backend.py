@@ -209,6 +209,27 @@ def test_manifest_must_list_the_library(compiled, tmp_path):
         runtime.load(art)
 
 
+def test_cpu_missing_an_instruction_set_is_a_one_line_error(compiled, tmp_path, monkeypatch):
+    # a library for this exact CPU model would die of SIGILL on a CPU without its vector
+    # instructions: the manifest names them, and loading checks them first
+    import shutil
+
+    from kiln.artifact import ArtifactError
+    from kiln.runtime import cpu_features
+    art = tmp_path / "a.kiln"
+    shutil.copytree(compiled("llama"), art)
+    needs = json.loads((art / "manifest.json").read_text())["backend"]["cpu_features"]
+    assert "avx2" in needs and set(needs) <= cpu_features.SIMD_FLAGS and set(needs) <= cpu_features.host_flags()
+    runtime.load(art)
+    # the same artifact on an AVX2-only CPU
+    monkeypatch.setattr(cpu_features, "host_flags", lambda: cpu_features.PRESET_FLAGS["avx2"])
+    lacking = sorted(set(needs) - cpu_features.PRESET_FLAGS["avx2"])
+    assert lacking, "this machine has nothing beyond AVX2 to test with"
+    with pytest.raises(ArtifactError, match="was compiled for a CPU with " + ", ".join(lacking)) as e:
+        runtime.load(art)
+    assert "\n" not in str(e.value)
+
+
 # ---- the runtime behaves the same on both backends ------------------------------------------
 
 def test_runtime_api_is_the_same_on_both_backends(compiled, hf_fixture, tmp_path):
