@@ -15,15 +15,18 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import math
+import mmap
 import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from .heap import release_free_heap
+
 # DLPack device type codes (dlpack.h)
 DEVICE_CODES = {"cpu": 1, "cuda": 2, "metal": 8}
-POOLED_ALLOCATOR = 2       # the Relax VM's allocator kinds: 1 naive, 2 pooled
+NAIVE_ALLOCATOR, POOLED_ALLOCATOR = 1, 2      # the Relax VM's allocator kinds
 
 
 class RuntimeMissing(ImportError):
@@ -79,6 +82,7 @@ class TVMRuntime:
         self._to_bytes = get("runtime.TVMTensorCopyToBytes")
         self._view = get("runtime.TVMTensorCreateView")
         self._device_attr = get("runtime.GetDeviceAttr")
+        self._clear_pool = get("vm.builtin.memory_manager.clear")
 
     @property
     def device_exists(self) -> bool:
@@ -90,7 +94,8 @@ class TVMRuntime:
     # ---- libraries ------------------------------------------------------------------------
     def load_vm(self, library: Path):
         """The library's Relax VM, initialized for this device (and the CPU, which runs the
-        shape computations), with pooled memory."""
+        shape computations), with pooled memory (the naive allocator's malloc and free of every
+        buffer on every call made SmolLM2's decode 40% slower)."""
         module = self._ffi.load_module(str(library))
         vm = module["vm_load_executable"]()
         init = [self.code, 0, POOLED_ALLOCATOR]
@@ -98,6 +103,13 @@ class TVMRuntime:
             init += [DEVICE_CODES["cpu"], 0, POOLED_ALLOCATOR]
         vm["vm_initialization"](*init)
         return vm
+
+    def release_pooled_memory(self) -> None:
+        """Free the blocks the VM's pooled allocator keeps for reuse. It keeps one set per
+        distinct size, so prompts of many lengths would each leave their activations behind
+        (SmolLM2: ~130 KB a token); decode steps reuse theirs either way."""
+        self._clear_pool()
+        release_free_heap()         # what the pool gave back to the C heap, to the system
 
     # ---- tensors --------------------------------------------------------------------------
     def empty(self, shape, dtype: str):
@@ -110,6 +122,14 @@ class TVMRuntime:
         if arr.size:
             self._from_bytes(t, arr.ctypes.data_as(ctypes.c_void_p), arr.nbytes)
         return t
+
+    def mapped_zeros(self, shape, dtype: str):
+        """A CPU tensor of zeros in its own anonymous memory map: its pages become resident
+        only when written and go back to the system when the tensor is freed (memory from the
+        C heap can be recycled, already resident, and is kept after a free)."""
+        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+        arr = np.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype=dtype, count=math.prod(shape)).reshape(shape)
+        return self._ffi.from_dlpack(arr)          # no copy; the tensor keeps the map alive
 
     def zeros(self, shape, dtype: str):
         t = self.empty(shape, dtype)

@@ -27,6 +27,7 @@ from .safetensors_index import read_index
 from .tvm_runtime import RuntimeMissing, TVMRuntime
 
 INITIAL_CAPACITY = 256
+PREFILL_CHUNK = 512
 DEVICES = {"cpu": "cpu", "cuda": "cuda", "metal": "metal"}
 
 
@@ -88,6 +89,7 @@ class TVMSession:
         self.max_length = int(backend.get("max_length") or manifest.get("config", {}).get("max_position_embeddings") or 1 << 30)
         self.caches: list = []
         self._inputs: dict = {}
+        self._pooled: set = set()
         self.capacity = 0
         self.batch = 0
         self.lengths = np.zeros(1, dtype=np.int64)
@@ -111,9 +113,17 @@ class TVMSession:
             recomputed = recomputed_at_switch(self, ids, last_only)
             if recomputed is not None:
                 return recomputed
-        s = ids.shape[1]
-        positions = np.full((self.batch, 1), s - 1) if last_only else np.tile(np.arange(s), (self.batch, 1))
-        return self._run(ids, self.lengths, positions)
+        # a long prompt runs PREFILL_CHUNK tokens at a time (as llama.cpp's batches do), so the
+        # VM's memory pool holds one chunk's activations, not the whole prompt's; not for
+        # longrope, whose rotation depends on the length of the call
+        chunk = ids.shape[1] if self.recompute_past else PREFILL_CHUNK
+        outs = []
+        for a in range(0, ids.shape[1], chunk):
+            part = ids[:, a:a + chunk]
+            s = part.shape[1]
+            positions = np.full((self.batch, 1), s - 1) if last_only else np.tile(np.arange(s), (self.batch, 1))
+            outs.append(self._run(part, self.lengths, positions))
+        return outs[-1] if last_only or len(outs) == 1 else np.concatenate(outs, axis=1)
 
     @property
     def ragged_prefill(self) -> bool:
@@ -147,6 +157,7 @@ class TVMSession:
         views = [self._row_view(c, r) for c in self.caches]
         args = [self.rt.tensor(np.asarray([prompt], dtype=np.int64)), self.rt.tensor(np.zeros(1, np.int32)),
                 self.rt.tensor(np.asarray([[n - 1]], dtype=np.int64)), views, self.params]
+        self._pool_for(n)
         logits = self.rt.numpy(self._prefill(*args))[0, -1]
         self.lengths[r] = n
         self.length = int(self.lengths.max())
@@ -179,7 +190,7 @@ class TVMSession:
             n = int(self.lengths.max())
             fresh = []
             for c in self.caches:
-                t = self.rt.empty(tuple(c.shape), self.kv_dtype.name)
+                t = self.rt.mapped_zeros(tuple(c.shape), self.kv_dtype.name)
                 np.from_dlpack(t)[:, :, :n] = np.from_dlpack(c)[index, :, :n]
                 fresh.append(t)
             self.caches = self.rt.array(fresh)
@@ -217,11 +228,26 @@ class TVMSession:
                 self._staged("positions", np.ascontiguousarray(positions, dtype=np.int64)), self.caches, self.params]
         if self.mode == "uniform":
             args.append(self.rt.shape([int(lengths[0])]))
+        if s > 1:
+            self._pool_for(ids.size)
         fn = self._decode if s == 1 else self._prefill
         logits = self.rt.host(fn(*args))
         self.lengths = lengths + s
         self.length = int(self.lengths.max())
         return logits
+
+    def _pool_for(self, tokens: int) -> None:
+        """Before a prefill of ``tokens`` (rows x length): the VM's pooled allocator keeps one
+        set of activation buffers per distinct size (SmolLM2: ~130 KB a token), so prompts of
+        many lengths would pile them up. Once the sizes pooled since the last clearing add up
+        to more than one PREFILL_CHUNK, the pool is emptied first. A repeated size reuses its
+        buffers (emptying it every time cost 20% of prefill speed in page faults)."""
+        if tokens in self._pooled:
+            return
+        if sum(self._pooled) + tokens > PREFILL_CHUNK:
+            self.rt.release_pooled_memory()
+            self._pooled.clear()
+        self._pooled.add(tokens)
 
     def _staged(self, name: str, arr: np.ndarray):
         """A call's small input as a device tensor. On the CPU each input keeps one tensor that
@@ -244,19 +270,18 @@ class TVMSession:
     def _allocate(self, capacity: int, keep: int = 0) -> None:
         """Fresh cache tensors of ``capacity`` positions holding the first ``keep`` of the old.
 
-        On the CPU they are not cleared: the kernels read no position before writing it
-        (attention reads keys 0 .. each query's own position, all appended first), so memory
-        the system hands out untouched stays out of the resident set until tokens fill it
-        (SmolLM2 after 1,000 tokens: 49 MB of a 94 MB cache). Growing copies one layer at a
-        time and lets each old layer go once copied, so the old and new caches are never
-        both whole in memory."""
+        On the CPU each is an anonymous memory map: untouched positions stay out of the
+        resident set until tokens fill them (SmolLM2 after 1,000 tokens: 49 MB of a 94 MB
+        cache), and a freed layer goes straight back to the system (from the C heap, a grown
+        cache left ~20 MB of old layers resident). Growing copies one layer at a time and lets
+        each old layer go once copied, so the old and new caches are never both whole."""
         shape = (self.batch, self.kv_heads, capacity, self.head_dim)
         old = list(self.caches) if keep else []
         self.caches = []
         fresh = []
         for i in range(2 * self.layers):
             if self.rt.kind == "cpu":
-                t = self.rt.empty(shape, self.kv_dtype.name)
+                t = self.rt.mapped_zeros(shape, self.kv_dtype.name)
                 if old:
                     np.from_dlpack(t)[:, :, :keep] = np.from_dlpack(old[i])[:, :, :keep]
             elif old:
@@ -272,3 +297,4 @@ class TVMSession:
 
     def _grow(self, needed: int) -> None:
         self._allocate(doubled_capacity(self.capacity, needed, self.max_length), keep=int(self.lengths.max()))
+

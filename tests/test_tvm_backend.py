@@ -129,6 +129,29 @@ def test_logits_kept_by_the_caller_survive_later_calls(compiled):
     np.testing.assert_array_equal(first, kept)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_long_prompt_in_chunks_equals_one_run(compiled, family, monkeypatch):
+    # prompts longer than PREFILL_CHUNK run a chunk at a time (the VM's pool then holds one
+    # chunk's activations): the logits are those of one run, in both position modes
+    from kiln.runtime import tvm_session
+    s = runtime.load(compiled(family)).session
+    ids = np.array([[(7 * i + 3) % 100 + 1 for i in range(13)]])
+    s.reset(1)
+    whole = s.forward(ids).copy()
+    monkeypatch.setattr(tvm_session, "PREFILL_CHUNK", 4)
+    s.reset(1)
+    chunked = s.forward(ids)
+    assert chunked.shape == whole.shape
+    np.testing.assert_allclose(chunked, whole, rtol=0, atol=2e-6)
+    s.reset(1)
+    np.testing.assert_allclose(s.forward(ids, last_only=True)[:, -1], whole[:, -1], rtol=0, atol=2e-6)
+    # prefills of many lengths: the pool is emptied before the sizes pile past one chunk
+    for n in range(2, 9):
+        s.reset(1)
+        s.forward(ids[:, :n], last_only=True)
+        assert sum(s._pooled) <= 4
+
+
 def test_uniform_artifact_refuses_ragged_rows(compiled):
     s = runtime.load(compiled("gpt2")).session
     s.reset(2)
