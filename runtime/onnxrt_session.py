@@ -23,7 +23,7 @@ import numpy as np
 from kiln.artifact import ArtifactError
 
 from .onnx_check import check_external_data
-from .rows import check_join, doubled_capacity, recomputed_at_switch, right_padded
+from .rows import check_join, doubled_capacity, recomputed_at_switch, right_padded, row_order
 
 #: First capacity of a shared cache, in tokens per row; it doubles as sequences grow.
 INITIAL_CAPACITY = 256
@@ -126,11 +126,8 @@ class OnnxRuntimeSession:
     def reorder_rows(self, index) -> None:
         """Row b of the cache becomes what row ``index[b]`` held (beam search's step from
         parent beams to their children); rows may repeat or drop out."""
-        index = np.asarray(index, dtype=np.int64)
-        if index.shape != (self.batch,) or (index.size and not 0 <= index.min() <= index.max() < self.batch):
-            raise ValueError(f"reorder_rows takes {self.batch} row numbers below {self.batch}, "
-                             f"got {index.tolist()}")
-        if np.array_equal(index, np.arange(self.batch)):
+        index = row_order(index, self.batch)
+        if index is None:
             return
         if self.layout == "shared":
             n = int(self.lengths.max())

@@ -53,3 +53,12 @@ def recomputed_at_switch(session, ids: np.ndarray, last_only: bool):
         return logits if last_only else logits[:, -n:]
     session.history = seen
     return None
+
+
+def row_order(index, batch: int) -> np.ndarray | None:
+    """``reorder_rows``'s argument checked: int64 [batch] of rows below ``batch``, or None
+    when it leaves every row where it is."""
+    index = np.asarray(index, dtype=np.int64)
+    if index.shape != (batch,) or (index.size and not 0 <= index.min() <= index.max() < batch):
+        raise ValueError(f"reorder_rows takes {batch} row numbers below {batch}, got {index.tolist()}")
+    return None if np.array_equal(index, np.arange(batch)) else index

@@ -22,7 +22,7 @@ import numpy as np
 from kiln.artifact import ArtifactError
 
 from .cpu_features import missing
-from .rows import check_join, doubled_capacity, recomputed_at_switch, right_padded
+from .rows import check_join, doubled_capacity, recomputed_at_switch, right_padded, row_order
 from .safetensors_index import read_index
 from .tvm_runtime import RuntimeMissing, TVMRuntime
 
@@ -180,11 +180,8 @@ class TVMSession:
 
     def reorder_rows(self, index) -> None:
         """Row b takes what row index[b] held (beam search keeps its best beams)."""
-        index = np.asarray(index, dtype=np.int64)
-        if index.shape != (self.batch,) or (index.size and not 0 <= index.min() <= index.max() < self.batch):
-            raise ValueError(f"reorder_rows takes {self.batch} row numbers below {self.batch}, "
-                             f"got {index.tolist()}")
-        if np.array_equal(index, np.arange(self.batch)):
+        index = row_order(index, self.batch)
+        if index is None:
             return
         if self.rt.kind == "cpu":
             n = int(self.lengths.max())
