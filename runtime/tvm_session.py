@@ -24,11 +24,10 @@ from kiln.artifact import ArtifactError
 from .cpu_features import missing
 from .rows import check_join, doubled_capacity, recomputed_at_switch, right_padded, row_order
 from .safetensors_index import read_index
-from .tvm_runtime import RuntimeMissing, TVMRuntime
+from .tvm_runtime import DEVICE_CODES, RuntimeMissing, TVMRuntime
 
 INITIAL_CAPACITY = 256
 PREFILL_CHUNK = 512
-DEVICES = {"cpu": "cpu", "cuda": "cuda", "metal": "metal"}
 
 
 class TVMSession:
@@ -49,7 +48,7 @@ class TVMSession:
         except (KeyError, TypeError, ValueError) as e:
             what = f"has no {e.args[0]!r}" if isinstance(e, KeyError) else f"has a bad value ({e})"
             raise ArtifactError(folder / "manifest.json", f"the manifest's tvm backend entry {what}") from None
-        if kind not in DEVICES:
+        if kind not in DEVICE_CODES:
             raise ArtifactError(folder / "manifest.json", f"names an unknown device {kind!r}")
         needs = backend.get("cpu_features", [])
         if not isinstance(needs, list) or not all(isinstance(f, str) for f in needs):

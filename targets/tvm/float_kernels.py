@@ -51,7 +51,8 @@ import functools
 
 import numpy as np
 
-from .kernel_common import Threads, cpu_shape, dims, is_gpu, product, target_key
+from .kernel_common import (Threads, cpu_shape, dims, gpu_tiles_accumulate, gpu_tiles_store, gpu_tiles_zero, is_gpu,
+                            product, target_key)
 
 LANES = 16                  # rows per tile: the layout's vector
 CPU_GEMV_MAX_ROWS = 8
@@ -349,9 +350,7 @@ def _gpu_matmul_func(fmt: str, n: int, k: int, emulate: bool = False):
                         ws = g.shared((bk, tb * LANES))
                         xs = g.shared((bm_rows, bk + 1))        # + 1: rows in different banks
                         acc = g.local(rpt * tb, carried=True)
-                        with g.phase() as tv:
-                            for a in range(rpt * tb):
-                                T.buffer_store(acc, zero, g.at(tv, a, True))
+                        gpu_tiles_zero(g, acc, rpt, tb)
                         with T.serial(0, (k + bk - 1) // bk) as c:
                             with g.phase() as tv:
                                 ty, tx = tv["threadIdx.y"], tv["threadIdx.x"]
@@ -368,25 +367,8 @@ def _gpu_matmul_func(fmt: str, n: int, k: int, emulate: bool = False):
                                         kidx = c * bk + kk
                                         T.buffer_store(xs, guarded(kidx, x[row, T.min(kidx, k - 1)]), [ty + bm * i, kk])
                             g.sync()
-                            with g.phase() as tv:
-                                ty, tx = tv["threadIdx.y"], tv["threadIdx.x"]
-                                totals = [acc[tuple(g.at(tv, a, True))] for a in range(rpt * tb)]
-                                for kk in range(bk):
-                                    for i in range(rpt):
-                                        xv = xs[ty + bm * i, kk]
-                                        for u in range(tb):
-                                            totals[i * tb + u] = totals[i * tb + u] + xv * ws[kk, u * LANES + tx]
-                                for a in range(rpt * tb):
-                                    T.buffer_store(acc, totals[a], g.at(tv, a, True))
-                            g.sync()
-                        with g.phase() as tv:
-                            ty, tx = tv["threadIdx.y"], tv["threadIdx.x"]
-                            for i in range(rpt):
-                                with T.If(mb * bm_rows + ty + bm * i < m_rows):
-                                    with T.Then():
-                                        for u in range(tb):
-                                            T.buffer_store(out, acc[tuple(g.at(tv, i * tb + u, True))],
-                                                           [mb * bm_rows + ty + bm * i, (tg * tb + u) * LANES + tx])
+                            gpu_tiles_accumulate(g, acc, xs, ws, rpt, tb, bm, bk)
+                        gpu_tiles_store(g, acc, out, m_rows, mb, tg, rpt, tb, bm, bm_rows)
     return ib.get()
 
 

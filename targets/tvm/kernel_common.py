@@ -127,3 +127,48 @@ def product(values):
         d = tirx.Cast("int64", d) if str(d.ty) != "int64" else d
         total = d if total is None else total * d
     return total if total is not None else tirx.IntImm("int64", 1)
+
+
+TILE_LANES = 16      # outputs per tile: both weight layouts group rows by 16
+
+
+# ---- the tiled GPU GEMM's shared steps (float and block weights differ only in loading) ----
+# A block holds ``bm_rows`` rows of x against ``tb`` tiles of TILE_LANES outputs; thread (ty, tx) keeps
+# ``rpt`` rows (ty, ty + bm, ...) times lane tx of each tile in its accumulators ``acc``; each k
+# step stages ``bk`` k's of x in ``xs`` [bm_rows, bk] and of the weights in ``ws`` [bk, tb·TILE_LANES].
+
+def gpu_tiles_zero(th: Threads, acc, rpt: int, tb: int) -> None:
+    from tvm import tirx
+    from tvm.script.ir_builder import tirx as T
+    with th.phase() as tv:
+        for a in range(rpt * tb):
+            T.buffer_store(acc, tirx.const(0, "float32"), th.at(tv, a, True))
+
+
+def gpu_tiles_accumulate(th: Threads, acc, xs, ws, rpt: int, tb: int, bm: int, bk: int) -> None:
+    """Add the staged step's products into every thread's accumulators, then a barrier."""
+    from tvm.script.ir_builder import tirx as T
+    with th.phase() as tv:
+        ty, tx = tv["threadIdx.y"], tv["threadIdx.x"]
+        totals = [acc[tuple(th.at(tv, a, True))] for a in range(rpt * tb)]
+        for kk in range(bk):
+            for i in range(rpt):
+                xv = xs[ty + bm * i, kk]
+                for u in range(tb):
+                    totals[i * tb + u] = totals[i * tb + u] + xv * ws[kk, u * TILE_LANES + tx]
+        for a in range(rpt * tb):
+            T.buffer_store(acc, totals[a], th.at(tv, a, True))
+    th.sync()
+
+
+def gpu_tiles_store(th: Threads, acc, out, m_rows, mb, tg, rpt: int, tb: int, bm: int, bm_rows: int) -> None:
+    """Write the accumulators of the rows that exist to ``out`` [m_rows, tiles·TILE_LANES]."""
+    from tvm.script.ir_builder import tirx as T
+    with th.phase() as tv:
+        ty, tx = tv["threadIdx.y"], tv["threadIdx.x"]
+        for i in range(rpt):
+            with T.If(mb * bm_rows + ty + bm * i < m_rows):
+                with T.Then():
+                    for u in range(tb):
+                        T.buffer_store(out, acc[tuple(th.at(tv, i * tb + u, True))],
+                                       [mb * bm_rows + ty + bm * i, (tg * tb + u) * TILE_LANES + tx])

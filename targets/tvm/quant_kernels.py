@@ -44,7 +44,8 @@ their numbers on a machine without a GPU.
 from __future__ import annotations
 
 import functools
-from .kernel_common import Threads, cpu_shape, dims, is_gpu, product, target_key
+from .kernel_common import (Threads, cpu_shape, dims, gpu_tiles_accumulate, gpu_tiles_store, gpu_tiles_zero, is_gpu,
+                            product, target_key)
 from .quant_layout import (CHUNK, LANES, SUPPORTED, _array_dtypes, _array_names, _array_shapes, _check, _FORMATS,
                            _tiles, _Weights, pack)
 
@@ -452,9 +453,7 @@ def _gpu_matmul_func(fmt: str, n: int, k: int, emulate: bool = False):
                         ws = th.shared((bk, tb * LANES))
                         xs = th.shared((bm_rows, bk + 1))        # + 1: rows in different banks
                         acc = th.local(rpt * tb, carried=True)
-                        with th.phase() as tv:
-                            for a in range(rpt * tb):
-                                T.buffer_store(acc, tirx.const(0, "float32"), th.at(tv, a, True))
+                        gpu_tiles_zero(th, acc, rpt, tb)
                         with T.serial(0, k // bk) as c:
                             with th.phase() as tv:
                                 ty, tx = tv["threadIdx.y"], tv["threadIdx.x"]
@@ -468,25 +467,8 @@ def _gpu_matmul_func(fmt: str, n: int, k: int, emulate: bool = False):
                                         kk = tx * (bk // LANES) + h
                                         T.buffer_store(xs, x[row, c * bk + kk], [ty + bm * i, kk])
                             th.sync()
-                            with th.phase() as tv:
-                                ty, tx = tv["threadIdx.y"], tv["threadIdx.x"]
-                                totals = [acc[tuple(th.at(tv, a, True))] for a in range(rpt * tb)]
-                                for kk in range(bk):
-                                    for i in range(rpt):
-                                        xv = xs[ty + bm * i, kk]
-                                        for u in range(tb):
-                                            totals[i * tb + u] = totals[i * tb + u] + xv * ws[kk, u * LANES + tx]
-                                for a in range(rpt * tb):
-                                    T.buffer_store(acc, totals[a], th.at(tv, a, True))
-                            th.sync()
-                        with th.phase() as tv:
-                            ty, tx = tv["threadIdx.y"], tv["threadIdx.x"]
-                            for i in range(rpt):
-                                with T.If(mb * bm_rows + ty + bm * i < m_rows):
-                                    with T.Then():
-                                        for u in range(tb):
-                                            T.buffer_store(out, acc[tuple(th.at(tv, i * tb + u, True))],
-                                                           [mb * bm_rows + ty + bm * i, (tg * tb + u) * LANES + tx])
+                            gpu_tiles_accumulate(th, acc, xs, ws, rpt, tb, bm, bk)
+                        gpu_tiles_store(th, acc, out, m_rows, mb, tg, rpt, tb, bm, bm_rows)
     return ib.get()
 
 
