@@ -72,3 +72,24 @@ def test_decode_bench_fails_with_the_peers_error(artifact, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("decode_bench: llama.cpp: no Python for it: give --llama-cpp-python "
                                    "or set KILN_LLAMA_CPP_PYTHON")
+
+
+def test_ladder_models_have_the_real_shapes_and_stream_the_same_rows():
+    """benchmarks/make_ladder.py: the 1B/3B/8B shapes (Llama 3.2 1B/3B and Llama 3.1 8B layers with
+    SmolLM2's 49,152-token vocabulary and a tied head), weights never built whole, and the
+    same values whichever row ranges a writer asks for."""
+    import importlib.util
+
+    import numpy as np
+    spec = importlib.util.spec_from_file_location("make_ladder", BENCH / "make_ladder.py")
+    ladder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ladder)
+    params = {size: ladder.ladder_model(size)[1] for size in ("1b", "3b", "8b")}
+    assert [round(params[s] / 1e9, 2) for s in ("1b", "3b", "8b")] == [1.07, 2.97, 7.18]
+    model, _ = ladder.ladder_model("1b")
+    w = model.weights["layers.0.gate.weight"]
+    assert w.shape == (8192, 2048)
+    whole = np.concatenate([c.view(np.float32) for c in w.raw_chunks(max_bytes=3 << 20)])
+    parts = np.concatenate([w._load_rows(a, min(a + 700, 1500)) for a in range(0, 1500, 700)])
+    np.testing.assert_array_equal(parts, whole[:1500 * 2048])
+    assert 0.018 < whole.std() < 0.022 and model.weights["layers.0.attn_norm"].numpy().tolist() == [1.0] * 2048

