@@ -49,7 +49,7 @@ def cmd_compile(a) -> int:
         out = kiln_compile(a.model, target=a.target, output=a.output, verify=a.verify, dump_ir=a.dump_ir,
                            on_pass=on_pass, on_weight=on_weight, on_stage=on_stage,
                            quant=a.quant, requantize=a.requantize, precision=a.precision,
-                           backend=a.backend, arch=a.arch, kv_dtype=a.kv_dtype)
+                           backend=a.backend, arch=a.arch, kv_dtype=a.kv_dtype, lora=_lora_specs(a))
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     if not a.quiet:
         for line in pass_lines:
@@ -290,12 +290,34 @@ def cmd_convert(a) -> int:
     con = _console()
     t = time.perf_counter()
     summary = convert(a.src, a.dst, to=a.to, dtype=a.dtype, quant=a.quant, max_shard_bytes=a.max_shard_size,
-                      console=con, quiet=a.quiet or not con.is_terminal, requantize=a.requantize)
+                      console=con, quiet=a.quiet or not con.is_terminal, requantize=a.requantize,
+                      lora=_lora_specs(a), base=a.base)
     con.print(f"wrote {a.dst}: {summary.get('tensors', 0)} tensors, {summary.get('bytes_in', 0) / 1e6:.1f} MB in, "
               f"{summary.get('bytes_out', 0) / 1e6:.1f} MB out, {time.perf_counter() - t:.1f} s")
     for note in summary.get("notes", ()):
         con.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
     return 0
+
+
+def _lora_specs(a) -> list[tuple[str, float]]:
+    """--lora PATH (repeatable) with --lora-scale S given once for all or once per adapter."""
+    from kiln.errors import KilnError
+    paths, scales = a.lora or [], a.lora_scale or []
+    if scales and not paths:
+        raise KilnError(None, "--lora-scale needs --lora ADAPTER")
+    if len(scales) not in (0, 1, len(paths)):
+        raise KilnError(None, f"{len(scales)} --lora-scale values for {len(paths)} adapters: give one for all, "
+                              f"or one per --lora")
+    if len(scales) <= 1:
+        scales = (scales or [1.0]) * len(paths)
+    return list(zip(paths, scales))
+
+
+def _add_lora_flags(s) -> None:
+    s.add_argument("--lora", action="append", metavar="ADAPTER",
+                   help="merge a LoRA adapter (PEFT folder or llama.cpp LoRA GGUF) into the weights; repeatable")
+    s.add_argument("--lora-scale", action="append", type=float, metavar="S",
+                   help="scale of the adapter's change (default 1; once for all adapters or once per --lora)")
 
 
 def _size(text: str) -> int:
@@ -344,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dump-ir", metavar="DIR", help="write the IR after each pass into DIR")
     s.add_argument("--quant", help="quantize a float model's weights: " + QUANT_HELP)
     s.add_argument("--requantize", action="store_true", help="allow --quant on an already-quantized model")
+    _add_lora_flags(s)
     s.add_argument("--precision", choices=["exact", "fast"], default="exact",
                    help="exact: float32 products, equal to the reference interpreter (default); fast: "
                         "int8 activations in quantized matmuls, as llama.cpp computes")
@@ -424,6 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", choices=["f32", "f16", "bf16"], help="element type of float tensors")
     s.add_argument("--quant", help="GGUF output: " + QUANT_HELP)
     s.add_argument("--requantize", action="store_true", help="allow --quant on an already-quantized model")
+    _add_lora_flags(s)
+    s.add_argument("--base", metavar="MODEL",
+                   help="SRC is a LoRA adapter: write it as llama.cpp's LoRA GGUF for this base model (--to gguf)")
     s.add_argument("--max-shard-size", type=_size, metavar="SIZE",
                    help="HF output: split safetensors above this size, e.g. 2GB or 500MB (default 2GB)")
     s.add_argument("-q", "--quiet", action="store_true")

@@ -87,7 +87,7 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
             on_pass: Callable[[PassRecord], None] | None = None, on_weight: Report | None = None,
             on_stage: Report | None = None, kv_layout: str = "auto", quant: str | None = None,
             requantize: bool = False, precision: str = "exact", backend: str | None = None,
-            arch: str | None = None, kv_dtype: str = "f32"):
+            arch: str | None = None, kv_dtype: str = "f32", lora: list[tuple[str, float]] | None = None):
     """Compile a model (path or ModelIR) for ``target`` into the artifact folder ``output``.
 
     ``quant`` quantizes a float model's weights first: a block type or a llama.cpp mixture
@@ -102,7 +102,9 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
     ``backend``: "onnxrt" or "tvm" (default: the target's own; metal has only TVM);
     ``arch`` picks a CUDA architecture (sm80, sm86, sm89, sm90) for the cuda target.
     ``kv_dtype``: "f32" or "f16" (TVM backend: the KV cache in float16, half the memory
-    traffic of long contexts; ONNX Runtime artifacts keep float32)."""
+    traffic of long contexts; ONNX Runtime artifacts keep float32).
+    ``lora``: ``(adapter path, scale)`` pairs merged into the weights first
+    (:mod:`kiln.frontends.lora`)."""
     from kiln.targets.presets import backend_for, resolve
     t0 = time.perf_counter()
     stage = on_stage or (lambda s: None)
@@ -125,6 +127,10 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
         model = src_path
         stage("reading model")
         model = load_model(model)
+    if lora:
+        from kiln.frontends.lora import apply_adapters
+        stage("merging LoRA adapters")
+        model = apply_adapters(model, lora)
     if output is None:
         name = Path(model.source.get("path") or "model").name.split(".")[0] or "model"
         output = f"{name}.kiln"
@@ -157,7 +163,8 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
             "kiln_version": __version__,
             "source": {"format": model.source.get("format"), "path": os.fspath(src_path or model.source.get("path", "")),
                        "sha256": source_digest(src_path) if src_path else None,
-                       **({"tensor_formats": model.source["tensor_formats"]} if "tensor_formats" in model.source else {})},
+                       **({"tensor_formats": model.source["tensor_formats"]} if "tensor_formats" in model.source else {}),
+                       **({"lora": model.source["lora"]} if "lora" in model.source else {})},
             "architecture": cfg["family"],
             "config": cfg,
             "target": {"preset": preset.name, "device": preset.device, "isa": preset.isa},
@@ -227,11 +234,14 @@ WRITERS = {"hf": "kiln.frontends.hf", "gguf": "kiln.frontends.gguf",
 
 
 def convert(src, dst, *, to: str, dtype: str | None = None, quant: str | None = None,
-            max_shard_bytes: int | None = None, console=None, quiet: bool = True, requantize: bool = False) -> dict:
+            max_shard_bytes: int | None = None, console=None, quiet: bool = True, requantize: bool = False,
+            lora: list[tuple[str, float]] | None = None, base=None) -> dict:
     """Convert a model between formats, streaming tensor by tensor from the source.
 
     ``quant`` (GGUF output) is a block type or a llama.cpp mixture; a source that is already
-    quantized is refused unless ``requantize``."""
+    quantized is refused unless ``requantize``. ``lora``: ``(adapter, scale)`` pairs merged
+    into the output. ``base``: ``src`` is a LoRA adapter, written as llama.cpp's LoRA GGUF for
+    that base model."""
     import importlib
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -242,7 +252,18 @@ def convert(src, dst, *, to: str, dtype: str | None = None, quant: str | None = 
     if quant:
         quant = quant_scheme(quant).name
     t0 = time.perf_counter()
+    if base is not None:
+        if to != "gguf" or quant or lora:
+            raise KilnError(dst, "--base converts a LoRA adapter to llama.cpp's LoRA GGUF: use --to gguf "
+                                 "(with --dtype f32, f16 or bf16) and no --quant or --lora")
+        from kiln.frontends.lora import convert_adapter
+        summary = convert_adapter(src, dst, base, dtype=dtype)
+        summary["seconds"] = round(time.perf_counter() - t0, 3)
+        return summary
     model = load_model(src)
+    if lora:
+        from kiln.frontends.lora import apply_adapters
+        model = apply_adapters(model, lora)
     if quant:
         refuse_requantize(model, quant, requantize)
     writer = importlib.import_module(WRITERS[to])

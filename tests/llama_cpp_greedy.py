@@ -1,8 +1,8 @@
 """Run under a Python that has llama-cpp-python: what llama.cpp makes of one GGUF file.
 
-    python llama_cpp_greedy.py MODEL.gguf '{"ids": [...], "n": 16, "texts": ["..."]}'
+    python llama_cpp_greedy.py MODEL.gguf '{"ids": [...], "n": 16, "texts": ["..."], "lora": "A.gguf"}'
 
-Prints JSON: the n greedy ids after ``ids``, and llama.cpp's tokenization of each text.
+``lora`` (optional) is a LoRA GGUF llama.cpp applies to the model at scale 1. Prints JSON: the n greedy ids after ``ids``, and llama.cpp's tokenization of each text.
 """
 import json
 import sys
@@ -11,7 +11,8 @@ import numpy as np
 from llama_cpp import Llama
 
 path, spec = sys.argv[1], json.loads(sys.argv[2])
-llm = Llama(model_path=path, n_threads=2, n_ctx=256, logits_all=True, verbose=False)
+llm = Llama(model_path=path, n_threads=2, n_ctx=256, logits_all=True, verbose=False,
+            **({"lora_path": spec["lora"]} if spec.get("lora") else {}))
 llm.reset()
 llm.eval(spec["ids"])
 greedy = []
