@@ -7,6 +7,7 @@ SmolLM2).
     python benchmarks/make_ladder.py 1b -o models/ --quant q4_0,q4_k_m
     python benchmarks/make_ladder.py 8b -o models/ --quant q4_0 --llama-quantize PATH/llama-quantize
     python benchmarks/make_ladder.py 1b -o models/ --hf        # llama-1b-hf/ (bf16 safetensors)
+    python benchmarks/make_ladder.py 8b -o models/ --random-blocks q4_0   # llama-8b-q4_0-random.gguf
 
 The shapes are Llama 3.2 1B and 3B and Llama 3.1 8B (hidden size, layers, heads, grouped KV
 heads, MLP width) with SmolLM2's tokenizer (vocabulary 49,152, from the GGUF in the
@@ -19,6 +20,8 @@ files. Files are written by kiln's own writers (the same code ``kiln convert`` r
 GGUF first, then each ``--quant`` type or mixture from it by ``kiln convert --quant`` (kiln's
 quantizers are byte-identical to llama.cpp's), and with ``--llama-quantize`` also by llama.cpp's
 own ``llama-quantize`` (``llama-<size>-<type>-llamacpp.gguf``), the files llama.cpp users have.
+``--random-blocks TYPE`` skips the float model and the quantizer: random codes with sane scales
+in the types TYPE gives each tensor, for sizes whose quantization would take too long.
 """
 from __future__ import annotations
 
@@ -45,6 +48,15 @@ LLAMA_QUANTIZE_TYPES = {"q4_0": "Q4_0", "q4_1": "Q4_1", "q5_0": "Q5_0", "q5_1": 
                         "q6_k": "Q6_K"}
 STD = 0.02
 ROWS_PER_CHUNK = 1024
+# --random-blocks: where each block type keeps its float16 scales, and a value for each that
+# gives weights of roughly STD's size from uniformly random codes (the values matter only in
+# staying finite; speed and memory do not depend on them)
+SCALE_FIELDS = {
+    "q4_0": ((0, 0.004),), "q4_1": ((0, 0.004), (2, -0.03)), "q5_0": ((0, 0.002),),
+    "q5_1": ((0, 0.002), (2, -0.03)), "q8_0": ((0, 0.0002),),
+    "q2_k": ((80, 0.0005), (82, 0.0003)), "q3_k": ((108, 0.0003),), "q4_k": ((0, 0.00015), (2, 0.0001)),
+    "q5_k": ((0, 0.00008), (2, 0.0001)), "q6_k": ((208, 0.00005),),
+}
 
 
 def random_weight(shape: tuple[int, ...], seed: int, name: str, *, ones: bool = False):
@@ -72,8 +84,34 @@ def random_weight(shape: tuple[int, ...], seed: int, name: str, *, ones: bool = 
                   load_rows=load_rows if len(shape) > 1 else None)
 
 
-def ladder_model(size: str):
-    """The ModelIR of one rung: SmolLM2's tokenizer, the size's shapes, random weights."""
+def random_block_weight(shape: tuple[int, int], fmt: str, seed: int, name: str):
+    """A lazy block weight of random codes with sane scales (see SCALE_FIELDS), rows on demand."""
+    from kiln import formats
+    from kiln.weights import Weight
+    f = formats.get(fmt)
+    rows, cols = shape
+    row_bytes = f.nbytes((cols,))
+    blocks = cols // f.block_size
+
+    def load_rows(a: int, b: int) -> np.ndarray:
+        out = np.empty((b - a, blocks, f.type_size), np.uint8)
+        for c in range(a // ROWS_PER_CHUNK, (b - 1) // ROWS_PER_CHUNK + 1):
+            lo, hi = c * ROWS_PER_CHUNK, min(rows, (c + 1) * ROWS_PER_CHUNK)
+            chunk = np.random.default_rng([seed, c]).integers(0, 256, (hi - lo, blocks, f.type_size), np.uint8)
+            s, e = max(lo, a), min(hi, b)
+            out[s - a:e - a] = chunk[s - lo:e - lo]
+        for offset, value in SCALE_FIELDS[fmt]:
+            out[:, :, offset:offset + 2] = np.frombuffer(np.float16(value).tobytes(), np.uint8)
+        return out.reshape(-1)
+
+    assert row_bytes == blocks * f.type_size
+    return Weight(shape, f, lambda: load_rows(0, rows), name=name, origin="random", load_rows=load_rows)
+
+
+def ladder_model(size: str, random_blocks: str | None = None):
+    """The ModelIR of one rung: SmolLM2's tokenizer, the size's shapes, random weights; with
+    ``random_blocks`` (a kiln quant type or mixture) every matrix is already in the type that
+    scheme gives it, as random codes."""
     from kiln.frontends import gguf
     from kiln.frontends.arch import ArchConfig
     from kiln.frontends.builder import build_graph
@@ -98,8 +136,21 @@ def ladder_model(size: str):
                        f"layers.{i}.o.weight": (hidden, heads * head_dim),
                        f"layers.{i}.gate.weight": (mlp, hidden), f"layers.{i}.up.weight": (mlp, hidden),
                        f"layers.{i}.down.weight": (hidden, mlp)})
-    weights = {role: random_weight(shape, seed, role, ones=len(shape) == 1)
-               for seed, (role, shape) in enumerate(shapes.items())}
+    scheme = layout = None
+    if random_blocks:
+        from kiln import quant_schemes
+        from kiln.frontends.arch import FAMILIES
+        scheme = quant_schemes.get(random_blocks)
+        layout = quant_schemes.Layout.of(cfg, FAMILIES[cfg.family])
+    weights = {}
+    for seed, (role, shape) in enumerate(shapes.items()):
+        fmt = scheme.gguf_type(role, shape, layout) if scheme and len(shape) == 2 else "f32"
+        if fmt in SCALE_FIELDS:
+            weights[role] = random_block_weight(shape, fmt, seed, role)
+        elif fmt in ("f32", "f16"):
+            weights[role] = random_weight(shape, seed, role, ones=len(shape) == 1)
+        else:
+            raise SystemExit(f"--random-blocks: no random layout for {fmt} (used by {random_blocks} for {role})")
     params = sum(int(np.prod(s)) for s in shapes.values())
     model = ModelIR(graph=build_graph(cfg, weights, name="llama"), config=cfg.to_dict(), weights=weights,
                     source={"format": "random", "name": f"kiln-ladder-{size}"},
@@ -121,13 +172,22 @@ def main() -> int:
     ap.add_argument("--quant", default="", help="comma-separated kiln quant types or mixtures to make from the f16 GGUF")
     ap.add_argument("--llama-quantize", metavar="PATH", help="llama.cpp's llama-quantize: also make its files")
     ap.add_argument("--hf", action="store_true", help="also write a Hugging Face folder (bf16)")
+    ap.add_argument("--random-blocks", metavar="TYPE",
+                    help="instead: write llama-SIZE-TYPE-random.gguf at once, every matrix random codes of the "
+                         "type (or mixture) TYPE gives it (minutes for 8B instead of a quantizer's hours)")
     ap.add_argument("--force", action="store_true", help="remake files that exist")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    model, params = ladder_model(a.size)
+    model, params = ladder_model(a.size, a.random_blocks)
     print(f"llama-{a.size}: {params / 1e9:.2f}B parameters", flush=True)
     from kiln.frontends import gguf, hf
+    if a.random_blocks:
+        dst = out / f"llama-{a.size}-{a.random_blocks}-random.gguf"
+        t = time.perf_counter()
+        gguf.write(model, dst)
+        print(f"  {dst} ({dst.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - t:.0f} s", flush=True)
+        return 0
     f16 = out / f"llama-{a.size}-f16.gguf"
     if a.force or not f16.exists():
         t = time.perf_counter()

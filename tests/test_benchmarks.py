@@ -93,3 +93,22 @@ def test_ladder_models_have_the_real_shapes_and_stream_the_same_rows():
     parts = np.concatenate([w._load_rows(a, min(a + 700, 1500)) for a in range(0, 1500, 700)])
     np.testing.assert_array_equal(parts, whole[:1500 * 2048])
     assert 0.018 < whole.std() < 0.022 and model.weights["layers.0.attn_norm"].numpy().tolist() == [1.0] * 2048
+
+
+@pytest.mark.parametrize("scheme", ["q4_0", "q4_k_m", "q8_0"])
+def test_ladder_random_blocks_are_finite_and_of_the_schemes_types(scheme):
+    import importlib.util
+
+    import numpy as np
+
+    from kiln import quant_schemes
+    spec = importlib.util.spec_from_file_location("make_ladder", BENCH / "make_ladder.py")
+    ladder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ladder)
+    model, _ = ladder.ladder_model("1b", scheme)
+    for role in ("layers.0.v.weight", "layers.5.down.weight", "embed"):
+        w = model.weights[role]
+        assert w.format.name == quant_schemes.get(scheme).gguf_type(role, w.shape, None if scheme != "q4_k_m" else
+                                                                     quant_schemes.Layout(16, gqa=4, tied=True))
+        rows = w.format.dequantize(np.asarray(w._load_rows(0, 64)).reshape(64, -1), (64, w.shape[1]))
+        assert np.isfinite(rows).all() and 0.003 < rows.std() < 0.2
