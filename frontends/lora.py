@@ -123,6 +123,9 @@ def _read_peft(folder: Path, family: A.Family, cfg: A.ArchConfig) -> Adapter:
     modules: dict[str, dict[str, Weight]] = {}
     for name, w in tensors.items():
         module, part = _peft_module(name)
+        if name.endswith(".base_layer.weight"):
+            raise KilnError(weights, f"{name} is a full copy of a base tensor (peft saves one for embeddings resized "
+                                     f"to new tokens); kiln does not replace base tensors yet")
         if module is None:
             raise KilnError(weights, f"tensor {name} is not a LoRA A or B matrix (kiln merges lora_A/lora_B pairs)")
         modules.setdefault(module, {})[part] = w
@@ -216,16 +219,27 @@ def _read_gguf(path: Path, family: A.Family, cfg: A.ArchConfig) -> Adapter:
         if role is None:
             raise KilnError(path, f"{base} is not a matrix of a {family.name} model kiln knows")
         a, b = ab["lora_a"], ab["lora_b"]
+        if role == "embed":          # llama.cpp's token_embd pair: lora_a [vocab, r], lora_b [hidden, r]
+            a, b = b.transpose(), a
         pair = _checked_pair(path, base, a, b, 0.0)
         # llama.cpp: scale = alpha / r, or 1 when the file gives no alpha
         pair.scale = float(alpha) / pair.rank if alpha else 1.0
-        if family.rope_permuted_in_gguf and role.split(".")[-2:-1] in (["q"], ["k"]):
-            heads = cfg.num_heads if role.split(".")[2] == "q" else cfg.num_kv_heads
+        heads = _rope_heads(role, family, cfg)
+        if heads:
             pair.b = pair.b.take_rows(rope_unpermute_rows(pair.b.shape[0], heads))
         adapter.pairs[role] = pair
     if not adapter.pairs:
         raise KilnError(path, "the adapter holds no LoRA matrices")
     return adapter
+
+
+def _rope_heads(role: str, family: A.Family, cfg: A.ArchConfig) -> int | None:
+    """The head count whose rope order llama.cpp permutes this role's rows by (q and k of the
+    families it permutes), else None."""
+    parts = role.split(".")
+    if not family.rope_permuted_in_gguf or len(parts) != 4 or parts[2] not in ("q", "k"):
+        return None
+    return cfg.num_heads if parts[2] == "q" else cfg.num_kv_heads
 
 
 # ---- merging -------------------------------------------------------------------------------
@@ -318,10 +332,13 @@ def write_gguf_adapter(adapter: Adapter, family: A.Family, cfg: A.ArchConfig, pa
         if not math.isclose(pair.scale, wanted, rel_tol=1e-7):
             ratio = np.float32(pair.scale / wanted)
             b = b.map_values(lambda v, r=ratio: v * r)
-        if family.rope_permuted_in_gguf and role.split(".")[2] in ("q", "k"):
-            heads = cfg.num_heads if role.split(".")[2] == "q" else cfg.num_kv_heads
+        heads = _rope_heads(role, family, cfg)
+        if heads:
             b = b.take_rows(rope_permute_rows(b.shape[0], heads))
-        tensors.append((names[role] + ".lora_a", pair.a.astype(dtype)))
+        a = pair.a
+        if role == "embed":          # llama.cpp reads token_embd's pair flipped: lora_a [vocab, r], lora_b [hidden, r]
+            a, b = b, a.transpose()
+        tensors.append((names[role] + ".lora_a", a.astype(dtype)))
         tensors.append((names[role] + ".lora_b", b.astype(dtype)))
     meta = {"general.architecture": family.gguf_arch, "general.type": "adapter",
             "general.name": adapter.path.name, "adapter.type": "lora",

@@ -17,7 +17,8 @@ Cases (base fixture, adapters applied in order, each merged with ``merge_and_unl
 
 - ``llama``: q/k/v/o/gate/down, r 4, alpha 12 (alpha != r; llama.cpp permutes q/k rows);
 - ``llama_two``: the above, then a second adapter on q/v/up with rsLoRA, r 8, alpha 4 and a
-  ``rank_pattern``/``alpha_pattern`` giving v_proj rank 2 and alpha 6: several adapters at once;
+  ``rank_pattern``/``alpha_pattern`` giving v_proj rank 2 and alpha 6, and the token embedding
+  (PEFT's lora_embedding_A/B): several adapters at once;
 - ``phi3``: the fused qkv_proj and gate_up_proj, r 4, alpha 8;
 - ``gpt2``: GPT-2's Conv1D c_attn and c_fc (``fan_in_fan_out``), r 2, alpha 5.
 
@@ -43,7 +44,7 @@ OUT = ROOT / "tests" / "data" / "lora"
 ADAPTERS = {
     "llama_a": ("llama", dict(r=4, lora_alpha=12, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                                                                   "gate_proj", "down_proj"]), 1),
-    "llama_b": ("llama", dict(r=8, lora_alpha=4, use_rslora=True, target_modules=["q_proj", "v_proj", "up_proj"],
+    "llama_b": ("llama", dict(r=8, lora_alpha=4, use_rslora=True, target_modules=["q_proj", "v_proj", "up_proj", "embed_tokens"],
                               rank_pattern={"v_proj": 2}, alpha_pattern={"v_proj": 6}), 2),
     "phi3_a": ("phi3", dict(r=4, lora_alpha=8, target_modules=["qkv_proj", "gate_up_proj"]), 3),
     "gpt2_a": ("gpt2", dict(r=2, lora_alpha=5, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True), 4),
@@ -66,8 +67,11 @@ def make_adapter(name: str) -> None:
     dst = OUT / "adapters" / name
     if dst.exists():
         shutil.rmtree(dst)
-    peft_model.save_pretrained(dst)
+    # save_embedding_layers=False: an embedding adapter on an unresized vocabulary is the pair
+    # alone (peft would add a full copy of the embedding by default)
+    peft_model.save_pretrained(dst, save_embedding_layers=False)
     cfg = json.loads((dst / "adapter_config.json").read_text())
+    cfg["target_modules"] = sorted(cfg["target_modules"])      # peft writes a set: fix the order
     cfg["base_model_name_or_path"] = f"tests/data/fixtures/hf/{base}"     # not the machine's path
     (dst / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     for extra in dst.glob("README.md"):
