@@ -70,8 +70,8 @@ _OPEN[[ord("]"), ord("}")]] = -1
 
 def nesting(raw: bytes) -> int:
     """How deep the JSON text's arrays and objects nest (0 for a scalar)."""
-    depth = np.cumsum(_OPEN[np.frombuffer(_STRING.sub(b'""', raw), dtype=np.uint8)], dtype=np.int64)
-    return int(depth.max(initial=0))
+    steps = _OPEN[np.frombuffer(_STRING.sub(b'""', raw), dtype=np.uint8)]
+    return int(np.cumsum(steps[steps != 0], dtype=np.int32).max(initial=0))
 
 
 def _no_constant(name: str):

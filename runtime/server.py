@@ -491,7 +491,7 @@ def _log_line(scope, state, status, seconds) -> str:
     reqs = state.get("reqs")
     tokens = ""
     if reqs:
-        finish = ",".join(FINISH.get(r.finish_reason, "running") if r.finish_reason else "open" for r in reqs)
+        finish = ",".join(FINISH.get(r.finish_reason, r.finish_reason or "open") for r in reqs)
         tokens = (f" in={reqs[0].prompt_tokens} out={sum(r.completion_tokens for r in reqs)}"
                   f" finish={finish}")
     error = f" error={state['error']}" if state.get("error") else ""

@@ -154,6 +154,13 @@ def test_deep_or_non_json_bodies_get_400_not_500(tiny):
     assert status == 200
 
 
+def test_nesting_is_measured_outside_strings():
+    from kiln.runtime.http_limits import nesting
+    assert nesting(b'3') == 0 and nesting(b'{"a": [1, {"b": []}]}') == 4
+    assert nesting(b'{"a": "[[[{{{", "b": "\\"[[", "c": ["]]]"]}') == 2
+    assert nesting(b"[" * 100_000) == 100_000
+
+
 def test_lone_surrogates_get_422(tiny, smol):
     for srv, path, body in ((tiny, "/v1/completions", b'{"prompt": [1], "user": "\\ud800"}'),
                             (smol, "/v1/chat/completions",
@@ -398,9 +405,9 @@ def test_served_model_names_and_request_log(smol_artifact):
 
 
 def test_load_64_clients(smol_artifact):
-    """64 clients stream at once (bounded: 8 tokens each, 60 s): no 5xx, every stream ends
-    with [DONE]. Prints requests/s and time to first token (for the notes; a shared machine's
-    figures)."""
+    """64 clients stream at once: no 5xx, every stream ends with [DONE]. Bounded: 8 tokens each,
+    loopback; 44-51 s measured on this 2-core machine while six other jobs shared it, so the
+    limit is 120 s. Prints requests/s and time to first token (for the notes)."""
     srv = Server(smol_artifact, "--max-batch", "8", "--max-queue", "64")
     results = [None] * 64
     try:
@@ -415,13 +422,13 @@ def test_load_64_clients(smol_artifact):
         for t in threads:
             t.start()
         for t in threads:
-            t.join(max(1.0, 60 - (time.perf_counter() - t0)))
+            t.join(max(1.0, 120 - (time.perf_counter() - t0)))
         wall = time.perf_counter() - t0
     finally:
         srv.stop()
-    assert all(r is not None for r in results), "a client did not finish within 60 s"
+    assert all(r is not None for r in results), "a client did not finish within 120 s"
     assert all(r[0] == 200 and r[1] for r in results), [r[:2] for r in results]
     firsts, totals = sorted(r[2] for r in results), sorted(r[3] for r in results)
-    print(f"\nload: 64 concurrent streams of 8 tokens (--max-batch 8) in {wall:.1f} s: {64 / wall:.2f} requests/s, "
-          f"{sum(r[4] for r in results) / wall:.0f} tokens/s; time to first token p50 {firsts[31]:.2f} s, p95 {firsts[60]:.2f} s; "
-          f"whole request p50 {totals[31]:.2f} s, p95 {totals[60]:.2f} s")
+    print(f"\nload: 64 concurrent streams of 8 tokens (--max-batch 8) in {wall:.1f} s: {64 / wall:.2f} "
+          f"requests/s, {sum(r[4] for r in results) / wall:.0f} tokens/s; time to first token p50 "
+          f"{firsts[31]:.2f} s, p95 {firsts[60]:.2f} s; whole request p50 {totals[31]:.2f} s, p95 {totals[60]:.2f} s")
