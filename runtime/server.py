@@ -57,10 +57,15 @@ def _number(body, name, default, kind=float, lo=None, hi=None, lo_open=False):
     v = body.get(name, default)
     if v is None:
         return default
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (kind is float or float(v).is_integer())
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (kind is float or isinstance(v, int)
+                                                                      or v.is_integer())
     if ok:
-        v = kind(v)
-        ok = (lo is None or (v > lo if lo_open else v >= lo)) and (hi is None or v <= hi)
+        try:
+            v = kind(v)
+        except OverflowError:                   # an integer of 400 digits is no float
+            ok = False
+        else:
+            ok = (lo is None or (v > lo if lo_open else v >= lo)) and (hi is None or v <= hi)
     if not ok:
         rng = f" in {'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}]" if lo is not None else ""
         raise APIError(422, f"{name} must be {'an integer' if kind is int else 'a number'}{rng}, "
@@ -127,11 +132,17 @@ class Service:
                     isinstance(m, dict) and isinstance(m.get("role"), str) for m in msgs):
                 raise APIError(422, "messages must be a non-empty list of {role, content} objects",
                                code="invalid_value", param="messages")
-            msgs = [{**m, "content": _content(m.get("content"), i)} for i, m in enumerate(msgs)]
+            # only the fields chat templates read, each of the type they expect
+            msgs = [{"role": m["role"], "content": _content(m.get("content"), i),
+                     **({"name": m["name"]} if isinstance(m.get("name"), str) else {})} for i, m in enumerate(msgs)]
             if tok is None:
                 raise APIError(400, "this model has no tokenizer, so it cannot render chat messages",
                                code="unsupported_value", param="messages")
-            ids = tok.encode(self.model.chat_prompt(msgs))
+            try:
+                text = self.model.chat_prompt(msgs)
+            except ValueError as e:             # ChatTemplateError: the template refused them
+                raise APIError(422, str(e), code="invalid_value", param="messages") from None
+            ids = tok.encode(text)
         else:
             p = body.get("prompt")
             if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):

@@ -182,6 +182,26 @@ def test_message_content_must_be_text(smol):
     assert answers[0]["choices"][0]["message"] == answers[1]["choices"][0]["message"]
 
 
+def test_a_chat_template_that_refuses_the_messages_gives_422():
+    """Templates may raise (``raise_exception``: "roles must alternate"); that is the request's
+    fault, not the server's. Checked on Service itself, with a template that always refuses."""
+    from types import SimpleNamespace
+
+    from kiln.runtime.http_limits import APIError
+    from kiln.runtime.server import Service
+    from kiln.runtime.tokenizer import ChatTemplateError
+
+    def refuse(msgs):
+        assert all(set(m) <= {"role", "content", "name"} for m in msgs)   # nothing else reaches it
+        raise ChatTemplateError("chat template raised: roles must alternate")
+    tok = SimpleNamespace(encode=lambda text: [1], decode=lambda ids, **kw: "")
+    model = SimpleNamespace(tokenizer=tok, chat_prompt=refuse, config={"vocab_size": 10})
+    service = Service(model, SimpleNamespace(max_batch=1, max_queue=1, max_length=64), "m")
+    with pytest.raises(APIError) as e:
+        service.prepare({"messages": [{"role": "user", "content": "a", "tool_calls": {"x": 1}}]}, chat=True)
+    assert e.value.status == 422 and "alternate" in e.value.message and e.value.param == "messages"
+
+
 def test_stop_strings_are_bounded(smol):
     url = "/v1/completions"
     ok = {"prompt": "Count: 1, 2, 3,", "max_tokens": 4, "temperature": 0}
@@ -196,7 +216,9 @@ def test_other_values_never_get_500(tiny):
     url = "/v1/completions"
     for body in ({"prompt": [1], "stream": "yes"}, {"prompt": [1], "model": ["llama"]},
                  {"prompt": [1], "seed": 2 ** 64}, {"prompt": [1], "seed": -1}, {"prompt": [1], "n": 10 ** 30},
-                 {"prompt": [1], "max_tokens": "x" * 100_000}, {"prompt": [[1], [2]]}, {"prompt": []}):
+                 {"prompt": [1], "max_tokens": "x" * 100_000}, {"prompt": [[1], [2]]}, {"prompt": []},
+                 {"prompt": [1], "temperature": 10 ** 400}, {"prompt": [1], "n": 10 ** 400},
+                 {"prompt": [1], "logprobs": -10 ** 400}):
         status, answer = tiny.request("POST", url, body)
         assert 400 <= status < 500, (body, answer)
         assert len(answer["error"]["message"]) < 300        # refused values are not echoed whole
