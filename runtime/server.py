@@ -181,7 +181,7 @@ class Service:
         """
         n = _number(body, "n", 1, int, 1)
         if n > self.scheduler.max_batch:
-            raise APIError(400, f"n={n} is more than this server runs at once (--max-batch "
+            raise APIError(400, f"n={_shown(n)} is more than this server runs at once (--max-batch "
                                 f"{self.scheduler.max_batch})", code="unsupported_value", param="n")
         if not chat:
             return n, (None if body.get("logprobs") is None else _number(body, "logprobs", 0, int, 0, 5))
