@@ -292,7 +292,6 @@ def create_app(service: Service, api_key: str | None = None, *, max_body: int = 
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     app = FastAPI(title="kiln", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(RequestLog)
     # starlette decodes headers as latin-1: compare the bytes the client sent
     expected = None if api_key is None else f"Bearer {api_key}".encode("utf-8")
 
@@ -330,6 +329,7 @@ def create_app(service: Service, api_key: str | None = None, *, max_body: int = 
                 return error(request, APIError(401, "invalid or missing API key", "authentication_error",
                                                code="invalid_api_key"))
         return await call_next(request)
+    app.add_middleware(RequestLog)              # added last, so outermost: it sees the 401s too
 
     @app.get("/")
     async def chat_page():

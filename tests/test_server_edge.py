@@ -276,6 +276,7 @@ def test_max_body_size_flag_and_api_key(tiny_artifact):
         _refused(srv.request("GET", "/v1/models", headers={"Authorization": utf8}), 401, "invalid_api_key")
     finally:
         srv.stop()
+    assert sum(" 401 " in line and "error=invalid_api_key" in line for line in srv.log) == 2, srv.log
 
 
 @pytest.mark.parametrize("how", ["flag", "env"])
