@@ -4,9 +4,9 @@ Three bounds, each enforced before the next stage can be made to pay for more:
 
 - the body is read in pieces and refused (413) once it passes ``max_body`` bytes, so a 200 MB
   upload costs at most ``max_body`` of memory and is never parsed;
-- JSON nesting is measured on the raw bytes before parsing (Python's parser recurses, and a
-  100k-deep array would end in ``RecursionError``), and NaN/Infinity, which JSON does not have,
-  are refused;
+- JSON nesting is bounded: Python's parser recurses, so a 100k-deep array stops it at the
+  recursion limit (a 400, as is anything over ``MAX_DEPTH`` levels, found by one walk without
+  recursion), and NaN/Infinity, which JSON does not have, are refused;
 - a connection must deliver its request line and headers within ``read_timeout`` seconds of
   opening (or of its previous response), so sockets that trickle partial headers (slowloris)
   are closed instead of held forever; uvicorn's own keep-alive timeout only covers idle
@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import re
-
-import numpy as np
 
 #: default ``--max-body-size``: a full context of text, as JSON, fits many times over
 MAX_BODY = 4 << 20
@@ -61,66 +59,70 @@ async def read_body(request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-# a JSON string: its brackets are text, not nesting
-_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
-_OPEN = np.zeros(256, dtype=np.int8)
-_OPEN[[ord("["), ord("{")]] = 1
-_OPEN[[ord("]"), ord("}")]] = -1
-
-
-def nesting(raw: bytes) -> int:
-    """How deep the JSON text's arrays and objects nest (0 for a scalar)."""
-    steps = _OPEN[np.frombuffer(_STRING.sub(b'""', raw), dtype=np.uint8)]
-    return int(np.cumsum(steps[steps != 0], dtype=np.int32).max(initial=0))
-
-
 def _no_constant(name: str):
     raise ValueError(f"{name} is not JSON")
 
 
 def parse_json(raw: bytes, max_depth: int = MAX_DEPTH) -> dict:
-    """The request's JSON object, or a 400 that says what is wrong with it."""
-    depth = nesting(raw)
-    if depth > max_depth:
-        raise APIError(400, f"the request body nests {depth} levels deep; at most {max_depth} are allowed",
-                       code="invalid_json")
+    """The request's JSON object, or a 400 that says what is wrong with it (a 422 for text
+    that is not Unicode)."""
     try:
         body = json.loads(raw, parse_constant=_no_constant)
-    except (ValueError, UnicodeDecodeError, RecursionError):
+    except RecursionError:                      # the C parser counts its depth against Python's limit
+        raise _too_deep(max_depth) from None
+    except (ValueError, UnicodeDecodeError):
         raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
-    bad = _unencodable(body)
-    if bad is not None:
-        raise APIError(422, f"{bad} holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not text",
-                       code="invalid_value", param=bad)
+    _check_values(body, raw, max_depth)
     return body
 
 
-def _unencodable(body: dict) -> str | None:
-    """The top-level field holding a string that is not valid Unicode text, if any.
+def _too_deep(max_depth: int) -> APIError:
+    return APIError(400, f"the request body nests deeper than {max_depth} levels", code="invalid_json")
 
-    JSON's ``\\ud800`` escapes (and CESU-8 bytes, which Python's parser lets through) give
-    strings with lone surrogates, which no tokenizer can encode."""
-    for key, value in body.items():
-        stack = [key, value]
+
+# a surrogate's escape (\ud800-\udfff) or its CESU-8 bytes, which Python's parser lets through
+_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
+
+
+def _check_values(body: dict, raw: bytes, max_depth: int) -> None:
+    """Nesting at most ``max_depth`` levels, and no string that is not Unicode text (a lone
+    surrogate, which no tokenizer can encode). One walk over the parsed body, without
+    recursion, and only when the raw bytes leave a doubt: fewer brackets than ``max_depth``
+    cannot nest deeper, and text without surrogate escapes cannot hold one."""
+    text = _SURROGATE.search(raw) is not None
+    if not text and raw.count(b"[") + raw.count(b"{") <= max_depth:
+        return
+    for field, value in body.items():
+        if text and not _encodes(field):
+            raise _not_text("a field name")
+        stack = [(value, 1)]
         while stack:
-            v = stack.pop()
+            v, level = stack.pop()
             if isinstance(v, str):
-                if not v.isascii():
-                    try:
-                        v.encode("utf-8")
-                    except UnicodeEncodeError:
-                        return key if key.isascii() or _encodes(key) else "a field name"
-            elif isinstance(v, dict):
-                stack.extend(v.keys())
-                stack.extend(v.values())
-            elif isinstance(v, list):
-                stack.extend(v)
-    return None
+                if text and not _encodes(v):
+                    raise _not_text(field)
+                continue
+            if not isinstance(v, (dict, list)):
+                continue
+            if level + 1 > max_depth:
+                raise _too_deep(max_depth)
+            if isinstance(v, dict):
+                if text and not all(_encodes(k) for k in v):
+                    raise _not_text(field)
+                v = v.values()
+            stack.extend((x, level + 1) for x in v if isinstance(x, (str, dict, list)))
+
+
+def _not_text(field: str) -> APIError:
+    return APIError(422, f"{field} holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not text",
+                    code="invalid_value", param=field)
 
 
 def _encodes(s: str) -> bool:
+    if s.isascii():
+        return True
     try:
         s.encode("utf-8")
         return True

@@ -345,17 +345,21 @@ def create_app(service: Service, api_key: str | None = None, *, max_body: int = 
         return {"object": "list", "data": [{"id": service.name, "object": "model",
                                             "created": service.created, "owned_by": "kiln"}]}
 
-    async def body_of(request: Request) -> dict:
+    async def body_of(request: Request) -> bytes:
         try:
-            raw = await asyncio.wait_for(read_body(request, max_body), read_timeout)
+            return await asyncio.wait_for(read_body(request, max_body), read_timeout)
         except asyncio.TimeoutError:
             raise APIError(408, f"the request body did not arrive within {read_timeout:g} s (--read-timeout)",
                            code="request_timeout") from None
-        return parse_json(raw)
+
+    def parse_and_prepare(raw: bytes, chat: bool) -> tuple[dict, dict]:
+        body = parse_json(raw)
+        return body, service.prepare(body, chat)
 
     async def complete(request: Request, chat: bool):
-        body = await body_of(request)
-        prepared = await asyncio.to_thread(service.prepare, body, chat)
+        # parsing a 4 MB body, tokenizing it, rendering a chat template: off the event loop,
+        # which carries every other stream's tokens
+        body, prepared = await asyncio.to_thread(parse_and_prepare, await body_of(request), chat)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         reqs = service.submit(prepared, lambda i, ev: loop.call_soon_threadsafe(events.put_nowait, (i, ev)))

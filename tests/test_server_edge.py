@@ -154,11 +154,26 @@ def test_deep_or_non_json_bodies_get_400_not_500(tiny):
     assert status == 200
 
 
-def test_nesting_is_measured_outside_strings():
-    from kiln.runtime.http_limits import nesting
-    assert nesting(b'3') == 0 and nesting(b'{"a": [1, {"b": []}]}') == 4
-    assert nesting(b'{"a": "[[[{{{", "b": "\\"[[", "c": ["]]]"]}') == 2
-    assert nesting(b"[" * 100_000) == 100_000
+def test_parse_json_bounds_nesting_and_text_in_linear_time():
+    from kiln.runtime.http_limits import APIError, parse_json
+
+    def refused(raw):
+        with pytest.raises(APIError) as e:
+            parse_json(raw)
+        return e.value.status
+    assert parse_json(b'{"a": ' + b"[" * 31 + b"]" * 31 + b"}")
+    assert refused(b'{"a": ' + b"[" * 32 + b"]" * 32 + b"}") == 400
+    assert refused(b"[" * 100_000 + b"]" * 100_000) == 400
+    # brackets and escaped quotes inside strings are text; an escaped surrogate pair is an emoji
+    assert parse_json(b'{"a": "[[[{{{\\"[[", "b": ["]]]"], "c": "\\ud83d\\ude00"}')["c"] == "\U0001f600"
+    assert refused(b'{"a": ["x", {"b": "\\udc00"}]}') == 422
+    assert refused(b'{"a": "\xed\xa0\x80"}') == 422           # CESU-8 bytes of a surrogate
+    t0 = time.perf_counter()
+    for raw in (b'{"a": "' + b'\\"' * 1_000_000 + b'"}', b'"' + b'\\"' * 1_000_000,
+                b'{"p": [' + b"[]," * 300_000 + b"[]]}", b'{"p": [' + b"1," * 1_000_000 + b"1]}"):
+        with contextlib.suppress(APIError):
+            parse_json(raw)
+    assert time.perf_counter() - t0 < 20                # quadratic scans of these took minutes
 
 
 def test_lone_surrogates_get_422(tiny, smol):
