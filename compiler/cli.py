@@ -260,8 +260,45 @@ def cmd_serve(a) -> int:
         raise KilnError(None, "kiln serve needs FastAPI and uvicorn: pip install 'kiln[serve]'") from None
     from kiln.runtime.server import serve
     serve(a.artifact, host=a.host, port=a.port, max_batch=a.max_batch, max_queue=a.max_queue,
-          api_key=a.api_key or os.environ.get("KILN_API_KEY") or None, threads=a.threads)
+          api_key=_api_key(a.api_key), threads=a.threads, names=_served_names(a),
+          max_body=a.max_body_size, read_timeout=a.read_timeout)
     return 0
+
+
+def _api_key(flag: str | None) -> str | None:
+    """--api-key, else $KILN_API_KEY; an empty one is refused, not taken as "no key"."""
+    from kiln.errors import KilnError
+    where, key = ("--api-key", flag) if flag is not None else ("$KILN_API_KEY", os.environ.get("KILN_API_KEY"))
+    if key is not None and not key.strip():
+        raise KilnError(None, f"{where} is empty; give a key, or leave it out to serve without one")
+    return key
+
+
+def _served_names(a) -> list[str]:
+    """--served-model-name, else the artifact's folder name and, for a known model's file, its
+    short name (``smollm2``) as an alias."""
+    from pathlib import Path
+
+    from kiln.artifact import read_manifest
+    from kiln.errors import KilnError
+    from kiln.frontends.known_models import short_name_of
+    if a.served_model_name:
+        if not all(n.strip() for n in a.served_model_name):
+            raise KilnError(None, "--served-model-name is empty")
+        return a.served_model_name
+    names = [Path(a.artifact).resolve().name.removesuffix(".kiln")]
+    alias = short_name_of((read_manifest(a.artifact).get("source") or {}).get("path"))
+    return names + [alias] if alias and alias not in names else names
+
+
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not 0 < v < 1e6:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}")
+    return v
 
 
 # ---- verify ---------------------------------------------------------------------------------
@@ -331,7 +368,7 @@ def _size(text: str) -> int:
         m = 1
     try:
         n = int(float(t) * m)
-    except ValueError:
+    except (ValueError, OverflowError):
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 2GB or 500MB)") from None
     if n <= 0:
         raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
@@ -406,6 +443,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-queue", type=int, default=64, help="requests waiting for a row (default 64)")
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health "
                                      "(default: $KILN_API_KEY, else none)")
+    s.add_argument("--served-model-name", action="append", metavar="NAME",
+                   help="a model id requests may name (repeatable; the first is the one /v1/models lists; "
+                        "default: the artifact's folder name, and a known model's short name such as smollm2)")
+    s.add_argument("--max-body-size", type=_size, default=4 << 20, metavar="SIZE",
+                   help="refuse request bodies larger than this with 413, before reading the rest (default 4MiB)")
+    s.add_argument("--read-timeout", type=_seconds, default=10.0, metavar="S",
+                   help="close connections whose headers take longer than S seconds to arrive; "
+                        "408 for a body that does (default 10)")
     s.add_argument("--threads", type=int)
     s.set_defaults(fn=cmd_serve)
 

@@ -24,3 +24,12 @@ def resolve(name: str) -> Path | None:
     if not path.is_file():
         raise KilnError(path, "the packaged model file is missing")
     return path
+
+
+def short_name_of(source_path: str | None) -> str | None:
+    """The known short name whose packaged file ``source_path`` is (an artifact's manifest
+    records the file it was compiled from), or None."""
+    if not source_path:
+        return None
+    filename = Path(source_path).name
+    return next((name for name, (_, file, _) in KNOWN.items() if file == filename), None)

@@ -18,14 +18,22 @@ FastAPI on uvicorn: both are widely used, maintained, and pinned in the ``serve`
 
 import asyncio
 import functools
+import hmac
 import json
+import logging
+import threading
 import time
 import uuid
 from importlib.resources import files
 from pathlib import Path
 
+from .http_limits import MAX_BODY, MAX_HEADER_BYTES, READ_TIMEOUT, APIError, guarded_h11, parse_json, read_body
 from .logprobs import TokenStrings, chat_logprobs, completion_logprobs
 from .scheduler import QueueFull, Scheduler
+
+__all__ = ["APIError", "Service", "build", "create_app", "serve"]
+
+log = logging.getLogger("kiln.serve")
 
 # The chat page at GET /: one self-contained HTML file shipped in the package (package-data).
 CHAT_PAGE = files("kiln.runtime") / "web" / "chat.html"
@@ -33,57 +41,77 @@ CHAT_PAGE = files("kiln.runtime") / "web" / "chat.html"
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "stop", "error": "error"}
 
 
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 code: str | None = None, param: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
+#: at most this many stop strings of at most STOP_CHARS characters each: every running row
+#: searches its held-back text for each of them after every token, on the scheduler's thread
+MAX_STOPS = 16
+STOP_CHARS = 128
 
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "code": self.code,
-                          "param": self.param}}
+
+def _shown(v, limit: int = 40) -> str:
+    """``repr(v)``, cut short: error messages echo what they refuse, not megabytes of it."""
+    r = repr(v)
+    return r if len(r) <= limit else r[:limit] + "..."
 
 
 def _number(body, name, default, kind=float, lo=None, hi=None, lo_open=False):
     v = body.get(name, default)
     if v is None:
         return default
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (kind is float or float(v).is_integer())
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (kind is float or isinstance(v, int)
+                                                                      or v.is_integer())
     if ok:
-        v = kind(v)
-        ok = (lo is None or (v > lo if lo_open else v >= lo)) and (hi is None or v <= hi)
+        try:
+            v = kind(v)
+        except OverflowError:                   # an integer of 400 digits is no float
+            ok = False
+        else:
+            ok = (lo is None or (v > lo if lo_open else v >= lo)) and (hi is None or v <= hi)
     if not ok:
         rng = f" in {'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}]" if lo is not None else ""
-        raise APIError(422, f"{name} must be {'an integer' if kind is int else 'a number'}{rng}, got {body.get(name)!r}",
+        raise APIError(422, f"{name} must be {'an integer' if kind is int else 'a number'}{rng}, "
+                            f"got {_shown(body.get(name))}",
                        code="invalid_value", param=name)
     return v
 
 
 class Service:
-    """The HTTP-independent half: request dicts in, scheduler requests and response dicts out."""
+    """The HTTP-independent half: request dicts in, scheduler requests and response dicts out.
 
-    def __init__(self, model, scheduler: Scheduler, name: str):
-        self.model, self.scheduler, self.name = model, scheduler, name
+    ``names`` are the model ids requests may name (the first is the one ``/v1/models`` lists).
+    At most ``capacity`` choices are running or waiting at once (``--max-batch`` plus
+    ``--max-queue``), counted here from acceptance to their last event: the scheduler's own
+    queue also holds requests that free rows will take at its next step, so counting its
+    ``waiting`` would turn some away while rows sit free.
+    """
+
+    def __init__(self, model, scheduler: Scheduler, name: str | list[str], capacity: int | None = None):
+        self.names = [name] if isinstance(name, str) else list(name)
+        if not self.names:
+            raise ValueError("a served model needs at least one name")
+        self.model, self.scheduler, self.name = model, scheduler, self.names[0]
         self.created = int(time.time())
         self.token_strings = TokenStrings(model.tokenizer)
+        self.vocab = int(model.config["vocab_size"])
+        self.capacity = scheduler.max_batch + scheduler.max_queue if capacity is None else int(capacity)
+        self.in_flight = 0
+        self._count_lock = threading.Lock()
 
     def settings(self, body: dict) -> dict:
-        if body.get("model") not in (None, self.name):
-            raise APIError(404, f"the model {body.get('model')!r} does not exist; this server has {self.name!r}",
+        model = body.get("model")
+        if model is not None and (not isinstance(model, str) or model not in self.names):
+            raise APIError(404, f"the model {_shown(model)} does not exist; this server has {self.name!r}",
                            code="model_not_found", param="model")
+        if body.get("stream") not in (None, True, False):
+            raise APIError(422, f"stream must be true or false, got {_shown(body.get('stream'))}",
+                           code="invalid_value", param="stream")
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
         limit = self.scheduler.max_length or 1 << 30
         max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", 16 if "messages" not in body else limit,
                              int, 0)
-        stop = body.get("stop")
-        if stop is not None and not (isinstance(stop, str) or (isinstance(stop, list) and all(
-                isinstance(s, str) and s for s in stop))):
-            raise APIError(422, "stop must be a string or a list of strings", code="invalid_value", param="stop")
-        if isinstance(stop, str) and not stop:
-            stop = None
+        stop = _stops(body.get("stop"))
         seed = body.get("seed")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-            raise APIError(422, f"seed must be a non-negative integer, got {seed!r}", code="invalid_value",
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 64):
+            raise APIError(422, f"seed must be an integer in [0, 2**64), got {_shown(seed)}", code="invalid_value",
                            param="seed")
         return dict(max_tokens=max_tokens,
                     temperature=_number(body, "temperature", 1.0, float, 0, 2),
@@ -93,21 +121,28 @@ class Service:
                     repetition_penalty=_number(body, "repetition_penalty", 1.0, float, 0, lo_open=True),
                     frequency_penalty=_number(body, "frequency_penalty", 0.0, float, -2, 2),
                     presence_penalty=_number(body, "presence_penalty", 0.0, float, -2, 2),
-                    seed=seed, stop=stop or None)
+                    seed=seed, stop=stop)
 
     def prompt_ids(self, body: dict, chat: bool) -> list[int]:
         tok = self.model.tokenizer
+        limit = self.scheduler.max_length
         if chat:
             msgs = body.get("messages")
             if not isinstance(msgs, list) or not msgs or not all(
                     isinstance(m, dict) and isinstance(m.get("role"), str) for m in msgs):
                 raise APIError(422, "messages must be a non-empty list of {role, content} objects",
                                code="invalid_value", param="messages")
+            # only the fields chat templates read, each of the type they expect
+            msgs = [{"role": m["role"], "content": _content(m.get("content"), i),
+                     **({"name": m["name"]} if isinstance(m.get("name"), str) else {})} for i, m in enumerate(msgs)]
             if tok is None:
                 raise APIError(400, "this model has no tokenizer, so it cannot render chat messages",
                                code="unsupported_value", param="messages")
-            msgs = [{**m, "content": _content(m.get("content"))} for m in msgs]
-            ids = tok.encode(self.model.chat_prompt(msgs))
+            try:
+                text = self.model.chat_prompt(msgs)
+            except ValueError as e:             # ChatTemplateError: the template refused them
+                raise APIError(422, str(e), code="invalid_value", param="messages") from None
+            ids = tok.encode(text)
         else:
             p = body.get("prompt")
             if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
@@ -117,18 +152,26 @@ class Service:
                     raise APIError(400, "this model has no tokenizer; send the prompt as token ids",
                                    code="unsupported_value", param="prompt")
                 ids = tok.encode(p)
-            elif isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
-                ids = list(p)
+            elif isinstance(p, list) and p:
+                if limit is not None and len(p) >= limit:
+                    raise _too_long(len(p), limit, "prompt")
+                ids = self.token_ids(p)
             else:
                 raise APIError(422, "prompt must be a string or a list of token ids", code="invalid_value",
                                param="prompt")
         if not ids:
             raise APIError(422, "the prompt has no tokens", code="invalid_value", param="prompt")
-        limit = self.scheduler.max_length
         if limit is not None and len(ids) >= limit:
-            raise APIError(413, f"the prompt has {len(ids)} tokens but this model's context holds {limit}",
-                           code="context_length_exceeded", param="messages" if chat else "prompt")
+            raise _too_long(len(ids), limit, "messages" if chat else "prompt")
         return ids
+
+    def token_ids(self, p: list) -> list[int]:
+        """A prompt given as token ids: each an integer the model has an embedding for."""
+        for i, t in enumerate(p):
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab:
+                raise APIError(422, f"prompt token ids must be integers in [0, {self.vocab}); "
+                                    f"prompt[{i}] is {_shown(t)}", code="invalid_value", param="prompt")
+        return list(p)
 
     def choices(self, body: dict, chat: bool) -> tuple[int, int | None]:
         """``n`` and the number of top alternatives per token (None: no logprobs).
@@ -138,13 +181,13 @@ class Service:
         """
         n = _number(body, "n", 1, int, 1)
         if n > self.scheduler.max_batch:
-            raise APIError(400, f"n={n} is more than this server runs at once (--max-batch "
+            raise APIError(400, f"n={_shown(n)} is more than this server runs at once (--max-batch "
                                 f"{self.scheduler.max_batch})", code="unsupported_value", param="n")
         if not chat:
             return n, (None if body.get("logprobs") is None else _number(body, "logprobs", 0, int, 0, 5))
         want = body.get("logprobs")
         if want not in (None, True, False):
-            raise APIError(422, f"logprobs must be true or false, got {want!r}", code="invalid_value",
+            raise APIError(422, f"logprobs must be true or false, got {_shown(want)}", code="invalid_value",
                            param="logprobs")
         top = body.get("top_logprobs")
         if top is not None:
@@ -154,21 +197,43 @@ class Service:
                                param="top_logprobs")
         return n, (top or 0) if want else None
 
-    def submit(self, body: dict, chat: bool, on_event) -> list:
+    def prepare(self, body: dict, chat: bool) -> dict:
+        """Every check of the request, and its prompt's ids: what :meth:`submit` queues.
+
+        Tokenizing (and rendering a chat template) may take a while for a long prompt, so the
+        app runs this off its event loop; nothing here touches the scheduler."""
+        settings = self.settings(body)
+        n, logprobs = self.choices(body, chat)
+        return dict(ids=self.prompt_ids(body, chat), n=n, logprobs=logprobs, settings=settings)
+
+    def submit(self, prepared: dict, on_event) -> list:
         """Queue the request's ``n`` choices; ``on_event(i, event)`` gets choice i's events.
 
         Choice i draws from stream i of the seed (see ``Scheduler.submit``'s
         ``sample_stream``), so choice 0 is what the same request with ``n=1`` gets.
         """
-        settings = self.settings(body)
-        n, logprobs = self.choices(body, chat)
-        ids = self.prompt_ids(body, chat)
+        n = prepared["n"]
+        with self._count_lock:
+            if self.in_flight + n > self.capacity:
+                raise APIError(429, f"{self.in_flight} requests are running or waiting already (at most "
+                                    f"{self.capacity}: --max-batch plus --max-queue)", "server_busy",
+                               code="queue_full")
+            self.in_flight += n
+
+        def counted(i, ev):
+            if ev.finish_reason is not None:
+                with self._count_lock:
+                    self.in_flight -= 1
+            on_event(i, ev)
         reqs = []
         try:
             for i in range(n):
-                reqs.append(self.scheduler.submit(ids, on_event=functools.partial(on_event, i),
-                                                  logprobs=logprobs, sample_stream=i, **settings))
+                reqs.append(self.scheduler.submit(prepared["ids"], on_event=functools.partial(counted, i),
+                                                  logprobs=prepared["logprobs"], sample_stream=i,
+                                                  **prepared["settings"]))
         except (QueueFull, ValueError) as e:
+            with self._count_lock:
+                self.in_flight -= n - len(reqs)     # the queued ones count until they end
             for r in reqs:
                 r.cancel()
             if isinstance(e, QueueFull):
@@ -184,51 +249,87 @@ class Service:
                 "total_tokens": reqs[0].prompt_tokens + done}
 
 
-def _content(c) -> str:
+def _too_long(n: int, limit: int, param: str) -> APIError:
+    return APIError(413, f"the prompt has {n} tokens but this model's context holds {limit}",
+                    code="context_length_exceeded", param=param)
+
+
+def _stops(stop) -> list[str] | None:
+    """``stop``: a string or a list of at most MAX_STOPS strings of 1..STOP_CHARS characters."""
+    if stop is None or stop == "":
+        return None
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+        raise APIError(422, "stop must be a string or a list of non-empty strings", code="invalid_value",
+                       param="stop")
+    if len(stops) > MAX_STOPS:
+        raise APIError(422, f"stop has {len(stops)} strings; at most {MAX_STOPS} are allowed",
+                       code="invalid_value", param="stop")
+    longest = max(len(s) for s in stops)
+    if longest > STOP_CHARS:
+        raise APIError(422, f"a stop string has {longest} characters; at most {STOP_CHARS} are allowed",
+                       code="invalid_value", param="stop")
+    return stops or None
+
+
+def _content(c, i: int) -> str:
+    """A message's text: a string, or a list of ``{"type": "text", "text": str}`` parts."""
     if isinstance(c, str):
         return c
-    if isinstance(c, list):
-        return "".join(p.get("text", "") for p in c if isinstance(p, dict))
-    return "" if c is None else str(c)
+    if isinstance(c, list) and all(isinstance(p, dict) and p.get("type", "text") == "text"
+                                   and isinstance(p.get("text"), str) for p in c):
+        return "".join(p["text"] for p in c)
+    raise APIError(422, f"messages[{i}].content must be a string or a list of {{\"type\": \"text\", "
+                        f"\"text\": string}} parts, got {_shown(c)}", code="invalid_value",
+                   param=f"messages[{i}].content")
 
 
-def create_app(service: Service, api_key: str | None = None):
+def create_app(service: Service, api_key: str | None = None, *, max_body: int = MAX_BODY,
+               read_timeout: float = READ_TIMEOUT):
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     app = FastAPI(title="kiln", docs_url=None, redoc_url=None, openapi_url=None)
+    # starlette decodes headers as latin-1: compare the bytes the client sent
+    expected = None if api_key is None else f"Bearer {api_key}".encode("utf-8")
 
-    def error(e: APIError):
-        return JSONResponse(e.body(), status_code=e.status)
+    def error(request, e: APIError):
+        request.state.error = e.code
+        # a refused body is left unread: the connection cannot carry another request
+        closing = {"connection": "close"} if e.code in ("request_too_large", "request_timeout") else None
+        return JSONResponse(e.body(), status_code=e.status, headers=closing)
 
     @app.exception_handler(APIError)
     async def _api_error(request, e: APIError):
-        return error(e)
+        return error(request, e)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, e):
         codes = {404: "not_found", 405: "method_not_allowed"}
-        return error(APIError(e.status_code, str(e.detail), code=codes.get(e.status_code)))
+        return error(request, APIError(e.status_code, str(e.detail), code=codes.get(e.status_code)))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request, e):
-        return error(APIError(422, "invalid request", code="invalid_value"))
+        return error(request, APIError(422, "invalid request", code="invalid_value"))
 
     @app.exception_handler(Exception)
     async def _internal(request, e):
-        return error(APIError(500, f"internal error: {type(e).__name__}", "server_error", code="internal_error"))
+        log.warning("kiln: internal error in %s %s: %s: %s", request.method, request.url.path, type(e).__name__, e)
+        return error(request, APIError(500, f"internal error: {type(e).__name__}", "server_error",
+                                       code="internal_error"))
 
     @app.middleware("http")
     async def _auth(request: Request, call_next):
         # the chat page is static; the API calls it makes carry the key
-        if api_key is not None and request.url.path not in ("/health", "/"):
-            given = request.headers.get("authorization", "")
-            if given != f"Bearer {api_key}":
-                return error(APIError(401, "invalid or missing API key", "authentication_error",
-                                      code="invalid_api_key"))
+        if expected is not None and request.url.path not in ("/health", "/"):
+            given = request.headers.get("authorization", "").encode("latin-1")
+            if not hmac.compare_digest(given, expected):
+                return error(request, APIError(401, "invalid or missing API key", "authentication_error",
+                                               code="invalid_api_key"))
         return await call_next(request)
+    app.add_middleware(RequestLog)              # added last, so outermost: it sees the 401s too
 
     @app.get("/")
     async def chat_page():
@@ -244,25 +345,30 @@ def create_app(service: Service, api_key: str | None = None):
         return {"object": "list", "data": [{"id": service.name, "object": "model",
                                             "created": service.created, "owned_by": "kiln"}]}
 
-    async def body_of(request: Request) -> dict:
-        raw = await request.body()
+    async def body_of(request: Request) -> bytes:
         try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
-        if not isinstance(body, dict):
-            raise APIError(400, "the request body must be a JSON object", code="invalid_json")
-        return body
+            return await asyncio.wait_for(read_body(request, max_body), read_timeout)
+        except asyncio.TimeoutError:
+            raise APIError(408, f"the request body did not arrive within {read_timeout:g} s (--read-timeout)",
+                           code="request_timeout") from None
+
+    def parse_and_prepare(raw: bytes, chat: bool) -> tuple[dict, dict]:
+        body = parse_json(raw)
+        return body, service.prepare(body, chat)
 
     async def complete(request: Request, chat: bool):
-        body = await body_of(request)
+        # parsing a 4 MB body, tokenizing it, rendering a chat template: off the event loop,
+        # which carries every other stream's tokens
+        body, prepared = await asyncio.to_thread(parse_and_prepare, await body_of(request), chat)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        reqs = service.submit(body, chat, lambda i, ev: loop.call_soon_threadsafe(events.put_nowait, (i, ev)))
+        reqs = service.submit(prepared, lambda i, ev: loop.call_soon_threadsafe(events.put_nowait, (i, ev)))
         n, want_logprobs = len(reqs), reqs[0].logprobs is not None
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        request.state.rid, request.state.reqs = rid, reqs
         created = int(time.time())
         kind = "chat.completion" if chat else "text_completion"
+        model = body.get("model") or service.name       # the name (or alias) the client used
 
         def cancel():
             for r in reqs:
@@ -297,7 +403,7 @@ def create_app(service: Service, api_key: str | None = None):
             else:
                 choice = {"index": i, "text": piece or "", "logprobs": lps, "finish_reason": finish}
             out = {"id": rid, "object": kind + (".chunk" if chat else ""), "created": created,
-                   "model": service.name, "choices": [choice]}
+                   "model": model, "choices": [choice]}
             if usage:
                 out["usage"] = Service.usage(reqs)
             return f"data: {json.dumps(out)}\n\n"
@@ -352,7 +458,7 @@ def create_app(service: Service, api_key: str | None = None):
             else:
                 choices.append({"index": i, "text": text, "logprobs": logprobs(i, req.token_logprobs),
                                 "finish_reason": finish})
-        return {"id": rid, "object": kind, "created": created, "model": service.name,
+        return {"id": rid, "object": kind, "created": created, "model": model,
                 "choices": choices, "usage": Service.usage(reqs)}
 
     @app.post("/v1/completions")
@@ -366,24 +472,89 @@ def create_app(service: Service, api_key: str | None = None):
     return app
 
 
+class RequestLog:
+    """ASGI middleware: one log line per API request, when its response has ended (for a
+    stream, after ``[DONE]`` or the client's going away): id, method, path, status, prompt and
+    completion tokens, seconds, and the finish reasons or the error code. ``GET /health`` and
+    the chat page log only when they fail."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        state = scope.setdefault("state", {})
+        started, status = time.perf_counter(), None
+
+        async def sending(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+        try:
+            await self.app(scope, receive, sending)
+        except BaseException:
+            status = status or 500
+            raise
+        finally:
+            if status is None or status >= 400 or scope["path"].startswith("/v1/"):
+                log.info("%s", _log_line(scope, state, status, time.perf_counter() - started))
+
+
+def _log_line(scope, state, status, seconds) -> str:
+    reqs = state.get("reqs")
+    tokens = ""
+    if reqs:
+        finish = ",".join(FINISH.get(r.finish_reason, r.finish_reason or "open") for r in reqs)
+        tokens = (f" in={reqs[0].prompt_tokens} out={sum(r.completion_tokens for r in reqs)}"
+                  f" finish={finish}")
+    error = f" error={state['error']}" if state.get("error") else ""
+    return (f"kiln: {state.get('rid', '-')} {scope['method']} {scope['path']} {status or '-'}{tokens}"
+            f" {seconds:.3f}s{error}")
+
+
 def build(artifact, *, max_batch: int = 8, max_queue: int = 64, api_key: str | None = None,
-          threads: int | None = None, name: str | None = None):
-    """The app and its running scheduler for an artifact folder."""
+          threads: int | None = None, name: str | list[str] | None = None, max_body: int = MAX_BODY,
+          read_timeout: float = READ_TIMEOUT):
+    """The app and its running scheduler for an artifact folder.
+
+    ``name``: the model's id (or ids, the first listed); default the folder's name."""
     from kiln import runtime
     model = runtime.load(artifact, threads=threads)
-    sched = Scheduler(model.session, model.tokenizer, max_batch=max_batch, max_queue=max_queue,
+    # the service admits at most max_batch + max_queue; the scheduler's queue, which also holds
+    # what free rows take at its next step, is sized so that it never refuses one of those
+    sched = Scheduler(model.session, model.tokenizer, max_batch=max_batch, max_queue=max_queue + max_batch,
                       eos_ids=model.eos_ids).start()
-    service = Service(model, sched, name or Path(artifact).name.removesuffix(".kiln"))
-    return create_app(service, api_key), service
+    service = Service(model, sched, name or Path(artifact).name.removesuffix(".kiln"),
+                      capacity=max_batch + max_queue)
+    return create_app(service, api_key, max_body=max_body, read_timeout=read_timeout), service
+
+
+def uvicorn_settings(read_timeout: float = READ_TIMEOUT) -> dict:
+    """uvicorn's settings for kiln (for ``uvicorn.run`` or ``uvicorn.Config``): its h11 protocol
+    with the header deadline and header-size limit of :mod:`kiln.runtime.http_limits`
+    (uvicorn's httptools protocol, picked when installed, has neither)."""
+    return dict(http=guarded_h11(read_timeout), h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+                log_level="warning")
 
 
 def serve(artifact, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8, max_queue: int = 64,
-          api_key: str | None = None, threads: int | None = None) -> None:
+          api_key: str | None = None, threads: int | None = None, names: list[str] | None = None,
+          max_body: int = MAX_BODY, read_timeout: float = READ_TIMEOUT) -> None:
     import uvicorn
-    app, service = build(artifact, max_batch=max_batch, max_queue=max_queue, api_key=api_key, threads=threads)
-    print(f"kiln: serving {service.name!r} on http://{host}:{port}/v1 (max batch {max_batch}); "
+    app, service = build(artifact, max_batch=max_batch, max_queue=max_queue, api_key=api_key, threads=threads,
+                         name=names, max_body=max_body, read_timeout=read_timeout)
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    aliases = f" (also answers to {', '.join(map(repr, service.names[1:]))})" if service.names[1:] else ""
+    print(f"kiln: serving {service.name!r}{aliases} on http://{host}:{port}/v1 (max batch {max_batch}); "
           f"chat page at http://{host}:{port}/", flush=True)
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+        uvicorn.run(app, host=host, port=port, **uvicorn_settings(read_timeout))
     finally:
         service.scheduler.stop(timeout=30)
