@@ -49,7 +49,7 @@ def cmd_compile(a) -> int:
         out = kiln_compile(a.model, target=a.target, output=a.output, verify=a.verify, dump_ir=a.dump_ir,
                            on_pass=on_pass, on_weight=on_weight, on_stage=on_stage,
                            quant=a.quant, requantize=a.requantize, precision=a.precision,
-                           backend=a.backend, arch=a.arch, kv_dtype=a.kv_dtype)
+                           backend=a.backend, arch=a.arch, kv_dtype=a.kv_dtype, force=a.force)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     if not a.quiet:
         for line in pass_lines:
@@ -290,7 +290,7 @@ def cmd_convert(a) -> int:
     con = _console()
     t = time.perf_counter()
     summary = convert(a.src, a.dst, to=a.to, dtype=a.dtype, quant=a.quant, max_shard_bytes=a.max_shard_size,
-                      console=con, quiet=a.quiet or not con.is_terminal, requantize=a.requantize)
+                      console=con, quiet=a.quiet or not con.is_terminal, requantize=a.requantize, force=a.force)
     con.print(f"wrote {a.dst}: {summary.get('tensors', 0)} tensors, {summary.get('bytes_in', 0) / 1e6:.1f} MB in, "
               f"{summary.get('bytes_out', 0) / 1e6:.1f} MB out, {time.perf_counter() - t:.1f} s")
     for note in summary.get("notes", ()):
@@ -340,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--kv-dtype", choices=["f32", "f16"], default="f32",
                    help="KV-cache element type (f16: TVM backend, half the memory traffic at long context)")
     s.add_argument("-o", "--output", help="artifact folder (default: NAME.kiln)")
+    s.add_argument("--force", action="store_true", help="replace an existing artifact at the output")
     s.add_argument("--verify", action="store_true", help="verify the IR after every pass")
     s.add_argument("--dump-ir", metavar="DIR", help="write the IR after each pass into DIR")
     s.add_argument("--quant", help="quantize a float model's weights: " + QUANT_HELP)
@@ -426,6 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--requantize", action="store_true", help="allow --quant on an already-quantized model")
     s.add_argument("--max-shard-size", type=_size, metavar="SIZE",
                    help="HF output: split safetensors above this size, e.g. 2GB or 500MB (default 2GB)")
+    s.add_argument("--force", action="store_true",
+                   help="replace an existing destination: only the files this conversion writes "
+                        "(other files in a destination folder are kept)")
     s.add_argument("-q", "--quiet", action="store_true")
     s.set_defaults(fn=cmd_convert)
     return p

@@ -1,6 +1,7 @@
 """The pipeline as one readable function per user verb: read, rewrite, lower, package."""
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -10,7 +11,7 @@ from typing import Callable
 
 from . import __version__
 from .artifact import write_manifest
-from .atomic import kill_point, staging
+from .atomic import kill_point, refuse_existing, refuse_foreign, staging
 from .errors import KilnError
 from .passes_base import PassRecord, run_passes
 
@@ -87,7 +88,7 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
             on_pass: Callable[[PassRecord], None] | None = None, on_weight: Report | None = None,
             on_stage: Report | None = None, kv_layout: str = "auto", quant: str | None = None,
             requantize: bool = False, precision: str = "exact", backend: str | None = None,
-            arch: str | None = None, kv_dtype: str = "f32"):
+            arch: str | None = None, kv_dtype: str = "f32", force: bool = False):
     """Compile a model (path or ModelIR) for ``target`` into the artifact folder ``output``.
 
     ``quant`` quantizes a float model's weights first: a block type or a llama.cpp mixture
@@ -102,7 +103,9 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
     ``backend``: "onnxrt" or "tvm" (default: the target's own; metal has only TVM);
     ``arch`` picks a CUDA architecture (sm80, sm86, sm89, sm90) for the cuda target.
     ``kv_dtype``: "f32" or "f16" (TVM backend: the KV cache in float16, half the memory
-    traffic of long contexts; ONNX Runtime artifacts keep float32)."""
+    traffic of long contexts; ONNX Runtime artifacts keep float32).
+    ``force``: replace an existing artifact at ``output`` (without it, an error); a folder
+    holding files that are not an earlier artifact's is refused either way."""
     from kiln.targets.presets import backend_for, resolve
     t0 = time.perf_counter()
     stage = on_stage or (lambda s: None)
@@ -128,6 +131,9 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
     if output is None:
         name = Path(model.source.get("path") or "model").name.split(".")[0] or "model"
         output = f"{name}.kiln"
+    refuse_existing(output, force)
+    owned = _artifact_files(output)
+    refuse_foreign(output, owned, "an artifact")          # before the work, not after it
     passes = pipeline(backend)
     if scheme is not None:
         from kiln.frontends.arch import FAMILIES
@@ -139,7 +145,7 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
     stage("running passes")
     graph, records = run_passes(model.graph, passes, verify=verify, dump_dir=dump_ir, report=on_pass)
     cfg = model.config
-    with staging(output, marker="manifest.json") as tmp:
+    with staging(output, owned=owned, keep_others=False, kind="an artifact") as tmp:
         def weight_done(name):
             kill_point("weight")
             if on_weight is not None:
@@ -172,6 +178,21 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
         }
         write_manifest(tmp, manifest)
     return Path(output)
+
+
+def _artifact_files(folder) -> list[str]:
+    """The files of an earlier artifact at ``folder``, as its manifest lists them (read
+    leniently: a damaged artifact may still be replaced); none where there is no artifact."""
+    from .artifact import MANIFEST
+    try:
+        manifest = json.loads((Path(folder) / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    files = manifest.get("files") if isinstance(manifest, dict) and "kiln_version" in manifest else None
+    if not isinstance(files, dict):
+        return []
+    # escaped: each name is a pattern that matches only itself
+    return [MANIFEST, *(glob.escape(name) for name in files if isinstance(name, str))]
 
 
 def _lower_onnxrt(graph, tmp, preset, cfg, weight_done, stage, kv_layout, precision) -> dict:
@@ -227,11 +248,13 @@ WRITERS = {"hf": "kiln.frontends.hf", "gguf": "kiln.frontends.gguf",
 
 
 def convert(src, dst, *, to: str, dtype: str | None = None, quant: str | None = None,
-            max_shard_bytes: int | None = None, console=None, quiet: bool = True, requantize: bool = False) -> dict:
+            max_shard_bytes: int | None = None, console=None, quiet: bool = True, requantize: bool = False,
+            force: bool = False) -> dict:
     """Convert a model between formats, streaming tensor by tensor from the source.
 
     ``quant`` (GGUF output) is a block type or a llama.cpp mixture; a source that is already
-    quantized is refused unless ``requantize``."""
+    quantized is refused unless ``requantize``. An existing ``dst`` is refused unless
+    ``force``; a folder output then replaces only the files its writer owns."""
     import importlib
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -241,6 +264,7 @@ def convert(src, dst, *, to: str, dtype: str | None = None, quant: str | None = 
         raise KilnError(dst, f"--quant is for GGUF output; {to} holds f32, f16 or bf16 tensors (use --dtype)")
     if quant:
         quant = quant_scheme(quant).name
+    refuse_existing(dst, force)
     t0 = time.perf_counter()
     model = load_model(src)
     if quant:
