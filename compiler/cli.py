@@ -13,7 +13,12 @@ import time
 
 def _console(stderr: bool = True, markup: bool = True):
     from rich.console import Console
-    return Console(stderr=stderr, highlight=False, markup=markup)
+    con = Console(stderr=stderr, highlight=False, markup=markup)
+    if not con.is_terminal:
+        # a pipe or a file: whole lines for grep and cut, whatever width COLUMNS claims
+        con.width = 1 << 15
+        con.soft_wrap = True
+    return con
 
 
 # ---- compile --------------------------------------------------------------------------------
@@ -279,7 +284,10 @@ def cmd_verify(a) -> int:
 def cmd_inspect(a) -> int:
     from kiln.inspect import describe
     con = _console(stderr=False)
-    describe(a.model, con, graph=a.graph)
+    info = describe(a.model, con, graph=a.graph, tensors=a.tensors, as_json=a.json)
+    if a.json:
+        import json
+        print(json.dumps(info, indent=2))
     return 0
 
 
@@ -328,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("inspect", help="describe a model file, folder or artifact")
     s.add_argument("model")
     s.add_argument("--graph", metavar="FILE", help="write the IR graph (.txt, .json, .dot or .graphml)")
+    s.add_argument("--tensors", action="store_true",
+                   help="also list every tensor: name, type, shape, bytes (an artifact: its files)")
+    s.add_argument("--json", action="store_true", help="print the description as one JSON object (tensors included)")
     s.set_defaults(fn=cmd_inspect)
 
     s = sub.add_parser("compile", help="compile a model for a device")
