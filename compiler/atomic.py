@@ -127,7 +127,9 @@ def _remove(path: str) -> None:
     if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path, ignore_errors=True)
     else:
-        with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+        # best effort, as a clean-up must be: on a read-only disk even a missing path is EROFS,
+        # and a later sweep removes what stays
+        with contextlib.suppress(OSError):
             os.unlink(path)
 
 

@@ -6,6 +6,7 @@ set KILN_DEBUG=1 to see the traceback of an unexpected failure.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import time
@@ -169,6 +170,8 @@ def cmd_bench(a) -> int:
             raise ValueError("--peers-json draws peers' lines on the --plot picture; give --plot FILE too")
         from kiln.benchplot import read_peer_runs
         peers = read_peer_runs(a.peers_json)         # before measuring: a bad file fails at once
+    if a.plot:
+        _check_writable(a.plot)                      # before measuring, not after a minute of it
     t = time.perf_counter()
     model = runtime.load(a.artifact, threads=a.threads)
     load_s = time.perf_counter() - t
@@ -227,6 +230,22 @@ def cmd_bench(a) -> int:
     return 0
 
 
+def _check_writable(path) -> None:
+    """A one-line error now if ``path`` cannot be written later (no such folder, read-only)."""
+    import tempfile
+
+    from kiln.errors import KilnError
+    if os.path.isdir(path):
+        raise KilnError(path, "is a folder; give a file name")
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.kiln-probe-")
+    except OSError as e:
+        raise KilnError(path, f"cannot write: {e.strerror or e}") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
 # ---- eval -----------------------------------------------------------------------------------
 
 def cmd_eval(a) -> int:
@@ -263,10 +282,29 @@ def cmd_serve(a) -> int:
     except ImportError:
         from kiln.errors import KilnError
         raise KilnError(None, "kiln serve needs FastAPI and uvicorn: pip install 'kiln[serve]'") from None
+    _check_port(a.host, a.port)                      # before loading, and before "serving on ..."
     from kiln.runtime.server import serve
     serve(a.artifact, host=a.host, port=a.port, max_batch=a.max_batch, max_queue=a.max_queue,
           api_key=a.api_key or os.environ.get("KILN_API_KEY") or None, threads=a.threads)
     return 0
+
+
+def _check_port(host: str, port: int) -> None:
+    """A one-line error if the server could not listen at host:port (in use, not this host's)."""
+    import socket
+
+    from kiln.errors import KilnError
+    where = f"{host}:{port}"
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.create_server((host, port), family=family):     # SO_REUSEADDR, as uvicorn
+            pass
+    except socket.gaierror as e:
+        raise KilnError(where, f"cannot listen: unknown host ({e.strerror})") from None
+    except OSError as e:
+        hint = "; another server is using it: stop it or choose another --port" if e.errno == errno.EADDRINUSE else ""
+        reason = os.strerror(e.errno) if e.errno else str(e)
+        raise KilnError(where, f"cannot listen: {reason}{hint}") from None
 
 
 # ---- verify ---------------------------------------------------------------------------------
@@ -451,6 +489,20 @@ def _version() -> str:
     return f"kiln {__version__}"
 
 
+# the runtime's advice names its Python arguments; at the command line the flags say it
+_CLI_ADVICE = [("pass chat_template= or format the prompt yourself",
+                "leave out --chat and give the prompt already formatted"),
+               ("(add_special_tokens=True prepends BOS)", "(give some text, or token ids with --ids)"),
+               ("so it cannot encode a text prompt; pass token ids", "so it cannot encode a text prompt; "
+                "give token ids with --ids")]
+
+
+def as_cli_advice(message: str) -> str:
+    for python, cli in _CLI_ADVICE:
+        message = message.replace(python, cli)
+    return message
+
+
 def _user_errors_of_the_runtime(fn):
     """The runtime may not import KilnError's users (frontends), so it raises ValueError and
     FileNotFoundError for bad artifacts and arguments: at the CLI those are the user's to fix."""
@@ -459,8 +511,32 @@ def _user_errors_of_the_runtime(fn):
         try:
             return fn(a)
         except (ValueError, FileNotFoundError) as e:
-            raise KilnError(None, str(e)) from None
+            raise KilnError(None, as_cli_advice(str(e))) from None
     return wrapped
+
+
+_interrupted = []
+
+
+def _note_interrupts() -> None:
+    """Ctrl-C raises KeyboardInterrupt as usual, and is remembered: a native library that it
+    interrupts (TVM turns it into an empty RuntimeError) must not make it an internal error."""
+    import signal
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        return                          # ignored (a background job) or someone else's: leave it
+
+    def handler(signum, frame):
+        _interrupted.append(signum)
+        signal.default_int_handler(signum, frame)
+    signal.signal(signal.SIGINT, handler)
+
+
+def _interrupt_exit() -> int:
+    import signal
+    # a library may re-raise the interrupt it caught; the one line below is the last word
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    print("kiln: interrupted", file=sys.stderr)
+    return 130
 
 
 def main(argv=None) -> int:
@@ -469,17 +545,22 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.fn in (cmd_run, cmd_bench, cmd_serve, cmd_eval):
         args.fn = _user_errors_of_the_runtime(args.fn)
+    if argv is None:
+        _note_interrupts()              # the process is ours (not a caller's in-process main([...]))
     try:
         return args.fn(args) or 0
+    except KeyboardInterrupt:
+        return _interrupt_exit()
     except (KilnError, ArtifactError) as e:
+        if _interrupted:
+            return _interrupt_exit()
         print(f"kiln: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("kiln: interrupted", file=sys.stderr)
-        return 130
     except BrokenPipeError:
         return 0
     except Exception as e:                                    # noqa: BLE001 - last line of defence
+        if _interrupted:
+            return _interrupt_exit()
         if os.environ.get("KILN_DEBUG"):
             raise
         print(f"kiln: internal error: {e.__class__.__name__}: {e} (set KILN_DEBUG=1 for the traceback)", file=sys.stderr)
