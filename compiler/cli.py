@@ -81,7 +81,7 @@ def cmd_run(a) -> int:
             messages.append({"role": "system", "content": a.system})
         messages.append({"role": "user", "content": prompt})
         prompt = model.chat_prompt(messages)
-    kwargs = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+    kwargs = dict(max_new_tokens=_new_tokens_within(a, model, prompt), temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                   min_p=a.min_p, repetition_penalty=a.repetition_penalty, seed=a.seed, stop=a.stop or None)
     if a.num_beams != 1 or a.num_return_sequences != 1:
         return _run_beams(a, model, prompt, kwargs)
@@ -105,6 +105,26 @@ def cmd_run(a) -> int:
         _console(markup=False).print(f"[{result.finish_reason}] prompt {result.prompt_tokens} tokens, "
                          f"{len(result.ids)} new; " + ", ".join(f"{k}={v:.3g}" for k, v in t.items()))
     return 0
+
+
+def _new_tokens_within(a, model, prompt) -> int:
+    """--max-new-tokens, capped so the prompt and the answer fit in -c/--ctx-size tokens."""
+    ctx = a.ctx_size
+    if ctx is None:
+        return a.max_new_tokens
+    limit = model.session.max_length
+    if ctx < 1 or (limit and ctx > limit):
+        raise ValueError(f"-c/--ctx-size {ctx}: choose from 1 to {limit}, the tokens this artifact holds"
+                         if limit else f"-c/--ctx-size {ctx}: must be at least 1")
+    if isinstance(prompt, list):
+        used = len(prompt)
+    elif model.tokenizer is not None:
+        used = len(model.tokenizer.encode(prompt, add_special_tokens=True))
+    else:
+        return a.max_new_tokens             # the run fails on its own: no tokenizer for the text
+    if used >= ctx:
+        raise ValueError(f"the prompt has {used} tokens, which leaves none of -c/--ctx-size {ctx} for the answer")
+    return min(a.max_new_tokens, ctx - used)
 
 
 def _run_beams(a, model, prompt, kwargs) -> int:
@@ -329,6 +349,14 @@ def cmd_inspect(a) -> int:
     return 0
 
 
+# ---- list -----------------------------------------------------------------------------------
+
+def cmd_list(a) -> int:
+    from kiln.listing import render
+    render(_console(stderr=False))
+    return 0
+
+
 # ---- convert --------------------------------------------------------------------------------
 
 def cmd_convert(a) -> int:
@@ -406,13 +434,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ids", metavar="1,2,3", help="prompt as token ids (no tokenizer needed); prints the new ids")
     s.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt")
     s.add_argument("--system", help="system message for --chat")
-    s.add_argument("--max-new-tokens", "-n", type=int, default=128)
-    s.add_argument("--temperature", "-t", type=float, default=0.0)
-    s.add_argument("--top-k", type=int, default=0)
-    s.add_argument("--top-p", type=float, default=1.0)
-    s.add_argument("--min-p", type=float, default=0.0)
-    s.add_argument("--repetition-penalty", type=float, default=1.0)
-    s.add_argument("--seed", type=int)
+    s.add_argument("-n", "--max-new-tokens", "--n-predict", dest="max_new_tokens", type=int, default=128,
+                   metavar="N", help="tokens to generate at most")
+    s.add_argument("-c", "--ctx-size", type=int, metavar="N",
+                   help="tokens the prompt and the answer may hold together (default: the artifact's context)")
+    s.add_argument("--temperature", "--temp", type=float, default=0.0, help="sampling temperature; 0 is greedy")
+    s.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens only (0: all)")
+    s.add_argument("--top-p", type=float, default=1.0, help="sample from the likeliest tokens holding this probability")
+    s.add_argument("--min-p", type=float, default=0.0, help="drop tokens below this fraction of the likeliest one's probability")
+    s.add_argument("--repetition-penalty", type=float, default=1.0, help="divide the logits of tokens already seen by this")
+    s.add_argument("--seed", type=int, help="random seed for sampling")
     s.add_argument("--stop", action="append", help="stop string (repeatable)")
     s.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (as transformers)")
     s.add_argument("--length-penalty", type=float, default=1.0,
@@ -421,19 +452,19 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="never", help="end beam search once num-beams hypotheses finished "
                    "(or 'never': until none can improve)")
     s.add_argument("--num-return-sequences", type=int, default=1, help="beam hypotheses to print, best first")
-    s.add_argument("--threads", type=int)
+    _threads_flag(s)
     s.add_argument("-v", "--verbose", action="store_true", help="print timings after the answer")
     s.set_defaults(fn=cmd_run)
 
     s = sub.add_parser("serve", help="serve an artifact over an OpenAI-compatible HTTP API")
     s.add_argument("artifact")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    s.add_argument("--port", type=int, default=8000, help="port to listen on")
     s.add_argument("--max-batch", type=int, default=8, help="requests generating at once (default 8)")
     s.add_argument("--max-queue", type=int, default=64, help="requests waiting for a row (default 64)")
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health "
                                      "(default: $KILN_API_KEY, else none)")
-    s.add_argument("--threads", type=int)
+    _threads_flag(s)
     s.set_defaults(fn=cmd_serve)
 
     s = sub.add_parser("verify", help="check every file of an artifact against its sha256 in the manifest")
@@ -446,19 +477,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--window", type=int, help="tokens per window (default: the model's context)")
     s.add_argument("--stride", type=int, help="tokens between window starts (default: half a window)")
     s.add_argument("--max-tokens", type=int, help="score only the text's first N tokens")
-    s.add_argument("--threads", type=int)
+    _threads_flag(s)
     s.add_argument("--json", action="store_true", help="also print the figures as JSON")
     s.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("bench", help="measure prefill and decode speed of an artifact")
     s.add_argument("artifact")
-    s.add_argument("--prompt", default="The capital of France is")
-    s.add_argument("--prefill-tokens", type=int, default=130)
-    s.add_argument("--decode-tokens", type=int, default=128)
-    s.add_argument("--repeats", type=int, default=2)
+    s.add_argument("--prompt", default="The capital of France is", help="text the timed prompts are made of")
+    s.add_argument("--prefill-tokens", type=int, default=130, help="prompt length of the prefill timing")
+    s.add_argument("--decode-tokens", type=int, default=128, help="greedy steps per decode timing")
+    s.add_argument("--repeats", type=int, default=2, help="runs per figure (the fastest counts)")
     s.add_argument("--context", type=_int_list, metavar="16,128,512,1000",
                    help="also time decoding with this many tokens already in the cache")
-    s.add_argument("--threads", type=int)
+    _threads_flag(s)
     s.add_argument("--json", action="store_true", help="also print the figures as JSON")
     s.add_argument("--plot", metavar="FILE.png",
                    help="draw decode tokens/s against context length (needs the plot extra)")
@@ -481,7 +512,27 @@ def build_parser() -> argparse.ArgumentParser:
                         "(other files in a destination folder are kept)")
     s.add_argument("-q", "--quiet", action="store_true")
     s.set_defaults(fn=cmd_convert)
+    s = sub.add_parser("list", help="targets, backends, quantization types (bits per weight), model short names")
+    s.set_defaults(fn=cmd_list)
+
+    for command in sub.choices.values():
+        command.formatter_class = _HelpFormatter
     return p
+
+
+def _threads_flag(s) -> None:
+    s.add_argument("-t", "--threads", type=int, metavar="N", help="CPU threads (default: one per core)")
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """``--help`` shows each option's default, unless there is none or its help says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (not action.option_strings or "default" in text or action.default is None
+                or action.default is False or action.default is argparse.SUPPRESS):
+            return text
+        return text + " (default: %(default)s)"
 
 
 def _version() -> str:
