@@ -363,13 +363,26 @@ def cmd_convert(a) -> int:
     from kiln.driver import convert
     con = _console()
     t = time.perf_counter()
-    summary = convert(a.src, a.dst, to=a.to, dtype=a.dtype, quant=a.quant, max_shard_bytes=a.max_shard_size,
+    summary = convert(a.src, a.dst, to=a.to or _format_of(a.dst), dtype=a.dtype, quant=a.quant, max_shard_bytes=a.max_shard_size,
                       console=con, quiet=a.quiet or not con.is_terminal, requantize=a.requantize, force=a.force)
     con.print(f"wrote {a.dst}: {summary.get('tensors', 0)} tensors, {summary.get('bytes_in', 0) / 1e6:.1f} MB in, "
               f"{summary.get('bytes_out', 0) / 1e6:.1f} MB out, {time.perf_counter() - t:.1f} s")
     for note in summary.get("notes", ()):
         con.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
     return 0
+
+
+# a destination's suffix that names its format; an HF folder has none, so it needs --to
+_SUFFIX_FORMATS = {".gguf": "gguf", ".safetensors": "safetensors", ".onnx": "onnx"}
+
+
+def _format_of(dst: str) -> str:
+    from kiln.errors import KilnError
+    fmt = _SUFFIX_FORMATS.get(os.path.splitext(dst.rstrip("/"))[1].lower())
+    if fmt is None:
+        raise KilnError(dst, "which format? add --to hf, gguf, safetensors or onnx (a name ending in "
+                             ".gguf, .safetensors or .onnx says it without --to)")
+    return fmt
 
 
 def _size(text: str) -> int:
@@ -408,7 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_inspect)
 
     s = sub.add_parser("compile", help="compile a model for a device")
-    s.add_argument("model", help="Hugging Face folder or .gguf file")
+    s.add_argument("model", help="Hugging Face folder, .gguf or .safetensors file, or a model short name "
+                                 "(" + ", ".join(_known_names()) + "; see kiln list)")
     s.add_argument("--target", default="cpu", help="cpu, cpu-avx2, cpu-avx512, cpu-neon, cuda, cuda-sm80/86/89/90, "
                                                    "metal (default: cpu = this host)")
     s.add_argument("--backend", choices=["onnxrt", "tvm"],
@@ -501,7 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("convert", help="convert a model between formats")
     s.add_argument("src")
     s.add_argument("dst")
-    s.add_argument("--to", required=True, choices=["hf", "gguf", "safetensors", "onnx"])
+    s.add_argument("--to", choices=["hf", "gguf", "safetensors", "onnx"],
+                   help="output format (default: from DST's suffix: .gguf, .safetensors or .onnx)")
     s.add_argument("--dtype", choices=["f32", "f16", "bf16"], help="element type of float tensors")
     s.add_argument("--quant", help="GGUF output: " + QUANT_HELP)
     s.add_argument("--requantize", action="store_true", help="allow --quant on an already-quantized model")
@@ -518,6 +533,11 @@ def build_parser() -> argparse.ArgumentParser:
     for command in sub.choices.values():
         command.formatter_class = _HelpFormatter
     return p
+
+
+def _known_names() -> list[str]:
+    from kiln.frontends.known_models import KNOWN
+    return list(KNOWN)
 
 
 def _threads_flag(s) -> None:

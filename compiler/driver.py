@@ -114,6 +114,10 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
         backend = backend_for(preset, backend)
     except ValueError as e:
         raise KilnError(None, str(e)) from None
+    if arch is not None and preset.device != "cuda":
+        # the presets resolve "cpu" before looking at --arch: refuse it here rather than drop it
+        raise KilnError(None, f"--arch {arch} is a CUDA architecture; target {target!r} is a {preset.device} "
+                              "target (use --target cuda --arch ..., or leave out --arch)")
     if precision not in ("exact", "fast"):
         raise KilnError(None, f"unknown precision {precision!r}; choose exact or fast")
     if kv_dtype not in ("f32", "f16"):
@@ -287,4 +291,10 @@ def convert(src, dst, *, to: str, dtype: str | None = None, quant: str | None = 
             kwargs.update(shard_bytes=max_shard_bytes)
         summary = writer.write(model, dst, **kwargs)
     summary["seconds"] = round(time.perf_counter() - t0, 3)
+    if to in ("hf", "safetensors") and dtype is None and summary.get("dtype") == "f32" and \
+            any(w.format.is_block for w in model.weights.values()):
+        # a decision, not an accident: dequantized blocks need float32 to stay exact
+        summary.setdefault("notes", []).append(
+            "the source's quantized blocks became float32, the one float type that holds their values "
+            "exactly; --dtype bf16 or f16 halves the size and rounds each weight once")
     return summary

@@ -24,3 +24,11 @@ def resolve(name: str) -> Path | None:
     if not path.is_file():
         raise KilnError(path, "the packaged model file is missing")
     return path
+
+
+def close_names(name: str) -> list[str]:
+    """Known short names that ``name`` may be a misspelling of (``smollm`` -> ``smollm2``)."""
+    import difflib
+    if "/" in name or "\\" in name:
+        return []                       # a path, not a name
+    return difflib.get_close_matches(name.lower(), list(KNOWN), n=3, cutoff=0.6)

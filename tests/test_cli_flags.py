@@ -74,3 +74,54 @@ def test_kiln_list_comes_from_the_registries():
     assert ["q8_0", "8.50", "bits", "per", "weight"] in lines
     assert ["q4_0", "4.50", "bits", "per", "weight"] in lines
     assert next(w for w in lines if w and w[0] == "q4_k_m")[1:5] == ["mixture:", "q4_k", "(4.50", "bits"]
+
+
+# ---- smaller things ---------------------------------------------------------------------------
+
+def test_arch_is_refused_for_a_cpu_target(tmp_path):
+    r = kiln("compile", HF_FIXTURES / "llama", "--target", "cpu", "--arch", "sm90", "-o", tmp_path / "a.kiln")
+    assert r.returncode == 2
+    assert r.stderr == ("kiln: --arch sm90 is a CUDA architecture; target 'cpu' is a cpu target (use --target "
+                        "cuda --arch ..., or leave out --arch)\n")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("name, format", [("m.gguf", "GGUF v3"), ("m.safetensors", "safetensors"),
+                                          ("m.onnx", None)])
+def test_to_is_inferred_from_the_suffix(tmp_path, name, format):
+    r = kiln("convert", HF_FIXTURES / "llama", tmp_path / name, "-q")
+    assert r.returncode == 0, r.stderr
+    if format:
+        assert format in kiln("inspect", tmp_path / name).stdout
+    else:
+        assert (tmp_path / name / "model.onnx").is_file()
+
+
+def test_to_is_needed_without_a_telling_suffix(tmp_path):
+    r = kiln("convert", HF_FIXTURES / "llama", tmp_path / "out")
+    assert r.returncode == 2
+    assert r.stderr == (f"kiln: {tmp_path / 'out'}: which format? add --to hf, gguf, safetensors or onnx (a name "
+                        "ending in .gguf, .safetensors or .onnx says it without --to)\n")
+
+
+def test_a_misspelt_short_name_gets_a_hint():
+    r = kiln("compile", "smollm")
+    assert r.returncode == 2
+    assert r.stderr == "kiln: smollm: no such file or folder; did you mean smollm2 (a model short name, see kiln list)?\n"
+    assert kiln("inspect", "./nothing-like-it").stderr == "kiln: nothing-like-it: no such file or folder\n"
+
+
+def test_compile_help_names_the_inputs():
+    out = " ".join(kiln("compile", "--help").stdout.split())
+    assert ".safetensors" in out and "smollm2" in out
+
+
+def test_quantized_gguf_to_hf_says_why_float32(tmp_path):
+    gguf = tmp_path / "q.gguf"
+    assert kiln("convert", HF_FIXTURES / "llama", gguf, "--quant", "q8_0", "-q").returncode == 0
+    r = kiln("convert", gguf, tmp_path / "hf", "--to", "hf")
+    assert r.returncode == 0, r.stderr
+    assert ("note: the source's quantized blocks became float32, the one float type that holds their values "
+            "exactly; --dtype bf16 or f16 halves the size and rounds each weight once") in r.stderr
+    r = kiln("convert", gguf, tmp_path / "hf16", "--to", "hf", "--dtype", "f16")
+    assert r.returncode == 0 and "note:" not in r.stderr
