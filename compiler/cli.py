@@ -25,15 +25,14 @@ def _console(stderr: bool = True, markup: bool = True):
 # ---- compile --------------------------------------------------------------------------------
 
 def cmd_compile(a) -> int:
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
     from kiln.driver import compile as kiln_compile
+    from kiln.progress import advance, write_progress
     con = _console()
     # progress bars only on a terminal: in a pipe or a log, rich's live display would leave a
-    # stray empty line ahead of the one-line error message
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=con, transient=True, disable=a.quiet or not con.is_terminal) as prog:
-        task = prog.add_task("reading model", total=None)
+    # stray empty line ahead of the one-line error message. The weights a backend writes are
+    # not the model's tensors one for one (split planes, packed blocks): a count, no total
+    with write_progress(con, unit="weights", disable=a.quiet or not con.is_terminal) as prog:
+        task = prog.add_task("reading model", total=None, bytes=0)
 
         def on_stage(s):
             prog.update(task, description=s)
@@ -45,11 +44,8 @@ def cmd_compile(a) -> int:
             stats = ", ".join(f"{k}={v}" for k, v in rec.stats.items()) or "no change"
             pass_lines.append(f"  pass {rec.name:<12} {stats}  ({rec.seconds * 1000:.0f} ms)")
 
-        weights_done = [0]
-
         def on_weight(name):
-            weights_done[0] += 1
-            prog.update(task, description=f"writing weights: {name}", completed=weights_done[0])
+            advance(prog, task, f"writing weights: {name}")
 
         t = time.perf_counter()
         out = kiln_compile(a.model, target=a.target, output=a.output, verify=a.verify, dump_ir=a.dump_ir,
@@ -192,6 +188,11 @@ def cmd_bench(a) -> int:
         peers = read_peer_runs(a.peers_json)         # before measuring: a bad file fails at once
     if a.plot:
         _check_writable(a.plot)                      # before measuring, not after a minute of it
+    def say(what):
+        # a benchmark runs for a minute: say what is being timed as it goes (stderr: the table
+        # and --json stay alone on stdout)
+        print(f"kiln bench: {what}", file=sys.stderr, flush=True)
+    say(f"loading {a.artifact}")
     t = time.perf_counter()
     model = runtime.load(a.artifact, threads=a.threads)
     load_s = time.perf_counter() - t
@@ -200,6 +201,8 @@ def cmd_bench(a) -> int:
     long = (base * (a.prefill_tokens // max(len(base), 1) + 1))[: a.prefill_tokens]
     sess = model.session
     prefill = []
+    repeats = f"{a.repeats} run{'s' if a.repeats != 1 else ''}"
+    say(f"timing prefill of {len(long)} tokens ({repeats} after a warm-up)")
     for _ in range(a.repeats + 1):                       # first run warms up
         sess.reset(1)
         t = time.perf_counter()
@@ -218,9 +221,13 @@ def cmd_bench(a) -> int:
             runs.append(time.perf_counter() - t)
         return a.decode_tokens / min(runs)
 
+    say(f"timing decode of {a.decode_tokens} tokens after the {len(base)}-token prompt ({repeats})")
     decode_rate = decode_tps(base)
     # decode speed with ctx tokens already in the cache (attention grows with it)
-    by_context = {ctx: decode_tps((base * (ctx // max(len(base), 1) + 1))[:ctx]) for ctx in a.context or []}
+    by_context = {}
+    for ctx in a.context or []:
+        say(f"timing decode of {a.decode_tokens} tokens after {ctx} tokens of context ({repeats})")
+        by_context[ctx] = decode_tps((base * (ctx // max(len(base), 1) + 1))[:ctx])
     table = Table(title=f"kiln bench {a.artifact}")
     for col in ("metric", "value"):
         table.add_column(col)

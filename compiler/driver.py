@@ -261,7 +261,7 @@ def convert(src, dst, *, to: str, dtype: str | None = None, quant: str | None = 
     ``force``; a folder output then replaces only the files its writer owns."""
     import importlib
 
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from .progress import advance, write_progress
     if to not in WRITERS:
         raise KilnError(dst, f"unknown output format {to!r} (choose from {', '.join(WRITERS)})")
     if quant and to != "gguf":
@@ -274,14 +274,14 @@ def convert(src, dst, *, to: str, dtype: str | None = None, quant: str | None = 
     if quant:
         refuse_requantize(model, quant, requantize)
     writer = importlib.import_module(WRITERS[to])
-    total = len(model.weights)
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} tensors"),
-                  TimeElapsedColumn(), console=console, transient=True, disable=quiet or console is None) as prog:
-        task = prog.add_task(f"converting to {to}", total=total)
+    # an ONNX export writes initializers, not the model's tensors: no total to count towards
+    total = None if to == "onnx" else len(model.weights)
+    with write_progress(console, unit="tensors", disable=quiet or console is None) as prog:
+        task = prog.add_task(f"converting to {to}", total=total, bytes=0)
 
         def progress(name, nbytes=0):
             kill_point("tensor")
-            prog.update(task, advance=1, description=f"{name}")
+            advance(prog, task, name, nbytes)
         kwargs = {"progress": progress}
         if to == "gguf":
             kwargs.update(dtype=dtype, quant=quant)
