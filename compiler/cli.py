@@ -6,10 +6,11 @@ set KILN_DEBUG=1 to see the traceback of an unexpected failure.
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 import sys
 import time
+
+from kiln import cli_checks as checks
 
 
 def _console(stderr: bool = True, markup: bool = True):
@@ -187,7 +188,7 @@ def cmd_bench(a) -> int:
         from kiln.benchplot import read_peer_runs
         peers = read_peer_runs(a.peers_json)         # before measuring: a bad file fails at once
     if a.plot:
-        _check_writable(a.plot)                      # before measuring, not after a minute of it
+        checks.check_writable(a.plot)        # before measuring, not after a minute of it
     def say(what):
         # a benchmark runs for a minute: say what is being timed as it goes (stderr: the table
         # and --json stay alone on stdout)
@@ -257,22 +258,6 @@ def cmd_bench(a) -> int:
     return 0
 
 
-def _check_writable(path) -> None:
-    """A one-line error now if ``path`` cannot be written later (no such folder, read-only)."""
-    import tempfile
-
-    from kiln.errors import KilnError
-    if os.path.isdir(path):
-        raise KilnError(path, "is a folder; give a file name")
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.kiln-probe-")
-    except OSError as e:
-        raise KilnError(path, f"cannot write: {e.strerror or e}") from None
-    os.close(fd)
-    os.unlink(probe)
-
-
 # ---- eval -----------------------------------------------------------------------------------
 
 def cmd_eval(a) -> int:
@@ -309,29 +294,11 @@ def cmd_serve(a) -> int:
     except ImportError:
         from kiln.errors import KilnError
         raise KilnError(None, "kiln serve needs FastAPI and uvicorn: pip install 'kiln[serve]'") from None
-    _check_port(a.host, a.port)                      # before loading, and before "serving on ..."
+    checks.check_port(a.host, a.port)        # before loading, and before "serving on ..."
     from kiln.runtime.server import serve
     serve(a.artifact, host=a.host, port=a.port, max_batch=a.max_batch, max_queue=a.max_queue,
           api_key=a.api_key or os.environ.get("KILN_API_KEY") or None, threads=a.threads)
     return 0
-
-
-def _check_port(host: str, port: int) -> None:
-    """A one-line error if the server could not listen at host:port (in use, not this host's)."""
-    import socket
-
-    from kiln.errors import KilnError
-    where = f"{host}:{port}"
-    try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        with socket.create_server((host, port), family=family):     # SO_REUSEADDR, as uvicorn
-            pass
-    except socket.gaierror as e:
-        raise KilnError(where, f"cannot listen: unknown host ({e.strerror})") from None
-    except OSError as e:
-        hint = "; another server is using it: stop it or choose another --port" if e.errno == errno.EADDRINUSE else ""
-        reason = os.strerror(e.errno) if e.errno else str(e)
-        raise KilnError(where, f"cannot listen: {reason}{hint}") from None
 
 
 # ---- verify ---------------------------------------------------------------------------------
@@ -370,26 +337,13 @@ def cmd_convert(a) -> int:
     from kiln.driver import convert
     con = _console()
     t = time.perf_counter()
-    summary = convert(a.src, a.dst, to=a.to or _format_of(a.dst), dtype=a.dtype, quant=a.quant, max_shard_bytes=a.max_shard_size,
-                      console=con, quiet=a.quiet or not con.is_terminal, requantize=a.requantize, force=a.force)
+    summary = convert(a.src, a.dst, to=a.to or checks.format_of(a.dst), dtype=a.dtype, quant=a.quant,
+                      max_shard_bytes=a.max_shard_size, console=con, quiet=a.quiet or not con.is_terminal, requantize=a.requantize, force=a.force)
     con.print(f"wrote {a.dst}: {summary.get('tensors', 0)} tensors, {summary.get('bytes_in', 0) / 1e6:.1f} MB in, "
               f"{summary.get('bytes_out', 0) / 1e6:.1f} MB out, {time.perf_counter() - t:.1f} s")
     for note in summary.get("notes", ()):
         con.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
     return 0
-
-
-# a destination's suffix that names its format; an HF folder has none, so it needs --to
-_SUFFIX_FORMATS = {".gguf": "gguf", ".safetensors": "safetensors", ".onnx": "onnx"}
-
-
-def _format_of(dst: str) -> str:
-    from kiln.errors import KilnError
-    fmt = _SUFFIX_FORMATS.get(os.path.splitext(dst.rstrip("/"))[1].lower())
-    if fmt is None:
-        raise KilnError(dst, "which format? add --to hf, gguf, safetensors or onnx (a name ending in "
-                             ".gguf, .safetensors or .onnx says it without --to)")
-    return fmt
 
 
 def _size(text: str) -> int:
@@ -538,7 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_list)
 
     for command in sub.choices.values():
-        command.formatter_class = _HelpFormatter
+        command.formatter_class = checks.HelpFormatter
     return p
 
 
@@ -551,34 +505,9 @@ def _threads_flag(s) -> None:
     s.add_argument("-t", "--threads", type=int, metavar="N", help="CPU threads (default: one per core)")
 
 
-class _HelpFormatter(argparse.HelpFormatter):
-    """``--help`` shows each option's default, unless there is none or its help says it."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if (not action.option_strings or "default" in text or action.default is None
-                or action.default is False or action.default is argparse.SUPPRESS):
-            return text
-        return text + " (default: %(default)s)"
-
-
 def _version() -> str:
     from kiln import __version__
     return f"kiln {__version__}"
-
-
-# the runtime's advice names its Python arguments; at the command line the flags say it
-_CLI_ADVICE = [("pass chat_template= or format the prompt yourself",
-                "leave out --chat and give the prompt already formatted"),
-               ("(add_special_tokens=True prepends BOS)", "(give some text, or token ids with --ids)"),
-               ("so it cannot encode a text prompt; pass token ids", "so it cannot encode a text prompt; "
-                "give token ids with --ids")]
-
-
-def as_cli_advice(message: str) -> str:
-    for python, cli in _CLI_ADVICE:
-        message = message.replace(python, cli)
-    return message
 
 
 def _user_errors_of_the_runtime(fn):
@@ -589,32 +518,8 @@ def _user_errors_of_the_runtime(fn):
         try:
             return fn(a)
         except (ValueError, FileNotFoundError) as e:
-            raise KilnError(None, as_cli_advice(str(e))) from None
+            raise KilnError(None, checks.as_cli_advice(str(e))) from None
     return wrapped
-
-
-_interrupted = []
-
-
-def _note_interrupts() -> None:
-    """Ctrl-C raises KeyboardInterrupt as usual, and is remembered: a native library that it
-    interrupts (TVM turns it into an empty RuntimeError) must not make it an internal error."""
-    import signal
-    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        return                          # ignored (a background job) or someone else's: leave it
-
-    def handler(signum, frame):
-        _interrupted.append(signum)
-        signal.default_int_handler(signum, frame)
-    signal.signal(signal.SIGINT, handler)
-
-
-def _interrupt_exit() -> int:
-    import signal
-    # a library may re-raise the interrupt it caught; the one line below is the last word
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    print("kiln: interrupted", file=sys.stderr)
-    return 130
 
 
 def main(argv=None) -> int:
@@ -624,21 +529,21 @@ def main(argv=None) -> int:
     if args.fn in (cmd_run, cmd_bench, cmd_serve, cmd_eval):
         args.fn = _user_errors_of_the_runtime(args.fn)
     if argv is None:
-        _note_interrupts()              # the process is ours (not a caller's in-process main([...]))
+        checks.note_interrupts()         # the process is ours (not a caller's in-process main([...]))
     try:
         return args.fn(args) or 0
     except KeyboardInterrupt:
-        return _interrupt_exit()
+        return checks.interrupt_exit()
     except (KilnError, ArtifactError) as e:
-        if _interrupted:
-            return _interrupt_exit()
+        if checks.interrupted:
+            return checks.interrupt_exit()
         print(f"kiln: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         return 0
     except Exception as e:                                    # noqa: BLE001 - last line of defence
-        if _interrupted:
-            return _interrupt_exit()
+        if checks.interrupted:
+            return checks.interrupt_exit()
         if os.environ.get("KILN_DEBUG"):
             raise
         print(f"kiln: internal error: {e.__class__.__name__}: {e} (set KILN_DEBUG=1 for the traceback)", file=sys.stderr)

@@ -137,7 +137,7 @@ def test_port_in_use_is_one_line_before_serving(tmp_path):
 def test_runtime_advice_is_phrased_as_flags():
     import tokenizers
 
-    from kiln.cli import as_cli_advice
+    from kiln.cli_checks import as_cli_advice
     from kiln.runtime.generation import _prompts
     from kiln.runtime.tokenizer import Tokenizer
     tok = Tokenizer(tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0}, unk_token="a")))
