@@ -298,9 +298,10 @@ def refuse_existing(dest, force: bool) -> None:
         return
     if dest.is_dir() and not dest.is_symlink() and not any(dest.iterdir()):
         return
-    what = "already exists" if not dest.is_dir() else "already exists and is not empty"
-    raise KilnError(dest, f"{what}; add --force to replace it (kiln replaces only the files it writes "
-                          "and keeps any others) or choose another name")
+    if not dest.is_dir():
+        raise KilnError(dest, "already exists; add --force to replace it, or choose another name")
+    raise KilnError(dest, "already exists and is not empty; add --force to replace the files kiln writes "
+                          "(it never deletes others), or choose another name")
 
 
 def _matches(rel: str, owned) -> bool:

@@ -62,8 +62,8 @@ def test_a_folder_with_unknown_files_is_never_emptied(tmp_path, writer):
         assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]          # no staging left behind
     r = kiln(*argv(writer, dest))
     if writer in FILE_WRITERS:
-        assert r.stderr == (f"kiln: {dest}: already exists and is not empty; add --force to replace it (kiln "
-                            "replaces only the files it writes and keeps any others) or choose another name\n")
+        assert r.stderr == (f"kiln: {dest}: already exists and is not empty; add --force to replace the files "
+                            "kiln writes (it never deletes others), or choose another name\n")
 
 
 # per writer: a file of an earlier output of its own kind that the new one does not write
@@ -82,8 +82,8 @@ def test_force_replaces_only_what_the_writer_owns(tmp_path, writer):
     (dest / other).write_bytes(b"stale")
     r = kiln(*argv(writer, dest))
     assert r.returncode == 2
-    assert r.stderr == (f"kiln: {dest}: already exists and is not empty; add --force to replace it (kiln "
-                        "replaces only the files it writes and keeps any others) or choose another name\n")
+    assert r.stderr == (f"kiln: {dest}: already exists and is not empty; add --force to replace the files "
+                        "kiln writes (it never deletes others), or choose another name\n")
     assert (dest / "config.json").read_text() == "{}"
 
     assert kiln(*argv(writer, dest, "--force")).returncode == 0
@@ -106,8 +106,7 @@ def test_a_file_is_replaced_only_with_force(tmp_path, writer):
     dest.write_bytes(b"somebody's file")
     r = kiln(*argv(writer, dest))
     assert r.returncode == 2
-    assert r.stderr == (f"kiln: {dest}: already exists; add --force to replace it (kiln replaces only the "
-                        "files it writes and keeps any others) or choose another name\n")
+    assert r.stderr == f"kiln: {dest}: already exists; add --force to replace it, or choose another name\n"
     assert dest.read_bytes() == b"somebody's file"
     assert kiln(*argv(writer, dest, "--force")).returncode == 0
     assert kiln("inspect", dest).returncode == 0
