@@ -449,7 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("eval", help="perplexity of a text, with a sliding window past the context")
     s.add_argument("artifact")
     s.add_argument("--text", required=True, help="a UTF-8 text file")
-    s.add_argument("--window", type=int, help="tokens per window (default: the model's context)")
+    s.add_argument("--window", "-c", "--ctx-size", dest="window", type=int, metavar="N",
+                   help="tokens per window, as llama-perplexity's -c (default: the model's context)")
     s.add_argument("--stride", type=int, help="tokens between window starts (default: half a window)")
     s.add_argument("--max-tokens", type=int, help="score only the text's first N tokens")
     _threads_flag(s)

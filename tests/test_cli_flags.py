@@ -28,6 +28,7 @@ def test_llama_cpp_spellings():
     assert (a.threads, a.ctx_size, a.max_new_tokens, a.temperature) == (2, 64, 5, 0.7)
     a = build_parser().parse_args(["run", "x", "-n", "3", "--temperature", "0.5"])
     assert (a.threads, a.max_new_tokens, a.temperature) == (None, 3, 0.5)
+    assert build_parser().parse_args(["eval", "x", "--text", "t", "-c", "64"]).window == 64   # llama-perplexity's -c
     for command in ("serve", "bench", "eval"):
         extra = ["--text", "t"] if command == "eval" else []
         assert build_parser().parse_args([command, "x", "-t", "3", *extra]).threads == 3
