@@ -56,7 +56,8 @@ def main() -> None:
     out = Path(tempfile.mkdtemp(prefix="kiln-convert-bench-"))
     rows = []
     kiln_out = out / "kiln.gguf"
-    kiln_cmd = [sys.executable, "-m", "kiln.cli", "convert", a.hf, str(kiln_out), "--to", "gguf", "--quant", a.quant, "-q"]
+    kiln_cmd = [sys.executable, "-m", "kiln.cli", "convert", a.hf, str(kiln_out), "--to", "gguf", "--quant", a.quant, "-q",
+                "--force"]                      # every repeat replaces the previous run's file
     runs = [("kiln", kiln_cmd, kiln_out)]
     if a.converter and a.llama_python:
         ref_out = out / "llama.cpp.gguf"

@@ -17,6 +17,14 @@ fallback swap), otherwise deleted. Sweeps, staging creation and swaps take an ``
 destination's folder, so concurrent writers see each other's entries whole and two writes to
 the same destination both complete; the one that renames last wins, as with ``mv``.
 
+A folder output never deletes files it does not own. A writer names the files an output of
+its kind writes (``owned``: glob patterns of relative paths); when a folder is replaced, every
+other file of the old folder is hard-linked (or copied) into the new one before the swap, so
+the user's README, templates or extra weights survive. Kinds that cannot hold other files
+(artifacts: the manifest lists every file) refuse such a folder instead. Whether an existing
+destination may be replaced at all is the caller's choice (``refuse_existing``: the CLI's
+``--force``).
+
 A write that fails for lack of space (ENOSPC, EFBIG, EDQUOT) or on a read-only or failing disk
 becomes ``KilnError(destination, "cannot write: ...")`` and the staging entry is removed.
 
@@ -26,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fnmatch
 import os
 import re
 import secrets
@@ -118,7 +127,9 @@ def _remove(path: str) -> None:
     if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path, ignore_errors=True)
     else:
-        with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+        # best effort, as a clean-up must be: on a read-only disk even a missing path is EROFS,
+        # and a later sweep removes what stays
+        with contextlib.suppress(OSError):
             os.unlink(path)
 
 
@@ -220,6 +231,8 @@ def atomic_file(dest):
     """
     dest = os.fspath(dest)
     folder = os.path.dirname(os.path.abspath(dest))
+    if os.path.isdir(dest):
+        raise KilnError(dest, "is a folder; give a file name (kiln does not replace a folder with a file)")
     if os.path.realpath(folder) in _own_staging:
         with open(dest, "wb") as f:
             yield f
@@ -277,23 +290,89 @@ def _exchange(a: str, b: str) -> bool:
     raise OSError(err, os.strerror(err), b)
 
 
+def refuse_existing(dest, force: bool) -> None:
+    """Without ``force``, an existing destination (a file, or a folder with anything in it) is
+    an error: kiln replaces nothing the user did not ask it to."""
+    dest = Path(dest)
+    if force or not os.path.lexists(dest):
+        return
+    if dest.is_dir() and not dest.is_symlink() and not any(dest.iterdir()):
+        return
+    if not dest.is_dir():
+        raise KilnError(dest, "already exists; add --force to replace it, or choose another name")
+    raise KilnError(dest, "already exists and is not empty; add --force to replace the files kiln writes "
+                          "(it never deletes others), or choose another name")
+
+
+def _matches(rel: str, owned) -> bool:
+    return any(fnmatch.fnmatchcase(rel, pattern) for pattern in owned)
+
+
+def _files_under(folder: str):
+    """Relative POSIX paths of every non-folder entry under ``folder`` (symlinks not followed)."""
+    for dirpath, dirnames, filenames in os.walk(folder):
+        for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+            yield os.path.relpath(os.path.join(dirpath, name), folder).replace(os.sep, "/")
+
+
+def foreign_files(dest, owned) -> list[str]:
+    """Files in the folder ``dest`` that no output matching ``owned`` writes (sorted)."""
+    dest = os.fspath(dest)
+    if not os.path.isdir(dest) or os.path.islink(dest):
+        return []
+    return sorted(rel for rel in _files_under(dest) if not _matches(rel, owned))
+
+
+def refuse_foreign(dest, owned, kind: str) -> None:
+    """For outputs that may hold nothing else (an artifact): refuse a folder with other files."""
+    foreign = foreign_files(dest, owned)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise KilnError(dest, f"holds files that are not part of {kind} ({shown}); kiln does not delete "
+                              f"them and {kind} cannot hold them, so move them or choose another folder")
+
+
+def _carry(old: str, new: str, owned) -> None:
+    """Link every file of the folder ``old`` that is neither rewritten in ``new`` nor owned by
+    this kind of output into ``new`` at the same place: replacing a folder keeps them."""
+    for rel in foreign_files(old, owned):
+        src, dst = os.path.join(old, rel), os.path.join(new, rel)
+        if os.path.lexists(dst):
+            continue
+        try:
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            if os.path.islink(src):
+                os.symlink(os.readlink(src), dst)
+                continue
+            try:
+                os.link(src, dst)
+            except OSError:                 # a filesystem without hard links
+                shutil.copy2(src, dst)
+        except OSError as e:
+            raise KilnError(os.path.join(old, rel), f"cannot keep this file in the new output: "
+                                                    f"{e.strerror or e}; nothing was replaced") from None
+    for dirpath, dirnames, filenames in os.walk(old):
+        if not dirnames and not filenames:          # an empty folder of the user's, kept as well
+            with contextlib.suppress(OSError):
+                os.makedirs(os.path.join(new, os.path.relpath(dirpath, old)), exist_ok=True)
+
+
 @contextlib.contextmanager
-def staging(dest, marker: str | None = None):
+def staging(dest, owned=(), keep_others: bool = True, kind: str = "this output"):
     """Yield a new folder beside ``dest``; on success it replaces ``dest`` atomically.
 
     On error the folder vanishes and ``dest`` (if any) is untouched; if the process dies, the
     next kiln write into the same folder clears what was left (see the module docstring).
-    With ``marker`` (a file every output of this kind holds), an existing non-empty folder
-    without it is refused rather than replaced: it is somebody's folder, not an earlier output.
+    ``owned``: glob patterns (relative POSIX paths) of the files an output of this kind writes.
+    Other files of an existing ``dest`` are kept: linked into the new folder before the swap,
+    or, where ``keep_others`` is false (``kind`` cannot hold them), refused before any work.
     """
     dest = Path(dest)
     parent = os.fspath(dest.parent) if str(dest.parent) else "."
     if os.path.lexists(dest) and not dest.is_dir():
         raise KilnError(dest, "exists and is not a folder; remove it or choose another name")
-    if marker and dest.is_dir() and any(dest.iterdir()) and not (dest / marker).exists():
-        raise KilnError(dest, f"is a folder with other files in it (no {marker}, so not an earlier "
-                              "output of this kind); kiln replaces its destination whole, so "
-                              "choose a new or empty folder")
+    if not keep_others:
+        refuse_foreign(dest, owned, kind)
     try:
         os.makedirs(parent, exist_ok=True)
     except OSError as e:
@@ -317,6 +396,10 @@ def staging(dest, marker: str | None = None):
     with _removed_on_failure(tmp, dest):
         try:
             yield Path(tmp)
+            if dest.is_dir():
+                if not keep_others:
+                    refuse_foreign(dest, owned, kind)       # it may have changed meanwhile
+                _carry(os.fspath(dest), tmp, owned)
             _fsync_tree(tmp)
             kill_point("folder.synced")
             with _dir_lock(parent):

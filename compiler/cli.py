@@ -10,24 +10,30 @@ import os
 import sys
 import time
 
+from kiln import cli_checks as checks
+
 
 def _console(stderr: bool = True, markup: bool = True):
     from rich.console import Console
-    return Console(stderr=stderr, highlight=False, markup=markup)
+    con = Console(stderr=stderr, highlight=False, markup=markup)
+    if not con.is_terminal:
+        # a pipe or a file: whole lines for grep and cut, whatever width COLUMNS claims
+        con.width = 1 << 15
+        con.soft_wrap = True
+    return con
 
 
 # ---- compile --------------------------------------------------------------------------------
 
 def cmd_compile(a) -> int:
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
     from kiln.driver import compile as kiln_compile
+    from kiln.progress import advance, write_progress
     con = _console()
     # progress bars only on a terminal: in a pipe or a log, rich's live display would leave a
-    # stray empty line ahead of the one-line error message
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=con, transient=True, disable=a.quiet or not con.is_terminal) as prog:
-        task = prog.add_task("reading model", total=None)
+    # stray empty line ahead of the one-line error message. The weights a backend writes are
+    # not the model's tensors one for one (split planes, packed blocks): a count, no total
+    with write_progress(con, unit="weights", disable=a.quiet or not con.is_terminal) as prog:
+        task = prog.add_task("reading model", total=None, bytes=0)
 
         def on_stage(s):
             prog.update(task, description=s)
@@ -39,17 +45,15 @@ def cmd_compile(a) -> int:
             stats = ", ".join(f"{k}={v}" for k, v in rec.stats.items()) or "no change"
             pass_lines.append(f"  pass {rec.name:<12} {stats}  ({rec.seconds * 1000:.0f} ms)")
 
-        weights_done = [0]
-
         def on_weight(name):
-            weights_done[0] += 1
-            prog.update(task, description=f"writing weights: {name}", completed=weights_done[0])
+            advance(prog, task, f"writing weights: {name}")
 
         t = time.perf_counter()
         out = kiln_compile(a.model, target=a.target, output=a.output, verify=a.verify, dump_ir=a.dump_ir,
                            on_pass=on_pass, on_weight=on_weight, on_stage=on_stage,
                            quant=a.quant, requantize=a.requantize, precision=a.precision,
-                           backend=a.backend, arch=a.arch, kv_dtype=a.kv_dtype, lora=_lora_specs(a))
+                           backend=a.backend, arch=a.arch, kv_dtype=a.kv_dtype, force=a.force,
+                           lora=_lora_specs(a))
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     if not a.quiet:
         for line in pass_lines:
@@ -75,7 +79,7 @@ def cmd_run(a) -> int:
             messages.append({"role": "system", "content": a.system})
         messages.append({"role": "user", "content": prompt})
         prompt = model.chat_prompt(messages)
-    kwargs = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+    kwargs = dict(max_new_tokens=_new_tokens_within(a, model, prompt), temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                   min_p=a.min_p, repetition_penalty=a.repetition_penalty, seed=a.seed, stop=a.stop or None)
     if a.num_beams != 1 or a.num_return_sequences != 1:
         return _run_beams(a, model, prompt, kwargs)
@@ -99,6 +103,26 @@ def cmd_run(a) -> int:
         _console(markup=False).print(f"[{result.finish_reason}] prompt {result.prompt_tokens} tokens, "
                          f"{len(result.ids)} new; " + ", ".join(f"{k}={v:.3g}" for k, v in t.items()))
     return 0
+
+
+def _new_tokens_within(a, model, prompt) -> int:
+    """--max-new-tokens, capped so the prompt and the answer fit in -c/--ctx-size tokens."""
+    ctx = a.ctx_size
+    if ctx is None:
+        return a.max_new_tokens
+    limit = model.session.max_length
+    if ctx < 1 or (limit and ctx > limit):
+        raise ValueError(f"-c/--ctx-size {ctx}: choose from 1 to {limit}, the tokens this artifact holds"
+                         if limit else f"-c/--ctx-size {ctx}: must be at least 1")
+    if isinstance(prompt, list):
+        used = len(prompt)
+    elif model.tokenizer is not None:
+        used = len(model.tokenizer.encode(prompt, add_special_tokens=True))
+    else:
+        return a.max_new_tokens             # the run fails on its own: no tokenizer for the text
+    if used >= ctx:
+        raise ValueError(f"the prompt has {used} tokens, which leaves none of -c/--ctx-size {ctx} for the answer")
+    return min(a.max_new_tokens, ctx - used)
 
 
 def _run_beams(a, model, prompt, kwargs) -> int:
@@ -164,6 +188,13 @@ def cmd_bench(a) -> int:
             raise ValueError("--peers-json draws peers' lines on the --plot picture; give --plot FILE too")
         from kiln.benchplot import read_peer_runs
         peers = read_peer_runs(a.peers_json)         # before measuring: a bad file fails at once
+    if a.plot:
+        checks.check_writable(a.plot)        # before measuring, not after a minute of it
+    def say(what):
+        # a benchmark runs for a minute: say what is being timed as it goes (stderr: the table
+        # and --json stay alone on stdout)
+        print(f"kiln bench: {what}", file=sys.stderr, flush=True)
+    say(f"loading {a.artifact}")
     t = time.perf_counter()
     model = runtime.load(a.artifact, threads=a.threads)
     load_s = time.perf_counter() - t
@@ -172,6 +203,8 @@ def cmd_bench(a) -> int:
     long = (base * (a.prefill_tokens // max(len(base), 1) + 1))[: a.prefill_tokens]
     sess = model.session
     prefill = []
+    repeats = f"{a.repeats} run{'s' if a.repeats != 1 else ''}"
+    say(f"timing prefill of {len(long)} tokens ({repeats} after a warm-up)")
     for _ in range(a.repeats + 1):                       # first run warms up
         sess.reset(1)
         t = time.perf_counter()
@@ -190,9 +223,13 @@ def cmd_bench(a) -> int:
             runs.append(time.perf_counter() - t)
         return a.decode_tokens / min(runs)
 
+    say(f"timing decode of {a.decode_tokens} tokens after the {len(base)}-token prompt ({repeats})")
     decode_rate = decode_tps(base)
     # decode speed with ctx tokens already in the cache (attention grows with it)
-    by_context = {ctx: decode_tps((base * (ctx // max(len(base), 1) + 1))[:ctx]) for ctx in a.context or []}
+    by_context = {}
+    for ctx in a.context or []:
+        say(f"timing decode of {a.decode_tokens} tokens after {ctx} tokens of context ({repeats})")
+        by_context[ctx] = decode_tps((base * (ctx // max(len(base), 1) + 1))[:ctx])
     table = Table(title=f"kiln bench {a.artifact}")
     for col in ("metric", "value"):
         table.add_column(col)
@@ -258,6 +295,7 @@ def cmd_serve(a) -> int:
     except ImportError:
         from kiln.errors import KilnError
         raise KilnError(None, "kiln serve needs FastAPI and uvicorn: pip install 'kiln[serve]'") from None
+    checks.check_port(a.host, a.port)        # before loading, and before "serving on ..."
     from kiln.runtime.server import serve
     serve(a.artifact, host=a.host, port=a.port, max_batch=a.max_batch, max_queue=a.max_queue,
           api_key=_api_key(a.api_key), threads=a.threads, names=_served_names(a),
@@ -316,7 +354,18 @@ def cmd_verify(a) -> int:
 def cmd_inspect(a) -> int:
     from kiln.inspect import describe
     con = _console(stderr=False)
-    describe(a.model, con, graph=a.graph)
+    info = describe(a.model, con, graph=a.graph, tensors=a.tensors, as_json=a.json)
+    if a.json:
+        import json
+        print(json.dumps(info, indent=2))
+    return 0
+
+
+# ---- list -----------------------------------------------------------------------------------
+
+def cmd_list(a) -> int:
+    from kiln.listing import render
+    render(_console(stderr=False))
     return 0
 
 
@@ -326,9 +375,9 @@ def cmd_convert(a) -> int:
     from kiln.driver import convert
     con = _console()
     t = time.perf_counter()
-    summary = convert(a.src, a.dst, to=a.to, dtype=a.dtype, quant=a.quant, max_shard_bytes=a.max_shard_size,
-                      console=con, quiet=a.quiet or not con.is_terminal, requantize=a.requantize,
-                      lora=_lora_specs(a), base=a.base)
+    summary = convert(a.src, a.dst, to=a.to or checks.format_of(a.dst), dtype=a.dtype, quant=a.quant,
+                      max_shard_bytes=a.max_shard_size, console=con, quiet=a.quiet or not con.is_terminal,
+                      requantize=a.requantize, force=a.force, lora=_lora_specs(a), base=a.base)
     con.print(f"wrote {a.dst}: {summary.get('tensors', 0)} tensors, {summary.get('bytes_in', 0) / 1e6:.1f} MB in, "
               f"{summary.get('bytes_out', 0) / 1e6:.1f} MB out, {time.perf_counter() - t:.1f} s")
     for note in summary.get("notes", ()):
@@ -387,10 +436,14 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("inspect", help="describe a model file, folder or artifact")
     s.add_argument("model")
     s.add_argument("--graph", metavar="FILE", help="write the IR graph (.txt, .json, .dot or .graphml)")
+    s.add_argument("--tensors", action="store_true",
+                   help="also list every tensor: name, type, shape, bytes (an artifact: its files)")
+    s.add_argument("--json", action="store_true", help="print the description as one JSON object (tensors included)")
     s.set_defaults(fn=cmd_inspect)
 
     s = sub.add_parser("compile", help="compile a model for a device")
-    s.add_argument("model", help="Hugging Face folder or .gguf file")
+    s.add_argument("model", help="Hugging Face folder, .gguf or .safetensors file, or a model short name "
+                                 "(" + ", ".join(_known_names()) + "; see kiln list)")
     s.add_argument("--target", default="cpu", help="cpu, cpu-avx2, cpu-avx512, cpu-neon, cuda, cuda-sm80/86/89/90, "
                                                    "metal (default: cpu = this host)")
     s.add_argument("--backend", choices=["onnxrt", "tvm"],
@@ -399,6 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--kv-dtype", choices=["f32", "f16"], default="f32",
                    help="KV-cache element type (f16: TVM backend, half the memory traffic at long context)")
     s.add_argument("-o", "--output", help="artifact folder (default: NAME.kiln)")
+    s.add_argument("--force", action="store_true", help="replace an existing artifact at the output")
     s.add_argument("--verify", action="store_true", help="verify the IR after every pass")
     s.add_argument("--dump-ir", metavar="DIR", help="write the IR after each pass into DIR")
     s.add_argument("--quant", help="quantize a float model's weights: " + QUANT_HELP)
@@ -416,13 +470,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ids", metavar="1,2,3", help="prompt as token ids (no tokenizer needed); prints the new ids")
     s.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt")
     s.add_argument("--system", help="system message for --chat")
-    s.add_argument("--max-new-tokens", "-n", type=int, default=128)
-    s.add_argument("--temperature", "-t", type=float, default=0.0)
-    s.add_argument("--top-k", type=int, default=0)
-    s.add_argument("--top-p", type=float, default=1.0)
-    s.add_argument("--min-p", type=float, default=0.0)
-    s.add_argument("--repetition-penalty", type=float, default=1.0)
-    s.add_argument("--seed", type=int)
+    s.add_argument("-n", "--max-new-tokens", "--n-predict", dest="max_new_tokens", type=int, default=128,
+                   metavar="N", help="tokens to generate at most")
+    s.add_argument("-c", "--ctx-size", type=int, metavar="N",
+                   help="tokens the prompt and the answer may hold together (default: the artifact's context)")
+    s.add_argument("--temperature", "--temp", type=float, default=0.0, help="sampling temperature; 0 is greedy")
+    s.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens only (0: all)")
+    s.add_argument("--top-p", type=float, default=1.0, help="sample from the likeliest tokens holding this probability")
+    s.add_argument("--min-p", type=float, default=0.0, help="drop tokens below this fraction of the likeliest one's probability")
+    s.add_argument("--repetition-penalty", type=float, default=1.0, help="divide the logits of tokens already seen by this")
+    s.add_argument("--seed", type=int, help="random seed for sampling")
     s.add_argument("--stop", action="append", help="stop string (repeatable)")
     s.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (as transformers)")
     s.add_argument("--length-penalty", type=float, default=1.0,
@@ -431,14 +488,14 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="never", help="end beam search once num-beams hypotheses finished "
                    "(or 'never': until none can improve)")
     s.add_argument("--num-return-sequences", type=int, default=1, help="beam hypotheses to print, best first")
-    s.add_argument("--threads", type=int)
+    _threads_flag(s)
     s.add_argument("-v", "--verbose", action="store_true", help="print timings after the answer")
     s.set_defaults(fn=cmd_run)
 
     s = sub.add_parser("serve", help="serve an artifact over an OpenAI-compatible HTTP API")
     s.add_argument("artifact")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    s.add_argument("--port", type=int, default=8000, help="port to listen on")
     s.add_argument("--max-batch", type=int, default=8, help="requests generating at once (default 8)")
     s.add_argument("--max-queue", type=int, default=64, help="requests waiting for a row (default 64)")
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health "
@@ -451,7 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--read-timeout", type=_seconds, default=10.0, metavar="S",
                    help="close connections whose headers take longer than S seconds to arrive; "
                         "408 for a body that does (default 10)")
-    s.add_argument("--threads", type=int)
+    _threads_flag(s)
     s.set_defaults(fn=cmd_serve)
 
     s = sub.add_parser("verify", help="check every file of an artifact against its sha256 in the manifest")
@@ -461,22 +518,23 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("eval", help="perplexity of a text, with a sliding window past the context")
     s.add_argument("artifact")
     s.add_argument("--text", required=True, help="a UTF-8 text file")
-    s.add_argument("--window", type=int, help="tokens per window (default: the model's context)")
+    s.add_argument("--window", "-c", "--ctx-size", dest="window", type=int, metavar="N",
+                   help="tokens per window, as llama-perplexity's -c (default: the model's context)")
     s.add_argument("--stride", type=int, help="tokens between window starts (default: half a window)")
     s.add_argument("--max-tokens", type=int, help="score only the text's first N tokens")
-    s.add_argument("--threads", type=int)
+    _threads_flag(s)
     s.add_argument("--json", action="store_true", help="also print the figures as JSON")
     s.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("bench", help="measure prefill and decode speed of an artifact")
     s.add_argument("artifact")
-    s.add_argument("--prompt", default="The capital of France is")
-    s.add_argument("--prefill-tokens", type=int, default=130)
-    s.add_argument("--decode-tokens", type=int, default=128)
-    s.add_argument("--repeats", type=int, default=2)
+    s.add_argument("--prompt", default="The capital of France is", help="text the timed prompts are made of")
+    s.add_argument("--prefill-tokens", type=int, default=130, help="prompt length of the prefill timing")
+    s.add_argument("--decode-tokens", type=int, default=128, help="greedy steps per decode timing")
+    s.add_argument("--repeats", type=int, default=2, help="runs per figure (the fastest counts)")
     s.add_argument("--context", type=_int_list, metavar="16,128,512,1000",
                    help="also time decoding with this many tokens already in the cache")
-    s.add_argument("--threads", type=int)
+    _threads_flag(s)
     s.add_argument("--json", action="store_true", help="also print the figures as JSON")
     s.add_argument("--plot", metavar="FILE.png",
                    help="draw decode tokens/s against context length (needs the plot extra)")
@@ -488,7 +546,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("convert", help="convert a model between formats")
     s.add_argument("src")
     s.add_argument("dst")
-    s.add_argument("--to", required=True, choices=["hf", "gguf", "safetensors", "onnx"])
+    s.add_argument("--to", choices=["hf", "gguf", "safetensors", "onnx"],
+                   help="output format (default: from DST's suffix: .gguf, .safetensors or .onnx)")
     s.add_argument("--dtype", choices=["f32", "f16", "bf16"], help="element type of float tensors")
     s.add_argument("--quant", help="GGUF output: " + QUANT_HELP)
     s.add_argument("--requantize", action="store_true", help="allow --quant on an already-quantized model")
@@ -497,9 +556,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SRC is a LoRA adapter: write it as llama.cpp's LoRA GGUF for this base model (--to gguf)")
     s.add_argument("--max-shard-size", type=_size, metavar="SIZE",
                    help="HF output: split safetensors above this size, e.g. 2GB or 500MB (default 2GB)")
+    s.add_argument("--force", action="store_true",
+                   help="replace an existing destination: only the files this conversion writes "
+                        "(other files in a destination folder are kept)")
     s.add_argument("-q", "--quiet", action="store_true")
     s.set_defaults(fn=cmd_convert)
+    s = sub.add_parser("list", help="targets, backends, quantization types (bits per weight), model short names")
+    s.set_defaults(fn=cmd_list)
+
+    for command in sub.choices.values():
+        command.formatter_class = checks.HelpFormatter
     return p
+
+
+def _known_names() -> list[str]:
+    from kiln.frontends.known_models import KNOWN
+    return list(KNOWN)
+
+
+def _threads_flag(s) -> None:
+    s.add_argument("-t", "--threads", type=int, metavar="N", help="CPU threads (default: one per core)")
 
 
 def _version() -> str:
@@ -515,7 +591,7 @@ def _user_errors_of_the_runtime(fn):
         try:
             return fn(a)
         except (ValueError, FileNotFoundError) as e:
-            raise KilnError(None, str(e)) from None
+            raise KilnError(None, checks.as_cli_advice(str(e))) from None
     return wrapped
 
 
@@ -525,17 +601,22 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.fn in (cmd_run, cmd_bench, cmd_serve, cmd_eval):
         args.fn = _user_errors_of_the_runtime(args.fn)
+    if argv is None:
+        checks.note_interrupts()         # the process is ours (not a caller's in-process main([...]))
     try:
         return args.fn(args) or 0
+    except KeyboardInterrupt:
+        return checks.interrupt_exit()
     except (KilnError, ArtifactError) as e:
+        if checks.interrupted:
+            return checks.interrupt_exit()
         print(f"kiln: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("kiln: interrupted", file=sys.stderr)
-        return 130
     except BrokenPipeError:
         return 0
     except Exception as e:                                    # noqa: BLE001 - last line of defence
+        if checks.interrupted:
+            return checks.interrupt_exit()
         if os.environ.get("KILN_DEBUG"):
             raise
         print(f"kiln: internal error: {e.__class__.__name__}: {e} (set KILN_DEBUG=1 for the traceback)", file=sys.stderr)

@@ -1,6 +1,7 @@
 """The pipeline as one readable function per user verb: read, rewrite, lower, package."""
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -10,7 +11,7 @@ from typing import Callable
 
 from . import __version__
 from .artifact import write_manifest
-from .atomic import kill_point, staging
+from .atomic import kill_point, refuse_existing, refuse_foreign, staging
 from .errors import KilnError
 from .passes_base import PassRecord, run_passes
 
@@ -87,7 +88,8 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
             on_pass: Callable[[PassRecord], None] | None = None, on_weight: Report | None = None,
             on_stage: Report | None = None, kv_layout: str = "auto", quant: str | None = None,
             requantize: bool = False, precision: str = "exact", backend: str | None = None,
-            arch: str | None = None, kv_dtype: str = "f32", lora: list[tuple[str, float]] | None = None):
+            arch: str | None = None, kv_dtype: str = "f32", force: bool = False,
+            lora: list[tuple[str, float]] | None = None):
     """Compile a model (path or ModelIR) for ``target`` into the artifact folder ``output``.
 
     ``quant`` quantizes a float model's weights first: a block type or a llama.cpp mixture
@@ -104,7 +106,9 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
     ``kv_dtype``: "f32" or "f16" (TVM backend: the KV cache in float16, half the memory
     traffic of long contexts; ONNX Runtime artifacts keep float32).
     ``lora``: ``(adapter path, scale)`` pairs merged into the weights first
-    (:mod:`kiln.frontends.lora`)."""
+    (:mod:`kiln.frontends.lora`).
+    ``force``: replace whatever is at ``output`` (an earlier artifact is replaced without it);
+    a folder holding files that are not an earlier artifact's is refused either way."""
     from kiln.targets.presets import backend_for, resolve
     t0 = time.perf_counter()
     stage = on_stage or (lambda s: None)
@@ -113,6 +117,10 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
         backend = backend_for(preset, backend)
     except ValueError as e:
         raise KilnError(None, str(e)) from None
+    if arch is not None and preset.device != "cuda":
+        # the presets resolve "cpu" before looking at --arch: refuse it here rather than drop it
+        raise KilnError(None, f"--arch {arch} is a CUDA architecture; target {target!r} is a {preset.device} "
+                              "target (use --target cuda --arch ..., or leave out --arch)")
     if precision not in ("exact", "fast"):
         raise KilnError(None, f"unknown precision {precision!r}; choose exact or fast")
     if kv_dtype not in ("f32", "f16"):
@@ -134,6 +142,12 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
     if output is None:
         name = Path(model.source.get("path") or "model").name.split(".")[0] or "model"
         output = f"{name}.kiln"
+    owned = _artifact_files(output)
+    refuse_foreign(output, owned, "an artifact")          # before the work, not after it
+    # an earlier artifact is a build output kiln wrote whole: compiling again replaces it, as a
+    # compiler replaces its binary; anything else at the destination needs --force
+    if not owned:
+        refuse_existing(output, force)
     passes = pipeline(backend)
     if scheme is not None:
         from kiln.frontends.arch import FAMILIES
@@ -145,7 +159,7 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
     stage("running passes")
     graph, records = run_passes(model.graph, passes, verify=verify, dump_dir=dump_ir, report=on_pass)
     cfg = model.config
-    with staging(output, marker="manifest.json") as tmp:
+    with staging(output, owned=owned, keep_others=False, kind="an artifact") as tmp:
         def weight_done(name):
             kill_point("weight")
             if on_weight is not None:
@@ -179,6 +193,21 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
         }
         write_manifest(tmp, manifest)
     return Path(output)
+
+
+def _artifact_files(folder) -> list[str]:
+    """The files of an earlier artifact at ``folder``, as its manifest lists them (read
+    leniently: a damaged artifact may still be replaced); none where there is no artifact."""
+    from .artifact import MANIFEST
+    try:
+        manifest = json.loads((Path(folder) / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    files = manifest.get("files") if isinstance(manifest, dict) and "kiln_version" in manifest else None
+    if not isinstance(files, dict):
+        return []
+    # escaped: each name is a pattern that matches only itself
+    return [MANIFEST, *(glob.escape(name) for name in files if isinstance(name, str))]
 
 
 def _lower_onnxrt(graph, tmp, preset, cfg, weight_done, stage, kv_layout, precision) -> dict:
@@ -235,22 +264,24 @@ WRITERS = {"hf": "kiln.frontends.hf", "gguf": "kiln.frontends.gguf",
 
 def convert(src, dst, *, to: str, dtype: str | None = None, quant: str | None = None,
             max_shard_bytes: int | None = None, console=None, quiet: bool = True, requantize: bool = False,
-            lora: list[tuple[str, float]] | None = None, base=None) -> dict:
+            force: bool = False, lora: list[tuple[str, float]] | None = None, base=None) -> dict:
     """Convert a model between formats, streaming tensor by tensor from the source.
 
     ``quant`` (GGUF output) is a block type or a llama.cpp mixture; a source that is already
-    quantized is refused unless ``requantize``. ``lora``: ``(adapter, scale)`` pairs merged
-    into the output. ``base``: ``src`` is a LoRA adapter, written as llama.cpp's LoRA GGUF for
-    that base model."""
+    quantized is refused unless ``requantize``. An existing ``dst`` is refused unless
+    ``force``; a folder output then replaces only the files its writer owns. ``lora``:
+    ``(adapter, scale)`` pairs merged into the output. ``base``: ``src`` is a LoRA adapter,
+    written as llama.cpp's LoRA GGUF for that base model."""
     import importlib
 
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from .progress import advance, write_progress
     if to not in WRITERS:
         raise KilnError(dst, f"unknown output format {to!r} (choose from {', '.join(WRITERS)})")
     if quant and to != "gguf":
         raise KilnError(dst, f"--quant is for GGUF output; {to} holds f32, f16 or bf16 tensors (use --dtype)")
     if quant:
         quant = quant_scheme(quant).name
+    refuse_existing(dst, force)
     t0 = time.perf_counter()
     if base is not None:
         if to != "gguf" or quant or lora:
@@ -267,14 +298,14 @@ def convert(src, dst, *, to: str, dtype: str | None = None, quant: str | None = 
     if quant:
         refuse_requantize(model, quant, requantize)
     writer = importlib.import_module(WRITERS[to])
-    total = len(model.weights)
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} tensors"),
-                  TimeElapsedColumn(), console=console, transient=True, disable=quiet or console is None) as prog:
-        task = prog.add_task(f"converting to {to}", total=total)
+    # an ONNX export writes initializers, not the model's tensors: no total to count towards
+    total = None if to == "onnx" else len(model.weights)
+    with write_progress(console, unit="tensors", disable=quiet or console is None) as prog:
+        task = prog.add_task(f"converting to {to}", total=total, bytes=0)
 
         def progress(name, nbytes=0):
             kill_point("tensor")
-            prog.update(task, advance=1, description=f"{name}")
+            advance(prog, task, name, nbytes)
         kwargs = {"progress": progress}
         if to == "gguf":
             kwargs.update(dtype=dtype, quant=quant)
@@ -284,4 +315,10 @@ def convert(src, dst, *, to: str, dtype: str | None = None, quant: str | None = 
             kwargs.update(shard_bytes=max_shard_bytes)
         summary = writer.write(model, dst, **kwargs)
     summary["seconds"] = round(time.perf_counter() - t0, 3)
+    if to in ("hf", "safetensors") and dtype is None and summary.get("dtype") == "f32" and \
+            any(w.format.is_block for w in model.weights.values()):
+        # a decision, not an accident: dequantized blocks need float32 to stay exact
+        summary.setdefault("notes", []).append(
+            "the source's quantized blocks became float32, the one float type that holds their values "
+            "exactly; --dtype bf16 or f16 halves the size and rounds each weight once")
     return summary

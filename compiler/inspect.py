@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import KilnError
@@ -36,77 +37,159 @@ def _config_table(cfg: dict, title: str) -> Table:
     return t
 
 
-def describe(path, console, graph: str | None = None) -> None:
+def _tensor_lines(tensors: dict) -> list[str]:
+    """One line per tensor: name, type, shape, bytes; aligned columns that grep and cut can read."""
+    rows = [(name, w.format.name, "x".join(map(str, w.shape)) or "scalar", f"{w.nbytes:,}")
+            for name, w in tensors.items()]
+    if not rows:
+        return []
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return [f"{n:<{widths[0]}}  {t:<{widths[1]}}  {s:<{widths[2]}}  {b:>{widths[3]}} bytes" for n, t, s, b in rows]
+
+
+def _tensor_json(tensors: dict) -> list[dict]:
+    return [{"name": name, "type": w.format.name, "shape": list(w.shape), "bytes": w.nbytes}
+            for name, w in tensors.items()]
+
+
+def _short_lists(meta: dict) -> dict:
+    """GGUF metadata for people: long arrays (the vocabulary) by their length, the chat template
+    by its size."""
+    out = {k: (v if not isinstance(v, list) else f"[{len(v)} items]") for k, v in meta.items()
+           if k != "tokenizer.chat_template"}
+    if "tokenizer.chat_template" in meta:
+        out["tokenizer.chat_template"] = f"<{len(meta['tokenizer.chat_template'])} chars>"
+    return out
+
+
+def _plain(v):
+    """A metadata value as JSON can hold it (bytes as text, numpy scalars as numbers)."""
+    if isinstance(v, (bytes, bytearray)):
+        return v.decode("utf-8", "replace")
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return v.item() if hasattr(v, "item") else v
+
+
+def _stats(stats: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in stats.items()) or "no change"
+
+
+def _target(t) -> str:
+    if not isinstance(t, dict):
+        return str(t)
+    return f"{t.get('preset')} ({t.get('device')}" + (f", {t['isa']})" if t.get("isa") else ")")
+
+
+def _describe_artifact(p, console, tensors: bool, as_json: bool):
+    from .artifact import read_manifest
+    m = read_manifest(p)
+    if as_json:
+        return {"path": str(p), "format": "kiln artifact", **m}
+    console.print(f"[bold]{p}[/]: kiln artifact (format {m['format_version']}, kiln {m.get('kiln_version')})")
+    source = m.get("source") or {}
+    console.print(f"architecture {m.get('architecture')}, target {_target(m.get('target'))}, "
+                  f"backend {m['backend'].get('name')}", markup=False)
+    console.print(f"source {source.get('format')} {source.get('path')} sha256 {source.get('sha256')}", markup=False)
+    b = m["backend"]
+    kv = b.get("kv_cache") or {}
+    if b.get("name") == "tvm":
+        kv = f"in place, positions per {'row' if kv.get('mode') == 'rows' else 'batch (one length)'}"
+        console.print(f"library {b.get('library')} for {b.get('target')}, weights {b.get('weights')}"
+                      + (f", device code {b['device_source']} ({len(b.get('kernels', []))} kernels)"
+                         if b.get("device_source") else ""), markup=False)
+    else:
+        kv = kv.get("layout")
+    if b.get("requires"):
+        console.print(f"needs {', '.join(b['requires'])}", markup=False)
+    console.print(f"precision {m.get('precision', 'exact')}, KV cache {kv}", markup=False)
+    q = m.get("quantization")
+    if isinstance(q, dict):
+        counts = ", ".join(f"{k} {v}" for k, v in (q.get("formats") or {}).items())
+        console.print(f"quantized at compile time: {q.get('scheme')} ({q.get('kind')}"
+                      f"{', requantized' if q.get('requantized') else ''}): {counts}; "
+                      f"{q.get('kept_float', 0)} kept float", markup=False)
+    for rec in m.get("passes", []):
+        console.print(f"  pass {rec['name']}: {_stats(rec.get('stats') or {})}", markup=False)
+    console.print(f"{len(m['files'])} files, {sum(f.get('bytes', 0) for f in m['files'].values()) / 1e6:.1f} MB")
+    if tensors:
+        # an artifact's weights live in its backend's own files: list those
+        width = max((len(n) for n in m["files"]), default=0)
+        for name, f in m["files"].items():
+            console.print(f"{name:<{width}}  {f.get('bytes', 0):,} bytes", markup=False)
+    return None
+
+
+def describe(path, console, graph: str | None = None, tensors: bool = False, as_json: bool = False):
+    """Print what ``path`` holds to ``console``; with ``as_json`` return it as a dict instead.
+    ``tensors`` adds one line per tensor (an artifact: per file)."""
     from kiln.frontends.detect import resolve_path
     p = resolve_path(path)
     if p.is_dir() and (p / "manifest.json").is_file():
-        from .artifact import read_manifest
-        m = read_manifest(p)
-        console.print(f"[bold]{p}[/]: kiln artifact (format {m['format_version']}, kiln {m.get('kiln_version')})")
-        source = m.get("source") or {}
-        console.print(f"architecture {m.get('architecture')}, target {m.get('target')}, backend {m['backend'].get('name')}")
-        console.print(f"source {source.get('format')} {source.get('path')} sha256 {source.get('sha256')}")
-        b = m["backend"]
-        kv = b.get("kv_cache") or {}
-        if b.get("name") == "tvm":
-            kv = f"in place, positions per {'row' if kv.get('mode') == 'rows' else 'batch (one length)'}"
-            console.print(f"library {b.get('library')} for {b.get('target')}, weights {b.get('weights')}"
-                          + (f", device code {b['device_source']} ({len(b.get('kernels', []))} kernels)"
-                             if b.get("device_source") else ""), markup=False)
-        else:
-            kv = kv.get("layout")
-        if b.get("requires"):
-            console.print(f"needs {', '.join(b['requires'])}", markup=False)
-        console.print(f"precision {m.get('precision', 'exact')}, KV cache {kv}", markup=False)
-        q = m.get("quantization")
-        if isinstance(q, dict):
-            counts = ", ".join(f"{k} {v}" for k, v in (q.get("formats") or {}).items())
-            console.print(f"quantized at compile time: {q.get('scheme')} ({q.get('kind')}"
-                          f"{', requantized' if q.get('requantized') else ''}): {counts}; "
-                          f"{q.get('kept_float', 0)} kept float", markup=False)
-        for rec in m.get("passes", []):
-            console.print(f"  pass {rec['name']}: {rec['stats']}")
-        console.print(f"{len(m['files'])} files, {sum(f.get('bytes', 0) for f in m['files'].values()) / 1e6:.1f} MB")
-        return
+        return _describe_artifact(p, console, tensors, as_json)
     from kiln.frontends.detect import detect_format
     fmt = detect_format(p)
+    info: dict = {"path": str(p), "format": fmt}
     if fmt == "gguf":
         from kiln.frontends.gguf_file import read_gguf
         f = read_gguf(p)
-        console.print(f"[bold]{p}[/]: GGUF v{f.version}, {len(f.metadata)} metadata keys, alignment {f.alignment}")
-        meta = {k: (v if not isinstance(v, list) else f"[{len(v)} items]") for k, v in f.metadata.items()
-                if k != "tokenizer.chat_template"}
-        if "tokenizer.chat_template" in f.metadata:
-            meta["tokenizer.chat_template"] = f"<{len(f.metadata['tokenizer.chat_template'])} chars>"
-        console.print(_config_table(meta, "metadata"))
-        console.print(_tensor_table(f.tensors))
+        weights = f.tensors
+        # JSON keeps short arrays whole; the vocabulary and the template are summarised as in text
+        info.update(version=f.version, alignment=f.alignment,
+                    metadata={k: _plain(f.metadata[k] if isinstance(f.metadata[k], list) and len(f.metadata[k]) <= 64
+                                        else v) for k, v in _short_lists(f.metadata).items()})
+        if not as_json:
+            console.print(f"[bold]{p}[/]: GGUF v{f.version}, {len(f.metadata)} metadata keys, alignment {f.alignment}")
+            console.print(_config_table(_short_lists(f.metadata), "metadata"))
     elif fmt == "hf":
         from kiln.frontends import hf
         raw = hf.read_config(p)
         family, cfg = hf.arch_config(raw, p)
-        console.print(f"[bold]{p}[/]: Hugging Face folder, architecture {family.name}")
-        console.print(_config_table(cfg.to_dict(), "config"))
-        console.print(_tensor_table(hf._open_tensors(p)))
+        weights = hf._open_tensors(p)
         tok = [n for n in ("tokenizer.json", "tokenizer_config.json") if (p / n).is_file()]
-        console.print(f"tokenizer: {', '.join(tok) if tok else 'none'}")
+        info.update(architecture=family.name, config=cfg.to_dict(), tokenizer_files=tok)
+        if not as_json:
+            console.print(f"[bold]{p}[/]: Hugging Face folder, architecture {family.name}")
+            console.print(_config_table(cfg.to_dict(), "config"))
     elif fmt == "safetensors":
         from kiln.frontends.safetensors_file import read_safetensors
         f = read_safetensors(p)
-        console.print(f"[bold]{p}[/]: safetensors, metadata {f.metadata}")
-        console.print(_tensor_table(f.tensors))
+        weights = f.tensors
+        info.update(metadata=f.metadata)
+        if not as_json:
+            meta = ", ".join(f"{k}={v}" for k, v in (f.metadata or {}).items()) or "none"
+            console.print(f"[bold]{p}[/]: safetensors, metadata {escape(meta)}")
     else:
         raise KilnError(p, f"cannot inspect {fmt} files")
-    if fmt in ("gguf", "hf") and True:
+    if as_json:
+        info["tensors"] = _tensor_json(weights)
+    else:
+        console.print(_tensor_table(weights))
+        if fmt == "hf":
+            console.print(f"tokenizer: {', '.join(info['tokenizer_files']) or 'none'}")
+        for line in _tensor_lines(weights) if tensors else ():
+            console.print(line, markup=False)
+    if fmt in ("gguf", "hf"):
         from .driver import load_model
         model = load_model(p)
         tok = model.tokenizer
         if tok is not None:
-            console.print(f"tokenizer: {tok.tokenizer.get_vocab_size()} tokens, bos {tok.bos_id}, eos {tok.eos_ids}, "
-                          f"chat template {'yes' if tok.chat_template else 'no'}")
-        console.print(f"graph: {len(model.graph.nodes)} nodes, {len(model.graph.weights)} weights; ops {model.graph.op_counts()}")
+            info["tokenizer"] = {"vocab_size": tok.tokenizer.get_vocab_size(), "bos": tok.bos_id,
+                                 "eos": list(tok.eos_ids), "chat_template": bool(tok.chat_template)}
+        info["graph"] = {"nodes": len(model.graph.nodes), "weights": len(model.graph.weights),
+                         "ops": model.graph.op_counts()}
+        if not as_json:
+            if tok is not None:
+                console.print(f"tokenizer: {tok.tokenizer.get_vocab_size()} tokens, bos {tok.bos_id}, "
+                              f"eos {tok.eos_ids}, chat template {'yes' if tok.chat_template else 'no'}")
+            ops = ", ".join(f"{op} {n}" for op, n in info["graph"]["ops"].items())
+            console.print(f"graph: {len(model.graph.nodes)} nodes, {len(model.graph.weights)} weights; ops {ops}",
+                          markup=False)
         if graph:
             write_graph(model.graph, graph)
-            console.print(f"wrote {graph}")
+            if not as_json:
+                console.print(f"wrote {graph}")
+    return info if as_json else None
 
 
 def write_graph(g, path: str) -> None:

@@ -20,7 +20,10 @@ def resolve_path(path) -> Path:
 def detect_format(path) -> str:
     p = Path(path)
     if not p.exists():
-        raise KilnError(path, "no such file or folder")
+        from .known_models import close_names
+        near = close_names(str(path))
+        hint = f"; did you mean {' or '.join(near)} (a model short name, see kiln list)?" if near else ""
+        raise KilnError(path, f"no such file or folder{hint}")
     if p.is_dir():
         if (p / "config.json").is_file():
             return "hf"

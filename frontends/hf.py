@@ -340,6 +340,11 @@ def default_dtype(weights: dict[str, Weight]) -> str:
     return "f32"
 
 
+# what ``write`` puts in a folder: replacing one removes these (stale shards too) and keeps the rest
+OWNED = ("config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
+         "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json")
+
+
 def write(model: ModelIR, folder, *, dtype: str | None = None, shard_bytes: int = DEFAULT_SHARD_BYTES,
           progress=None) -> dict:
     """Write an HF folder: config.json, generation_config.json, tokenizer, safetensors (sharded
@@ -362,7 +367,7 @@ def write(model: ModelIR, folder, *, dtype: str | None = None, shard_bytes: int 
             size = 0
         shards[-1].append(name)
         size += w.nbytes
-    with staging(folder, marker="config.json") as tmp:
+    with staging(folder, owned=OWNED) as tmp:
         config = hf_config(cfg, family, dtype)
         if model.source.get("name"):
             config["_name_or_path"] = model.source["name"]

@@ -33,3 +33,11 @@ def short_name_of(source_path: str | None) -> str | None:
         return None
     filename = Path(source_path).name
     return next((name for name, (_, file, _) in KNOWN.items() if file == filename), None)
+
+
+def close_names(name: str) -> list[str]:
+    """Known short names that ``name`` may be a misspelling of (``smollm`` -> ``smollm2``)."""
+    import difflib
+    if "/" in name or "\\" in name:
+        return []                       # a path, not a name
+    return difflib.get_close_matches(name.lower(), list(KNOWN), n=3, cutoff=0.6)

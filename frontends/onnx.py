@@ -14,6 +14,10 @@ from kiln.ir import ModelIR
 from kiln.runtime.onnx_check import check_external_data  # noqa: F401  (re-exported for readers)
 
 
+# what ``write`` puts in a folder: replacing one removes these and keeps the rest
+OWNED = ("model.onnx", "model.onnx.data", "kiln_io.json", "tokenizer.json", "tokenizer_config.json")
+
+
 def write(model: ModelIR, folder, *, progress=None) -> dict:
     from kiln.artifact import staging
     from kiln.passes.dce import dce
@@ -21,7 +25,7 @@ def write(model: ModelIR, folder, *, progress=None) -> dict:
     from kiln.passes_base import run_passes
     from kiln.targets import onnxrt
     graph, _ = run_passes(model.graph, [("kv_cache", insert_kv_cache), ("dce", dce)])
-    with staging(folder, marker="kiln_io.json") as tmp:
+    with staging(folder, owned=OWNED) as tmp:
         # the growing (concatenated) cache: a standalone model keeps no state between runs
         summary = onnxrt.lower(graph, tmp, progress=(lambda name: progress(name, 0)) if progress else None,
                                kv_layout="concat")

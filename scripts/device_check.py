@@ -50,7 +50,8 @@ def main() -> int:
     for backend in ("onnxrt", "tvm"):
         for name, src in models.items():
             t = time.perf_counter()
-            art = kiln_compile(src, target=a.target, arch=a.arch, backend=backend, output=out / f"{name}-{backend}.kiln")
+            art = kiln_compile(src, target=a.target, arch=a.arch, backend=backend, output=out / f"{name}-{backend}.kiln",
+                               force=True)          # the script's own outputs of an earlier run
             built = time.perf_counter() - t
             model = runtime.load(art)
             if name == "smollm2":

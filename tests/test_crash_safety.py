@@ -44,7 +44,8 @@ def kiln(args, *, env=None, preexec_fn=None, cwd=None) -> subprocess.CompletedPr
 # ---- the scenarios ----------------------------------------------------------------------------
 
 def _convert(to, *extra):
-    return lambda src, dest: ["convert", src, dest, "--to", to, "-q", *extra]
+    # --force: most runs replace an earlier output
+    return lambda src, dest: ["convert", src, dest, "--to", to, "-q", "--force", *extra]
 
 
 SCENARIOS = {
@@ -53,8 +54,8 @@ SCENARIOS = {
     "hf": (_convert("hf"), "out-hf", lambda dest: _convert("hf", "--dtype", "bf16")(LLAMA, dest)),
     "hf-sharded": (_convert("hf", "--max-shard-size", "100KB"), "out-hf",
                    lambda dest: _convert("hf", "--dtype", "f16", "--max-shard-size", "50KB")(LLAMA, dest)),
-    "compile": (lambda src, dest: ["compile", src, "-o", dest, "-q"], "out.kiln",
-                lambda dest: ["compile", MISTRAL, "-o", dest, "-q"]),
+    "compile": (lambda src, dest: ["compile", src, "-o", dest, "-q", "--force"], "out.kiln",
+                lambda dest: ["compile", MISTRAL, "-o", dest, "-q", "--force"]),
 }
 
 
@@ -223,9 +224,9 @@ WRITERS = {
     "hf-sharded": (_convert("hf", "--max-shard-size", "100KB"), "out-hf"),
     "safetensors": (_convert("safetensors"), "out.safetensors"),
     "onnx": (_convert("onnx"), "out-onnx"),
-    "compile": (lambda src, dest: ["compile", src, "-o", dest, "-q"], "out.kiln"),
+    "compile": (lambda src, dest: ["compile", src, "-o", dest, "-q", "--force"], "out.kiln"),
     # LLVM ends the process when it cannot write the library: the export runs in a child
-    "compile-tvm": (lambda src, dest: ["compile", src, "--backend", "tvm", "-o", dest, "-q"], "out.kiln"),
+    "compile-tvm": (lambda src, dest: ["compile", src, "--backend", "tvm", "-o", dest, "-q", "--force"], "out.kiln"),
 }
 # 0: the first byte fails; 600: small JSON files fit (config.json is 557 bytes), tensor data not
 LIMITS = [0, 600, 60_000]
