@@ -22,28 +22,30 @@ _DIMS = {"batch": "batch_size", "seq": "sequence_length", "past": "past_sequence
 
 
 def store_weights_as(graph: Graph, dtype: str) -> None:
-    """Store every matrix (rank >= 2) as ``dtype``: the lowering writes each weight in its
+    """Store every matrix (rank >= 2) once, as ``dtype``: the lowering writes each weight in its
     value's type, and a Cast to float32 right where it is read keeps every product float32.
 
     A row lookup casts the rows it took (the table stays half size in memory), a transposed
     weight casts after the Transpose (which the lowering folds into the stored data), any
-    other use casts the weight itself. Block-quantized weights are dequantized here: an export
-    holds plain floats, which every ONNX runtime reads."""
+    other use casts the weight itself. A table that is both looked up and transposed (tied
+    embeddings) is cast before its Transpose, which the lowering then leaves in the graph:
+    stored twice, SmolLM2's would be 113 MB of its 326 MB in f16. Block-quantized weights are
+    dequantized here: an export holds plain floats, which every ONNX runtime reads."""
     for name, v in list(graph.weights.items()):
         if v.type.rank < 2:
             continue          # norms and biases: small, and kept exact
         v.weight = v.weight.astype(_FORMAT[dtype])
-        if dtype == "float32":
-            continue
         v.type = TensorType(dtype, v.type.shape)
+        ops = {u.node.op for u in v.uses}
+        tied = "Transpose" in ops and len(ops) > 1
         for use in list(v.uses):
             node = use.node
-            if node.op == "Transpose" or (node.op == "Gather" and use.index == 0):
+            if dtype != "float32" and ((node.op == "Transpose" and not tied) or (node.op == "Gather" and use.index == 0)):
                 out = node.outputs[0]
                 out.type = TensorType(dtype, out.type.shape)
                 cast = graph.add_node("Cast", [out], {"to": "float32"}, name=f"{out.name}.float32")[0]
                 graph.replace_all_uses_with(out, cast, except_node=cast.producer)
-            else:
+            elif dtype != "float32" or (tied and node.op == "Transpose"):
                 cast = graph.add_node("Cast", [v], {"to": "float32"}, name=f"{name}.float32")[0]
                 graph.set_input(node, use.index, cast)
     graph.toposort()

@@ -56,7 +56,9 @@ def is_onnx_folder(path) -> bool:
     return not any(p.glob("*.safetensors")) and not any(p.glob("pytorch_model*.bin"))
 
 
-def read(path) -> ModelIR:
+def _open(path):
+    """(file, the ONNX model without its data, family, ArchConfig, raw config.json or None,
+    kiln_io.json or None, role -> Weight)."""
     import onnx
 
     from kiln.runtime.onnx_check import check_external_data
@@ -66,6 +68,7 @@ def read(path) -> ModelIR:
     folder = file.parent
     check_external_data(file)
     model = onnx.load(os.fspath(file), load_external_data=False)
+    _check_decoder_io(file, model)
     tensors = {t.name: t for t in model.graph.initializer}
     io_path = folder / "kiln_io.json"
     io = load_json_object(io_path, unreadable="not a readable JSON file", not_object="not a JSON object") \
@@ -73,17 +76,19 @@ def read(path) -> ModelIR:
     if io is not None and isinstance(io.get("config"), dict):
         cfg = A.ArchConfig.from_dict(io["config"])
         family = A.FAMILIES[cfg.family]
-        raw_cfg = None
-        weights = _kiln_roles(file, tensors, family, cfg)
-    else:
-        if not (folder / "config.json").is_file():
-            raise KilnError(file, "not an ONNX export kiln can map: no config.json beside it (optimum writes one; "
-                                  "it names the family and the sizes the weights are checked against)")
-        raw_cfg = hf.read_config(folder)
-        family, cfg = hf.arch_config(raw_cfg, folder)
-        named = _hf_names(file, model, tensors, family, cfg)
-        weights = hf.map_weights(file, named, family, cfg)
-    _check_decoder_io(file, model)
+        return file, model, family, cfg, None, io, _kiln_roles(file, tensors, family, cfg)
+    if not (folder / "config.json").is_file():
+        raise KilnError(file, "not an ONNX export kiln can map: no config.json beside it (optimum writes one; "
+                              "it names the family and the sizes the weights are checked against)")
+    raw_cfg = hf.read_config(folder)
+    family, cfg = hf.arch_config(raw_cfg, folder)
+    named = _hf_names(file, model, tensors, family, cfg)
+    return file, model, family, cfg, raw_cfg, None, hf.map_weights(file, named, family, cfg)
+
+
+def read(path) -> ModelIR:
+    file, _, family, cfg, raw_cfg, _, weights = _open(path)
+    folder = file.parent
     graph = build_graph(cfg, weights, name=family.name)
     tokenizer = None
     try:
@@ -99,6 +104,19 @@ def read(path) -> ModelIR:
                    source={"format": "onnx", "path": os.fspath(file), "config": source_cfg,
                            "name": (raw_cfg or {}).get("_name_or_path") or folder.resolve().name},
                    tokenizer=tokenizer, generation=gen)
+
+
+def describe(path) -> dict:
+    """What ``kiln inspect`` shows of an ONNX model: its I/O layout and the weights kiln maps."""
+    file, model, family, cfg, _, io, weights = _open(path)
+    inputs = [v.name for v in model.graph.input]
+    if io is not None:
+        layout = f"kiln's export, {io.get('layout', 'kiln')} layout"
+    else:
+        layout = "optimum layout, with past KV" if any(n.startswith("past_key_values.") for n in inputs) \
+            else "optimum layout, without past KV"
+    return {"layout": layout, "architecture": family.name, "config": cfg.to_dict(), "inputs": inputs,
+            "outputs": [v.name for v in model.graph.output], "weights": weights}
 
 
 def _check_decoder_io(file: Path, model) -> None:
@@ -163,7 +181,8 @@ def _module_of(node) -> str | None:
 
 def _hf_names(file: Path, model, tensors: dict, family: A.Family, cfg: A.ArchConfig) -> dict[str, Weight]:
     """An exporter's initializers -> Hugging Face tensor names (see the module docstring)."""
-    known = set(A.layer_roles(family.hf_names, cfg.num_layers).values())
+    role_of = {name: role for role, name in A.layer_roles(family.hf_names, cfg.num_layers).items()}
+    known = set(role_of)
     readers: dict[str, list] = {}
     for node in model.graph.node:
         if node.op_type in _WEIGHT_READERS:
@@ -194,6 +213,10 @@ def _hf_names(file: Path, model, tensors: dict, family: A.Family, cfg: A.ArchCon
                 w = w.transpose(name=hf_name)
             elif node.op_type == "Gemm" and family.hf_conv1d:
                 w = w.transpose(name=hf_name)
+            elif role_of[hf_name].endswith("norm") and cfg.norm_offset:
+                # the exporter folded gemma's ``1 + weight`` into this constant: kiln's norm
+                # adds the offset itself
+                w = w.map_values(lambda a, o=np.float32(cfg.norm_offset): a - o, name=hf_name)
             out.setdefault(hf_name, w)
             mapped = True
             break
