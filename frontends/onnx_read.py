@@ -20,7 +20,7 @@ rather than half read.
 """
 from __future__ import annotations
 
-import json
+import ast
 import os
 import re
 from pathlib import Path
@@ -174,9 +174,41 @@ def _kiln_roles(file: Path, tensors: dict, family: A.Family, cfg: A.ArchConfig) 
 
 
 def _module_of(node) -> str | None:
-    """``/model/layers.0/self_attn/q_proj/MatMul`` -> ``model.layers.0.self_attn.q_proj``."""
-    parts = node.name.strip("/").split("/")
-    return ".".join(parts[:-1]) if node.name.startswith("/") and len(parts) > 1 else None
+    """The module a node belongs to: torch's TorchScript exporter names the node after it
+    (``/model/layers.0/self_attn/q_proj/MatMul`` -> ``model.layers.0.self_attn.q_proj``), its
+    dynamo exporter records the scopes in the node's metadata (``pkg.torch.onnx.name_scopes``:
+    ``['', 'model', ..., 'model.layers.0.self_attn.q_proj', 'linear']``)."""
+    if node.name.startswith("/"):
+        parts = node.name.strip("/").split("/")
+        return ".".join(parts[:-1]) if len(parts) > 1 else None
+    for p in node.metadata_props:
+        if p.key == "pkg.torch.onnx.name_scopes":
+            try:
+                scopes = ast.literal_eval(p.value)
+            except (ValueError, SyntaxError):
+                return None
+            return scopes[-2] if isinstance(scopes, list) and len(scopes) >= 2 and isinstance(scopes[-2], str) else None
+    return None
+
+
+def _known_name(name: str, known: set) -> str | None:
+    """``name``, or the Hugging Face name it ends with: a model exported inside a wrapper
+    module has its parameters prefixed (``m.model.embed_tokens.weight``)."""
+    parts = name.split(".")
+    for i in range(len(parts)):
+        candidate = ".".join(parts[i:])
+        if candidate in known:
+            return candidate
+    return None
+
+
+def _weight_shapes(cfg: A.ArchConfig) -> set:
+    """Every matrix shape a role of this config has, either way round: an initializer of one
+    of these shapes that the graph multiplies by or looks up in is a weight kiln must place."""
+    H, KV, D, E, F, V = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size,
+                         cfg.intermediate_size, cfg.vocab_size)
+    shapes = {(V, E), (H * D, E), (KV * D, E), (E, H * D), (F, E), (E, F), ((H + 2 * KV) * D, E), (2 * F, E)}
+    return shapes | {s[::-1] for s in shapes}
 
 
 def _hf_names(file: Path, model, tensors: dict, family: A.Family, cfg: A.ArchConfig) -> dict[str, Weight]:
@@ -189,40 +221,40 @@ def _hf_names(file: Path, model, tensors: dict, family: A.Family, cfg: A.ArchCon
             for i, x in enumerate(node.input):
                 if x in tensors:
                     readers.setdefault(x, []).append((node, i))
+    shapes = _weight_shapes(cfg)
     out: dict[str, Weight] = {}
     unmapped = []
     for name, t in tensors.items():
         if t.data_type not in _FORMATS:
             continue
-        if name in known:
-            out.setdefault(name, _weight(file, t))
+        hf_name = _known_name(name, known)
+        if hf_name is not None:
+            out.setdefault(hf_name, _weight(file, t, hf_name))
             continue
-        mapped = False
         for node, i in readers.get(name, ()):
             module = _module_of(node)
-            if module is None:
-                continue
-            suffix = "bias" if (node.op_type in ("Add", "Gemm") and len(t.dims) == 1) else "weight"
-            hf_name = f"{module}.{suffix}"
-            if hf_name not in known:
+            suffix = "bias" if len(t.dims) == 1 and node.op_type in ("Add", "Gemm") else "weight"
+            hf_name = _known_name(f"{module}.{suffix}", known) if module else None
+            if hf_name is None:
                 continue
             w = _weight(file, t, hf_name)
-            # torch stores a Linear's weight pre-transposed for MatMul ([in, out]); GPT-2's
-            # Conv1D is [in, out] in the checkpoint too, which map_weights transposes itself
-            if node.op_type == "MatMul" and i == 1 and not family.hf_conv1d:
-                w = w.transpose(name=hf_name)
-            elif node.op_type == "Gemm" and family.hf_conv1d:
-                w = w.transpose(name=hf_name)
+            if len(t.dims) == 2 and node.op_type in ("MatMul", "Gemm"):
+                # torch stores a Linear's weight pre-transposed for MatMul ([in, out]); GPT-2's
+                # Conv1D is [in, out] in the checkpoint too, which map_weights transposes itself
+                trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+                in_out = node.op_type == "MatMul" or not trans_b
+                if in_out != family.hf_conv1d:
+                    w = w.transpose(name=hf_name)
             elif role_of[hf_name].endswith("norm") and cfg.norm_offset:
                 # the exporter folded gemma's ``1 + weight`` into this constant: kiln's norm
                 # adds the offset itself
                 w = w.map_values(lambda a, o=np.float32(cfg.norm_offset): a - o, name=hf_name)
             out.setdefault(hf_name, w)
-            mapped = True
             break
-        if not mapped and len(t.dims) >= 2 and any(n.op_type in ("MatMul", "Gemm", "Gather") for n, _ in readers.get(name, ())):
-            node = readers[name][0][0]
-            unmapped.append(f"{name} {list(t.dims)} (read by {node.op_type} {node.name or '?'})")
+        else:
+            users = [n for n, _ in readers.get(name, ()) if n.op_type in ("MatMul", "Gemm", "Gather")]
+            if users and tuple(t.dims) in shapes:
+                unmapped.append(f"{name} {list(t.dims)} (read by {users[0].op_type} {users[0].name or '?'})")
     if unmapped:
         raise KilnError(file, f"cannot map {len(unmapped)} weight(s) onto {family.name}'s tensors, first: {unmapped[0]}")
     if cfg.tie_word_embeddings:

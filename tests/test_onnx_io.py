@@ -111,10 +111,22 @@ def test_kiln_reads_its_kiln_layout_export_and_a_bare_onnx_file(hf_fixture, tmp_
     _compiles_and_matches(out / "model.onnx", np.load(src / "reference.npz"), tmp_path)
 
 
-@pytest.mark.parametrize("name", ["llama", "llama-no-past", "gemma", "gpt2", "phi3"])
+@pytest.mark.parametrize("name", ["llama", "llama-no-past", "gemma", "gpt2", "phi3", "llama-torch-dynamo"])
 def test_optimum_export_compiles_and_matches_transformers(hf_fixture, tmp_path, name):
     family = json.loads((OPTIMUM / "index.json").read_text())["exports"][name]["family"]
     _compiles_and_matches(OPTIMUM / name, np.load(hf_fixture(family) / "reference.npz"), tmp_path)
+
+
+def test_convert_reads_an_optimum_export(hf_fixture, tmp_path):
+    """ONNX -> an HF folder and a GGUF file, each read back to transformers' logits."""
+    from kiln.frontends.detect import read_model
+    ref = np.load(hf_fixture("gpt2") / "reference.npz")
+    for to, dest in (("hf", tmp_path / "gpt2-hf"), ("gguf", tmp_path / "gpt2.gguf")):
+        r = kiln("convert", OPTIMUM / "gpt2", dest, "--to", to, "-q")
+        assert r.returncode == 0, r.stderr
+        model = read_model(dest)
+        logits = run(model.graph, {"input_ids": ref["input_ids"]})[model.graph.outputs[0].name]
+        np.testing.assert_allclose(logits, ref["logits"], rtol=0, atol=BOUND)
 
 
 def _compiles_and_matches(path, ref, tmp_path):
