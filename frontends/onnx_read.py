@@ -51,7 +51,7 @@ def is_onnx_folder(path) -> bool:
     """A folder holding model.onnx and no Hugging Face checkpoint (optimum writes config.json
     beside its model.onnx; a folder with safetensors too is read as the checkpoint)."""
     p = Path(path)
-    if not (p / "model.onnx").is_file():
+    if not (p / "model.onnx").is_file() or (p / "manifest.json").is_file():    # a kiln artifact
         return False
     return not any(p.glob("*.safetensors")) and not any(p.glob("pytorch_model*.bin"))
 
@@ -77,6 +77,7 @@ def _open(path):
         cfg = A.ArchConfig.from_dict(io["config"])
         family = A.FAMILIES[cfg.family]
         return file, model, family, cfg, None, io, _kiln_roles(file, tensors, family, cfg)
+    folder = _model_folder(file)
     if not (folder / "config.json").is_file():
         raise KilnError(file, "not an ONNX export kiln can map: no config.json beside it (optimum writes one; "
                               "it names the family and the sizes the weights are checked against)")
@@ -86,9 +87,18 @@ def _open(path):
     return file, model, family, cfg, raw_cfg, None, hf.map_weights(file, named, family, cfg)
 
 
+def _model_folder(file: Path) -> Path:
+    """Where config.json and the tokenizer are: beside the model, or one level up for a Hub
+    repository's ``onnx/model.onnx`` (optimum and transformers.js publish them so)."""
+    folder = file.parent
+    if not (folder / "config.json").is_file() and folder.name == "onnx" and (folder.parent / "config.json").is_file():
+        return folder.parent
+    return folder
+
+
 def read(path) -> ModelIR:
     file, _, family, cfg, raw_cfg, _, weights = _open(path)
-    folder = file.parent
+    folder = _model_folder(file)
     graph = build_graph(cfg, weights, name=family.name)
     tokenizer = None
     try:

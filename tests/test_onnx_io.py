@@ -129,6 +129,22 @@ def test_convert_reads_an_optimum_export(hf_fixture, tmp_path):
         np.testing.assert_allclose(logits, ref["logits"], rtol=0, atol=BOUND)
 
 
+def test_a_hub_repositorys_onnx_subfolder_reads_config_and_tokenizer_above_it(hf_fixture, tmp_path):
+    """Hub repositories hold onnx/model.onnx with config.json and the tokenizer at the top."""
+    import shutil
+    repo = tmp_path / "repo"
+    (repo / "onnx").mkdir(parents=True)
+    shutil.copy(OPTIMUM / "llama" / "model.onnx", repo / "onnx" / "model.onnx")
+    shutil.copy(OPTIMUM / "llama" / "config.json", repo / "config.json")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    tok = Tokenizer(models.WordLevel({"hello": 5, "world": 7, "[UNK]": 0}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(repo / "tokenizer.json"))
+    from kiln.frontends.detect import read_model
+    assert read_model(repo / "onnx").tokenizer.tokenizer.encode("hello world").ids == [5, 7]
+    _compiles_and_matches(repo / "onnx", np.load(hf_fixture("llama") / "reference.npz"), tmp_path)
+
+
 def _compiles_and_matches(path, ref, tmp_path):
     from kiln.frontends.detect import read_model
     model = read_model(path)
@@ -178,6 +194,9 @@ def test_a_graph_kiln_cannot_map_is_one_line_naming_it(tmp_path):
     _one_line_error(kiln("compile", bad, "-o", tmp_path / "x.kiln"),
                     "cannot map 1 weight(s) onto llama's tensors", "read by MatMul /model/layers.0/self_attn/custom_proj/MatMul")
     assert not (tmp_path / "x.kiln").exists()
+    art = tmp_path / "llama.kiln"          # an artifact holds a model.onnx too: not a source
+    assert kiln("compile", OPTIMUM / "llama", "-o", art, "-q").returncode == 0
+    _one_line_error(kiln("compile", art, "-o", tmp_path / "y.kiln"), "this is a compiled kiln artifact")
     (bad / "config.json").unlink()
     _one_line_error(kiln("inspect", bad), "no config.json beside it")
     m.graph.output[0].name = "scores"
