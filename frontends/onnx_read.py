@@ -153,10 +153,8 @@ def _weight(file: Path, t, name: str | None = None) -> Weight | None:
         def load():
             return np.memmap(where, dtype=np.uint8, mode="r", offset=offset, shape=(length,))
     else:
-        arr = numpy_helper.to_array(t)
-
-        def load():
-            return np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
+        def load():         # decoded when read: a model's inline weights are not copied up front
+            return np.ascontiguousarray(numpy_helper.to_array(t)).reshape(-1).view(np.uint8)
     return Weight(shape, fmt, load, name=name or t.name, origin=os.fspath(file))
 
 

@@ -145,14 +145,18 @@ def test_a_hub_repositorys_onnx_subfolder_reads_config_and_tokenizer_above_it(hf
     _compiles_and_matches(repo / "onnx", np.load(hf_fixture("llama") / "reference.npz"), tmp_path)
 
 
-def _compiles_and_matches(path, ref, tmp_path):
+def test_optimum_export_compiles_with_tvm_too(hf_fixture, tmp_path):
+    _compiles_and_matches(OPTIMUM / "llama", np.load(hf_fixture("llama") / "reference.npz"), tmp_path, backend="tvm")
+
+
+def _compiles_and_matches(path, ref, tmp_path, backend="onnxrt"):
     from kiln.frontends.detect import read_model
     model = read_model(path)
     assert model.source["format"] == "onnx"
     logits = run(model.graph, {"input_ids": ref["input_ids"]})[model.graph.outputs[0].name]
     np.testing.assert_allclose(logits, ref["logits"], rtol=0, atol=BOUND)
     art = tmp_path / "from-onnx.kiln"
-    r = kiln("compile", path, "-o", art, "--backend", "onnxrt", "-q")
+    r = kiln("compile", path, "-o", art, "--backend", backend, "-q")
     assert r.returncode == 0, r.stderr
     session = runtime.load(art).session
     tokens, logits = greedy_decode(session, ref["prompt"], 16)
