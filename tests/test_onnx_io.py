@@ -82,6 +82,14 @@ def test_export_in_optimum_layout_runs_in_plain_onnxruntime(hf_fixture, tmp_path
     np.testing.assert_allclose(logits, ref["greedy_logits"], rtol=0, atol=bound)
 
 
+def test_an_onnx_export_takes_float_dtypes_only(hf_fixture, tmp_path):
+    from kiln.driver import convert
+    from kiln.errors import KilnError
+    with pytest.raises(KilnError, match="an ONNX export holds f32, f16 or bf16 weights, not q8_0"):
+        convert(hf_fixture("llama"), tmp_path / "out", to="onnx", dtype="q8_0")
+    assert not (tmp_path / "out").exists()
+
+
 def test_f16_export_is_half_the_size(hf_fixture, tmp_path):
     src = hf_fixture("gemma")        # tied embeddings: the table is stored once, not again transposed
     sizes = {}
