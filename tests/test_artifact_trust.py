@@ -252,3 +252,170 @@ def test_smaller_max_length_still_loads(built, tmp_path, backend):
     assert model.session.max_length == 8
     with pytest.raises(ValueError, match="at most 8"):
         model.generate(list(range(1, 10)), max_new_tokens=1)
+
+
+# ---- 3. signatures ---------------------------------------------------------------------------
+
+def write_key_pair(folder: Path, name: str = "kiln") -> tuple[Path, Path]:
+    """An Ed25519 key pair in the PEM files OpenSSL writes (PKCS#8 private, SPKI public)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    key = Ed25519PrivateKey.generate()
+    folder.mkdir(parents=True, exist_ok=True)
+    private, public = folder / f"{name}.key", folder / f"{name}.pub"
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                     serialization.PublicFormat.SubjectPublicKeyInfo))
+    return private, public
+
+
+@pytest.fixture(scope="module")
+def signed(built, tmp_path_factory) -> dict:
+    """Both artifacts signed with one key (as kiln compile --sign does, after the build)."""
+    from kiln.signing import load_private_key, sign
+    root = tmp_path_factory.mktemp("signed")
+    private, public = write_key_pair(root / "keys")
+    out = {"private": private, "public": public, "other": write_key_pair(root / "keys", "other")[1]}
+    for backend, folder in built.items():
+        d = root / folder.name
+        shutil.copytree(folder, d)
+        sign(d, load_private_key(private))
+        out[backend] = d
+    return out
+
+
+def test_compile_sign_verify_key_and_run_trusted_key(tmp_path):
+    private, public = write_key_pair(tmp_path / "keys")
+    d = tmp_path / "s.kiln"
+    p = kiln_cli("compile", HF_FIXTURES / "llama", "-o", d, "--sign", private, "-q")
+    assert p.returncode == 0, p.stderr
+    assert (d / "manifest.sig").is_file()
+    p = kiln_cli("verify", d, "--key", public)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert lines[0].startswith(f"{d}: ok, manifest and 2 files match their sha256"), p.stdout
+    assert lines[1].startswith(f"{d}: signed by trusted key ed25519:"), p.stdout
+    assert "load only artifacts from a source you trust" in lines[2], p.stdout
+    p = kiln_cli("run", d, "--ids", "1,2", "-n", "2", "--trusted-key", public)
+    assert p.returncode == 0 and len(p.stdout.splitlines()[-1].split(",")) == 2, p.stderr
+    assert len(runtime.load(d, trusted_keys=[public]).generate([1, 2], max_new_tokens=1).ids) == 1
+    assert runtime.load(d, trusted_keys=[public.read_bytes()]).manifest["backend"]["name"] == "onnxrt"
+
+
+def test_compile_with_a_bad_key_writes_nothing(tmp_path):
+    private, public = write_key_pair(tmp_path / "keys")
+    d = tmp_path / "s.kiln"
+    one_line(kiln_cli("compile", HF_FIXTURES / "llama", "-o", d, "--sign", public), public,
+             "is not an Ed25519 private key")
+    assert not d.exists()
+
+
+def test_openssl_keys_work(tmp_path):
+    """The key-making command the README gives."""
+    from kiln.signing import KEYGEN_HINT
+    subprocess.run(KEYGEN_HINT, shell=True, cwd=tmp_path, check=True, capture_output=True)
+    d = tmp_path / "s.kiln"
+    import kiln
+    kiln.compile(HF_FIXTURES / "llama", output=d, sign=tmp_path / "kiln.key")
+    runtime.load(d, trusted_keys=[tmp_path / "kiln.pub"])
+
+
+@pytest.mark.parametrize("backend", ["onnxrt", "tvm"])
+def test_unsigned_verify_says_so_and_names_the_code(built, backend):
+    p = kiln_cli("verify", built[backend])
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert lines[1] == f"{built[backend]}: not signed (kiln compile --sign KEYFILE signs an artifact)"
+    code = "native code (model.so)" if backend == "tvm" else "a compiled graph (model.onnx)"
+    assert code in lines[2] and "load only artifacts from a source you trust" in lines[2], p.stdout
+
+
+def test_signed_but_unchecked_is_said(signed):
+    p = kiln_cli("verify", signed["onnxrt"])
+    assert p.returncode == 0 and "not checked (give --key PUBFILE to check it)" in p.stdout, p.stdout
+
+
+@pytest.mark.parametrize("backend", ["onnxrt", "tvm"])
+def test_trusted_key_hashes_the_weights_too(signed, tmp_path, backend):
+    d = tmp_path / "a.kiln"
+    shutil.copytree(signed[backend], d)
+    rel = "weights.safetensors" if backend == "tvm" else "model.onnx.data"
+    data = bytearray((d / rel).read_bytes())
+    data[-5] ^= 0x40
+    (d / rel).write_bytes(bytes(data))
+    runtime.load(d)                                    # no key: the weights are not hashed
+    for args in (["run", d, "--ids", "1,2", "-n", "1", "--trusted-key", signed["public"]],
+                 ["verify", d, "--key", signed["public"]]):
+        one_line(kiln_cli(*args), d / rel, "does not match its sha256")
+
+
+def test_swapped_library_with_the_manifest_rehashed(signed, evil_library, tmp_path):
+    """The forger's full job: the library swapped and every hash in the manifest recomputed.
+    Nothing in the folder betrays it (kiln verify without a key says ok), but the signature
+    no longer matches the manifest, and with a trusted key the library is never loaded."""
+    d = tmp_path / "a.kiln"
+    shutil.copytree(signed["tvm"], d)
+    shutil.copyfile(evil_library, d / "model.so")
+    rehash(d)
+    assert kiln_cli("verify", d).returncode == 0
+    marker = tmp_path / "ran"
+    env = {"KILN_TEST_MARKER": str(marker)}
+    for args in (["run", d, "--ids", "1,2", "-n", "1", "--trusted-key", signed["public"]],
+                 ["verify", d, "--key", signed["public"]]):
+        one_line(kiln_cli(*args, env=env), d / "manifest.sig", "does not match manifest.json")
+    one_line(kiln_cli("run", d, "--ids", "1,2", "-n", "1", env={**env, "KILN_TRUSTED_KEYS": str(signed["public"])}),
+             d / "manifest.sig", "does not match manifest.json")
+    with pytest.raises(ArtifactError, match="does not match manifest.json"):
+        runtime.load(d, trusted_keys=[signed["public"]])
+    assert not marker.exists(), "the swapped library's constructor ran"
+
+
+def test_wrong_key_is_refused(signed):
+    one_line(kiln_cli("verify", signed["onnxrt"], "--key", signed["other"]), signed["onnxrt"] / "manifest.sig",
+             "which is not a trusted key")
+    # any of several keys will do
+    p = kiln_cli("verify", signed["onnxrt"], "--key", signed["other"], "--key", signed["public"])
+    assert p.returncode == 0, p.stderr
+
+
+def test_unsigned_artifact_is_refused_when_a_key_is_required(built, signed):
+    for args in (["verify", built["onnxrt"], "--key", signed["public"]],
+                 ["run", built["onnxrt"], "--ids", "1,2", "-n", "1", "--trusted-key", signed["public"]]):
+        one_line(kiln_cli(*args), built["onnxrt"], "is not signed")
+    # an empty list asks for no signature, even with the variable set
+    os.environ["KILN_TRUSTED_KEYS"] = str(signed["public"])
+    try:
+        with pytest.raises(ArtifactError, match="is not signed"):
+            runtime.load(built["onnxrt"])
+        runtime.load(built["onnxrt"], trusted_keys=[])
+    finally:
+        del os.environ["KILN_TRUSTED_KEYS"]
+
+
+@pytest.mark.parametrize("text,message", [("{}", "is not an ed25519 signature"),
+                                          ('{"algorithm": "ed25519", "key": "x", "signature": "@@"}', "not base64"),
+                                          ("\xff", "unreadable signature")])
+def test_damaged_signature_file_is_one_line(signed, tmp_path, text, message):
+    d = tmp_path / "a.kiln"
+    shutil.copytree(signed["onnxrt"], d)
+    (d / "manifest.sig").write_bytes(text.encode("latin-1"))
+    one_line(kiln_cli("verify", d, "--key", signed["public"]), d / "manifest.sig", message)
+
+
+def test_bad_public_key_is_one_line(signed, tmp_path):
+    bad = tmp_path / "bad.pub"
+    bad.write_text("not a key")
+    one_line(kiln_cli("verify", signed["onnxrt"], "--key", bad), bad, "is not an Ed25519 public key")
+    one_line(kiln_cli("verify", signed["onnxrt"], "--key", tmp_path / "missing.pub"), tmp_path / "missing.pub",
+             "cannot read the key")
+
+
+def test_without_cryptography_a_key_is_a_one_line_error(signed, monkeypatch):
+    from kiln.errors import KilnError
+    for name in [m for m in sys.modules if m == "cryptography" or m.startswith("cryptography.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "cryptography", None)         # import cryptography fails
+    with pytest.raises(KilnError, match=r"pip install 'kiln\[sign\]'"):
+        runtime.load(signed["onnxrt"], trusted_keys=[signed["public"]])
+    runtime.load(signed["onnxrt"])                                  # no key, no need of it
