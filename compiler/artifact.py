@@ -112,7 +112,7 @@ def open_checked(folder, *, verify: bool = False, trusted_keys=None) -> dict:
     """The manifest of an artifact about to be loaded, after every check that must come before
     a backend reads a byte of it: :func:`read_manifest`'s, then the sha256 of every file that
     is code or is parsed (the library, the ONNX graph, the tokenizer: small; SmolLM2's TVM
-    library hashes in ~2 ms), so a swapped or damaged library is refused before it is loaded.
+    library hashes in ~1 ms), so a swapped or damaged library is refused before it is loaded.
     With ``verify`` or ``trusted_keys`` every file is hashed, the weights too; with
     ``trusted_keys`` (public key files or PEM bytes) the manifest must also carry a signature
     by one of them."""
