@@ -117,14 +117,17 @@ def open_checked(folder, *, verify: bool = False, trusted_keys=None) -> dict:
     ``trusted_keys`` (public key files or PEM bytes) the manifest must also carry a signature
     by one of them."""
     folder = Path(folder)
-    everything = verify or bool(trusted_keys)
-    manifest, raw = _read_manifest(folder, everything)
-    if trusted_keys:
+    manifest, raw = _read_manifest(folder, False)
+    if trusted_keys:            # before any hashing: a wrong key fails at once, not after the weights
         from .signing import check_signature
         check_signature(folder, raw, trusted_keys)
-    if not everything:
+    files = manifest["files"]
+    if verify or trusted_keys:
+        _check_self_hash(folder / MANIFEST, manifest, raw)
+    else:
         data = bulk_data(manifest)
-        _check_sha256(folder, {rel: info for rel, info in manifest["files"].items() if rel not in data})
+        files = {rel: info for rel, info in files.items() if rel not in data}
+    _check_sha256(folder, files)
     return manifest
 
 
@@ -138,6 +141,14 @@ def bulk_data(manifest: dict) -> set[str]:
     if isinstance(backend.get("model"), str):
         names.add(backend["model"] + ".data")
     return names & set(manifest["files"])
+
+
+def _check_self_hash(mpath: Path, manifest: dict, raw: bytes) -> None:
+    claimed = manifest.get(SELF_HASH)
+    if not isinstance(claimed, str):
+        raise ArtifactError(mpath, f"the manifest has no {SELF_HASH}")
+    if _self_hash(raw) != claimed:
+        raise ArtifactError(mpath, "does not match its own sha256 (the manifest was edited or damaged)")
 
 
 def _check_sha256(folder: Path, files: dict) -> None:
@@ -181,11 +192,7 @@ def _read_manifest(folder: Path, check_hashes: bool) -> tuple[dict, bytes]:
         if key in backend and (not isinstance(backend[key], str) or backend[key] not in files):
             raise ArtifactError(mpath, f"the backend's {key} {_show(backend[key])} is not a file listed in the manifest")
     if check_hashes:
-        claimed = manifest.get(SELF_HASH)
-        if not isinstance(claimed, str):
-            raise ArtifactError(mpath, f"the manifest has no {SELF_HASH}")
-        if _self_hash(raw) != claimed:
-            raise ArtifactError(mpath, "does not match its own sha256 (the manifest was edited or damaged)")
+        _check_self_hash(mpath, manifest, raw)
     for rel, info in files.items():
         if not rel or Path(rel).is_absolute() or ".." in Path(rel).parts or "\\" in rel or "\0" in rel \
                 or rel == MANIFEST:

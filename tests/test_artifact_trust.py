@@ -379,18 +379,14 @@ def test_wrong_key_is_refused(signed):
     assert p.returncode == 0, p.stderr
 
 
-def test_unsigned_artifact_is_refused_when_a_key_is_required(built, signed):
+def test_unsigned_artifact_is_refused_when_a_key_is_required(built, signed, monkeypatch):
     for args in (["verify", built["onnxrt"], "--key", signed["public"]],
                  ["run", built["onnxrt"], "--ids", "1,2", "-n", "1", "--trusted-key", signed["public"]]):
         one_line(kiln_cli(*args), built["onnxrt"], "is not signed")
-    # an empty list asks for no signature, even with the variable set
-    os.environ["KILN_TRUSTED_KEYS"] = str(signed["public"])
-    try:
-        with pytest.raises(ArtifactError, match="is not signed"):
-            runtime.load(built["onnxrt"])
-        runtime.load(built["onnxrt"], trusted_keys=[])
-    finally:
-        del os.environ["KILN_TRUSTED_KEYS"]
+    monkeypatch.setenv("KILN_TRUSTED_KEYS", str(signed["public"]))
+    with pytest.raises(ArtifactError, match="is not signed"):
+        runtime.load(built["onnxrt"])
+    runtime.load(built["onnxrt"], trusted_keys=[])          # an empty list asks for none
 
 
 @pytest.mark.parametrize("text,message", [("{}", "is not an ed25519 signature"),
@@ -419,3 +415,15 @@ def test_without_cryptography_a_key_is_a_one_line_error(signed, monkeypatch):
     with pytest.raises(KilnError, match=r"pip install 'kiln\[sign\]'"):
         runtime.load(signed["onnxrt"], trusted_keys=[signed["public"]])
     runtime.load(signed["onnxrt"])                                  # no key, no need of it
+
+
+def test_serve_trusted_key_reaches_the_load(signed, monkeypatch):
+    """kiln serve --trusted-key hands the key to the server's runtime.load ($KILN_TRUSTED_KEYS)."""
+    from kiln.cli import main
+    from kiln.runtime import server
+    seen = {}
+    monkeypatch.setenv("KILN_TRUSTED_KEYS", "")      # empty: no key; and cmd_serve's setting is undone after
+    monkeypatch.setattr(server, "serve", lambda artifact, **kw: seen.update(model=runtime.load(artifact)))
+    assert main(["serve", str(signed["onnxrt"]), "--trusted-key", str(signed["public"])]) == 0
+    assert seen["model"].manifest["backend"]["name"] == "onnxrt"
+    assert main(["serve", str(signed["onnxrt"]), "--trusted-key", str(signed["other"])]) == 2
