@@ -53,7 +53,7 @@ def cmd_compile(a) -> int:
                            on_pass=on_pass, on_weight=on_weight, on_stage=on_stage,
                            quant=a.quant, requantize=a.requantize, precision=a.precision,
                            backend=a.backend, arch=a.arch, kv_dtype=a.kv_dtype, force=a.force,
-                           lora=_lora_specs(a))
+                           lora=_lora_specs(a), sign=a.sign)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     if not a.quiet:
         for line in pass_lines:
@@ -66,7 +66,7 @@ def cmd_compile(a) -> int:
 
 def cmd_run(a) -> int:
     from kiln import runtime
-    model = runtime.load(a.artifact, threads=a.threads)
+    model = runtime.load(a.artifact, threads=a.threads, trusted_keys=a.trusted_key)
     if a.ids is not None:
         if a.prompt is not None or a.chat:
             raise ValueError("--ids gives the prompt already rendered; drop --prompt and --chat")
@@ -296,7 +296,10 @@ def cmd_serve(a) -> int:
         from kiln.errors import KilnError
         raise KilnError(None, "kiln serve needs FastAPI and uvicorn: pip install 'kiln[serve]'") from None
     checks.check_port(a.host, a.port)        # before loading, and before "serving on ..."
+    from kiln.runtime import TRUSTED_KEYS_ENV
     from kiln.runtime.server import serve
+    if a.trusted_key:          # the server loads through runtime.load, which reads this
+        os.environ[TRUSTED_KEYS_ENV] = os.pathsep.join(a.trusted_key)
     serve(a.artifact, host=a.host, port=a.port, max_batch=a.max_batch, max_queue=a.max_queue,
           api_key=_api_key(a.api_key), threads=a.threads, names=_served_names(a),
           max_body=a.max_body_size, read_timeout=a.read_timeout)
@@ -342,10 +345,13 @@ def _seconds(text: str) -> float:
 # ---- verify ---------------------------------------------------------------------------------
 
 def cmd_verify(a) -> int:
-    from kiln.artifact import read_manifest
-    m = read_manifest(a.artifact, check_hashes=True)
+    from kiln.artifact import open_checked
+    from kiln.signing import trust_lines
+    m = open_checked(a.artifact, verify=True, trusted_keys=a.key)
     size = sum(f["bytes"] for f in m["files"].values())
     print(f"{a.artifact}: ok, manifest and {len(m['files'])} files match their sha256 ({size / 1e6:.1f} MB)")
+    for line in trust_lines(a.artifact, m, a.key):
+        print(f"{a.artifact}: {line}")
     return 0
 
 
@@ -428,6 +434,10 @@ QUANT_HELP = ("a block type for every matrix (q8_0, q4_0, q4_1, q5_0, q5_1, q2_k
               "mixture (q4_k_m, q4_k_s, q5_k_m, q5_k_s, q3_k_s, q3_k_m, q3_k_l, q2_k_m, q6_k)")
 
 
+TRUSTED_KEY_HELP = ("refuse the artifact unless its manifest is signed by this Ed25519 public key "
+                    "(repeatable; default: the files in $KILN_TRUSTED_KEYS)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kiln", description="Compile, convert and run transformer language models.")
     p.add_argument("--version", action="version", version=_version())
@@ -462,6 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exact: float32 products, equal to the reference interpreter (default); fast: "
                         "int8 activations in quantized matmuls, as llama.cpp computes")
     s.add_argument("-q", "--quiet", action="store_true")
+    s.add_argument("--sign", metavar="KEYFILE", help="sign the manifest with this Ed25519 private key (PEM)")
     s.set_defaults(fn=cmd_compile)
 
     s = sub.add_parser("run", help="generate text with a compiled artifact")
@@ -490,6 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-return-sequences", type=int, default=1, help="beam hypotheses to print, best first")
     _threads_flag(s)
     s.add_argument("-v", "--verbose", action="store_true", help="print timings after the answer")
+    s.add_argument("--trusted-key", metavar="PUBFILE", action="append", help=TRUSTED_KEY_HELP)
     s.set_defaults(fn=cmd_run)
 
     s = sub.add_parser("serve", help="serve an artifact over an OpenAI-compatible HTTP API")
@@ -509,10 +521,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="close connections whose headers take longer than S seconds to arrive; "
                         "408 for a body that does (default 10)")
     _threads_flag(s)
+    s.add_argument("--trusted-key", metavar="PUBFILE", action="append", help=TRUSTED_KEY_HELP)
     s.set_defaults(fn=cmd_serve)
 
     s = sub.add_parser("verify", help="check every file of an artifact against its sha256 in the manifest")
     s.add_argument("artifact")
+    s.add_argument("--key", metavar="PUBFILE", action="append",
+                   help="require a signature by this Ed25519 public key (repeatable: any of them)")
     s.set_defaults(fn=cmd_verify)
 
     s = sub.add_parser("eval", help="perplexity of a text, with a sliding window past the context")

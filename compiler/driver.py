@@ -89,8 +89,11 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
             on_stage: Report | None = None, kv_layout: str = "auto", quant: str | None = None,
             requantize: bool = False, precision: str = "exact", backend: str | None = None,
             arch: str | None = None, kv_dtype: str = "f32", force: bool = False,
-            lora: list[tuple[str, float]] | None = None):
+            lora: list[tuple[str, float]] | None = None, sign=None):
     """Compile a model (path or ModelIR) for ``target`` into the artifact folder ``output``.
+
+    ``sign``: an Ed25519 private key file (PEM); the artifact then carries a signature of its
+    manifest (``manifest.sig``, see ``kiln.signing``), written before it is moved into place.
 
     ``quant`` quantizes a float model's weights first: a block type or a llama.cpp mixture
     (``kiln.quant_schemes``); an already-quantized model is refused unless ``requantize``.
@@ -128,6 +131,9 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
     if kv_dtype == "f16" and backend != "tvm":
         raise KilnError(None, "--kv-dtype f16 needs --backend tvm (the ONNX Runtime backend keeps a float32 cache)")
     scheme = quant_scheme(quant) if quant else None
+    if sign is not None:                    # a bad key is refused before the work, not after
+        from kiln.signing import load_private_key
+        sign = load_private_key(sign)
     src_path = None
     if isinstance(model, (str, os.PathLike)):
         from kiln.frontends.detect import resolve_path
@@ -192,6 +198,9 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
             "compile_seconds": round(time.perf_counter() - t0, 2),
         }
         write_manifest(tmp, manifest)
+        if sign is not None:
+            from kiln.signing import sign as sign_manifest
+            sign_manifest(tmp, sign)
     return Path(output)
 
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from kiln.artifact import ArtifactError
 
+from . import manifest_numbers as numbers
 from .onnx_check import check_external_data
 from .rows import check_join, doubled_capacity, recomputed_at_switch, right_padded, row_order
 
@@ -59,7 +60,7 @@ class OnnxRuntimeSession:
             model_path = Path(folder) / backend["model"]
             self.logits_name = backend["logits"]
             kv = backend["kv_cache"]
-            self.layers, self.kv_heads, self.head_dim = int(kv["layers"]), int(kv["kv_heads"]), int(kv["head_dim"])
+            sizes = kv["layers"], kv["kv_heads"], kv["head_dim"]
             self.layout = kv.get("layout", "concat")
             if self.layout not in ("concat", "shared"):
                 raise ValueError(f"unknown KV-cache layout {self.layout!r}")
@@ -76,11 +77,17 @@ class OnnxRuntimeSession:
             raise ArtifactError(model_path, f"ONNX Runtime cannot load the model: {reason}") from None
         self.output_names = [o.name for o in self.sess.get_outputs()]
         self.input_names = {i.name for i in self.sess.get_inputs()}
+        # the cache's numbers must be the graph's own before a buffer is sized from them
+        self.layers, self.kv_heads, self.head_dim = numbers.check_onnx_cache(
+            folder, *sizes, {i.name: i.shape for i in self.sess.get_inputs()})
         self.cache_names = [f"{k}.{i}" for i in range(self.layers) for k in ("key", "value")]
-        self.max_length = manifest.get("config", {}).get("max_position_embeddings")
+        config = manifest.get("config")
+        config = config if isinstance(config, dict) else {}
+        self.max_length = numbers.max_length(folder, {}, config)
         if self.layout == "shared":
             # positions past the rotary tables the artifact holds cannot be computed
-            self.max_length = min(int(backend.get("max_length") or self.max_length), self.max_length or 1 << 62)
+            self.max_length = min(numbers.max_length(folder, backend, config) or numbers.MAX_LENGTH_CEILING,
+                                  self.max_length or numbers.MAX_LENGTH_CEILING)
         # longrope models rotate with other frequencies past this length; as transformers does,
         # crossing it recomputes the cache so every cached key uses the long frequencies
         self.recompute_past = backend.get("recompute_cache_after") if self.layout == "concat" else None

