@@ -78,6 +78,7 @@ class OnnxRuntimeSession:
         self.input_names = {i.name for i in self.sess.get_inputs()}
         self.cache_names = [f"{k}.{i}" for i in range(self.layers) for k in ("key", "value")]
         self.max_length = manifest.get("config", {}).get("max_position_embeddings")
+        self.vocab_size = manifest.get("config", {}).get("vocab_size")    # ids a prompt may hold
         if self.layout == "shared":
             # positions past the rotary tables the artifact holds cannot be computed
             self.max_length = min(int(backend.get("max_length") or self.max_length), self.max_length or 1 << 62)

@@ -14,6 +14,7 @@ alone or beside others.
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 import time
 from collections import deque
@@ -37,7 +38,8 @@ class QueueFull(RuntimeError):
 @dataclass
 class Event:
     """What a request streams: a new token (``token``, and the text it made final, possibly
-    empty), or the end (``finish_reason`` set: "eos", "stop", "length" or "cancelled").
+    empty), or the end (``finish_reason`` set: "eos", "stop", "length", "cancelled", or
+    "error" when computing this request failed: :attr:`Request.error` says how).
 
     For a request that asked for logprobs, a token of the completion (not EOS or a stop id)
     also carries ``logprob`` and ``top_logprobs`` (``[(id, logprob)]``, most likely first):
@@ -66,6 +68,8 @@ class Request:
     finish_reason: str | None = None
     submitted: float = 0.0
     first_token_at: float | None = None
+    #: why the request ended with finish_reason "error" (``"ExceptionType: message"``)
+    error: str | None = None
     _events: queue.Queue = field(default_factory=queue.Queue)
     _cancelled: bool = False
     _row: int | None = None
@@ -132,6 +136,11 @@ class Scheduler:
     def max_length(self) -> int | None:
         return self.session.max_length
 
+    @property
+    def vocab_size(self) -> int | None:
+        """The ids a prompt may hold are 0..vocab_size-1 (None: the session does not say)."""
+        return getattr(self.session, "vocab_size", None)
+
     # ---- requests -------------------------------------------------------------------------
     def submit(self, prompt: Sequence[int], *, max_tokens: int = 128, temperature: float = 0.0,
                top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
@@ -149,6 +158,10 @@ class Scheduler:
         prompt = [int(t) for t in prompt]
         if not prompt:
             raise ValueError("the prompt has no tokens; the model needs at least one")
+        vocab = self.vocab_size
+        outside = next((t for t in prompt if not 0 <= t < vocab), None) if vocab else None
+        if outside is not None:
+            raise ValueError(f"the prompt's token id {outside} is not in the vocabulary [0, {vocab})")
         _check_count("max_tokens", max_tokens)
         if self.max_length is not None and len(prompt) > self.max_length:
             raise ValueError(f"the prompt has {len(prompt)} tokens but the model holds at most "
@@ -195,7 +208,11 @@ class Scheduler:
     # ---- one step ---------------------------------------------------------------------------
     def step(self) -> bool:
         """Admit waiting requests into free rows, then advance every running row by one token.
-        Returns whether there was anything to do."""
+        Returns whether there was anything to do.
+
+        A failure that belongs to one request (its prefill, its sampling, its event callback)
+        ends that request alone with "error"; the others go on. Only a failure of the batched
+        decode step, which every running row shares, ends the rows that ran in it."""
         worked = False
         for r, req in enumerate(self.rows):
             if req is not None and req._cancelled:
@@ -214,7 +231,11 @@ class Scheduler:
                 continue
             r = self.rows.index(None)
             self.rows[r], req._row = req, r
-            logits = self.session.join_row(r, req.prompt)
+            try:
+                logits = self.session.join_row(r, req.prompt)
+            except Exception as e:
+                self._fail(req, e)
+                continue
             self._take(req, logits)
         running = [r for r, req in enumerate(self.rows) if req is not None]
         if not running:
@@ -223,14 +244,26 @@ class Scheduler:
         active = np.zeros(self.max_batch, dtype=bool)
         for r in running:
             tokens[r], active[r] = self.rows[r]._next, True
-        logits = self.session.step(tokens, active)
+        try:
+            logits = self.session.step(tokens, active)
+        except Exception as e:
+            for r in running:
+                self._fail(self.rows[r], e)
+            return True
         self.steps += 1
         for r in running:
             self._take(self.rows[r], logits[r])
         return True
 
     def _take(self, req: Request, logits: np.ndarray) -> None:
-        """Sample the request's next token from its logits and stream it."""
+        """Sample the request's next token from its logits and stream it; a failure ends this
+        request alone."""
+        try:
+            self._sample(req, logits)
+        except Exception as e:
+            self._fail(req, e)
+
+    def _sample(self, req: Request, logits: np.ndarray) -> None:
         if req._cancelled:
             self._finish(req, "cancelled")
             return
@@ -266,6 +299,14 @@ class Scheduler:
         else:
             req._next = t
 
+    def _fail(self, req: Request, e: BaseException) -> None:
+        """End one request with "error", its message kept on it and logged."""
+        if req.done:
+            return
+        req.error = f"{type(e).__name__}: {e}"
+        print(f"kiln scheduler: a request failed ({req.error}); the others go on", file=sys.stderr)
+        self._finish(req, "error")
+
     def _finish(self, req: Request, reason: str) -> None:
         if req._row is not None:
             self.session.free_row(req._row)
@@ -275,7 +316,11 @@ class Scheduler:
 
     def _end(self, req: Request, reason: str) -> None:
         req.finish_reason = reason
-        req._emit(Event(finish_reason=reason))
+        try:
+            req._emit(Event(finish_reason=reason))
+        except Exception as e:          # its listener failed: the request has ended anyway
+            print(f"kiln scheduler: a request's last event failed ({type(e).__name__}: {e})",
+                  file=sys.stderr)
 
     # ---- the background loop ---------------------------------------------------------------
     def start(self) -> "Scheduler":
@@ -293,12 +338,10 @@ class Scheduler:
                     return
             try:
                 self.step()
-            except Exception as e:                 # a model failure ends every running request
+            except Exception as e:    # not one request's failure (step handles those): a bug
                 for req in [*self.rows]:
                     if req is not None:
-                        self._finish(req, "error")
-                import sys
-                print(f"kiln scheduler: {type(e).__name__}: {e}", file=sys.stderr)
+                        self._fail(req, e)
 
     def stop(self, timeout: float | None = None) -> None:
         """Let queued and running requests finish, then end the loop."""

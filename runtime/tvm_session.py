@@ -86,6 +86,7 @@ class TVMSession:
         self.recompute_past = backend.get("recompute_cache_after")
         self.history = np.zeros((1, 0), dtype=np.int64)
         self.max_length = int(backend.get("max_length") or manifest.get("config", {}).get("max_position_embeddings") or 1 << 30)
+        self.vocab_size = manifest.get("config", {}).get("vocab_size")    # ids a prompt may hold
         self.caches: list = []
         self._inputs: dict = {}
         self._pooled: set = set()
