@@ -2,9 +2,10 @@
 
 A :class:`Scheduler` owns one session (shared KV-cache layout) with ``max_batch`` rows.
 Requests queue (at most ``max_queue`` waiting), take a free row at the next step (their prompt
-prefilled into that row while the other rows keep their state), stream their tokens, and free
-the row when they end (EOS, a stop string or id, ``max_tokens``, the model's length limit, or
-cancellation). No HTTP here: ``kiln serve`` is a thin layer over this.
+prefilled into that row while the other rows keep their state, at most ``prefill_chunk`` tokens
+per step with a decode step of the other rows between chunks), stream their tokens, and free
+the row when they end (EOS, a stop string or id, ``max_tokens``, the model's length limit,
+cancellation, or an error of their own). No HTTP here: ``kiln serve`` is a thin layer over this.
 
 Every request has its own :class:`~kiln.runtime.sampling.Sampler`, drawing from row 0's stream
 of its seed, as a single prompt does in :func:`~kiln.runtime.generation.generate`. Each row of
@@ -29,6 +30,10 @@ from .logprobs import token_logprobs
 from .sampling import Sampler
 
 __all__ = ["Scheduler", "Request", "QueueFull", "Event"]
+
+#: Prompt tokens prefilled per scheduler step by default: SmolLM2 on 2 CPU cores prefills 256
+#: in well under a second, so a long prompt holds the other streams' next token that long.
+PREFILL_CHUNK = 256
 
 
 class QueueFull(RuntimeError):
@@ -78,6 +83,12 @@ class Request:
     _matcher: object = None
     _history: list[int] = field(default_factory=list)
     _next: int = 0
+    _fed: int = 0               # prompt tokens in its row so far
+
+    @property
+    def prefilling(self) -> bool:
+        """Whether it holds a row whose prompt is not all in yet (no token drawn)."""
+        return self._row is not None and self._fed < len(self.prompt)
 
     @property
     def prompt_tokens(self) -> int:
@@ -117,15 +128,21 @@ class Request:
 
 class Scheduler:
     def __init__(self, session, tokenizer=None, *, max_batch: int = 4, max_queue: int = 64,
-                 eos_ids: Iterable[int] | None = None):
-        if max_batch < 1 or max_queue < 0:
-            raise ValueError("max_batch must be >= 1 and max_queue >= 0")
+                 eos_ids: Iterable[int] | None = None, prefill_chunk: int | None = PREFILL_CHUNK):
+        """``prefill_chunk``: the most prompt tokens prefilled per step (None: whole prompts).
+        A long prompt joins its row that many tokens at a time, with a decode step of the
+        running rows between chunks, so it delays their next token by one chunk's prefill at
+        most, and its prefill's activations are one chunk's."""
+        if max_batch < 1 or max_queue < 0 or (prefill_chunk is not None and prefill_chunk < 1):
+            raise ValueError("max_batch and prefill_chunk must be >= 1 and max_queue >= 0")
         self.session, self.tokenizer = session, tokenizer
         self.max_batch, self.max_queue = int(max_batch), int(max_queue)
+        self.prefill_chunk = None if prefill_chunk is None else int(prefill_chunk)
         self.eos_ids = _id_set(getattr(tokenizer, "eos_ids", None) if eos_ids is None else eos_ids)
         session.start_rows(self.max_batch)
         self.rows: list[Request | None] = [None] * self.max_batch
         self.waiting: deque[Request] = deque()
+        self._admitted: deque[Request] = deque()     # holding a row, prompt not all in yet
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
@@ -207,10 +224,11 @@ class Scheduler:
 
     # ---- one step ---------------------------------------------------------------------------
     def step(self) -> bool:
-        """Admit waiting requests into free rows, then advance every running row by one token.
-        Returns whether there was anything to do.
+        """Admit waiting requests into free rows, feed prompts into their rows (at most
+        ``prefill_chunk`` tokens in all, oldest request first), then advance every row whose
+        prompt is in by one token. Returns whether there was anything to do.
 
-        A failure that belongs to one request (its prefill, its sampling, its event callback)
+        A failure that belongs to one request (its prefill, its sampling, its event listener)
         ends that request alone with "error"; the others go on. Only a failure of the batched
         decode step, which every running row shares, ends the rows that ran in it."""
         worked = False
@@ -230,16 +248,13 @@ class Scheduler:
                 self._end(req, "length")
                 continue
             r = self.rows.index(None)
-            self.rows[r], req._row = req, r
-            try:
-                logits = self.session.join_row(r, req.prompt)
-            except Exception as e:
-                self._fail(req, e)
-                continue
-            self._take(req, logits)
-        running = [r for r, req in enumerate(self.rows) if req is not None]
+            self.rows[r], req._row, req._fed = req, r, 0
+            self.session.free_row(r)
+            self._admitted.append(req)
+        self._prefill()
+        running = [r for r, req in enumerate(self.rows) if req is not None and not req.prefilling]
         if not running:
-            return worked
+            return worked or bool(self._admitted)
         tokens = np.zeros(self.max_batch, dtype=np.int64)
         active = np.zeros(self.max_batch, dtype=bool)
         for r in running:
@@ -254,6 +269,32 @@ class Scheduler:
         for r in running:
             self._take(self.rows[r], logits[r])
         return True
+
+    def _prefill(self) -> None:
+        """Feed the admitted prompts into their rows, oldest first, up to ``prefill_chunk``
+        tokens in all; a prompt that is all in draws its first token."""
+        budget = self.prefill_chunk
+        while self._admitted and (budget is None or budget > 0):
+            req = self._admitted[0]
+            if req.done:                 # cancelled or failed meanwhile
+                self._admitted.popleft()
+                continue
+            end = len(req.prompt) if budget is None else min(len(req.prompt), req._fed + budget)
+            try:
+                if req._fed == 0 and end == len(req.prompt):
+                    logits = self.session.join_row(req._row, req.prompt)
+                else:
+                    logits = self.session.extend_row(req._row, req.prompt[req._fed:end])
+            except Exception as e:
+                self._admitted.popleft()
+                self._fail(req, e)
+                continue
+            if budget is not None:
+                budget -= end - req._fed
+            req._fed = end
+            if end == len(req.prompt):
+                self._admitted.popleft()
+                self._take(req, logits)
 
     def _take(self, req: Request, logits: np.ndarray) -> None:
         """Sample the request's next token from its logits and stream it; a failure ends this

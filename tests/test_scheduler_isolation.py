@@ -20,7 +20,8 @@ def llama(request, tmp_path_factory):
 
 
 class Flaky:
-    """A session that fails where told: joining a prompt that starts with POISON, and the
+    """A session that fails where told: joining a prompt that starts with POISON (or a chunk
+    of one that holds it), and the
     batched decode step number ``fail_step``; everything else is the real session's."""
 
     def __init__(self, session, fail_step=None):
@@ -33,6 +34,11 @@ class Flaky:
         if prompt[0] == POISON:
             raise OverflowError("Python int too large to convert to C long")
         return self.inner.join_row(r, prompt)
+
+    def extend_row(self, r, ids):
+        if POISON in ids:
+            raise OverflowError("Python int too large to convert to C long")
+        return self.inner.extend_row(r, ids)
 
     def step(self, tokens, active):
         self.steps += 1
