@@ -192,6 +192,14 @@ def _content(c) -> str:
     return "" if c is None else str(c)
 
 
+async def _client_gone(request) -> None:
+    """Returns once the client of a request whose body was read has disconnected. Starlette's
+    ``is_disconnected()`` never sees it through an http middleware (it polls under a cancelled
+    scope, and the middleware's receive always checkpoints); a receive that waits does."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def create_app(service: Service, api_key: str | None = None):
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
@@ -335,12 +343,23 @@ def create_app(service: Service, api_key: str | None = None):
                     cancel()
             return StreamingResponse(sse(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
+        gone = asyncio.ensure_future(_client_gone(request))
         try:
             left = n
             while left:
-                _, ev = await next_event()
+                if gone.done():
+                    cancel()            # the client went away: free its rows; their ends follow
+                    _, ev = await events.get()
+                else:
+                    get = asyncio.ensure_future(events.get())
+                    await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
+                    if not get.done():
+                        get.cancel()    # an event not taken stays queued
+                        continue
+                    _, ev = get.result()
                 left -= ev.finish_reason is not None
         finally:
+            gone.cancel()
             cancel()
         choices = []
         for i, req in enumerate(reqs):
