@@ -260,7 +260,8 @@ def cmd_serve(a) -> int:
         raise KilnError(None, "kiln serve needs FastAPI and uvicorn: pip install 'kiln[serve]'") from None
     from kiln.runtime.server import serve
     serve(a.artifact, host=a.host, port=a.port, max_batch=a.max_batch, max_queue=a.max_queue,
-          api_key=a.api_key or os.environ.get("KILN_API_KEY") or None, threads=a.threads)
+          api_key=a.api_key or os.environ.get("KILN_API_KEY") or None, threads=a.threads,
+          shutdown_timeout=a.shutdown_timeout)
     return 0
 
 
@@ -384,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health "
                                      "(default: $KILN_API_KEY, else none)")
     s.add_argument("--threads", type=int)
+    s.add_argument("--shutdown-timeout", type=float, default=10.0, metavar="S",
+                   help="on SIGTERM/SIGINT, let running streams go on this many seconds, then end them "
+                        "(finish_reason length); a second signal ends them at once (default 10)")
     s.set_defaults(fn=cmd_serve)
 
     s = sub.add_parser("verify", help="check every file of an artifact against its sha256 in the manifest")

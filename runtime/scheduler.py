@@ -43,7 +43,8 @@ class QueueFull(RuntimeError):
 @dataclass
 class Event:
     """What a request streams: a new token (``token``, and the text it made final, possibly
-    empty), or the end (``finish_reason`` set: "eos", "stop", "length", "cancelled", or
+    empty), or the end (``finish_reason`` set: "eos", "stop", "length", "cancelled", "abort"
+    when the scheduler was told to end everything (:meth:`Scheduler.abort`, a shutdown), or
     "error" when computing this request failed: :attr:`Request.error` says how).
 
     For a request that asked for logprobs, a token of the completion (not EOS or a stop id)
@@ -147,6 +148,7 @@ class Scheduler:
         self._wake = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._aborting = False
         self.steps = 0
 
     @property
@@ -233,15 +235,15 @@ class Scheduler:
         decode step, which every running row shares, ends the rows that ran in it."""
         worked = False
         for r, req in enumerate(self.rows):
-            if req is not None and req._cancelled:
-                self._finish(req, "cancelled")
+            if req is not None and (req._cancelled or self._aborting):
+                self._finish(req, "cancelled" if req._cancelled else "abort")
         while None in self.rows:
             with self._lock:
                 if not self.waiting:
                     break
                 req = self.waiting.popleft()
-            if req._cancelled:
-                self._end(req, "cancelled")
+            if req._cancelled or self._aborting:
+                self._end(req, "cancelled" if req._cancelled else "abort")
                 continue
             worked = True
             if req._limit <= 0:
@@ -383,6 +385,13 @@ class Scheduler:
                 for req in [*self.rows]:
                     if req is not None:
                         self._fail(req, e)
+
+    def abort(self) -> None:
+        """End every running and waiting request at the next step, and any submitted later,
+        with finish_reason "abort" (a shutdown's deadline). Safe from any thread."""
+        with self._lock:
+            self._aborting = True
+            self._wake.notify()
 
     def stop(self, timeout: float | None = None) -> None:
         """Let queued and running requests finish, then end the loop."""

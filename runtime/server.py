@@ -30,7 +30,8 @@ from .scheduler import QueueFull, Scheduler
 # The chat page at GET /: one self-contained HTML file shipped in the package (package-data).
 CHAT_PAGE = files("kiln.runtime") / "web" / "chat.html"
 
-FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "stop", "error": "error"}
+FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "stop", "error": "error",
+          "abort": "length"}     # ended by a shutdown's deadline: cut short, as by max_tokens
 
 
 class APIError(Exception):
@@ -266,7 +267,13 @@ def create_app(service: Service, api_key: str | None = None):
         body = await body_of(request)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        reqs = service.submit(body, chat, lambda i, ev: loop.call_soon_threadsafe(events.put_nowait, (i, ev)))
+
+        def post(i, ev):                # on the scheduler's thread
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, (i, ev))
+            except RuntimeError:        # the loop closed (a forced shutdown): nobody listens
+                pass
+        reqs = service.submit(body, chat, post)
         n, want_logprobs = len(reqs), reqs[0].logprobs is not None
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
@@ -397,12 +404,23 @@ def build(artifact, *, max_batch: int = 8, max_queue: int = 64, api_key: str | N
 
 
 def serve(artifact, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8, max_queue: int = 64,
-          api_key: str | None = None, threads: int | None = None) -> None:
+          api_key: str | None = None, threads: int | None = None, shutdown_timeout: float = 10.0) -> None:
     import uvicorn
+
+    from .shutdown import GracefulServer
+    if not 0 <= shutdown_timeout < 1e6:
+        raise ValueError(f"--shutdown-timeout must be a number of seconds >= 0, got {shutdown_timeout}")
     app, service = build(artifact, max_batch=max_batch, max_queue=max_queue, api_key=api_key, threads=threads)
     print(f"kiln: serving {service.name!r} on http://{host}:{port}/v1 (max batch {max_batch}); "
           f"chat page at http://{host}:{port}/", flush=True)
+    # uvicorn's own graceful timeout only backs ours up: it cancels responses that did not end
+    # (a client that stopped reading) a few seconds after the streams were ended
+    server = GracefulServer(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                           timeout_graceful_shutdown=shutdown_timeout + 5),
+                            service.scheduler, shutdown_timeout)
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+        server.run()
     finally:
+        server.cancel_timers()
+        service.scheduler.abort()           # nobody listens any more
         service.scheduler.stop(timeout=30)

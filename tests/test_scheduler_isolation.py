@@ -152,3 +152,18 @@ def test_prompt_ids_outside_the_vocabulary_are_refused(llama):
     sch.submit([0, vocab - 1], max_tokens=1)
     _drain(sch)
     assert np.all(np.asarray(sch.session.lengths) == 0)
+
+
+def test_abort_ends_running_waiting_and_later_requests(llama):
+    model = runtime.load(llama, threads=1)
+    sch = Scheduler(model.session, None, max_batch=2, prefill_chunk=4, eos_ids=[])
+    running = [sch.submit([3, 4, 5], max_tokens=50), sch.submit(list(range(1, 30)), max_tokens=50)]
+    waiting = sch.submit([6, 7], max_tokens=50)
+    sch.step()
+    sch.step()
+    assert running[0].completion_tokens and running[1].prefilling
+    sch.abort()
+    later = sch.submit([8], max_tokens=5)
+    _drain(sch)
+    assert [r.finish_reason for r in (*running, waiting, later)] == ["abort"] * 4
+    assert sch.active == 0 and list(sch.session.lengths) == [0, 0]

@@ -1,9 +1,12 @@
 """A real ``kiln serve`` on a loopback port, and the ends of its requests: a non-streamed client
-that goes away frees its row."""
+that goes away frees its row, and a shutdown ends running streams by its deadline, each with
+its finish chunk and ``[DONE]``; a second signal exits at once."""
 import json
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -79,3 +82,82 @@ def test_a_non_streamed_client_that_disconnects_frees_its_row(artifact):
         assert time.time() - start < 30
     finally:
         srv.close()
+
+
+def _streams(srv, n: int, max_tokens: int):
+    """n streaming requests on threads; returns (their data lines, an event per first chunk)."""
+    lines = [[] for _ in range(n)]
+    started = [threading.Event() for _ in range(n)]
+
+    def run(i):
+        try:
+            with srv.post({"prompt": COUNTING, "max_tokens": max_tokens, "temperature": 0,
+                           "stream": True}) as r:
+                for line in r:
+                    if line.startswith(b"data: "):
+                        lines[i].append(line[6:].decode().strip())
+                        started[i].set()
+        except OSError as e:
+            lines[i].append(f"error: {e}")
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    for e in started:
+        assert e.wait(60)
+    return lines, threads
+
+
+def _ended_by_shutdown(lines):
+    assert lines[-1] == "[DONE]", lines[-3:]
+    last = json.loads(lines[-2])["choices"][0]
+    assert last["finish_reason"] == "length"
+    # cut short: far fewer than the 1,000 tokens asked
+    assert len(lines) < 500
+
+
+def test_sigterm_ends_running_streams_at_the_deadline(artifact):
+    srv = Served(artifact, "--max-batch", "4", "--shutdown-timeout", "3")
+    try:
+        lines, threads = _streams(srv, 3, 1000)
+        srv.proc.send_signal(signal.SIGTERM)
+        start = time.time()
+        srv.proc.wait(timeout=30)
+        took = time.time() - start
+        for t in threads:
+            t.join(10)
+    finally:
+        out, err = srv.close()
+    assert srv.proc.returncode == 0, err
+    assert "Traceback" not in err and "Event loop is closed" not in err, err
+    # the streams ran on until the 3 s deadline, then ended at once (slack for a busy machine)
+    assert 2.5 < took < 3 + 4, took
+    for stream in lines:
+        _ended_by_shutdown(stream)
+
+
+def test_a_second_signal_ends_everything_at_once(artifact):
+    srv = Served(artifact, "--max-batch", "4", "--shutdown-timeout", "60")
+    try:
+        lines, threads = _streams(srv, 3, 1000)
+        srv.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        srv.proc.send_signal(signal.SIGINT)
+        start = time.time()
+        srv.proc.wait(timeout=30)
+        took = time.time() - start
+        for t in threads:
+            t.join(10)
+    finally:
+        out, err = srv.close()
+    assert srv.proc.returncode == 0, err
+    assert "Traceback" not in err and "Event loop is closed" not in err, err
+    assert took < 5, took
+    for stream in lines:
+        _ended_by_shutdown(stream)
+
+
+def test_a_bad_shutdown_timeout_is_one_line(artifact):
+    r = subprocess.run([sys.executable, "-m", "kiln.cli", "serve", str(artifact), "--shutdown-timeout", "-1"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "--shutdown-timeout" in r.stderr.strip().splitlines()[-1]
