@@ -24,7 +24,7 @@ from kiln.artifact import ArtifactError
 
 from . import manifest_numbers as numbers
 from .cpu_features import missing
-from .rows import check_join, doubled_capacity, recomputed_at_switch, right_padded, row_order
+from .rows import check_extend, check_join, doubled_capacity, recomputed_at_switch, right_padded, row_order
 from .safetensors_index import read_index
 from .tvm_runtime import DEVICE_CODES, RuntimeMissing, TVMRuntime
 
@@ -94,6 +94,7 @@ class TVMSession:
         # longrope's switch (rows.recomputed_at_switch); only "uniform" artifacts have one
         self.recompute_past = backend.get("recompute_cache_after")
         self.history = np.zeros((1, 0), dtype=np.int64)
+        self.vocab_size = (config if isinstance(config, dict) else {}).get("vocab_size")    # ids a prompt may hold
         self.caches: list = []
         self._inputs: dict = {}
         self._pooled: set = set()
@@ -173,18 +174,28 @@ class TVMSession:
         self.reset(batch)
 
     def join_row(self, r: int, prompt: list[int]) -> np.ndarray:
-        """Prefill ``prompt`` into row ``r`` through a view of that row's cache slice (the
-        other rows are not touched); returns its last token's logits, float32 [vocab]."""
-        n = len(prompt)
-        check_join(r, n, self.batch, self.max_length)
-        if n > self.capacity:
-            self._grow(n)
+        """Prefill ``prompt`` into row ``r`` (the other rows are not touched), PREFILL_CHUNK
+        tokens at a time as :meth:`forward` does; returns its last token's logits, float32
+        [vocab]."""
+        check_join(r, len(prompt), self.batch, self.max_length)
+        self.free_row(r)
+        for a in range(0, len(prompt), PREFILL_CHUNK):
+            logits = self.extend_row(r, prompt[a:a + PREFILL_CHUNK])
+        return logits
+
+    def extend_row(self, r: int, ids: list[int]) -> np.ndarray:
+        """Append ``ids`` to row ``r`` through a view of that row's cache slice (the other
+        rows are not touched); returns its last token's logits, float32 [vocab]."""
+        cached, n = int(self.lengths[r]), len(ids)
+        check_extend(r, cached, n, self.batch, self.max_length)
+        if cached + n > self.capacity:
+            self._grow(cached + n)
         views = [self._row_view(c, r) for c in self.caches]
-        args = [self.rt.tensor(np.asarray([prompt], dtype=np.int64)), self.rt.tensor(np.zeros(1, np.int32)),
+        args = [self.rt.tensor(np.asarray([ids], dtype=np.int64)), self.rt.tensor(np.asarray([cached], np.int32)),
                 self.rt.tensor(np.asarray([[n - 1]], dtype=np.int64)), views, self.params]
         self._pool_for(n)
         logits = self.rt.numpy(self._prefill(*args))[0, -1]
-        self.lengths[r] = n
+        self.lengths[r] = cached + n
         self.length = int(self.lengths.max())
         return logits
 
@@ -197,9 +208,11 @@ class TVMSession:
         active = np.asarray(active, dtype=bool)
         if self.recompute_past and active.all():
             return self.forward(ids, last_only=True)[:, -1]      # through the switch's recompute
-        before = np.where(active, self.lengths, 0)
+        # rows not active keep their cache and length (a row between two chunks of its
+        # prompt): their token lands just past their end, where their next tokens go
+        before = self.lengths.copy()
         logits = self._run(ids, before, np.zeros((self.batch, 1), dtype=np.int64))
-        self.lengths = np.where(active, before + 1, 0)
+        self.lengths = np.where(active, before + 1, before)
         self.length = int(self.lengths.max())
         return logits[:, -1]
 
