@@ -32,6 +32,12 @@ class ArchConfig:
     output_bias: bool = False         # o_proj bias
     mlp_bias: bool = False
     qk_norm: bool = False             # qwen3: RMSNorm over each head of q and k
+    qk_norm_whole: bool = False       # olmo2: the q/k norms span the whole projection (all heads at once)
+    pre_norm: bool = True             # a norm before attention and before the MLP (olmo2 has none)
+    post_norm: bool = False           # a norm on the attention and MLP outputs, before the residual add
+                                      # (olmo2; gemma2/3 have both)
+    residual_scale: float = 1.0       # granite: attention and MLP outputs times this before the residual add
+    logit_scale: float = 1.0          # granite: the logits divided by this
     tie_word_embeddings: bool = False
     embed_scale: float = 1.0          # gemma multiplies embeddings by sqrt(hidden)
     learned_positions: bool = False   # gpt2
@@ -97,6 +103,8 @@ LLAMA_GGUF = {
     "layers.{i}.q_norm": "blk.{i}.attn_q_norm.weight",
     "layers.{i}.k_norm": "blk.{i}.attn_k_norm.weight",
     "layers.{i}.mlp_norm": "blk.{i}.ffn_norm.weight",
+    "layers.{i}.attn_post_norm": "blk.{i}.post_attention_norm.weight",
+    "layers.{i}.mlp_post_norm": "blk.{i}.post_ffw_norm.weight",
     "layers.{i}.gate.weight": "blk.{i}.ffn_gate.weight",
     "layers.{i}.up.weight": "blk.{i}.ffn_up.weight",
     "layers.{i}.down.weight": "blk.{i}.ffn_down.weight",
@@ -117,6 +125,11 @@ class Family:
     hf_conv1d: bool = False               # HF stores linear weights [in, out] (GPT-2's Conv1D)
     hf_config_aliases: dict = field(default_factory=dict)   # canonical key -> this family's key
     flags: dict = field(default_factory=dict)               # ArchConfig fields fixed by the family
+    # ArchConfig scalar fields the family states in its config: field -> config.json key / GGUF key
+    # (after the architecture prefix); a key that is absent leaves the field's default
+    hf_scalars: dict = field(default_factory=dict)
+    gguf_scalars: dict = field(default_factory=dict)
+    gguf_norm_plus_one: bool = False      # llama.cpp stores (1 + w) for the family's RMSNorm scales (gemma)
 
 
 FAMILIES: dict[str, Family] = {}
@@ -131,8 +144,22 @@ _family(Family("llama", ("llama",), "llama", LLAMA_HF, LLAMA_GGUF, rope_permuted
 _family(Family("mistral", ("mistral",), "llama", LLAMA_HF, LLAMA_GGUF, rope_permuted_in_gguf=True))
 _family(Family("qwen2", ("qwen2",), "qwen2", LLAMA_HF, LLAMA_GGUF))
 _family(Family("qwen3", ("qwen3",), "qwen3", LLAMA_HF, LLAMA_GGUF))
-_family(Family("gemma", ("gemma",), "gemma", LLAMA_HF, LLAMA_GGUF,
+_family(Family("gemma", ("gemma",), "gemma", LLAMA_HF, LLAMA_GGUF, gguf_norm_plus_one=True,
               flags={"norm_offset": 1.0, "tie_word_embeddings": True}))
+# granite: llama with four multipliers (llama.cpp names them *_scale; its logit_scale divides)
+_family(Family("granite", ("granite",), "granite", LLAMA_HF, LLAMA_GGUF, rope_permuted_in_gguf=True,
+               hf_scalars={"embed_scale": "embedding_multiplier", "residual_scale": "residual_multiplier",
+                           "attn_scale": ("attention_multiplier", 1.0), "logit_scale": "logits_scaling"},
+               gguf_scalars={"embed_scale": "embedding_scale", "residual_scale": "residual_scale",
+                             "attn_scale": "attention.scale", "logit_scale": "logit_scale"}))
+
+# olmo2: no norms before attention and MLP, one on each output instead (HF's post_attention_layernorm
+# is that output norm here, not llama's pre-MLP norm); q/k norms over the whole projection
+OLMO2_HF = {k: v for k, v in LLAMA_HF.items() if k not in ("layers.{i}.attn_norm", "layers.{i}.mlp_norm")}
+OLMO2_HF.update({"layers.{i}.attn_post_norm": "model.layers.{i}.post_attention_layernorm.weight",
+                 "layers.{i}.mlp_post_norm": "model.layers.{i}.post_feedforward_layernorm.weight"})
+_family(Family("olmo2", ("olmo2",), "olmo2", OLMO2_HF, LLAMA_GGUF,
+               flags={"qk_norm": True, "qk_norm_whole": True, "pre_norm": False, "post_norm": True}))
 
 def _without_split_parts(table: dict) -> dict:
     return {k: v for k, v in table.items() if not (k.count(".") == 3 and k.split(".")[2] in ("q", "k", "v", "gate", "up"))}
@@ -250,8 +277,9 @@ def roles_from_file(path, tensors: dict, table: dict, cfg: "ArchConfig", *, laye
                 raise KilnError(path, f"tensor {roles.get(role) or roles.get(fused, role)} is missing "
                                       f"(needed for {role})")
     # the other tensors the builder cannot do without (biases are optional)
-    per_layer = ["attn_norm", "mlp_norm"] + (["gate.weight"] if cfg.gated_mlp else []) \
-        + (["q_norm", "k_norm"] if cfg.qk_norm else [])
+    per_layer = (["attn_norm", "mlp_norm"] if cfg.pre_norm else []) \
+        + (["attn_post_norm", "mlp_post_norm"] if cfg.post_norm else []) \
+        + (["gate.weight"] if cfg.gated_mlp else []) + (["q_norm", "k_norm"] if cfg.qk_norm else [])
     needed = ["final_norm"] + (["pos_embed"] if cfg.learned_positions else []) \
         + (["lm_head"] if not cfg.tie_word_embeddings else []) + [f"layers.{i}.{r}" for i in range(n) for r in per_layer]
     for role in needed:
@@ -333,7 +361,9 @@ def check_shapes(path, w: dict, cfg: ArchConfig) -> None:
                        p + "o.weight": (E, H * D), p + "up.weight": (F, E), p + "down.weight": (E, F),
                        p + "gate.weight": (F, E), p + "attn_norm": (E,), p + "mlp_norm": (E,),
                        p + "q.bias": (H * D,), p + "k.bias": (KV * D,), p + "v.bias": (KV * D,), p + "o.bias": (E,),
-                       p + "up.bias": (F,), p + "down.bias": (E,), p + "q_norm": (D,), p + "k_norm": (D,)})
+                       p + "up.bias": (F,), p + "down.bias": (E,), p + "attn_post_norm": (E,), p + "mlp_post_norm": (E,),
+                       p + "q_norm": (H * D,) if cfg.qk_norm_whole else (D,),
+                       p + "k_norm": (KV * D,) if cfg.qk_norm_whole else (D,)})
     expect.update({"final_norm": (E,), "lm_head": (cfg.vocab_size, E)})
     for role, shape in expect.items():
         if role in w and w[role].shape != shape:
@@ -365,6 +395,8 @@ def check_config(path, cfg: ArchConfig, keys: dict | None = None) -> None:
         # checked before the rotary tables below are computed: their size follows the head size
         raise KilnError(path, f"{keys.get('head_dim', 'head_dim')} is {cfg.head_dim}; kiln handles heads of up to "
                               f"{MAX_HEAD_DIM} dimensions")
+    if cfg.logit_scale == 0:
+        raise KilnError(path, f"{keys.get('logit_scale', 'logit_scale')} is 0; the logits are divided by it")
     if cfg.rotary_dim < 0 or cfg.rotary_dim > cfg.head_dim or cfg.rotary_dim % 2:
         raise KilnError(path, f"rotary dimension {cfg.rotary_dim} is not an even number up to the head size {cfg.head_dim}")
     if cfg.rotary_dim:

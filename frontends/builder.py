@@ -79,14 +79,16 @@ def build_graph(cfg: ArchConfig, weights: dict[str, Weight], name: str = "model"
     for i in range(cfg.num_layers):
         e.scope = f"layers.{i}."
         p = f"layers.{i}."
-        x = _norm(e, cfg, h, w(p + "attn_norm"), w(p + "attn_norm_bias"), name="attn_norm")
-        h = e.Add(h, _attention(e, cfg, x, p, w, cos, sin, mask), name="attn_residual")
-        x = _norm(e, cfg, h, w(p + "mlp_norm"), w(p + "mlp_norm_bias"), name="mlp_norm")
-        h = e.Add(h, _mlp(e, cfg, x, p, w), name="mlp_residual")
+        x = _norm(e, cfg, h, w(p + "attn_norm"), w(p + "attn_norm_bias"), name="attn_norm") if cfg.pre_norm else h
+        h = _residual(e, cfg, h, _attention(e, cfg, x, p, w, cos, sin, mask), w(p + "attn_post_norm"), "attn")
+        x = _norm(e, cfg, h, w(p + "mlp_norm"), w(p + "mlp_norm_bias"), name="mlp_norm") if cfg.pre_norm else h
+        h = _residual(e, cfg, h, _mlp(e, cfg, x, p, w), w(p + "mlp_post_norm"), "mlp")
     e.scope = ""
     h = _norm(e, cfg, h, w("final_norm"), w("final_norm_bias"), name="final_norm")
     head = w("embed") if cfg.tie_word_embeddings else w("lm_head")
     logits = _linear(e, h, head, w("lm_head_bias") if not cfg.tie_word_embeddings else None, name="lm_head")
+    if cfg.logit_scale != 1.0:
+        logits = e.Div(logits, e.c(np.float32(cfg.logit_scale)), name="logit_scale")
     logits.name = g.fresh_name("logits") if logits.name != "logits" else logits.name
     g.outputs = [logits]
     return g
@@ -98,6 +100,15 @@ def _linear(e: _Emit, x: Value, weight: Value, bias: Value | None, name: str) ->
     if bias is not None:
         y = e.Add(y, bias, name=f"{name}.bias")
     return y
+
+
+def _residual(e: _Emit, cfg: ArchConfig, h: Value, out: Value, post_norm: Value | None, name: str) -> Value:
+    """h + the block's output, after its post-norm (olmo2, gemma2/3) and granite's multiplier."""
+    if cfg.post_norm:
+        out = _norm(e, cfg, out, post_norm, None, name=f"{name}_post_norm")
+    if cfg.residual_scale != 1.0:
+        out = e.Mul(out, e.c(np.float32(cfg.residual_scale)), name=f"{name}_residual_scale")
+    return e.Add(h, out, name=f"{name}_residual")
 
 
 def _norm(e: _Emit, cfg: ArchConfig, x: Value, weight: Value, bias: Value | None, name: str) -> Value:
@@ -191,7 +202,10 @@ def _attention(e: _Emit, cfg: ArchConfig, x: Value, p: str, w, cos, sin, mask) -
     q = _linear(e, x, w(p + "q.weight"), w(p + "q.bias"), name="q_proj")
     k = _linear(e, x, w(p + "k.weight"), w(p + "k.bias"), name="k_proj")
     v = _linear(e, x, w(p + "v.weight"), w(p + "v.bias"), name="v_proj")
-    if cfg.qk_norm:
+    if cfg.qk_norm and cfg.qk_norm_whole:
+        q = _heads(e, _norm(e, cfg, q, w(p + "q_norm"), None, name="q_norm"), H, D, "q")
+        k = _heads(e, _norm(e, cfg, k, w(p + "k_norm"), None, name="k_norm"), KV, D, "k")
+    elif cfg.qk_norm:
         q = e.Reshape(q, e.i64([0, 0, H, D]), name="q.split_heads")
         k = e.Reshape(k, e.i64([0, 0, KV, D]), name="k.split_heads")
         q = e.Transpose(_head_norm(e, cfg, q, w(p + "q_norm"), "q_norm"), perm=[0, 2, 1, 3], name="q.heads_first")

@@ -7,6 +7,7 @@ permutation, which whole-row block formats survive untouched.
 """
 from __future__ import annotations
 
+import math
 import os
 import reprlib
 from pathlib import Path
@@ -97,8 +98,15 @@ def arch_config(meta: dict, tensors: dict, path) -> tuple[A.Family, A.ArchConfig
         raise KilnError(path, f"bad model metadata: {text if len(text) <= 160 else text[:157] + '...'}") from None
     for k, v in family.flags.items():
         setattr(cfg, k, v)
+    for f, suffix in family.gguf_scalars.items():
+        v = key(suffix, required=False, whole=False)
+        if v is not None and not math.isfinite(v):
+            raise KilnError(path, f"metadata key {arch}.{suffix} is {v}, not a finite number")
+        if v is not None:
+            setattr(cfg, f, gguf_rope.short_float(v))
+    if family.gguf_norm_plus_one:
+        cfg.norm_offset = 0.0        # llama.cpp stores the norm weights with the 1 already added
     if family.name == "gemma":
-        cfg.norm_offset = 0.0        # llama.cpp stores gemma's norm weights with the 1 already added
         cfg.embed_scale = float(hidden) ** 0.5
         cfg.activation = "gelu_tanh"
     if family.name == "qwen3":
@@ -106,7 +114,7 @@ def arch_config(meta: dict, tensors: dict, path) -> tuple[A.Family, A.ArchConfig
     if family.name == "gpt2":
         cfg.activation = "gelu_tanh"
         cfg.tie_word_embeddings = "output.weight" not in tensors
-    keys = {f: f"{arch}.{k}" for f, k in _METADATA_KEYS.items()}
+    keys = {f: f"{arch}.{k}" for f, k in {**_METADATA_KEYS, **family.gguf_scalars}.items()}
     A.check_config(path, cfg, keys)
     cfg.rope_scaling = gguf_rope.from_gguf(meta, tensors, cfg, arch, path)
     if cfg.rope_scaling:
@@ -210,6 +218,10 @@ def _metadata(model: ModelIR, family: A.Family, cfg: A.ArchConfig, file_type: in
     if cfg.head_dim * cfg.num_heads != cfg.hidden_size or family.name in ("gemma", "qwen3"):
         m[f"{arch}.attention.key_length"] = typed(cfg.head_dim, "uint32")
         m[f"{arch}.attention.value_length"] = typed(cfg.head_dim, "uint32")
+    for f, suffix in family.gguf_scalars.items():
+        v = getattr(cfg, f)
+        if v is not None:
+            m[f"{arch}.{suffix}"] = typed(float(v), "float32")
     m.update(gguf_rope.for_gguf(cfg, arch)[0])      # rope scaling and attention window
     if model.tokenizer is not None:
         from .tokenizer import to_gguf_metadata
@@ -233,7 +245,7 @@ def gguf_tensors(model: ModelIR, family: A.Family, cfg: A.ArchConfig) -> dict[st
             for r, heads in (("q", cfg.num_heads), ("k", cfg.num_kv_heads)):
                 role = f"layers.{i}.{r}.weight"
                 weights[role] = weights[role].take_rows(rope_permute_rows(weights[role].shape[0], heads))
-    if family.name == "gemma" and cfg.norm_offset:
+    if family.gguf_norm_plus_one and cfg.norm_offset:
         weights = A.shift_norms(weights, +1.0)      # llama.cpp stores gemma's (1 + w) norm scale
     return A.to_file_names(weights, family.gguf_names, family, cfg, "GGUF")
 

@@ -61,7 +61,9 @@ def arch_config(cfg: dict, path: Path) -> tuple[A.Family, A.ArchConfig]:
     if family is None:
         raise KilnError(path / "config.json", f"unsupported architecture {_show(model_type, repr)} "
                         f"(kiln reads: {', '.join(sorted({t for f in A.FAMILIES.values() for t in f.hf_model_types}))})")
-    for key in (*_NUMBERS, *(family.hf_config_aliases[k] for k in _NUMBERS if k in family.hf_config_aliases)):
+    scalars = {f: _scalar_key(k) for f, k in family.hf_scalars.items()}
+    for key in (*_NUMBERS, *(family.hf_config_aliases[k] for k in _NUMBERS if k in family.hf_config_aliases),
+                *scalars.values()):
         v = cfg.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
             raise KilnError(path / "config.json", f"{key} is {_show(v)}, not a number")
@@ -119,11 +121,21 @@ def arch_config(cfg: dict, path: Path) -> tuple[A.Family, A.ArchConfig]:
         raise KilnError(path / "config.json", f"config is missing or has a bad value for {_show(str(e))[1:-1]}") from None
     for k, v in family.flags.items():
         setattr(c, k, v)
+    for f, spec in family.hf_scalars.items():
+        v = cfg.get(scalars[f], spec[1] if isinstance(spec, tuple) else None)
+        if v is not None:
+            setattr(c, f, float(v))
     if family.name == "gemma":
         c.embed_scale = float(hidden) ** 0.5
     keys = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads", "num_kv_heads": "num_key_value_heads"}
-    A.check_config(path / "config.json", c, {f: family.hf_config_aliases.get(k, k) for f, k in keys.items()})
+    A.check_config(path / "config.json", c, {**{f: family.hf_config_aliases.get(k, k) for f, k in keys.items()},
+                                             **scalars})
     return family, c
+
+
+def _scalar_key(spec) -> str:
+    """A Family.hf_scalars entry is a config key, or (key, transformers' default when absent)."""
+    return spec[0] if isinstance(spec, tuple) else spec
 
 
 # config.json keys that hold numbers (checked up front, so an error names the key)
@@ -248,7 +260,7 @@ def _generation_config(folder: Path, vocab_size: int) -> dict:
 
 HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                     "qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM", "phi3": "Phi3ForCausalLM",
-                    "gpt2": "GPT2LMHeadModel"}
+                    "gpt2": "GPT2LMHeadModel", "granite": "GraniteForCausalLM", "olmo2": "Olmo2ForCausalLM"}
 _HF_ACT = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
 _TORCH_DTYPE = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
 DEFAULT_SHARD_BYTES = 2 * 1024**3
@@ -281,7 +293,12 @@ def hf_config(cfg: A.ArchConfig, family: A.Family, dtype: str) -> dict:
             out["rope_scaling"] = dict(cfg.rope_scaling)
         if cfg.rotary_dim != cfg.head_dim:
             out["partial_rotary_factor"] = cfg.rotary_dim / cfg.head_dim
-    if family.name in ("llama", "qwen3"):
+    for f, spec in family.hf_scalars.items():
+        v = getattr(cfg, f)
+        if f == "attn_scale" and v is None:
+            v = cfg.head_dim ** -0.5
+        out[_scalar_key(spec)] = v
+    if family.name in ("llama", "qwen3", "granite", "olmo2"):
         out["attention_bias"] = cfg.attention_bias
         out["mlp_bias"] = cfg.mlp_bias
     if family.name == "gemma":
@@ -321,7 +338,7 @@ def hf_tensors(weights: dict[str, Weight], family: A.Family, cfg: A.ArchConfig) 
     weights = dict(weights)
     if cfg.tie_word_embeddings:
         weights.pop("lm_head", None)
-    if family.name == "gemma" and not cfg.norm_offset:
+    if family.gguf_norm_plus_one and not cfg.norm_offset:
         weights = A.shift_norms(weights, -1.0)      # read from GGUF, where the 1 was added
     out = {}
     for name, (role, w) in A.to_file_names(weights, family.hf_names, family, cfg, "Hugging Face").items():

@@ -10,7 +10,8 @@ separate venv outside the repository (torch 2.13.0 CPU installs from this machin
 Every variant is a real ``save_pretrained`` folder (random weights, fixed seeds, vocab 128,
 2 layers) that exercises one config feature the six shared fixture families don't:
 q/k norms, rope scaling types, partial rotary, MQA, biases, half-precision checkpoints,
-sliding windows and PyTorch ``.bin`` checkpoints. Its ``reference.npz`` is computed by
+sliding windows and PyTorch ``.bin`` checkpoints; and the families beyond the shared fixtures
+(granite, olmo2, gemma2, gemma3), each with its own features switched on. Its ``reference.npz`` is computed by
 transformers itself (eager attention, float32) from the folder as saved, with the same keys
 as the shared fixtures (../shared/fixtures/README.md):
 
@@ -128,6 +129,21 @@ VARIANTS = {
         feature="PyTorch checkpoint pytorch_model.bin (torch.save of the state dict, as "
                 "save_pretrained(safe_serialization=False) wrote it) instead of safetensors",
         contrast=None),
+    "granite": dict(
+        model_type="granite",
+        config=dict(embedding_multiplier=6.0, residual_multiplier=0.25, attention_multiplier=0.125,
+                    logits_scaling=4.0),
+        feature="granite: embeddings times embedding_multiplier 6, attention and MLP outputs times "
+                "residual_multiplier 0.25, attention scale attention_multiplier 0.125 (not 1/sqrt(8)), "
+                "logits divided by logits_scaling 4",
+        contrast=dict(embedding_multiplier=1.0, residual_multiplier=1.0, attention_multiplier=8 ** -0.5,
+                      logits_scaling=1.0)),
+    "olmo2": dict(
+        model_type="olmo2", config={},
+        feature="olmo2: no norm before attention or the MLP, an RMSNorm on each one's output before the "
+                "residual add (post_attention_layernorm, post_feedforward_layernorm); q/k RMSNorms over the "
+                "whole projection (weights of 32 and 16), not per head",
+        contrast=None),
 }
 
 
@@ -241,6 +257,7 @@ def make(name: str, spec: dict, base_seed: int) -> dict:
     cfg = json.loads((folder / "config.json").read_text())
     return {
         "model_type": spec["model_type"],
+        "transformers_version": transformers.__version__,
         "feature": spec["feature"],
         "dtype": spec.get("dtype", "float32"),
         "format": "pytorch_model.bin" if spec.get("bin") else "safetensors",
@@ -248,7 +265,10 @@ def make(name: str, spec: dict, base_seed: int) -> dict:
         "config": {k: cfg[k] for k in ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
                                        "intermediate_size", "rope_parameters", "sliding_window",
                                        "original_max_position_embeddings", "max_position_embeddings",
-                                       "attention_bias", "mlp_bias", "tie_word_embeddings") if k in cfg},
+                                       "attention_bias", "mlp_bias", "tie_word_embeddings", "embedding_multiplier",
+                                       "residual_multiplier", "attention_multiplier", "logits_scaling",
+                                       "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
+                                       "layer_types") if k in cfg},
         "contrast": spec.get("contrast"),
         "contrast_max_abs": contrast,
         **checks,

@@ -5,7 +5,9 @@ tests/data/hf_variants/ holds tiny random checkpoints made by transformers itsel
 exercises one config feature: q/k norms and a head_dim unlike hidden/heads (qwen3), rope
 scaling types (linear, llama3, dynamic, yarn, longrope), partial rotary, multi-query
 attention, q/k/v/o and MLP biases, bf16 and f16 checkpoints, a sliding window, and a PyTorch
-.bin checkpoint. index.json says which variant exercises what and records the versions.
+.bin checkpoint; and the families without a shared fixture (granite's multipliers, olmo2's
+post-norms and whole-projection q/k norms), which also go HF -> GGUF -> compile. index.json says
+which variant exercises what and records the versions.
 
 Same checks as test_hf_families.py: the interpreter's full-sequence logits, then the compiled
 artifact's (ONNX Runtime and TVM) logits and 16 greedy tokens through its KV cache. These found
@@ -27,6 +29,7 @@ import pytest
 from conftest import greedy_decode
 
 from kiln.driver import compile as kiln_compile
+from kiln.driver import convert
 from kiln.frontends import hf
 from kiln.interp import run
 from kiln.verify import verify
@@ -35,7 +38,15 @@ DATA = Path(__file__).resolve().parent / "data" / "hf_variants"
 
 VARIANTS = ["qwen3", "llama_rope_linear", "llama_rope_llama3", "llama_rope_dynamic", "qwen2_yarn",
             "phi3_longrope", "phi3_partial_rotary", "llama_mqa", "llama_bias", "llama_untied_bf16",
-            "llama_f16", "mistral_sliding", "llama_bin"]
+            "llama_f16", "mistral_sliding", "llama_bin", "granite", "olmo2"]
+
+# Families beyond the shared fixtures: also written to GGUF with llama.cpp's names and keys,
+# read back and compiled. Per family, the llama.cpp keys (after the architecture prefix) that
+# carry what sets the family apart.
+GGUF_KEYS = {
+    "granite": ("embedding_scale", "residual_scale", "attention.scale", "logit_scale"),
+    "olmo2": (),
+}
 
 # Known gaps in kiln, found with these fixtures. strict: when kiln is fixed the test fails
 # until the mark is removed.
@@ -119,3 +130,60 @@ def test_compiled_artifact_matches_transformers(name, backend, tmp_path):
     if name not in DECODE_DIFFERS:
         # each step's logits; a full pass computes the same numbers except where noted
         np.testing.assert_allclose(logits, ref["greedy_logits"], rtol=0, atol=BOUND)
+
+
+@pytest.mark.parametrize("name", sorted(GGUF_KEYS))
+def test_gguf_uses_llama_cpp_names_and_converts_back(name, tmp_path):
+    """kiln's GGUF holds only tensor names llama.cpp's architecture defines (gguf-py's tables),
+    its keys, and converts back to the very HF tensors and multipliers."""
+    import gguf
+
+    from kiln.frontends.gguf_file import read_gguf
+    from kiln.frontends.safetensors_file import read_safetensors
+    folder = _folder(name)
+    convert(folder, tmp_path / "m.gguf", to="gguf")
+    f = read_gguf(tmp_path / "m.gguf")
+    arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == name)
+    allowed = {gguf.TENSOR_NAMES[t].format(bid=i) + ".weight" for t in gguf.MODEL_TENSORS[arch] for i in range(2)}
+    assert f.metadata["general.architecture"] == name
+    assert set(f.tensors) <= allowed, sorted(set(f.tensors) - allowed)
+    config = json.loads((folder / "config.json").read_text())
+    for key in GGUF_KEYS[name]:
+        assert f"{name}.{key}" in f.metadata, key
+    convert(tmp_path / "m.gguf", tmp_path / "back", to="hf")
+    before = read_safetensors(folder / "model.safetensors").tensors
+    after = read_safetensors(tmp_path / "back" / "model.safetensors").tensors
+    assert sorted(after) == sorted(before)
+    for k in before:
+        assert after[k].raw().tobytes() == before[k].raw().tobytes(), k
+    back = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert back["model_type"] == config["model_type"]
+    for key in ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling"):
+        assert back.get(key) == config.get(key), key
+
+
+@pytest.mark.parametrize("backend", ["onnxrt", "tvm"])
+@pytest.mark.parametrize("name", sorted(GGUF_KEYS))
+def test_gguf_round_trip_matches_transformers(name, backend, tmp_path):
+    """HF -> GGUF (llama.cpp's layout: q/k rows interleaved where its rope wants them) -> compile."""
+    from kiln import runtime
+    folder = _folder(name)
+    convert(folder, tmp_path / "m.gguf", to="gguf")
+    out = kiln_compile(tmp_path / "m.gguf", target="cpu", output=tmp_path / f"{name}.kiln", verify=True,
+                       backend=backend)
+    model = runtime.load(out)
+    ref = np.load(folder / "reference.npz")
+    np.testing.assert_allclose(model.logits(ref["input_ids"]), ref["logits"], rtol=0, atol=BOUND)
+    tokens, logits = greedy_decode(model.session, ref["prompt"], 16)
+    assert tokens == ref["greedy"].tolist()
+    np.testing.assert_allclose(logits, ref["greedy_logits"], rtol=0, atol=BOUND)
+
+
+def test_unsupported_architecture_names_every_family(tmp_path):
+    """The error for an unknown model_type lists what kiln reads, the later families included."""
+    from kiln.errors import KilnError
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(KilnError) as e:
+        hf.read(tmp_path)
+    for name in GGUF_KEYS:
+        assert name in str(e.value), name
