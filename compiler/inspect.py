@@ -36,6 +36,22 @@ def _config_table(cfg: dict, title: str) -> Table:
     return t
 
 
+def attention_layers(cfg: dict) -> str | None:
+    """Which layers attend within a sliding window, in one line (None: none do)."""
+    window = cfg.get("sliding_window")
+    if not window:
+        return None
+    types = cfg.get("layer_types") or []
+    if not types or all(t == "sliding_attention" for t in types):
+        return f"attention: every layer within a sliding window of {window} tokens"
+    if "sliding_attention" not in types:
+        return "attention: every layer global"
+    marks = "".join("S" if t == "sliding_attention" else "G" for t in types)
+    n = marks.count("S")
+    return (f"attention: {n} of {len(types)} layers within a sliding window of {window} tokens (S), the others "
+            f"global (G), layer 0 first: {marks}")
+
+
 def describe(path, console, graph: str | None = None) -> None:
     from kiln.frontends.detect import resolve_path
     p = resolve_path(path)
@@ -45,6 +61,8 @@ def describe(path, console, graph: str | None = None) -> None:
         console.print(f"[bold]{p}[/]: kiln artifact (format {m['format_version']}, kiln {m.get('kiln_version')})")
         source = m.get("source") or {}
         console.print(f"architecture {m.get('architecture')}, target {m.get('target')}, backend {m['backend'].get('name')}")
+        if isinstance(m.get("config"), dict) and (line := attention_layers(m["config"])):
+            console.print(line, markup=False, soft_wrap=True)
         console.print(f"source {source.get('format')} {source.get('path')} sha256 {source.get('sha256')}")
         b = m["backend"]
         kv = b.get("kv_cache") or {}
@@ -103,6 +121,8 @@ def describe(path, console, graph: str | None = None) -> None:
         if tok is not None:
             console.print(f"tokenizer: {tok.tokenizer.get_vocab_size()} tokens, bos {tok.bos_id}, eos {tok.eos_ids}, "
                           f"chat template {'yes' if tok.chat_template else 'no'}")
+        if line := attention_layers(model.config):
+            console.print(line, markup=False, soft_wrap=True)
         console.print(f"graph: {len(model.graph.nodes)} nodes, {len(model.graph.weights)} weights; ops {model.graph.op_counts()}")
         if graph:
             write_graph(model.graph, graph)

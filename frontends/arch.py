@@ -38,6 +38,12 @@ class ArchConfig:
                                       # (olmo2; gemma2/3 have both)
     residual_scale: float = 1.0       # granite: attention and MLP outputs times this before the residual add
     logit_scale: float = 1.0          # granite: the logits divided by this
+    attn_softcap: float | None = None     # gemma2: scores -> cap * tanh(scores / cap) before the mask
+    final_softcap: float | None = None    # gemma2/3: logits -> cap * tanh(logits / cap)
+    # per layer "sliding_attention" (the window applies) or "full_attention", as transformers
+    # names them; empty: every layer uses sliding_window (if any)
+    layer_types: list = field(default_factory=list)
+    rope_local_theta: float | None = None  # gemma3: sliding layers rotate at this base, unscaled
     tie_word_embeddings: bool = False
     embed_scale: float = 1.0          # gemma multiplies embeddings by sqrt(hidden)
     learned_positions: bool = False   # gpt2
@@ -130,6 +136,10 @@ class Family:
     hf_scalars: dict = field(default_factory=dict)
     gguf_scalars: dict = field(default_factory=dict)
     gguf_norm_plus_one: bool = False      # llama.cpp stores (1 + w) for the family's RMSNorm scales (gemma)
+    scaled_embedding: bool = False        # gemma: embeddings times sqrt(hidden_size)
+    # gemma2/3: transformers' layer_types when a config has none (every Nth layer global), which
+    # is also the pattern llama.cpp assumes for a GGUF without sliding_window_pattern
+    global_every: int = 0
 
 
 FAMILIES: dict[str, Family] = {}
@@ -144,8 +154,25 @@ _family(Family("llama", ("llama",), "llama", LLAMA_HF, LLAMA_GGUF, rope_permuted
 _family(Family("mistral", ("mistral",), "llama", LLAMA_HF, LLAMA_GGUF, rope_permuted_in_gguf=True))
 _family(Family("qwen2", ("qwen2",), "qwen2", LLAMA_HF, LLAMA_GGUF))
 _family(Family("qwen3", ("qwen3",), "qwen3", LLAMA_HF, LLAMA_GGUF))
-_family(Family("gemma", ("gemma",), "gemma", LLAMA_HF, LLAMA_GGUF, gguf_norm_plus_one=True,
+_family(Family("gemma", ("gemma",), "gemma", LLAMA_HF, LLAMA_GGUF, gguf_norm_plus_one=True, scaled_embedding=True,
               flags={"norm_offset": 1.0, "tie_word_embeddings": True}))
+
+# gemma2/3: norms before and after attention and the MLP; the pre-MLP norm has its own name
+GEMMA2_HF = dict(LLAMA_HF)
+GEMMA2_HF.update({"layers.{i}.attn_post_norm": "model.layers.{i}.post_attention_layernorm.weight",
+                  "layers.{i}.mlp_norm": "model.layers.{i}.pre_feedforward_layernorm.weight",
+                  "layers.{i}.mlp_post_norm": "model.layers.{i}.post_feedforward_layernorm.weight"})
+_GEMMA_FLAGS = {"norm_offset": 1.0, "post_norm": True}
+_family(Family("gemma2", ("gemma2",), "gemma2", GEMMA2_HF, LLAMA_GGUF, gguf_norm_plus_one=True,
+               scaled_embedding=True, global_every=2, flags=_GEMMA_FLAGS,
+               hf_scalars={"attn_softcap": "attn_logit_softcapping", "final_softcap": "final_logit_softcapping"},
+               gguf_scalars={"attn_softcap": "attn_logit_softcapping", "final_softcap": "final_logit_softcapping",
+                             "attn_scale": "attention.scale"}))
+_family(Family("gemma3", ("gemma3_text",), "gemma3", GEMMA2_HF, LLAMA_GGUF, gguf_norm_plus_one=True,
+               scaled_embedding=True, global_every=6, flags={**_GEMMA_FLAGS, "qk_norm": True},
+               hf_scalars={"attn_softcap": "attn_logit_softcapping", "final_softcap": "final_logit_softcapping"},
+               gguf_scalars={"attn_softcap": "attn_logit_softcapping", "final_softcap": "final_logit_softcapping",
+                             "attn_scale": "attention.scale"}))
 # granite: llama with four multipliers (llama.cpp names them *_scale; its logit_scale divides)
 _family(Family("granite", ("granite",), "granite", LLAMA_HF, LLAMA_GGUF, rope_permuted_in_gguf=True,
                hf_scalars={"embed_scale": "embedding_multiplier", "residual_scale": "residual_multiplier",
@@ -372,6 +399,21 @@ def check_shapes(path, w: dict, cfg: ArchConfig) -> None:
             raise KilnError(path, f"tensor {label} has shape {list(w[role].shape)}, the config implies {list(shape)}")
 
 
+LAYER_TYPES = ("sliding_attention", "full_attention")
+
+
+def layer_window(cfg: ArchConfig, i: int) -> int:
+    """Layer i's attention window (0: it sees the whole context)."""
+    if cfg.layer_types and cfg.layer_types[i] != "sliding_attention":
+        return 0
+    return int(cfg.sliding_window or 0)
+
+
+def default_layer_types(n_layers: int, global_every: int) -> list:
+    """Every ``global_every``-th layer global, the rest sliding (transformers' gemma2/3 default)."""
+    return ["full_attention" if (i + 1) % global_every == 0 else "sliding_attention" for i in range(n_layers)]
+
+
 MAX_HEAD_DIM = 65536       # real models use 64 to 512
 
 # config fields that count something, and so must be at least 1
@@ -395,6 +437,20 @@ def check_config(path, cfg: ArchConfig, keys: dict | None = None) -> None:
         # checked before the rotary tables below are computed: their size follows the head size
         raise KilnError(path, f"{keys.get('head_dim', 'head_dim')} is {cfg.head_dim}; kiln handles heads of up to "
                               f"{MAX_HEAD_DIM} dimensions")
+    if cfg.layer_types:
+        if len(cfg.layer_types) != cfg.num_layers:
+            raise KilnError(path, f"{keys.get('layer_types', 'layer_types')} lists {len(cfg.layer_types)} layers, "
+                                  f"the model has {cfg.num_layers}")
+        odd = [t for t in cfg.layer_types if t not in LAYER_TYPES]
+        if odd:
+            raise KilnError(path, f"{keys.get('layer_types', 'layer_types')} holds {str(odd[0])[:40]!r}; kiln reads "
+                                  f"{' and '.join(LAYER_TYPES)}")
+        if "sliding_attention" in cfg.layer_types and not cfg.sliding_window:
+            raise KilnError(path, "some layers are sliding_attention layers, but the config gives no sliding_window")
+    for f in ("attn_softcap", "final_softcap"):
+        v = getattr(cfg, f)
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise KilnError(path, f"{keys.get(f, f)} is {v}; a soft cap is a positive number")
     if cfg.logit_scale == 0:
         raise KilnError(path, f"{keys.get('logit_scale', 'logit_scale')} is 0; the logits are divided by it")
     if cfg.rotary_dim < 0 or cfg.rotary_dim > cfg.head_dim or cfg.rotary_dim % 2:

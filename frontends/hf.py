@@ -35,6 +35,21 @@ def read_config(folder: Path) -> dict:
     return cfg
 
 
+def _local_rope(cfg: dict) -> tuple[dict, float | None]:
+    """gemma3 rotates its sliding layers apart: transformers 5 nests rope_parameters per layer
+    type; older configs give rope_local_base_freq. Returns (the config with the global layers'
+    rope where the generic reader looks for it, the sliding layers' base or None)."""
+    params = cfg.get("rope_parameters")
+    if isinstance(params, dict) and isinstance(params.get("full_attention"), dict):
+        local = params.get("sliding_attention") or {}
+        if not isinstance(local, dict) or local.get("rope_type", "default") != "default":
+            raise ValueError("rope_parameters (kiln reads plain rotary for the sliding_attention layers)")
+        return {**cfg, "rope_parameters": params["full_attention"]}, float(local.get("rope_theta", 10000.0))
+    if "rope_local_base_freq" in cfg:
+        return cfg, float(cfg["rope_local_base_freq"])
+    return cfg, None
+
+
 def _rope_params(cfg: dict) -> tuple[float, dict]:
     """(theta, scaling dict) from either transformers 5's rope_parameters or the older keys."""
     params = cfg.get("rope_parameters")
@@ -90,6 +105,9 @@ def arch_config(cfg: dict, path: Path) -> tuple[A.Family, A.ArchConfig]:
         heads = int(cfg["num_attention_heads"])
         kv = int(cfg.get("num_key_value_heads") or heads)
         head_dim = int(cfg.get("head_dim") or (hidden // heads if heads > 0 else 0))
+        cfg, local_theta = _local_rope(cfg)
+        if family.global_every and local_theta is None and family.name == "gemma3":
+            local_theta = 10000.0              # transformers' default for the sliding layers
         theta, scaling = _rope_params(cfg)
         partial = (cfg.get("rope_parameters") or {}).get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
         c = A.ArchConfig(
@@ -107,12 +125,14 @@ def arch_config(cfg: dict, path: Path) -> tuple[A.Family, A.ArchConfig]:
             output_bias=bool(cfg.get("attention_bias", False)) and family.name not in ("qwen2",),
             mlp_bias=bool(cfg.get("mlp_bias", False)),
             qk_norm=family.name == "qwen3",
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", family.name == "gemma")),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", family.scaled_embedding)),
             rotary_dim=int(head_dim * float(partial or 1.0)),
             rope_theta=theta,
             rope_scaling=scaling,
             max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
             sliding_window=_sliding_window(cfg),
+            layer_types=_layer_types(cfg, family),
+            rope_local_theta=local_theta,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=_eos_list(cfg.get("eos_token_id")),
             pad_token_id=cfg.get("pad_token_id"),
@@ -125,7 +145,15 @@ def arch_config(cfg: dict, path: Path) -> tuple[A.Family, A.ArchConfig]:
         v = cfg.get(scalars[f], spec[1] if isinstance(spec, tuple) else None)
         if v is not None:
             setattr(c, f, float(v))
-    if family.name == "gemma":
+    if cfg.get("query_pre_attn_scalar") is not None:
+        q = cfg["query_pre_attn_scalar"]
+        if isinstance(q, bool) or not isinstance(q, (int, float)) or not (0 < q < 2**63):
+            raise KilnError(path / "config.json", f"query_pre_attn_scalar is {_show(q)}, not a positive number")
+        c.attn_scale = float(q) ** -0.5         # gemma2/3 scale scores by it, not by head_dim
+    if cfg.get("use_bidirectional_attention"):
+        raise KilnError(path / "config.json", "use_bidirectional_attention is set: an embedding model, not a "
+                                              "causal language model")
+    if family.scaled_embedding:
         c.embed_scale = float(hidden) ** 0.5
     keys = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads", "num_kv_heads": "num_key_value_heads"}
     A.check_config(path / "config.json", c, {**{f: family.hf_config_aliases.get(k, k) for f, k in keys.items()},
@@ -168,6 +196,15 @@ def _activation(name: str) -> str:
     if not isinstance(name, str) or name not in table:
         raise ValueError(f"hidden_act ({_show(name, repr)} is not supported)")
     return table[name]
+
+
+def _layer_types(cfg: dict, family: A.Family) -> list:
+    types = cfg.get("layer_types")
+    if types is None:
+        return A.default_layer_types(int(cfg["num_hidden_layers"]), family.global_every) if family.global_every else []
+    if not isinstance(types, list) or not all(isinstance(t, str) for t in types):
+        raise ValueError("layer_types (not a list of names)")
+    return list(types)
 
 
 def _sliding_window(cfg: dict):
@@ -260,7 +297,8 @@ def _generation_config(folder: Path, vocab_size: int) -> dict:
 
 HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                     "qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM", "phi3": "Phi3ForCausalLM",
-                    "gpt2": "GPT2LMHeadModel", "granite": "GraniteForCausalLM", "olmo2": "Olmo2ForCausalLM"}
+                    "gpt2": "GPT2LMHeadModel", "granite": "GraniteForCausalLM", "olmo2": "Olmo2ForCausalLM",
+                    "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
 _HF_ACT = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
 _TORCH_DTYPE = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
 DEFAULT_SHARD_BYTES = 2 * 1024**3
@@ -301,8 +339,17 @@ def hf_config(cfg: A.ArchConfig, family: A.Family, dtype: str) -> dict:
     if family.name in ("llama", "qwen3", "granite", "olmo2"):
         out["attention_bias"] = cfg.attention_bias
         out["mlp_bias"] = cfg.mlp_bias
-    if family.name == "gemma":
+    if family.scaled_embedding:
         out["hidden_activation"] = out["hidden_act"]
+    if family.global_every:
+        # query_pre_attn_scalar is a whole number in every gemma config; give it back as one
+        q = (cfg.attn_scale or cfg.head_dim ** -0.5) ** -2
+        out["query_pre_attn_scalar"] = round(q) if math.isclose(q, round(q), rel_tol=1e-6) else q
+        out["sliding_window"] = cfg.sliding_window
+        out["layer_types"] = list(cfg.layer_types) or ["sliding_attention" if cfg.sliding_window else "full_attention"] \
+            * cfg.num_layers
+    if cfg.rope_local_theta is not None:
+        out["rope_local_base_freq"] = cfg.rope_local_theta
     if family.name in ("mistral", "qwen2", "qwen3", "phi3"):
         out["sliding_window"] = cfg.sliding_window
         if family.name.startswith("qwen"):

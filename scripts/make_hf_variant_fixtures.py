@@ -144,6 +144,26 @@ VARIANTS = {
                 "residual add (post_attention_layernorm, post_feedforward_layernorm); q/k RMSNorms over the "
                 "whole projection (weights of 32 and 16), not per head",
         contrast=None),
+    "gemma2": dict(
+        model_type="gemma2",
+        config=dict(head_dim=16, query_pre_attn_scalar=24, attn_logit_softcapping=2.0, final_logit_softcapping=1.5,
+                    sliding_window=4, layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=True),
+        feature="gemma2: attention scores soft-capped at 2 and logits at 1.5 (cap * tanh(x / cap)); layer 0 "
+                "attends within a sliding window of 4, layer 1 to everything; norms before and after attention "
+                "and the MLP, stored as w for (1 + w); scale query_pre_attn_scalar 24 ** -0.5 with head_dim 16; "
+                "embeddings times sqrt(hidden); tied embeddings",
+        contrast=dict(attn_logit_softcapping=None, final_logit_softcapping=None)),
+    "gemma3": dict(
+        model_type="gemma3_text",
+        config=dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=4, tie_word_embeddings=True,
+                    layer_types=["sliding_attention", "full_attention"],
+                    rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                     "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 100.0}}),
+        feature="gemma3 (text): per-head q/k RMSNorms with gemma's (1 + w); layer 0 slides (window 4) and rotates "
+                "at base 10000, layer 1 is global and rotates at base 100 with linear scaling 2; pre- and "
+                "post-norms; query_pre_attn_scalar 24 with head_dim 16; tied embeddings",
+        contrast=dict(rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                                       "full_attention": {"rope_type": "default", "rope_theta": 100.0}})),
 }
 
 

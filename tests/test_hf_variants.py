@@ -6,7 +6,8 @@ exercises one config feature: q/k norms and a head_dim unlike hidden/heads (qwen
 scaling types (linear, llama3, dynamic, yarn, longrope), partial rotary, multi-query
 attention, q/k/v/o and MLP biases, bf16 and f16 checkpoints, a sliding window, and a PyTorch
 .bin checkpoint; and the families without a shared fixture (granite's multipliers, olmo2's
-post-norms and whole-projection q/k norms), which also go HF -> GGUF -> compile. index.json says
+post-norms and whole-projection q/k norms, gemma2's soft caps and alternating windows, gemma3's
+per-head norms and local rope base), which also go HF -> GGUF -> compile. index.json says
 which variant exercises what and records the versions.
 
 Same checks as test_hf_families.py: the interpreter's full-sequence logits, then the compiled
@@ -38,7 +39,7 @@ DATA = Path(__file__).resolve().parent / "data" / "hf_variants"
 
 VARIANTS = ["qwen3", "llama_rope_linear", "llama_rope_llama3", "llama_rope_dynamic", "qwen2_yarn",
             "phi3_longrope", "phi3_partial_rotary", "llama_mqa", "llama_bias", "llama_untied_bf16",
-            "llama_f16", "mistral_sliding", "llama_bin", "granite", "olmo2"]
+            "llama_f16", "mistral_sliding", "llama_bin", "granite", "olmo2", "gemma2", "gemma3"]
 
 # Families beyond the shared fixtures: also written to GGUF with llama.cpp's names and keys,
 # read back and compiled. Per family, the llama.cpp keys (after the architecture prefix) that
@@ -46,6 +47,10 @@ VARIANTS = ["qwen3", "llama_rope_linear", "llama_rope_llama3", "llama_rope_dynam
 GGUF_KEYS = {
     "granite": ("embedding_scale", "residual_scale", "attention.scale", "logit_scale"),
     "olmo2": (),
+    "gemma2": ("attn_logit_softcapping", "final_logit_softcapping", "attention.sliding_window",
+               "attention.sliding_window_pattern", "attention.scale"),
+    "gemma3": ("attention.sliding_window", "attention.sliding_window_pattern", "rope.freq_base_swa",
+               "rope.scaling.type", "attention.scale"),
 }
 
 # Known gaps in kiln, found with these fixtures. strict: when kiln is fixed the test fails
@@ -56,7 +61,8 @@ XFAIL_FULL_PASS: dict = {}
 # Max |error| measured over every variant and check: interpreter 1.3-4.0e-6 (worst
 # llama_untied_bf16 over the greedy sequence), compiled 1.1-3.6e-6 (worst llama_mqa), on logits
 # of magnitude ~3 (float32 rounding of these larger activations; the six shared families, with
-# logits ~0.5, reach 1-3e-7). Bound 10x the worst.
+# logits ~0.5, reach 1-3e-7); the later families: granite 2.4e-7, olmo2 2.1e-6, gemma2 3.6e-6,
+# gemma3 1.4e-5 (logits ~6.6, ORT). Bound 10x the worst of the config variants.
 BOUND = 4e-5
 
 # transformers' generate (the greedy tokens) rotates the steps before phi3 longrope's switch
@@ -119,6 +125,10 @@ def test_compiled_artifact_matches_transformers(name, backend, tmp_path):
     folder = _folder(name)
     out = kiln_compile(folder, target="cpu", output=tmp_path / f"{name}.kiln", verify=True, backend=backend)
     model = runtime.load(out)
+    if name in GGUF_KEYS:
+        # the later families' windows and soft caps run in the backend's fused attention kernel
+        stats = {p["name"]: p["stats"] for p in model.manifest["passes"]}
+        assert stats["attention"] == {"attention": model.manifest["config"]["num_layers"]}
     ref = np.load(folder / "reference.npz")
     np.testing.assert_allclose(model.logits(ref["input_ids"]), ref["logits"], rtol=0, atol=BOUND)
     # 22 positions: prompt + every greedy token but the last, against the logits that chose them
@@ -155,11 +165,22 @@ def test_gguf_uses_llama_cpp_names_and_converts_back(name, tmp_path):
     after = read_safetensors(tmp_path / "back" / "model.safetensors").tensors
     assert sorted(after) == sorted(before)
     for k in before:
+        if hf.A.FAMILIES[name].gguf_norm_plus_one and k.endswith("norm.weight"):
+            # llama.cpp stores gemma's 1 + w: float maths, off by at most half an ulp of 1 + w (< 4)
+            np.testing.assert_allclose(after[k].numpy(), before[k].numpy(), rtol=0, atol=2.0 ** -23)
+            continue
         assert after[k].raw().tobytes() == before[k].raw().tobytes(), k
     back = json.loads((tmp_path / "back" / "config.json").read_text())
     assert back["model_type"] == config["model_type"]
-    for key in ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling"):
-        assert back.get(key) == config.get(key), key
+    # the config read back means the same model: every field kiln builds from, floats to float32
+    # rounding (the GGUF keys are float32)
+    _, want = hf.arch_config(config, folder)
+    _, got = hf.arch_config(back, tmp_path / "back")
+    for key, value in want.to_dict().items():
+        if isinstance(value, float):
+            assert got.to_dict()[key] == pytest.approx(value, rel=1e-6), key
+        else:
+            assert got.to_dict()[key] == value, key
 
 
 @pytest.mark.parametrize("backend", ["onnxrt", "tvm"])
@@ -187,3 +208,28 @@ def test_unsupported_architecture_names_every_family(tmp_path):
         hf.read(tmp_path)
     for name in GGUF_KEYS:
         assert name in str(e.value), name
+
+
+def test_inspect_shows_which_layers_slide(tmp_path, capsys):
+    """kiln inspect names the sliding-window layers, read from config.json and from the GGUF."""
+    from kiln.cli import main
+    convert(_folder("gemma3"), tmp_path / "m.gguf", to="gguf")
+    for path in (_folder("gemma2"), tmp_path / "m.gguf"):
+        assert main(["inspect", str(path)]) == 0
+        out = capsys.readouterr().out
+        assert "attention: 1 of 2 layers within a sliding window of 4 tokens (S), the others global (G), " \
+               "layer 0 first: SG" in out, out[-2000:]
+    assert main(["inspect", str(_folder("granite"))]) == 0
+    assert "sliding window" not in capsys.readouterr().out
+
+
+def test_gguf_notes_where_llama_cpp_fixes_gemma_otherwise(tmp_path):
+    """llama.cpp fixes gemma2/3's attention scale and layer pattern; a model that differs (these
+    fixtures: query_pre_attn_scalar 24 for head_dim 16, gemma3 with a global layer 2) is written
+    as it is, with a note saying what llama.cpp will run instead."""
+    notes2 = convert(_folder("gemma2"), tmp_path / "g2.gguf", to="gguf")["notes"]
+    notes3 = convert(_folder("gemma3"), tmp_path / "g3.gguf", to="gguf")["notes"]
+    assert any("scales attention scores by 0.25, not this model's 0.204124" in n for n in notes2), notes2
+    assert not any("layer" in n for n in notes2), notes2        # gemma2's pattern is llama.cpp's
+    assert any("every 6th layer global" in n for n in notes3), notes3
+    assert not convert(_folder("granite"), tmp_path / "g.gguf", to="gguf")["notes"]

@@ -45,7 +45,9 @@ def test_fixture_gguf_agrees_with_llama_cpp(hf_fixture, family, tmp_path):
 @pytest.mark.parametrize("name", ["granite", "olmo2"])
 def test_later_family_gguf_agrees_with_llama_cpp(name, tmp_path):
     """The families whose fixtures live in tests/data/hf_variants/ (names and keys as llama.cpp's
-    converter writes them, granite's q/k rows interleaved for its rope)."""
+    converter writes them, granite's q/k rows interleaved for its rope). Not the gemma2/3
+    fixtures: they use a query_pre_attn_scalar, a layer pattern and (gemma3) a local rope base
+    that llama.cpp fixes to other values (kiln's convert says so in its notes)."""
     gguf = tmp_path / f"{name}.gguf"
     convert(HERE / "data" / "hf_variants" / name, gguf, to="gguf")
     ids = [1, 5, 9, 23, 4, 8]
