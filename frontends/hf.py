@@ -44,10 +44,17 @@ def _local_rope(cfg: dict) -> tuple[dict, float | None]:
         local = params.get("sliding_attention") or {}
         if not isinstance(local, dict) or local.get("rope_type", "default") != "default":
             raise ValueError("rope_parameters (kiln reads plain rotary for the sliding_attention layers)")
-        return {**cfg, "rope_parameters": params["full_attention"]}, float(local.get("rope_theta", 10000.0))
+        return {**cfg, "rope_parameters": params["full_attention"]}, _base(local.get("rope_theta", 10000.0),
+                                                                          "the sliding_attention rope_theta")
     if "rope_local_base_freq" in cfg:
-        return cfg, float(cfg["rope_local_base_freq"])
+        return cfg, _base(cfg["rope_local_base_freq"], "rope_local_base_freq")
     return cfg, None
+
+
+def _base(v, what: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 < v < 2**63):
+        raise ValueError(f"rope_parameters ({what} is not a positive number)")
+    return float(v)
 
 
 def _rope_params(cfg: dict) -> tuple[float, dict]:

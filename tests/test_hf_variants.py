@@ -233,3 +233,45 @@ def test_gguf_notes_where_llama_cpp_fixes_gemma_otherwise(tmp_path):
     assert not any("layer" in n for n in notes2), notes2        # gemma2's pattern is llama.cpp's
     assert any("every 6th layer global" in n for n in notes3), notes3
     assert not convert(_folder("granite"), tmp_path / "g.gguf", to="gguf")["notes"]
+
+
+def test_gguf_without_kilns_gemma_keys_reads_as_llama_cpp_does(tmp_path):
+    """A gemma3 GGUF as llama.cpp's converter writes it (no sliding_window_pattern,
+    rope.freq_base_swa or attention.scale) means llama.cpp's fixed choices: every 6th layer
+    global, local base 10000, scale 1/sqrt(head_dim)."""
+    from kiln.driver import load_model
+    from kiln.frontends.gguf_file import read_gguf, write_gguf
+    convert(_folder("gemma3"), tmp_path / "m.gguf", to="gguf")
+    f = read_gguf(tmp_path / "m.gguf")
+    kiln_only = ("gemma3.attention.sliding_window_pattern", "gemma3.rope.freq_base_swa", "gemma3.attention.scale")
+    assert all(k in f.metadata for k in kiln_only)
+    write_gguf(tmp_path / "bare.gguf", {k: v for k, v in f.metadata.items() if k not in kiln_only}, f.tensors.items())
+    cfg = load_model(tmp_path / "bare.gguf").config
+    assert cfg["layer_types"] == ["sliding_attention", "sliding_attention"]
+    assert cfg["rope_local_theta"] == 10000.0 and cfg["rope_theta"] == 100.0
+    assert cfg["attn_scale"] == 16 ** -0.5
+    assert load_model(tmp_path / "m.gguf").config["layer_types"] == ["sliding_attention", "full_attention"]
+
+
+@pytest.mark.parametrize("patch, words", [
+    ({"layer_types": ["sliding_attention"]}, "layer_types lists 1 layers, the model has 2"),
+    ({"layer_types": ["sliding_attention", "chunked_attention"]}, "layer_types holds 'chunked_attention'"),
+    ({"sliding_window": None}, "some layers are sliding_attention layers, but the config gives no sliding_window"),
+    ({"query_pre_attn_scalar": "a"}, "query_pre_attn_scalar is \"a\", not a positive number"),
+    ({"final_logit_softcapping": -1}, "final_logit_softcapping is -1.0; a soft cap is a positive number"),
+    ({"rope_parameters": {"sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1.0},
+                          "full_attention": {"rope_type": "default", "rope_theta": 100.0}}},
+     "rope_parameters (kiln reads plain rotary for the sliding"),
+    ({"use_bidirectional_attention": True}, "use_bidirectional_attention is set"),
+])
+def test_bad_gemma3_config_is_one_clear_line(tmp_path, patch, words):
+    import shutil
+
+    from kiln.errors import KilnError
+    folder = tmp_path / "gemma3"
+    shutil.copytree(_folder("gemma3"), folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, **patch}))
+    with pytest.raises(KilnError) as e:
+        hf.read(folder)
+    assert words in str(e.value) and "\n" not in str(e.value)
