@@ -275,3 +275,23 @@ def test_bad_gemma3_config_is_one_clear_line(tmp_path, patch, words):
     with pytest.raises(KilnError) as e:
         hf.read(folder)
     assert words in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name, key, value, words", [
+    ("gemma3", "gemma3.attention.sliding_window_pattern", [True], "is not one true/false per layer (2)"),
+    ("gemma3", "gemma3.rope.freq_base_swa", -1.0, "gemma3.rope.freq_base_swa is -1.0, not a positive number"),
+    ("gemma2", "gemma2.attn_logit_softcapping", "fifty", "gemma2.attn_logit_softcapping is a string, not a number"),
+    ("gemma2", "gemma2.final_logit_softcapping", -3.0, "gemma2.final_logit_softcapping is -3.0; a soft cap is a positive"),
+    ("granite", "granite.residual_scale", float("nan"), "granite.residual_scale is nan, not a finite number"),
+    ("granite", "granite.logit_scale", 0.0, "granite.logit_scale is 0; the logits are divided by it"),
+])
+def test_bad_family_keys_in_gguf_are_one_clear_line(tmp_path, name, key, value, words):
+    from kiln.driver import load_model
+    from kiln.errors import KilnError
+    from kiln.frontends.gguf_file import read_gguf, write_gguf
+    convert(_folder(name), tmp_path / "m.gguf", to="gguf")
+    f = read_gguf(tmp_path / "m.gguf")
+    write_gguf(tmp_path / "bad.gguf", {**f.metadata, key: value}, f.tensors.items())
+    with pytest.raises(KilnError) as e:
+        load_model(tmp_path / "bad.gguf")
+    assert words in str(e.value) and "\n" not in str(e.value)
