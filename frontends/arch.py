@@ -140,6 +140,10 @@ class Family:
     # gemma2/3: transformers' layer_types when a config has none (every Nth layer global), which
     # is also the pattern llama.cpp assumes for a GGUF without sliding_window_pattern
     global_every: int = 0
+    # multimodal checkpoints whose text model is this family: outer model_type -> the prefixes
+    # its text tensors carry, each with the name the family's own checkpoints use instead (the
+    # config's text_config holds the text model's config)
+    hf_multimodal: dict = field(default_factory=dict)
 
 
 FAMILIES: dict[str, Family] = {}
@@ -170,6 +174,9 @@ _family(Family("gemma2", ("gemma2",), "gemma2", GEMMA2_HF, LLAMA_GGUF, gguf_norm
                              "attn_scale": "attention.scale"}))
 _family(Family("gemma3", ("gemma3_text",), "gemma3", GEMMA2_HF, LLAMA_GGUF, gguf_norm_plus_one=True,
                scaled_embedding=True, global_every=6, flags={**_GEMMA_FLAGS, "qk_norm": True},
+               # Gemma3ForConditionalGeneration (gemma-3-4b and up): kiln reads its language model
+               hf_multimodal={"gemma3": (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
+                                         ("model.language_model.", "model."))},
                hf_scalars={"attn_softcap": "attn_logit_softcapping", "final_softcap": "final_logit_softcapping"},
                gguf_scalars={"attn_softcap": "attn_logit_softcapping", "final_softcap": "final_logit_softcapping",
                              "attn_scale": "attention.scale"}))
@@ -354,7 +361,7 @@ def fuse_parts(weights: dict, fused: str, cfg: "ArchConfig", n_layers: int) -> d
 
 def family_for_model_type(model_type: str) -> Family | None:
     for f in FAMILIES.values():
-        if model_type in f.hf_model_types:
+        if model_type in f.hf_model_types or model_type in f.hf_multimodal:
             return f
     return None
 

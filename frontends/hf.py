@@ -76,13 +76,35 @@ def _eos_list(v) -> list:
     return [int(x) for x in v] if isinstance(v, list) else [int(v)]
 
 
+def text_prefixes(cfg: dict) -> tuple:
+    """For a multimodal checkpoint kiln reads the language model of: (tensor prefix, its name in
+    the text model's own checkpoints) pairs; else ()."""
+    model_type = cfg.get("model_type")
+    family = A.family_for_model_type(model_type) if isinstance(model_type, str) else None
+    return family.hf_multimodal.get(model_type, ()) if family is not None else ()
+
+
+def _text_config(cfg: dict, family: A.Family, path: Path) -> dict:
+    """A multimodal config's text_config, as the text model's own config (token ids and tying
+    may be stated on the outer config only)."""
+    text = cfg.get("text_config")
+    if not isinstance(text, dict):
+        raise KilnError(path / "config.json", f"a {cfg['model_type']} config needs a text_config object "
+                                              f"(kiln reads its language model)")
+    outer = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings") if k in cfg}
+    return {**outer, **text, "model_type": family.hf_model_types[0]}
+
+
 def arch_config(cfg: dict, path: Path) -> tuple[A.Family, A.ArchConfig]:
     """Normalise a transformers config.json into kiln's ArchConfig."""
     model_type = cfg.get("model_type")
     family = A.family_for_model_type(model_type) if isinstance(model_type, str) else None
     if family is None:
+        names = {t for f in A.FAMILIES.values() for t in (*f.hf_model_types, *f.hf_multimodal)}
         raise KilnError(path / "config.json", f"unsupported architecture {_show(model_type, repr)} "
-                        f"(kiln reads: {', '.join(sorted({t for f in A.FAMILIES.values() for t in f.hf_model_types}))})")
+                        f"(kiln reads: {', '.join(sorted(names))})")
+    if model_type in family.hf_multimodal:
+        cfg = _text_config(cfg, family, path)
     scalars = {f: _scalar_key(k) for f, k in family.hf_scalars.items()}
     for key in (*_NUMBERS, *(family.hf_config_aliases[k] for k in _NUMBERS if k in family.hf_config_aliases),
                 *scalars.values()):
@@ -248,8 +270,14 @@ def _open_tensors(folder: Path) -> dict[str, Weight]:
     raise KilnError(folder, "no model weights found (expected model.safetensors, a sharded index, or pytorch_model.bin)")
 
 
-def load_weights(folder: Path, family: A.Family, cfg: A.ArchConfig) -> dict[str, Weight]:
-    return map_weights(folder, _open_tensors(folder), family, cfg)
+def load_weights(folder: Path, family: A.Family, cfg: A.ArchConfig, prefixes: tuple = ()) -> dict[str, Weight]:
+    """``prefixes``: a multimodal checkpoint's text tensors, renamed as the text model names them
+    (the vision tower and projector are left out)."""
+    tensors = _open_tensors(folder)
+    if prefixes:
+        tensors = {new + name[len(old):]: w for name, w in tensors.items()
+                   for old, new in prefixes if name.startswith(old)}
+    return map_weights(folder, tensors, family, cfg)
 
 
 def map_weights(folder, tensors: dict[str, Weight], family: A.Family, cfg: A.ArchConfig) -> dict[str, Weight]:
@@ -270,7 +298,7 @@ def read(path) -> ModelIR:
         raise KilnError(path, "not a model: a Hugging Face folder needs a config.json")
     raw_cfg = read_config(folder)
     family, cfg = arch_config(raw_cfg, folder)
-    weights = load_weights(folder, family, cfg)
+    weights = load_weights(folder, family, cfg, text_prefixes(raw_cfg))
     graph = build_graph(cfg, weights, name=family.name)
     tokenizer = None
     try:

@@ -164,12 +164,29 @@ VARIANTS = {
                 "post-norms; query_pre_attn_scalar 24 with head_dim 16; tied embeddings",
         contrast=dict(rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
                                        "full_attention": {"rope_type": "default", "rope_theta": 100.0}})),
+    "gemma3_multimodal": dict(
+        model_type="gemma3", text_config=True,
+        config=dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=4, tie_word_embeddings=True,
+                    layer_types=["sliding_attention", "full_attention"]),
+        feature="Gemma3ForConditionalGeneration (how gemma-3-4b and up are published): the text model's config "
+                "in text_config, its tensors under language_model.model.*, beside a (tiny) SigLIP vision tower "
+                "and projector kiln leaves out; the reference is the multimodal model on text alone",
+        contrast=None),
 }
 
 
-def make_config(model_type: str, overrides: dict):
+# a multimodal variant's vision tower: as small as transformers allows (kiln reads only the text)
+TINY_VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                   image_size=28, patch_size=14)
+
+
+def make_config(model_type: str, overrides: dict, text_config: bool = False):
     kw = dict(BASE)
     kw.update(copy.deepcopy(overrides))
+    if text_config:
+        # the text model's config nested, as multimodal checkpoints hold it; token ids on both
+        ids = {k: kw[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings")}
+        kw = dict(text_config=kw, vision_config=dict(TINY_VISION), mm_tokens_per_image=4, **ids)
     cfg = transformers.AutoConfig.for_model(model_type, **kw)
     cfg._attn_implementation = "eager"
     return cfg
@@ -189,7 +206,7 @@ def perturb(model: torch.nn.Module, seed: int) -> None:
 
 
 def build(spec: dict, seed: int, overrides: dict | None = None):
-    cfg = make_config(spec["model_type"], {**spec["config"], **(overrides or {})})
+    cfg = make_config(spec["model_type"], {**spec["config"], **(overrides or {})}, spec.get("text_config", False))
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", dtype=torch.float32)
     perturb(model, seed)
@@ -282,13 +299,13 @@ def make(name: str, spec: dict, base_seed: int) -> dict:
         "dtype": spec.get("dtype", "float32"),
         "format": "pytorch_model.bin" if spec.get("bin") else "safetensors",
         "seed": seed,
-        "config": {k: cfg[k] for k in ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+        "config": {k: cfg.get("text_config", cfg)[k] for k in ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
                                        "intermediate_size", "rope_parameters", "sliding_window",
                                        "original_max_position_embeddings", "max_position_embeddings",
                                        "attention_bias", "mlp_bias", "tie_word_embeddings", "embedding_multiplier",
                                        "residual_multiplier", "attention_multiplier", "logits_scaling",
                                        "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
-                                       "layer_types") if k in cfg},
+                                       "layer_types") if k in cfg.get("text_config", cfg)},
         "contrast": spec.get("contrast"),
         "contrast_max_abs": contrast,
         **checks,

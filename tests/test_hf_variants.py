@@ -39,7 +39,7 @@ DATA = Path(__file__).resolve().parent / "data" / "hf_variants"
 
 VARIANTS = ["qwen3", "llama_rope_linear", "llama_rope_llama3", "llama_rope_dynamic", "qwen2_yarn",
             "phi3_longrope", "phi3_partial_rotary", "llama_mqa", "llama_bias", "llama_untied_bf16",
-            "llama_f16", "mistral_sliding", "llama_bin", "granite", "olmo2", "gemma2", "gemma3"]
+            "llama_f16", "mistral_sliding", "llama_bin", "granite", "olmo2", "gemma2", "gemma3", "gemma3_multimodal"]
 
 # Families beyond the shared fixtures: also written to GGUF with llama.cpp's names and keys,
 # read back and compiled. Per family, the llama.cpp keys (after the architecture prefix) that
@@ -184,7 +184,7 @@ def test_gguf_uses_llama_cpp_names_and_converts_back(name, tmp_path):
 
 
 @pytest.mark.parametrize("backend", ["onnxrt", "tvm"])
-@pytest.mark.parametrize("name", sorted(GGUF_KEYS))
+@pytest.mark.parametrize("name", sorted(GGUF_KEYS) + ["gemma3_multimodal"])
 def test_gguf_round_trip_matches_transformers(name, backend, tmp_path):
     """HF -> GGUF (llama.cpp's layout: q/k rows interleaved where its rope wants them) -> compile."""
     from kiln import runtime
@@ -295,3 +295,17 @@ def test_bad_family_keys_in_gguf_are_one_clear_line(tmp_path, name, key, value, 
     with pytest.raises(KilnError) as e:
         load_model(tmp_path / "bad.gguf")
     assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_multimodal_gemma3_reads_as_its_language_model(tmp_path):
+    """Gemma3ForConditionalGeneration: the text model's config and tensors, the vision tower left
+    out; written back (HF or GGUF) as the text model llama.cpp's converter also makes of it."""
+    from kiln.frontends.gguf_file import read_gguf
+    model = hf.read(_folder("gemma3_multimodal"))
+    assert model.config["family"] == "gemma3" and model.config["layer_types"] == ["sliding_attention", "full_attention"]
+    assert not any("vision" in r or "projector" in r for r in model.weights)
+    assert len(model.weights) == 1 + 1 + 2 * 13            # embed, final norm, 13 per layer
+    convert(_folder("gemma3_multimodal"), tmp_path / "m.gguf", to="gguf")
+    assert read_gguf(tmp_path / "m.gguf").metadata["general.architecture"] == "gemma3"
+    convert(_folder("gemma3_multimodal"), tmp_path / "hf", to="hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "gemma3_text"
