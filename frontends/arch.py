@@ -144,6 +144,8 @@ class Family:
     # its text tensors carry, each with the name the family's own checkpoints use instead (the
     # config's text_config holds the text model's config)
     hf_multimodal: dict = field(default_factory=dict)
+    # transformers' config defaults where they matter: a config.json may leave them out
+    hf_defaults: dict = field(default_factory=dict)
 
 
 FAMILIES: dict[str, Family] = {}
@@ -167,23 +169,36 @@ GEMMA2_HF.update({"layers.{i}.attn_post_norm": "model.layers.{i}.post_attention_
                   "layers.{i}.mlp_norm": "model.layers.{i}.pre_feedforward_layernorm.weight",
                   "layers.{i}.mlp_post_norm": "model.layers.{i}.post_feedforward_layernorm.weight"})
 _GEMMA_FLAGS = {"norm_offset": 1.0, "post_norm": True}
+# Gemma2Config's / Gemma3TextConfig's defaults (the 2B / 1B shapes): published gemma3 configs,
+# multimodal ones above all, leave most of them out
+_GEMMA_DEFAULTS = {"hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26, "num_attention_heads": 8,
+                   "num_key_value_heads": 4, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh",
+                   "rms_norm_eps": 1e-6, "query_pre_attn_scalar": 256, "sliding_window": 4096,
+                   "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0, "tie_word_embeddings": True}
+GEMMA2_DEFAULTS = {**_GEMMA_DEFAULTS, "vocab_size": 256000, "max_position_embeddings": 8192, "rope_theta": 10000.0,
+                   "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}
+GEMMA3_DEFAULTS = {**_GEMMA_DEFAULTS, "vocab_size": 262208, "max_position_embeddings": 131072,
+                   "rope_theta": 1_000_000.0, "rope_local_base_freq": 10000.0}
 _family(Family("gemma2", ("gemma2",), "gemma2", GEMMA2_HF, LLAMA_GGUF, gguf_norm_plus_one=True,
-               scaled_embedding=True, global_every=2, flags=_GEMMA_FLAGS,
+               scaled_embedding=True, global_every=2, flags=_GEMMA_FLAGS, hf_defaults=GEMMA2_DEFAULTS,
                hf_scalars={"attn_softcap": "attn_logit_softcapping", "final_softcap": "final_logit_softcapping"},
                gguf_scalars={"attn_softcap": "attn_logit_softcapping", "final_softcap": "final_logit_softcapping",
                              "attn_scale": "attention.scale"}))
 _family(Family("gemma3", ("gemma3_text",), "gemma3", GEMMA2_HF, LLAMA_GGUF, gguf_norm_plus_one=True,
                scaled_embedding=True, global_every=6, flags={**_GEMMA_FLAGS, "qk_norm": True},
+               hf_defaults=GEMMA3_DEFAULTS,
                # Gemma3ForConditionalGeneration (gemma-3-4b and up): kiln reads its language model
                hf_multimodal={"gemma3": (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
-                                         ("model.language_model.", "model."))},
+                                         ("model.language_model.", "model."), ("lm_head.", "lm_head."))},
                hf_scalars={"attn_softcap": "attn_logit_softcapping", "final_softcap": "final_logit_softcapping"},
                gguf_scalars={"attn_softcap": "attn_logit_softcapping", "final_softcap": "final_logit_softcapping",
                              "attn_scale": "attention.scale"}))
 # granite: llama with four multipliers (llama.cpp names them *_scale; its logit_scale divides)
 _family(Family("granite", ("granite",), "granite", LLAMA_HF, LLAMA_GGUF, rope_permuted_in_gguf=True,
                hf_scalars={"embed_scale": "embedding_multiplier", "residual_scale": "residual_multiplier",
-                           "attn_scale": ("attention_multiplier", 1.0), "logit_scale": "logits_scaling"},
+                           "attn_scale": "attention_multiplier", "logit_scale": "logits_scaling"},
+               # transformers' default scale is 1.0; llama.cpp's (no granite.attention.scale) 1/sqrt(head_dim)
+               hf_defaults={"attention_multiplier": 1.0},
                gguf_scalars={"embed_scale": "embedding_scale", "residual_scale": "residual_scale",
                              "attn_scale": "attention.scale", "logit_scale": "logit_scale"}))
 

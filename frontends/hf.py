@@ -105,7 +105,8 @@ def arch_config(cfg: dict, path: Path) -> tuple[A.Family, A.ArchConfig]:
                         f"(kiln reads: {', '.join(sorted(names))})")
     if model_type in family.hf_multimodal:
         cfg = _text_config(cfg, family, path)
-    scalars = {f: _scalar_key(k) for f, k in family.hf_scalars.items()}
+    cfg = {**family.hf_defaults, **cfg}
+    scalars = dict(family.hf_scalars)
     for key in (*_NUMBERS, *(family.hf_config_aliases[k] for k in _NUMBERS if k in family.hf_config_aliases),
                 *scalars.values()):
         v = cfg.get(key)
@@ -135,8 +136,6 @@ def arch_config(cfg: dict, path: Path) -> tuple[A.Family, A.ArchConfig]:
         kv = int(cfg.get("num_key_value_heads") or heads)
         head_dim = int(cfg.get("head_dim") or (hidden // heads if heads > 0 else 0))
         cfg, local_theta = _local_rope(cfg)
-        if family.global_every and local_theta is None and family.name == "gemma3":
-            local_theta = 10000.0              # transformers' default for the sliding layers
         theta, scaling = _rope_params(cfg)
         partial = (cfg.get("rope_parameters") or {}).get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
         c = A.ArchConfig(
@@ -170,10 +169,9 @@ def arch_config(cfg: dict, path: Path) -> tuple[A.Family, A.ArchConfig]:
         raise KilnError(path / "config.json", f"config is missing or has a bad value for {_show(str(e))[1:-1]}") from None
     for k, v in family.flags.items():
         setattr(c, k, v)
-    for f, spec in family.hf_scalars.items():
-        v = cfg.get(scalars[f], spec[1] if isinstance(spec, tuple) else None)
-        if v is not None:
-            setattr(c, f, float(v))
+    for f, key in scalars.items():
+        if cfg.get(key) is not None:
+            setattr(c, f, float(cfg[key]))
     if cfg.get("query_pre_attn_scalar") is not None:
         q = cfg["query_pre_attn_scalar"]
         if isinstance(q, bool) or not isinstance(q, (int, float)) or not (0 < q < 2**63):
@@ -188,11 +186,6 @@ def arch_config(cfg: dict, path: Path) -> tuple[A.Family, A.ArchConfig]:
     A.check_config(path / "config.json", c, {**{f: family.hf_config_aliases.get(k, k) for f, k in keys.items()},
                                              **scalars})
     return family, c
-
-
-def _scalar_key(spec) -> str:
-    """A Family.hf_scalars entry is a config key, or (key, transformers' default when absent)."""
-    return spec[0] if isinstance(spec, tuple) else spec
 
 
 # config.json keys that hold numbers (checked up front, so an error names the key)
@@ -366,11 +359,11 @@ def hf_config(cfg: A.ArchConfig, family: A.Family, dtype: str) -> dict:
             out["rope_scaling"] = dict(cfg.rope_scaling)
         if cfg.rotary_dim != cfg.head_dim:
             out["partial_rotary_factor"] = cfg.rotary_dim / cfg.head_dim
-    for f, spec in family.hf_scalars.items():
+    for f, key in family.hf_scalars.items():
         v = getattr(cfg, f)
         if f == "attn_scale" and v is None:
             v = cfg.head_dim ** -0.5
-        out[_scalar_key(spec)] = v
+        out[key] = v
     if family.name in ("llama", "qwen3", "granite", "olmo2"):
         out["attention_bias"] = cfg.attention_bias
         out["mlp_bias"] = cfg.mlp_bias

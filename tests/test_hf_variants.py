@@ -309,3 +309,23 @@ def test_multimodal_gemma3_reads_as_its_language_model(tmp_path):
     assert read_gguf(tmp_path / "m.gguf").metadata["general.architecture"] == "gemma3"
     convert(_folder("gemma3_multimodal"), tmp_path / "hf", to="hf")
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "gemma3_text"
+
+
+def test_sparse_gemma3_multimodal_config_takes_transformers_defaults(tmp_path):
+    """gemma-3-4b's config.json states only what differs from Gemma3TextConfig's defaults; kiln
+    fills in the rest as transformers does (heads, head size, vocabulary, rope bases, pattern)."""
+    config = {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "eos_token_id": [1, 106],
+              "mm_tokens_per_image": 256, "image_token_index": 262144,
+              "text_config": {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text",
+                              "num_hidden_layers": 34, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                              "sliding_window": 1024},
+              "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 1152}}
+    _, cfg = hf.arch_config(config, tmp_path)
+    assert (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size) == (8, 4, 256, 262208)
+    assert cfg.attn_scale == 256 ** -0.5 and cfg.eos_token_ids == [1, 106] and cfg.tie_word_embeddings
+    assert (cfg.rope_theta, cfg.rope_local_theta, cfg.rope_scaling) == (1e6, 1e4, {"factor": 8.0, "rope_type": "linear"})
+    assert cfg.layer_types == (["sliding_attention"] * 5 + ["full_attention"]) * 5 + ["sliding_attention"] * 4
+    assert cfg.final_softcap is None and cfg.attn_softcap is None
+    # gemma2's defaults cap scores at 50 and logits at 30 when the config leaves them out
+    _, cfg2 = hf.arch_config({"model_type": "gemma2", "num_hidden_layers": 4}, tmp_path)
+    assert (cfg2.attn_softcap, cfg2.final_softcap, cfg2.layer_types[:2]) == (50.0, 30.0, ["sliding_attention", "full_attention"])
