@@ -96,11 +96,20 @@ class Conversation:
 class Repl:
     def __init__(self, model, a, out=sys.stdout, err=sys.stderr):
         self.model, self.out, self.err = model, out, err
-        ctx = a.ctx_size if a.ctx_size is not None else model.session.max_length
+        limit = model.session.max_length
+        ctx = a.ctx_size if a.ctx_size is not None else limit
+        if ctx is not None and (ctx < 1 or (limit and ctx > limit)):
+            raise ValueError(f"-c/--ctx-size {ctx}: choose from 1 to {limit}, the tokens this artifact holds"
+                             if limit else f"-c/--ctx-size {ctx}: must be at least 1")
         self.chat = Conversation(model, a.system, ctx)
         self.settings = {"temperature": a.temperature, "top_p": a.top_p, "top_k": a.top_k,
                          "min_p": a.min_p, "repetition_penalty": a.repetition_penalty, "seed": a.seed,
                          "max_tokens": a.max_new_tokens}
+        _sampler(self.settings)          # bad flags: one line before the first prompt
+        if a.max_new_tokens < 1:
+            raise ValueError(f"-n/--max-new-tokens {a.max_new_tokens}: must be at least 1")
+        # prompts are for a person typing; from a pipe, stdout holds the answers alone
+        self.prompts = (">>> ", "... ") if sys.stdin.isatty() else ("", "")
 
     def say(self, text: str) -> None:
         print(text, file=self.err, flush=True)
@@ -109,7 +118,7 @@ class Repl:
     def read_message(self) -> str | None:
         """One message (a command or a question), or None at end of input."""
         try:
-            line = input(">>> ")
+            line = input(self.prompts[0])
         except EOFError:
             return None
         if line.strip().startswith('"""'):
@@ -119,7 +128,7 @@ class Repl:
         while line.endswith("\\"):
             lines.append(line[:-1])
             try:
-                line = input("... ")
+                line = input(self.prompts[1])
             except EOFError:
                 break
         lines.append(line)
@@ -129,7 +138,7 @@ class Repl:
         lines = [first] if first else []
         while True:
             try:
-                line = input("... ")
+                line = input(self.prompts[1])
             except EOFError:
                 break
             if line.rstrip().endswith('"""'):
@@ -179,10 +188,16 @@ class Repl:
         except ValueError:
             self.say(f"/set {key}: expected {'an integer' if kind is int else 'a number'}, got {value!r}")
             return
-        if field == "max_tokens" and v < 1:
+        new = {**self.settings, field: v}
+        if new["max_tokens"] < 1:
             self.say("/set max_tokens: must be at least 1")
             return
-        self.settings[field] = v
+        try:
+            _sampler(new)                # the runtime's own checks, now rather than at the next question
+        except ValueError as e:
+            self.say(f"/set {key}: {e}")
+            return
+        self.settings = new
         self.say(f"(set {field} to {v})")
 
     # ---- answers ---------------------------------------------------------------------------
@@ -236,7 +251,8 @@ class Repl:
                 self.say("(Ctrl-D or /bye quits)")
                 continue
             if line is None:
-                self.out.write("\n")
+                if self.prompts[0]:
+                    self.out.write("\n")            # leave the terminal's prompt on a line of its own
                 return 0
             if not line.strip():
                 continue
@@ -244,7 +260,18 @@ class Repl:
                 if not self.command(line.strip()):
                     return 0
                 continue
-            self.answer(line)
+            try:
+                self.answer(line)
+            except KeyboardInterrupt:
+                # between questions and the first token (rendering, tokenizing): nothing to keep
+                _forget_interrupt()
+                self.say("[stopped before the answer began]")
+
+
+def _sampler(settings: dict):
+    from kiln.runtime.sampling import Sampler
+    return Sampler(settings["temperature"], settings["top_k"], settings["top_p"], settings["min_p"],
+                   settings["repetition_penalty"], settings["seed"])
 
 
 def _forget_interrupt() -> None:

@@ -249,3 +249,23 @@ def test_an_artifact_without_a_chat_template_is_one_line(tmp_path):
                        timeout=300, stdin=subprocess.DEVNULL)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "Traceback" not in r.stderr and "tokenizer" in r.stderr
+
+
+def test_chat_from_a_pipe_answers_each_line(artifact):
+    r = subprocess.run([sys.executable, "-m", "kiln.cli", "chat", artifact, "-n", "6"],
+                       input=f"/set top_p 5\n{QUESTION}\n/set\n", capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    # a bad setting is refused with the runtime's reason, and the conversation goes on
+    assert "/set top_p: top_p must be in (0, 1], got 5.0" in r.stderr
+    assert "top_p=1.0" in r.stderr and SPEED.search(r.stderr)
+    # no prompts in a pipe: stdout holds the answer alone
+    assert ">>>" not in r.stdout and "Paris" in r.stdout
+
+
+def test_bad_flags_are_one_line(artifact):
+    for flags, words in ((["-c", "100000"], "-c/--ctx-size 100000: choose from 1 to"),
+                         (["--top-p", "0"], "top_p must be in (0, 1]")):
+        r = subprocess.run([sys.executable, "-m", "kiln.cli", "chat", artifact, *flags], capture_output=True,
+                           text=True, timeout=300, stdin=subprocess.DEVNULL)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert words in r.stderr, r.stderr
