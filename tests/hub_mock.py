@@ -20,6 +20,7 @@ class HubMock:
     def __init__(self, repos: dict[str, dict[str, Path]]):
         self.repos = repos
         self.requests: list[str] = []
+        self.tokens: list[str | None] = []          # each request's Authorization header
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -48,6 +49,7 @@ class HubMock:
     def _answer(self, h, body: bool) -> None:
         path = unquote(urlparse(h.path).path)
         self.requests.append(f"{h.command} {path}")
+        self.tokens.append(h.headers.get("Authorization"))
         parts = path.strip("/").split("/")
         if parts[:2] == ["api", "models"] and len(parts) >= 6:
             repo, kind = "/".join(parts[2:4]), parts[4]

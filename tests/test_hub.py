@@ -101,6 +101,13 @@ def test_gguf_files_by_quantization_or_name(env, hub, tmp_path):
                    f"{GGUF_REPO}:q8_0:", "the repository has no .gguf file with q8_0 in its name")
 
 
+def test_hf_token_is_sent(env, hub, tmp_path):
+    hub.tokens.clear()
+    r = kiln("inspect", REPO, env={**env, "HF_TOKEN": "hf_kilntest", "HF_HOME": str(tmp_path / "cache")}, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert hub.tokens and "Bearer hf_kilntest" in hub.tokens, hub.tokens
+
+
 def test_a_missing_repository_is_one_line(env, tmp_path):
     one_line_error(kiln("compile", "kiln-test/no-such-model", env=env, cwd=tmp_path),
                    "kiln: kiln-test/no-such-model: no such file or folder, nor a model repository on "
