@@ -453,8 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_inspect)
 
     s = sub.add_parser("compile", help="compile a model for a device")
-    s.add_argument("model", help="Hugging Face folder, .gguf or .safetensors file, or a model short name "
-                                 "(" + ", ".join(_known_names()) + "; see kiln list)")
+    s.add_argument("model", help="Hugging Face folder, .gguf or .safetensors file, a model short name "
+                                 "(" + ", ".join(_known_names()) + "; see kiln list), or a Hugging Face hub ID: "
+                                 "org/name, org/name:Q4_K_M or org/name/FILE.gguf")
     s.add_argument("--target", default="cpu", help="cpu, cpu-avx2, cpu-avx512, cpu-neon, cuda, cuda-sm80/86/89/90, "
                                                    "metal (default: cpu = this host)")
     s.add_argument("--backend", choices=["onnxrt", "tvm"],

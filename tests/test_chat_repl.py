@@ -163,7 +163,7 @@ def test_a_conversation_streams_answers_with_their_speed(artifact, terminal):
     assert t.close() == 0
 
 
-def test_multi_line_messages_are_one_message(artifact, terminal):
+def test_multi_line_messages_are_one_message(artifact, terminal, tmp_path):
     t = terminal("chat", artifact, "-n", "2")
     t.expect(r">>> ")
     # a \"\"\" block, blank line included, is one message: one answer, after the closing line
@@ -184,6 +184,14 @@ def test_multi_line_messages_are_one_message(artifact, terminal):
     t.expect(r">>> ")
     t.type("\x04")                       # Ctrl-D at the prompt quits
     assert t.close() == 0
+    # readline history, kept across sessions: the up arrow brings back the last line typed
+    assert "and a fruit." in (tmp_path / ".kiln_chat_history").read_text()
+    again = terminal("chat", artifact, "-n", "2")
+    again.expect(r">>> ")
+    again.type("\x1b[A")
+    again.expect(r"and a fruit\.")
+    again.type("\r")
+    again.expect(SPEED.pattern)
 
 
 def test_ctrl_c_stops_the_answer_not_the_program(artifact, terminal):
