@@ -71,6 +71,10 @@ def cmd_run(a) -> int:
         if a.prompt is not None or a.chat:
             raise ValueError("--ids gives the prompt already rendered; drop --prompt and --chat")
         prompt = _id_list(a.ids)
+    elif a.chat and a.prompt is None and sys.stdin.isatty():
+        # typed, not piped: a conversation, as `kiln chat` (a pipe is still read to EOF)
+        from kiln import chat_repl
+        return chat_repl.run(model, a)
     else:
         prompt = a.prompt if a.prompt is not None else sys.stdin.read()
     if a.chat:
@@ -168,6 +172,13 @@ def _id_list(text: str) -> list[int]:
     if not ids:
         raise ValueError("--ids: no token ids given")
     return ids
+
+
+# ---- chat -----------------------------------------------------------------------------------
+
+def cmd_chat(a) -> int:
+    from kiln import chat_repl
+    return chat_repl.main(a)
 
 
 # ---- bench ----------------------------------------------------------------------------------
@@ -452,8 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_inspect)
 
     s = sub.add_parser("compile", help="compile a model for a device")
-    s.add_argument("model", help="Hugging Face folder, .gguf or .safetensors file, or a model short name "
-                                 "(" + ", ".join(_known_names()) + "; see kiln list)")
+    s.add_argument("model", help="Hugging Face folder, .gguf or .safetensors file, a model short name "
+                                 "(" + ", ".join(_known_names()) + "; see kiln list), or a Hugging Face hub ID: "
+                                 "org/name, org/name:Q4_K_M or org/name/FILE.gguf")
     s.add_argument("--target", default="cpu", help="cpu, cpu-avx2, cpu-avx512, cpu-neon, cuda, cuda-sm80/86/89/90, "
                                                    "metal (default: cpu = this host)")
     s.add_argument("--backend", choices=["onnxrt", "tvm"],
@@ -479,7 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("artifact")
     s.add_argument("--prompt", "-p", help="prompt text (default: read standard input)")
     s.add_argument("--ids", metavar="1,2,3", help="prompt as token ids (no tokenizer needed); prints the new ids")
-    s.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt")
+    s.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt "
+                                                       "(with no --prompt on a terminal: a conversation, as kiln chat)")
     s.add_argument("--system", help="system message for --chat")
     s.add_argument("-n", "--max-new-tokens", "--n-predict", dest="max_new_tokens", type=int, default=128,
                    metavar="N", help="tokens to generate at most")
@@ -503,6 +516,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-v", "--verbose", action="store_true", help="print timings after the answer")
     s.add_argument("--trusted-key", metavar="PUBFILE", action="append", help=TRUSTED_KEY_HELP)
     s.set_defaults(fn=cmd_run)
+
+    s = sub.add_parser("chat", help="talk with a compiled artifact in the terminal (history, /commands)",
+                       description="An interactive conversation with ARTIFACT through its chat template. "
+                                   "Type /help inside for the commands.")
+    from kiln import chat_repl
+    chat_repl.add_arguments(s)
+    s.set_defaults(fn=cmd_chat)
 
     s = sub.add_parser("serve", help="serve an artifact over an OpenAI-compatible HTTP API")
     s.add_argument("artifact")
@@ -617,7 +637,7 @@ def main(argv=None) -> int:
     from kiln.artifact import ArtifactError
     from kiln.errors import KilnError
     args = build_parser().parse_args(argv)
-    if args.fn in (cmd_run, cmd_bench, cmd_serve, cmd_eval):
+    if args.fn in (cmd_run, cmd_chat, cmd_bench, cmd_serve, cmd_eval):
         args.fn = _user_errors_of_the_runtime(args.fn)
     if argv is None:
         checks.note_interrupts()         # the process is ours (not a caller's in-process main([...]))

@@ -146,7 +146,9 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
         stage("merging LoRA adapters")
         model = apply_adapters(model, lora)
     if output is None:
-        name = Path(model.source.get("path") or "model").name.split(".")[0] or "model"
+        from kiln.frontends.hub import cached_name
+        source = model.source.get("path") or "model"
+        name = cached_name(source) or Path(source).name.split(".")[0] or "model"
         output = f"{name}.kiln"
     owned = _artifact_files(output)
     refuse_foreign(output, owned, "an artifact")          # before the work, not after it
