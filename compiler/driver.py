@@ -87,7 +87,7 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
             on_pass: Callable[[PassRecord], None] | None = None, on_weight: Report | None = None,
             on_stage: Report | None = None, kv_layout: str = "auto", quant: str | None = None,
             requantize: bool = False, precision: str = "exact", backend: str | None = None,
-            arch: str | None = None, kv_dtype: str = "f32"):
+            arch: str | None = None, kv_dtype: str = "f32", on_notice: Report | None = None):
     """Compile a model (path or ModelIR) for ``target`` into the artifact folder ``output``.
 
     ``quant`` quantizes a float model's weights first: a block type or a llama.cpp mixture
@@ -97,20 +97,27 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
     or "fast" (int8 activations in quantized matmuls, as llama.cpp computes).
 
     ``kv_layout``: "auto" (the preallocated, in-place KV cache wherever it computes the same
-    thing as the graph, else the growing one), "shared" or "concat" to insist on one.
+    thing as the graph, else the growing one), "shared" or "concat" to insist on one (ONNX
+    Runtime backend; TVM lays out its own cache).
 
-    ``backend``: "onnxrt" or "tvm" (default: the target's own; metal has only TVM);
+    ``backend``: "tvm" or "onnxrt" (default: TVM, which every target has; where TVM is not
+    installed the default falls back to ONNX Runtime and ``on_notice`` (else a warning) says so);
     ``arch`` picks a CUDA architecture (sm80, sm86, sm89, sm90) for the cuda target.
     ``kv_dtype``: "f32" or "f16" (TVM backend: the KV cache in float16, half the memory
     traffic of long contexts; ONNX Runtime artifacts keep float32)."""
-    from kiln.targets.presets import backend_for, resolve
+    from kiln.targets.presets import choose_backend, resolve
     t0 = time.perf_counter()
     stage = on_stage or (lambda s: None)
     try:
         preset = resolve(target, arch)
-        backend = backend_for(preset, backend)
+        backend, fallback = choose_backend(preset, backend)
     except ValueError as e:
         raise KilnError(None, str(e)) from None
+    if fallback is not None:
+        (on_notice or _warn)(fallback)
+    if kv_layout != "auto" and backend != "onnxrt":
+        raise KilnError(None, f"kv_layout={kv_layout!r} is an ONNX Runtime option (backend='onnxrt'); "
+                              f"the {backend} backend lays out its own cache")
     if precision not in ("exact", "fast"):
         raise KilnError(None, f"unknown precision {precision!r}; choose exact or fast")
     if kv_dtype not in ("f32", "f16"):
@@ -190,12 +197,17 @@ def _lower_onnxrt(graph, tmp, preset, cfg, weight_done, stage, kv_layout, precis
             **summary}
 
 
+def _warn(notice: str) -> None:
+    import warnings
+    warnings.warn(notice, stacklevel=3)      # points at the caller of compile()
+
+
 def _lower_tvm(graph, tmp, preset, cfg, weight_done, stage, precision, kv_dtype) -> dict:
+    from kiln.targets.presets import TVM_MISSING
     try:
-        import tvm  # noqa: F401
+        import tvm  # noqa: F401   found by choose_backend, but an installation can be broken
     except ImportError:
-        raise KilnError(None, "the TVM backend needs Apache TVM: pip install 'kiln[tvm]' "
-                              "(apache-tvm==0.27.0.post1 with apache-tvm-ffi==0.1.14.post0)") from None
+        raise KilnError(None, TVM_MISSING) from None
     from kiln.targets.tvm import build, targets
     target = targets.for_preset(preset.device, preset.isa, arch=preset.isa if preset.device == "cuda" else None,
                                  host=preset.name == "cpu")
