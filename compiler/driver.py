@@ -116,7 +116,7 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
     if fallback is not None:
         (on_notice or _warn)(fallback)
     if kv_layout != "auto" and backend != "onnxrt":
-        raise KilnError(None, f"kv_layout={kv_layout!r} is an ONNX Runtime option (backend='onnxrt'); "
+        raise KilnError(None, f"kv_layout={kv_layout!r} is an ONNX Runtime option, for backend='onnxrt'; "
                               f"the {backend} backend lays out its own cache")
     if precision not in ("exact", "fast"):
         raise KilnError(None, f"unknown precision {precision!r}; choose exact or fast")
