@@ -4,8 +4,9 @@ tests/data/fixtures/beam/beam_reference.json holds 28 cases that transformers 5.
 (make_beam_reference.py beside it): llama and qwen2, two prompts, beams 2-4, length penalties
 -1, 0, 0.5, 1 and 2, early_stopping True/False/"never", one or two EOS ids or none, 1-4
 returned sequences. Every returned hypothesis must have exactly transformers' tokens, on the
-default backend (TVM) and on both of ONNX Runtime's KV-cache layouts; scores agree to rtol 2e-6 (measured: 1.9e-7 relative, both layouts; the
-closest pair of returned scores in the fixture is 2.1e-5 apart).
+default backend (TVM) and on both of ONNX Runtime's KV-cache layouts; scores agree to rtol
+2e-6 (measured: 1.9e-7 relative, both layouts; the closest pair of returned scores in the
+fixture is 2.1e-5 apart).
 """
 import json
 

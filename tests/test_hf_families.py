@@ -1,11 +1,11 @@
 """Every fixture family read from its Hugging Face folder matches transformers' own outputs.
 
 The interpreter runs the full-sequence graph; the compiled artifact (the default backend, TVM,
-and ONNX Runtime) runs the KV-cache graph, both for whole-sequence logits and for 16 greedy tokens one at a time. Both
-also run the 22 positions of prompt + greedy[:-1] against ``greedy_logits``: the input_ids
-cover only 12 positions, and a position-dependent fault past them (phi3 longrope switches
-tables at its 16-position original context) must show in the logits, not only in a late
-greedy token.
+and ONNX Runtime) runs the KV-cache graph, both for whole-sequence logits and for 16 greedy
+tokens one at a time. Both also run the 22 positions of prompt + greedy[:-1] against
+``greedy_logits``: the input_ids cover only 12 positions, and a position-dependent fault past
+them (phi3 longrope switches tables at its 16-position original context) must show in the
+logits, not only in a late greedy token.
 
 Bounds (max |kiln - transformers| over all logits) are what these fixtures measured, with a
 stated margin; a looser bound lets real faults through (a 1e-6-for-1e-5 epsilon in a norm
