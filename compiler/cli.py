@@ -53,7 +53,8 @@ def cmd_compile(a) -> int:
                            on_pass=on_pass, on_weight=on_weight, on_stage=on_stage,
                            quant=a.quant, requantize=a.requantize, precision=a.precision,
                            backend=a.backend, arch=a.arch, kv_dtype=a.kv_dtype, force=a.force,
-                           lora=_lora_specs(a), sign=a.sign)
+                           lora=_lora_specs(a), sign=a.sign,
+                           on_notice=lambda s: con.print(f"kiln: {s}", markup=False, soft_wrap=True))
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     if not a.quiet:
         for line in pass_lines:
@@ -469,7 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--target", default="cpu", help="cpu, cpu-avx2, cpu-avx512, cpu-neon, cuda, cuda-sm80/86/89/90, "
                                                    "metal (default: cpu = this host)")
     s.add_argument("--backend", choices=["onnxrt", "tvm"],
-                   help="code generator (default: the target's own: onnxrt, or tvm for metal)")
+                   help="code generator (default: tvm where installed, else onnxrt; onnxrt builds a "
+                        "portable model.onnx)")
     s.add_argument("--arch", help="CUDA architecture for --target cuda: sm80, sm86, sm89 or sm90")
     s.add_argument("--kv-dtype", choices=["f32", "f16"], default="f32",
                    help="KV-cache element type (f16: TVM backend, half the memory traffic at long context)")

@@ -91,12 +91,11 @@ def test_head_sizes_the_kernel_cannot_take_stay_in_primitives():
     assert r.stats == {"refused": 2} and any(n.op == "Softmax" for n in g.nodes)
 
 
-def test_runtime_session_continues_a_batch_over_its_cache(hf_fixture, tmp_path):
+def test_runtime_session_continues_a_batch_over_its_cache(hf_fixture, compiled_family):
     from kiln import runtime
-    from kiln.driver import compile as kiln_compile
     folder = hf_fixture("llama")
     ref = np.load(folder / "reference.npz")
-    model = runtime.load(kiln_compile(folder, output=tmp_path / "l.kiln"))
+    model = runtime.load(compiled_family("llama"))
     assert {p["name"]: p["stats"] for p in model.manifest["passes"]}["attention"] == {"attention": 2}
     sess = model.session
     sess.reset(2)

@@ -40,7 +40,8 @@ def prepare(work: Path) -> None:
         return
     from kiln.driver import compile as kiln_compile
     work.mkdir(parents=True, exist_ok=True)
-    folder = kiln_compile(HF_FIXTURES / "llama", output=work / "llama.kiln")
+    # ONNX Runtime: the cases name its files (model.onnx) and its backend entry's "model"
+    folder = kiln_compile(HF_FIXTURES / "llama", output=work / "llama.kiln", backend="onnxrt")
     _BASE["folder"] = Path(folder)
     _BASE["manifest"] = json.loads((Path(folder) / artifact.MANIFEST).read_text())
     _tvm_base(work)
