@@ -3,10 +3,15 @@
 Written into a staging folder beside the destination and renamed into place only when
 complete (``kiln.atomic.staging``), so an interrupted build never leaves a half artifact under
 the final name. The manifest lists every other file with its size and sha256 and carries its
-own sha256 (``manifest_sha256``, computed with that value zeroed). Loading checks the listing
-and every size (cheap: no file is read); ``check_hashes`` (``kiln verify``, ``runtime.load(...,
-verify=True)``) also checks every byte. This module is imported by the runtime, so it stays
-light: json, hashlib, os.
+own sha256 (``manifest_sha256``, computed with that value zeroed). Every check keeps to the
+folder: a listed file (or a folder above it) that is a link resolving outside it is refused.
+
+An artifact holds code that runs in the loading process (a TVM library is native code), so
+:func:`open_checked` -- what loading runs -- checks the listing, every size, and the sha256 of
+every file but the bulk tensor data before a backend opens anything; the tensor data (the
+weights, read only within the byte ranges their headers give) is hashed by ``kiln verify``,
+``runtime.load(..., verify=True)`` and whenever a signature is required (``kiln.signing``).
+This module is imported by the runtime, so it stays light: json, hashlib, os.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from .errors import KilnError, load_json_object
 
 FORMAT_VERSION = 2          # 2: the manifest carries its own sha256; every file has bytes and sha256
 MANIFEST = "manifest.json"
+SIGNATURE = "manifest.sig"  # beside the manifest, unlisted: it signs the manifest's bytes (kiln.signing)
 SELF_HASH = "manifest_sha256"
 _SELF_HASH_AT = b'"manifest_sha256": "'
 
@@ -94,16 +100,77 @@ def _at(folder: Path, rel: str) -> tuple[Path, str]:
 def read_manifest(folder, *, check_hashes: bool = False) -> dict:
     """Read and check an artifact's manifest; raises ArtifactError naming the offending file.
 
-    Always: the manifest's structure, every listed file present with its listed size, and no
-    file present that is not listed. With ``check_hashes``: the manifest's own sha256 and every
-    file's sha256 too. Nothing else of the artifact is read before these checks pass.
+    Always: the manifest's structure, every listed file present with its listed size and
+    inside the folder once links are followed, and no file present that is not listed. With
+    ``check_hashes``: the manifest's own sha256 and every file's sha256 too. Nothing else of the
+    artifact is read before these checks pass.
     """
+    return _read_manifest(Path(folder), check_hashes)[0]
+
+
+def open_checked(folder, *, verify: bool = False, trusted_keys=None) -> dict:
+    """The manifest of an artifact about to be loaded, after every check that must come before
+    a backend reads a byte of it: :func:`read_manifest`'s, then the sha256 of every file that
+    is code or is parsed (the library, the ONNX graph, the tokenizer: small; SmolLM2's TVM
+    library hashes in ~1 ms), so a swapped or damaged library is refused before it is loaded.
+    With ``verify`` or ``trusted_keys`` every file is hashed, the weights too; with
+    ``trusted_keys`` (public key files or PEM bytes) the manifest must also carry a signature
+    by one of them."""
     folder = Path(folder)
+    manifest, raw = _read_manifest(folder, False)
+    if trusted_keys:            # before any hashing: a wrong key fails at once, not after the weights
+        from .signing import check_signature
+        check_signature(folder, raw, trusted_keys)
+    files = manifest["files"]
+    if verify or trusted_keys:
+        _check_self_hash(folder / MANIFEST, manifest, raw)
+    else:
+        data = bulk_data(manifest)
+        files = {rel: info for rel, info in files.items() if rel not in data}
+    _check_sha256(folder, files)
+    return manifest
+
+
+def bulk_data(manifest: dict) -> set[str]:
+    """The listed files that hold nothing but tensor bytes, which the backends read only within
+    byte ranges checked against the file first (``safetensors_index``, ``onnx_check``): TVM's
+    weights and the ONNX model's external data. Damage there gives wrong numbers, never a read
+    outside the file or code run, so loading leaves hashing them to ``kiln verify``."""
+    backend = manifest["backend"]
+    names = {backend.get("weights")}
+    if isinstance(backend.get("model"), str):
+        names.add(backend["model"] + ".data")
+    return names & set(manifest["files"])
+
+
+def _check_self_hash(mpath: Path, manifest: dict, raw: bytes) -> None:
+    claimed = manifest.get(SELF_HASH)
+    if not isinstance(claimed, str):
+        raise ArtifactError(mpath, f"the manifest has no {SELF_HASH}")
+    if _self_hash(raw) != claimed:
+        raise ArtifactError(mpath, "does not match its own sha256 (the manifest was edited or damaged)")
+
+
+def _check_sha256(folder: Path, files: dict) -> None:
+    for rel, info in files.items():
+        try:
+            digest = sha256_file(folder / rel)
+        except OSError as e:
+            where, what = _at(folder, rel)
+            raise ArtifactError(where, f"{what}cannot be read ({e.strerror or e})") from None
+        if digest != info["sha256"]:
+            where, what = _at(folder, rel)
+            raise ArtifactError(where, f"{what}does not match its sha256 in the manifest "
+                                "(edited, damaged or swapped)")
+
+
+def _read_manifest(folder: Path, check_hashes: bool) -> tuple[dict, bytes]:
     mpath = folder / MANIFEST
     if not folder.is_dir():
         raise ArtifactError(folder, "not a kiln artifact (no such folder)")
     if not mpath.is_file():
         raise ArtifactError(folder, "not a kiln artifact (no manifest.json)")
+    _inside(folder, MANIFEST)
     try:
         raw = mpath.read_bytes()
     except OSError as e:
@@ -125,11 +192,7 @@ def read_manifest(folder, *, check_hashes: bool = False) -> dict:
         if key in backend and (not isinstance(backend[key], str) or backend[key] not in files):
             raise ArtifactError(mpath, f"the backend's {key} {_show(backend[key])} is not a file listed in the manifest")
     if check_hashes:
-        claimed = manifest.get(SELF_HASH)
-        if not isinstance(claimed, str):
-            raise ArtifactError(mpath, f"the manifest has no {SELF_HASH}")
-        if _self_hash(raw) != claimed:
-            raise ArtifactError(mpath, "does not match its own sha256 (the manifest was edited or damaged)")
+        _check_self_hash(mpath, manifest, raw)
     for rel, info in files.items():
         if not rel or Path(rel).is_absolute() or ".." in Path(rel).parts or "\\" in rel or "\0" in rel \
                 or rel == MANIFEST:
@@ -138,7 +201,7 @@ def read_manifest(folder, *, check_hashes: bool = False) -> dict:
         if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size < 2**63 \
                 or not isinstance(info.get("sha256"), str):
             raise ArtifactError(mpath, f"the manifest's entry for {_show(rel)} lacks its bytes or sha256")
-    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir()} - {MANIFEST}
+    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir()} - {MANIFEST, SIGNATURE}
     for rel in sorted(present - set(files)):
         where, what = _at(folder, rel)
         raise ArtifactError(where, f"{what}is not listed in the manifest (a file added to the artifact)")
@@ -155,10 +218,22 @@ def read_manifest(folder, *, check_hashes: bool = False) -> dict:
             where, what = _at(folder, rel)
             raise ArtifactError(where, f"{what}has {size} bytes, the manifest says {info['bytes']} "
                                 "(truncated, extended or replaced)")
+        _inside(folder, rel)
     if check_hashes:
-        for rel, info in files.items():
-            if sha256_file(folder / rel) != info["sha256"]:
-                where, what = _at(folder, rel)
-                raise ArtifactError(where, f"{what}does not match its sha256 in the manifest "
-                                    "(edited, damaged or swapped)")
-    return manifest
+        _check_sha256(folder, files)
+    return manifest, raw
+
+
+def _inside(folder: Path, rel: str) -> None:
+    """A listed file, once every link on its way is followed, is still in the artifact: a
+    link out (to a library, weights or tokenizer elsewhere) would make the artifact's checks
+    vouch for a file they do not cover."""
+    root = folder.resolve()
+    try:
+        real = (folder / rel).resolve(strict=True)
+    except (OSError, RuntimeError):          # a link loop
+        real = None
+    if real is None or root not in real.parents:
+        where, what = _at(folder, rel)
+        raise ArtifactError(where, f"{what}is a link that resolves outside the artifact folder "
+                                   "(an artifact must hold its files itself)")

@@ -53,7 +53,8 @@ def cmd_compile(a) -> int:
                            on_pass=on_pass, on_weight=on_weight, on_stage=on_stage,
                            quant=a.quant, requantize=a.requantize, precision=a.precision,
                            backend=a.backend, arch=a.arch, kv_dtype=a.kv_dtype, force=a.force,
-                           lora=_lora_specs(a))
+                           lora=_lora_specs(a), sign=a.sign,
+                           on_notice=lambda s: con.print(f"kiln: {s}", markup=False, soft_wrap=True))
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     if not a.quiet:
         for line in pass_lines:
@@ -66,11 +67,15 @@ def cmd_compile(a) -> int:
 
 def cmd_run(a) -> int:
     from kiln import runtime
-    model = runtime.load(a.artifact, threads=a.threads)
+    model = runtime.load(a.artifact, threads=a.threads, trusted_keys=a.trusted_key)
     if a.ids is not None:
         if a.prompt is not None or a.chat:
             raise ValueError("--ids gives the prompt already rendered; drop --prompt and --chat")
         prompt = _id_list(a.ids)
+    elif a.chat and a.prompt is None and sys.stdin.isatty():
+        # typed, not piped: a conversation, as `kiln chat` (a pipe is still read to EOF)
+        from kiln import chat_repl
+        return chat_repl.run(model, a)
     else:
         prompt = a.prompt if a.prompt is not None else sys.stdin.read()
     if a.chat:
@@ -168,6 +173,13 @@ def _id_list(text: str) -> list[int]:
     if not ids:
         raise ValueError("--ids: no token ids given")
     return ids
+
+
+# ---- chat -----------------------------------------------------------------------------------
+
+def cmd_chat(a) -> int:
+    from kiln import chat_repl
+    return chat_repl.main(a)
 
 
 # ---- bench ----------------------------------------------------------------------------------
@@ -296,10 +308,13 @@ def cmd_serve(a) -> int:
         from kiln.errors import KilnError
         raise KilnError(None, "kiln serve needs FastAPI and uvicorn: pip install 'kiln[serve]'") from None
     checks.check_port(a.host, a.port)        # before loading, and before "serving on ..."
+    from kiln.runtime import TRUSTED_KEYS_ENV
     from kiln.runtime.server import serve
+    if a.trusted_key:          # the server loads through runtime.load, which reads this
+        os.environ[TRUSTED_KEYS_ENV] = os.pathsep.join(a.trusted_key)
     serve(a.artifact, host=a.host, port=a.port, max_batch=a.max_batch, max_queue=a.max_queue,
           api_key=_api_key(a.api_key), threads=a.threads, names=_served_names(a),
-          max_body=a.max_body_size, read_timeout=a.read_timeout)
+          max_body=a.max_body_size, read_timeout=a.read_timeout, shutdown_timeout=a.shutdown_timeout)
     return 0
 
 
@@ -342,10 +357,13 @@ def _seconds(text: str) -> float:
 # ---- verify ---------------------------------------------------------------------------------
 
 def cmd_verify(a) -> int:
-    from kiln.artifact import read_manifest
-    m = read_manifest(a.artifact, check_hashes=True)
+    from kiln.artifact import open_checked
+    from kiln.signing import trust_lines
+    m = open_checked(a.artifact, verify=True, trusted_keys=a.key)
     size = sum(f["bytes"] for f in m["files"].values())
     print(f"{a.artifact}: ok, manifest and {len(m['files'])} files match their sha256 ({size / 1e6:.1f} MB)")
+    for line in trust_lines(a.artifact, m, a.key):
+        print(f"{a.artifact}: {line}")
     return 0
 
 
@@ -429,6 +447,10 @@ QUANT_HELP = ("a block type for every matrix (q8_0, q4_0, q4_1, q5_0, q5_1, q2_k
               "mixture (q4_k_m, q4_k_s, q5_k_m, q5_k_s, q3_k_s, q3_k_m, q3_k_l, q2_k_m, q6_k)")
 
 
+TRUSTED_KEY_HELP = ("refuse the artifact unless its manifest is signed by this Ed25519 public key "
+                    "(repeatable; default: the files in $KILN_TRUSTED_KEYS)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kiln", description="Compile, convert and run transformer language models.")
     p.add_argument("--version", action="version", version=_version())
@@ -443,12 +465,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_inspect)
 
     s = sub.add_parser("compile", help="compile a model for a device")
-    s.add_argument("model", help="Hugging Face or ONNX folder, .gguf, .safetensors or .onnx file, or a model short name "
-                                 "(" + ", ".join(_known_names()) + "; see kiln list)")
+    s.add_argument("model", help="Hugging Face or ONNX folder, .gguf, .safetensors or .onnx file, a model short name "
+                                 "(" + ", ".join(_known_names()) + "; see kiln list), or a Hugging Face hub ID: "
+                                 "org/name, org/name:Q4_K_M or org/name/FILE.gguf")
     s.add_argument("--target", default="cpu", help="cpu, cpu-avx2, cpu-avx512, cpu-neon, cuda, cuda-sm80/86/89/90, "
                                                    "metal (default: cpu = this host)")
     s.add_argument("--backend", choices=["onnxrt", "tvm"],
-                   help="code generator (default: the target's own: onnxrt, or tvm for metal)")
+                   help="code generator (default: tvm where installed, else onnxrt; onnxrt builds a "
+                        "portable model.onnx)")
     s.add_argument("--arch", help="CUDA architecture for --target cuda: sm80, sm86, sm89 or sm90")
     s.add_argument("--kv-dtype", choices=["f32", "f16"], default="f32",
                    help="KV-cache element type (f16: TVM backend, half the memory traffic at long context)")
@@ -463,13 +487,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exact: float32 products, equal to the reference interpreter (default); fast: "
                         "int8 activations in quantized matmuls, as llama.cpp computes")
     s.add_argument("-q", "--quiet", action="store_true")
+    s.add_argument("--sign", metavar="KEYFILE", help="sign the manifest with this Ed25519 private key (PEM)")
     s.set_defaults(fn=cmd_compile)
 
     s = sub.add_parser("run", help="generate text with a compiled artifact")
     s.add_argument("artifact")
     s.add_argument("--prompt", "-p", help="prompt text (default: read standard input)")
     s.add_argument("--ids", metavar="1,2,3", help="prompt as token ids (no tokenizer needed); prints the new ids")
-    s.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt")
+    s.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt "
+                                                       "(with no --prompt on a terminal: a conversation, as kiln chat)")
     s.add_argument("--system", help="system message for --chat")
     s.add_argument("-n", "--max-new-tokens", "--n-predict", dest="max_new_tokens", type=int, default=128,
                    metavar="N", help="tokens to generate at most")
@@ -491,7 +517,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-return-sequences", type=int, default=1, help="beam hypotheses to print, best first")
     _threads_flag(s)
     s.add_argument("-v", "--verbose", action="store_true", help="print timings after the answer")
+    s.add_argument("--trusted-key", metavar="PUBFILE", action="append", help=TRUSTED_KEY_HELP)
     s.set_defaults(fn=cmd_run)
+
+    s = sub.add_parser("chat", help="talk with a compiled artifact in the terminal (history, /commands)",
+                       description="An interactive conversation with ARTIFACT through its chat template. "
+                                   "Type /help inside for the commands.")
+    from kiln import chat_repl
+    chat_repl.add_arguments(s)
+    s.set_defaults(fn=cmd_chat)
 
     s = sub.add_parser("serve", help="serve an artifact over an OpenAI-compatible HTTP API")
     s.add_argument("artifact")
@@ -510,10 +544,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="close connections whose headers take longer than S seconds to arrive; "
                         "408 for a body that does (default 10)")
     _threads_flag(s)
+    s.add_argument("--trusted-key", metavar="PUBFILE", action="append", help=TRUSTED_KEY_HELP)
+    s.add_argument("--shutdown-timeout", type=float, default=10.0, metavar="S",
+                   help="on SIGTERM/SIGINT, let running streams go on this many seconds, then end them "
+                        "(finish_reason length); a second signal ends them at once (default 10)")
     s.set_defaults(fn=cmd_serve)
 
     s = sub.add_parser("verify", help="check every file of an artifact against its sha256 in the manifest")
     s.add_argument("artifact")
+    s.add_argument("--key", metavar="PUBFILE", action="append",
+                   help="require a signature by this Ed25519 public key (repeatable: any of them)")
     s.set_defaults(fn=cmd_verify)
 
     s = sub.add_parser("eval", help="perplexity of a text, with a sliding window past the context")
@@ -604,7 +644,7 @@ def main(argv=None) -> int:
     from kiln.artifact import ArtifactError
     from kiln.errors import KilnError
     args = build_parser().parse_args(argv)
-    if args.fn in (cmd_run, cmd_bench, cmd_serve, cmd_eval):
+    if args.fn in (cmd_run, cmd_chat, cmd_bench, cmd_serve, cmd_eval):
         args.fn = _user_errors_of_the_runtime(args.fn)
     if argv is None:
         checks.note_interrupts()         # the process is ours (not a caller's in-process main([...]))

@@ -89,7 +89,7 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
             on_stage: Report | None = None, kv_layout: str = "auto", quant: str | None = None,
             requantize: bool = False, precision: str = "exact", backend: str | None = None,
             arch: str | None = None, kv_dtype: str = "f32", force: bool = False,
-            lora: list[tuple[str, float]] | None = None):
+            lora: list[tuple[str, float]] | None = None, sign=None, on_notice: Report | None = None):
     """Compile a model (path or ModelIR) for ``target`` into the artifact folder ``output``.
 
     ``quant`` quantizes a float model's weights first: a block type or a llama.cpp mixture
@@ -99,28 +99,37 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
     or "fast" (int8 activations in quantized matmuls, as llama.cpp computes).
 
     ``kv_layout``: "auto" (the preallocated, in-place KV cache wherever it computes the same
-    thing as the graph, else the growing one), "shared" or "concat" to insist on one.
+    thing as the graph, else the growing one), "shared" or "concat" to insist on one (ONNX
+    Runtime backend; TVM lays out its own cache).
 
-    ``backend``: "onnxrt" or "tvm" (default: the target's own; metal has only TVM);
+    ``backend``: "tvm" or "onnxrt" (default: TVM, which every target has; where TVM is not
+    installed the default falls back to ONNX Runtime and ``on_notice`` (else a warning) says so);
     ``arch`` picks a CUDA architecture (sm80, sm86, sm89, sm90) for the cuda target.
     ``kv_dtype``: "f32" or "f16" (TVM backend: the KV cache in float16, half the memory
     traffic of long contexts; ONNX Runtime artifacts keep float32).
     ``lora``: ``(adapter path, scale)`` pairs merged into the weights first
     (:mod:`kiln.frontends.lora`).
     ``force``: replace whatever is at ``output`` (an earlier artifact is replaced without it);
-    a folder holding files that are not an earlier artifact's is refused either way."""
-    from kiln.targets.presets import backend_for, resolve
+    a folder holding files that are not an earlier artifact's is refused either way.
+    ``sign``: an Ed25519 private key file (PEM); the artifact then carries a signature of its
+    manifest (``manifest.sig``, see ``kiln.signing``), written before it is moved into place."""
+    from kiln.targets.presets import choose_backend, resolve
     t0 = time.perf_counter()
     stage = on_stage or (lambda s: None)
     try:
         preset = resolve(target, arch)
-        backend = backend_for(preset, backend)
+        backend, fallback = choose_backend(preset, backend)
     except ValueError as e:
         raise KilnError(None, str(e)) from None
     if arch is not None and preset.device != "cuda":
         # the presets resolve "cpu" before looking at --arch: refuse it here rather than drop it
         raise KilnError(None, f"--arch {arch} is a CUDA architecture; target {target!r} is a {preset.device} "
                               "target (use --target cuda --arch ..., or leave out --arch)")
+    if fallback is not None:
+        (on_notice or _warn)(fallback)
+    if kv_layout != "auto" and backend != "onnxrt":
+        raise KilnError(None, f"kv_layout={kv_layout!r} is an ONNX Runtime option, for backend='onnxrt'; "
+                              f"the {backend} backend lays out its own cache")
     if precision not in ("exact", "fast"):
         raise KilnError(None, f"unknown precision {precision!r}; choose exact or fast")
     if kv_dtype not in ("f32", "f16"):
@@ -128,6 +137,9 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
     if kv_dtype == "f16" and backend != "tvm":
         raise KilnError(None, "--kv-dtype f16 needs --backend tvm (the ONNX Runtime backend keeps a float32 cache)")
     scheme = quant_scheme(quant) if quant else None
+    if sign is not None:                    # a bad key is refused before the work, not after
+        from kiln.signing import load_private_key
+        sign = load_private_key(sign)
     src_path = None
     if isinstance(model, (str, os.PathLike)):
         from kiln.frontends.detect import resolve_path
@@ -140,7 +152,9 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
         stage("merging LoRA adapters")
         model = apply_adapters(model, lora)
     if output is None:
-        name = Path(model.source.get("path") or "model").name.split(".")[0] or "model"
+        from kiln.frontends.hub import cached_name
+        source = model.source.get("path") or "model"
+        name = cached_name(source) or Path(source).name.split(".")[0] or "model"
         output = f"{name}.kiln"
     owned = _artifact_files(output)
     refuse_foreign(output, owned, "an artifact")          # before the work, not after it
@@ -192,6 +206,9 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
             "compile_seconds": round(time.perf_counter() - t0, 2),
         }
         write_manifest(tmp, manifest)
+        if sign is not None:
+            from kiln.signing import sign as sign_manifest
+            sign_manifest(tmp, sign)
     return Path(output)
 
 
@@ -226,12 +243,17 @@ def _lower_onnxrt(graph, tmp, preset, cfg, weight_done, stage, kv_layout, precis
             **summary}
 
 
+def _warn(notice: str) -> None:
+    import warnings
+    warnings.warn(notice, stacklevel=3)      # points at the caller of compile()
+
+
 def _lower_tvm(graph, tmp, preset, cfg, weight_done, stage, precision, kv_dtype) -> dict:
+    from kiln.targets.presets import TVM_MISSING
     try:
-        import tvm  # noqa: F401
+        import tvm  # noqa: F401   found by choose_backend, but an installation can be broken
     except ImportError:
-        raise KilnError(None, "the TVM backend needs Apache TVM: pip install 'kiln[tvm]' "
-                              "(apache-tvm==0.27.0.post1 with apache-tvm-ffi==0.1.14.post0)") from None
+        raise KilnError(None, TVM_MISSING) from None
     from kiln.targets.tvm import build, targets
     target = targets.for_preset(preset.device, preset.isa, arch=preset.isa if preset.device == "cuda" else None,
                                  host=preset.name == "cpu")

@@ -37,6 +37,22 @@ def _config_table(cfg: dict, title: str) -> Table:
     return t
 
 
+def attention_layers(cfg: dict) -> str | None:
+    """Which layers attend within a sliding window, in one line (None: none do)."""
+    window = cfg.get("sliding_window")
+    if not window:
+        return None
+    types = cfg.get("layer_types") or []
+    if not types or all(t == "sliding_attention" for t in types):
+        return f"attention: every layer within a sliding window of {window} tokens"
+    if "sliding_attention" not in types:
+        return "attention: every layer global"
+    marks = "".join("S" if t == "sliding_attention" else "G" for t in types)
+    n = marks.count("S")
+    return (f"attention: {n} of {len(types)} layers within a sliding window of {window} tokens (S), the others "
+            f"global (G), layer 0 first: {marks}")
+
+
 def _tensor_lines(tensors: dict) -> list[str]:
     """One line per tensor: name, type, shape, bytes; aligned columns that grep and cut can read."""
     rows = [(name, w.format.name, "x".join(map(str, w.shape)) or "scalar", f"{w.nbytes:,}")
@@ -90,6 +106,8 @@ def _describe_artifact(p, console, tensors: bool, as_json: bool):
     source = m.get("source") or {}
     console.print(f"architecture {m.get('architecture')}, target {_target(m.get('target'))}, "
                   f"backend {m['backend'].get('name')}", markup=False)
+    if isinstance(m.get("config"), dict) and (line := attention_layers(m["config"])):
+        console.print(line, markup=False, soft_wrap=True)
     console.print(f"source {source.get('format')} {source.get('path')} sha256 {source.get('sha256')}", markup=False)
     b = m["backend"]
     kv = b.get("kv_cache") or {}
@@ -191,6 +209,8 @@ def describe(path, console, graph: str | None = None, tensors: bool = False, as_
             if tok is not None:
                 console.print(f"tokenizer: {tok.tokenizer.get_vocab_size()} tokens, bos {tok.bos_id}, "
                               f"eos {tok.eos_ids}, chat template {'yes' if tok.chat_template else 'no'}")
+            if line := attention_layers(model.config):
+                console.print(line, markup=False, soft_wrap=True)
             ops = ", ".join(f"{op} {n}" for op, n in info["graph"]["ops"].items())
             console.print(f"graph: {len(model.graph.nodes)} nodes, {len(model.graph.weights)} weights; ops {ops}",
                           markup=False)

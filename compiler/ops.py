@@ -535,14 +535,15 @@ class Rotary:
 
 
 
-@op("Attention", {"scale": REQUIRED, "window": 0})
+@op("Attention", {"scale": REQUIRED, "window": 0, "softcap": 0.0})
 class Attention:
     """Causal grouped-query attention with a growing KV cache.
 
     Attention(q [b, H, s, d], k [b, KV, s, d], v [b, KV, s, d], past_k [b, KV, p, d],
     past_v [b, KV, p, d]) -> (out [b, s, H·d], present_k [b, KV, p+s, d], present_v).
-    Query i (position p+i) sees keys j ≤ p+i, and with ``window`` only j > p+i-window.
-    Decomposes to Concat, GQA repetition, MatMul, Mul, Add(mask), Softmax, MatMul.
+    Query i (position p+i) sees keys j ≤ p+i, and with ``window`` only j > p+i-window. With
+    ``softcap`` c (gemma2), the scaled scores become c·tanh(scores / c) before the mask.
+    Decomposes to Concat, GQA repetition, MatMul, Mul, [Div, Tanh, Mul,] Add(mask), Softmax, MatMul.
     """
     @staticmethod
     def infer(inputs, attrs):
@@ -564,6 +565,9 @@ class Attention:
         rk = np.repeat(pres_k, h // kv, axis=1)
         rv = np.repeat(pres_v, h // kv, axis=1)
         scores = np.matmul(q, np.swapaxes(rk, -1, -2)) * np.float32(attrs["scale"])
+        if attrs.get("softcap"):
+            cap = np.float32(attrs["softcap"])
+            scores = np.tanh(scores / cap) * cap
         qpos = p + np.arange(s)[:, None]
         kpos = np.arange(p + s)[None, :]
         allowed = kpos <= qpos

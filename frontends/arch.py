@@ -32,6 +32,18 @@ class ArchConfig:
     output_bias: bool = False         # o_proj bias
     mlp_bias: bool = False
     qk_norm: bool = False             # qwen3: RMSNorm over each head of q and k
+    qk_norm_whole: bool = False       # olmo2: the q/k norms span the whole projection (all heads at once)
+    pre_norm: bool = True             # a norm before attention and before the MLP (olmo2 has none)
+    post_norm: bool = False           # a norm on the attention and MLP outputs, before the residual add
+                                      # (olmo2; gemma2/3 have both)
+    residual_scale: float = 1.0       # granite: attention and MLP outputs times this before the residual add
+    logit_scale: float = 1.0          # granite: the logits divided by this
+    attn_softcap: float | None = None     # gemma2: scores -> cap * tanh(scores / cap) before the mask
+    final_softcap: float | None = None    # gemma2/3: logits -> cap * tanh(logits / cap)
+    # per layer "sliding_attention" (the window applies) or "full_attention", as transformers
+    # names them; empty: every layer uses sliding_window (if any)
+    layer_types: list = field(default_factory=list)
+    rope_local_theta: float | None = None  # gemma3: sliding layers rotate at this base, unscaled
     tie_word_embeddings: bool = False
     embed_scale: float = 1.0          # gemma multiplies embeddings by sqrt(hidden)
     learned_positions: bool = False   # gpt2
@@ -97,6 +109,8 @@ LLAMA_GGUF = {
     "layers.{i}.q_norm": "blk.{i}.attn_q_norm.weight",
     "layers.{i}.k_norm": "blk.{i}.attn_k_norm.weight",
     "layers.{i}.mlp_norm": "blk.{i}.ffn_norm.weight",
+    "layers.{i}.attn_post_norm": "blk.{i}.post_attention_norm.weight",
+    "layers.{i}.mlp_post_norm": "blk.{i}.post_ffw_norm.weight",
     "layers.{i}.gate.weight": "blk.{i}.ffn_gate.weight",
     "layers.{i}.up.weight": "blk.{i}.ffn_up.weight",
     "layers.{i}.down.weight": "blk.{i}.ffn_down.weight",
@@ -117,6 +131,21 @@ class Family:
     hf_conv1d: bool = False               # HF stores linear weights [in, out] (GPT-2's Conv1D)
     hf_config_aliases: dict = field(default_factory=dict)   # canonical key -> this family's key
     flags: dict = field(default_factory=dict)               # ArchConfig fields fixed by the family
+    # ArchConfig scalar fields the family states in its config: field -> config.json key / GGUF key
+    # (after the architecture prefix); a key that is absent leaves the field's default
+    hf_scalars: dict = field(default_factory=dict)
+    gguf_scalars: dict = field(default_factory=dict)
+    gguf_norm_plus_one: bool = False      # llama.cpp stores (1 + w) for the family's RMSNorm scales (gemma)
+    scaled_embedding: bool = False        # gemma: embeddings times sqrt(hidden_size)
+    # gemma2/3: transformers' layer_types when a config has none (every Nth layer global), which
+    # is also the pattern llama.cpp assumes for a GGUF without sliding_window_pattern
+    global_every: int = 0
+    # multimodal checkpoints whose text model is this family: outer model_type -> the prefixes
+    # its text tensors carry, each with the name the family's own checkpoints use instead (the
+    # config's text_config holds the text model's config)
+    hf_multimodal: dict = field(default_factory=dict)
+    # transformers' config defaults where they matter: a config.json may leave them out
+    hf_defaults: dict = field(default_factory=dict)
 
 
 FAMILIES: dict[str, Family] = {}
@@ -131,8 +160,55 @@ _family(Family("llama", ("llama",), "llama", LLAMA_HF, LLAMA_GGUF, rope_permuted
 _family(Family("mistral", ("mistral",), "llama", LLAMA_HF, LLAMA_GGUF, rope_permuted_in_gguf=True))
 _family(Family("qwen2", ("qwen2",), "qwen2", LLAMA_HF, LLAMA_GGUF))
 _family(Family("qwen3", ("qwen3",), "qwen3", LLAMA_HF, LLAMA_GGUF))
-_family(Family("gemma", ("gemma",), "gemma", LLAMA_HF, LLAMA_GGUF,
+_family(Family("gemma", ("gemma",), "gemma", LLAMA_HF, LLAMA_GGUF, gguf_norm_plus_one=True, scaled_embedding=True,
               flags={"norm_offset": 1.0, "tie_word_embeddings": True}))
+
+# gemma2/3: norms before and after attention and the MLP; the pre-MLP norm has its own name
+GEMMA2_HF = dict(LLAMA_HF)
+GEMMA2_HF.update({"layers.{i}.attn_post_norm": "model.layers.{i}.post_attention_layernorm.weight",
+                  "layers.{i}.mlp_norm": "model.layers.{i}.pre_feedforward_layernorm.weight",
+                  "layers.{i}.mlp_post_norm": "model.layers.{i}.post_feedforward_layernorm.weight"})
+_GEMMA_FLAGS = {"norm_offset": 1.0, "post_norm": True}
+# Gemma2Config's / Gemma3TextConfig's defaults (the 2B / 1B shapes): published gemma3 configs,
+# multimodal ones above all, leave most of them out
+_GEMMA_DEFAULTS = {"hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26, "num_attention_heads": 8,
+                   "num_key_value_heads": 4, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh",
+                   "rms_norm_eps": 1e-6, "query_pre_attn_scalar": 256, "sliding_window": 4096,
+                   "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0, "tie_word_embeddings": True}
+GEMMA2_DEFAULTS = {**_GEMMA_DEFAULTS, "vocab_size": 256000, "max_position_embeddings": 8192, "rope_theta": 10000.0,
+                   "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}
+GEMMA3_DEFAULTS = {**_GEMMA_DEFAULTS, "vocab_size": 262208, "max_position_embeddings": 131072,
+                   "rope_theta": 1_000_000.0, "rope_local_base_freq": 10000.0}
+_family(Family("gemma2", ("gemma2",), "gemma2", GEMMA2_HF, LLAMA_GGUF, gguf_norm_plus_one=True,
+               scaled_embedding=True, global_every=2, flags=_GEMMA_FLAGS, hf_defaults=GEMMA2_DEFAULTS,
+               hf_scalars={"attn_softcap": "attn_logit_softcapping", "final_softcap": "final_logit_softcapping"},
+               gguf_scalars={"attn_softcap": "attn_logit_softcapping", "final_softcap": "final_logit_softcapping",
+                             "attn_scale": "attention.scale"}))
+_family(Family("gemma3", ("gemma3_text",), "gemma3", GEMMA2_HF, LLAMA_GGUF, gguf_norm_plus_one=True,
+               scaled_embedding=True, global_every=6, flags={**_GEMMA_FLAGS, "qk_norm": True},
+               hf_defaults=GEMMA3_DEFAULTS,
+               # Gemma3ForConditionalGeneration (gemma-3-4b and up): kiln reads its language model
+               hf_multimodal={"gemma3": (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
+                                         ("model.language_model.", "model."), ("lm_head.", "lm_head."))},
+               hf_scalars={"attn_softcap": "attn_logit_softcapping", "final_softcap": "final_logit_softcapping"},
+               gguf_scalars={"attn_softcap": "attn_logit_softcapping", "final_softcap": "final_logit_softcapping",
+                             "attn_scale": "attention.scale"}))
+# granite: llama with four multipliers (llama.cpp names them *_scale; its logit_scale divides)
+_family(Family("granite", ("granite",), "granite", LLAMA_HF, LLAMA_GGUF, rope_permuted_in_gguf=True,
+               hf_scalars={"embed_scale": "embedding_multiplier", "residual_scale": "residual_multiplier",
+                           "attn_scale": "attention_multiplier", "logit_scale": "logits_scaling"},
+               # transformers' default scale is 1.0; llama.cpp's (no granite.attention.scale) 1/sqrt(head_dim)
+               hf_defaults={"attention_multiplier": 1.0},
+               gguf_scalars={"embed_scale": "embedding_scale", "residual_scale": "residual_scale",
+                             "attn_scale": "attention.scale", "logit_scale": "logit_scale"}))
+
+# olmo2: no norms before attention and MLP, one on each output instead (HF's post_attention_layernorm
+# is that output norm here, not llama's pre-MLP norm); q/k norms over the whole projection
+OLMO2_HF = {k: v for k, v in LLAMA_HF.items() if k not in ("layers.{i}.attn_norm", "layers.{i}.mlp_norm")}
+OLMO2_HF.update({"layers.{i}.attn_post_norm": "model.layers.{i}.post_attention_layernorm.weight",
+                 "layers.{i}.mlp_post_norm": "model.layers.{i}.post_feedforward_layernorm.weight"})
+_family(Family("olmo2", ("olmo2",), "olmo2", OLMO2_HF, LLAMA_GGUF,
+               flags={"qk_norm": True, "qk_norm_whole": True, "pre_norm": False, "post_norm": True}))
 
 def _without_split_parts(table: dict) -> dict:
     return {k: v for k, v in table.items() if not (k.count(".") == 3 and k.split(".")[2] in ("q", "k", "v", "gate", "up"))}
@@ -250,8 +326,9 @@ def roles_from_file(path, tensors: dict, table: dict, cfg: "ArchConfig", *, laye
                 raise KilnError(path, f"tensor {roles.get(role) or roles.get(fused, role)} is missing "
                                       f"(needed for {role})")
     # the other tensors the builder cannot do without (biases are optional)
-    per_layer = ["attn_norm", "mlp_norm"] + (["gate.weight"] if cfg.gated_mlp else []) \
-        + (["q_norm", "k_norm"] if cfg.qk_norm else [])
+    per_layer = (["attn_norm", "mlp_norm"] if cfg.pre_norm else []) \
+        + (["attn_post_norm", "mlp_post_norm"] if cfg.post_norm else []) \
+        + (["gate.weight"] if cfg.gated_mlp else []) + (["q_norm", "k_norm"] if cfg.qk_norm else [])
     needed = ["final_norm"] + (["pos_embed"] if cfg.learned_positions else []) \
         + (["lm_head"] if not cfg.tie_word_embeddings else []) + [f"layers.{i}.{r}" for i in range(n) for r in per_layer]
     for role in needed:
@@ -299,7 +376,7 @@ def fuse_parts(weights: dict, fused: str, cfg: "ArchConfig", n_layers: int) -> d
 
 def family_for_model_type(model_type: str) -> Family | None:
     for f in FAMILIES.values():
-        if model_type in f.hf_model_types:
+        if model_type in f.hf_model_types or model_type in f.hf_multimodal:
             return f
     return None
 
@@ -333,13 +410,30 @@ def check_shapes(path, w: dict, cfg: ArchConfig) -> None:
                        p + "o.weight": (E, H * D), p + "up.weight": (F, E), p + "down.weight": (E, F),
                        p + "gate.weight": (F, E), p + "attn_norm": (E,), p + "mlp_norm": (E,),
                        p + "q.bias": (H * D,), p + "k.bias": (KV * D,), p + "v.bias": (KV * D,), p + "o.bias": (E,),
-                       p + "up.bias": (F,), p + "down.bias": (E,), p + "q_norm": (D,), p + "k_norm": (D,)})
+                       p + "up.bias": (F,), p + "down.bias": (E,), p + "attn_post_norm": (E,), p + "mlp_post_norm": (E,),
+                       p + "q_norm": (H * D,) if cfg.qk_norm_whole else (D,),
+                       p + "k_norm": (KV * D,) if cfg.qk_norm_whole else (D,)})
     expect.update({"final_norm": (E,), "lm_head": (cfg.vocab_size, E)})
     for role, shape in expect.items():
         if role in w and w[role].shape != shape:
             name = getattr(w[role], "name", "")
             label = f"{name} ({role})" if name and name != role else f"for {role}"
             raise KilnError(path, f"tensor {label} has shape {list(w[role].shape)}, the config implies {list(shape)}")
+
+
+LAYER_TYPES = ("sliding_attention", "full_attention")
+
+
+def layer_window(cfg: ArchConfig, i: int) -> int:
+    """Layer i's attention window (0: it sees the whole context)."""
+    if cfg.layer_types and cfg.layer_types[i] != "sliding_attention":
+        return 0
+    return int(cfg.sliding_window or 0)
+
+
+def default_layer_types(n_layers: int, global_every: int) -> list:
+    """Every ``global_every``-th layer global, the rest sliding (transformers' gemma2/3 default)."""
+    return ["full_attention" if (i + 1) % global_every == 0 else "sliding_attention" for i in range(n_layers)]
 
 
 MAX_HEAD_DIM = 65536       # real models use 64 to 512
@@ -365,6 +459,22 @@ def check_config(path, cfg: ArchConfig, keys: dict | None = None) -> None:
         # checked before the rotary tables below are computed: their size follows the head size
         raise KilnError(path, f"{keys.get('head_dim', 'head_dim')} is {cfg.head_dim}; kiln handles heads of up to "
                               f"{MAX_HEAD_DIM} dimensions")
+    if cfg.layer_types:
+        if len(cfg.layer_types) != cfg.num_layers:
+            raise KilnError(path, f"{keys.get('layer_types', 'layer_types')} lists {len(cfg.layer_types)} layers, "
+                                  f"the model has {cfg.num_layers}")
+        odd = [t for t in cfg.layer_types if t not in LAYER_TYPES]
+        if odd:
+            raise KilnError(path, f"{keys.get('layer_types', 'layer_types')} holds {str(odd[0])[:40]!r}; kiln reads "
+                                  f"{' and '.join(LAYER_TYPES)}")
+        if "sliding_attention" in cfg.layer_types and not cfg.sliding_window:
+            raise KilnError(path, "some layers are sliding_attention layers, but the config gives no sliding_window")
+    for f in ("attn_softcap", "final_softcap"):
+        v = getattr(cfg, f)
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise KilnError(path, f"{keys.get(f, f)} is {v}; a soft cap is a positive number")
+    if cfg.logit_scale == 0:
+        raise KilnError(path, f"{keys.get('logit_scale', 'logit_scale')} is 0; the logits are divided by it")
     if cfg.rotary_dim < 0 or cfg.rotary_dim > cfg.head_dim or cfg.rotary_dim % 2:
         raise KilnError(path, f"rotary dimension {cfg.rotary_dim} is not an even number up to the head size {cfg.head_dim}")
     if cfg.rotary_dim:

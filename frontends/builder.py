@@ -11,13 +11,14 @@ the full-sequence graph that the KV-cache pass replaces with the cached length.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 
 from kiln.ir import Graph, Value
 from kiln.weights import Weight
 
-from .arch import ArchConfig, rope_inv_freq, rope_switch_length
+from .arch import ArchConfig, layer_window, rope_inv_freq, rope_switch_length
 
 NEG_INF = float(np.finfo(np.float32).min)
 
@@ -69,24 +70,41 @@ def build_graph(cfg: ArchConfig, weights: dict[str, Weight], name: str = "model"
     if cfg.learned_positions:
         h = e.Add(h, e.Gather(w("pos_embed"), pos, name="pos_embed"), name="embed_pos")
 
-    mask = _causal_mask(e, pos, total, cfg.sliding_window)                    # [seq, total]
-    # what the mask means, so an attention fusion can check it is this mask it replaces
-    g.meta["causal_mask"] = {"value": mask.name, "window": int(cfg.sliding_window or 0)}
-    cos = sin = None
+    windows = [layer_window(cfg, i) for i in range(cfg.num_layers)]
+    masks = {}
+    for window in sorted(set(windows)):
+        e.scope = f"window{window}." if len(set(windows)) > 1 and window else ""
+        masks[window] = _causal_mask(e, pos, total, window)                   # [seq, total]
+    e.scope = ""
+    # what each mask means, so an attention fusion can check it is one of these masks it replaces
+    g.meta["causal_masks"] = {m.name: window for window, m in masks.items()}
+    rotary = {}
     if cfg.rotary_dim:
-        cos, sin = _rotary_tables(e, cfg, pos, total)                         # [seq, rotary_dim]
+        rotary["global"] = _rotary_tables(e, cfg, pos, total)                 # [seq, rotary_dim] each
+        if cfg.rope_local_theta is not None:
+            # gemma3's sliding layers: plain rotary at their own base
+            e.scope = "local."
+            rotary["local"] = _rotary_tables(e, replace(cfg, rope_theta=cfg.rope_local_theta, rope_scaling={}),
+                                             pos, total)
+            e.scope = ""
 
     for i in range(cfg.num_layers):
         e.scope = f"layers.{i}."
         p = f"layers.{i}."
-        x = _norm(e, cfg, h, w(p + "attn_norm"), w(p + "attn_norm_bias"), name="attn_norm")
-        h = e.Add(h, _attention(e, cfg, x, p, w, cos, sin, mask), name="attn_residual")
-        x = _norm(e, cfg, h, w(p + "mlp_norm"), w(p + "mlp_norm_bias"), name="mlp_norm")
-        h = e.Add(h, _mlp(e, cfg, x, p, w), name="mlp_residual")
+        cos, sin = rotary.get("local" if windows[i] and "local" in rotary else "global", (None, None))
+        x = _norm(e, cfg, h, w(p + "attn_norm"), w(p + "attn_norm_bias"), name="attn_norm") if cfg.pre_norm else h
+        h = _residual(e, cfg, h, _attention(e, cfg, x, p, w, cos, sin, masks[windows[i]]), w(p + "attn_post_norm"),
+                      "attn")
+        x = _norm(e, cfg, h, w(p + "mlp_norm"), w(p + "mlp_norm_bias"), name="mlp_norm") if cfg.pre_norm else h
+        h = _residual(e, cfg, h, _mlp(e, cfg, x, p, w), w(p + "mlp_post_norm"), "mlp")
     e.scope = ""
     h = _norm(e, cfg, h, w("final_norm"), w("final_norm_bias"), name="final_norm")
     head = w("embed") if cfg.tie_word_embeddings else w("lm_head")
     logits = _linear(e, h, head, w("lm_head_bias") if not cfg.tie_word_embeddings else None, name="lm_head")
+    if cfg.logit_scale != 1.0:
+        logits = e.Div(logits, e.c(np.float32(cfg.logit_scale)), name="logit_scale")
+    if cfg.final_softcap:
+        logits = _softcap(e, logits, cfg.final_softcap, "final_softcap")
     logits.name = g.fresh_name("logits") if logits.name != "logits" else logits.name
     g.outputs = [logits]
     return g
@@ -98,6 +116,21 @@ def _linear(e: _Emit, x: Value, weight: Value, bias: Value | None, name: str) ->
     if bias is not None:
         y = e.Add(y, bias, name=f"{name}.bias")
     return y
+
+
+def _softcap(e: _Emit, x: Value, cap: float, name: str) -> Value:
+    """cap * tanh(x / cap), in transformers' order (divide, tanh, multiply)."""
+    c = e.c(np.float32(cap))
+    return e.Mul(e.Tanh(e.Div(x, c, name=f"{name}.div"), name=f"{name}.tanh"), c, name=name)
+
+
+def _residual(e: _Emit, cfg: ArchConfig, h: Value, out: Value, post_norm: Value | None, name: str) -> Value:
+    """h + the block's output, after its post-norm (olmo2, gemma2/3) and granite's multiplier."""
+    if cfg.post_norm:
+        out = _norm(e, cfg, out, post_norm, None, name=f"{name}_post_norm")
+    if cfg.residual_scale != 1.0:
+        out = e.Mul(out, e.c(np.float32(cfg.residual_scale)), name=f"{name}_residual_scale")
+    return e.Add(h, out, name=f"{name}_residual")
 
 
 def _norm(e: _Emit, cfg: ArchConfig, x: Value, weight: Value, bias: Value | None, name: str) -> Value:
@@ -118,10 +151,12 @@ def _norm(e: _Emit, cfg: ArchConfig, x: Value, weight: Value, bias: Value | None
 
 
 def _head_norm(e: _Emit, cfg: ArchConfig, x: Value, weight: Value, name: str) -> Value:
-    """RMSNorm over the last axis of [b, s, heads, head_dim] (qwen3's q/k norms)."""
+    """RMSNorm over the last axis of [b, s, heads, head_dim] (qwen3's and gemma3's q/k norms)."""
     eps = e.c(np.float32(cfg.norm_eps))
     var = e.ReduceMean(e.Pow(x, e.c(np.float32(2.0)), name=f"{name}.sq"), axes=[-1], keepdims=1, name=f"{name}.var")
     inv = e.Reciprocal(e.Sqrt(e.Add(var, eps, name=f"{name}.eps"), name=f"{name}.std"), name=f"{name}.rstd")
+    if cfg.norm_offset:
+        weight = e.Add(weight, e.c(np.float32(cfg.norm_offset)), name=f"{name}.w_offset")
     return e.Mul(e.Mul(x, inv, name=f"{name}.normed"), weight, name=f"{name}.scale")
 
 
@@ -191,7 +226,10 @@ def _attention(e: _Emit, cfg: ArchConfig, x: Value, p: str, w, cos, sin, mask) -
     q = _linear(e, x, w(p + "q.weight"), w(p + "q.bias"), name="q_proj")
     k = _linear(e, x, w(p + "k.weight"), w(p + "k.bias"), name="k_proj")
     v = _linear(e, x, w(p + "v.weight"), w(p + "v.bias"), name="v_proj")
-    if cfg.qk_norm:
+    if cfg.qk_norm and cfg.qk_norm_whole:
+        q = _heads(e, _norm(e, cfg, q, w(p + "q_norm"), None, name="q_norm"), H, D, "q")
+        k = _heads(e, _norm(e, cfg, k, w(p + "k_norm"), None, name="k_norm"), KV, D, "k")
+    elif cfg.qk_norm:
         q = e.Reshape(q, e.i64([0, 0, H, D]), name="q.split_heads")
         k = e.Reshape(k, e.i64([0, 0, KV, D]), name="k.split_heads")
         q = e.Transpose(_head_norm(e, cfg, q, w(p + "q_norm"), "q_norm"), perm=[0, 2, 1, 3], name="q.heads_first")
@@ -207,6 +245,8 @@ def _attention(e: _Emit, cfg: ArchConfig, x: Value, p: str, w, cos, sin, mask) -
     scale = cfg.attn_scale if cfg.attn_scale is not None else 1.0 / math.sqrt(D)
     scores = e.MatMul(q, e.Transpose(k, perm=[0, 1, 3, 2], name="k_t"), name="scores")
     scores = e.Mul(scores, e.c(np.float32(scale)), name="scaled_scores")
+    if cfg.attn_softcap:
+        scores = _softcap(e, scores, cfg.attn_softcap, "softcap_scores")
     scores = e.Add(scores, mask, name="masked_scores")
     probs = e.Softmax(scores, axis=-1, name="probs")
     out = e.MatMul(probs, v, name="context")

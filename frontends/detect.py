@@ -7,13 +7,17 @@ from kiln.errors import KilnError
 
 
 def resolve_path(path) -> Path:
-    """A path, or the file behind a known model name such as ``smollm2``."""
+    """A path, the file behind a known model name such as ``smollm2``, or a Hugging Face hub ID
+    (``org/name``, fetched into the hub's cache: :mod:`kiln.frontends.hub`)."""
     p = Path(path)
     if not p.exists():
         from .known_models import resolve
         known = resolve(str(path))
         if known is not None:
             return known
+        from . import hub
+        if hub.is_hub_id(path):
+            return hub.fetch(path)
     return p
 
 

@@ -7,6 +7,7 @@ permutation, which whole-row block formats survive untouched.
 """
 from __future__ import annotations
 
+import math
 import os
 import reprlib
 from pathlib import Path
@@ -97,21 +98,75 @@ def arch_config(meta: dict, tensors: dict, path) -> tuple[A.Family, A.ArchConfig
         raise KilnError(path, f"bad model metadata: {text if len(text) <= 160 else text[:157] + '...'}") from None
     for k, v in family.flags.items():
         setattr(cfg, k, v)
-    if family.name == "gemma":
-        cfg.norm_offset = 0.0        # llama.cpp stores gemma's norm weights with the 1 already added
+    for f, suffix in family.gguf_scalars.items():
+        v = key(suffix, required=False, whole=False)
+        if v is not None and not math.isfinite(v):
+            raise KilnError(path, f"metadata key {arch}.{suffix} is {v}, not a finite number")
+        if v is not None:
+            setattr(cfg, f, gguf_rope.short_float(v))
+    if family.gguf_norm_plus_one:
+        cfg.norm_offset = 0.0        # llama.cpp stores the norm weights with the 1 already added
+    if family.scaled_embedding:
         cfg.embed_scale = float(hidden) ** 0.5
         cfg.activation = "gelu_tanh"
+    if family.global_every:
+        _gemma_layers(meta, cfg, family, arch, path)
     if family.name == "qwen3":
         cfg.qk_norm = True
     if family.name == "gpt2":
         cfg.activation = "gelu_tanh"
         cfg.tie_word_embeddings = "output.weight" not in tensors
-    keys = {f: f"{arch}.{k}" for f, k in _METADATA_KEYS.items()}
+    keys = {f: f"{arch}.{k}" for f, k in {**_METADATA_KEYS, **family.gguf_scalars}.items()}
     A.check_config(path, cfg, keys)
     cfg.rope_scaling = gguf_rope.from_gguf(meta, tensors, cfg, arch, path)
     if cfg.rope_scaling:
         A.check_config(path, cfg, keys)
     return family, cfg
+
+
+def _gemma_layers(meta: dict, cfg: A.ArchConfig, family: A.Family, arch: str, path) -> None:
+    """gemma2/3's sliding layers, their rope base and the attention scale, as llama.cpp reads
+    them: a GGUF without sliding_window_pattern / rope.freq_base_swa / attention.scale means
+    llama.cpp's fixed choices (every 2nd / 6th layer global, base 10000, 1/sqrt(head_dim) but
+    1/sqrt(hidden/heads) for the 27B models, which it knows by their layer count)."""
+    pattern = meta.get(f"{arch}.attention.sliding_window_pattern")
+    if not cfg.sliding_window:
+        cfg.layer_types = []
+    elif pattern is not None:
+        if not isinstance(pattern, list) or len(pattern) != cfg.num_layers \
+                or not all(isinstance(x, bool) for x in pattern):
+            raise KilnError(path, f"metadata key {arch}.attention.sliding_window_pattern is not one true/false "
+                                  f"per layer ({cfg.num_layers})")
+        cfg.layer_types = [A.LAYER_TYPES[0] if x else A.LAYER_TYPES[1] for x in pattern]
+    else:
+        cfg.layer_types = A.default_layer_types(cfg.num_layers, family.global_every)
+    if family.name == "gemma3":
+        base = meta.get(f"{arch}.rope.freq_base_swa", 10000.0)
+        if isinstance(base, bool) or not isinstance(base, (int, float)) or not (math.isfinite(base) and base > 0):
+            raise KilnError(path, f"metadata key {arch}.rope.freq_base_swa is {reprlib.repr(base)}, not a positive number")
+        cfg.rope_local_theta = gguf_rope.short_float(base)
+    if f"{arch}.attention.scale" not in meta:
+        big = cfg.num_layers == (46 if family.name == "gemma2" else 62)
+        cfg.attn_scale = (cfg.hidden_size / cfg.num_heads if big else cfg.head_dim) ** -0.5
+
+
+def _llama_cpp_gemma_notes(cfg: A.ArchConfig, family: A.Family) -> list[str]:
+    """Where llama.cpp's fixed gemma2/3 choices (see _gemma_layers) differ from this model: kiln
+    writes the model's own values, which llama.cpp does not read."""
+    arch, notes = family.gguf_arch, []
+    fixed = A.ArchConfig(**{**cfg.to_dict(), "layer_types": []})
+    _gemma_layers({}, fixed, family, arch, None)
+    scale = cfg.attn_scale if cfg.attn_scale is not None else cfg.head_dim ** -0.5
+    if not math.isclose(scale, fixed.attn_scale, rel_tol=1e-6):
+        notes.append(f"llama.cpp's {arch} graph scales attention scores by {fixed.attn_scale:.6g}, not this model's "
+                     f"{scale:.6g} (query_pre_attn_scalar; kiln writes it in {arch}.attention.scale)")
+    if cfg.sliding_window and cfg.layer_types and cfg.layer_types != fixed.layer_types:
+        notes.append(f"llama.cpp's {arch} graph makes every {family.global_every}th layer global, not this model's "
+                     f"layers (kiln writes them in {arch}.attention.sliding_window_pattern)")
+    if cfg.rope_local_theta is not None and cfg.rope_local_theta != fixed.rope_local_theta:
+        notes.append(f"llama.cpp's {arch} graph rotates the sliding layers at base {fixed.rope_local_theta:g}, not "
+                     f"this model's {cfg.rope_local_theta:g} (kiln writes it in {arch}.rope.freq_base_swa)")
+    return notes
 
 
 # ArchConfig fields as llama.cpp's metadata names them (after the architecture prefix)
@@ -207,9 +262,17 @@ def _metadata(model: ModelIR, family: A.Family, cfg: A.ArchConfig, file_type: in
     if cfg.rotary_dim:
         m[f"{arch}.rope.freq_base"] = typed(cfg.rope_theta, "float32")
         m[f"{arch}.rope.dimension_count"] = typed(cfg.rotary_dim, "uint32")
-    if cfg.head_dim * cfg.num_heads != cfg.hidden_size or family.name in ("gemma", "qwen3"):
+    if cfg.head_dim * cfg.num_heads != cfg.hidden_size or family.name in ("gemma", "gemma2", "gemma3", "qwen3"):
         m[f"{arch}.attention.key_length"] = typed(cfg.head_dim, "uint32")
         m[f"{arch}.attention.value_length"] = typed(cfg.head_dim, "uint32")
+    for f, suffix in family.gguf_scalars.items():
+        v = getattr(cfg, f)
+        if v is not None:
+            m[f"{arch}.{suffix}"] = typed(float(v), "float32")
+    if cfg.layer_types:
+        m[f"{arch}.attention.sliding_window_pattern"] = [t == A.LAYER_TYPES[0] for t in cfg.layer_types]
+    if cfg.rope_local_theta is not None:
+        m[f"{arch}.rope.freq_base_swa"] = typed(cfg.rope_local_theta, "float32")
     m.update(gguf_rope.for_gguf(cfg, arch)[0])      # rope scaling and attention window
     if model.tokenizer is not None:
         from .tokenizer import to_gguf_metadata
@@ -233,7 +296,7 @@ def gguf_tensors(model: ModelIR, family: A.Family, cfg: A.ArchConfig) -> dict[st
             for r, heads in (("q", cfg.num_heads), ("k", cfg.num_kv_heads)):
                 role = f"layers.{i}.{r}.weight"
                 weights[role] = weights[role].take_rows(rope_permute_rows(weights[role].shape[0], heads))
-    if family.name == "gemma" and cfg.norm_offset:
+    if family.gguf_norm_plus_one and cfg.norm_offset:
         weights = A.shift_norms(weights, +1.0)      # llama.cpp stores gemma's (1 + w) norm scale
     return A.to_file_names(weights, family.gguf_names, family, cfg, "GGUF")
 
@@ -244,6 +307,8 @@ def write(model: ModelIR, path, *, dtype: str | None = None, quant: str | None =
     cfg = A.ArchConfig.from_dict(model.config)
     family = A.FAMILIES[cfg.family]
     _, extra, notes = gguf_rope.for_gguf(cfg, family.gguf_arch)
+    if family.global_every:
+        notes += _llama_cpp_gemma_notes(cfg, family)
     # llama.cpp's converter writes these first (rope_freqs, longrope's factors), always F32
     tensors = {name: (name.split(".")[0], Weight.from_array(a, name=name)) for name, a in extra.items()}
     tensors.update(gguf_tensors(model, family, cfg))

@@ -47,8 +47,9 @@ FACTORS_SHORT = "rope_factors_short.weight"
 TAKES_ROPE_FREQS = {"llama"}
 TAKES_LONGROPE = {"phi3"}
 # Of kiln's architectures, the llama.cpp graphs that apply {arch}.attention.sliding_window:
-# none (llama, qwen2, qwen3 and gemma do not read it; phi3 reads it and switches it off).
-APPLIES_WINDOW: set = set()
+# gemma2 and gemma3 (on their sliding layers); llama, qwen2, qwen3 and gemma do not read it,
+# phi3 reads it and switches it off.
+APPLIES_WINDOW = {"gemma2", "gemma3"}
 
 # yarn's parameters as transformers names them -> llama.cpp's key suffix, and its defaults
 _YARN_KEYS = (("beta_fast", "yarn_beta_fast"), ("beta_slow", "yarn_beta_slow"), ("attention_factor", "yarn_attn_factor"))

@@ -35,6 +35,28 @@ def read_config(folder: Path) -> dict:
     return cfg
 
 
+def _local_rope(cfg: dict) -> tuple[dict, float | None]:
+    """gemma3 rotates its sliding layers apart: transformers 5 nests rope_parameters per layer
+    type; older configs give rope_local_base_freq. Returns (the config with the global layers'
+    rope where the generic reader looks for it, the sliding layers' base or None)."""
+    params = cfg.get("rope_parameters")
+    if isinstance(params, dict) and isinstance(params.get("full_attention"), dict):
+        local = params.get("sliding_attention") or {}
+        if not isinstance(local, dict) or local.get("rope_type", "default") != "default":
+            raise ValueError("rope_parameters (kiln reads plain rotary for the sliding_attention layers)")
+        return {**cfg, "rope_parameters": params["full_attention"]}, _base(local.get("rope_theta", 10000.0),
+                                                                          "the sliding_attention rope_theta")
+    if "rope_local_base_freq" in cfg:
+        return cfg, _base(cfg["rope_local_base_freq"], "rope_local_base_freq")
+    return cfg, None
+
+
+def _base(v, what: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 < v < 2**63):
+        raise ValueError(f"rope_parameters ({what} is not a positive number)")
+    return float(v)
+
+
 def _rope_params(cfg: dict) -> tuple[float, dict]:
     """(theta, scaling dict) from either transformers 5's rope_parameters or the older keys."""
     params = cfg.get("rope_parameters")
@@ -54,14 +76,39 @@ def _eos_list(v) -> list:
     return [int(x) for x in v] if isinstance(v, list) else [int(v)]
 
 
+def text_prefixes(cfg: dict) -> tuple:
+    """For a multimodal checkpoint kiln reads the language model of: (tensor prefix, its name in
+    the text model's own checkpoints) pairs; else ()."""
+    model_type = cfg.get("model_type")
+    family = A.family_for_model_type(model_type) if isinstance(model_type, str) else None
+    return family.hf_multimodal.get(model_type, ()) if family is not None else ()
+
+
+def _text_config(cfg: dict, family: A.Family, path: Path) -> dict:
+    """A multimodal config's text_config, as the text model's own config (token ids and tying
+    may be stated on the outer config only)."""
+    text = cfg.get("text_config")
+    if not isinstance(text, dict):
+        raise KilnError(path / "config.json", f"a {cfg['model_type']} config needs a text_config object "
+                                              f"(kiln reads its language model)")
+    outer = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings") if k in cfg}
+    return {**outer, **text, "model_type": family.hf_model_types[0]}
+
+
 def arch_config(cfg: dict, path: Path) -> tuple[A.Family, A.ArchConfig]:
     """Normalise a transformers config.json into kiln's ArchConfig."""
     model_type = cfg.get("model_type")
     family = A.family_for_model_type(model_type) if isinstance(model_type, str) else None
     if family is None:
+        names = {t for f in A.FAMILIES.values() for t in (*f.hf_model_types, *f.hf_multimodal)}
         raise KilnError(path / "config.json", f"unsupported architecture {_show(model_type, repr)} "
-                        f"(kiln reads: {', '.join(sorted({t for f in A.FAMILIES.values() for t in f.hf_model_types}))})")
-    for key in (*_NUMBERS, *(family.hf_config_aliases[k] for k in _NUMBERS if k in family.hf_config_aliases)):
+                        f"(kiln reads: {', '.join(sorted(names))})")
+    if model_type in family.hf_multimodal:
+        cfg = _text_config(cfg, family, path)
+    cfg = {**family.hf_defaults, **cfg}
+    scalars = dict(family.hf_scalars)
+    for key in (*_NUMBERS, *(family.hf_config_aliases[k] for k in _NUMBERS if k in family.hf_config_aliases),
+                *scalars.values()):
         v = cfg.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
             raise KilnError(path / "config.json", f"{key} is {_show(v)}, not a number")
@@ -88,6 +135,7 @@ def arch_config(cfg: dict, path: Path) -> tuple[A.Family, A.ArchConfig]:
         heads = int(cfg["num_attention_heads"])
         kv = int(cfg.get("num_key_value_heads") or heads)
         head_dim = int(cfg.get("head_dim") or (hidden // heads if heads > 0 else 0))
+        cfg, local_theta = _local_rope(cfg)
         theta, scaling = _rope_params(cfg)
         partial = (cfg.get("rope_parameters") or {}).get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
         c = A.ArchConfig(
@@ -105,12 +153,14 @@ def arch_config(cfg: dict, path: Path) -> tuple[A.Family, A.ArchConfig]:
             output_bias=bool(cfg.get("attention_bias", False)) and family.name not in ("qwen2",),
             mlp_bias=bool(cfg.get("mlp_bias", False)),
             qk_norm=family.name == "qwen3",
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", family.name == "gemma")),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", family.scaled_embedding)),
             rotary_dim=int(head_dim * float(partial or 1.0)),
             rope_theta=theta,
             rope_scaling=scaling,
             max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
             sliding_window=_sliding_window(cfg),
+            layer_types=_layer_types(cfg, family),
+            rope_local_theta=local_theta,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=_eos_list(cfg.get("eos_token_id")),
             pad_token_id=cfg.get("pad_token_id"),
@@ -119,10 +169,22 @@ def arch_config(cfg: dict, path: Path) -> tuple[A.Family, A.ArchConfig]:
         raise KilnError(path / "config.json", f"config is missing or has a bad value for {_show(str(e))[1:-1]}") from None
     for k, v in family.flags.items():
         setattr(c, k, v)
-    if family.name == "gemma":
+    for f, key in scalars.items():
+        if cfg.get(key) is not None:
+            setattr(c, f, float(cfg[key]))
+    if cfg.get("query_pre_attn_scalar") is not None:
+        q = cfg["query_pre_attn_scalar"]
+        if isinstance(q, bool) or not isinstance(q, (int, float)) or not (0 < q < 2**63):
+            raise KilnError(path / "config.json", f"query_pre_attn_scalar is {_show(q)}, not a positive number")
+        c.attn_scale = float(q) ** -0.5         # gemma2/3 scale scores by it, not by head_dim
+    if cfg.get("use_bidirectional_attention"):
+        raise KilnError(path / "config.json", "use_bidirectional_attention is set: an embedding model, not a "
+                                              "causal language model")
+    if family.scaled_embedding:
         c.embed_scale = float(hidden) ** 0.5
     keys = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads", "num_kv_heads": "num_key_value_heads"}
-    A.check_config(path / "config.json", c, {f: family.hf_config_aliases.get(k, k) for f, k in keys.items()})
+    A.check_config(path / "config.json", c, {**{f: family.hf_config_aliases.get(k, k) for f, k in keys.items()},
+                                             **scalars})
     return family, c
 
 
@@ -156,6 +218,15 @@ def _activation(name: str) -> str:
     if not isinstance(name, str) or name not in table:
         raise ValueError(f"hidden_act ({_show(name, repr)} is not supported)")
     return table[name]
+
+
+def _layer_types(cfg: dict, family: A.Family) -> list:
+    types = cfg.get("layer_types")
+    if types is None:
+        return A.default_layer_types(int(cfg["num_hidden_layers"]), family.global_every) if family.global_every else []
+    if not isinstance(types, list) or not all(isinstance(t, str) for t in types):
+        raise ValueError("layer_types (not a list of names)")
+    return list(types)
 
 
 def _sliding_window(cfg: dict):
@@ -192,8 +263,14 @@ def _open_tensors(folder: Path) -> dict[str, Weight]:
     raise KilnError(folder, "no model weights found (expected model.safetensors, a sharded index, or pytorch_model.bin)")
 
 
-def load_weights(folder: Path, family: A.Family, cfg: A.ArchConfig) -> dict[str, Weight]:
-    return map_weights(folder, _open_tensors(folder), family, cfg)
+def load_weights(folder: Path, family: A.Family, cfg: A.ArchConfig, prefixes: tuple = ()) -> dict[str, Weight]:
+    """``prefixes``: a multimodal checkpoint's text tensors, renamed as the text model names them
+    (the vision tower and projector are left out)."""
+    tensors = _open_tensors(folder)
+    if prefixes:
+        tensors = {new + name[len(old):]: w for name, w in tensors.items()
+                   for old, new in prefixes if name.startswith(old)}
+    return map_weights(folder, tensors, family, cfg)
 
 
 def map_weights(folder, tensors: dict[str, Weight], family: A.Family, cfg: A.ArchConfig) -> dict[str, Weight]:
@@ -214,7 +291,7 @@ def read(path) -> ModelIR:
         raise KilnError(path, "not a model: a Hugging Face folder needs a config.json")
     raw_cfg = read_config(folder)
     family, cfg = arch_config(raw_cfg, folder)
-    weights = load_weights(folder, family, cfg)
+    weights = load_weights(folder, family, cfg, text_prefixes(raw_cfg))
     graph = build_graph(cfg, weights, name=family.name)
     tokenizer = None
     try:
@@ -248,7 +325,8 @@ def _generation_config(folder: Path, vocab_size: int) -> dict:
 
 HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                     "qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM", "phi3": "Phi3ForCausalLM",
-                    "gpt2": "GPT2LMHeadModel"}
+                    "gpt2": "GPT2LMHeadModel", "granite": "GraniteForCausalLM", "olmo2": "Olmo2ForCausalLM",
+                    "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
 _HF_ACT = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
 _TORCH_DTYPE = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
 DEFAULT_SHARD_BYTES = 2 * 1024**3
@@ -281,11 +359,25 @@ def hf_config(cfg: A.ArchConfig, family: A.Family, dtype: str) -> dict:
             out["rope_scaling"] = dict(cfg.rope_scaling)
         if cfg.rotary_dim != cfg.head_dim:
             out["partial_rotary_factor"] = cfg.rotary_dim / cfg.head_dim
-    if family.name in ("llama", "qwen3"):
+    for f, key in family.hf_scalars.items():
+        v = getattr(cfg, f)
+        if f == "attn_scale" and v is None:
+            v = cfg.head_dim ** -0.5
+        out[key] = v
+    if family.name in ("llama", "qwen3", "granite", "olmo2"):
         out["attention_bias"] = cfg.attention_bias
         out["mlp_bias"] = cfg.mlp_bias
-    if family.name == "gemma":
+    if family.scaled_embedding:
         out["hidden_activation"] = out["hidden_act"]
+    if family.global_every:
+        # query_pre_attn_scalar is a whole number in every gemma config; give it back as one
+        q = (cfg.attn_scale or cfg.head_dim ** -0.5) ** -2
+        out["query_pre_attn_scalar"] = round(q) if math.isclose(q, round(q), rel_tol=1e-6) else q
+        out["sliding_window"] = cfg.sliding_window
+        out["layer_types"] = list(cfg.layer_types) or ["sliding_attention" if cfg.sliding_window else "full_attention"] \
+            * cfg.num_layers
+    if cfg.rope_local_theta is not None:
+        out["rope_local_base_freq"] = cfg.rope_local_theta
     if family.name in ("mistral", "qwen2", "qwen3", "phi3"):
         out["sliding_window"] = cfg.sliding_window
         if family.name.startswith("qwen"):
@@ -321,7 +413,7 @@ def hf_tensors(weights: dict[str, Weight], family: A.Family, cfg: A.ArchConfig) 
     weights = dict(weights)
     if cfg.tie_word_embeddings:
         weights.pop("lm_head", None)
-    if family.name == "gemma" and not cfg.norm_offset:
+    if family.gguf_norm_plus_one and not cfg.norm_offset:
         weights = A.shift_norms(weights, -1.0)      # read from GGUF, where the 1 was added
     out = {}
     for name, (role, w) in A.to_file_names(weights, family.hf_names, family, cfg, "Hugging Face").items():

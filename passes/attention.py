@@ -6,7 +6,9 @@ Pattern, per layer, from the Softmax:
     out    = Reshape(Transpose(MatMul(probs, rep(Concat(past_v, v))), [0, 2, 1, 3]), [0, 0, H·d])
 
 where rep is the GQA head repetition (or nothing) and MASK is the model's causal mask
-(``graph.meta["causal_mask"]``, written by the builder with its sliding window). The rewrite
+(one of ``graph.meta["causal_masks"]``, written by the builder with each mask's sliding window);
+gemma2's soft cap, Mul(Tanh(Div(scores, cap)), cap), may sit between the scaling and the mask.
+The rewrite
 takes q, k, v, past_k, past_v and yields out, present_k, present_v; the present outputs keep
 their names.
 """
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 from kiln.ir import Graph, Node
 from kiln.ops import scalar_value
-from kiln.passes.kv_cache import NotAttention, _producer, _strip_repeat
+from kiln.passes.kv_cache import NotAttention, _producer, _strip_repeat, softcapped
 from kiln.passes_base import PassResult, decompose_op
 
 
@@ -27,11 +29,12 @@ def _cached(present, graph: Graph):
 
 
 def match(softmax: Node, graph: Graph) -> dict:
-    mask_info = graph.meta.get("causal_mask")
+    masks = graph.meta.get("causal_masks") or {}
     add = _producer(softmax.inputs[0], "Add", "softmax input is not scores + mask")
     scores, mask = add.inputs
-    if mask_info is None or mask.name != mask_info["value"]:
-        raise NotAttention("the mask is not the model's causal mask")
+    if mask.name not in masks:
+        raise NotAttention("the mask is not one of the model's causal masks")
+    scores, softcap = softcapped(scores)
     mul = _producer(scores, "Mul", "scores are not scaled")
     raw, scale = mul.inputs
     if scalar_value(scale) is None:
@@ -58,7 +61,7 @@ def match(softmax: Node, graph: Graph) -> dict:
     if q.type.rank != 4 or k.type.rank != 4:
         raise NotAttention("q/k are not [batch, heads, seq, dim]")
     return {"q": q, "k": k, "v": v, "past_k": past_k, "past_v": past_v, "scale": float(scalar_value(scale)),
-            "window": mask_info["window"], "out": r_uses[0].outputs[0],
+            "window": masks[mask.name], "softcap": softcap, "out": r_uses[0].outputs[0],
             "present_k": kcat.outputs[0], "present_v": vcat.outputs[0]}
 
 
@@ -77,7 +80,8 @@ def fuse_attention(graph: Graph, head_dim_multiple: int = 1) -> PassResult:
             refused += 1
             continue
         out, pk, pv = graph.add_node("Attention", [m["q"], m["k"], m["v"], m["past_k"], m["past_v"]],
-                                     {"scale": m["scale"], "window": m["window"]}, name=f"attention.{fused}",
+                                     {"scale": m["scale"], "window": m["window"], "softcap": m["softcap"]},
+                                     name=f"attention.{fused}",
                                      output_names=[m["out"].name + ".attn", m["present_k"].name + ".attn",
                                                    m["present_v"].name + ".attn"])
         for old, new in ((m["out"], out), (m["present_k"], pk), (m["present_v"], pv)):
@@ -127,6 +131,10 @@ def decompose(graph: Graph) -> PassResult:
         kt = add("Transpose", [repeat(present_k, "k")], {"perm": [0, 1, 3, 2]}, "k_t")
         scores = add("Mul", [add("MatMul", [q, kt], suffix="scores"), graph.const(np.float32(node.attrs["scale"]))],
                      suffix="scaled")
+        if node.attrs.get("softcap"):
+            cap = graph.const(np.float32(node.attrs["softcap"]))
+            scores = add("Mul", [add("Tanh", [add("Div", [scores, cap], suffix="softcap_div")], suffix="softcap_tanh"),
+                                 cap], suffix="softcapped")
         probs = add("Softmax", [add("Add", [scores, mask], suffix="masked")], {"axis": -1}, "probs")
         ctx = add("Transpose", [add("MatMul", [probs, repeat(present_v, "v")], suffix="context")],
                   {"perm": [0, 2, 1, 3]}, "context_t")

@@ -11,6 +11,7 @@ causal mask follow.
 from __future__ import annotations
 
 from kiln.ir import Graph, Node, Value
+from kiln.ops import scalar_value
 from kiln.passes_base import PassResult
 
 
@@ -37,10 +38,28 @@ def _strip_repeat(v: Value) -> Value:
     return v
 
 
+def softcapped(scores: Value) -> tuple[Value, float]:
+    """(the scores before gemma2's soft cap, the cap) for Mul(Tanh(Div(x, c)), c); else (scores, 0.0)."""
+    mul = scores.producer
+    if mul is None or mul.op != "Mul":
+        return scores, 0.0
+    a, c = mul.inputs
+    if scalar_value(c) is None:
+        a, c = c, a
+    tanh, cap = a.producer, scalar_value(c)
+    if cap is None or tanh is None or tanh.op != "Tanh":
+        return scores, 0.0
+    div = tanh.inputs[0].producer
+    if div is None or div.op != "Div" or scalar_value(div.inputs[1]) != cap:
+        return scores, 0.0
+    return div.inputs[0], float(cap)
+
+
 def match_attention(softmax: Node) -> tuple[Value, Value]:
     """(keys, values) feeding this attention softmax, each [batch, kv_heads, seq, head_dim]."""
     add = _producer(softmax.inputs[0], "Add", "softmax input is not scores + mask")
     scores = add.inputs[0]
+    scores = softcapped(scores)[0]
     mul = scores.producer
     if mul is not None and mul.op == "Mul":
         scores = mul.inputs[0]

@@ -87,11 +87,14 @@ def fuse_rotary(graph: Graph) -> PassResult:
             continue
         key = (id(m["freqs"]), scalar_value(m["factor"]))
         if key not in tables:
-            cos = graph.add_node("Cos", [m["freqs"]], name="rotary_cos_half")[0]
-            sin = graph.add_node("Sin", [m["freqs"]], name="rotary_sin_half")[0]
+            # one pair of tables per frequency table (gemma3's sliding and global layers differ);
+            # node names must be unique in an ONNX graph
+            tag = f".{len(tables)}" if tables else ""
+            cos = graph.add_node("Cos", [m["freqs"]], name=f"rotary_cos_half{tag}")[0]
+            sin = graph.add_node("Sin", [m["freqs"]], name=f"rotary_sin_half{tag}")[0]
             if m["factor"] is not None:
-                cos = graph.add_node("Mul", [cos, m["factor"]], name="rotary_cos_half_scaled")[0]
-                sin = graph.add_node("Mul", [sin, m["factor"]], name="rotary_sin_half_scaled")[0]
+                cos = graph.add_node("Mul", [cos, m["factor"]], name=f"rotary_cos_half_scaled{tag}")[0]
+                sin = graph.add_node("Mul", [sin, m["factor"]], name=f"rotary_sin_half_scaled{tag}")[0]
             tables[key] = (cos, sin)
         cos, sin = tables[key]
         y = graph.add_node("Rotary", [m["x"], cos, sin], name=node.name,

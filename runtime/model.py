@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kiln.artifact import ArtifactError, read_manifest
+from kiln.artifact import ArtifactError, open_checked
 
 from . import generation
 from .heap import release_free_heap
@@ -13,10 +13,15 @@ from .tokenizer import Tokenizer
 
 
 class Model:
-    def __init__(self, folder, *, threads: int | None = None, device: str | None = None, verify: bool = False):
+    def __init__(self, folder, *, threads: int | None = None, device: str | None = None, verify: bool = False,
+                 trusted_keys=None):
         self.path = Path(folder)
-        self.manifest = read_manifest(self.path, check_hashes=verify)
+        # before any backend reads a byte: the listing, the sizes, the sha256 of the library and
+        # of every parsed file (all of them with verify or keys), the signature when keys are given
+        self.manifest = open_checked(self.path, verify=verify, trusted_keys=trusted_keys)
         self.config = self.manifest.get("config", {})
+        if not isinstance(self.config, dict):
+            raise ArtifactError(self.path / "manifest.json", "the manifest's config is not an object")
         backend = self.manifest["backend"]["name"]
         # each backend's session is imported only when one of its artifacts is opened, so
         # ONNX Runtime artifacts never pay for importing TVM
@@ -36,7 +41,13 @@ class Model:
         eos = gen.get("eos_token_id", self.config.get("eos_token_ids", []))
         #: End-of-sequence ids; the tokenizer's when there is one, else the model's own.
         self.eos_ids = list(self.tokenizer.eos_ids) if self.tokenizer is not None and self.tokenizer.eos_ids \
-            else [int(i) for i in ([eos] if isinstance(eos, int) else eos or [])]
+            else self._manifest_eos(eos)
+
+    def _manifest_eos(self, eos) -> list[int]:
+        ids = [eos] if isinstance(eos, int) else eos if isinstance(eos, list) else [] if eos is None else None
+        if ids is None or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 1 << 31 for i in ids):
+            raise ArtifactError(self.path / "manifest.json", "the manifest's eos_token_id is not a token id or a list of them")
+        return list(ids)
 
     # ---- scoring ------------------------------------------------------------------------
     def logits(self, ids) -> np.ndarray:

@@ -22,8 +22,9 @@ import numpy as np
 
 from kiln.artifact import ArtifactError
 
+from . import manifest_numbers as numbers
 from .onnx_check import check_external_data
-from .rows import check_join, doubled_capacity, recomputed_at_switch, right_padded, row_order
+from .rows import check_extend, check_join, doubled_capacity, recomputed_at_switch, right_padded, row_order
 
 #: First capacity of a shared cache, in tokens per row; it doubles as sequences grow.
 INITIAL_CAPACITY = 256
@@ -59,7 +60,7 @@ class OnnxRuntimeSession:
             model_path = Path(folder) / backend["model"]
             self.logits_name = backend["logits"]
             kv = backend["kv_cache"]
-            self.layers, self.kv_heads, self.head_dim = int(kv["layers"]), int(kv["kv_heads"]), int(kv["head_dim"])
+            sizes = kv["layers"], kv["kv_heads"], kv["head_dim"]
             self.layout = kv.get("layout", "concat")
             if self.layout not in ("concat", "shared"):
                 raise ValueError(f"unknown KV-cache layout {self.layout!r}")
@@ -76,11 +77,18 @@ class OnnxRuntimeSession:
             raise ArtifactError(model_path, f"ONNX Runtime cannot load the model: {reason}") from None
         self.output_names = [o.name for o in self.sess.get_outputs()]
         self.input_names = {i.name for i in self.sess.get_inputs()}
+        # the cache's numbers must be the graph's own before a buffer is sized from them
+        self.layers, self.kv_heads, self.head_dim = numbers.check_onnx_cache(
+            folder, *sizes, {i.name: i.shape for i in self.sess.get_inputs()})
         self.cache_names = [f"{k}.{i}" for i in range(self.layers) for k in ("key", "value")]
-        self.max_length = manifest.get("config", {}).get("max_position_embeddings")
+        config = manifest.get("config")
+        config = config if isinstance(config, dict) else {}
+        self.max_length = numbers.max_length(folder, {}, config)
+        self.vocab_size = config.get("vocab_size")    # ids a prompt may hold
         if self.layout == "shared":
             # positions past the rotary tables the artifact holds cannot be computed
-            self.max_length = min(int(backend.get("max_length") or self.max_length), self.max_length or 1 << 62)
+            self.max_length = min(numbers.max_length(folder, backend, config) or numbers.MAX_LENGTH_CEILING,
+                                  self.max_length or numbers.MAX_LENGTH_CEILING)
         # longrope models rotate with other frequencies past this length; as transformers does,
         # crossing it recomputes the cache so every cached key uses the long frequencies
         self.recompute_past = backend.get("recompute_cache_after") if self.layout == "concat" else None
@@ -88,7 +96,7 @@ class OnnxRuntimeSession:
         self.past: dict[str, np.ndarray] = {}
         self.buffers: dict[str, object] = {}
         self._arrays: dict[str, np.ndarray] = {}
-        self._side = None
+        self._rows: dict = {}
         self._io = None
         self.capacity = 0
         self.lengths = np.zeros(1, dtype=np.int64)
@@ -165,26 +173,29 @@ class OnnxRuntimeSession:
         if self.layout != "shared":
             raise ValueError("rows can join a running batch only with the shared KV-cache layout")
         self.reset(batch)
-        self._side = None
 
     def join_row(self, r: int, prompt: list[int]) -> np.ndarray:
         """Prefill ``prompt`` into row ``r`` while the other rows keep their state; returns
-        the logits of its last token, float32 [vocab].
+        the logits of its last token, float32 [vocab]."""
+        check_join(r, len(prompt), self.batch, self.max_length)
+        self.free_row(r)
+        return self.extend_row(r, prompt)
+
+    def extend_row(self, r: int, ids: list[int]) -> np.ndarray:
+        """Append ``ids`` to row ``r`` (a prompt fed a chunk at a time) while the other rows
+        keep their state; returns the logits of its last token, float32 [vocab].
 
         ORT's GroupQueryAttention takes several new tokens over a cache for one row only, so
-        the prompt runs through a batch-1 cache of its own (same InferenceSession, its own
-        buffers); its keys and values are then copied into row r of the batch buffers (the
-        numpy arrays behind the OrtValues share their memory)."""
-        n = len(prompt)
-        check_join(r, n, self.batch, self.max_length)
-        side = self._side_session()
-        side.reset(1)
-        logits = side.prefill([list(prompt)], last_only=True)[0, -1]
-        if n > self.capacity:
-            self._grow(n)
-        for name in self.cache_names:
-            self._arrays[name][r, :, :n] = side._arrays[name][0, :, :n]
-        self.lengths[r] = n
+        they run as a batch of one whose cache buffers are row r's slice of the batch buffers
+        (the OrtValues share the numpy arrays' memory: nothing is copied)."""
+        cached, n = int(self.lengths[r]), len(ids)
+        check_extend(r, cached, n, self.batch, self.max_length)
+        if cached + n > self.capacity:
+            self._grow(cached + n)
+        row = self._row_session(r)
+        row.lengths = np.asarray([cached], dtype=np.int64)
+        logits = row.forward(np.asarray([ids], dtype=np.int64), last_only=True)[0, -1]
+        self.lengths[r] = cached + n
         self.length = int(self.lengths.max())
         return logits
 
@@ -194,26 +205,30 @@ class OnnxRuntimeSession:
 
     def step(self, tokens: np.ndarray, active: np.ndarray) -> np.ndarray:
         """One decode step of every row: row b appends ``tokens[b]`` at its own length.
-        Rows not ``active`` feed their token over an empty cache and stay empty; their
-        logits are meaningless. Returns float32 [batch, vocab]."""
+        Rows not ``active`` keep their cache and length (a row between two chunks of its
+        prompt): their token is written just past their end, where their next tokens go, and
+        their logits are meaningless. Returns float32 [batch, vocab]."""
         ids = np.ascontiguousarray(np.asarray(tokens, dtype=np.int64).reshape(self.batch, 1))
         active = np.asarray(active, dtype=bool)
-        before = np.where(active, self.lengths, 0)
-        self.lengths = before
+        before = self.lengths.copy()
         logits = self._run_shared(ids, before + 1, np.zeros((self.batch, 1), dtype=np.int64))
-        self.lengths = np.where(active, self.lengths, 0)
+        self.lengths = np.where(active, before + 1, before)
         self.length = int(self.lengths.max())
         return logits[:, -1]
 
-    def _side_session(self):
-        if getattr(self, "_side", None) is None:
-            side = object.__new__(type(self))
-            side.__dict__.update({k: v for k, v in self.__dict__.items()
-                                  if k not in ("buffers", "_arrays", "_io", "_side")})
-            side.buffers, side._arrays, side._io, side.capacity = {}, {}, None, 0
-            side.reset(1)
-            self._side = side
-        return self._side
+    def _row_session(self, r: int):
+        """A batch-1 session over row r's slice of the cache buffers, made again only when the
+        buffers are (they are views: the batch buffers must outlive it)."""
+        row = self._rows.get(r)
+        if row is None:
+            row = object.__new__(type(self))
+            row.__dict__.update({k: v for k, v in self.__dict__.items()
+                                 if k not in ("buffers", "_arrays", "_io", "_rows")})
+            row._arrays = {name: arr[r:r + 1] for name, arr in self._arrays.items()}
+            row.buffers = {name: self._ort.OrtValue.ortvalue_from_numpy(arr) for name, arr in row._arrays.items()}
+            row.batch, row._buffer_batch, row._io, row._rows = 1, 1, None, {}
+            self._rows[r] = row
+        return row
 
     # ---- the two layouts ----------------------------------------------------------------
     def _feeds(self, ids, positions) -> dict:
@@ -283,6 +298,7 @@ class OnnxRuntimeSession:
         self.buffers, self.capacity, self._buffer_batch = fresh, capacity, batch
         self._arrays = arrays
         self._io = None
+        self._rows = {}
 
     def _grow(self, needed: int) -> None:
         self._allocate(self.batch, doubled_capacity(self.capacity, needed, self.max_length),

@@ -30,6 +30,17 @@ def check_join(row: int, prompt_tokens: int, batch: int, max_length: int | None)
         raise ValueError(f"row {row} is not in a batch of {batch}")
 
 
+def check_extend(row: int, cached: int, new_tokens: int, batch: int, max_length: int | None) -> None:
+    """The errors of tokens that cannot be appended to a row: none, too many, a bad row."""
+    if new_tokens < 1:
+        raise ValueError("no tokens to append to the row")
+    if not 0 <= row < batch:
+        raise ValueError(f"row {row} is not in a batch of {batch}")
+    if max_length is not None and cached + new_tokens > max_length:
+        raise ValueError(f"row {row} would hold {cached + new_tokens} tokens but this artifact holds "
+                         f"at most {max_length}")
+
+
 def doubled_capacity(capacity: int, needed: int, max_length: int | None) -> int:
     """The next capacity, doubling from ``capacity`` until ``needed`` fits (amortised growth),
     never past ``max_length``."""

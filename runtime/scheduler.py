@@ -2,9 +2,10 @@
 
 A :class:`Scheduler` owns one session (shared KV-cache layout) with ``max_batch`` rows.
 Requests queue (at most ``max_queue`` waiting), take a free row at the next step (their prompt
-prefilled into that row while the other rows keep their state), stream their tokens, and free
-the row when they end (EOS, a stop string or id, ``max_tokens``, the model's length limit, or
-cancellation). No HTTP here: ``kiln serve`` is a thin layer over this.
+prefilled into that row while the other rows keep their state, at most ``prefill_chunk`` tokens
+per step with a decode step of the other rows between chunks), stream their tokens, and free
+the row when they end (EOS, a stop string or id, ``max_tokens``, the model's length limit,
+cancellation, or an error of their own). No HTTP here: ``kiln serve`` is a thin layer over this.
 
 Every request has its own :class:`~kiln.runtime.sampling.Sampler`, drawing from row 0's stream
 of its seed, as a single prompt does in :func:`~kiln.runtime.generation.generate`. Each row of
@@ -14,6 +15,7 @@ alone or beside others.
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 import time
 from collections import deque
@@ -29,6 +31,10 @@ from .sampling import Sampler
 
 __all__ = ["Scheduler", "Request", "QueueFull", "Event"]
 
+#: Prompt tokens prefilled per scheduler step by default: SmolLM2 on 2 CPU cores prefills 256
+#: in well under a second, so a long prompt holds the other streams' next token that long.
+PREFILL_CHUNK = 256
+
 
 class QueueFull(RuntimeError):
     """The scheduler's queue holds ``max_queue`` waiting requests already."""
@@ -37,7 +43,9 @@ class QueueFull(RuntimeError):
 @dataclass
 class Event:
     """What a request streams: a new token (``token``, and the text it made final, possibly
-    empty), or the end (``finish_reason`` set: "eos", "stop", "length" or "cancelled").
+    empty), or the end (``finish_reason`` set: "eos", "stop", "length", "cancelled", "abort"
+    when the scheduler was told to end everything (:meth:`Scheduler.abort`, a shutdown), or
+    "error" when computing this request failed: :attr:`Request.error` says how).
 
     For a request that asked for logprobs, a token of the completion (not EOS or a stop id)
     also carries ``logprob`` and ``top_logprobs`` (``[(id, logprob)]``, most likely first):
@@ -66,6 +74,8 @@ class Request:
     finish_reason: str | None = None
     submitted: float = 0.0
     first_token_at: float | None = None
+    #: why the request ended with finish_reason "error" (``"ExceptionType: message"``)
+    error: str | None = None
     _events: queue.Queue = field(default_factory=queue.Queue)
     _cancelled: bool = False
     _row: int | None = None
@@ -74,6 +84,12 @@ class Request:
     _matcher: object = None
     _history: list[int] = field(default_factory=list)
     _next: int = 0
+    _fed: int = 0               # prompt tokens in its row so far
+
+    @property
+    def prefilling(self) -> bool:
+        """Whether it holds a row whose prompt is not all in yet (no token drawn)."""
+        return self._row is not None and self._fed < len(self.prompt)
 
     @property
     def prompt_tokens(self) -> int:
@@ -113,24 +129,36 @@ class Request:
 
 class Scheduler:
     def __init__(self, session, tokenizer=None, *, max_batch: int = 4, max_queue: int = 64,
-                 eos_ids: Iterable[int] | None = None):
-        if max_batch < 1 or max_queue < 0:
-            raise ValueError("max_batch must be >= 1 and max_queue >= 0")
+                 eos_ids: Iterable[int] | None = None, prefill_chunk: int | None = PREFILL_CHUNK):
+        """``prefill_chunk``: the most prompt tokens prefilled per step (None: whole prompts).
+        A long prompt joins its row that many tokens at a time, with a decode step of the
+        running rows between chunks, so it delays their next token by one chunk's prefill at
+        most, and its prefill's activations are one chunk's."""
+        if max_batch < 1 or max_queue < 0 or (prefill_chunk is not None and prefill_chunk < 1):
+            raise ValueError("max_batch and prefill_chunk must be >= 1 and max_queue >= 0")
         self.session, self.tokenizer = session, tokenizer
         self.max_batch, self.max_queue = int(max_batch), int(max_queue)
+        self.prefill_chunk = None if prefill_chunk is None else int(prefill_chunk)
         self.eos_ids = _id_set(getattr(tokenizer, "eos_ids", None) if eos_ids is None else eos_ids)
         session.start_rows(self.max_batch)
         self.rows: list[Request | None] = [None] * self.max_batch
         self.waiting: deque[Request] = deque()
+        self._admitted: deque[Request] = deque()     # holding a row, prompt not all in yet
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._aborting = False
         self.steps = 0
 
     @property
     def max_length(self) -> int | None:
         return self.session.max_length
+
+    @property
+    def vocab_size(self) -> int | None:
+        """The ids a prompt may hold are 0..vocab_size-1 (None: the session does not say)."""
+        return getattr(self.session, "vocab_size", None)
 
     # ---- requests -------------------------------------------------------------------------
     def submit(self, prompt: Sequence[int], *, max_tokens: int = 128, temperature: float = 0.0,
@@ -149,6 +177,10 @@ class Scheduler:
         prompt = [int(t) for t in prompt]
         if not prompt:
             raise ValueError("the prompt has no tokens; the model needs at least one")
+        vocab = self.vocab_size
+        outside = next((t for t in prompt if not 0 <= t < vocab), None) if vocab else None
+        if outside is not None:
+            raise ValueError(f"the prompt's token id {outside} is not in the vocabulary [0, {vocab})")
         _check_count("max_tokens", max_tokens)
         if self.max_length is not None and len(prompt) > self.max_length:
             raise ValueError(f"the prompt has {len(prompt)} tokens but the model holds at most "
@@ -194,43 +226,87 @@ class Scheduler:
 
     # ---- one step ---------------------------------------------------------------------------
     def step(self) -> bool:
-        """Admit waiting requests into free rows, then advance every running row by one token.
-        Returns whether there was anything to do."""
+        """Admit waiting requests into free rows, feed prompts into their rows (at most
+        ``prefill_chunk`` tokens in all, oldest request first), then advance every row whose
+        prompt is in by one token. Returns whether there was anything to do.
+
+        A failure that belongs to one request (its prefill, its sampling, its event listener)
+        ends that request alone with "error"; the others go on. Only a failure of the batched
+        decode step, which every running row shares, ends the rows that ran in it."""
         worked = False
         for r, req in enumerate(self.rows):
-            if req is not None and req._cancelled:
-                self._finish(req, "cancelled")
+            if req is not None and (req._cancelled or self._aborting):
+                self._finish(req, "cancelled" if req._cancelled else "abort")
         while None in self.rows:
             with self._lock:
                 if not self.waiting:
                     break
                 req = self.waiting.popleft()
-            if req._cancelled:
-                self._end(req, "cancelled")
+            if req._cancelled or self._aborting:
+                self._end(req, "cancelled" if req._cancelled else "abort")
                 continue
             worked = True
             if req._limit <= 0:
                 self._end(req, "length")
                 continue
             r = self.rows.index(None)
-            self.rows[r], req._row = req, r
-            logits = self.session.join_row(r, req.prompt)
-            self._take(req, logits)
-        running = [r for r, req in enumerate(self.rows) if req is not None]
+            self.rows[r], req._row, req._fed = req, r, 0
+            self.session.free_row(r)
+            self._admitted.append(req)
+        self._prefill()
+        running = [r for r, req in enumerate(self.rows) if req is not None and not req.prefilling]
         if not running:
-            return worked
+            return worked or bool(self._admitted)
         tokens = np.zeros(self.max_batch, dtype=np.int64)
         active = np.zeros(self.max_batch, dtype=bool)
         for r in running:
             tokens[r], active[r] = self.rows[r]._next, True
-        logits = self.session.step(tokens, active)
+        try:
+            logits = self.session.step(tokens, active)
+        except Exception as e:
+            for r in running:
+                self._fail(self.rows[r], e)
+            return True
         self.steps += 1
         for r in running:
             self._take(self.rows[r], logits[r])
         return True
 
+    def _prefill(self) -> None:
+        """Feed the admitted prompts into their rows, oldest first, up to ``prefill_chunk``
+        tokens in all; a prompt that is all in draws its first token."""
+        budget = self.prefill_chunk
+        while self._admitted and (budget is None or budget > 0):
+            req = self._admitted[0]
+            if req.done:                 # cancelled or failed meanwhile
+                self._admitted.popleft()
+                continue
+            end = len(req.prompt) if budget is None else min(len(req.prompt), req._fed + budget)
+            try:
+                if req._fed == 0 and end == len(req.prompt):
+                    logits = self.session.join_row(req._row, req.prompt)
+                else:
+                    logits = self.session.extend_row(req._row, req.prompt[req._fed:end])
+            except Exception as e:
+                self._admitted.popleft()
+                self._fail(req, e)
+                continue
+            if budget is not None:
+                budget -= end - req._fed
+            req._fed = end
+            if end == len(req.prompt):
+                self._admitted.popleft()
+                self._take(req, logits)
+
     def _take(self, req: Request, logits: np.ndarray) -> None:
-        """Sample the request's next token from its logits and stream it."""
+        """Sample the request's next token from its logits and stream it; a failure ends this
+        request alone."""
+        try:
+            self._sample(req, logits)
+        except Exception as e:
+            self._fail(req, e)
+
+    def _sample(self, req: Request, logits: np.ndarray) -> None:
         if req._cancelled:
             self._finish(req, "cancelled")
             return
@@ -266,6 +342,14 @@ class Scheduler:
         else:
             req._next = t
 
+    def _fail(self, req: Request, e: BaseException) -> None:
+        """End one request with "error", its message kept on it and logged."""
+        if req.done:
+            return
+        req.error = f"{type(e).__name__}: {e}"
+        print(f"kiln scheduler: a request failed ({req.error}); the others go on", file=sys.stderr)
+        self._finish(req, "error")
+
     def _finish(self, req: Request, reason: str) -> None:
         if req._row is not None:
             self.session.free_row(req._row)
@@ -275,7 +359,11 @@ class Scheduler:
 
     def _end(self, req: Request, reason: str) -> None:
         req.finish_reason = reason
-        req._emit(Event(finish_reason=reason))
+        try:
+            req._emit(Event(finish_reason=reason))
+        except Exception as e:          # its listener failed: the request has ended anyway
+            print(f"kiln scheduler: a request's last event failed ({type(e).__name__}: {e})",
+                  file=sys.stderr)
 
     # ---- the background loop ---------------------------------------------------------------
     def start(self) -> "Scheduler":
@@ -293,12 +381,17 @@ class Scheduler:
                     return
             try:
                 self.step()
-            except Exception as e:                 # a model failure ends every running request
+            except Exception as e:    # not one request's failure (step handles those): a bug
                 for req in [*self.rows]:
                     if req is not None:
-                        self._finish(req, "error")
-                import sys
-                print(f"kiln scheduler: {type(e).__name__}: {e}", file=sys.stderr)
+                        self._fail(req, e)
+
+    def abort(self) -> None:
+        """End every running and waiting request at the next step, and any submitted later,
+        with finish_reason "abort" (a shutdown's deadline). Safe from any thread."""
+        with self._lock:
+            self._aborting = True
+            self._wake.notify()
 
     def stop(self, timeout: float | None = None) -> None:
         """Let queued and running requests finish, then end the loop."""

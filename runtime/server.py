@@ -38,7 +38,8 @@ log = logging.getLogger("kiln.serve")
 # The chat page at GET /: one self-contained HTML file shipped in the package (package-data).
 CHAT_PAGE = files("kiln.runtime") / "web" / "chat.html"
 
-FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "stop", "error": "error"}
+FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "stop", "error": "error",
+          "abort": "length"}     # ended by a shutdown's deadline: cut short, as by max_tokens
 
 
 #: at most this many stop strings of at most STOP_CHARS characters each: every running row
@@ -284,6 +285,14 @@ def _content(c, i: int) -> str:
                    param=f"messages[{i}].content")
 
 
+async def _client_gone(request) -> None:
+    """Returns once the client of a request whose body was read has disconnected. Starlette's
+    ``is_disconnected()`` never sees it through an http middleware (it polls under a cancelled
+    scope, and the middleware's receive always checkpoints); a receive that waits does."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def create_app(service: Service, api_key: str | None = None, *, max_body: int = MAX_BODY,
                read_timeout: float = READ_TIMEOUT):
     from fastapi import FastAPI, Request
@@ -362,7 +371,13 @@ def create_app(service: Service, api_key: str | None = None, *, max_body: int = 
         body, prepared = await asyncio.to_thread(parse_and_prepare, await body_of(request), chat)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        reqs = service.submit(prepared, lambda i, ev: loop.call_soon_threadsafe(events.put_nowait, (i, ev)))
+
+        def post(i, ev):                # on the scheduler's thread
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, (i, ev))
+            except RuntimeError:        # the loop closed (a forced shutdown): nobody listens
+                pass
+        reqs = service.submit(prepared, post)
         n, want_logprobs = len(reqs), reqs[0].logprobs is not None
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         request.state.rid, request.state.reqs = rid, reqs
@@ -441,12 +456,23 @@ def create_app(service: Service, api_key: str | None = None, *, max_body: int = 
                     cancel()
             return StreamingResponse(sse(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
+        gone = asyncio.ensure_future(_client_gone(request))
         try:
             left = n
             while left:
-                _, ev = await next_event()
+                if gone.done():
+                    cancel()            # the client went away: free its rows; their ends follow
+                    _, ev = await events.get()
+                else:
+                    get = asyncio.ensure_future(events.get())
+                    await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
+                    if not get.done():
+                        get.cancel()    # an event not taken stays queued
+                        continue
+                    _, ev = get.result()
                 left -= ev.finish_reason is not None
         finally:
+            gone.cancel()
             cancel()
         choices = []
         for i, req in enumerate(reqs):
@@ -541,8 +567,12 @@ def uvicorn_settings(read_timeout: float = READ_TIMEOUT) -> dict:
 
 def serve(artifact, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8, max_queue: int = 64,
           api_key: str | None = None, threads: int | None = None, names: list[str] | None = None,
-          max_body: int = MAX_BODY, read_timeout: float = READ_TIMEOUT) -> None:
+          max_body: int = MAX_BODY, read_timeout: float = READ_TIMEOUT, shutdown_timeout: float = 10.0) -> None:
     import uvicorn
+
+    from .shutdown import GracefulServer
+    if not 0 <= shutdown_timeout < 1e6:
+        raise ValueError(f"--shutdown-timeout must be a number of seconds >= 0, got {shutdown_timeout}")
     app, service = build(artifact, max_batch=max_batch, max_queue=max_queue, api_key=api_key, threads=threads,
                          name=names, max_body=max_body, read_timeout=read_timeout)
     if not log.handlers:
@@ -554,7 +584,14 @@ def serve(artifact, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int
     aliases = f" (also answers to {', '.join(map(repr, service.names[1:]))})" if service.names[1:] else ""
     print(f"kiln: serving {service.name!r}{aliases} on http://{host}:{port}/v1 (max batch {max_batch}); "
           f"chat page at http://{host}:{port}/", flush=True)
+    # uvicorn's own graceful timeout only backs ours up: it cancels responses that did not end
+    # (a client that stopped reading) a few seconds after the streams were ended
+    server = GracefulServer(uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=shutdown_timeout + 5,
+                                           **uvicorn_settings(read_timeout)),
+                            service.scheduler, shutdown_timeout)
     try:
-        uvicorn.run(app, host=host, port=port, **uvicorn_settings(read_timeout))
+        server.run()
     finally:
+        server.cancel_timers()
+        service.scheduler.abort()           # nobody listens any more
         service.scheduler.stop(timeout=30)

@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 from pathlib import Path
 
 import numpy as np
 
 from kiln.artifact import ArtifactError
 
+from . import manifest_numbers as numbers
 from .cpu_features import missing
-from .rows import check_join, doubled_capacity, recomputed_at_switch, right_padded, row_order
+from .rows import check_extend, check_join, doubled_capacity, recomputed_at_switch, right_padded, row_order
 from .safetensors_index import read_index
 from .tvm_runtime import DEVICE_CODES, RuntimeMissing, TVMRuntime
 
@@ -44,10 +46,17 @@ class TVMSession:
             self.kv_dtype = np.dtype(kv.get("dtype", "float32"))
             if self.kv_dtype not in (np.float32, np.float16):
                 raise ValueError(f"KV-cache dtype {self.kv_dtype}")
-            self.layers, self.kv_heads, self.head_dim = int(kv["layers"]), int(kv["kv_heads"]), int(kv["head_dim"])
+            sizes = kv["layers"], kv["kv_heads"], kv["head_dim"]
         except (KeyError, TypeError, ValueError) as e:
             what = f"has no {e.args[0]!r}" if isinstance(e, KeyError) else f"has a bad value ({e})"
             raise ArtifactError(folder / "manifest.json", f"the manifest's tvm backend entry {what}") from None
+        # the weights' header first: the cache's numbers and the positions are checked against
+        # what the weights hold before the library is loaded or anything is allocated
+        index = read_index(weights)
+        self.layers, self.kv_heads, self.head_dim = numbers.check_weights_cache(folder, *sizes, index)
+        config = manifest.get("config")
+        self.max_length = numbers.max_length(folder, backend, config if isinstance(config, dict) else {},
+                                             table_rows=numbers.rotary_rows(index)) or numbers.MAX_LENGTH_CEILING
         if kind not in DEVICE_CODES:
             raise ArtifactError(folder / "manifest.json", f"names an unknown device {kind!r}")
         needs = backend.get("cpu_features", [])
@@ -81,11 +90,11 @@ class TVMSession:
             raise ArtifactError(library, f"TVM cannot load the library: {str(e).strip().splitlines()[-1][:300]}") from None
         self._prefill, self._decode = self.vm["prefill"], self.vm["decode"]
         # passed as one FFI array built once: a Python list would be converted on every call
-        self.params = self.rt.array(self._load_params(weights, names))
+        self.params = self.rt.array(self._load_params(weights, names, index))
         # longrope's switch (rows.recomputed_at_switch); only "uniform" artifacts have one
         self.recompute_past = backend.get("recompute_cache_after")
         self.history = np.zeros((1, 0), dtype=np.int64)
-        self.max_length = int(backend.get("max_length") or manifest.get("config", {}).get("max_position_embeddings") or 1 << 30)
+        self.vocab_size = (config if isinstance(config, dict) else {}).get("vocab_size")    # ids a prompt may hold
         self.caches: list = []
         self._inputs: dict = {}
         self._pooled: set = set()
@@ -94,6 +103,24 @@ class TVMSession:
         self.lengths = np.zeros(1, dtype=np.int64)
         self.length = 0
         self.reset(1)
+        self._check_against_library(library)
+
+    def _check_against_library(self, library: Path) -> None:
+        """One decode step over the empty cache: the library checks every argument's shape
+        against its own (the cache's layers, heads and head size among them), so a manifest
+        that disagrees with it is refused here, naming the manifest, rather than at a user's
+        first token. Costs one decode step (SmolLM2: ~4 ms on an idle 2-core CPU)."""
+        one = np.zeros((1, 1), dtype=np.int64)
+        try:
+            self._run(np.zeros((self.batch, 1), dtype=np.int64), np.zeros(self.batch, dtype=np.int64),
+                      np.repeat(one, self.batch, axis=0))
+        except Exception as e:          # TVM's argument checks raise its own error types
+            text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            param = re.search(r"param=(\w+)", text)
+            reason = text.split(" : ErrorContext")[0][:200] + (f" (argument {param.group(1)})" if param else "")
+            raise ArtifactError(library.parent / "manifest.json", f"does not match its library {library.name}: "
+                                f"{reason}") from None
+        self.reset(self.batch)
 
     # ---- the Session protocol -------------------------------------------------------------
     def reset(self, batch: int = 1) -> None:
@@ -147,18 +174,28 @@ class TVMSession:
         self.reset(batch)
 
     def join_row(self, r: int, prompt: list[int]) -> np.ndarray:
-        """Prefill ``prompt`` into row ``r`` through a view of that row's cache slice (the
-        other rows are not touched); returns its last token's logits, float32 [vocab]."""
-        n = len(prompt)
-        check_join(r, n, self.batch, self.max_length)
-        if n > self.capacity:
-            self._grow(n)
+        """Prefill ``prompt`` into row ``r`` (the other rows are not touched), PREFILL_CHUNK
+        tokens at a time as :meth:`forward` does; returns its last token's logits, float32
+        [vocab]."""
+        check_join(r, len(prompt), self.batch, self.max_length)
+        self.free_row(r)
+        for a in range(0, len(prompt), PREFILL_CHUNK):
+            logits = self.extend_row(r, prompt[a:a + PREFILL_CHUNK])
+        return logits
+
+    def extend_row(self, r: int, ids: list[int]) -> np.ndarray:
+        """Append ``ids`` to row ``r`` through a view of that row's cache slice (the other
+        rows are not touched); returns its last token's logits, float32 [vocab]."""
+        cached, n = int(self.lengths[r]), len(ids)
+        check_extend(r, cached, n, self.batch, self.max_length)
+        if cached + n > self.capacity:
+            self._grow(cached + n)
         views = [self._row_view(c, r) for c in self.caches]
-        args = [self.rt.tensor(np.asarray([prompt], dtype=np.int64)), self.rt.tensor(np.zeros(1, np.int32)),
+        args = [self.rt.tensor(np.asarray([ids], dtype=np.int64)), self.rt.tensor(np.asarray([cached], np.int32)),
                 self.rt.tensor(np.asarray([[n - 1]], dtype=np.int64)), views, self.params]
         self._pool_for(n)
         logits = self.rt.numpy(self._prefill(*args))[0, -1]
-        self.lengths[r] = n
+        self.lengths[r] = cached + n
         self.length = int(self.lengths.max())
         return logits
 
@@ -171,9 +208,11 @@ class TVMSession:
         active = np.asarray(active, dtype=bool)
         if self.recompute_past and active.all():
             return self.forward(ids, last_only=True)[:, -1]      # through the switch's recompute
-        before = np.where(active, self.lengths, 0)
+        # rows not active keep their cache and length (a row between two chunks of its
+        # prompt): their token lands just past their end, where their next tokens go
+        before = self.lengths.copy()
         logits = self._run(ids, before, np.zeros((self.batch, 1), dtype=np.int64))
-        self.lengths = np.where(active, before + 1, 0)
+        self.lengths = np.where(active, before + 1, before)
         self.length = int(self.lengths.max())
         return logits[:, -1]
 
@@ -196,11 +235,10 @@ class TVMSession:
         self.history = self.history[index]
 
     # ---- internals ------------------------------------------------------------------------
-    def _load_params(self, weights: Path, names: list) -> list:
+    def _load_params(self, weights: Path, names: list, index: dict) -> list:
         """The weights on the device, each read from the file straight into its tensor (on the
         CPU; elsewhere through one tensor-sized host buffer), so memory never holds a second
         copy of the file."""
-        index = read_index(weights)
         missing = [n for n in names if n not in index]
         if missing:
             raise ArtifactError(weights, f"lacks the weight {missing[0]!r} the library takes")

@@ -10,7 +10,8 @@ separate venv outside the repository (torch 2.13.0 CPU installs from this machin
 Every variant is a real ``save_pretrained`` folder (random weights, fixed seeds, vocab 128,
 2 layers) that exercises one config feature the six shared fixture families don't:
 q/k norms, rope scaling types, partial rotary, MQA, biases, half-precision checkpoints,
-sliding windows and PyTorch ``.bin`` checkpoints. Its ``reference.npz`` is computed by
+sliding windows and PyTorch ``.bin`` checkpoints; and the families beyond the shared fixtures
+(granite, olmo2, gemma2, gemma3), each with its own features switched on. Its ``reference.npz`` is computed by
 transformers itself (eager attention, float32) from the folder as saved, with the same keys
 as the shared fixtures (../shared/fixtures/README.md):
 
@@ -128,12 +129,64 @@ VARIANTS = {
         feature="PyTorch checkpoint pytorch_model.bin (torch.save of the state dict, as "
                 "save_pretrained(safe_serialization=False) wrote it) instead of safetensors",
         contrast=None),
+    "granite": dict(
+        model_type="granite",
+        config=dict(embedding_multiplier=6.0, residual_multiplier=0.25, attention_multiplier=0.125,
+                    logits_scaling=4.0),
+        feature="granite: embeddings times embedding_multiplier 6, attention and MLP outputs times "
+                "residual_multiplier 0.25, attention scale attention_multiplier 0.125 (not 1/sqrt(8)), "
+                "logits divided by logits_scaling 4",
+        contrast=dict(embedding_multiplier=1.0, residual_multiplier=1.0, attention_multiplier=8 ** -0.5,
+                      logits_scaling=1.0)),
+    "olmo2": dict(
+        model_type="olmo2", config={},
+        feature="olmo2: no norm before attention or the MLP, an RMSNorm on each one's output before the "
+                "residual add (post_attention_layernorm, post_feedforward_layernorm); q/k RMSNorms over the "
+                "whole projection (weights of 32 and 16), not per head",
+        contrast=None),
+    "gemma2": dict(
+        model_type="gemma2",
+        config=dict(head_dim=16, query_pre_attn_scalar=24, attn_logit_softcapping=2.0, final_logit_softcapping=1.5,
+                    sliding_window=4, layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=True),
+        feature="gemma2: attention scores soft-capped at 2 and logits at 1.5 (cap * tanh(x / cap)); layer 0 "
+                "attends within a sliding window of 4, layer 1 to everything; norms before and after attention "
+                "and the MLP, stored as w for (1 + w); scale query_pre_attn_scalar 24 ** -0.5 with head_dim 16; "
+                "embeddings times sqrt(hidden); tied embeddings",
+        contrast=dict(attn_logit_softcapping=None, final_logit_softcapping=None)),
+    "gemma3": dict(
+        model_type="gemma3_text",
+        config=dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=4, tie_word_embeddings=True,
+                    layer_types=["sliding_attention", "full_attention"],
+                    rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                     "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 100.0}}),
+        feature="gemma3 (text): per-head q/k RMSNorms with gemma's (1 + w); layer 0 slides (window 4) and rotates "
+                "at base 10000, layer 1 is global and rotates at base 100 with linear scaling 2; pre- and "
+                "post-norms; query_pre_attn_scalar 24 with head_dim 16; tied embeddings",
+        contrast=dict(rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                                       "full_attention": {"rope_type": "default", "rope_theta": 100.0}})),
+    "gemma3_multimodal": dict(
+        model_type="gemma3", text_config=True,
+        config=dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=4, tie_word_embeddings=True,
+                    layer_types=["sliding_attention", "full_attention"]),
+        feature="Gemma3ForConditionalGeneration (how gemma-3-4b and up are published): the text model's config "
+                "in text_config, its tensors under language_model.model.*, beside a (tiny) SigLIP vision tower "
+                "and projector kiln leaves out; the reference is the multimodal model on text alone",
+        contrast=None),
 }
 
 
-def make_config(model_type: str, overrides: dict):
+# a multimodal variant's vision tower: as small as transformers allows (kiln reads only the text)
+TINY_VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                   image_size=28, patch_size=14)
+
+
+def make_config(model_type: str, overrides: dict, text_config: bool = False):
     kw = dict(BASE)
     kw.update(copy.deepcopy(overrides))
+    if text_config:
+        # the text model's config nested, as multimodal checkpoints hold it; token ids on both
+        ids = {k: kw[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings")}
+        kw = dict(text_config=kw, vision_config=dict(TINY_VISION), mm_tokens_per_image=4, **ids)
     cfg = transformers.AutoConfig.for_model(model_type, **kw)
     cfg._attn_implementation = "eager"
     return cfg
@@ -153,7 +206,7 @@ def perturb(model: torch.nn.Module, seed: int) -> None:
 
 
 def build(spec: dict, seed: int, overrides: dict | None = None):
-    cfg = make_config(spec["model_type"], {**spec["config"], **(overrides or {})})
+    cfg = make_config(spec["model_type"], {**spec["config"], **(overrides or {})}, spec.get("text_config", False))
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", dtype=torch.float32)
     perturb(model, seed)
@@ -241,14 +294,18 @@ def make(name: str, spec: dict, base_seed: int) -> dict:
     cfg = json.loads((folder / "config.json").read_text())
     return {
         "model_type": spec["model_type"],
+        "transformers_version": transformers.__version__,
         "feature": spec["feature"],
         "dtype": spec.get("dtype", "float32"),
         "format": "pytorch_model.bin" if spec.get("bin") else "safetensors",
         "seed": seed,
-        "config": {k: cfg[k] for k in ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+        "config": {k: cfg.get("text_config", cfg)[k] for k in ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
                                        "intermediate_size", "rope_parameters", "sliding_window",
                                        "original_max_position_embeddings", "max_position_embeddings",
-                                       "attention_bias", "mlp_bias", "tie_word_embeddings") if k in cfg},
+                                       "attention_bias", "mlp_bias", "tie_word_embeddings", "embedding_multiplier",
+                                       "residual_multiplier", "attention_multiplier", "logits_scaling",
+                                       "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
+                                       "layer_types") if k in cfg.get("text_config", cfg)},
         "contrast": spec.get("contrast"),
         "contrast_max_abs": contrast,
         **checks,

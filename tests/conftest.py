@@ -80,3 +80,34 @@ def greedy_decode(session, prompt_ids, n: int, banned=()):
 def greedy_tokens(session, prompt_ids, n: int, banned=()) -> list[int]:
     """n greedy tokens through a session's KV cache, one step at a time (see greedy_decode)."""
     return greedy_decode(session, prompt_ids, n, banned)[0]
+
+
+def _default_backend(target: str) -> str:
+    from kiln.targets.presets import backend_for, resolve
+    return backend_for(resolve(target), None)
+
+
+@pytest.fixture(scope="session")
+def compiled_family(hf_fixture, tmp_path_factory):
+    """``get(family, backend=None, target="cpu")``: a fixture family's artifact, compiled once per
+    session (per xdist worker) and shared by the modules that only run it, as a TVM build (the
+    default backend) takes seconds even for these tiny models. ``None`` is the default backend
+    and shares its artifact with the backend named. Tests must copy an artifact before editing it."""
+    from kiln.driver import compile as kiln_compile
+    cache = {}
+
+    def get(family: str, backend: str | None = None, target: str = "cpu") -> Path:
+        key = (family, backend or _default_backend(target), target)
+        if key not in cache:
+            out = tmp_path_factory.mktemp("family") / f"{family}-{key[1]}-{target}.kiln"
+            cache[key] = kiln_compile(hf_fixture(family), target=target, output=out, backend=key[1], verify=True)
+        return cache[key]
+    return get
+
+
+@pytest.fixture(scope="session")
+def smollm2_artifact(smollm2_gguf, tmp_path_factory) -> Path:
+    """SmolLM2 compiled once per session for this CPU with the default backend (TVM) in exact
+    mode, shared by the modules that run it. Tests must copy it before editing it."""
+    from kiln.driver import compile as kiln_compile
+    return kiln_compile(smollm2_gguf, target="cpu", output=tmp_path_factory.mktemp("smollm2") / "smollm2.kiln")

@@ -17,8 +17,10 @@ VARIANTS = REPO / "tests" / "data" / "hf_variants"
 
 # Max |logits - transformers'| per model, measured over the interpreter, ORT and decomposed
 # paths: llama 2.1e-7, gpt2 1.8e-7 (logits ~0.5), mistral_sliding 2.7e-6, qwen3 1.8e-6,
-# llama_mqa 3.4e-6 (logits ~3). Bound ~10x each.
-BOUND = {"llama": 3e-6, "gpt2": 2e-6, "mistral_sliding": 3e-5, "qwen3": 2e-5, "llama_mqa": 4e-5}
+# llama_mqa 3.4e-6 (logits ~3), gemma2 2.6e-6 (logits ~1.5; ORT's tanh in the soft cap),
+# gemma3 1.4e-5 (logits ~6.6). Bound ~10x each (gemma3: ~3x, the variants' 4e-5).
+BOUND = {"llama": 3e-6, "gpt2": 2e-6, "mistral_sliding": 3e-5, "qwen3": 2e-5, "llama_mqa": 4e-5,
+         "gemma2": 3e-5, "gemma3": 4e-5}
 
 
 def _cached_graph(path, head_dim_multiple=8):
@@ -45,7 +47,7 @@ def _chunks(run, cfg, ids, splits):
     return np.concatenate(logits, axis=1)
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2", "mistral_sliding", "qwen3", "llama_mqa"])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "mistral_sliding", "qwen3", "llama_mqa", "gemma2", "gemma3"])
 def test_fused_attention_in_interpreter_and_onnxruntime(hf_fixture, name, tmp_path):
     path = VARIANTS / name if (VARIANTS / name).is_dir() else hf_fixture(name)
     ref = np.load(path / "reference.npz")
@@ -72,17 +74,28 @@ def test_fused_attention_in_interpreter_and_onnxruntime(hf_fixture, name, tmp_pa
     np.testing.assert_allclose(_chunks(run_ort, model.config, ids, range(5, 12)), ref["logits"], rtol=0, atol=BOUND[name])
 
 
+@pytest.mark.parametrize("name, windows, softcap", [("gemma2", [4, 0], 2.0), ("gemma3", [4, 0], 0.0),
+                                                    ("mistral_sliding", [4, 4], 0.0)])
+def test_each_layer_keeps_its_window_and_soft_cap(name, windows, softcap):
+    """gemma2/3 mix sliding and global layers: each fused attention takes its own layer's mask
+    window, and gemma2's soft cap on the scores moves into the op."""
+    _, g, _ = _cached_graph(VARIANTS / name)
+    atts = [n for n in g.nodes if n.op == "Attention"]
+    assert [n.attrs["window"] for n in atts] == windows
+    assert {n.attrs["softcap"] for n in atts} == {softcap}
+    assert not any("softcap_scores" in n.name for n in g.nodes)       # the builder's cap, fused away
+
+
 def test_head_sizes_the_kernel_cannot_take_stay_in_primitives():
     _, g, r = _cached_graph(VARIANTS / "llama_f16")          # head size 12
     assert r.stats == {"refused": 2} and any(n.op == "Softmax" for n in g.nodes)
 
 
-def test_runtime_session_continues_a_batch_over_its_cache(hf_fixture, tmp_path):
+def test_runtime_session_continues_a_batch_over_its_cache(hf_fixture, compiled_family):
     from kiln import runtime
-    from kiln.driver import compile as kiln_compile
     folder = hf_fixture("llama")
     ref = np.load(folder / "reference.npz")
-    model = runtime.load(kiln_compile(folder, output=tmp_path / "l.kiln"))
+    model = runtime.load(compiled_family("llama"))
     assert {p["name"]: p["stats"] for p in model.manifest["passes"]}["attention"] == {"attention": 2}
     sess = model.session
     sess.reset(2)
@@ -91,7 +104,7 @@ def test_runtime_session_continues_a_batch_over_its_cache(hf_fixture, tmp_path):
     np.testing.assert_allclose(np.concatenate([first, rest], axis=1), ref["logits"], rtol=0, atol=BOUND["llama"])
 
 
-@pytest.mark.parametrize("name", ["mistral_sliding", "llama_mqa"])
+@pytest.mark.parametrize("name", ["mistral_sliding", "llama_mqa", "gemma2"])
 def test_decomposition_computes_the_same(name):
     from kiln.passes.attention import decompose
     path = VARIANTS / name

@@ -3,9 +3,10 @@
 tests/data/fixtures/beam/beam_reference.json holds 28 cases that transformers 5.24 computed
 (make_beam_reference.py beside it): llama and qwen2, two prompts, beams 2-4, length penalties
 -1, 0, 0.5, 1 and 2, early_stopping True/False/"never", one or two EOS ids or none, 1-4
-returned sequences. Every returned hypothesis must have exactly transformers' tokens, on both
-KV-cache layouts; scores agree to rtol 2e-6 (measured: 1.9e-7 relative, both layouts; the
-closest pair of returned scores in the fixture is 2.1e-5 apart).
+returned sequences. Every returned hypothesis must have exactly transformers' tokens, on the
+default backend (TVM) and on both of ONNX Runtime's KV-cache layouts; scores agree to rtol
+2e-6 (measured: 1.9e-7 relative, both layouts; the closest pair of returned scores in the
+fixture is 2.1e-5 apart).
 """
 import json
 
@@ -19,7 +20,7 @@ from kiln.runtime import beam
 
 REFERENCE = FIXTURES / "beam" / "beam_reference.json"
 FAMILIES = ["llama", "qwen2"]
-LAYOUTS = ['shared', "concat"]
+LAYOUTS = ["default", 'shared', "concat"]      # the default backend, then ONNX Runtime's two layouts
 SCORE_RTOL = 2e-6
 
 
@@ -31,11 +32,15 @@ def reference():
 
 
 @pytest.fixture(scope="module")
-def models(hf_fixture, tmp_path_factory):
+def models(hf_fixture, compiled_family, tmp_path_factory):
     root = tmp_path_factory.mktemp("beam")
-    return {(family, layout): runtime.load(kiln_compile(hf_fixture(family), output=root / f"{family}-{layout}.kiln",
-                                                        kv_layout=layout))
-            for family in FAMILIES for layout in LAYOUTS}
+
+    def build(family, layout):
+        if layout == "default":
+            return compiled_family(family)
+        return kiln_compile(hf_fixture(family), output=root / f"{family}-{layout}.kiln", kv_layout=layout,
+                            backend="onnxrt")
+    return {(family, layout): runtime.load(build(family, layout)) for family in FAMILIES for layout in LAYOUTS}
 
 
 def _run(model, case):

@@ -11,8 +11,6 @@ import pytest
 from kiln.benchplot import DPI, FIGSIZE, plot_decode, read_peer_runs  # noqa: E402
 from kiln.errors import KilnError  # noqa: E402
 
-from conftest import HF_FIXTURES  # noqa: E402
-
 SIZE = (int(FIGSIZE[0] * DPI), int(FIGSIZE[1] * DPI))
 
 
@@ -60,9 +58,8 @@ def test_bad_peer_files_are_one_line_errors(tmp_path):
         plot_decode(tmp_path / "x.png", {})
 
 
-def test_kiln_bench_plot_from_the_cli(tmp_path):
-    from kiln.driver import compile as kiln_compile
-    art = kiln_compile(HF_FIXTURES / "llama", output=tmp_path / "llama.kiln")
+def test_kiln_bench_plot_from_the_cli(tmp_path, compiled_family):
+    art = compiled_family("llama")
     peer = bench_json(tmp_path / "peer.json", 8, {"llama.cpp": 1234.0})
     cmd = [sys.executable, "-m", "kiln.cli", "bench", str(art), "--context", "4,8", "--decode-tokens", "3",
            "--repeats", "1", "--prefill-tokens", "8", "--threads", "1", "--json", "--plot", str(tmp_path / "b.png"),

@@ -16,9 +16,8 @@ BENCH = REPO / "benchmarks"
 
 
 @pytest.fixture(scope="module")
-def artifact(smollm2_gguf, tmp_path_factory):
-    from kiln.driver import compile as kiln_compile
-    return kiln_compile(smollm2_gguf, target="cpu", output=tmp_path_factory.mktemp("bench") / "smollm2.kiln")
+def artifact(smollm2_artifact):
+    return smollm2_artifact
 
 
 def _run(*args, env=None):

@@ -43,12 +43,11 @@ def _until(check, timeout, what):
 
 
 @pytest.fixture(scope="module")
-def server(smollm2_gguf, tmp_path_factory):
+def server(smollm2_artifact):
     import uvicorn
 
-    from kiln.driver import compile as kiln_compile
     from kiln.runtime.server import build
-    artifact = kiln_compile(smollm2_gguf, target="cpu", output=tmp_path_factory.mktemp("page") / "smollm2.kiln")
+    artifact = smollm2_artifact
     # one batch row: a stopped answer that kept its row would block every later request
     app, service = build(artifact, max_batch=1, max_queue=4, api_key=KEY, threads=2)
     sock = socket.socket()

@@ -7,14 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import HF_FIXTURES, llama_cpp_python, needs_llama_cpp
-from kiln.driver import compile as kiln_compile
+from conftest import llama_cpp_python, needs_llama_cpp
 
 
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory):
+def llama(compiled_family):
     from kiln import runtime
-    return runtime.load(kiln_compile(HF_FIXTURES / "llama", output=tmp_path_factory.mktemp("ev") / "l.kiln"))
+    return runtime.load(compiled_family("llama"))
 
 
 def _nll(logits, ids, targets):
@@ -69,8 +68,8 @@ def _text(tmp_path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def smollm2(smollm2_gguf, tmp_path_factory):
-    return kiln_compile(smollm2_gguf, output=tmp_path_factory.mktemp("ev2") / "s.kiln")
+def smollm2(smollm2_artifact):
+    return smollm2_artifact
 
 
 def test_kiln_eval_prints_the_perplexity(smollm2, tmp_path):

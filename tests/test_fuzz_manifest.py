@@ -7,10 +7,16 @@ text is cut or made invalid UTF-8, and the folder itself changes: listed files m
 replaced by folders or links, unlisted files added, entries naming paths outside the artifact.
 The manifest is read plain and with ``check_hashes``; every case must read or fail with a
 one-line KilnError (ArtifactError is one) naming a file of the artifact.
+
+``fuzz_load_numbers`` loads the artifact (ONNX Runtime or TVM) after editing the numbers that
+size memory (the KV cache's layers, heads and head size, max_length, the model's context and
+EOS ids) and generates two tokens: every case must run or be refused with one line, within the
+child's memory limit (a billion layers once took 6 GB).
 """
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -34,9 +40,18 @@ def prepare(work: Path) -> None:
         return
     from kiln.driver import compile as kiln_compile
     work.mkdir(parents=True, exist_ok=True)
-    folder = kiln_compile(HF_FIXTURES / "llama", output=work / "llama.kiln")
+    # ONNX Runtime: the cases name its files (model.onnx) and its backend entry's "model"
+    folder = kiln_compile(HF_FIXTURES / "llama", output=work / "llama.kiln", backend="onnxrt")
     _BASE["folder"] = Path(folder)
     _BASE["manifest"] = json.loads((Path(folder) / artifact.MANIFEST).read_text())
+    _tvm_base(work)
+
+
+def _tvm_base(work: Path) -> None:
+    """The TVM artifact, built by the calling test before the child starts (a TVM build
+    would count against the child's start-up watchdog)."""
+    if (work / "tvm.kiln").is_dir():
+        _BASE["tvm"] = work / "tvm.kiln"
 
 
 def _with_self_hash(text: str) -> bytes:
@@ -148,6 +163,52 @@ def fuzz_manifest(ws, data):
     fuzzing.expect(ws, lambda: artifact.read_manifest(folder, check_hashes=check), folder)
 
 
+NUMBERS = [("backend", "kv_cache", "layers"), ("backend", "kv_cache", "kv_heads"), ("backend", "kv_cache", "head_dim"),
+           ("backend", "max_length"), ("config", "max_position_embeddings"), ("generation", "eos_token_id"),
+           ("backend", "kv_cache", "dtype"), ("backend", "kv_cache", "layout"), ("backend", "kv_cache", "mode"),
+           ("config",), ("backend", "kv_cache")]
+
+
+def _linked_copy(src: Path, dst: Path) -> None:
+    """A copy whose files are hard links (no bytes copied, one library inode for dlopen), but
+    for the manifest, which the case rewrites."""
+    def link(a, b):
+        if Path(a).name == artifact.MANIFEST:
+            shutil.copyfile(a, b)
+        else:
+            os.link(a, b)
+    shutil.copytree(src, dst, copy_function=link)
+
+
+@fuzzing.target(data=st.data())
+def fuzz_load_numbers(ws, data):
+    from kiln import runtime
+    prepare(ws.root / "bases")
+    backend = data.draw(st.sampled_from(["onnxrt", "tvm"] if "tvm" in _BASE else ["onnxrt"]), label="backend")
+    base = _BASE["folder"] if backend == "onnxrt" else _BASE["tvm"]
+    folder = ws.path("a.kiln")
+    _linked_copy(base, folder)
+    manifest = json.loads((base / artifact.MANIFEST).read_text())
+    notes = [backend]
+    for _ in range(data.draw(st.sampled_from([1, 1, 2, 3]), label="edits")):
+        path = data.draw(st.sampled_from(NUMBERS))
+        here = fuzzing.json_get(manifest, path[:-1]) if len(path) > 1 else manifest
+        value = data.draw(fuzzing.json_values(here.get(path[-1]) if isinstance(here, dict) else None))
+        if isinstance(here, dict):
+            manifest = fuzzing.json_set(manifest, path[:-1], {**here, path[-1]: value})
+            notes.append(f"{'.'.join(path)} = {str(value)[:40]}")
+    (folder / artifact.MANIFEST).write_bytes(fuzzing.dumps(manifest).encode("utf-8", "surrogatepass"))
+    ws.note(" | ".join(notes))
+
+    def load_and_run():
+        model = runtime.load(folder)
+        try:
+            return model.generate([1, 2], max_new_tokens=2).ids
+        except ValueError as e:            # a small max_length, refused as the runtime refuses it
+            assert "at most" in str(e), e
+    fuzzing.expect(ws, load_and_run, folder)
+
+
 def test_base_reads(tmp_path):
     prepare(tmp_path / "bases")
     m = artifact.read_manifest(_BASE["folder"], check_hashes=True)
@@ -213,6 +274,9 @@ def test_unlisted_file_with_a_newline_in_its_name(art):
     assert e.path == str(art)
 
 
-@pytest.mark.parametrize("name", ["fuzz_manifest"])
+@pytest.mark.parametrize("name", ["fuzz_manifest", "fuzz_load_numbers"])
 def test_fuzz(name, tmp_path):
+    if name == "fuzz_load_numbers":
+        from kiln.driver import compile as kiln_compile
+        kiln_compile(HF_FIXTURES / "llama", output=tmp_path / f"fuzz-{name}" / "bases" / "tvm.kiln", backend="tvm")
     fuzzing.run_target(__file__, name, tmp_path)

@@ -99,7 +99,7 @@ def test_kquant_blocks_run_quantized_in_onnxruntime(wide_model, tmp_path, quant)
     from kiln.driver import compile as kiln_compile
     gguf_path = tmp_path / f"m.{quant}.gguf"
     convert(wide_model, gguf_path, to="gguf", quant=quant)
-    model = runtime.load(kiln_compile(gguf_path, output=tmp_path / "m.kiln"))
+    model = runtime.load(kiln_compile(gguf_path, output=tmp_path / "m.kiln", backend="onnxrt"))
     stats = {p["name"]: p["stats"] for p in model.manifest["passes"]}
     assert stats["merge_matmul"] == {"merged": 2, "matmuls": 5}       # q/k/v and gate/up
     assert stats["quant_matmul"] == {f"quant_matmul_{quant}": 5}     # q_k_v, o, gate_up, down + lm_head

@@ -1,11 +1,11 @@
 """Every fixture family read from its Hugging Face folder matches transformers' own outputs.
 
-The interpreter runs the full-sequence graph; the compiled ONNX Runtime artifact runs the
-KV-cache graph, both for whole-sequence logits and for 16 greedy tokens one at a time. Both
-also run the 22 positions of prompt + greedy[:-1] against ``greedy_logits``: the input_ids
-cover only 12 positions, and a position-dependent fault past them (phi3 longrope switches
-tables at its 16-position original context) must show in the logits, not only in a late
-greedy token.
+The interpreter runs the full-sequence graph; the compiled artifact (the default backend, TVM,
+and ONNX Runtime) runs the KV-cache graph, both for whole-sequence logits and for 16 greedy
+tokens one at a time. Both also run the 22 positions of prompt + greedy[:-1] against
+``greedy_logits``: the input_ids cover only 12 positions, and a position-dependent fault past
+them (phi3 longrope switches tables at its 16-position original context) must show in the
+logits, not only in a late greedy token.
 
 Bounds (max |kiln - transformers| over all logits) are what these fixtures measured, with a
 stated margin; a looser bound lets real faults through (a 1e-6-for-1e-5 epsilon in a norm
@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 from conftest import ALL_FAMILIES, greedy_decode
 
-from kiln.driver import compile as kiln_compile
 from kiln.frontends import hf
 from kiln.interp import run
 from kiln.verify import verify
@@ -33,7 +32,8 @@ def _greedy_sequence(ref):
 
 
 def test_every_family_has_a_fixture(hf_fixture):
-    assert sorted(hf.A.FAMILIES) == sorted(ALL_FAMILIES + ["qwen3"])   # qwen3: tests/test_hf_variants.py
+    # qwen3 and the later families have their fixtures in tests/test_hf_variants.py
+    assert sorted(hf.A.FAMILIES) == sorted(ALL_FAMILIES + ["qwen3", "granite", "olmo2", "gemma2", "gemma3"])
     for family in ALL_FAMILIES:
         assert (hf_fixture(family) / "reference.npz").is_file()
 
@@ -51,12 +51,13 @@ def test_interpreter_matches_transformers(hf_fixture, family):
     np.testing.assert_allclose(logits[0, start:], ref["greedy_logits"], rtol=0, atol=INTERP_BOUND)
 
 
+@pytest.mark.parametrize("backend", [None, "onnxrt"], ids=["default", "onnxrt"])
 @pytest.mark.parametrize("family", ALL_FAMILIES)
-def test_compiled_artifact_matches_transformers(hf_fixture, family, tmp_path):
+def test_compiled_artifact_matches_transformers(hf_fixture, compiled_family, family, backend):
     from kiln import runtime
     folder = hf_fixture(family)
-    out = kiln_compile(folder, target="cpu", output=tmp_path / f"{family}.kiln", verify=True)
-    model = runtime.load(out)
+    model = runtime.load(compiled_family(family, backend))         # compiled with verify=True
+    assert backend is not None or model.manifest["backend"]["name"] == "tvm"
     ref = np.load(folder / "reference.npz")
     np.testing.assert_allclose(model.logits(ref["input_ids"]), ref["logits"], rtol=0, atol=COMPILED_BOUND)
     # 22 positions: prompt + every greedy token but the last, against the logits that chose them

@@ -60,7 +60,8 @@ class Bases:
     def artifact(self) -> Path:
         if self._artifact is None:
             from kiln.driver import compile as kiln_compile
-            self._artifact = kiln_compile(LLAMA, output=self.root / "base.kiln")
+            # ONNX Runtime: the artifact cases edit its files (model.onnx, model.onnx.data)
+            self._artifact = kiln_compile(LLAMA, output=self.root / "base.kiln", backend="onnxrt")
         return self._artifact
 
 
@@ -224,7 +225,7 @@ def _data_symlink_outside(tmp, bases) -> tuple[Path, Path]:
     outside.write_bytes(data.read_bytes())
     data.unlink()
     os.symlink(outside, data)
-    return d, d / "model.onnx"
+    return d, data
 
 
 def _deflated_checkpoint(tmp: Path, corrupt: str) -> tuple[Path, Path]:
@@ -487,7 +488,7 @@ CASES: dict[str, Case] = {
         b, t, offset=lambda e: (t / "model.kiln" / "model.onnx.data").stat().st_size),
         "lie outside model.onnx.data"),
     "onnx external data through a symlink": G("run", _data_symlink_outside,
-                                              "points at external data 'model.onnx.data' outside the model folder"),
+                                              "is a link that resolves outside the artifact folder"),
 }
 
 DESTINATIONS = {"compile": "model.kiln", "hf": "hf-folder", "gguf": "model.gguf",
@@ -496,7 +497,9 @@ DESTINATIONS = {"compile": "model.kiln", "hf": "hf-folder", "gguf": "model.gguf"
 
 def _argv(verb: str, src: Path, dest: Path | None) -> list[str]:
     if verb == "compile":
-        return ["compile", str(src), "-o", str(dest)]
+        # ONNX Runtime named: the readers refuse the same whatever the backend, and the cases found
+        # while writing weights come after TVM's build (seconds), past the time bound
+        return ["compile", str(src), "--backend", "onnxrt", "-o", str(dest)]
     if verb == "run":
         return ["run", str(src), "--prompt", "hello", "-n", "2"]
     if verb == "inspect":
@@ -545,7 +548,7 @@ def test_cli_refuses(case, tmp_path, bases, capsys):
 def test_bases_are_valid(bases, tmp_path, capsys):
     """The control: untampered bases pass the same commands, so each case fails for its lie."""
     assert main(["convert", str(bases.gguf), str(tmp_path / "back"), "--to", "hf", "-q"]) == 0
-    assert main(["compile", str(bases.gguf), "-o", str(tmp_path / "g.kiln"), "-q"]) == 0
+    assert main(["compile", str(bases.gguf), "--backend", "onnxrt", "-o", str(tmp_path / "g.kiln"), "-q"]) == 0
     from kiln import runtime
     model = runtime.load(bases.artifact)
     assert model.logits([[1, 2, 3]]).shape == (1, 3, 256)

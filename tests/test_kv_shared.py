@@ -28,8 +28,8 @@ def _graph(folder):
 @pytest.fixture(scope="module")
 def llama_pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("kv")
-    return (kiln_compile(HF_FIXTURES / "llama", output=root / "shared.kiln", kv_layout='shared'),
-            kiln_compile(HF_FIXTURES / "llama", output=root / "concat.kiln", kv_layout="concat"))
+    return tuple(kiln_compile(HF_FIXTURES / "llama", output=root / f"{layout}.kiln", kv_layout=layout, backend="onnxrt")
+                 for layout in ("shared", "concat"))
 
 
 def _load(path):
@@ -159,8 +159,8 @@ def test_sliding_window_on_the_shared_layout(tmp_path):
     cfg = json.loads((folder / "config.json").read_text())
     cfg.update(model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=4)
     (folder / "config.json").write_text(json.dumps(cfg))
-    shared = _load(kiln_compile(folder, output=tmp_path / "s.kiln", kv_layout='shared'))
-    concat = _load(kiln_compile(folder, output=tmp_path / "c.kiln", kv_layout="concat"))
+    shared = _load(kiln_compile(folder, output=tmp_path / "s.kiln", kv_layout='shared', backend="onnxrt"))
+    concat = _load(kiln_compile(folder, output=tmp_path / "c.kiln", kv_layout="concat", backend="onnxrt"))
     ids = np.arange(10, 30)[None]
     np.testing.assert_allclose(shared.logits(ids), concat.logits(ids), rtol=0, atol=SAME)
     # and both against the reference interpreter on the builder's own windowed mask, over a
@@ -172,14 +172,14 @@ def test_sliding_window_on_the_shared_layout(tmp_path):
     s.reset(1)
     steps = [s.forward(ids[:, :7])] + [s.forward(ids[:, i:i + 1]) for i in range(7, 20)]
     np.testing.assert_allclose(np.concatenate(steps, axis=1), want, rtol=0, atol=3e-6)
-    full = _load(kiln_compile(HF_FIXTURES / "llama", output=tmp_path / "f.kiln"))
+    full = _load(kiln_compile(HF_FIXTURES / "llama", output=tmp_path / "f.kiln", backend="onnxrt"))
     assert np.abs(shared.logits(ids) - full.logits(ids)).max() > 1e-3       # the window matters
     assert shared.generate(list(range(10, 16)), max_new_tokens=12).ids == \
         concat.generate(list(range(10, 16)), max_new_tokens=12).ids
 
 
 def test_smollm2_uses_the_shared_layout_and_keeps_its_tokens(smollm2_gguf, tmp_path):
-    art = kiln_compile(smollm2_gguf, output=tmp_path / "s.kiln")
+    art = kiln_compile(smollm2_gguf, output=tmp_path / "s.kiln", backend="onnxrt")
     backend = json.loads((art / "manifest.json").read_text())["backend"]
     assert backend["kv_cache"]["layout"] == 'shared' and backend["max_length"] == 8192
     ref = json.loads((HF_FIXTURES.parent / "smollm2" / "reference.json").read_text())

@@ -165,7 +165,7 @@ def test_smollm2_lowers_to_four_products_per_layer_and_keeps_its_attention(smoll
     in the growing-cache layout q/k are rotated by RotaryEmbedding on the Split's [b, s, n·d]
     parts; 4 MatMulNBits per layer plus the Q8_0 head's two planes."""
     from kiln.driver import compile as kiln_compile
-    art = kiln_compile(smollm2_gguf, output=tmp_path / "s.kiln", kv_layout="concat")
+    art = kiln_compile(smollm2_gguf, output=tmp_path / "s.kiln", kv_layout="concat", backend="onnxrt")
     nodes = onnx.load(str(art / "model.onnx"), load_external_data=False).graph.node
     ops = [n.op_type for n in nodes]
     assert ops.count("MatMulNBits") == 4 * 30 + 2 and ops.count("Split") == 60

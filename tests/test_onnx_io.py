@@ -207,7 +207,7 @@ def test_a_graph_kiln_cannot_map_is_one_line_naming_it(tmp_path):
                     "cannot map 1 weight(s) onto llama's tensors", "read by MatMul /model/layers.0/self_attn/custom_proj/MatMul")
     assert not (tmp_path / "x.kiln").exists()
     art = tmp_path / "llama.kiln"          # an artifact holds a model.onnx too: not a source
-    assert kiln("compile", OPTIMUM / "llama", "-o", art, "-q").returncode == 0
+    assert kiln("compile", OPTIMUM / "llama", "-o", art, "--backend", "onnxrt", "-q").returncode == 0
     _one_line_error(kiln("compile", art, "-o", tmp_path / "y.kiln"), "this is a compiled kiln artifact")
     (bad / "config.json").unlink()
     _one_line_error(kiln("inspect", bad), "no config.json beside it")

@@ -1,4 +1,5 @@
-"""Precision modes (kiln compile --precision exact|fast) and embeddings gathered from blocks."""
+"""Precision modes (kiln compile --precision exact|fast) and embeddings gathered from blocks, on
+the ONNX Runtime backend (its MatMulNBits attributes); TVM's modes: tests/test_tvm_smollm2.py."""
 import json
 import subprocess
 import sys
@@ -14,8 +15,8 @@ from kiln.driver import compile as kiln_compile
 @pytest.fixture(scope="module")
 def smollm2_pair(smollm2_gguf, tmp_path_factory):
     root = tmp_path_factory.mktemp("precision")
-    return (kiln_compile(smollm2_gguf, output=root / "exact.kiln"),
-            kiln_compile(smollm2_gguf, output=root / "fast.kiln", precision="fast"))
+    return (kiln_compile(smollm2_gguf, output=root / "exact.kiln", backend="onnxrt"),
+            kiln_compile(smollm2_gguf, output=root / "fast.kiln", precision="fast", backend="onnxrt"))
 
 
 def _nodes(artifact, op):
@@ -90,7 +91,7 @@ def test_gathered_rows_equal_the_dequantized_table(tmp_path, quant):
     from kiln.interp import run
     from kiln.passes.quantize import quantize
     from test_quantize import layout_of
-    art = kiln_compile(HF_FIXTURES / "gemma", output=tmp_path / "g.kiln", quant=quant)
+    art = kiln_compile(HF_FIXTURES / "gemma", output=tmp_path / "g.kiln", quant=quant, backend="onnxrt")
     [g] = _nodes(art, "GatherBlockQuantized")
     assert _attr(g, "bits") == (8 if quant == "q8_0" else 4)
     ref = load_model(HF_FIXTURES / "gemma")

@@ -146,9 +146,10 @@ def test_quantized_weights_are_the_codecs_bytes(wide_model, quant):
 def test_compiled_logits_equal_the_interpreter_on_the_quantized_weights(wide_model, tmp_path, quant):
     """The artifact computes what the interpreter computes from the dequantized blocks: Q4_0,
     Q8_0, Q4_K and Q6_K reach MatMulNBits as blocks; Q3_K and Q5_K (in q3_k_m) are dequantized
-    to float32 by the ORT lowering."""
+    to float32 by the ORT lowering (the TVM kernels over every block type:
+    tests/test_tvm_quant_kernels.py)."""
     from kiln import runtime
-    art = kiln_compile(wide_model, output=tmp_path / "m.kiln", quant=quant)
+    art = kiln_compile(wide_model, output=tmp_path / "m.kiln", quant=quant, backend="onnxrt")
     model = runtime.load(art)
     ref = load_model(wide_model)
     quantize(ref.graph, quant, layout_of(ref))

@@ -41,7 +41,9 @@ def _ids(name):
 
 def _logits(path, out: Path, name: str):
     from kiln import runtime
-    model = runtime.load(kiln_compile(path, target="cpu", output=out))
+    # ONNX Runtime named: the round trip is about the converters (backend-neutral) and compiles
+    # three artifacts per case, kept fast; test_hf_variants.py runs these models on both backends
+    model = runtime.load(kiln_compile(path, target="cpu", output=out, backend="onnxrt"))
     return model, [model.logits(ids) for ids in _ids(name)]
 
 

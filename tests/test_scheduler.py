@@ -6,19 +6,21 @@ import pytest
 from kiln import runtime
 from kiln.runtime.scheduler import QueueFull, Scheduler
 
-from conftest import HF_FIXTURES
+
+@pytest.fixture(scope="module")
+def llama(compiled_family):
+    return compiled_family("llama")
 
 
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    from kiln.driver import compile as kiln_compile
-    return kiln_compile(HF_FIXTURES / "llama", output=tmp_path_factory.mktemp("sched") / "llama.kiln")
+def llama_ort(compiled_family):
+    # for the tests of ONNX Runtime's own cache buffers
+    return compiled_family("llama", "onnxrt")
 
 
 @pytest.fixture(scope="module")
-def smollm2(smollm2_gguf, tmp_path_factory):
-    from kiln.driver import compile as kiln_compile
-    return kiln_compile(smollm2_gguf, target="cpu", output=tmp_path_factory.mktemp("sched") / "smollm2.kiln")
+def smollm2(smollm2_artifact):
+    return smollm2_artifact
 
 
 def _drain(sch):
@@ -67,8 +69,9 @@ def test_rows_join_and_leave_with_their_alone_tokens(llama):
         assert alone[i] == ref.generate(prompts[i], max_new_tokens=max_tokens[i], eos_ids=[]).ids
 
 
-def test_capacity_grows_while_other_rows_run(llama, monkeypatch):
+def test_capacity_grows_while_other_rows_run(llama_ort, monkeypatch):
     from kiln.runtime import onnxrt_session
+    llama = llama_ort
     monkeypatch.setattr(onnxrt_session, "INITIAL_CAPACITY", 16)
     model = runtime.load(llama, threads=2)
     start = model.session.capacity
@@ -145,8 +148,8 @@ def test_smollm2_staggered_requests_equal_alone(smollm2):
     assert tok is not None
 
 
-def test_cache_arrays_share_memory_with_the_ortvalues(llama):
-    session = runtime.load(llama, threads=1).session
+def test_cache_arrays_share_memory_with_the_ortvalues(llama_ort):
+    session = runtime.load(llama_ort, threads=1).session
     session.start_rows(2)
     name = session.cache_names[0]
     session._arrays[name][1, 0, 3, 0] = 42.0

@@ -50,9 +50,8 @@ def _post(url, json=None, content=None, headers=None):
 
 
 @pytest.fixture(scope="module")
-def artifact(smollm2_gguf, tmp_path_factory):
-    from kiln.driver import compile as kiln_compile
-    return kiln_compile(smollm2_gguf, target="cpu", output=tmp_path_factory.mktemp("serve") / "smollm2.kiln")
+def artifact(smollm2_artifact):
+    return smollm2_artifact
 
 
 @pytest.fixture(scope="module")

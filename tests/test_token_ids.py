@@ -13,11 +13,8 @@ FAMILIES = ALL_FAMILIES
 
 
 @pytest.fixture(scope="module")
-def artifacts(tmp_path_factory):
-    from kiln.driver import compile as kiln_compile
-    from conftest import HF_FIXTURES
-    root = tmp_path_factory.mktemp("ids")
-    return {f: kiln_compile(HF_FIXTURES / f, target="cpu", output=root / f"{f}.kiln") for f in FAMILIES}
+def artifacts(compiled_family):
+    return {f: compiled_family(f) for f in FAMILIES}
 
 
 def _load(artifacts, family):

@@ -21,15 +21,10 @@ BOUND = 3e-6
 
 
 @pytest.fixture(scope="module")
-def compiled(hf_fixture, tmp_path_factory):
-    cache = {}
-
-    def get(family, target="cpu"):
-        if (family, target) not in cache:
-            out = tmp_path_factory.mktemp("tvm") / f"{family}-{target}.kiln"
-            cache[family, target] = kiln_compile(hf_fixture(family), target=target, output=out, backend="tvm")
-        return cache[family, target]
-    return get
+def compiled(compiled_family):
+    # TVM named: these tests are about this backend whatever the default is (the default's
+    # artifacts are the same ones, shared with test_hf_families.py and others)
+    return lambda family, target="cpu": compiled_family(family, "tvm", target)
 
 
 def _greedy_sequence(ref):
@@ -200,7 +195,7 @@ def test_gpu_artifact_here_is_a_one_line_error(compiled, hf_fixture, tmp_path):
     with pytest.raises(KilnError, match="compiled for cuda, and this machine has no cuda device"):
         runtime.load(compiled("llama", "cuda"))
     # the ONNX Runtime cuda artifact names the package it needs
-    out = kiln_compile(hf_fixture("llama"), target="cuda", output=tmp_path / "o.kiln")
+    out = kiln_compile(hf_fixture("llama"), target="cuda", output=tmp_path / "o.kiln", backend="onnxrt")
     assert json.loads((out / "manifest.json").read_text())["backend"]["requires"] == ["onnxruntime-gpu==1.31.1"]
     with pytest.raises(KilnError, match="compiled for cuda, and onnxruntime here has no CUDA provider"):
         runtime.load(out)
@@ -211,6 +206,8 @@ def test_gpu_artifact_here_is_a_one_line_error(compiled, hf_fixture, tmp_path):
     ({"target": "metal", "backend": "onnxrt"}, "target 'metal' has no onnxrt backend; it has tvm"),
     ({"target": "cuda", "arch": "sm70"}, "--arch sm70 does not fit target 'cuda'"),
     ({"target": "cpu", "backend": "tvm", "precision": "fastest"}, "unknown precision 'fastest'; choose exact or fast"),
+    # the ONNX Runtime cache layouts: TVM lays out its own, so asking for one there is an error
+    ({"target": "cpu", "kv_layout": "concat"}, "kv_layout='concat' is an ONNX Runtime option, for backend='onnxrt'"),
 ])
 def test_bad_target_or_backend_is_refused(hf_fixture, tmp_path, kwargs, message):
     kwargs.setdefault("backend", None)
@@ -255,9 +252,9 @@ def test_cpu_missing_an_instruction_set_is_a_one_line_error(compiled, tmp_path, 
 
 # ---- the runtime behaves the same on both backends ------------------------------------------
 
-def test_runtime_api_is_the_same_on_both_backends(compiled, hf_fixture, tmp_path):
+def test_runtime_api_is_the_same_on_both_backends(compiled, compiled_family):
     tvm_model = runtime.load(compiled("qwen2"))
-    ort_model = runtime.load(kiln_compile(hf_fixture("qwen2"), output=tmp_path / "ort.kiln"))
+    ort_model = runtime.load(compiled_family("qwen2", "onnxrt"))
     prompts = [[5, 9, 13, 2], [7, 1], [42, 43, 44, 45, 46, 47]]
     for m in (tvm_model, ort_model):
         assert m.session.ragged_prefill
@@ -299,11 +296,11 @@ def test_scheduler_rows_get_their_alone_tokens(compiled):
         assert req.ids == together[i]
 
 
-def test_cli_run_and_bench_on_a_tvm_artifact(compiled, hf_fixture, tmp_path):
+def test_cli_run_and_bench_on_a_tvm_artifact(compiled, compiled_family):
     import subprocess
     import sys
     art = str(compiled("llama"))
-    ort_art = str(kiln_compile(hf_fixture("llama"), output=tmp_path / "ort.kiln"))
+    ort_art = str(compiled_family("llama", "onnxrt"))
     run, ort = (subprocess.run([sys.executable, "-m", "kiln.cli", "run", a, "--ids", "1,2,3,4", "-n", "6"],
                                capture_output=True, text=True) for a in (art, ort_art))
     assert run.returncode == 0, run.stderr

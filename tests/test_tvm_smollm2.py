@@ -16,8 +16,10 @@ SMOLLM2_REFERENCE = FIXTURES / "smollm2" / "reference.json"
 
 
 @pytest.fixture(scope="module")
-def smollm2_tvm(smollm2_gguf, tmp_path_factory):
-    return kiln_compile(smollm2_gguf, output=tmp_path_factory.mktemp("tvm") / "smollm2.kiln", backend="tvm")
+def smollm2_tvm(smollm2_artifact):
+    # the default backend's artifact, shared with test_smollm2.py and others
+    assert json.loads((smollm2_artifact / "manifest.json").read_text())["backend"]["name"] == "tvm"
+    return smollm2_artifact
 
 
 @pytest.mark.parametrize("index", [0, 1, 2])

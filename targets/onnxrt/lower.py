@@ -329,7 +329,8 @@ def _attention(node: Node, const_input, lengths: dict, batched: dict) -> list:
         "GroupQueryAttention", inputs,
         [o.name for o in node.outputs], name=node.name, domain="com.microsoft",
         num_heads=heads, kv_num_heads=kv_heads, scale=node.attrs["scale"],
-        local_window_size=window if window else -1, **rotary))
+        local_window_size=window if window else -1, **rotary,
+        **({"softcap": float(node.attrs["softcap"])} if node.attrs.get("softcap") else {})))
     return out
 
 

@@ -66,13 +66,18 @@ def kv_append(kv_heads: int, head_dim: int, gpu: bool, cache_dtype: str = "float
     return kv_append_cpu
 
 
-def attention(heads: int, kv_heads: int, head_dim: int, scale: float, window: int, gpu: bool,
-              cache_dtype: str = "float32"):
+def attention(heads: int, kv_heads: int, head_dim: int, scale: float, window: int, softcap: float = 0.0, *,
+              gpu: bool, cache_dtype: str = "float32"):
     """(q [b, H, s, D], k_cache, v_cache, lengths int32 [b]) -> out [b, s, H*D]; a float16
-    cache is widened to float32 as it is read."""
+    cache is widened to float32 as it is read. ``softcap`` c > 0: each scaled score s becomes
+    c·tanh(s / c) (gemma2), divided as transformers divides."""
     H, KV, D, CD = heads, kv_heads, head_dim, cache_dtype
     group = H // KV
     scale = float(scale)
+    softcap = float(softcap)
+
+    def capped(score):
+        return T.tanh(score / T.float32(softcap)) * T.float32(softcap) if softcap else score
     window = int(window)
     windowed = window > 0
     lanes = LANES if D % LANES == 0 else 1
@@ -112,7 +117,7 @@ def attention(heads: int, kv_heads: int, head_dim: int, scale: float, window: in
                     if tx < T.shift_right(D, p + 1):
                         red[tx] = red[tx] + red[tx + T.shift_right(D, p + 1)]
                     T.tvm_storage_sync("shared")
-                score = red[0] * T.float32(scale)
+                score = capped(red[0] * T.float32(scale))
                 T.tvm_storage_sync("shared")
                 m_new = T.max(st[0], score)
                 alpha = T.exp(st[0] - m_new)
@@ -164,7 +169,7 @@ def attention(heads: int, kv_heads: int, head_dim: int, scale: float, window: in
                     st[2] = T.float32(0)
                     for l in range(lanes):
                         st[2] = st[2] + part[l]
-                st[2] = st[2] * T.float32(scale)
+                st[2] = capped(st[2] * T.float32(scale))
                 if st[2] > st[0]:
                     # a new maximum: rescale what was summed so far
                     st[1] = st[1] * T.exp(st[0] - st[2])

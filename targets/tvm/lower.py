@@ -524,7 +524,8 @@ class FunctionLowering:
             [kc.ty, vc.ty]))
         kc2 = self.bb.emit(relax.TupleGetItem(caches, 0))
         vc2 = self.bb.emit(relax.TupleGetItem(caches, 1))
-        att = self.kernel("attention", heads, kv_heads, head_dim, n.attrs["scale"], n.attrs["window"])
+        att = self.kernel("attention", heads, kv_heads, head_dim, n.attrs["scale"], n.attrs["window"],
+                          n.attrs.get("softcap") or 0.0)
         out_type = relax.TensorType([self.batch, self.shape_of(q)[2], tir.IntImm("int64", heads * head_dim)], "float32")
         return [relax.call_tir(att, [self.tensor(q), kc2, vc2, self.lengths], out_type), None, None]
 
