@@ -395,7 +395,8 @@ def cmd_convert(a) -> int:
     t = time.perf_counter()
     summary = convert(a.src, a.dst, to=a.to or checks.format_of(a.dst), dtype=a.dtype, quant=a.quant,
                       max_shard_bytes=a.max_shard_size, console=con, quiet=a.quiet or not con.is_terminal,
-                      requantize=a.requantize, force=a.force, lora=_lora_specs(a), base=a.base)
+                      requantize=a.requantize, force=a.force, lora=_lora_specs(a), base=a.base,
+                      onnx_layout=a.onnx_layout)
     con.print(f"wrote {a.dst}: {summary.get('tensors', 0)} tensors, {summary.get('bytes_in', 0) / 1e6:.1f} MB in, "
               f"{summary.get('bytes_out', 0) / 1e6:.1f} MB out, {time.perf_counter() - t:.1f} s")
     for note in summary.get("notes", ()):
@@ -464,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_inspect)
 
     s = sub.add_parser("compile", help="compile a model for a device")
-    s.add_argument("model", help="Hugging Face folder, .gguf or .safetensors file, a model short name "
+    s.add_argument("model", help="Hugging Face or ONNX folder, .gguf, .safetensors or .onnx file, a model short name "
                                  "(" + ", ".join(_known_names()) + "; see kiln list), or a Hugging Face hub ID: "
                                  "org/name, org/name:Q4_K_M or org/name/FILE.gguf")
     s.add_argument("--target", default="cpu", help="cpu, cpu-avx2, cpu-avx512, cpu-neon, cuda, cuda-sm80/86/89/90, "
@@ -590,6 +591,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output format (default: from DST's suffix: .gguf, .safetensors or .onnx)")
     s.add_argument("--dtype", choices=["f32", "f16", "bf16"], help="element type of float tensors")
     s.add_argument("--quant", help="GGUF output: " + QUANT_HELP)
+    s.add_argument("--onnx-layout", choices=["optimum", "kiln"], default="optimum",
+                   help="ONNX output: optimum's decoder inputs/outputs (input_ids, attention_mask, position_ids, "
+                        "past_key_values.N.key/value -> logits, present.N.key/value) or kiln's (adds "
+                        "logits_positions, the positions whose logits are computed)")
     s.add_argument("--requantize", action="store_true", help="allow --quant on an already-quantized model")
     _add_lora_flags(s)
     s.add_argument("--base", metavar="MODEL",

@@ -286,14 +286,16 @@ WRITERS = {"hf": "kiln.frontends.hf", "gguf": "kiln.frontends.gguf",
 
 def convert(src, dst, *, to: str, dtype: str | None = None, quant: str | None = None,
             max_shard_bytes: int | None = None, console=None, quiet: bool = True, requantize: bool = False,
-            force: bool = False, lora: list[tuple[str, float]] | None = None, base=None) -> dict:
+            force: bool = False, lora: list[tuple[str, float]] | None = None, base=None,
+            onnx_layout: str = "optimum") -> dict:
     """Convert a model between formats, streaming tensor by tensor from the source.
 
     ``quant`` (GGUF output) is a block type or a llama.cpp mixture; a source that is already
     quantized is refused unless ``requantize``. An existing ``dst`` is refused unless
     ``force``; a folder output then replaces only the files its writer owns. ``lora``:
     ``(adapter, scale)`` pairs merged into the output. ``base``: ``src`` is a LoRA adapter,
-    written as llama.cpp's LoRA GGUF for that base model."""
+    written as llama.cpp's LoRA GGUF for that base model. ``onnx_layout`` (ONNX output):
+    "optimum" (optimum's decoder inputs and outputs) or "kiln" (kiln's, with logits_positions)."""
     import importlib
 
     from .progress import advance, write_progress
@@ -333,6 +335,8 @@ def convert(src, dst, *, to: str, dtype: str | None = None, quant: str | None = 
             kwargs.update(dtype=dtype, quant=quant)
         elif to in ("hf", "safetensors"):
             kwargs.update(dtype=dtype)
+        elif to == "onnx":
+            kwargs.update(dtype=dtype, layout=onnx_layout)
         if to == "hf" and max_shard_bytes:
             kwargs.update(shard_bytes=max_shard_bytes)
         summary = writer.write(model, dst, **kwargs)

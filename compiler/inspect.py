@@ -177,6 +177,15 @@ def describe(path, console, graph: str | None = None, tensors: bool = False, as_
         if not as_json:
             meta = ", ".join(f"{k}={v}" for k, v in (f.metadata or {}).items()) or "none"
             console.print(f"[bold]{p}[/]: safetensors, metadata {escape(meta)}")
+    elif fmt == "onnx":
+        from kiln.frontends import onnx_read
+        info.update(onnx_read.describe(p))
+        weights = info.pop("weights")
+        if not as_json:
+            console.print(f"[bold]{p}[/]: ONNX model ({info['layout']}), architecture {info['architecture']}")
+            console.print(f"inputs: {', '.join(info['inputs'])}", markup=False)
+            console.print(f"outputs: {', '.join(info['outputs'])}", markup=False)
+            console.print(_config_table(info["config"], "config"))
     else:
         raise KilnError(p, f"cannot inspect {fmt} files")
     if as_json:
@@ -187,7 +196,7 @@ def describe(path, console, graph: str | None = None, tensors: bool = False, as_
             console.print(f"tokenizer: {', '.join(info['tokenizer_files']) or 'none'}")
         for line in _tensor_lines(weights) if tensors else ():
             console.print(line, markup=False)
-    if fmt in ("gguf", "hf"):
+    if fmt in ("gguf", "hf", "onnx"):
         from .driver import load_model
         model = load_model(p)
         tok = model.tokenizer

@@ -29,11 +29,14 @@ def detect_format(path) -> str:
         hint = f"; did you mean {' or '.join(near)} (a model short name, see kiln list)?" if near else ""
         raise KilnError(path, f"no such file or folder{hint}")
     if p.is_dir():
+        from .onnx_read import is_onnx_folder
+        if is_onnx_folder(p):       # before config.json: optimum writes one beside model.onnx
+            return "onnx"
         if (p / "config.json").is_file():
             return "hf"
         if (p / "manifest.json").is_file():
             raise KilnError(path, "this is a compiled kiln artifact; use `kiln run` on it")
-        raise KilnError(path, "not a model: the folder has no config.json")
+        raise KilnError(path, "not a model: the folder has no config.json or model.onnx")
     try:
         with open(p, "rb") as f:
             head = f.read(8)
@@ -43,9 +46,11 @@ def detect_format(path) -> str:
         return "gguf"
     if p.suffix == ".safetensors":
         return "safetensors"
+    if p.suffix == ".onnx":
+        return "onnx"
     if p.suffix == ".gguf":
         raise KilnError(path, "not a GGUF file (the magic bytes are not 'GGUF')")
-    raise KilnError(path, "not a model file kiln can read (expected a GGUF file, a .safetensors file or a Hugging Face folder)")
+    raise KilnError(path, "not a model file kiln can read (expected a GGUF file, a .safetensors or .onnx file, or a Hugging Face or ONNX folder)")
 
 
 def read_model(path):
@@ -58,5 +63,8 @@ def read_model(path):
     if fmt == "gguf":
         from . import gguf
         return gguf.read(path)
+    if fmt == "onnx":
+        from . import onnx_read
+        return onnx_read.read(path)
     from . import safetensors_model
     return safetensors_model.read(path)

@@ -11,7 +11,7 @@ from kiln.driver import convert
 def test_onnx_export_runs_in_onnxruntime_with_kv_cache(hf_fixture, tmp_path):
     src = hf_fixture("qwen2")
     out = tmp_path / "qwen2-onnx"
-    convert(src, out, to="onnx")
+    convert(src, out, to="onnx", onnx_layout="kiln")
     onnx.checker.check_model(str(out / "model.onnx"))
     m = onnx.load(str(out / "model.onnx"), load_external_data=False)
     assert m.ir_version <= 13
