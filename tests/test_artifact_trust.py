@@ -57,7 +57,7 @@ def built(tmp_path_factory) -> dict[str, Path]:
     import kiln
     root = tmp_path_factory.mktemp("trust")
     src = source_with_tokenizer(root)
-    return {"onnxrt": kiln.compile(src, output=root / "ort.kiln"),
+    return {"onnxrt": kiln.compile(src, output=root / "ort.kiln", backend="onnxrt"),
             "tvm": kiln.compile(src, output=root / "tvm.kiln", backend="tvm")}
 
 
@@ -288,7 +288,7 @@ def signed(built, tmp_path_factory) -> dict:
 def test_compile_sign_verify_key_and_run_trusted_key(tmp_path):
     private, public = write_key_pair(tmp_path / "keys")
     d = tmp_path / "s.kiln"
-    p = kiln_cli("compile", HF_FIXTURES / "llama", "-o", d, "--sign", private, "-q")
+    p = kiln_cli("compile", HF_FIXTURES / "llama", "--backend", "onnxrt", "-o", d, "--sign", private, "-q")
     assert p.returncode == 0, p.stderr
     assert (d / "manifest.sig").is_file()
     p = kiln_cli("verify", d, "--key", public)
