@@ -37,7 +37,10 @@ def pipeline(backend: str) -> list:
     # ORT's 4-bit MatMulNBits is exact and fast at accuracy level 0; its 8-bit kernel is only
     # fast with int8 activations (accuracy level 4, ~0.6% error), so 8-bit operands (Q8_0,
     # Q5_0, Q5_1) run as two exact 4-bit planes
+    from kiln.passes.moe import decompose as decompose_moe
     return [("kv_cache", insert_kv_cache),
+            # neither backend has a mixture-of-experts kernel yet: every expert, densely weighted
+            ("moe", decompose_moe),
             ("rmsnorm", fuse_rmsnorm),
             ("skip_rmsnorm", fuse_skip_rmsnorm),
             ("rotary", fuse_rotary),

@@ -13,6 +13,7 @@ from kiln.weights import Weight
 
 from . import arch as A
 from .builder import build_graph
+from .moe import MOE_FAMILIES, hf_experts
 
 
 def is_hf_folder(path) -> bool:
@@ -169,6 +170,8 @@ def arch_config(cfg: dict, path: Path) -> tuple[A.Family, A.ArchConfig]:
         raise KilnError(path / "config.json", f"config is missing or has a bad value for {_show(str(e))[1:-1]}") from None
     for k, v in family.flags.items():
         setattr(c, k, v)
+    if family.name in MOE_FAMILIES:
+        hf_experts(cfg, c, path / "config.json")
     for f, key in scalars.items():
         if cfg.get(key) is not None:
             setattr(c, f, float(cfg[key]))

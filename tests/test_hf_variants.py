@@ -39,7 +39,9 @@ DATA = Path(__file__).resolve().parent / "data" / "hf_variants"
 
 VARIANTS = ["qwen3", "llama_rope_linear", "llama_rope_llama3", "llama_rope_dynamic", "qwen2_yarn",
             "phi3_longrope", "phi3_partial_rotary", "llama_mqa", "llama_bias", "llama_untied_bf16",
-            "llama_f16", "mistral_sliding", "llama_bin", "granite", "olmo2", "gemma2", "gemma3", "gemma3_multimodal"]
+            "llama_f16", "mistral_sliding", "llama_bin", "granite", "olmo2", "gemma2", "gemma3", "gemma3_multimodal",
+            "mixtral", "qwen3_moe", "olmoe", "qwen2_moe"]
+MOE = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe")
 
 # Families beyond the shared fixtures: also written to GGUF with llama.cpp's names and keys,
 # read back and compiled. Per family, the llama.cpp keys (after the architecture prefix) that

@@ -1,6 +1,7 @@
 """Every IR op through the TVM lowering, one op per graph, against kiln's interpreter
 (``kiln.ops.compute``, which follows ONNX semantics). Attention needs the KV cache and is
-checked on whole models (tests/test_tvm_backend.py)."""
+checked on whole models (tests/test_tvm_backend.py), and MoE reaches the backends decomposed
+(tests/test_hf_variants.py)."""
 import numpy as np
 import pytest
 import tvm
@@ -34,6 +35,7 @@ CASES = {
     "MatMul": ("MatMul", [rng.standard_normal((2, 3, 4)).astype(np.float32),
                           rng.standard_normal((4, 5)).astype(np.float32)], {}),
     "Softmax": ("Softmax", [A], {"axis": -1}),
+    "TopK": ("TopK", [X4], {"k": 2, "axis": -1}),
     "ReduceMean": ("ReduceMean", [A], {"axes": [1], "keepdims": 1}),
     "ReduceSum": ("ReduceSum", [A], {"axes": [0], "keepdims": 0}),
     "ReduceMax": ("ReduceMax", [A], {"axes": [1], "keepdims": 0}),
@@ -83,7 +85,7 @@ def _run(g, feeds):
 
 
 def test_every_op_has_a_case():
-    assert {c[0] for c in CASES.values()} | {"Attention", "QuantMatMul"} == set(ops.REGISTRY)
+    assert {c[0] for c in CASES.values()} | {"Attention", "QuantMatMul", "MoE"} == set(ops.REGISTRY)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

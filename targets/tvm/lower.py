@@ -360,6 +360,11 @@ class FunctionLowering:
             return v
         return None
 
+    def op_TopK(self, n):
+        both = self.bb.emit(relax.op.topk(self.tensor(n.inputs[0]), k=int(n.attrs["k"]), axis=n.attrs["axis"],
+                                          ret_type="both", largest=True, dtype="int64"))
+        return [relax.TupleGetItem(both, 0), relax.TupleGetItem(both, 1)]
+
     def op_Softmax(self, n):
         return relax.op.nn.softmax(self.tensor(n.inputs[0]), axis=n.attrs["axis"])
 
