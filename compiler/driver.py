@@ -39,13 +39,14 @@ def pipeline(backend: str) -> list:
     # Q5_0, Q5_1) run as two exact 4-bit planes
     from kiln.passes.moe import decompose as decompose_moe
     return [("kv_cache", insert_kv_cache),
-            # neither backend has a mixture-of-experts kernel yet: every expert, densely weighted
-            ("moe", decompose_moe),
             ("rmsnorm", fuse_rmsnorm),
             ("skip_rmsnorm", fuse_skip_rmsnorm),
             ("rotary", fuse_rotary),
             # ORT's GroupQueryAttention needs head sizes in multiples of 8; TVM's kernel takes any
             ("attention", lambda g: fuse_attention(g, head_dim_multiple=8 if backend == "onnxrt" else 1)),
+            # neither backend has a mixture-of-experts kernel yet: every expert, densely weighted
+            # (after the attention fusion, which would take the router's softmax for a candidate)
+            ("moe", decompose_moe),
             # q/k/v and gate/up as one product each, before quant_matmul makes them one
             # MatMulNBits (and one min-term correction); the attention lowering still finds each
             # projection's head split below the Split

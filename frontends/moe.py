@@ -83,6 +83,8 @@ def hf_experts(cfg: dict, c, path) -> None:
     if c.family == "qwen2_moe":
         c.shared_expert_intermediate_size = count("shared_expert_intermediate_size")
         c.attention_bias = bool(cfg.get("qkv_bias", True))
+    if not c.sliding_window and all(t == "full_attention" for t in c.layer_types):
+        c.layer_types = []       # transformers 5 writes qwen2_moe's every-layer-global list: no window anywhere
     if c.experts_per_token > c.num_experts:
         raise KilnError(path, f"num_experts_per_tok {c.experts_per_token} is more than the {c.num_experts} experts")
     # qwen2/3-moe can mix dense layers in; published checkpoints do not, and kiln reads none
@@ -92,6 +94,23 @@ def hf_experts(cfg: dict, c, path) -> None:
                               "are not supported")
     if cfg.get("clip_qkv") is not None:
         raise KilnError(path, f"clip_qkv {cfg['clip_qkv']!r} is not supported")
+
+
+def hf_expert_config(c) -> dict:
+    """The config.json keys transformers' family reads for the experts (the inverse of hf_experts)."""
+    out = {"num_experts_per_tok": c.experts_per_token, "sliding_window": c.sliding_window}
+    if c.family == "mixtral":
+        out.update(num_local_experts=c.num_experts, intermediate_size=c.expert_intermediate_size)
+        return out
+    out.update(num_experts=c.num_experts, norm_topk_prob=bool(c.expert_norm_topk))
+    if c.family == "olmoe":
+        out["intermediate_size"] = c.expert_intermediate_size     # olmoe's experts are its MLP size
+        return out
+    out.update(moe_intermediate_size=c.expert_intermediate_size, decoder_sparse_step=1, mlp_only_layers=[],
+               use_sliding_window=bool(c.sliding_window))
+    if c.family == "qwen2_moe":
+        out.update(shared_expert_intermediate_size=c.shared_expert_intermediate_size, qkv_bias=bool(c.attention_bias))
+    return out
 
 
 def gguf_experts(key, meta: dict, arch: str, c, path) -> None:

@@ -185,9 +185,11 @@ VARIANTS = {
                 "norm_topk_prob true; per-head q/k norms, head_dim 16",
         contrast=dict(norm_topk_prob=False)),
     "olmoe": dict(
-        model_type="olmoe", config=dict(num_experts=4, num_experts_per_tok=2, intermediate_size=48),
+        model_type="olmoe",
+        config=dict(num_experts=4, num_experts_per_tok=2, intermediate_size=48, num_key_value_heads=4),
         feature="olmoe: 4 experts, 2 per token, weights not renormalized (norm_topk_prob false); q/k RMSNorms "
-                "over the whole projection",
+                "over the whole projection; as many key/value heads as heads (OLMoE-1B-7B's shape, the one "
+                "llama.cpp's olmoe graph assumes for its k norm)",
         contrast=dict(num_experts_per_tok=1)),
     "qwen2_moe": dict(
         model_type="qwen2_moe",

@@ -42,7 +42,7 @@ def test_fixture_gguf_agrees_with_llama_cpp(hf_fixture, family, tmp_path):
     assert llama_cpp(gguf, ids)["greedy"] == kiln_greedy(gguf, ids, tmp_path)
 
 
-@pytest.mark.parametrize("name", ["granite", "olmo2"])
+@pytest.mark.parametrize("name", ["granite", "olmo2", "mixtral", "qwen3_moe", "olmoe", "qwen2_moe"])
 def test_later_family_gguf_agrees_with_llama_cpp(name, tmp_path):
     """The families whose fixtures live in tests/data/hf_variants/ (names and keys as llama.cpp's
     converter writes them, granite's q/k rows interleaved for its rope). Not the gemma2/3
