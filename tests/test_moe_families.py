@@ -160,3 +160,23 @@ def test_quantized_expert_gguf_reads_back(tmp_path):
     assert f.tensors["blk.0.ffn_gate_inp.weight"].format.name == "f32"
     m = load_model(tmp_path / "m.gguf")
     np.testing.assert_array_equal(m.weights["layers.0.experts.gate.weight"].numpy(), t.numpy())
+
+
+def test_inspect_shows_experts(tmp_path, capsys):
+    """kiln inspect names the experts, how many a token uses, and the share of their weights it
+    reads: from config.json, from the GGUF, and from a compiled artifact."""
+    from kiln.cli import main
+    from kiln.driver import compile as kiln_compile
+    convert(DATA / "qwen2_moe", tmp_path / "m.gguf", to="gguf")
+    art = kiln_compile(DATA / "qwen2_moe", output=tmp_path / "m.kiln")
+    # 2 layers x 3 projections x hidden 32 x expert MLP 24 = 4,608 per expert
+    want = "experts: 4 per layer, 2 active per token, plus a shared expert of 40; 9,216 of the experts' " \
+           "18,432 parameters read per token"
+    for path in (DATA / "qwen2_moe", tmp_path / "m.gguf", art):
+        assert main(["inspect", str(path)]) == 0
+        out = capsys.readouterr().out
+        assert want in out, out[-2000:]
+    assert main(["inspect", str(DATA / "mixtral")]) == 0
+    assert "experts: 4 per layer, 2 active per token (their weights renormalized);" in capsys.readouterr().out
+    assert main(["inspect", str(DATA / "olmo2")]) == 0
+    assert "experts" not in capsys.readouterr().out
