@@ -44,15 +44,21 @@ def pipeline(backend: str) -> list:
             ("rotary", fuse_rotary),
             # ORT's GroupQueryAttention needs head sizes in multiples of 8; TVM's kernel takes any
             ("attention", lambda g: fuse_attention(g, head_dim_multiple=8 if backend == "onnxrt" else 1)),
-            # neither backend has a mixture-of-experts kernel yet: every expert, densely weighted
-            # (after the attention fusion, which would take the router's softmax for a candidate)
-            ("moe", decompose_moe),
+            # ONNX Runtime: every expert, densely weighted (TVM lowers the op itself, reading only
+            # the chosen experts); after the attention fusion, which would take the router's
+            # softmax for a candidate
+            ("moe", decompose_moe if backend == "onnxrt" else _unchanged),
             # q/k/v and gate/up as one product each, before quant_matmul makes them one
             # MatMulNBits (and one min-term correction); the attention lowering still finds each
             # projection's head split below the Split
             ("merge_matmul", merge_matmul),
             ("quant_matmul", fuse_quant_matmul),
             ("dce", dce)]
+
+
+def _unchanged(graph):
+    from .passes_base import PassResult
+    return PassResult(graph, False, {})
 
 
 def source_digest(path) -> str:

@@ -180,3 +180,19 @@ def test_inspect_shows_experts(tmp_path, capsys):
     assert "experts: 4 per layer, 2 active per token (their weights renormalized);" in capsys.readouterr().out
     assert main(["inspect", str(DATA / "olmo2")]) == 0
     assert "experts" not in capsys.readouterr().out
+
+
+def test_tvm_keeps_the_op_and_onnxrt_decomposes_it(tmp_path):
+    """TVM lowers MoE itself (a kernel indexing the chosen experts' weights); ONNX Runtime gets
+    the dense decomposition."""
+    from kiln.driver import compile as kiln_compile
+    from kiln.targets.tvm.lower import Target, lower_plain
+    stats = {}
+    for backend in ("onnxrt", "tvm"):
+        art = kiln_compile(DATA / "olmoe", output=tmp_path / f"{backend}.kiln", backend=backend)
+        manifest = json.loads((art / "manifest.json").read_text())
+        stats[backend] = next(p for p in manifest["passes"] if p["name"] == "moe")
+    assert stats["onnxrt"]["stats"] == {"decomposed": 2}
+    assert not stats["tvm"]["changed"]
+    mod, _ = lower_plain(hf.read(DATA / "olmoe").graph, Target({"kind": "llvm"}, False))
+    assert any("moe_experts" in gv.name_hint for gv in mod.functions)

@@ -365,6 +365,10 @@ class FunctionLowering:
                                           ret_type="both", largest=True, dtype="int64"))
         return [relax.TupleGetItem(both, 0), relax.TupleGetItem(both, 1)]
 
+    def op_MoE(self, n):
+        from . import moe
+        return moe.lower(self, n)
+
     def op_Softmax(self, n):
         return relax.op.nn.softmax(self.tensor(n.inputs[0]), axis=n.attrs["axis"])
 
