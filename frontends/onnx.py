@@ -22,9 +22,11 @@ def write(model: ModelIR, folder, *, progress=None) -> dict:
     from kiln.artifact import staging
     from kiln.passes.dce import dce
     from kiln.passes.kv_cache import insert_kv_cache
+    from kiln.passes.moe import decompose as decompose_moe
     from kiln.passes_base import run_passes
     from kiln.targets import onnxrt
-    graph, _ = run_passes(model.graph, [("kv_cache", insert_kv_cache), ("dce", dce)])
+    # standard ONNX has no mixture-of-experts op: its primitives
+    graph, _ = run_passes(model.graph, [("kv_cache", insert_kv_cache), ("moe", decompose_moe), ("dce", dce)])
     with staging(folder, owned=OWNED) as tmp:
         # the growing (concatenated) cache: a standalone model keeps no state between runs
         summary = onnxrt.lower(graph, tmp, progress=(lambda name: progress(name, 0)) if progress else None,
