@@ -101,8 +101,14 @@ def plan_graph(graph: Graph, max_length: int | None, quant_formats: frozenset) -
     else:
         plan = Plan("uniform", int(max_length or kv_plan.MAX_TABLE_POSITIONS), why_uniform=why)
     from . import float_kernels, quant_kernels
+    from . import moe
     for v in graph.weights.values():
         w = v.weight
+        if moe.stored_as_is(v):
+            # an expert tensor in its own float type (bf16 stays 2 bytes), widened in the kernel
+            plan.add(v.name, {"": moe.storage(w)})
+            plan.formats[v.name] = w.format.name
+            continue
         if _float_kernel_weight(v, float_kernels.SUPPORTED):
             # kept in its own type (bf16 stays 2 bytes), tiled for float_kernels
             plan.add(v.name, float_kernels.pack(w))

@@ -3,8 +3,9 @@
 The decomposition (``kiln.passes.moe``) runs every expert on every token; here each token's
 k chosen experts are indexed inside the kernel (``w[chosen[t, j], f, r]``), so a decode step
 reads k experts' weights per layer, not all of them: its cost follows the active parameters.
-Expert weights are stored as float32 ``[experts, out, in]`` (blocks dequantized when the
-artifact is built: quantized experts are not kept as blocks yet).
+Expert weights are stored ``[experts, out, in]`` in their own float type (f32, f16, or bf16 as
+its uint16 bits, widened exactly in the kernels, as ``float_kernels`` does); block-quantized
+experts are dequantized to float32 when the artifact is built (not kept as blocks yet).
 
 On the CPU the experts run as two hand-written kernels: ``moe_up`` computes
 silu(gate_e·x) ⊙ up_e·x for every (token, chosen slot, output row), one parallel item each, a
@@ -22,24 +23,42 @@ from tvm import relax, te, tirx as tir
 from .kernel_common import dims, is_gpu
 
 LANES = 16
+_STORAGE = {"f32": "float32", "f16": "float16", "bf16": "uint16"}     # as float_kernels stores them
+
+
+def stored_as_is(v) -> bool:
+    """Whether weight ``v`` is an expert tensor (MoE inputs 2-4) in a plain float type, read
+    only by MoE ops: the artifact then keeps its stored bits and the kernels widen them."""
+    return (v.weight.format.name in _STORAGE and len(v.weight.shape) == 3 and bool(v.uses)
+            and all(u.node.op == "MoE" and u.index in (2, 3, 4) for u in v.uses))
+
+
+def storage(w):
+    """The expert tensor's stored bits as an array of its storage type."""
+    return w.raw().view(_STORAGE[w.format.name]).reshape(w.shape)
+
+
+def _widen(fmt: str, value):
+    from .float_kernels import _widen as widen
+    return widen(fmt, value)
 
 
 def _experts(x: te.Tensor, chosen: te.Tensor, weights: te.Tensor, gate: te.Tensor, up: te.Tensor,
-             down: te.Tensor):
+             down: te.Tensor, fmt: str = "f32"):
     """x [n, E], chosen [n, k] int64, weights [n, k] -> [n, E]: Σ_j weights[t, j] · down_e(silu(gate_e x) ⊙ up_e x)
     for e = chosen[t, j]."""
     n, hidden = x.shape
     k = chosen.shape[1]
     inner = gate.shape[1]
     r = te.reduce_axis((0, hidden), name="r")
-    g = te.compute((n, k, inner), lambda t, j, f: te.sum(x[t, r] * gate[chosen[t, j], f, r], axis=r), name="moe_gate")
+    g = te.compute((n, k, inner), lambda t, j, f: te.sum(x[t, r] * _widen(fmt, gate[chosen[t, j], f, r]), axis=r), name="moe_gate")
     r2 = te.reduce_axis((0, hidden), name="r2")
-    u = te.compute((n, k, inner), lambda t, j, f: te.sum(x[t, r2] * up[chosen[t, j], f, r2], axis=r2), name="moe_up")
+    u = te.compute((n, k, inner), lambda t, j, f: te.sum(x[t, r2] * _widen(fmt, up[chosen[t, j], f, r2]), axis=r2), name="moe_up")
     one = tir.const(1.0, "float32")
     h = te.compute((n, k, inner), lambda t, j, f: g[t, j, f] / (one + te.exp(-g[t, j, f])) * u[t, j, f],
                    name="moe_act")
     rf = te.reduce_axis((0, inner), name="rf")
-    y = te.compute((n, k, hidden), lambda t, j, e: te.sum(h[t, j, rf] * down[chosen[t, j], e, rf], axis=rf),
+    y = te.compute((n, k, hidden), lambda t, j, e: te.sum(h[t, j, rf] * _widen(fmt, down[chosen[t, j], e, rf]), axis=rf),
                    name="moe_down")
     rj = te.reduce_axis((0, k), name="rj")
     return te.compute((n, hidden), lambda t, e: te.sum(y[t, rj, e] * weights[t, rj], axis=rj), name="moe_sum")
@@ -62,45 +81,45 @@ def _dot(T, acc, a, b, length: int, zero):
 
 
 @functools.lru_cache(maxsize=None)
-def _cpu_up_func(experts: int, inner: int, hidden: int, k: int):
+def _cpu_up_func(experts: int, inner: int, hidden: int, k: int, fmt: str):
     from tvm.script.ir_builder import IRBuilder
     from tvm.script.ir_builder import tirx as T
     zero, one = tir.const(0, "float32"), tir.const(1, "float32")
     with IRBuilder() as ib:
         with T.prim_func(private=True):
-            T.func_name(f"moe_up_{experts}x{inner}x{hidden}_k{k}")
+            T.func_name(f"moe_up_{fmt}_{experts}x{inner}x{hidden}_k{k}")
             T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
             n = T.int64()
             x = T.arg("x", T.buffer((n, hidden), "float32"))
             chosen = T.arg("chosen", T.buffer((n, k), "int64"))
-            gate = T.arg("gate", T.buffer((experts, inner, hidden), "float32"))
-            up = T.arg("up", T.buffer((experts, inner, hidden), "float32"))
+            gate = T.arg("gate", T.buffer((experts, inner, hidden), _STORAGE[fmt]))
+            up = T.arg("up", T.buffer((experts, inner, hidden), _STORAGE[fmt]))
             h = T.arg("h", T.buffer((n, k, inner), "float32"))
             with T.parallel(0, n * (k * inner)) as i:
                 t, j, f = i // (k * inner), (i // inner) % k, i % inner
                 e = T.max(T.min(chosen[t, j], experts - 1), 0)
                 acc = T.alloc_buffer((LANES,), "float32")
                 res = T.alloc_buffer((2,), "float32")
-                T.buffer_store(res, _dot(T, acc, lambda r: x[t, r], lambda r: gate[e, f, r], hidden, zero), [0])
-                T.buffer_store(res, _dot(T, acc, lambda r: x[t, r], lambda r: up[e, f, r], hidden, zero), [1])
+                T.buffer_store(res, _dot(T, acc, lambda r: x[t, r], lambda r: _widen(fmt, gate[e, f, r]), hidden, zero), [0])
+                T.buffer_store(res, _dot(T, acc, lambda r: x[t, r], lambda r: _widen(fmt, up[e, f, r]), hidden, zero), [1])
                 T.buffer_store(h, res[0] / (one + tir.exp(zero - res[0])) * res[1], [t, j, f])
     return ib.get()
 
 
 @functools.lru_cache(maxsize=None)
-def _cpu_down_func(experts: int, hidden: int, inner: int, k: int):
+def _cpu_down_func(experts: int, hidden: int, inner: int, k: int, fmt: str):
     from tvm.script.ir_builder import IRBuilder
     from tvm.script.ir_builder import tirx as T
     zero = tir.const(0, "float32")
     with IRBuilder() as ib:
         with T.prim_func(private=True):
-            T.func_name(f"moe_down_{experts}x{hidden}x{inner}_k{k}")
+            T.func_name(f"moe_down_{fmt}_{experts}x{hidden}x{inner}_k{k}")
             T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
             n = T.int64()
             h = T.arg("h", T.buffer((n, k, inner), "float32"))
             chosen = T.arg("chosen", T.buffer((n, k), "int64"))
             weights = T.arg("weights", T.buffer((n, k), "float32"))
-            down = T.arg("down", T.buffer((experts, hidden, inner), "float32"))
+            down = T.arg("down", T.buffer((experts, hidden, inner), _STORAGE[fmt]))
             out = T.arg("out", T.buffer((n, hidden), "float32"))
             with T.parallel(0, n * hidden) as i:
                 t, o = i // hidden, i % hidden
@@ -109,19 +128,19 @@ def _cpu_down_func(experts: int, hidden: int, inner: int, k: int):
                 T.buffer_store(total, zero, [0])
                 for j in range(k):
                     e = T.max(T.min(chosen[t, j], experts - 1), 0)
-                    d = _dot(T, acc, lambda r: h[t, j, r], lambda r: down[e, o, r], inner, zero)
+                    d = _dot(T, acc, lambda r: h[t, j, r], lambda r: _widen(fmt, down[e, o, r]), inner, zero)
                     T.buffer_store(total, total[0] + weights[t, j] * d, [0])
                 T.buffer_store(out, total[0], [t, o])
     return ib.get()
 
 
-def _cpu_experts(bb, flat, chosen, weights, gate, up, down, shape):
+def _cpu_experts(bb, flat, chosen, weights, gate, up, down, shape, fmt):
     experts, inner, hidden, k = shape
     n = dims(flat, "the MoE kernels")[0]
     i64 = functools.partial(tir.IntImm, "int64")
-    gv = bb.add_func(_cpu_up_func(experts, inner, hidden, k), f"moe_up_{experts}x{inner}x{hidden}_k{k}")
+    gv = bb.add_func(_cpu_up_func(experts, inner, hidden, k, fmt), f"moe_up_{fmt}_{experts}x{inner}x{hidden}_k{k}")
     h = bb.emit(relax.call_tir(gv, [flat, chosen, gate, up], relax.TensorType([n, i64(k), i64(inner)], "float32")))
-    gv = bb.add_func(_cpu_down_func(experts, hidden, inner, k), f"moe_down_{experts}x{hidden}x{inner}_k{k}")
+    gv = bb.add_func(_cpu_down_func(experts, hidden, inner, k, fmt), f"moe_down_{fmt}_{experts}x{hidden}x{inner}_k{k}")
     return bb.emit(relax.call_tir(gv, [h, chosen, weights, down], relax.TensorType([n, i64(hidden)], "float32")))
 
 
@@ -143,10 +162,15 @@ def lower(low, node) -> relax.Expr:
     if attrs.get("normalize"):
         weights = bb.emit(relax.op.divide(weights, relax.op.sum(weights, axis=[-1], keepdims=True)))
     experts, inner, _ = (int(d) for d in node.inputs[2].type.shape)
+    # the three expert tensors in one storage type (a mixed set is widened to float32 first)
+    fmts = {low.plan.formats.get(v.name) if v.is_weight and stored_as_is(v) else "f32" for v in node.inputs[2:5]}
+    if len(fmts) != 1:
+        raise ValueError(f"{node.name}: expert tensors in different types ({', '.join(sorted(fmts))}) are not supported")
+    fmt = fmts.pop()
     if is_gpu(low.target.tvm):
-        out = bb.emit_te(_experts, flat, chosen, weights, gate, up, down, primfunc_name_hint="moe_experts")
+        out = bb.emit_te(_experts, flat, chosen, weights, gate, up, down, fmt, primfunc_name_hint="moe_experts")
     else:
-        out = _cpu_experts(bb, flat, chosen, weights, gate, up, down, (experts, inner, hidden, int(attrs["top_k"])))
+        out = _cpu_experts(bb, flat, chosen, weights, gate, up, down, (experts, inner, hidden, int(attrs["top_k"])), fmt)
     if len(node.inputs) == 9:
         sg, su, sd, sr = (low.tensor(v) for v in node.inputs[5:])
 
