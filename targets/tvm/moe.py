@@ -38,6 +38,34 @@ def storage(w):
     return w.raw().view(_STORAGE[w.format.name]).reshape(w.shape)
 
 
+def blocked_experts(graph, quant_formats) -> set:
+    """Expert tensors the CPU kernels read as blocks: gate and up of one block type (and down
+    on its own) whose rows are whole tiles of 16 and whole chunks of k; the rest are float."""
+    from .quant_layout import CHUNK
+    out = set()
+    for node in graph.nodes:
+        if node.op != "MoE":
+            continue
+        gate, up, down = node.inputs[2:5]
+
+        def fits(v):
+            w = v.weight if v.is_weight else None
+            return (w is not None and w.format.is_block and w.format.name in quant_formats and len(w.shape) == 3
+                    and w.shape[1] % LANES == 0 and w.shape[2] % CHUNK == 0
+                    and all(u.node.op == "MoE" and u.index in (2, 3, 4) for u in v.uses))
+        if fits(gate) and fits(up) and gate.weight.format is up.weight.format:
+            out |= {gate.name, up.name}
+        if fits(down):
+            out.add(down.name)
+    return out
+
+
+def pack_blocks(w) -> dict:
+    """quant_layout's arrays for the [experts, out, in] block weight viewed as [experts·out, in]."""
+    from .quant_layout import pack
+    return pack(w.reshape((w.shape[0] * w.shape[1], w.shape[2])))
+
+
 def _widen(fmt: str, value):
     from .float_kernels import _widen as widen
     return widen(fmt, value)
@@ -134,21 +162,118 @@ def _cpu_down_func(experts: int, hidden: int, inner: int, k: int, fmt: str):
     return ib.get()
 
 
+def _block_weights(T, fmt: str, rows: int, k: int, name: str):
+    """The kernel arguments and quant_layout reader of a [rows, k] block weight."""
+    from .quant_layout import _FORMATS, _Weights, _array_dtypes, _array_names, _array_shapes
+    spec = _FORMATS[fmt]
+    bufs = [T.arg(f"{name}_{a}", T.buffer(s, d)) for a, s, d in
+            zip(_array_names(spec), _array_shapes(spec, rows, k), _array_dtypes(spec))]
+    return _Weights(spec, bufs)
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_up_blocks_func(experts: int, inner: int, hidden: int, k: int, fmt: str):
+    """moe_up over block weights: per (token, slot, 16-row tile of the chosen expert) a vector
+    of 16 rows, dequantized as quant_kernels does."""
+    from tvm.script.ir_builder import IRBuilder
+    from tvm.script.ir_builder import tirx as T
+
+    from .quant_layout import CHUNK
+    zero, one = tir.const(0, "float32"), tir.const(1, "float32")
+    tiles = inner // LANES
+    with IRBuilder() as ib:
+        with T.prim_func(private=True):
+            T.func_name(f"moe_up_{fmt}_{experts}x{inner}x{hidden}_k{k}")
+            T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
+            n = T.int64()
+            x = T.arg("x", T.buffer((n, hidden), "float32"))
+            chosen = T.arg("chosen", T.buffer((n, k), "int64"))
+            gate = _block_weights(T, fmt, experts * inner, hidden, "gate")
+            up = _block_weights(T, fmt, experts * inner, hidden, "up")
+            h = T.arg("h", T.buffer((n, k, inner), "float32"))
+            with T.parallel(0, n * (k * tiles)) as i:
+                t, j, ft = i // (k * tiles), (i // tiles) % k, i % tiles
+                tile = T.max(T.min(chosen[t, j], experts - 1), 0) * tiles + ft
+                ag = T.alloc_buffer((LANES,), "float32")
+                au = T.alloc_buffer((LANES,), "float32")
+                with T.vectorized(0, LANES) as lane:
+                    T.buffer_store(ag, zero, [lane])
+                    T.buffer_store(au, zero, [lane])
+                with T.serial(0, hidden // CHUNK) as c:
+                    for kk in range(CHUNK):
+                        with T.vectorized(0, LANES) as lane:
+                            xv = x[t, c * CHUNK + kk]
+                            T.buffer_store(ag, ag[lane] + xv * gate.value(tile, c, CHUNK, kk, lane), [lane])
+                            T.buffer_store(au, au[lane] + xv * up.value(tile, c, CHUNK, kk, lane), [lane])
+                with T.vectorized(0, LANES) as lane:
+                    T.buffer_store(h, ag[lane] / (one + tir.exp(zero - ag[lane])) * au[lane], [t, j, ft * LANES + lane])
+    return ib.get()
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_down_blocks_func(experts: int, hidden: int, inner: int, k: int, fmt: str):
+    """moe_down over block weights: per (token, 16 output features) the k chosen experts' tiles."""
+    from tvm.script.ir_builder import IRBuilder
+    from tvm.script.ir_builder import tirx as T
+
+    from .quant_layout import CHUNK
+    zero = tir.const(0, "float32")
+    tiles = hidden // LANES
+    with IRBuilder() as ib:
+        with T.prim_func(private=True):
+            T.func_name(f"moe_down_{fmt}_{experts}x{hidden}x{inner}_k{k}")
+            T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
+            n = T.int64()
+            h = T.arg("h", T.buffer((n, k, inner), "float32"))
+            chosen = T.arg("chosen", T.buffer((n, k), "int64"))
+            weights = T.arg("weights", T.buffer((n, k), "float32"))
+            down = _block_weights(T, fmt, experts * hidden, inner, "down")
+            out = T.arg("out", T.buffer((n, hidden), "float32"))
+            with T.parallel(0, n * tiles) as i:
+                t, ot = i // tiles, i % tiles
+                acc = T.alloc_buffer((LANES,), "float32")
+                total = T.alloc_buffer((LANES,), "float32")
+                with T.vectorized(0, LANES) as lane:
+                    T.buffer_store(total, zero, [lane])
+                for j in range(k):
+                    tile = T.max(T.min(chosen[t, j], experts - 1), 0) * tiles + ot
+                    with T.vectorized(0, LANES) as lane:
+                        T.buffer_store(acc, zero, [lane])
+                    with T.serial(0, inner // CHUNK) as c:
+                        for kk in range(CHUNK):
+                            with T.vectorized(0, LANES) as lane:
+                                T.buffer_store(acc, acc[lane] + h[t, j, c * CHUNK + kk]
+                                               * down.value(tile, c, CHUNK, kk, lane), [lane])
+                    with T.vectorized(0, LANES) as lane:
+                        T.buffer_store(total, total[lane] + weights[t, j] * acc[lane], [lane])
+                with T.vectorized(0, LANES) as lane:
+                    T.buffer_store(out, total[lane], [t, ot * LANES + lane])
+    return ib.get()
+
+
 def _cpu_experts(bb, flat, chosen, weights, gate, up, down, shape, fmt):
     experts, inner, hidden, k = shape
     n = dims(flat, "the MoE kernels")[0]
     i64 = functools.partial(tir.IntImm, "int64")
-    gv = bb.add_func(_cpu_up_func(experts, inner, hidden, k, fmt), f"moe_up_{fmt}_{experts}x{inner}x{hidden}_k{k}")
-    h = bb.emit(relax.call_tir(gv, [flat, chosen, gate, up], relax.TensorType([n, i64(k), i64(inner)], "float32")))
-    gv = bb.add_func(_cpu_down_func(experts, hidden, inner, k, fmt), f"moe_down_{fmt}_{experts}x{hidden}x{inner}_k{k}")
-    return bb.emit(relax.call_tir(gv, [h, chosen, weights, down], relax.TensorType([n, i64(hidden)], "float32")))
+    fmt_gu, fmt_d = fmt
+    make = _cpu_up_blocks_func if isinstance(gate, list) else _cpu_up_func
+    gv = bb.add_func(make(experts, inner, hidden, k, fmt_gu), f"moe_up_{fmt_gu}_{experts}x{inner}x{hidden}_k{k}")
+    args = [flat, chosen] + (gate + up if isinstance(gate, list) else [gate, up])
+    h = bb.emit(relax.call_tir(gv, args, relax.TensorType([n, i64(k), i64(inner)], "float32")))
+    make = _cpu_down_blocks_func if isinstance(down, list) else _cpu_down_func
+    gv = bb.add_func(make(experts, hidden, inner, k, fmt_d), f"moe_down_{fmt_d}_{experts}x{hidden}x{inner}_k{k}")
+    args = [h, chosen, weights] + (down if isinstance(down, list) else [down])
+    return bb.emit(relax.call_tir(gv, args, relax.TensorType([n, i64(hidden)], "float32")))
 
 
 def lower(low, node) -> relax.Expr:
     """``low``: the FunctionLowering (its block builder, values and parameters)."""
     bb = low.bb
     x = low.tensor(node.inputs[0])
-    router, gate, up, down = (low.tensor(v) for v in node.inputs[1:5])
+    router = low.tensor(node.inputs[1])
+    blocks = [v.is_weight and v.name in low.plan.index and v.weight.format.is_block
+              and low.plan.formats.get(v.name) == v.weight.format.name for v in node.inputs[2:5]]
+    gate, up, down = (low.params_of(v.name) if b else low.tensor(v) for v, b in zip(node.inputs[2:5], blocks))
     hidden = int(node.inputs[0].type.shape[-1])
     attrs = node.attrs
     flat = bb.emit(relax.op.reshape(x, [-1, hidden]))
@@ -162,15 +287,21 @@ def lower(low, node) -> relax.Expr:
     if attrs.get("normalize"):
         weights = bb.emit(relax.op.divide(weights, relax.op.sum(weights, axis=[-1], keepdims=True)))
     experts, inner, _ = (int(d) for d in node.inputs[2].type.shape)
-    # the three expert tensors in one storage type (a mixed set is widened to float32 first)
-    fmts = {low.plan.formats.get(v.name) if v.is_weight and stored_as_is(v) else "f32" for v in node.inputs[2:5]}
-    if len(fmts) != 1:
-        raise ValueError(f"{node.name}: expert tensors in different types ({', '.join(sorted(fmts))}) are not supported")
-    fmt = fmts.pop()
+    # each tensor's storage: its block type (kept as blocks), its float type, or float32
+    fmts = [v.weight.format.name if b or (v.is_weight and stored_as_is(v)) else "f32"
+            for v, b in zip(node.inputs[2:5], blocks)]
+    if fmts[0] != fmts[1] or blocks[0] != blocks[1]:
+        raise ValueError(f"{node.name}: gate and up experts stored differently ({fmts[0]}, {fmts[1]})")
     if is_gpu(low.target.tvm):
+        if any(blocks):
+            raise ValueError(f"{node.name}: block-quantized experts have no GPU kernel yet")
+        fmt = fmts[0]
+        if fmts[2] != fmt:
+            raise ValueError(f"{node.name}: expert tensors in different types ({', '.join(fmts)})")
         out = bb.emit_te(_experts, flat, chosen, weights, gate, up, down, fmt, primfunc_name_hint="moe_experts")
     else:
-        out = _cpu_experts(bb, flat, chosen, weights, gate, up, down, (experts, inner, hidden, int(attrs["top_k"])), fmt)
+        out = _cpu_experts(bb, flat, chosen, weights, gate, up, down, (experts, inner, hidden, int(attrs["top_k"])),
+                           (fmts[0], fmts[2]))
     if len(node.inputs) == 9:
         sg, su, sd, sr = (low.tensor(v) for v in node.inputs[5:])
 
