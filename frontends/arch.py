@@ -323,6 +323,9 @@ def roles_from_file(path, tensors: dict, table: dict, cfg: "ArchConfig", *, laye
                 out[role] = w
         elif name in tensors:
             out[role] = transform(role, tensors[name]) if transform else tensors[name]
+    if cfg.shared_expert_intermediate_size:
+        from .moe import shared_router_rows
+        out = shared_router_rows(out)
     try:
         out = split_fused(out, cfg)
     except ValueError as e:

@@ -149,6 +149,13 @@ def expert_shapes(c, p: str) -> dict:
     return out
 
 
+def shared_router_rows(weights: dict) -> dict:
+    """The shared expert's gate as one row [1, hidden]: llama.cpp declares it 1-D ({n_embd}),
+    so a GGUF may hold it either way."""
+    return {role: (w.reshape((1,) + w.shape) if role.endswith("shexp.router.weight") and len(w.shape) == 1 else w)
+            for role, w in weights.items()}
+
+
 def stack_experts(path, tensors: dict, template: str, n: int):
     """The ``n`` per-expert tensors ``template`` names ({j}) as one [n, out, in] weight, or None
     when the file has none of them."""

@@ -263,3 +263,16 @@ def test_cuda_build_holds_the_moe_kernels(tmp_path):
     b = json.loads((out / "manifest.json").read_text())["backend"]
     assert any(k.startswith("moe_experts") for k in b["kernels"])
     assert "moe_experts" in (out / b["device_source"]).read_text()
+
+
+def test_one_dimensional_shared_expert_gate_in_gguf_reads(tmp_path):
+    """llama.cpp declares ffn_gate_inp_shexp as {n_embd}: a GGUF holding it 1-D reads as one row."""
+    from kiln.frontends.gguf_file import read_gguf, write_gguf
+    convert(DATA / "qwen2_moe", tmp_path / "m.gguf", to="gguf")
+    f = read_gguf(tmp_path / "m.gguf")
+    tensors = {name: (w.reshape((w.shape[-1],)) if "ffn_gate_inp_shexp" in name else w) for name, w in f.tensors.items()}
+    write_gguf(tmp_path / "flat.gguf", f.metadata, tensors.items())
+    assert read_gguf(tmp_path / "flat.gguf").tensors["blk.0.ffn_gate_inp_shexp.weight"].shape == (32,)
+    a, b = load_model(tmp_path / "m.gguf"), load_model(tmp_path / "flat.gguf")
+    np.testing.assert_array_equal(b.weights["layers.0.shexp.router.weight"].numpy(),
+                                  a.weights["layers.0.shexp.router.weight"].numpy())
