@@ -53,6 +53,20 @@ def attention_layers(cfg: dict) -> str | None:
             f"global (G), layer 0 first: {marks}")
 
 
+def experts_line(cfg: dict) -> str | None:
+    """A mixture of experts' routing in one line (None: a dense model)."""
+    n, k = cfg.get("num_experts") or 0, cfg.get("experts_per_token") or 0
+    if not n:
+        return None
+    per_expert = 3 * int(cfg["hidden_size"]) * int(cfg["expert_intermediate_size"])
+    total, active = cfg["num_layers"] * n * per_expert, cfg["num_layers"] * k * per_expert
+    shared = cfg.get("shared_expert_intermediate_size") or 0
+    return (f"experts: {n} per layer, {k} active per token"
+            f"{' (their weights renormalized)' if cfg.get('expert_norm_topk') else ''}"
+            f"{f', plus a shared expert of {shared}' if shared else ''}; "
+            f"{active:,} of the experts' {total:,} parameters read per token")
+
+
 def _tensor_lines(tensors: dict) -> list[str]:
     """One line per tensor: name, type, shape, bytes; aligned columns that grep and cut can read."""
     rows = [(name, w.format.name, "x".join(map(str, w.shape)) or "scalar", f"{w.nbytes:,}")
@@ -106,8 +120,10 @@ def _describe_artifact(p, console, tensors: bool, as_json: bool):
     source = m.get("source") or {}
     console.print(f"architecture {m.get('architecture')}, target {_target(m.get('target'))}, "
                   f"backend {m['backend'].get('name')}", markup=False)
-    if isinstance(m.get("config"), dict) and (line := attention_layers(m["config"])):
-        console.print(line, markup=False, soft_wrap=True)
+    if isinstance(m.get("config"), dict):
+        for line in (attention_layers(m["config"]), experts_line(m["config"])):
+            if line:
+                console.print(line, markup=False, soft_wrap=True)
     console.print(f"source {source.get('format')} {source.get('path')} sha256 {source.get('sha256')}", markup=False)
     b = m["backend"]
     kv = b.get("kv_cache") or {}
@@ -209,8 +225,9 @@ def describe(path, console, graph: str | None = None, tensors: bool = False, as_
             if tok is not None:
                 console.print(f"tokenizer: {tok.tokenizer.get_vocab_size()} tokens, bos {tok.bos_id}, "
                               f"eos {tok.eos_ids}, chat template {'yes' if tok.chat_template else 'no'}")
-            if line := attention_layers(model.config):
-                console.print(line, markup=False, soft_wrap=True)
+            for line in (attention_layers(model.config), experts_line(model.config)):
+                if line:
+                    console.print(line, markup=False, soft_wrap=True)
             ops = ", ".join(f"{op} {n}" for op, n in info["graph"]["ops"].items())
             console.print(f"graph: {len(model.graph.nodes)} nodes, {len(model.graph.weights)} weights; ops {ops}",
                           markup=False)

@@ -461,6 +461,23 @@ class Range:
         return [np.arange(x[0], x[1], x[2], dtype=x[0].dtype)]
 
 
+@op("TopK", {"k": REQUIRED, "axis": -1})
+class TopK:
+    """TopK(x) -> (values, indices): the k largest along ``axis``, largest first (ONNX TopK,
+    ``largest=1, sorted=1``; k is an attribute here, an input in ONNX). Ties: the lower index first."""
+    @staticmethod
+    def infer(inputs, attrs):
+        shape = list(inputs[0].type.shape)
+        shape[_norm_axis(attrs["axis"], len(shape))] = int(attrs["k"])
+        return [TensorType(inputs[0].type.dtype, tuple(shape)), TensorType("int64", tuple(shape))]
+
+    @staticmethod
+    def compute(x, attrs):
+        a, k, axis = x[0], int(attrs["k"]), attrs["axis"]
+        idx = np.take(np.argsort(-a, axis=axis, kind="stable"), np.arange(k), axis=axis)
+        return [np.take_along_axis(a, idx, axis=axis), idx.astype(np.int64)]
+
+
 def scalar_value(v: Value):
     """The Python number held by a constant scalar value, or None."""
     if v is not None and v.const is not None and v.const.size == 1:
@@ -599,5 +616,8 @@ class SkipRMSNorm:
         total = (a + b).astype(a.dtype)
         return [RMSNorm.compute([total, w], attrs)[0], total]
 
+
+# composite ops kept in their own modules register themselves on import
+from . import ops_moe  # noqa: E402,F401
 
 __all__ = ["REGISTRY", "OpDef", "op", "get", "infer_types", "compute", "broadcast_shapes", "scalar_value", "math"]

@@ -8,8 +8,11 @@ need 256) takes a 32-wide type of similar size, else F16.
 
 The mixtures are the rules of llama.cpp's ``llama_tensor_get_type_impl`` and
 ``tensor_type_fallback`` (``src/llama-quant.cpp``, read at commit 007dbbf3), written here as
-one table row per mixture; only the parts that apply to kiln's families are kept (no MoE, no
-Falcon, no importance matrix, no IQ types). Rules are keyed by llama.cpp's tensor categories,
+one table row per mixture; only the parts that apply to kiln's families are kept (no
+Falcon, no importance matrix, no IQ types). Experts (``ffn_*_exps``, 3-D) and shared experts
+(``ffn_*_shexp``) take their projection's rules, with the layer from the tensor's block as
+llama.cpp does for mixtures of experts; routers (``ffn_gate_inp``, ``ffn_gate_inp_shexp``) stay
+float; an 8-expert model (Mixtral) gets llama.cpp's extra bits for attn_k, attn_v and attn_output. Rules are keyed by llama.cpp's tensor categories,
 which kiln derives from the canonical roles (``layers.3.v.weight`` -> ``attn_v``).
 
 Used by the compile-time pass (``passes/quantize.py``) and by the GGUF writer, so
@@ -36,6 +39,7 @@ class Layout:
     fused_qkv: bool = False      # the GGUF file holds attn_qkv (phi3, gpt2), not attn_q/k/v
     fused_gate_up: bool = False  # the GGUF file holds gate and up in ffn_up (phi3)
     is_70b: bool = False         # llama.cpp's LLM_TYPE_70B: llama, 80 layers, grouped heads
+    n_expert: int = 0            # experts per MoE layer (llama.cpp's hparams.n_expert)
 
     @classmethod
     def of(cls, cfg, family) -> "Layout":
@@ -45,7 +49,8 @@ class Layout:
         return cls(num_layers=layers, gqa=heads // max(kv, 1), tied=bool(get("tie_word_embeddings", False)),
                    fused_qkv="layers.{i}.qkv.weight" in family.gguf_names,
                    fused_gate_up="layers.{i}.gate_up.weight" in family.gguf_names,
-                   is_70b=family.gguf_arch == "llama" and layers == 80 and heads != kv)
+                   is_70b=family.gguf_arch == "llama" and layers == 80 and heads != kv and not get("num_experts"),
+                   n_expert=int(get("num_experts", 0) or 0))
 
 
 # ---- tensor categories (llama.cpp's tensor_get_category, on kiln's roles) ---------------------
@@ -64,6 +69,10 @@ def category(role: str, layout: Layout) -> str | None:
     if role == "pos_embed" or role.endswith(("norm", "bias")):
         return None
     parts = role.split(".")
+    if len(parts) == 5 and parts[2] in ("experts", "shexp") and parts[3] in ("gate", "up", "down"):
+        return _LAYER_CATEGORIES[parts[3]]          # ffn_*_exps, ffn_*_shexp
+    if parts[-2:] == ["router", "weight"]:
+        return None            # llama.cpp never quantizes the routers (ffn_gate_inp, 1-D ffn_gate_inp_shexp)
     if len(parts) == 4 and parts[0] == "layers" and parts[3] == "weight" and parts[2] in _LAYER_CATEGORIES:
         kind = parts[2]
         if layout.fused_qkv and kind in ("q", "k", "v"):
@@ -142,11 +151,21 @@ class Scheme:
                     t = rule(layer_of(role), layout) or t
                 if cat in ("attn_v", "attn_qkv") and layout.is_70b and t in ("q3_k", "q4_k"):
                     t = "q5_k"     # 70B: attn_v is 8x smaller than attn_q, more bits are cheap
+                if layout.n_expert == 8:
+                    # llama.cpp's 8-expert rules: attention is small beside the experts
+                    if cat in ("attn_v", "attn_qkv", "attn_k"):
+                        t = "q8_0"
+                    elif cat == "attn_output":
+                        t = "q5_k" if self.name in _EIGHT_EXPERT_OUTPUT_Q5K else self.base
         return fallback(t, cols)
 
     def gguf_type(self, role: str, shape, layout: Layout | None) -> str:
         """The type a GGUF file stores: float tensors are F32."""
         return self.type_for(role, shape, layout) or "f32"
+
+
+# the mixtures whose attn_output llama.cpp raises to Q5_K in an 8-expert model (the others keep their base type)
+_EIGHT_EXPERT_OUTPUT_Q5K = ("q2_k_m", "q3_k_s", "q3_k_m", "q4_k_s", "q4_k_m")
 
 
 def fallback(t: str, cols: int) -> str:

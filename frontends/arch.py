@@ -56,6 +56,12 @@ class ArchConfig:
     bos_token_id: int | None = None
     eos_token_ids: list = field(default_factory=list)
     pad_token_id: int | None = None
+    # mixture of experts (mixtral, qwen2_moe, qwen3_moe, olmoe): 0 experts = a dense MLP
+    num_experts: int = 0
+    experts_per_token: int = 0
+    expert_intermediate_size: int = 0
+    expert_norm_topk: bool = False    # the chosen experts' weights divided by their sum (norm_topk_prob)
+    shared_expert_intermediate_size: int = 0   # qwen2_moe: an expert every token runs, sigmoid-gated
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -310,8 +316,16 @@ def roles_from_file(path, tensors: dict, table: dict, cfg: "ArchConfig", *, laye
     roles = layer_roles(table, n)
     out = {}
     for role, name in roles.items():
-        if name in tensors:
+        if "{j}" in name:
+            from .moe import stack_experts
+            w = stack_experts(path, tensors, name, cfg.num_experts)
+            if w is not None:
+                out[role] = w
+        elif name in tensors:
             out[role] = transform(role, tensors[name]) if transform else tensors[name]
+    if cfg.shared_expert_intermediate_size:
+        from .moe import shared_router_rows
+        out = shared_router_rows(out)
     try:
         out = split_fused(out, cfg)
     except ValueError as e:
@@ -319,7 +333,8 @@ def roles_from_file(path, tensors: dict, table: dict, cfg: "ArchConfig", *, laye
     if "embed" not in out:
         raise KilnError(path, f"tensor {table['embed']} is missing")
     for i in range(n):
-        for r in ("q", "k", "v", "o", "up", "down"):
+        for r in ("q", "k", "v", "o") + (("experts.up", "experts.down", "experts.gate", "router")
+                                         if cfg.num_experts else ("up", "down")):
             role = f"layers.{i}.{r}.weight"
             if role not in out:
                 fused = f"layers.{i}.{'qkv' if r in 'qkv' else 'gate_up'}.weight"
@@ -328,7 +343,9 @@ def roles_from_file(path, tensors: dict, table: dict, cfg: "ArchConfig", *, laye
     # the other tensors the builder cannot do without (biases are optional)
     per_layer = (["attn_norm", "mlp_norm"] if cfg.pre_norm else []) \
         + (["attn_post_norm", "mlp_post_norm"] if cfg.post_norm else []) \
-        + (["gate.weight"] if cfg.gated_mlp else []) + (["q_norm", "k_norm"] if cfg.qk_norm else [])
+        + (["gate.weight"] if cfg.gated_mlp and not cfg.num_experts else []) \
+        + (["q_norm", "k_norm"] if cfg.qk_norm else []) \
+        + ([f"shexp.{r}.weight" for r in ("gate", "up", "down", "router")] if cfg.shared_expert_intermediate_size else [])
     needed = ["final_norm"] + (["pos_embed"] if cfg.learned_positions else []) \
         + (["lm_head"] if not cfg.tie_word_embeddings else []) + [f"layers.{i}.{r}" for i in range(n) for r in per_layer]
     for role in needed:
@@ -357,7 +374,12 @@ def to_file_names(weights: dict, table: dict, family: Family, cfg: "ArchConfig",
         if role not in roles:
             raise ValueError(f"no {what} name for the {family.name} tensor {role}")
         out[roles[role]] = (role, w)
-    order = {name: i for i, name in enumerate(roles.values())}
+    names = list(roles.values())
+    if any("{j}" in name for name in out):
+        from .moe import per_expert_names, unstack_experts
+        out = unstack_experts(out, cfg.num_experts)
+        names = per_expert_names(names, cfg.num_experts)
+    order = {name: i for i, name in enumerate(names)}
     return dict(sorted(out.items(), key=lambda kv: order[kv[0]]))
 
 
@@ -395,7 +417,7 @@ def layer_roles(table: dict, n_layers: int) -> dict[str, str]:
     per_layer = [(role, name) for role, name in table.items() if "{i}" in role]
     for i in range(n_layers):
         for role, name in per_layer:
-            out[role.format(i=i)] = name.format(i=i)
+            out[role.format(i=i)] = name.replace("{i}", str(i))
     return out
 
 
@@ -413,6 +435,9 @@ def check_shapes(path, w: dict, cfg: ArchConfig) -> None:
                        p + "up.bias": (F,), p + "down.bias": (E,), p + "attn_post_norm": (E,), p + "mlp_post_norm": (E,),
                        p + "q_norm": (H * D,) if cfg.qk_norm_whole else (D,),
                        p + "k_norm": (KV * D,) if cfg.qk_norm_whole else (D,)})
+        if cfg.num_experts:
+            from .moe import expert_shapes
+            expect.update(expert_shapes(cfg, p))
     expect.update({"final_norm": (E,), "lm_head": (cfg.vocab_size, E)})
     for role, shape in expect.items():
         if role in w and w[role].shape != shape:
@@ -639,3 +664,7 @@ def rope_switch_length(cfg: ArchConfig) -> int | None:
     if scaling.get("rope_type", scaling.get("type")) == "longrope" and scaling.get("long_factor"):
         return int(scaling.get("original_max_position_embeddings", cfg.max_position_embeddings))
     return None
+
+
+# the mixture-of-experts families' rows (kept apart: their tables and the per-expert stacking)
+from . import moe as _moe  # noqa: E402,F401

@@ -96,7 +96,8 @@ def build_graph(cfg: ArchConfig, weights: dict[str, Weight], name: str = "model"
         h = _residual(e, cfg, h, _attention(e, cfg, x, p, w, cos, sin, masks[windows[i]]), w(p + "attn_post_norm"),
                       "attn")
         x = _norm(e, cfg, h, w(p + "mlp_norm"), w(p + "mlp_norm_bias"), name="mlp_norm") if cfg.pre_norm else h
-        h = _residual(e, cfg, h, _mlp(e, cfg, x, p, w), w(p + "mlp_post_norm"), "mlp")
+        mlp = _moe(e, cfg, x, p, w) if cfg.num_experts else _mlp(e, cfg, x, p, w)
+        h = _residual(e, cfg, h, mlp, w(p + "mlp_post_norm"), "mlp")
     e.scope = ""
     h = _norm(e, cfg, h, w("final_norm"), w("final_norm_bias"), name="final_norm")
     head = w("embed") if cfg.tie_word_embeddings else w("lm_head")
@@ -278,3 +279,12 @@ def _mlp(e: _Emit, cfg: ArchConfig, x: Value, p: str, w) -> Value:
     else:
         act = _activation(e, cfg.activation, _linear(e, x, w(p + "up.weight"), w(p + "up.bias"), name="up_proj"), "act")
     return _linear(e, act, w(p + "down.weight"), w(p + "down.bias"), name="down_proj")
+
+
+def _moe(e: _Emit, cfg: ArchConfig, x: Value, p: str, w) -> Value:
+    """The experts as one MoE op (the router's choice is not a pattern a fusion could find);
+    kiln.passes.moe decomposes it for backends without a kernel."""
+    ins = [x] + [w(p + r) for r in ("router.weight", "experts.gate.weight", "experts.up.weight", "experts.down.weight")]
+    if cfg.shared_expert_intermediate_size:
+        ins += [w(p + f"shexp.{r}.weight") for r in ("gate", "up", "down", "router")]
+    return e.MoE(*ins, top_k=cfg.experts_per_token, normalize=int(cfg.expert_norm_topk), name="moe")

@@ -21,6 +21,7 @@ from kiln.weights import Weight
 from . import arch as A
 from . import gguf_rope
 from .builder import build_graph
+from .moe import MOE_FAMILIES, gguf_expert_keys, gguf_experts
 
 
 def rope_unpermute_rows(rows: int, n_head: int) -> np.ndarray:
@@ -38,6 +39,8 @@ def rope_permute_rows(rows: int, n_head: int) -> np.ndarray:
 def arch_config(meta: dict, tensors: dict, path) -> tuple[A.Family, A.ArchConfig]:
     arch = meta.get("general.architecture")
     family = A.family_for_gguf_arch(arch) if isinstance(arch, str) else None
+    if arch == "llama" and meta.get("llama.expert_count"):
+        family = A.FAMILIES["mixtral"]       # llama.cpp's converter writes Mixtral as llama with experts
     if family is None:
         raise KilnError(path, f"unsupported architecture {reprlib.repr(arch)} "
                         f"(kiln reads: {', '.join(sorted({f.gguf_arch for f in A.FAMILIES.values()}))})")
@@ -98,6 +101,8 @@ def arch_config(meta: dict, tensors: dict, path) -> tuple[A.Family, A.ArchConfig
         raise KilnError(path, f"bad model metadata: {text if len(text) <= 160 else text[:157] + '...'}") from None
     for k, v in family.flags.items():
         setattr(cfg, k, v)
+    if family.name in MOE_FAMILIES:
+        gguf_experts(key, meta, arch, cfg, path)
     for f, suffix in family.gguf_scalars.items():
         v = key(suffix, required=False, whole=False)
         if v is not None and not math.isfinite(v):
@@ -262,13 +267,16 @@ def _metadata(model: ModelIR, family: A.Family, cfg: A.ArchConfig, file_type: in
     if cfg.rotary_dim:
         m[f"{arch}.rope.freq_base"] = typed(cfg.rope_theta, "float32")
         m[f"{arch}.rope.dimension_count"] = typed(cfg.rotary_dim, "uint32")
-    if cfg.head_dim * cfg.num_heads != cfg.hidden_size or family.name in ("gemma", "gemma2", "gemma3", "qwen3"):
+    if cfg.head_dim * cfg.num_heads != cfg.hidden_size or family.name in ("gemma", "gemma2", "gemma3", "qwen3", "qwen3_moe"):
         m[f"{arch}.attention.key_length"] = typed(cfg.head_dim, "uint32")
         m[f"{arch}.attention.value_length"] = typed(cfg.head_dim, "uint32")
     for f, suffix in family.gguf_scalars.items():
         v = getattr(cfg, f)
         if v is not None:
             m[f"{arch}.{suffix}"] = typed(float(v), "float32")
+    if cfg.num_experts:
+        m.update({f"{arch}.{k}": v if isinstance(v, bool) else typed(v, "uint32")
+                  for k, v in gguf_expert_keys(cfg).items()})
     if cfg.layer_types:
         m[f"{arch}.attention.sliding_window_pattern"] = [t == A.LAYER_TYPES[0] for t in cfg.layer_types]
     if cfg.rope_local_theta is not None:

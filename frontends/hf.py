@@ -13,6 +13,7 @@ from kiln.weights import Weight
 
 from . import arch as A
 from .builder import build_graph
+from .moe import MOE_FAMILIES, hf_expert_config, hf_experts
 
 
 def is_hf_folder(path) -> bool:
@@ -169,6 +170,8 @@ def arch_config(cfg: dict, path: Path) -> tuple[A.Family, A.ArchConfig]:
         raise KilnError(path / "config.json", f"config is missing or has a bad value for {_show(str(e))[1:-1]}") from None
     for k, v in family.flags.items():
         setattr(c, k, v)
+    if family.name in MOE_FAMILIES:
+        hf_experts(cfg, c, path / "config.json")
     for f, key in scalars.items():
         if cfg.get(key) is not None:
             setattr(c, f, float(cfg[key]))
@@ -326,7 +329,9 @@ def _generation_config(folder: Path, vocab_size: int) -> dict:
 HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                     "qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM", "phi3": "Phi3ForCausalLM",
                     "gpt2": "GPT2LMHeadModel", "granite": "GraniteForCausalLM", "olmo2": "Olmo2ForCausalLM",
-                    "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
+                    "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM", "mixtral": "MixtralForCausalLM",
+                    "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
+                    "qwen2_moe": "Qwen2MoeForCausalLM"}
 _HF_ACT = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
 _TORCH_DTYPE = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
 DEFAULT_SHARD_BYTES = 2 * 1024**3
@@ -382,6 +387,8 @@ def hf_config(cfg: A.ArchConfig, family: A.Family, dtype: str) -> dict:
         out["sliding_window"] = cfg.sliding_window
         if family.name.startswith("qwen"):
             out["use_sliding_window"] = bool(cfg.sliding_window)
+    if cfg.num_experts:
+        out.update(hf_expert_config(cfg))
     if family.name == "gpt2":
         for canonical, key in family.hf_config_aliases.items():
             if canonical in out:

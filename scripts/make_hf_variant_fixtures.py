@@ -11,7 +11,8 @@ Every variant is a real ``save_pretrained`` folder (random weights, fixed seeds,
 2 layers) that exercises one config feature the six shared fixture families don't:
 q/k norms, rope scaling types, partial rotary, MQA, biases, half-precision checkpoints,
 sliding windows and PyTorch ``.bin`` checkpoints; and the families beyond the shared fixtures
-(granite, olmo2, gemma2, gemma3), each with its own features switched on. Its ``reference.npz`` is computed by
+(granite, olmo2, gemma2, gemma3, and the mixtures of experts mixtral, qwen3_moe, olmoe,
+qwen2_moe), each with its own features switched on. Its ``reference.npz`` is computed by
 transformers itself (eager attention, float32) from the folder as saved, with the same keys
 as the shared fixtures (../shared/fixtures/README.md):
 
@@ -172,6 +173,31 @@ VARIANTS = {
                 "in text_config, its tensors under language_model.model.*, beside a (tiny) SigLIP vision tower "
                 "and projector kiln leaves out; the reference is the multimodal model on text alone",
         contrast=None),
+    "mixtral": dict(
+        model_type="mixtral", config=dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48),
+        feature="mixtral: 4 experts per layer (block_sparse_moe.experts.{j}.w1/w2/w3), a softmax router picks 2 "
+                "per token and their weights are renormalized to sum to 1",
+        contrast=dict(num_experts_per_tok=1)),
+    "qwen3_moe": dict(
+        model_type="qwen3_moe",
+        config=dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, norm_topk_prob=True),
+        feature="qwen3_moe: 4 experts of 24 (moe_intermediate_size, not intermediate_size 64), 2 per token, "
+                "norm_topk_prob true; per-head q/k norms, head_dim 16",
+        contrast=dict(norm_topk_prob=False)),
+    "olmoe": dict(
+        model_type="olmoe",
+        config=dict(num_experts=4, num_experts_per_tok=2, intermediate_size=48, num_key_value_heads=4),
+        feature="olmoe: 4 experts, 2 per token, weights not renormalized (norm_topk_prob false); q/k RMSNorms "
+                "over the whole projection; as many key/value heads as heads (OLMoE-1B-7B's shape, the one "
+                "llama.cpp's olmoe graph assumes for its k norm)",
+        contrast=dict(num_experts_per_tok=1)),
+    "qwen2_moe": dict(
+        model_type="qwen2_moe",
+        config=dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+                    shared_expert_intermediate_size=40, norm_topk_prob=False),
+        feature="qwen2_moe: 4 experts of 24, 2 per token (not renormalized), plus a shared expert of 40 every "
+                "token runs, times sigmoid(shared_expert_gate); q/k/v biases",
+        contrast=dict(norm_topk_prob=True)),
 }
 
 
@@ -305,7 +331,9 @@ def make(name: str, spec: dict, base_seed: int) -> dict:
                                        "attention_bias", "mlp_bias", "tie_word_embeddings", "embedding_multiplier",
                                        "residual_multiplier", "attention_multiplier", "logits_scaling",
                                        "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
-                                       "layer_types") if k in cfg.get("text_config", cfg)},
+                                       "layer_types", "num_local_experts", "num_experts", "num_experts_per_tok",
+                                       "moe_intermediate_size", "shared_expert_intermediate_size",
+                                       "norm_topk_prob") if k in cfg.get("text_config", cfg)},
         "contrast": spec.get("contrast"),
         "contrast_max_abs": contrast,
         **checks,

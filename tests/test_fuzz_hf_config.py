@@ -206,7 +206,10 @@ def test_regression_window_past_64_bits(folder):
 def test_regression_long_values_stay_out_of_messages(folder, change, file):
     # found by fuzz_config: 4000-digit numbers were echoed whole (a 4,000-character line)
     _edit(folder, file, **change)
-    assert len(_refused(folder, None, file).message) < 200
+    message = _refused(folder, None, file).message
+    # the unknown-architecture error also lists every family kiln reads, which grows with them
+    listed = message.split("(kiln reads: ")[1] if "(kiln reads: " in message else ""
+    assert len(message) - len(listed) < 200
 
 
 def test_huge_rope_theta(folder):

@@ -39,7 +39,9 @@ DATA = Path(__file__).resolve().parent / "data" / "hf_variants"
 
 VARIANTS = ["qwen3", "llama_rope_linear", "llama_rope_llama3", "llama_rope_dynamic", "qwen2_yarn",
             "phi3_longrope", "phi3_partial_rotary", "llama_mqa", "llama_bias", "llama_untied_bf16",
-            "llama_f16", "mistral_sliding", "llama_bin", "granite", "olmo2", "gemma2", "gemma3", "gemma3_multimodal"]
+            "llama_f16", "mistral_sliding", "llama_bin", "granite", "olmo2", "gemma2", "gemma3", "gemma3_multimodal",
+            "mixtral", "qwen3_moe", "olmoe", "qwen2_moe"]
+MOE = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe")
 
 # Families beyond the shared fixtures: also written to GGUF with llama.cpp's names and keys,
 # read back and compiled. Per family, the llama.cpp keys (after the architecture prefix) that
@@ -51,6 +53,11 @@ GGUF_KEYS = {
                "attention.sliding_window_pattern", "attention.scale"),
     "gemma3": ("attention.sliding_window", "attention.sliding_window_pattern", "rope.freq_base_swa",
                "rope.scaling.type", "attention.scale"),
+    "mixtral": ("expert_count", "expert_used_count"),
+    "qwen3_moe": ("expert_count", "expert_used_count", "expert_feed_forward_length"),
+    "olmoe": ("expert_count", "expert_used_count"),
+    "qwen2_moe": ("expert_count", "expert_used_count", "expert_feed_forward_length",
+                  "expert_shared_feed_forward_length"),
 }
 
 # Known gaps in kiln, found with these fixtures. strict: when kiln is fixed the test fails
@@ -153,13 +160,20 @@ def test_gguf_uses_llama_cpp_names_and_converts_back(name, tmp_path):
     folder = _folder(name)
     convert(folder, tmp_path / "m.gguf", to="gguf")
     f = read_gguf(tmp_path / "m.gguf")
-    arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == name)
-    allowed = {gguf.TENSOR_NAMES[t].format(bid=i) + ".weight" for t in gguf.MODEL_TENSORS[arch] for i in range(2)}
-    assert f.metadata["general.architecture"] == name
+    arch_name = hf.A.FAMILIES[name].gguf_arch        # mixtral is llama.cpp's llama with experts
+    arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name)
+    allowed = {gguf.TENSOR_NAMES[t].format(bid=i) + part for t in gguf.MODEL_TENSORS[arch] for i in range(2)
+               for part in (".weight", ".bias")}
+    assert f.metadata["general.architecture"] == arch_name
     assert set(f.tensors) <= allowed, sorted(set(f.tensors) - allowed)
     config = json.loads((folder / "config.json").read_text())
     for key in GGUF_KEYS[name]:
-        assert f"{name}.{key}" in f.metadata, key
+        assert f"{arch_name}.{key}" in f.metadata, key
+    if name in MOE:
+        # experts as llama.cpp stores them: one [experts, out, in] tensor per projection
+        x = config.get("num_local_experts") or config["num_experts"]
+        assert f.tensors["blk.0.ffn_gate_exps.weight"].shape[0] == x
+        assert len(f.tensors["blk.0.ffn_down_exps.weight"].shape) == 3
     convert(tmp_path / "m.gguf", tmp_path / "back", to="hf")
     before = read_safetensors(folder / "model.safetensors").tensors
     after = read_safetensors(tmp_path / "back" / "model.safetensors").tensors

@@ -57,3 +57,20 @@ def test_inspect_takes_known_model_names(smollm2_gguf, capsys):
     assert main(["inspect", "smollm2"]) == 0
     out = capsys.readouterr().out
     assert "GGUF v3" in out and "q4_1" in out and "49152 tokens" in out
+
+
+def test_onnx_export_of_a_mixture_of_experts(tmp_path):
+    """A MoE model exports in standard ONNX ops (the op decomposed) and matches transformers."""
+    from pathlib import Path
+    src = Path(__file__).resolve().parent / "data" / "hf_variants" / "qwen2_moe"
+    out = tmp_path / "moe-onnx"
+    convert(src, out, to="onnx", onnx_layout="kiln")
+    m = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    assert {n.op_type for n in m.graph.node} >= {"TopK"} and "MoE" not in {n.op_type for n in m.graph.node}
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    ref = np.load(src / "reference.npz")
+    empty = {i.name: np.zeros((2, 2, 0, 8), np.float32) for i in sess.get_inputs() if i.name.startswith("past")}
+    ids = ref["input_ids"]
+    positions = np.tile(np.arange(ids.shape[1]), (ids.shape[0], 1))
+    logits = sess.run(None, {**empty, "input_ids": ids, "logits_positions": positions})[0]
+    np.testing.assert_allclose(logits, ref["logits"], rtol=0, atol=4e-5)

@@ -34,6 +34,13 @@ CASES = {
     "MatMul": ("MatMul", [rng.standard_normal((2, 3, 4)).astype(np.float32),
                           rng.standard_normal((4, 5)).astype(np.float32)], {}),
     "Softmax": ("Softmax", [A], {"axis": -1}),
+    "TopK": ("TopK", [X4], {"k": 2, "axis": -1}),
+    # 6 experts over hidden 4, MLPs of 5; the shared expert's MLP of 3
+    "MoE": ("MoE", [X4[0]] + [("weight", rng.standard_normal(s).astype(np.float32))
+                              for s in ((6, 4), (6, 5, 4), (6, 5, 4), (6, 4, 5))], {"top_k": 2, "normalize": 1}),
+    "MoEShared": ("MoE", [X4[0]] + [("weight", rng.standard_normal(s).astype(np.float32))
+                                    for s in ((6, 4), (6, 5, 4), (6, 5, 4), (6, 4, 5), (3, 4), (3, 4), (4, 3), (1, 4))],
+                  {"top_k": 3}),
     "ReduceMean": ("ReduceMean", [A], {"axes": [1], "keepdims": 1}),
     "ReduceSum": ("ReduceSum", [A], {"axes": [0], "keepdims": 0}),
     "ReduceMax": ("ReduceMax", [A], {"axes": [1], "keepdims": 0}),

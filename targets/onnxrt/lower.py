@@ -35,6 +35,7 @@ _ATTRS_AS_INPUTS = {
     "ReduceMean": ("axes",),
     "ReduceSum": ("axes",),
     "ReduceMax": ("axes",),
+    "TopK": ("k",),
 }
 
 
@@ -466,6 +467,8 @@ def _quant_matmul(node: Node, data: _DataWriter, initializers: list, const_input
 def _lower_node(node: Node, folded: dict, const_input) -> onnx.NodeProto:
     inputs = ["" if x is None else folded.get(id(x), x.name) for x in node.inputs]
     attrs = dict(node.attrs)
+    if node.op == "TopK":
+        attrs["k"] = [attrs["k"]]          # ONNX takes k as a 1-D tensor
     if node.op in _ATTRS_AS_INPUTS:
         for key in _ATTRS_AS_INPUTS[node.op]:
             val = attrs.pop(key, None)

@@ -89,8 +89,9 @@ class Target:
     kv_dtype: str = "float32"   # the KV cache's element type (float16 halves its memory traffic)
 
 
-def plan_graph(graph: Graph, max_length: int | None, quant_formats: frozenset) -> Plan:
-    """Decide the KV mode and how every weight is stored (blocks kept, transposes folded)."""
+def plan_graph(graph: Graph, max_length: int | None, quant_formats: frozenset, *, expert_blocks: bool = True) -> Plan:
+    """Decide the KV mode and how every weight is stored (blocks kept, transposes folded).
+    ``expert_blocks``: MoE experts may stay blocks (the CPU has kernels for them, GPUs not yet)."""
     from kiln.targets import kv_plan
     shared, why = kv_plan.plan(graph, max_length, rotary_head_multiple=1)
     if shared is not None:
@@ -101,8 +102,20 @@ def plan_graph(graph: Graph, max_length: int | None, quant_formats: frozenset) -
     else:
         plan = Plan("uniform", int(max_length or kv_plan.MAX_TABLE_POSITIONS), why_uniform=why)
     from . import float_kernels, quant_kernels
+    from . import moe
+    blocked = moe.blocked_experts(graph, quant_formats) if expert_blocks else set()
     for v in graph.weights.values():
         w = v.weight
+        if v.name in blocked:
+            # an expert tensor kept in its GGUF blocks: [experts·out, in] as one block weight
+            plan.add(v.name, moe.pack_blocks(w))
+            plan.formats[v.name] = w.format.name
+            continue
+        if moe.stored_as_is(v):
+            # an expert tensor in its own float type (bf16 stays 2 bytes), widened in the kernel
+            plan.add(v.name, {"": moe.storage(w)})
+            plan.formats[v.name] = w.format.name
+            continue
         if _float_kernel_weight(v, float_kernels.SUPPORTED):
             # kept in its own type (bf16 stays 2 bytes), tiled for float_kernels
             plan.add(v.name, float_kernels.pack(w))
@@ -359,6 +372,15 @@ class FunctionLowering:
         if v.is_weight and self.plan.formats.get(v.name) in self.kernels["float"].SUPPORTED and v.name in self.plan.index:
             return v
         return None
+
+    def op_TopK(self, n):
+        both = self.bb.emit(relax.op.topk(self.tensor(n.inputs[0]), k=int(n.attrs["k"]), axis=n.attrs["axis"],
+                                          ret_type="both", largest=True, dtype="int64"))
+        return [relax.TupleGetItem(both, 0), relax.TupleGetItem(both, 1)]
+
+    def op_MoE(self, n):
+        from . import moe
+        return moe.lower(self, n)
 
     def op_Softmax(self, n):
         return relax.op.nn.softmax(self.tensor(n.inputs[0]), axis=n.attrs["axis"])
@@ -622,7 +644,7 @@ def lower_plain(graph: Graph, target: Target):
     """(IRModule with ``main(*graph inputs, params) -> (outputs...)``, Plan) for a graph
     without a KV cache."""
     from . import float_kernels, quant_kernels
-    plan = plan_graph(graph, None, quant_kernels.SUPPORTED)
+    plan = plan_graph(graph, None, quant_kernels.SUPPORTED, expert_blocks=not target.gpu)
     bb = relax.BlockBuilder()
     kernels = {"quant": quant_kernels, "float": float_kernels}
     FunctionLowering(bb, graph, plan, target, False, kernels, 0, None).build_plain("main")
@@ -637,7 +659,7 @@ def lower(graph: Graph, target: Target, max_length: int | None):
     attentions = [n for n in graph.nodes if n.op == "Attention"]
     if not attentions or "kv_cache" not in graph.meta:
         raise ValueError("the TVM backend needs the fused attention with a KV cache")
-    plan = plan_graph(graph, max_length, quant_kernels.SUPPORTED)
+    plan = plan_graph(graph, max_length, quant_kernels.SUPPORTED, expert_blocks=not target.gpu)
     head_input = lm_head_input(graph)
     bb = relax.BlockBuilder()
     kernels: dict = {"quant": quant_kernels, "float": float_kernels}
