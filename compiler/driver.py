@@ -87,7 +87,8 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
             on_pass: Callable[[PassRecord], None] | None = None, on_weight: Report | None = None,
             on_stage: Report | None = None, kv_layout: str = "auto", quant: str | None = None,
             requantize: bool = False, precision: str = "exact", backend: str | None = None,
-            arch: str | None = None, kv_dtype: str = "f32", lora: list[tuple[str, float]] | None = None):
+            arch: str | None = None, kv_dtype: str = "f32", lora: list[tuple[str, float]] | None = None,
+            imatrix=None):
     """Compile a model (path or ModelIR) for ``target`` into the artifact folder ``output``.
 
     ``quant`` quantizes a float model's weights first: a block type or a llama.cpp mixture
@@ -104,7 +105,8 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
     ``kv_dtype``: "f32" or "f16" (TVM backend: the KV cache in float16, half the memory
     traffic of long contexts; ONNX Runtime artifacts keep float32).
     ``lora``: ``(adapter path, scale)`` pairs merged into the weights first
-    (:mod:`kiln.frontends.lora`)."""
+    (:mod:`kiln.frontends.lora`). ``imatrix``: an importance matrix file (``kiln imatrix``,
+    llama-imatrix) that weights the quantizers' error, as llama-quantize --imatrix does."""
     from kiln.targets.presets import backend_for, resolve
     t0 = time.perf_counter()
     stage = on_stage or (lambda s: None)
@@ -120,6 +122,8 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
     if kv_dtype == "f16" and backend != "tvm":
         raise KilnError(None, "--kv-dtype f16 needs --backend tvm (the ONNX Runtime backend keeps a float32 cache)")
     scheme = quant_scheme(quant) if quant else None
+    if imatrix is not None and scheme is None:
+        raise KilnError(imatrix, "--imatrix weights the quantizers: it needs --quant")
     src_path = None
     if isinstance(model, (str, os.PathLike)):
         from kiln.frontends.detect import resolve_path
@@ -141,7 +145,8 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
         from kiln.quant_schemes import Layout
         refuse_requantize(model, quant, requantize, src_path)
         layout = Layout.of(model.config, FAMILIES[model.config["family"]])
-        passes = [("quantize", quantize_pass(scheme, layout, requantize=requantize))] + passes
+        importance = _importance_by_role(imatrix, model) if imatrix is not None else None
+        passes = [("quantize", quantize_pass(scheme, layout, requantize=requantize, importance=importance))] + passes
     stage("running passes")
     graph, records = run_passes(model.graph, passes, verify=verify, dump_dir=dump_ir, report=on_pass)
     cfg = model.config
@@ -179,6 +184,22 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
         }
         write_manifest(tmp, manifest)
     return Path(output)
+
+
+def _importance_by_role(path, model) -> dict:
+    """An importance matrix's weights keyed by the graph's roles (it names GGUF tensors)."""
+    from kiln.frontends.arch import FAMILIES
+    from kiln.imatrix import gguf_name, load_for_quantizing
+    family = FAMILIES[model.config["family"]]
+    names = {role: gguf_name(role, family) for role in model.graph.weights}
+    shapes = {n: model.graph.weights[r].weight.shape[-1] for r, n in names.items() if n}
+    im = load_for_quantizing(path, shapes)
+    out = {}
+    for role, n in names.items():
+        imp = im.importance(n) if n else None
+        if imp is not None:
+            out[role] = imp
+    return out
 
 
 def _lower_onnxrt(graph, tmp, preset, cfg, weight_done, stage, kv_layout, precision) -> dict:
@@ -235,7 +256,7 @@ WRITERS = {"hf": "kiln.frontends.hf", "gguf": "kiln.frontends.gguf",
 
 def convert(src, dst, *, to: str, dtype: str | None = None, quant: str | None = None,
             max_shard_bytes: int | None = None, console=None, quiet: bool = True, requantize: bool = False,
-            lora: list[tuple[str, float]] | None = None, base=None) -> dict:
+            lora: list[tuple[str, float]] | None = None, base=None, imatrix=None) -> dict:
     """Convert a model between formats, streaming tensor by tensor from the source.
 
     ``quant`` (GGUF output) is a block type or a llama.cpp mixture; a source that is already
@@ -251,6 +272,8 @@ def convert(src, dst, *, to: str, dtype: str | None = None, quant: str | None = 
         raise KilnError(dst, f"--quant is for GGUF output; {to} holds f32, f16 or bf16 tensors (use --dtype)")
     if quant:
         quant = quant_scheme(quant).name
+    if imatrix is not None and not quant:
+        raise KilnError(imatrix, "--imatrix weights the quantizers: it needs --quant")
     t0 = time.perf_counter()
     if base is not None:
         if to != "gguf" or quant or lora:
@@ -277,7 +300,7 @@ def convert(src, dst, *, to: str, dtype: str | None = None, quant: str | None = 
             prog.update(task, advance=1, description=f"{name}")
         kwargs = {"progress": progress}
         if to == "gguf":
-            kwargs.update(dtype=dtype, quant=quant)
+            kwargs.update(dtype=dtype, quant=quant, **({"imatrix": imatrix} if imatrix is not None else {}))
         elif to in ("hf", "safetensors"):
             kwargs.update(dtype=dtype)
         if to == "hf" and max_shard_bytes:
