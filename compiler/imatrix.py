@@ -15,8 +15,6 @@ matrix: its parts read the same input.
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from .errors import KilnError
@@ -150,7 +148,3 @@ def load_for_quantizing(path, model_names=None) -> ImportanceMatrix:
                 raise KilnError(path, f"is an importance matrix for another model: {n} has {got} columns here, "
                                       f"{cols} in the model")
     return im
-
-
-def dataset_name(path) -> str:
-    return os.fspath(path)
