@@ -8,7 +8,8 @@ more precisely.
 
 Two layouts: the GGUF one (``general.type = imatrix``; per matrix an F32 tensor
 ``<name>.in_sum2`` of shape [n_mat, columns] and ``<name>.counts`` [n_mat, 1]; keys
-``imatrix.datasets``, ``imatrix.chunk_count``, ``imatrix.chunk_size``), which kiln writes,
+``imatrix.datasets``, ``imatrix.chunk_count``, ``imatrix.chunk_size``; 1-D when n_mat is 1),
+which kiln writes (byte for byte as llama-imatrix does),
 and the legacy ``.dat`` one (int32 entry count; per entry its name, the number of chunks
 ``ncall`` and the values, already ``mean * ncall``; then the chunk count and the dataset),
 which kiln also reads. llama.cpp's ``common/imatrix-loader.cpp`` and
@@ -69,8 +70,9 @@ def write(path, im: ImportanceMatrix) -> None:
     for name in sorted(im.entries):
         e = im.entries[name]
         n_mat = len(e.counts)
-        sums = np.asarray(e.sums, dtype=np.float32).reshape(n_mat, -1)
-        counts = np.asarray(e.counts, dtype=np.float32).reshape(n_mat, 1)
+        # ggml drops trailing dimensions of 1: one matrix gives 1-D tensors, as llama.cpp writes
+        sums = np.asarray(e.sums, dtype=np.float32).reshape((n_mat, -1) if n_mat > 1 else (-1,))
+        counts = np.asarray(e.counts, dtype=np.float32).reshape((n_mat, 1) if n_mat > 1 else (1,))
         tensors.append((name + SUM2, Weight.from_array(sums, name=name + SUM2)))
         tensors.append((name + COUNTS, Weight.from_array(counts, name=name + COUNTS)))
     write_gguf(path, meta, tensors)

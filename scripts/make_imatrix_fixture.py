@@ -17,6 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "tests" / "data" / "imatrix" / "llama_imatrix.gguf"
+TEXT = "The importance of a column is the mean square of its input. " * 3   # token i is byte i
 
 
 def byte_tokenizer():
@@ -48,11 +49,10 @@ def main(llama_imatrix: str) -> None:
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
         gguf.write(model, d / "tiny.gguf", dtype="f32")
-        text = d / "calib.txt"
-        text.write_text("The importance of a column is the mean square of its input. " * 3)
-        out = subprocess.run([llama_imatrix, "-m", str(d / "tiny.gguf"), "-f", str(text), "-c", "32",
-                              "--chunks", "2", "-o", str(d / "imatrix.gguf"), "--no-ppl", "-t", "2"],
-                             capture_output=True, text=True)
+        (d / "calib.txt").write_text(TEXT)
+        out = subprocess.run([llama_imatrix, "-m", "tiny.gguf", "-f", "calib.txt", "-c", "32",
+                              "--chunks", "2", "-o", "imatrix.gguf", "--no-ppl", "-t", "2"],
+                             capture_output=True, text=True, cwd=d)
         if out.returncode:
             sys.exit(out.stdout[-2000:] + out.stderr[-3000:])
         OUT.parent.mkdir(parents=True, exist_ok=True)

@@ -89,11 +89,11 @@ def test_file_has_llama_cpp_layout(tmp_path):
     assert f.metadata["general.type"] == "imatrix"
     assert str(f.metadata_types["imatrix.datasets"]) == "array[string]"
     assert str(f.metadata_types["imatrix.chunk_count"]) == str(f.metadata_types["imatrix.chunk_size"]) == "uint32"
-    # sorted by matrix name, sums then counts, F32 [n_mat, columns] and [n_mat, 1]
+    # sorted by matrix name, sums then counts, F32 [n_mat, columns] and [n_mat, 1], 1-D for one matrix
     assert list(f.tensors) == ["blk.0.attn_q.weight.in_sum2", "blk.0.attn_q.weight.counts",
                                "blk.0.ffn_down.weight.in_sum2", "blk.0.ffn_down.weight.counts"]
-    assert f.tensors["blk.0.attn_q.weight.in_sum2"].shape == (1, 256)
-    assert f.tensors["blk.0.attn_q.weight.counts"].shape == (1, 1)
+    assert f.tensors["blk.0.attn_q.weight.in_sum2"].shape == (256,)
+    assert f.tensors["blk.0.attn_q.weight.counts"].shape == (1,)
     assert {w.format.name for w in f.tensors.values()} == {"f32"}
 
 
@@ -108,6 +108,30 @@ def test_legacy_dat_reads(tmp_path):
     im = imatrix_file.read(tmp_path / "im.dat")
     assert im.legacy and im.chunk_count == 3 and im.datasets == ["wiki.text"]
     assert np.array_equal(im.importance("blk.2.ffn_up.weight"), values / np.float32(3))
+
+
+def test_llama_cpp_written_file_reads_and_rewrites_byte_for_byte(tmp_path):
+    # written by the vendored llama.cpp's llama-imatrix: scripts/make_imatrix_fixture.py (the
+    # llama fixture with a byte-level vocabulary, 2 windows of 32 tokens)
+    im = imatrix_file.read(DATA / "llama_imatrix.gguf")
+    assert (im.chunk_size, im.chunk_count, im.datasets) == (32, 2, ["calib.txt"])
+    assert len(im.entries) == 14
+    e = im.entries["blk.0.attn_q.weight"]
+    assert e.sums.shape == (64,) and list(e.counts) == [64]
+    imatrix_file.write(tmp_path / "again.gguf", im)
+    assert (tmp_path / "again.gguf").read_bytes() == (DATA / "llama_imatrix.gguf").read_bytes()
+
+
+def test_collect_equals_llama_imatrix(hf_fixture):
+    # the same model and text as the fixture (token i is byte i; no BOS): llama.cpp keeps its
+    # attention's K/V in f16, hence the 1e-3
+    text = "The importance of a column is the mean square of its input. " * 3
+    ours = imatrix.collect(load_model(hf_fixture("llama")), list(text.encode()), ctx=32, chunks=2)
+    theirs = imatrix_file.read(DATA / "llama_imatrix.gguf")
+    assert set(ours.entries) == set(theirs.entries)
+    for name, e in theirs.entries.items():
+        assert list(ours.entries[name].counts) == list(e.counts)
+        np.testing.assert_allclose(ours.entries[name].sums, e.sums, rtol=2e-3, err_msg=name)
 
 
 @pytest.mark.parametrize("content", [b"not an importance matrix at all", b""])
