@@ -256,3 +256,20 @@ def test_imatrix_needs_quant(wide, tmp_path, capsys):
     folder, im_path = wide
     rc = main(["convert", str(folder), str(tmp_path / "x.gguf"), "--to", "gguf", "--imatrix", str(im_path)])
     assert rc == 2 and "--imatrix weights the quantizers: it needs --quant" in capsys.readouterr().err
+
+
+def test_cli_imatrix_errors_are_one_line(hf_fixture, tmp_path, capsys):
+    text = tmp_path / "calib.txt"
+    text.write_text("some text " * 50)
+    src = str(hf_fixture("llama"))
+    cases = [
+        (["--text", str(tmp_path / "missing.txt")], "missing.txt: cannot read"),
+        (["--text", str(text)], "has no tokenizer to read the calibration text with"),
+        (["--text", str(text), "--ctx", "8"], "--ctx 8 is too small"),
+        (["--text", str(text), "--chunks", "0"], "--chunks 0: give a positive number of windows"),
+    ]
+    for extra, message in cases:
+        rc = main(["imatrix", src, "-o", str(tmp_path / "im.gguf"), *extra])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and message in err and "\n" not in err, err
+    assert not (tmp_path / "im.gguf").exists()
