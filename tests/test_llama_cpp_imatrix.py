@@ -14,7 +14,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from test_llama_cpp_quantize import FTYPES, assert_same_tensors
+from test_llama_cpp_quantize import FTYPES, assert_same_tensors, smollm2_f32  # noqa: F401 (a fixture)
 from test_quantize import make_wide_llama
 
 from kiln import imatrix, imatrix_file
@@ -60,6 +60,21 @@ def test_imatrix_quantization_equals_llama_quantize(wide, tmp_path, quant):
     for key in ("quantize.imatrix.file", "quantize.imatrix.dataset", "quantize.imatrix.entries_count",
                 "quantize.imatrix.chunks_count"):
         assert ours[key] == theirs[key], key
+
+
+@needs_quantize
+@pytest.mark.parametrize("quant", ["q4_k_m", "q3_k_s"])
+def test_smollm2_imatrix_quantization_equals_llama_quantize(smollm2_f32, tmp_path, quant):
+    """A real model (rows of 576 fall back to Q5_0/Q4_0, of 1536 stay K-quants) with an
+    importance matrix kiln collected from two short windows of text."""
+    text = " ".join(f"Sentence {i} says what an importance matrix is for." for i in range(40))
+    model = load_model(smollm2_f32)
+    im = tmp_path / "im.gguf"
+    imatrix_file.write(im, imatrix.collect(model, imatrix.tokenize(model, text), ctx=64, chunks=2, dataset="t"))
+    convert(smollm2_f32, tmp_path / "kiln.gguf", to="gguf", quant=quant, imatrix=im)
+    run(QUANTIZE, "--imatrix", im, smollm2_f32, tmp_path / "llama.gguf", FTYPES[quant], 2)
+    counts = assert_same_tensors(tmp_path / "kiln.gguf", tmp_path / "llama.gguf")
+    assert sum(counts.values()) == 272
 
 
 @needs_imatrix
