@@ -9,7 +9,8 @@ need 256) takes a 32-wide type of similar size, else F16.
 The mixtures are the rules of llama.cpp's ``llama_tensor_get_type_impl`` and
 ``tensor_type_fallback`` (``src/llama-quant.cpp``, read at commit 007dbbf3), written here as
 one table row per mixture; only the parts that apply to kiln's families are kept (no MoE, no
-Falcon, no importance matrix, no IQ types). Rules are keyed by llama.cpp's tensor categories,
+Falcon, no IQ types; the rules that change with an importance matrix concern only the IQ and
+Q4_0/Q5_0 file types, so an ``--imatrix`` changes how tensors are quantized, not their types). Rules are keyed by llama.cpp's tensor categories,
 which kiln derives from the canonical roles (``layers.3.v.weight`` -> ``attn_v``).
 
 Used by the compile-time pass (``passes/quantize.py``) and by the GGUF writer, so
