@@ -53,7 +53,7 @@ def cmd_compile(a) -> int:
                            on_pass=on_pass, on_weight=on_weight, on_stage=on_stage,
                            quant=a.quant, requantize=a.requantize, precision=a.precision,
                            backend=a.backend, arch=a.arch, kv_dtype=a.kv_dtype, force=a.force,
-                           lora=_lora_specs(a), sign=a.sign,
+                           lora=_lora_specs(a), sign=a.sign, imatrix=a.imatrix,
                            on_notice=lambda s: con.print(f"kiln: {s}", markup=False, soft_wrap=True))
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     if not a.quiet:
@@ -396,11 +396,41 @@ def cmd_convert(a) -> int:
     summary = convert(a.src, a.dst, to=a.to or checks.format_of(a.dst), dtype=a.dtype, quant=a.quant,
                       max_shard_bytes=a.max_shard_size, console=con, quiet=a.quiet or not con.is_terminal,
                       requantize=a.requantize, force=a.force, lora=_lora_specs(a), base=a.base,
-                      onnx_layout=a.onnx_layout)
+                      onnx_layout=a.onnx_layout, imatrix=a.imatrix)
     con.print(f"wrote {a.dst}: {summary.get('tensors', 0)} tensors, {summary.get('bytes_in', 0) / 1e6:.1f} MB in, "
               f"{summary.get('bytes_out', 0) / 1e6:.1f} MB out, {time.perf_counter() - t:.1f} s")
     for note in summary.get("notes", ()):
         con.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
+    return 0
+
+
+def cmd_imatrix(a) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from kiln import imatrix, imatrix_file
+    from kiln.driver import load_model
+    from kiln.errors import KilnError
+    if a.ctx < 16:
+        raise KilnError(None, f"--ctx {a.ctx} is too small: llama.cpp leaves out batches under 16 tokens")
+    if a.chunks is not None and a.chunks < 1:
+        raise KilnError(None, f"--chunks {a.chunks}: give a positive number of windows")
+    if os.path.isdir(a.output):
+        raise KilnError(a.output, "is a folder: -o names the importance-matrix file to write")
+    con = _console()
+    t = time.perf_counter()
+    model = load_model(a.model)
+    ids = imatrix.tokenize(model, imatrix.read_text(a.text), a.text)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("windows"),
+                  TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=con, transient=True,
+                  disable=a.quiet or not con.is_terminal) as prog:
+        task = prog.add_task(f"running {a.ctx}-token windows", total=None)
+
+        def progress(done, total):
+            prog.update(task, completed=done, total=total)
+        im = imatrix.collect(model, ids, ctx=a.ctx, chunks=a.chunks, dataset=a.text, progress=progress)
+    imatrix_file.write(a.output, im)
+    con.print(f"wrote {a.output}: {len(im.entries)} matrices, {im.chunk_count} windows of {im.chunk_size} tokens "
+              f"({len(ids)} in the text), {time.perf_counter() - t:.1f} s")
     return 0
 
 
@@ -449,6 +479,8 @@ QUANT_HELP = ("a block type for every matrix (q8_0, q4_0, q4_1, q5_0, q5_1, q2_k
 
 TRUSTED_KEY_HELP = ("refuse the artifact unless its manifest is signed by this Ed25519 public key "
                     "(repeatable; default: the files in $KILN_TRUSTED_KEYS)")
+IMATRIX_HELP = ("with --quant: an importance matrix (from kiln imatrix or llama-imatrix, GGUF or legacy .dat) "
+                "that weights the quantizers' error, as llama-quantize --imatrix does")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -482,6 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dump-ir", metavar="DIR", help="write the IR after each pass into DIR")
     s.add_argument("--quant", help="quantize a float model's weights: " + QUANT_HELP)
     s.add_argument("--requantize", action="store_true", help="allow --quant on an already-quantized model")
+    s.add_argument("--imatrix", metavar="FILE", help=IMATRIX_HELP)
     _add_lora_flags(s)
     s.add_argument("--precision", choices=["exact", "fast"], default="exact",
                    help="exact: float32 products, equal to the reference interpreter (default); fast: "
@@ -596,6 +629,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "past_key_values.N.key/value -> logits, present.N.key/value) or kiln's (adds "
                         "logits_positions, the positions whose logits are computed)")
     s.add_argument("--requantize", action="store_true", help="allow --quant on an already-quantized model")
+    s.add_argument("--imatrix", metavar="FILE", help=IMATRIX_HELP)
     _add_lora_flags(s)
     s.add_argument("--base", metavar="MODEL",
                    help="SRC is a LoRA adapter: write it as llama.cpp's LoRA GGUF for this base model (--to gguf)")
@@ -606,6 +640,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "(other files in a destination folder are kept)")
     s.add_argument("-q", "--quiet", action="store_true")
     s.set_defaults(fn=cmd_convert)
+    s = sub.add_parser("imatrix", help="an importance matrix for --quant --imatrix, from calibration text "
+                                       "(llama.cpp's imatrix GGUF)")
+    s.add_argument("model", help="Hugging Face folder or .gguf file")
+    s.add_argument("--text", required=True, help="calibration text, a UTF-8 file")
+    s.add_argument("-o", "--output", required=True, help="the importance matrix to write (.gguf)")
+    s.add_argument("--ctx", type=int, default=512, help="tokens per window (default 512, as llama-imatrix)")
+    s.add_argument("--chunks", type=int, help="use at most this many windows of the text")
+    s.add_argument("-q", "--quiet", action="store_true")
+    s.set_defaults(fn=cmd_imatrix)
+
     s = sub.add_parser("list", help="targets, backends, quantization types (bits per weight), model short names")
     s.set_defaults(fn=cmd_list)
 

@@ -99,7 +99,8 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
             on_stage: Report | None = None, kv_layout: str = "auto", quant: str | None = None,
             requantize: bool = False, precision: str = "exact", backend: str | None = None,
             arch: str | None = None, kv_dtype: str = "f32", force: bool = False,
-            lora: list[tuple[str, float]] | None = None, sign=None, on_notice: Report | None = None):
+            lora: list[tuple[str, float]] | None = None, sign=None, on_notice: Report | None = None,
+            imatrix=None):
     """Compile a model (path or ModelIR) for ``target`` into the artifact folder ``output``.
 
     ``quant`` quantizes a float model's weights first: a block type or a llama.cpp mixture
@@ -122,7 +123,9 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
     ``force``: replace whatever is at ``output`` (an earlier artifact is replaced without it);
     a folder holding files that are not an earlier artifact's is refused either way.
     ``sign``: an Ed25519 private key file (PEM); the artifact then carries a signature of its
-    manifest (``manifest.sig``, see ``kiln.signing``), written before it is moved into place."""
+    manifest (``manifest.sig``, see ``kiln.signing``), written before it is moved into place.
+    ``imatrix``: an importance matrix file (``kiln imatrix``, llama-imatrix) that weights the
+    quantizers' error, as llama-quantize --imatrix does."""
     from kiln.targets.presets import choose_backend, resolve
     t0 = time.perf_counter()
     stage = on_stage or (lambda s: None)
@@ -150,6 +153,8 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
     if sign is not None:                    # a bad key is refused before the work, not after
         from kiln.signing import load_private_key
         sign = load_private_key(sign)
+    if imatrix is not None and scheme is None:
+        raise KilnError(imatrix, "--imatrix weights the quantizers: it needs --quant")
     src_path = None
     if isinstance(model, (str, os.PathLike)):
         from kiln.frontends.detect import resolve_path
@@ -179,7 +184,8 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
         from kiln.quant_schemes import Layout
         refuse_requantize(model, quant, requantize, src_path)
         layout = Layout.of(model.config, FAMILIES[model.config["family"]])
-        passes = [("quantize", quantize_pass(scheme, layout, requantize=requantize))] + passes
+        importance = _importance_by_role(imatrix, model) if imatrix is not None else None
+        passes = [("quantize", quantize_pass(scheme, layout, requantize=requantize, importance=importance))] + passes
     stage("running passes")
     graph, records = run_passes(model.graph, passes, verify=verify, dump_dir=dump_ir, report=on_pass)
     cfg = model.config
@@ -235,6 +241,22 @@ def _artifact_files(folder) -> list[str]:
         return []
     # escaped: each name is a pattern that matches only itself
     return [MANIFEST, *(glob.escape(name) for name in files if isinstance(name, str))]
+
+
+def _importance_by_role(path, model) -> dict:
+    """An importance matrix's weights keyed by the graph's roles (it names GGUF tensors)."""
+    from kiln.frontends.arch import FAMILIES
+    from kiln.imatrix import gguf_name, load_for_quantizing
+    family = FAMILIES[model.config["family"]]
+    names = {role: gguf_name(role, family) for role in model.graph.weights}
+    shapes = {n: model.graph.weights[r].weight.shape[-1] for r, n in names.items() if n}
+    im = load_for_quantizing(path, shapes)
+    out = {}
+    for role, n in names.items():
+        imp = im.importance(n) if n else None
+        if imp is not None:
+            out[role] = imp
+    return out
 
 
 def _lower_onnxrt(graph, tmp, preset, cfg, weight_done, stage, kv_layout, precision) -> dict:
@@ -297,7 +319,7 @@ WRITERS = {"hf": "kiln.frontends.hf", "gguf": "kiln.frontends.gguf",
 def convert(src, dst, *, to: str, dtype: str | None = None, quant: str | None = None,
             max_shard_bytes: int | None = None, console=None, quiet: bool = True, requantize: bool = False,
             force: bool = False, lora: list[tuple[str, float]] | None = None, base=None,
-            onnx_layout: str = "optimum") -> dict:
+            onnx_layout: str = "optimum", imatrix=None) -> dict:
     """Convert a model between formats, streaming tensor by tensor from the source.
 
     ``quant`` (GGUF output) is a block type or a llama.cpp mixture; a source that is already
@@ -316,6 +338,8 @@ def convert(src, dst, *, to: str, dtype: str | None = None, quant: str | None = 
     if quant:
         quant = quant_scheme(quant).name
     refuse_existing(dst, force)
+    if imatrix is not None and not quant:
+        raise KilnError(imatrix, "--imatrix weights the quantizers: it needs --quant")
     t0 = time.perf_counter()
     if base is not None:
         if to != "gguf" or quant or lora:
@@ -342,7 +366,7 @@ def convert(src, dst, *, to: str, dtype: str | None = None, quant: str | None = 
             advance(prog, task, name, nbytes)
         kwargs = {"progress": progress}
         if to == "gguf":
-            kwargs.update(dtype=dtype, quant=quant)
+            kwargs.update(dtype=dtype, quant=quant, **({"imatrix": imatrix} if imatrix is not None else {}))
         elif to in ("hf", "safetensors"):
             kwargs.update(dtype=dtype)
         elif to == "onnx":

@@ -22,7 +22,10 @@ class Interpreter:
             self._weights[name] = v.weight.numpy().astype(v.type.dtype, copy=False)
         return self._weights[name]
 
-    def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+    def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None,
+            observe=None) -> dict[str, np.ndarray]:
+        """``observe(node, args)``, when given, sees every node's input arrays before it runs
+        (``kiln imatrix`` reads the activations entering each matmul this way)."""
         g = self.graph
         env: dict[int, np.ndarray] = {}
         for v in g.inputs:
@@ -43,6 +46,8 @@ class Interpreter:
         keep = {id(v) for v in g.outputs}
         for i, node in enumerate(g.nodes):
             args = [None if x is None else env[id(x)] for x in node.inputs]
+            if observe is not None:
+                observe(node, args)
             results = ops.compute(node.op, args, node.attrs)
             for out, r in zip(node.outputs, results):
                 env[id(out)] = r

@@ -9,10 +9,12 @@ need 256) takes a 32-wide type of similar size, else F16.
 The mixtures are the rules of llama.cpp's ``llama_tensor_get_type_impl`` and
 ``tensor_type_fallback`` (``src/llama-quant.cpp``, read at commit 007dbbf3), written here as
 one table row per mixture; only the parts that apply to kiln's families are kept (no
-Falcon, no importance matrix, no IQ types). Experts (``ffn_*_exps``, 3-D) and shared experts
-(``ffn_*_shexp``) take their projection's rules, with the layer from the tensor's block as
-llama.cpp does for mixtures of experts; routers (``ffn_gate_inp``, ``ffn_gate_inp_shexp``) stay
-float; an 8-expert model (Mixtral) gets llama.cpp's extra bits for attn_k, attn_v and attn_output. Rules are keyed by llama.cpp's tensor categories,
+Falcon, no IQ types; the rules that change with an importance matrix concern only the IQ and
+Q4_0/Q5_0 file types, so an ``--imatrix`` changes how tensors are quantized, not their types).
+Experts (``ffn_*_exps``, 3-D) and shared experts (``ffn_*_shexp``) take their projection's
+rules, with the layer from the tensor's block as llama.cpp does for mixtures of experts; routers
+(``ffn_gate_inp``, ``ffn_gate_inp_shexp``) stay float; an 8-expert model (Mixtral) gets
+llama.cpp's extra bits for attn_k, attn_v and attn_output. Rules are keyed by llama.cpp's tensor categories,
 which kiln derives from the canonical roles (``layers.3.v.weight`` -> ``attn_v``).
 
 Used by the compile-time pass (``passes/quantize.py``) and by the GGUF writer, so

@@ -128,8 +128,9 @@ class Weight:
             return Weight(self.shape[::-1], self.format, load, name=name or self.name, origin=self.origin)
         return self.map_values(lambda a: a.T, self.shape[::-1], name=name)
 
-    def astype(self, fmt) -> "Weight":
-        """The same values stored in another format (quantizes or casts on demand)."""
+    def astype(self, fmt, importance: np.ndarray | None = None) -> "Weight":
+        """The same values stored in another format (quantizes or casts on demand).
+        ``importance``: per-column weights for the quantizer (an importance matrix's entry)."""
         fmt = fmt if isinstance(fmt, _formats.WeightFormat) else _formats.get(fmt)
         if fmt is self.format:
             return self
@@ -140,8 +141,8 @@ class Weight:
 
             def rows(a, b):
                 values = parent.format.dequantize(parent._load_rows(a, b), (b - a, cols))
-                return fmt.quantize(values)
-        return Weight(self.shape, fmt, lambda: fmt.quantize(parent.numpy()), name=self.name, origin=self.origin,
+                return fmt.quantize(values, importance)
+        return Weight(self.shape, fmt, lambda: fmt.quantize(parent.numpy(), importance), name=self.name, origin=self.origin,
                       load_rows=rows)
 
     @staticmethod

@@ -294,6 +294,18 @@ def _metadata(model: ModelIR, family: A.Family, cfg: A.ArchConfig, file_type: in
     return m
 
 
+def _imatrix_metadata(path, im) -> dict:
+    """The keys llama-quantize adds for --imatrix (strings cut to 127 bytes, as it does)."""
+    from .gguf_file import typed
+    m = {"quantize.imatrix.file": os.fspath(path)[:127]}
+    if im.datasets:
+        m["quantize.imatrix.dataset"] = im.datasets[0][:127]
+    m["quantize.imatrix.entries_count"] = typed(len(im.entries), "uint32")
+    if im.chunk_count > 0:
+        m["quantize.imatrix.chunks_count"] = typed(im.chunk_count, "uint32")
+    return m
+
+
 def gguf_tensors(model: ModelIR, family: A.Family, cfg: A.ArchConfig) -> dict[str, Weight]:
     """Canonical role weights -> GGUF tensor names, with llama.cpp's layout transforms."""
     weights = dict(model.weights)
@@ -309,8 +321,11 @@ def gguf_tensors(model: ModelIR, family: A.Family, cfg: A.ArchConfig) -> dict[st
     return A.to_file_names(weights, family.gguf_names, family, cfg, "GGUF")
 
 
-def write(model: ModelIR, path, *, dtype: str | None = None, quant: str | None = None, progress=None) -> dict:
-    """Write ``model`` as a GGUF file llama.cpp loads; returns a summary."""
+def write(model: ModelIR, path, *, dtype: str | None = None, quant: str | None = None, progress=None,
+          imatrix=None) -> dict:
+    """Write ``model`` as a GGUF file llama.cpp loads; returns a summary. ``imatrix`` (a path,
+    with ``quant``): weight the quantizers by that importance matrix, as llama-quantize
+    --imatrix does, and record it in the metadata as llama-quantize does."""
     from .gguf_file import write_gguf
     cfg = A.ArchConfig.from_dict(model.config)
     family = A.FAMILIES[cfg.family]
@@ -326,10 +341,14 @@ def write(model: ModelIR, path, *, dtype: str | None = None, quant: str | None =
     if quant:
         from kiln.quant_schemes import Layout
         layout = Layout.of(cfg, family)
+    im = None
+    if quant and imatrix is not None:
+        from kiln.imatrix import load_for_quantizing
+        im = load_for_quantizing(imatrix, {n: w.shape[-1] for n, (_, w) in tensors.items() if len(w.shape) == 2})
     for name, (role, w) in tensors.items():
         fmt = tensor_format(role, w, dtype, quant, layout)
         counts[fmt] = counts.get(fmt, 0) + 1
-        planned.append((name, w.astype(fmt)))
+        planned.append((name, w.astype(fmt, im.importance(name) if im is not None else None)))
     if quant or dtype:
         main = quant or dtype
     else:
@@ -341,6 +360,8 @@ def write(model: ModelIR, path, *, dtype: str | None = None, quant: str | None =
     else:
         file_type = FILE_TYPES.get(main, 0)
     meta = _metadata(model, family, cfg, file_type)
+    if im is not None:
+        meta.update(_imatrix_metadata(imatrix, im))
     write_gguf(path, meta, planned, progress=progress)
     return {"tensors": len(planned), "formats": counts,
             "bytes_in": sum(w.nbytes for name, (_, w) in tensors.items() if name not in extra),

@@ -35,16 +35,19 @@ class _Once:
         return self._data
 
 
-def quantized(w: Weight, fmt_name: str, *, keep: bool = False) -> Weight:
-    """``w`` stored as ``fmt_name``, quantized from its values on demand (``keep``: once)."""
+def quantized(w: Weight, fmt_name: str, *, keep: bool = False, importance=None) -> Weight:
+    """``w`` stored as ``fmt_name``, quantized from its values on demand (``keep``: once),
+    weighted by ``importance`` (per column) when given."""
     fmt = formats.get(fmt_name)
     if not keep:
-        return w.astype(fmt)
-    return Weight(w.shape, fmt, _Once(lambda: fmt.quantize(w.numpy())), name=w.name, origin=w.origin)
+        return w.astype(fmt, importance)
+    return Weight(w.shape, fmt, _Once(lambda: fmt.quantize(w.numpy(), importance)), name=w.name, origin=w.origin)
 
 
-def quantize(graph: Graph, scheme: str | Scheme, layout: Layout, *, requantize: bool = False) -> PassResult:
+def quantize(graph: Graph, scheme: str | Scheme, layout: Layout, *, requantize: bool = False,
+             importance: dict | None = None) -> PassResult:
     """Quantize the graph's weights (named by their canonical roles) as ``scheme`` says.
+    ``importance``: role -> per-column weights (from an importance matrix) for the quantizers.
 
     A weight already in a block format is refused unless ``requantize``: quantizing blocks
     again loses precision a second time (the driver turns this into a one-line error).
@@ -70,7 +73,7 @@ def quantize(graph: Graph, scheme: str | Scheme, layout: Layout, *, requantize: 
         else:
             if t != v.weight.format.name:
                 readers = {id(u.node) for u in v.uses}
-                v.weight = quantized(v.weight, t, keep=len(readers) > 1)
+                v.weight = quantized(v.weight, t, keep=len(readers) > 1, importance=(importance or {}).get(name))
                 changed = True
             key = t
         stats[key] = stats.get(key, 0) + 1
@@ -78,13 +81,14 @@ def quantize(graph: Graph, scheme: str | Scheme, layout: Layout, *, requantize: 
         "scheme": scheme.name, "kind": "mixture" if scheme.mixture else "type", "requantized": bool(requantize),
         "formats": {k: n for k, n in sorted(stats.items()) if not k.startswith("kept_")},
         "kept_float": sum(n for k, n in stats.items() if k.startswith("kept_")),
+        **({"imatrix_tensors": sum(1 for n, t in chosen.items() if t and n in importance)} if importance else {}),
     }
     ordered = dict(sorted(stats.items(), key=lambda kv: (kv[0].startswith("kept_"), kv[0])))
     return PassResult(graph, changed, ordered)
 
 
-def quantize_pass(scheme: str | Scheme, layout: Layout, *, requantize: bool = False):
+def quantize_pass(scheme: str | Scheme, layout: Layout, *, requantize: bool = False, importance: dict | None = None):
     """The pass as the pipeline takes it: graph -> PassResult."""
     def run(graph: Graph) -> PassResult:
-        return quantize(graph, scheme, layout, requantize=requantize)
+        return quantize(graph, scheme, layout, requantize=requantize, importance=importance)
     return run

@@ -43,6 +43,18 @@ class WeightFormat:
         """float32 [n_blocks, block_size] -> uint8 [n_blocks, type_size]."""
         raise NotImplementedError(f"{self.name} cannot be quantized by kiln")
 
+    def quantize_blocks_weighted(self, values: np.ndarray, qw: np.ndarray, row_sigma2: np.ndarray) -> np.ndarray:
+        """As ``quantize_blocks``, with each element's importance ``qw`` [n_blocks, block_size]
+        (an importance matrix's mean squared activation of its column) and ``row_sigma2``
+        [n_blocks, 1], the mean square of the block's whole row (the 32-wide formats use it).
+        Formats that llama.cpp quantizes the same way with or without an imatrix (Q8_0, the
+        float types) leave this undefined."""
+        raise NotImplementedError
+
+    @property
+    def takes_importance(self) -> bool:
+        return type(self).quantize_blocks_weighted is not WeightFormat.quantize_blocks_weighted
+
     # ---- whole tensors ----------------------------------------------------------------
     @property
     def is_block(self) -> bool:
@@ -66,14 +78,37 @@ class WeightFormat:
         blocks = raw.reshape(-1, self.type_size)
         return self.dequantize_blocks(blocks).reshape(shape)
 
-    def quantize(self, values: np.ndarray) -> np.ndarray:
-        """float32 array -> raw uint8 bytes (flat) in this format."""
+    def quantize(self, values: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
+        """float32 array -> raw uint8 bytes (flat) in this format. ``importance``: one weight
+        per column (an importance matrix's entry for this tensor), used by the formats whose
+        llama.cpp quantizer takes one (``takes_importance``) and ignored by the others."""
         values = np.ascontiguousarray(values, dtype=np.float32)
         if self.numpy_dtype is not None:
             return _f32_to_plain(values, self.numpy_dtype).reshape(-1).view(np.uint8)
         if not self.row_ok(values.shape):
             raise ValueError(f"last dimension {values.shape[-1]} is not a multiple of the {self.name} block size {self.block_size}")
+        if importance is not None and self.takes_importance:
+            return self._quantize_weighted(values.reshape(-1, values.shape[-1]), importance).reshape(-1)
         return self.quantize_blocks(values.reshape(-1, self.block_size)).reshape(-1)
+
+    def _quantize_weighted(self, rows: np.ndarray, importance: np.ndarray) -> np.ndarray:
+        from ._blocks import CHUNK_ELEMENTS
+        from ._kquant import mean_square
+        n = rows.shape[1]
+        importance = np.ascontiguousarray(importance, dtype=np.float32).reshape(-1)
+        if importance.size != n:
+            raise ValueError(f"the importance has {importance.size} values for rows of {n}")
+        per_row = n // self.block_size
+        qw_row = importance.reshape(per_row, self.block_size)
+        step = max(1, CHUNK_ELEMENTS // n)
+        out = []
+        for a in range(0, rows.shape[0], step):
+            chunk = rows[a:a + step]
+            r = chunk.shape[0]
+            sigma2 = np.repeat(mean_square(chunk), per_row, axis=0)
+            qw = np.broadcast_to(qw_row[None], (r, per_row, self.block_size)).reshape(-1, self.block_size)
+            out.append(self.quantize_blocks_weighted(chunk.reshape(-1, self.block_size), qw, sigma2))
+        return np.concatenate(out) if out else np.zeros((0, self.type_size), np.uint8)
 
     def __repr__(self) -> str:
         return f"<format {self.name}>"

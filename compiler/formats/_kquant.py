@@ -94,13 +94,13 @@ def affine_search(x, weights, nmax: int, rmin: float, rdelta: float, nstep: int,
     return scale, -offset, L.T
 
 
-def symmetric_search(x, nmax: int):
+def symmetric_search(x, nmax: int, weights=None):
     """Best scale for x ~ scale * (L - nmax), L in 0..2*nmax-1, weighting each element by
-    x**2, over 19 candidate inverse scales around nmax / absmax (llama.cpp's make_qx_quants
-    with rmse_type 1). Returns (scale [S], L [S, n] float32)."""
+    ``weights`` (default x**2), over 19 candidate inverse scales around nmax / absmax
+    (llama.cpp's make_qx_quants with rmse_type 1). Returns (scale [S], L [S, n] float32)."""
     x = np.ascontiguousarray(x.T)
     peak, zero = _signed_peak(x)
-    w = x * x
+    w = x * x if weights is None else np.ascontiguousarray(weights.T)
     wx = w * x
 
     def fit(iscale):
@@ -119,6 +119,66 @@ def symmetric_search(x, nmax: int):
     scale = np.where(zero, F32(0), scale)
     L = np.where(zero, F32(0), l + F32(nmax))
     return scale, L.T
+
+
+def positive_search(x, nmax: int, weights):
+    """Best scale for non-negative x ~ scale * L, L in 0..nmax, by weighted squared error
+    (llama.cpp's make_qp_quants, which quantizes the sub-block scales and mins of the
+    importance-weighted K-quants): the best of nine inverse scales around nmax / max, then up
+    to five sweeps of coordinate descent as in ``q3_search``. Returns (scale [S], L [S, n])."""
+    x = np.ascontiguousarray(x.T)
+    w = np.ascontiguousarray(weights.T)
+    top = np.maximum(x.max(axis=0), F32(0))
+    zero = top < GROUP_MAX_EPS
+    top = np.where(zero, F32(1), top)
+
+    def mse(iscale, clamp):
+        L = _round(iscale * x)
+        if clamp:
+            L = np.minimum(L, F32(nmax))
+        diff = x - (F32(1) / iscale) * L
+        return _sum(w * diff * diff)
+
+    iscale = F32(nmax) / top
+    best = mse(iscale, clamp=False)
+    for step in (*range(-4, 0), *range(1, 5)):
+        cand = (F32(0.1) * F32(step) + F32(nmax)) / top
+        err = mse(cand, clamp=True)
+        take = err < best
+        best = np.where(take, err, best)
+        iscale = np.where(take, cand, iscale)
+    L = np.minimum(_round(iscale * x), F32(nmax))
+    wx = w * x
+    sumlx = _sum(wx * L)
+    suml2 = _sum(w * L * L)
+    # sequential sweeps, all sub-blocks at once; a sweep that changes nothing repeats itself
+    for _ in range(5):
+        for i in range(x.shape[0]):
+            li = L[i]
+            slx = sumlx - wx[i] * li
+            sl2 = suml2 - w[i] * li * li
+            can = (slx > 0) & (sl2 > 0)
+            new = np.minimum(_round(x[i] * sl2 / np.where(can, slx, F32(1))), F32(nmax))
+            slx = slx + wx[i] * new
+            sl2 = sl2 + w[i] * new * new
+            better = can & (new != li) & (slx * slx * suml2 > sumlx * sumlx * sl2)
+            L[i] = np.where(better, new, li)
+            sumlx = np.where(better, slx, sumlx)
+            suml2 = np.where(better, sl2, suml2)
+    scale = np.where((suml2 > 0) & ~zero, sumlx / np.where(suml2 > 0, suml2, F32(1)), F32(0))
+    return scale, np.where(zero, F32(0), L).T
+
+
+def importance_weights(x: np.ndarray, qw: np.ndarray, sigma2: np.ndarray) -> np.ndarray:
+    """llama.cpp's element weights under an importance matrix: qw * sqrt(sigma2 + x**2)."""
+    return qw * np.sqrt(sigma2 + x * x)
+
+
+def mean_square(x: np.ndarray) -> np.ndarray:
+    """Per row of [B, n], sum(x**2) / n accumulated in order in float32 (as the reference's
+    sigma2): [B, 1]."""
+    columns = np.ascontiguousarray(x.T)
+    return (_sum(columns * columns) / F32(x.shape[1]))[:, None]
 
 
 def q3_search(x, nmax: int):
@@ -218,3 +278,26 @@ def affine_blocks(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: i
     fresh = np.clip(np.rint((x + ml) / np.where(live, dl, F32(1))), F32(0), F32(nmax))
     L = np.where(live, fresh, L.reshape(n, QK_K)).astype(np.uint8)
     return np.concatenate([f16_bytes(d), f16_bytes(dmin), packed], axis=1), L
+
+
+def affine_blocks_weighted(x: np.ndarray, qw: np.ndarray, nmax: int):
+    """Q4_K/Q5_K under an importance matrix (llama.cpp's quantize_row_q4_K_impl): element
+    weights qw * sqrt(sigma2 + x**2) with sigma2 = 2 * mean(x**2) of the super-block, a finer
+    affine search (37 candidates), the scales and mins quantized by ``positive_search``
+    weighted by each sub-block's total weight, then the codes again against the stored scales.
+    Returns (the 16 header bytes [B, 16], codes [B, 256] uint8)."""
+    n = x.shape[0]
+    weights = importance_weights(x, qw, F32(2) * mean_square(x))
+    sub = x.reshape(-1, 32)
+    sub_w = weights.reshape(-1, 32)
+    scales, mins, L = affine_search(sub, sub_w, nmax, rmin=-0.9, rdelta=0.05, nstep=36, use_mad=False)
+    sw = _sum(np.ascontiguousarray(sub_w.T)).reshape(n, 8)
+    d, ls = positive_search(scales.reshape(n, 8), 63, sw)
+    dmin, lm = positive_search(mins.reshape(n, 8), 63, sw)
+    packed = pack_scale_min(ls, lm)
+    dl = (f16_round(d[:, None]) * ls).repeat(32, axis=1)
+    ml = (f16_round(dmin[:, None]) * lm).repeat(32, axis=1)
+    live = dl != 0
+    fresh = np.clip(np.rint((x + ml) / np.where(live, dl, F32(1))), F32(0), F32(nmax))
+    L = np.where(live, fresh, L.reshape(n, QK_K)).astype(np.uint8)
+    return np.concatenate([f16_bytes(d[:, None]), f16_bytes(dmin[:, None]), packed], axis=1), L

@@ -28,3 +28,22 @@ def affine_codes(values: np.ndarray, bits: int):
     d = (hi - lo) / F32(top)
     codes = np.trunc((values - lo) * reciprocal_or_zero(d) + F32(0.5)).astype(np.uint8)
     return d, lo, np.minimum(codes, np.uint8(top))
+
+
+# ---- under an importance matrix (llama.cpp's quantize_row_q4_0_impl and its siblings) ----
+# Element weights are qw * sqrt(sigma2 + x**2), sigma2 the mean square of the whole row; the
+# scale is searched (not simply absmax / range) and the codes are the search's own.
+
+def weighted_symmetric_codes(values, qw, row_sigma2, bits: int):
+    """Q4_0/Q5_0: make_qx_quants with nmax 2**(bits-1). Returns (d [n, 1], codes [n, k])."""
+    from ._kquant import importance_weights, symmetric_search
+    d, L = symmetric_search(values, 1 << (bits - 1), importance_weights(values, qw, row_sigma2))
+    return d[:, None], L.astype(np.uint8)
+
+
+def weighted_affine_codes(values, qw, row_sigma2, bits: int):
+    """Q4_1/Q5_1: make_qkx3_quants over codes 0..2**bits-1. Returns (d, m, codes)."""
+    from ._kquant import affine_search, importance_weights
+    d, the_min, L = affine_search(values, importance_weights(values, qw, row_sigma2), (1 << bits) - 1,
+                                  rmin=-0.9, rdelta=0.05, nstep=36, use_mad=False)
+    return d[:, None], -the_min[:, None], L.astype(np.uint8)

@@ -11,7 +11,7 @@ import numpy as np
 
 from . import WeightFormat
 from ._blocks import F32, QK_K, chunked, crumbs, f16_at, f16_bytes, f16_round, pack_crumbs, quiet
-from ._kquant import affine_search, super_scale
+from ._kquant import _sum, affine_search, importance_weights, mean_square, positive_search, super_scale
 
 
 class Q2_K(WeightFormat):
@@ -36,11 +36,29 @@ class Q2_K(WeightFormat):
         scales, mins, L = affine_search(sub, np.abs(sub), 3, rmin=-0.5, rdelta=0.1, nstep=15, use_mad=True)
         ls, d = super_scale(scales.reshape(n, 16), 15)
         lm, dmin = super_scale(mins.reshape(n, 16), 15)
-        packed = (ls | (lm << 4)).astype(np.uint8)
+        return _requantized(x, L, (ls | (lm << 4)).astype(np.uint8), d, dmin)
 
-        dl = (f16_round(d) * (packed & 0x0F).astype(np.float32)).repeat(16, axis=1)
-        ml = (f16_round(dmin) * (packed >> 4).astype(np.float32)).repeat(16, axis=1)
-        live = dl != 0
-        fresh = np.clip(np.rint((x + ml) / np.where(live, dl, F32(1))), F32(0), F32(3))
-        L = np.where(live, fresh, L.reshape(n, QK_K)).astype(np.uint8)
-        return np.concatenate([packed, pack_crumbs(L, 2), f16_bytes(d), f16_bytes(dmin)], axis=1)
+    @quiet
+    def quantize_blocks_weighted(self, values, qw, row_sigma2):
+        # llama.cpp's quantize_row_q2_K_impl: weights qw * sqrt(mean(x**2) + x**2), squared
+        # error, 37 candidates; scales and mins by a search weighted by sub-block totals
+        x = values
+        n = x.shape[0]
+        weights = importance_weights(x, qw, mean_square(x)).reshape(-1, 16)
+        scales, mins, L = affine_search(x.reshape(-1, 16), weights, 3, rmin=-0.9, rdelta=0.05, nstep=36, use_mad=False)
+        sw = _sum(np.ascontiguousarray(weights.T)).reshape(n, 16)
+        d, ls = positive_search(scales.reshape(n, 16), 15, sw)
+        dmin, lm = positive_search(mins.reshape(n, 16), 15, sw)
+        packed = (ls.astype(np.uint8) | (lm.astype(np.uint8) << 4)).astype(np.uint8)
+        return _requantized(x, L, packed, d[:, None], dmin[:, None])
+
+
+def _requantized(x, L, packed, d, dmin):
+    """Every code again against the scales and mins as they will be read back, then the block."""
+    n = x.shape[0]
+    dl = (f16_round(d) * (packed & 0x0F).astype(np.float32)).repeat(16, axis=1)
+    ml = (f16_round(dmin) * (packed >> 4).astype(np.float32)).repeat(16, axis=1)
+    live = dl != 0
+    fresh = np.clip(np.rint((x + ml) / np.where(live, dl, F32(1))), F32(0), F32(3))
+    L = np.where(live, fresh, L.reshape(n, QK_K)).astype(np.uint8)
+    return np.concatenate([packed, pack_crumbs(L, 2), f16_bytes(d), f16_bytes(dmin)], axis=1)

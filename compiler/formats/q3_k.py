@@ -15,7 +15,7 @@ from ._blocks import (
     F32, QK_K, chunked, crumbs, f16_at, f16_bytes, f16_round, nearest_int, pack_crumbs, quiet,
     signed_absmax,
 )
-from ._kquant import q3_search
+from ._kquant import _sum, importance_weights, mean_square, q3_search, symmetric_search
 
 _TOP_SHIFTS = np.repeat(np.arange(0, 8, 2, dtype=np.uint8), 4)  # scale j: bit 2 * (j // 4)
 
@@ -67,4 +67,26 @@ class Q3_K(WeightFormat):
         live = dl != 0
         fresh = np.clip(np.rint(x / np.where(live, dl, F32(1))), F32(-4), F32(3)) + F32(4)
         L = np.where(live, fresh, L).astype(np.uint8)
-        return np.concatenate([pack_crumbs(L >> 2, 1), pack_crumbs(L & 3, 2), packed, f16_bytes(d)], axis=1)
+        return _pack(L, packed, d)
+
+    @quiet
+    def quantize_blocks_weighted(self, values, qw, row_sigma2):
+        # llama.cpp's quantize_row_q3_K_impl: importance-weighted sub-block searches, then the
+        # 16 scales by a search weighted by each sub-block's total weight
+        x = values
+        n = x.shape[0]
+        weights = importance_weights(x, qw, F32(2) * mean_square(x)).reshape(-1, 16)
+        scales, L = symmetric_search(x.reshape(-1, 16), 4, weights)
+        sw = _sum(np.ascontiguousarray(weights.T)).reshape(n, 16)
+        d, codes = symmetric_search(scales.reshape(n, 16), 32, sw)
+        packed = _pack_scales(codes.astype(np.uint8))
+        d = d[:, None]
+        dl = (f16_round(d) * _unpack_scales(packed).astype(np.float32)).repeat(16, axis=1)
+        live = dl != 0
+        fresh = np.clip(np.rint(x / np.where(live, dl, F32(1))), F32(-4), F32(3)) + F32(4)
+        L = np.where(live, fresh, L.reshape(n, QK_K)).astype(np.uint8)
+        return _pack(L, packed, d)
+
+
+def _pack(L, packed, d):
+    return np.concatenate([pack_crumbs(L >> 2, 1), pack_crumbs(L & 3, 2), packed, f16_bytes(d)], axis=1)

@@ -5,7 +5,7 @@ import numpy as np
 
 from . import WeightFormat
 from ._blocks import chunked, f16_at, f16_bytes, pack_nibbles, quiet, unpack_nibbles
-from ._legacy import symmetric_codes
+from ._legacy import symmetric_codes, weighted_symmetric_codes
 
 
 class Q4_0(WeightFormat):
@@ -20,4 +20,9 @@ class Q4_0(WeightFormat):
     @quiet
     def quantize_blocks(self, values):
         d, codes = symmetric_codes(np.asarray(values, dtype=np.float32), 4)
+        return np.concatenate([f16_bytes(d), pack_nibbles(codes)], axis=-1)
+
+    @quiet
+    def quantize_blocks_weighted(self, values, qw, row_sigma2):
+        d, codes = weighted_symmetric_codes(values, qw, row_sigma2, 4)
         return np.concatenate([f16_bytes(d), pack_nibbles(codes)], axis=-1)

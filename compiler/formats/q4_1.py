@@ -5,7 +5,7 @@ import numpy as np
 
 from . import WeightFormat
 from ._blocks import chunked, f16_at, f16_bytes, pack_nibbles, quiet, unpack_nibbles
-from ._legacy import affine_codes
+from ._legacy import affine_codes, weighted_affine_codes
 
 
 class Q4_1(WeightFormat):
@@ -20,4 +20,9 @@ class Q4_1(WeightFormat):
     @quiet
     def quantize_blocks(self, values):
         d, m, codes = affine_codes(np.asarray(values, dtype=np.float32), 4)
+        return np.concatenate([f16_bytes(d), f16_bytes(m), pack_nibbles(codes)], axis=-1)
+
+    @quiet
+    def quantize_blocks_weighted(self, values, qw, row_sigma2):
+        d, m, codes = weighted_affine_codes(values, qw, row_sigma2, 4)
         return np.concatenate([f16_bytes(d), f16_bytes(m), pack_nibbles(codes)], axis=-1)

@@ -10,7 +10,7 @@ import numpy as np
 
 from . import WeightFormat
 from ._blocks import QK_K, chunked, pack_nibbles, quiet, unpack_nibbles
-from ._kquant import affine_blocks, affine_dequantize
+from ._kquant import affine_blocks, affine_blocks_weighted, affine_dequantize
 
 
 class Q4_K(WeightFormat):
@@ -26,4 +26,9 @@ class Q4_K(WeightFormat):
     def quantize_blocks(self, values):
         # llama.cpp's search parameters for Q4_K: 21 candidate scales from (15 - 1) to (15 + 1)
         head, L = affine_blocks(np.asarray(values, dtype=np.float32), nmax=15, rmin=-1.0, rdelta=0.1, nstep=20)
+        return np.concatenate([head, pack_nibbles(L, group=32)], axis=1)
+
+    @quiet
+    def quantize_blocks_weighted(self, values, qw, row_sigma2):
+        head, L = affine_blocks_weighted(values, qw, nmax=15)
         return np.concatenate([head, pack_nibbles(L, group=32)], axis=1)

@@ -9,7 +9,7 @@ from ._blocks import (
     bits_to_u32_bytes, chunked, f16_at, f16_bytes, pack_nibbles, quiet, u32_bytes_to_bits,
     unpack_nibbles,
 )
-from ._legacy import symmetric_codes
+from ._legacy import symmetric_codes, weighted_symmetric_codes
 
 
 class Q5_0(WeightFormat):
@@ -24,4 +24,9 @@ class Q5_0(WeightFormat):
     @quiet
     def quantize_blocks(self, values):
         d, codes = symmetric_codes(np.asarray(values, dtype=np.float32), 5)
+        return np.concatenate([f16_bytes(d), bits_to_u32_bytes(codes >> 4), pack_nibbles(codes)], axis=-1)
+
+    @quiet
+    def quantize_blocks_weighted(self, values, qw, row_sigma2):
+        d, codes = weighted_symmetric_codes(values, qw, row_sigma2, 5)
         return np.concatenate([f16_bytes(d), bits_to_u32_bytes(codes >> 4), pack_nibbles(codes)], axis=-1)

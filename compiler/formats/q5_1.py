@@ -8,7 +8,7 @@ from ._blocks import (
     bits_to_u32_bytes, chunked, f16_at, f16_bytes, pack_nibbles, quiet, u32_bytes_to_bits,
     unpack_nibbles,
 )
-from ._legacy import affine_codes
+from ._legacy import affine_codes, weighted_affine_codes
 
 
 class Q5_1(WeightFormat):
@@ -23,4 +23,9 @@ class Q5_1(WeightFormat):
     @quiet
     def quantize_blocks(self, values):
         d, m, codes = affine_codes(np.asarray(values, dtype=np.float32), 5)
+        return np.concatenate([f16_bytes(d), f16_bytes(m), bits_to_u32_bytes(codes >> 4), pack_nibbles(codes)], axis=-1)
+
+    @quiet
+    def quantize_blocks_weighted(self, values, qw, row_sigma2):
+        d, m, codes = weighted_affine_codes(values, qw, row_sigma2, 5)
         return np.concatenate([f16_bytes(d), f16_bytes(m), bits_to_u32_bytes(codes >> 4), pack_nibbles(codes)], axis=-1)

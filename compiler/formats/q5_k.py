@@ -9,7 +9,7 @@ import numpy as np
 
 from . import WeightFormat
 from ._blocks import QK_K, chunked, crumbs, pack_crumbs, pack_nibbles, quiet, unpack_nibbles
-from ._kquant import affine_blocks, affine_dequantize
+from ._kquant import affine_blocks, affine_blocks_weighted, affine_dequantize
 
 
 class Q5_K(WeightFormat):
@@ -25,4 +25,9 @@ class Q5_K(WeightFormat):
     def quantize_blocks(self, values):
         # llama.cpp's search parameters for Q5_K: 16 candidate scales from (31 - 0.5) to (31 + 1)
         head, L = affine_blocks(np.asarray(values, dtype=np.float32), nmax=31, rmin=-0.5, rdelta=0.1, nstep=15)
+        return np.concatenate([head, pack_crumbs(L >> 4, 1), pack_nibbles(L, group=32)], axis=1)
+
+    @quiet
+    def quantize_blocks_weighted(self, values, qw, row_sigma2):
+        head, L = affine_blocks_weighted(values, qw, nmax=31)
         return np.concatenate([head, pack_crumbs(L >> 4, 1), pack_nibbles(L, group=32)], axis=1)

@@ -34,28 +34,37 @@ class Q6_K(WeightFormat):
     @quiet
     def quantize_blocks(self, values):
         x = np.asarray(values, dtype=np.float32)
-        n = x.shape[0]
-        sub_scales, L = symmetric_search(x.reshape(-1, 16), 32)
-        sub_scales = sub_scales.reshape(n, 16)
-        L = L.reshape(n, QK_K)
+        return _blocks_from(x, *symmetric_search(x.reshape(-1, 16), 32))
 
-        peak = signed_absmax(sub_scales)
-        empty = np.abs(peak) < GROUP_MAX_EPS
-        iscale = F32(-128) / np.where(empty, F32(1), peak)
-        d = F32(1) / iscale
-        scale_codes = np.minimum(nearest_int(iscale * sub_scales), 127).astype(np.int8)
+    @quiet
+    def quantize_blocks_weighted(self, values, qw, row_sigma2):
+        # llama.cpp weights Q6_K's sub-block search by the importance alone (no sigma2 term)
+        return _blocks_from(values, *symmetric_search(values.reshape(-1, 16), 32, qw.reshape(-1, 16)))
 
-        # requantize every element against the scales as they will be read back
-        dl = (f16_round(d) * scale_codes.astype(np.float32)).repeat(16, axis=1)
-        live = dl != 0
-        fresh = np.clip(np.rint(x / np.where(live, dl, F32(1))), F32(-32), F32(31)) + F32(32)
-        L = np.where(live, fresh, L).astype(np.uint8)
 
-        out = np.concatenate([
-            pack_nibbles(L, group=64),
-            pack_crumbs(L >> 4, 2),
-            scale_codes.view(np.uint8),
-            f16_bytes(d),
-        ], axis=1)
-        out[empty[:, 0]] = 0
-        return out
+def _blocks_from(x, sub_scales, L):
+    """The 16 sub-block scales under one super-scale, then every code again against them."""
+    n = x.shape[0]
+    sub_scales = sub_scales.reshape(n, 16)
+    L = L.reshape(n, QK_K)
+
+    peak = signed_absmax(sub_scales)
+    empty = np.abs(peak) < GROUP_MAX_EPS
+    iscale = F32(-128) / np.where(empty, F32(1), peak)
+    d = F32(1) / iscale
+    scale_codes = np.minimum(nearest_int(iscale * sub_scales), 127).astype(np.int8)
+
+    # requantize every element against the scales as they will be read back
+    dl = (f16_round(d) * scale_codes.astype(np.float32)).repeat(16, axis=1)
+    live = dl != 0
+    fresh = np.clip(np.rint(x / np.where(live, dl, F32(1))), F32(-32), F32(31)) + F32(32)
+    L = np.where(live, fresh, L).astype(np.uint8)
+
+    out = np.concatenate([
+        pack_nibbles(L, group=64),
+        pack_crumbs(L >> 4, 2),
+        scale_codes.view(np.uint8),
+        f16_bytes(d),
+    ], axis=1)
+    out[empty[:, 0]] = 0
+    return out
