@@ -363,16 +363,19 @@ def staging(dest, owned=(), keep_others: bool = True, kind: str = "this output")
 
     On error the folder vanishes and ``dest`` (if any) is untouched; if the process dies, the
     next kiln write into the same folder clears what was left (see the module docstring).
-    ``owned``: glob patterns (relative POSIX paths) of the files an output of this kind writes.
+    ``owned``: glob patterns (relative POSIX paths) of the files an output of this kind writes,
+    or a function giving them for what is at ``dest`` now (an artifact's are its manifest's,
+    which another writer may replace while this one works).
     Other files of an existing ``dest`` are kept: linked into the new folder before the swap,
     or, where ``keep_others`` is false (``kind`` cannot hold them), refused before any work.
     """
+    owned_now = owned if callable(owned) else (lambda: owned)
     dest = Path(dest)
     parent = os.fspath(dest.parent) if str(dest.parent) else "."
     if os.path.lexists(dest) and not dest.is_dir():
         raise KilnError(dest, "exists and is not a folder; remove it or choose another name")
     if not keep_others:
-        refuse_foreign(dest, owned, kind)
+        refuse_foreign(dest, owned_now(), kind)
     try:
         os.makedirs(parent, exist_ok=True)
     except OSError as e:
@@ -397,9 +400,10 @@ def staging(dest, owned=(), keep_others: bool = True, kind: str = "this output")
         try:
             yield Path(tmp)
             if dest.is_dir():
+                current = owned_now()                       # it may have changed meanwhile
                 if not keep_others:
-                    refuse_foreign(dest, owned, kind)       # it may have changed meanwhile
-                _carry(os.fspath(dest), tmp, owned)
+                    refuse_foreign(dest, current, kind)
+                _carry(os.fspath(dest), tmp, current)
             _fsync_tree(tmp)
             kill_point("folder.synced")
             with _dir_lock(parent):
