@@ -44,18 +44,11 @@ def add_arguments(s) -> None:
     """``kiln chat``'s flags: the sampling flags of ``kiln run``, spelled the same."""
     s.add_argument("artifact")
     s.add_argument("--system", help="system message the conversation starts with")
-    s.add_argument("-n", "--max-new-tokens", "--n-predict", dest="max_new_tokens", type=int, default=512,
-                   metavar="N", help="tokens per answer at most (/set max_tokens N changes it)")
-    s.add_argument("-c", "--ctx-size", type=int, metavar="N",
-                   help="tokens the conversation and the answer may hold together; older exchanges are "
-                        "dropped past it (default: the artifact's context)")
-    s.add_argument("--temperature", "--temp", type=float, default=0.0, help="sampling temperature; 0 is greedy")
-    s.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens only (0: all)")
-    s.add_argument("--top-p", type=float, default=1.0, help="sample from the likeliest tokens holding this probability")
-    s.add_argument("--min-p", type=float, default=0.0, help="drop tokens below this fraction of the likeliest one's probability")
-    s.add_argument("--repetition-penalty", type=float, default=1.0, help="divide the logits of tokens already seen by this")
-    s.add_argument("--seed", type=int, help="random seed for sampling")
-    s.add_argument("-t", "--threads", type=int, metavar="N", help="CPU threads (default: one per core)")
+    from kiln.cli import _threads_flag, sampling_flags
+    sampling_flags(s, max_new_tokens=512, n_help="tokens per answer at most (/set max_tokens N changes it)",
+                   c_help="tokens the conversation and the answer may hold together; older exchanges are "
+                          "dropped past it (default: the artifact's context)")
+    _threads_flag(s)
 
 
 class Conversation:

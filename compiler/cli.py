@@ -530,16 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt "
                                                        "(with no --prompt on a terminal: a conversation, as kiln chat)")
     s.add_argument("--system", help="system message for --chat")
-    s.add_argument("-n", "--max-new-tokens", "--n-predict", dest="max_new_tokens", type=int, default=128,
-                   metavar="N", help="tokens to generate at most")
-    s.add_argument("-c", "--ctx-size", type=int, metavar="N",
-                   help="tokens the prompt and the answer may hold together (default: the artifact's context)")
-    s.add_argument("--temperature", "--temp", type=float, default=0.0, help="sampling temperature; 0 is greedy")
-    s.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens only (0: all)")
-    s.add_argument("--top-p", type=float, default=1.0, help="sample from the likeliest tokens holding this probability")
-    s.add_argument("--min-p", type=float, default=0.0, help="drop tokens below this fraction of the likeliest one's probability")
-    s.add_argument("--repetition-penalty", type=float, default=1.0, help="divide the logits of tokens already seen by this")
-    s.add_argument("--seed", type=int, help="random seed for sampling")
+    sampling_flags(s, max_new_tokens=128, n_help="tokens to generate at most",
+                   c_help="tokens the prompt and the answer may hold together (default: the artifact's context)")
     s.add_argument("--stop", action="append", help="stop string (repeatable)")
     s.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (as transformers)")
     s.add_argument("--length-penalty", type=float, default=1.0,
@@ -661,6 +653,19 @@ def build_parser() -> argparse.ArgumentParser:
 def _known_names() -> list[str]:
     from kiln.frontends.known_models import KNOWN
     return list(KNOWN)
+
+
+def sampling_flags(s, *, max_new_tokens: int, n_help: str, c_help: str) -> None:
+    """The generation flags kiln run and kiln chat share, spelled as llama.cpp's where they overlap."""
+    s.add_argument("-n", "--max-new-tokens", "--n-predict", dest="max_new_tokens", type=int,
+                   default=max_new_tokens, metavar="N", help=n_help)
+    s.add_argument("-c", "--ctx-size", type=int, metavar="N", help=c_help)
+    s.add_argument("--temperature", "--temp", type=float, default=0.0, help="sampling temperature; 0 is greedy")
+    s.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens only (0: all)")
+    s.add_argument("--top-p", type=float, default=1.0, help="sample from the likeliest tokens holding this probability")
+    s.add_argument("--min-p", type=float, default=0.0, help="drop tokens below this fraction of the likeliest one's probability")
+    s.add_argument("--repetition-penalty", type=float, default=1.0, help="divide the logits of tokens already seen by this")
+    s.add_argument("--seed", type=int, help="random seed for sampling")
 
 
 def _threads_flag(s) -> None:

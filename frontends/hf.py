@@ -296,6 +296,17 @@ def read(path) -> ModelIR:
     family, cfg = arch_config(raw_cfg, folder)
     weights = load_weights(folder, family, cfg, text_prefixes(raw_cfg))
     graph = build_graph(cfg, weights, name=family.name)
+    tokenizer, gen = folder_extras(folder, cfg)
+    return ModelIR(graph=graph, config=cfg.to_dict(), weights=weights,
+                   source={"format": "hf", "path": os.fspath(folder), "config": raw_cfg,
+                           "name": raw_cfg.get("_name_or_path") or folder.resolve().name},
+                   tokenizer=tokenizer, generation=gen)
+
+
+def folder_extras(folder: Path, cfg: A.ArchConfig):
+    """What a model folder holds beside its weights: the tokenizer (None where there is none,
+    or the tokenizers package is missing) and the generation defaults, EOS from the config
+    where generation_config.json names none."""
     tokenizer = None
     try:
         from .tokenizer import from_hf_folder
@@ -305,10 +316,7 @@ def read(path) -> ModelIR:
     gen = _generation_config(folder, cfg.vocab_size)
     if not gen.get("eos_token_id") and cfg.eos_token_ids:
         gen["eos_token_id"] = cfg.eos_token_ids
-    return ModelIR(graph=graph, config=cfg.to_dict(), weights=weights,
-                   source={"format": "hf", "path": os.fspath(folder), "config": raw_cfg,
-                           "name": raw_cfg.get("_name_or_path") or folder.resolve().name},
-                   tokenizer=tokenizer, generation=gen)
+    return tokenizer, gen
 
 
 def _generation_config(folder: Path, vocab_size: int) -> dict:

@@ -100,15 +100,7 @@ def read(path) -> ModelIR:
     file, _, family, cfg, raw_cfg, _, weights = _open(path)
     folder = _model_folder(file)
     graph = build_graph(cfg, weights, name=family.name)
-    tokenizer = None
-    try:
-        from .tokenizer import from_hf_folder
-        tokenizer = from_hf_folder(folder)
-    except ImportError:
-        pass
-    gen = hf._generation_config(folder, cfg.vocab_size)
-    if not gen.get("eos_token_id") and cfg.eos_token_ids:
-        gen["eos_token_id"] = cfg.eos_token_ids
+    tokenizer, gen = hf.folder_extras(folder, cfg)
     source_cfg = raw_cfg if raw_cfg is not None else hf.hf_config(cfg, family, "f32")
     return ModelIR(graph=graph, config=cfg.to_dict(), weights=weights,
                    source={"format": "onnx", "path": os.fspath(file), "config": source_cfg,
