@@ -27,10 +27,11 @@ of a batch, and whatever the other prompts of its batch are.
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Sequence
 
 import numpy as np
+
+from .params import SamplingParams
 
 __all__ = ["Sampler"]
 
@@ -53,26 +54,27 @@ class Sampler:
         seed: int | None = None,
         frequency_penalty: float = 0.0,
         presence_penalty: float = 0.0,
+        *,
+        params: SamplingParams | None = None,
     ):
-        self.temperature = _check_float("temperature", temperature, ">= 0", lambda v: v >= 0)
-        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {top_k!r}")
-        self.top_k = int(top_k)
-        self.top_p = _check_float("top_p", top_p, "in (0, 1]", lambda v: 0 < v <= 1)
-        self.min_p = _check_float("min_p", min_p, "in [0, 1]", lambda v: 0 <= v <= 1)
-        self.repetition_penalty = _check_float(
-            "repetition_penalty", repetition_penalty, "> 0", lambda v: v > 0)
-        self.frequency_penalty = _check_float(
-            "frequency_penalty", frequency_penalty, "in [-2, 2]", lambda v: -2 <= v <= 2)
-        self.presence_penalty = _check_float(
-            "presence_penalty", presence_penalty, "in [-2, 2]", lambda v: -2 <= v <= 2)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))
-                                 or seed < 0):
-            raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
-        self.seed = None if seed is None else int(seed)
+        if params is None:        # the settings are checked once, by SamplingParams
+            params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                    repetition_penalty=repetition_penalty, seed=seed,
+                                    frequency_penalty=frequency_penalty, presence_penalty=presence_penalty)
+        self.params = params
+        self.temperature, self.top_k, self.top_p, self.min_p = (params.temperature, params.top_k,
+                                                                 params.top_p, params.min_p)
+        self.repetition_penalty = params.repetition_penalty
+        self.frequency_penalty, self.presence_penalty = params.frequency_penalty, params.presence_penalty
+        self.seed = params.seed
         self._seed_seq = np.random.SeedSequence(self.seed)
         self._streams: list[np.random.Generator] = []
         self._rows: list[int] | None = None
+
+    @classmethod
+    def of(cls, params: SamplingParams) -> Sampler:
+        """The sampler of a request's settings."""
+        return cls(params=params)
 
     @property
     def greedy(self) -> bool:
@@ -239,15 +241,6 @@ class Sampler:
         while len(self._streams) <= row:
             self._streams.append(np.random.Generator(np.random.PCG64(self._seed_seq.spawn(1)[0])))
         return self._streams[row]
-
-
-def _check_float(name: str, value, rule: str, ok) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ValueError(f"{name} must be a number {rule}, got {value!r}")
-    value = float(value)
-    if math.isnan(value) or math.isinf(value) or not ok(value):
-        raise ValueError(f"{name} must be {rule}, got {value!r}")
-    return value
 
 
 def _argmax(row: np.ndarray) -> int:

@@ -25,7 +25,7 @@ import numpy as np
 
 from .rows import check_extend, check_join, doubled_capacity, right_padded, row_order
 
-__all__ = ["Session", "RowSession", "RowCache", "ragged", "reorders_rows"]
+__all__ = ["Session", "RowSession", "RowCache", "ragged", "reorders_rows", "last_logits"]
 
 
 @runtime_checkable
@@ -87,6 +87,16 @@ def ragged(session) -> bool:
 def reorders_rows(session) -> bool:
     """Whether beam search can move the session's cache rows (``reorder_rows``)."""
     return callable(getattr(session, "reorder_rows", None))
+
+
+def last_logits(logits, batch: int) -> np.ndarray:
+    """The last position's logits of a ``forward``'s answer, [batch, vocab], checked to be the
+    [batch, seq, vocab] the protocol promises (a backend's bug is named, not a shape error)."""
+    logits = np.asarray(logits)
+    if logits.ndim != 3 or logits.shape[0] != batch or logits.shape[1] == 0:
+        raise RuntimeError(f"session.forward returned logits of shape {logits.shape}; "
+                           f"expected [{batch}, seq, vocab]")
+    return logits[:, -1, :]
 
 
 class RowCache:
