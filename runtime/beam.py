@@ -184,7 +184,7 @@ def generate(session, tokenizer, prompt, *, num_beams: int = 4, length_penalty: 
     _refuse_sampling(params)
     check_beam_args(num_beams, length_penalty, early_stopping, num_return_sequences)
     prompts, single = prompt_batch(tokenizer, prompt, add_special_tokens)
-    rules = StopRules(tokenizer, (), eos_ids)
+    rules = StopRules.of(tokenizer, params, eos_ids)
     out = []
     for ids in prompts:
         timings: dict = {}
@@ -200,7 +200,7 @@ def generate(session, tokenizer, prompt, *, num_beams: int = 4, length_penalty: 
 
 def _refuse_sampling(params: SamplingParams) -> None:
     for name, value in params.non_default().items():
-        if name != "max_tokens":
+        if name not in ("max_tokens", "ignore_eos"):    # StopRules applies ignore_eos
             raise ValueError(f"{name}={value!r} cannot be used with num_beams > 1: beam search here is "
                              "deterministic (no beam sampling, penalties or stop strings); "
                              "drop it or use num_beams=1")

@@ -40,7 +40,13 @@ class StopRules:
 
     @classmethod
     def of(cls, tokenizer, params: SamplingParams, eos: Iterable[int] | None = None) -> StopRules:
-        return cls(tokenizer, params.stop, eos)
+        """The ends of a request; with ``ignore_eos`` its EOS ids are none of them."""
+        return cls(tokenizer, params.stop, () if params.ignore_eos else eos)
+
+    @property
+    def end_ids(self) -> set[int]:
+        """The ids that end a row (what ``min_tokens`` holds back)."""
+        return self.eos | self.stop_ids
 
     def ends(self, token: int) -> str | None:
         """Why ``token`` ends a row ("eos" or "stop"), or None."""

@@ -224,7 +224,7 @@ class _Job:
             raise ValueError("logprobs are reported by the scheduler (kiln serve), not by generate()")
         self.session, self.tokenizer, self.params = session, tokenizer, params
         self.rules = StopRules.of(tokenizer, params, eos_ids)
-        self.sampler = Sampler.of(params)
+        self.sampler = Sampler.of(params, self.rules.end_ids)
 
     def run(self, prompts: list[list[int]], sampler: Sampler):
         """Yield ``(row, piece)`` as text becomes final; return the results of the rows."""

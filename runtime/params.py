@@ -33,6 +33,11 @@ class SamplingParams:
     ``temperature`` 0 is greedy decoding. ``stop``: strings that end the text (a string, or a
     list of them; kept as a tuple). ``logprobs``: None, or how many top alternatives (0..20)
     each token's logprob comes with (the scheduler and server report them).
+
+    vLLM's extensions (for benchmarks): ``min_tokens``, the EOS ids and the stop strings'
+    special tokens cannot be drawn before that many tokens (as transformers'
+    ``min_new_tokens``; a stop string in the text still ends it); ``ignore_eos``, the EOS ids
+    are ordinary tokens (kept in ``ids``, generation goes on).
     """
 
     max_tokens: int = 128
@@ -46,6 +51,8 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     logprobs: int | None = None
+    min_tokens: int = 0
+    ignore_eos: bool = False
 
     def __post_init__(self):
         fix = object.__setattr__           # frozen: normalised values are set once, here
@@ -70,6 +77,13 @@ class SamplingParams:
             if self.logprobs > 20:
                 raise InvalidParam(f"logprobs must be at most 20, got {self.logprobs}", "logprobs")
             fix(self, "logprobs", int(self.logprobs))
+        fix(self, "min_tokens", check_count("min_tokens", self.min_tokens))
+        if self.min_tokens > self.max_tokens:
+            raise InvalidParam(f"min_tokens ({self.min_tokens}) must be at most max_tokens ({self.max_tokens})",
+                               "min_tokens")
+        if not isinstance(self.ignore_eos, (bool, np.bool_)):
+            raise InvalidParam(f"ignore_eos must be true or false, got {self.ignore_eos!r}", "ignore_eos")
+        fix(self, "ignore_eos", bool(self.ignore_eos))
 
     @property
     def max_new_tokens(self) -> int:

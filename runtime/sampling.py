@@ -56,6 +56,7 @@ class Sampler:
         presence_penalty: float = 0.0,
         *,
         params: SamplingParams | None = None,
+        end_ids: Sequence[int] = (),
     ):
         if params is None:        # the settings are checked once, by SamplingParams
             params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
@@ -67,14 +68,18 @@ class Sampler:
         self.repetition_penalty = params.repetition_penalty
         self.frequency_penalty, self.presence_penalty = params.frequency_penalty, params.presence_penalty
         self.seed = params.seed
+        # min_tokens: the ids that end a row cannot be drawn before that many new tokens
+        self.min_tokens = params.min_tokens
+        self._end_ids = np.asarray(sorted(end_ids), dtype=np.int64)
         self._seed_seq = np.random.SeedSequence(self.seed)
         self._streams: list[np.random.Generator] = []
         self._rows: list[int] | None = None
 
     @classmethod
-    def of(cls, params: SamplingParams) -> Sampler:
-        """The sampler of a request's settings."""
-        return cls(params=params)
+    def of(cls, params: SamplingParams, end_ids: Sequence[int] = ()) -> Sampler:
+        """The sampler of a request's settings; ``end_ids``, the ids that end its rows (EOS,
+        stop tokens), are held back until ``params.min_tokens`` tokens are generated."""
+        return cls(params=params, end_ids=end_ids)
 
     @property
     def greedy(self) -> bool:
@@ -174,6 +179,9 @@ class Sampler:
             keep = (ids >= 0) & (ids < row.shape[0])
             ids, counts = ids[keep], counts[keep]
             row[ids] -= counts * self.frequency_penalty + self.presence_penalty
+        if self.min_tokens and len(history) - prompt_len < self.min_tokens and self._end_ids.size:
+            ends = self._end_ids[self._end_ids < row.shape[0]]
+            row[ends] = -np.inf
         if (row == -np.inf).all():
             raise ValueError("every logit is -inf; nothing can be sampled")
         return row

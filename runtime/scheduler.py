@@ -205,10 +205,10 @@ class Scheduler:
         if self.max_length is not None and len(prompt) > self.max_length:
             raise ValueError(f"the prompt has {len(prompt)} tokens but the model holds at most "
                              f"{self.max_length}")
-        sampler = Sampler.of(params)
+        rules = StopRules.of(self.tokenizer, params, self.eos_ids if eos_ids is None else eos_ids)
+        sampler = Sampler.of(params, rules.end_ids)
         if check_count("sample_stream", sample_stream):
             sampler = sampler.rows([sample_stream])
-        rules = StopRules.of(self.tokenizer, params, self.eos_ids if eos_ids is None else eos_ids)
         limit = params.max_tokens
         if self.max_length is not None:
             limit = min(limit, self.max_length - len(prompt))

@@ -7,7 +7,8 @@ OpenAI responses and server-sent events, and every bad request into OpenAI's err
 :mod:`kiln.runtime.scheduler`.
 
 Beyond OpenAI's settings: ``top_k``, ``min_p`` and ``repetition_penalty`` (transformers'
-multiplicative penalty, llama.cpp's ``repeat_penalty``). OpenAI's ``frequency_penalty`` and
+multiplicative penalty, llama.cpp's ``repeat_penalty``), and vLLM's ``min_tokens`` and
+``ignore_eos`` (see :class:`~kiln.runtime.params.SamplingParams`). OpenAI's ``frequency_penalty`` and
 ``presence_penalty`` are applied as OpenAI defines them, after it; the two kinds do not convert
 into each other (:mod:`kiln.runtime.sampling` says why). ``logprobs`` are of the model's raw
 distribution (:mod:`kiln.runtime.logprobs`); ``n`` choices are ``n`` batch rows, choice ``i``
@@ -43,9 +44,9 @@ FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "stop"
           "abort": "length"}     # ended by a shutdown's deadline: cut short, as by max_tokens
 
 
-#: The request's number fields that are SamplingParams fields of the same name, with their
-#: default and range: ``name: (kind, default, lo, hi, lo_open)`` (OpenAI's ranges where it has
-#: one). A new numeric request option is a field of SamplingParams and a line here.
+#: The request's fields that are SamplingParams fields of the same name, with their default
+#: and range: ``name: (kind, default, lo, hi, lo_open)`` (OpenAI's ranges where it has one;
+#: ``bool``: true or false). A new request option is a field of SamplingParams and a line here.
 SAMPLING_FIELDS = {
     "temperature": (float, 1.0, 0, 2, False),
     "top_p": (float, 1.0, 0, 1, True),
@@ -54,6 +55,8 @@ SAMPLING_FIELDS = {
     "repetition_penalty": (float, 1.0, 0, None, True),
     "frequency_penalty": (float, 0.0, -2, 2, False),
     "presence_penalty": (float, 0.0, -2, 2, False),
+    "min_tokens": (int, 0, 0, None, False),           # vLLM's extensions
+    "ignore_eos": (bool, False, None, None, False),
 }
 
 #: at most this many stop strings of at most STOP_CHARS characters each: every running row
@@ -66,6 +69,15 @@ def _shown(v, limit: int = 40) -> str:
     """``repr(v)``, cut short: error messages echo what they refuse, not megabytes of it."""
     r = repr(v)
     return r if len(r) <= limit else r[:limit] + "..."
+
+
+def _flag(body, name, default: bool) -> bool:
+    v = body.get(name)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise APIError(422, f"{name} must be true or false, got {_shown(v)}", code="invalid_value", param=name)
+    return v
 
 
 def _number(body, name, default, kind=float, lo=None, hi=None, lo_open=False):
@@ -128,10 +140,10 @@ class Service:
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 64):
             raise APIError(422, f"seed must be an integer in [0, 2**64), got {_shown(seed)}", code="invalid_value",
                            param="seed")
-        numbers = {name: _number(body, name, default, kind, lo, hi, lo_open)
-                   for name, (kind, default, lo, hi, lo_open) in SAMPLING_FIELDS.items()}
+        values = {name: _flag(body, name, default) if kind is bool else _number(body, name, default, kind, lo, hi, lo_open)
+                  for name, (kind, default, lo, hi, lo_open) in SAMPLING_FIELDS.items()}
         try:
-            return SamplingParams(max_tokens=max_tokens, seed=seed, stop=stop, **numbers)
+            return SamplingParams(max_tokens=max_tokens, seed=seed, stop=stop, **values)
         except InvalidParam as e:
             raise APIError(422, str(e), code="invalid_value", param=e.param) from None
 
