@@ -92,7 +92,7 @@ def beam_search(session, prompt: list[int], *, num_beams: int, max_new_tokens: i
         raise ValueError(f"this backend ({type(session).__name__}) cannot reorder its KV-cache rows, "
                          "so it cannot run beam search; use num_beams=1")
     limit = max_new_tokens
-    max_length = getattr(session, "max_length", None)
+    max_length = session.max_length
     if max_length is not None:
         if len(prompt) >= max_length:
             raise ValueError(f"the prompt has {len(prompt)} tokens and the model holds at most "

@@ -84,7 +84,7 @@ def generate_ids(
     batch, n = len(prompts), max(len(p) for p in prompts)
 
     limit = max_new_tokens
-    max_length = getattr(session, "max_length", None)
+    max_length = session.max_length
     if max_length is not None:
         if n > max_length:
             raise ValueError(f"the prompt has {n} tokens but the model holds at most "

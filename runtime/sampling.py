@@ -212,7 +212,7 @@ class Sampler:
         ranked = False  # whether the candidates are in (logit desc, id asc) order
 
         if 0 < self.top_k < len(vals):
-            ids = _ranked_top(vals, self.top_k)[:self.top_k]
+            ids = ranked_top(vals, self.top_k)[:self.top_k]
             vals, weights, ranked = vals[ids], weights[ids], True
 
         if self.top_p < 1.0:
@@ -221,7 +221,7 @@ class Sampler:
             # slice until it holds top_p of the mass instead of sorting everything.
             m = 64
             while not ranked:
-                order = _ranked_top(vals, m)
+                order = ranked_top(vals, m)
                 if weights[order].sum() >= target or len(order) == len(vals):
                     ids, weights, ranked = order, weights[order], True
                 m *= 8
@@ -255,7 +255,7 @@ def _argmax(row: np.ndarray) -> int:
     return int(np.argmax(row))  # np.argmax returns the first maximum: the lowest id
 
 
-def _ranked_top(vals: np.ndarray, m: int) -> np.ndarray:
+def ranked_top(vals: np.ndarray, m: int) -> np.ndarray:
     """Positions of at least the m largest ``vals``, ordered by value desc then position asc.
 
     A partition finds the m-th largest value in linear time; only the candidates at or above

@@ -180,7 +180,7 @@ class Scheduler:
     @property
     def vocab_size(self) -> int | None:
         """The ids a prompt may hold are 0..vocab_size-1 (None: the session does not say)."""
-        return getattr(self.session, "vocab_size", None)
+        return self.session.vocab_size
 
     # ---- requests -------------------------------------------------------------------------
     def submit(self, prompt: Sequence[int], *, params: SamplingParams | None = None,
