@@ -5,6 +5,7 @@ and jinja2 for chat templates. No frontends, no onnx export code, no tvm compile
 """
 from __future__ import annotations
 
+from .params import SamplingParams
 
 def load(path, *, threads: int | None = None, device: str | None = None, verify: bool = False,
          trusted_keys=None):
@@ -36,4 +37,4 @@ def load(path, *, threads: int | None = None, device: str | None = None, verify:
 TRUSTED_KEYS_ENV = "KILN_TRUSTED_KEYS"
 
 
-__all__ = ["load"]
+__all__ = ["load", "SamplingParams"]

@@ -24,14 +24,15 @@ candidates, computed in float32 as it does, so the same logits give the same hyp
 """
 from __future__ import annotations
 
-import inspect
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
-from . import generation
-from .generation import GenerationResult
+from .decoding import RowDecoder, StopRules, timing_summary
+from .generation import GenerationResult, prompt_batch
+from .params import SamplingParams
+from .session import last_logits, reorders_rows
 
 __all__ = ["BeamResult", "beam_search", "generate", "check_beam_args"]
 
@@ -87,11 +88,11 @@ def beam_search(session, prompt: list[int], *, num_beams: int, max_new_tokens: i
     prompt = [int(t) for t in prompt]
     if not prompt:
         raise ValueError("the prompt has no tokens; the model needs at least one")
-    if num_beams > 1 and not callable(getattr(session, "reorder_rows", None)):
+    if num_beams > 1 and not reorders_rows(session):
         raise ValueError(f"this backend ({type(session).__name__}) cannot reorder its KV-cache rows, "
                          "so it cannot run beam search; use num_beams=1")
     limit = max_new_tokens
-    max_length = getattr(session, "max_length", None)
+    max_length = session.max_length
     if max_length is not None:
         if len(prompt) >= max_length:
             raise ValueError(f"the prompt has {len(prompt)} tokens and the model holds at most "
@@ -120,7 +121,7 @@ def beam_search(session, prompt: list[int], *, num_beams: int, max_new_tokens: i
     clock = time.perf_counter()
     for step in range(limit):
         generated = step + 1                     # new tokens in each candidate, this one included
-        logp = _log_softmax(_last(logits, num_beams))
+        logp = _log_softmax(last_logits(logits, num_beams))
         vocab = logp.shape[1]
         total = (logp + running_scores[:, None]).reshape(-1)
         top = _top(total, keep)
@@ -166,54 +167,54 @@ def beam_search(session, prompt: list[int], *, num_beams: int, max_new_tokens: i
     return [_Hypothesis(finished[i], float(finished_scores[i])) for i in range(num_return_sequences)]
 
 
-def generate(session, tokenizer, prompt, *, max_new_tokens: int = 128, num_beams: int = 4,
-             length_penalty: float = 1.0, early_stopping: bool | str = False,
-             num_return_sequences: int = 1, add_special_tokens: bool = False, eos_ids=None,
-             **others):
+def generate(session, tokenizer, prompt, *, num_beams: int = 4, length_penalty: float = 1.0,
+             early_stopping: bool | str = False, num_return_sequences: int = 1,
+             add_special_tokens: bool = False, eos_ids=None, params: SamplingParams | None = None,
+             **settings):
     """Beam search for ``prompt`` (text or ids, or a list of those, as generation.generate).
 
     Returns, per prompt, a :class:`BeamResult` when ``num_return_sequences`` is 1, else a list
     of them, best first; a list of prompts gives a list of those. Prompts run one after
     another, each as a batch of ``num_beams`` cache rows. Results carry ids without the
-    ending EOS and ``finish_reason`` "eos" or "length". Any other argument of
-    generation.generate (sampling, penalties, stop strings, seed) must keep its default:
-    beam sampling and logit processors are not implemented.
+    ending EOS and ``finish_reason`` "eos" or "length". Of the settings (``params`` and
+    keyword arguments, as generation.generate takes them) only ``max_tokens`` may differ from
+    its default: beam sampling and logit processors are not implemented.
     """
-    _refuse_others(others)
+    params = SamplingParams.of(params, **settings)
+    _refuse_sampling(params)
     check_beam_args(num_beams, length_penalty, early_stopping, num_return_sequences)
-    prompts, single = generation._prompts(tokenizer, prompt, add_special_tokens)
-    eos = generation._id_set(getattr(tokenizer, "eos_ids", None) if eos_ids is None else eos_ids)
+    prompts, single = prompt_batch(tokenizer, prompt, add_special_tokens)
+    rules = StopRules.of(tokenizer, params, eos_ids)
     out = []
     for ids in prompts:
         timings: dict = {}
-        found = beam_search(session, ids, num_beams=num_beams, max_new_tokens=max_new_tokens,
-                            eos_ids=eos, length_penalty=length_penalty,
+        found = beam_search(session, ids, num_beams=num_beams, max_new_tokens=params.max_tokens,
+                            eos_ids=rules.eos, length_penalty=length_penalty,
                             early_stopping=early_stopping,
                             num_return_sequences=num_return_sequences, timings=timings)
-        summary = generation._timing_summary(timings, len(ids))
-        rs = [_result(h, len(ids), eos, tokenizer, summary) for h in found]
+        summary = timing_summary(timings, len(ids))
+        rs = [_result(h, ids, rules, summary) for h in found]
         out.append(rs[0] if num_return_sequences == 1 else rs)
     return out[0] if single else out
 
 
-def _refuse_others(others: dict) -> None:
-    defaults = {name: p.default for name, p in inspect.signature(generation.generate).parameters.items()
-                if p.default is not inspect.Parameter.empty}
-    for name, value in others.items():
-        if name not in defaults:
-            raise TypeError(f"generate() got an unexpected keyword argument {name!r}")
-        if value != defaults[name]:
+def _refuse_sampling(params: SamplingParams) -> None:
+    for name, value in params.non_default().items():
+        if name not in ("max_tokens", "ignore_eos"):    # StopRules applies ignore_eos
             raise ValueError(f"{name}={value!r} cannot be used with num_beams > 1: beam search here is "
                              "deterministic (no beam sampling, penalties or stop strings); "
                              "drop it or use num_beams=1")
 
 
-def _result(h: _Hypothesis, prompt_tokens: int, eos: set[int], tokenizer, timings) -> BeamResult:
-    ended = bool(h.tokens) and h.tokens[-1] in eos
-    ids = h.tokens[:-1] if ended else list(h.tokens)
-    text = tokenizer.decode(ids, skip_special_tokens=True) if tokenizer is not None else ""
-    return BeamResult(ids=ids, text=text, finish_reason="eos" if ended else "length",
-                      prompt_tokens=prompt_tokens, timings=dict(timings), score=h.score)
+def _result(h: _Hypothesis, prompt: list[int], rules: StopRules, timings) -> BeamResult:
+    """The hypothesis' tokens through a row's decode state, as generate's tokens go."""
+    row = RowDecoder(rules, prompt)
+    for t in h.tokens:
+        row.accept(t)
+    if row.reason is None:
+        row.end()
+    return BeamResult(ids=row.ids, text=row.text, finish_reason=row.reason,
+                      prompt_tokens=len(prompt), timings=dict(timings), score=h.score)
 
 
 def _can_improve(best_running, finished_scores, is_finished, generated, limit, length_penalty,
@@ -245,10 +246,3 @@ def _top(values: np.ndarray, k: int) -> np.ndarray:
         part = np.arange(values.size)
     return part[np.lexsort((part, -values[part]))][:k]
 
-
-def _last(logits, rows: int) -> np.ndarray:
-    logits = np.asarray(logits)
-    if logits.ndim != 3 or logits.shape[0] != rows or logits.shape[1] == 0:
-        raise RuntimeError(f"session.forward returned logits of shape {logits.shape}; "
-                           f"expected [{rows}, seq, vocab]")
-    return logits[:, -1, :]

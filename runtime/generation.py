@@ -6,12 +6,11 @@ generates, stops and streams the same way, and the loop is tested with a fake se
 
 Decisions a user may want to know:
 
-* ``result.ids`` holds the generated tokens without the EOS token; ``result.text`` is their
-  text, cut before the first stop string. When a stop string ends generation, ``ids`` keeps
-  every token that was generated (the last one completed the stop string), so
-  ``decode(ids)`` may be longer than ``text``.
-* A stop string that the tokenizer encodes as a single special token (``"<|im_end|>"``)
-  never shows up in decoded text, so it is also matched as that token id.
+* The settings are one :class:`~kiln.runtime.params.SamplingParams` (``params=``), or keyword
+  arguments that build one (``max_new_tokens=``, ``temperature=``, ...).
+* What a token does to its row (``result.ids`` without the EOS token, ``result.text`` cut
+  before the first stop string, stop strings that are special tokens) is
+  :class:`~kiln.runtime.decoding.RowDecoder`'s, shared with the scheduler and beam search.
 * A batch of prompts runs as one batch when the session keeps a length per cache row
   (``session.ragged_prefill``: its ``prefill`` takes prompts of different lengths); otherwise
   each group of equal-length prompts runs on its own. Results come back in the order of the
@@ -26,39 +25,22 @@ import inspect
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import Literal
 
 import numpy as np
 
-from kiln.runtime.sampling import Sampler
+from .decoding import RowDecoder, StopRules, id_set, timing_summary
+from .params import SamplingParams, check_count
+from .sampling import Sampler
+from .session import Session, last_logits, ragged
 
-__all__ = ["Session", "GenerationResult", "PAD_ID", "generate_ids", "generate", "stream"]
+__all__ = ["Session", "SamplingParams", "GenerationResult", "PAD_ID", "generate_ids", "generate",
+           "stream", "prompt_batch", "is_id_list"]
 
 #: What :func:`generate_ids` yields for a batch row that has already finished.
 PAD_ID = -1
 
 FinishReason = Literal["eos", "stop", "length"]
-
-
-@runtime_checkable
-class Session(Protocol):
-    """What a backend provides: a model with a KV cache for a fixed batch.
-
-    ``forward`` appends ``ids`` (int64 ``[batch, seq]``) to the cache and returns float32
-    logits ``[batch, seq, vocab]``, or ``[batch, 1, vocab]`` for the last position only when
-    ``last_only`` is true (which lets a backend skip the LM head for the rest of a prefill).
-    ``max_length`` is the most tokens one row of the cache can hold, or None if unbounded.
-
-    Optional: ``reorder_rows(index)`` (int64 ``[batch]``) makes row b of the cache hold what
-    row ``index[b]`` held, rows repeating or dropping out; beam search
-    (:mod:`kiln.runtime.beam`) needs it for ``num_beams`` > 1.
-    """
-
-    max_length: int | None
-
-    def reset(self, batch: int = 1) -> None: ...
-
-    def forward(self, ids: np.ndarray, last_only: bool = False) -> np.ndarray: ...
 
 
 @dataclass
@@ -96,13 +78,13 @@ def generate_ids(
     ``prefill_s``, ``decode_s`` and ``decode_steps`` as the loop runs, counting only the
     model and the sampler, not the time the caller spends between steps.
     """
-    prompts = _check_prompt_batch(prompt_ids, ragged=_ragged(session))
-    _check_count("max_new_tokens", max_new_tokens)
-    ends = _id_set(eos_ids) | _id_set(stop_ids)
+    prompts = _check_prompt_batch(prompt_ids, ragged=ragged(session))
+    check_count("max_new_tokens", max_new_tokens)
+    ends = id_set(eos_ids) | id_set(stop_ids)
     batch, n = len(prompts), max(len(p) for p in prompts)
 
     limit = max_new_tokens
-    max_length = getattr(session, "max_length", None)
+    max_length = session.max_length
     if max_length is not None:
         if n > max_length:
             raise ValueError(f"the prompt has {n} tokens but the model holds at most "
@@ -124,9 +106,9 @@ def _decode_loop(session, prompts, batch, limit, sampler, ends, timings):
 
     start = time.perf_counter()
     if len({len(p) for p in prompts}) > 1:
-        logits = _last_logits(session.prefill(prompts, last_only=True), batch)
+        logits = last_logits(session.prefill(prompts, last_only=True), batch)
     else:
-        logits = _last_logits(session.forward(np.asarray(prompts, dtype=np.int64), last_only=True),
+        logits = last_logits(session.forward(np.asarray(prompts, dtype=np.int64), last_only=True),
                               batch)
     prompt_lens = [len(p) for p in prompts]
     tokens = sampler(logits, history, prompt_lens)
@@ -147,7 +129,7 @@ def _decode_loop(session, prompts, batch, limit, sampler, ends, timings):
         # Finished rows keep feeding their last token: the batch must advance together,
         # and what they compute is thrown away.
         start = time.perf_counter()
-        logits = _last_logits(session.forward(fed[:, None].copy(), last_only=True), batch)
+        logits = last_logits(session.forward(fed[:, None].copy(), last_only=True), batch)
         tokens = sampler(logits, history, prompt_lens)
         if timings is not None:
             timings["decode_s"] += time.perf_counter() - start
@@ -159,33 +141,25 @@ def generate(
     tokenizer,
     prompt: str | Sequence[int] | Sequence[str] | Sequence[Sequence[int]],
     *,
-    max_new_tokens: int = 128,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    min_p: float = 0.0,
-    repetition_penalty: float = 1.0,
-    seed: int | None = None,
-    frequency_penalty: float = 0.0,
-    presence_penalty: float = 0.0,
-    stop: Sequence[str] | str | None = None,
+    params: SamplingParams | None = None,
     add_special_tokens: bool = False,
     eos_ids: Iterable[int] | None = None,
+    **settings,
 ) -> GenerationResult | list[GenerationResult]:
     """Complete ``prompt`` (text or token ids); a list of prompts gives a list of results.
 
-    ``add_special_tokens`` encodes text prompts with the tokenizer's special tokens (its
-    ``encode(text, add_special_tokens=True)``, or else BOS in front unless already there).
+    ``params`` (a :class:`SamplingParams`) and ``settings`` (keyword arguments by its field
+    names, ``max_new_tokens`` for ``max_tokens``; they override ``params``) say what to
+    generate. ``add_special_tokens`` encodes text prompts with the tokenizer's special tokens
+    (its ``encode(text, add_special_tokens=True)``, or else BOS in front unless already there).
     Token-id prompts are used exactly as given. ``tokenizer`` may be None: prompts must then
     be token ids, results carry ids and an empty text, and generation ends at ``eos_ids``
     (which otherwise default to the tokenizer's).
     """
-    prompts, single = _prompts(tokenizer, prompt, add_special_tokens)
-    job = _Job(session, tokenizer, max_new_tokens, stop,
-               Sampler(temperature, top_k, top_p, min_p, repetition_penalty, seed,
-                       frequency_penalty, presence_penalty), eos_ids)
+    prompts, single = prompt_batch(tokenizer, prompt, add_special_tokens)
+    job = _Job(session, tokenizer, SamplingParams.of(params, **settings), eos_ids)
     results: list[GenerationResult | None] = [None] * len(prompts)
-    groups = [list(range(len(prompts)))] if _ragged(session) else _equal_length_groups(prompts)
+    groups = [list(range(len(prompts)))] if ragged(session) else _equal_length_groups(prompts)
     for group in groups:
         runner = job.run([prompts[i] for i in group], job.sampler.rows(group))
         group_results = _drain(runner)
@@ -199,35 +173,25 @@ def stream(
     tokenizer,
     prompt: str | Sequence[int],
     *,
-    max_new_tokens: int = 128,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    min_p: float = 0.0,
-    repetition_penalty: float = 1.0,
-    seed: int | None = None,
-    frequency_penalty: float = 0.0,
-    presence_penalty: float = 0.0,
-    stop: Sequence[str] | str | None = None,
+    params: SamplingParams | None = None,
     add_special_tokens: bool = False,
     eos_ids: Iterable[int] | None = None,
+    **settings,
 ) -> Iterator[str]:
     """Yield the completion of one prompt as pieces of text, as soon as they are final.
 
-    The pieces join to exactly ``generate(...).text`` for the same arguments. Text that may
-    be the beginning of a stop string is held back until the next tokens decide it. The
-    iterator's return value (``StopIteration.value``, or ``yield from``) is the
-    :class:`GenerationResult`. Without a tokenizer there is no text: nothing is yielded and
-    the result carries the ids.
+    Takes what :func:`generate` takes. The pieces join to exactly ``generate(...).text`` for
+    the same arguments. Text that may be the beginning of a stop string is held back until
+    the next tokens decide it. The iterator's return value (``StopIteration.value``, or
+    ``yield from``) is the :class:`GenerationResult`. Without a tokenizer there is no text:
+    nothing is yielded and the result carries the ids.
     """
-    prompts, single = _prompts(tokenizer, prompt, add_special_tokens)
+    prompts, single = prompt_batch(tokenizer, prompt, add_special_tokens)
     if not single:
         raise ValueError("stream() takes one prompt; use generate() for a batch of prompts")
     # Everything is checked above and in _Job, before the first next(), so a bad argument
     # fails at the call rather than somewhere inside the caller's loop.
-    job = _Job(session, tokenizer, max_new_tokens, stop,
-               Sampler(temperature, top_k, top_p, min_p, repetition_penalty, seed,
-                       frequency_penalty, presence_penalty), eos_ids)
+    job = _Job(session, tokenizer, SamplingParams.of(params, **settings), eos_ids)
     return _stream_pieces(job.run(prompts, job.sampler))
 
 
@@ -255,178 +219,46 @@ def _drain(runner) -> list[GenerationResult]:
 class _Job:
     """One generate/stream call's settings, checked once, shared by its prompt groups."""
 
-    def __init__(self, session, tokenizer, max_new_tokens, stop, sampler, eos_ids=None):
-        _check_count("max_new_tokens", max_new_tokens)
-        self.session, self.tokenizer, self.sampler = session, tokenizer, sampler
-        self.max_new_tokens = max_new_tokens
-        self.stops = _stop_strings(stop)
-        if self.stops and tokenizer is None:
-            raise ValueError("stop strings need a tokenizer to read the generated text, and "
-                             "this model has none; stop on token ids with eos_ids instead")
-        self.eos = _id_set(getattr(tokenizer, "eos_ids", None) if eos_ids is None else eos_ids)
-        self.stop_ids = _special_stop_ids(tokenizer, self.stops) - self.eos
+    def __init__(self, session, tokenizer, params: SamplingParams, eos_ids=None):
+        if params.logprobs is not None:
+            raise ValueError("logprobs are reported by the scheduler (kiln serve), not by generate()")
+        self.session, self.tokenizer, self.params = session, tokenizer, params
+        self.rules = StopRules.of(tokenizer, params, eos_ids)
+        self.sampler = Sampler.of(params, self.rules.end_ids)
 
     def run(self, prompts: list[list[int]], sampler: Sampler):
         """Yield ``(row, piece)`` as text becomes final; return the results of the rows."""
-        batch = len(prompts)
-        texts = [_StopMatcher(_stream_decoder(self.tokenizer), self.stops) for _ in prompts]
-        pieces: list[list[str]] = [[] for _ in prompts]
-        ids: list[list[int]] = [[] for _ in prompts]
-        reasons: list[str | None] = [None] * batch
+        rows = [RowDecoder(self.rules, p) for p in prompts]
         timings: dict = {}
-
-        steps = generate_ids(self.session, prompts, max_new_tokens=self.max_new_tokens,
-                             sampler=sampler, eos_ids=self.eos, stop_ids=self.stop_ids,
+        steps = generate_ids(self.session, prompts, max_new_tokens=self.params.max_tokens,
+                             sampler=sampler, eos_ids=self.rules.eos, stop_ids=self.rules.stop_ids,
                              timings=timings)
         try:
             for tokens in steps:
-                for b in range(batch):
-                    if reasons[b] is not None:
-                        continue
-                    t = int(tokens[b])
-                    if t in self.eos or t in self.stop_ids:
-                        reasons[b] = "eos" if t in self.eos else "stop"
-                        piece, hit = texts[b].finish()
-                    else:
-                        ids[b].append(t)
-                        piece, hit = texts[b].add(t)
-                    if hit:
-                        reasons[b] = "stop"
-                    if piece:
-                        pieces[b].append(piece)
-                        yield b, piece
-                if all(r is not None for r in reasons):
+                for b, row in enumerate(rows):
+                    if row.reason is None:
+                        piece, _, _ = row.accept(int(tokens[b]))
+                        if piece:
+                            yield b, piece
+                if all(row.reason is not None for row in rows):
                     break
         finally:
             steps.close()
-
-        for b in range(batch):
-            if reasons[b] is None:
-                piece, hit = texts[b].finish()
-                reasons[b] = "stop" if hit else "length"
+        # the rows the loop stopped (max_new_tokens, the model's length)
+        for b, row in enumerate(rows):
+            if row.reason is None:
+                piece = row.end()
                 if piece:
-                    pieces[b].append(piece)
                     yield b, piece
-        return [GenerationResult(ids=ids[b], text="".join(pieces[b]), finish_reason=reasons[b],
-                                 prompt_tokens=len(prompts[b]),
-                                 timings=_timing_summary(timings, len(prompts[b])))
-                for b in range(batch)]
-
-
-class _StopMatcher:
-    """Decoded text of one row, released only once no stop string can still start in it.
-
-    Invariant: no suffix of the released text is a proper prefix of a stop string, so a
-    stop string that completes later lies entirely inside the held-back text plus the new
-    piece, and searching that small buffer is enough.
-    """
-
-    def __init__(self, decoder, stops: list[str]):
-        # Stream decoders spell "next token" as add(), put() or a call; accept any of them.
-        self.decode = getattr(decoder, "add", None) or getattr(decoder, "put", None) or decoder
-        self.flush = decoder.flush
-        self.stops = stops
-        self.held = ""
-
-    def add(self, token: int) -> tuple[str, bool]:
-        return self._push(self.decode(token), final=False)
-
-    def finish(self) -> tuple[str, bool]:
-        return self._push(self.flush(), final=True)
-
-    def _push(self, piece: str, final: bool) -> tuple[str, bool]:
-        buf = self.held + piece
-        self.held = ""
-        if not self.stops:
-            return buf, False
-        found = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
-        if found:
-            return buf[:min(found)], True
-        if not final:
-            keep = _partial_stop_len(buf, self.stops)
-            if keep:
-                buf, self.held = buf[:-keep], buf[-keep:]
-        return buf, False
-
-
-def _partial_stop_len(text: str, stops: list[str]) -> int:
-    best = 0
-    for s in stops:
-        for k in range(min(len(text), len(s) - 1), best, -1):
-            if text.endswith(s[:k]):
-                best = k
-                break
-    return best
-
-
-class _DiffDecoder:
-    """Stream decoder for a tokenizer that only has ``decode``.
-
-    Decodes a short window of ids and releases the text past the previous window once it no
-    longer ends in U+FFFD (an incomplete UTF-8 sequence). The window starts one released
-    chunk back so tokenizers that drop a leading space at the start of a decode still see
-    the context they need.
-    """
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.prefix = 0
-        self.read = 0
-
-    def _decode(self, ids):
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def add(self, token: int) -> str:
-        self.ids.append(int(token))
-        before = self._decode(self.ids[self.prefix:self.read])
-        now = self._decode(self.ids[self.prefix:])
-        if len(now) > len(before) and not now.endswith("\ufffd"):
-            self.prefix, self.read = self.read, len(self.ids)
-            return now[len(before):]
-        return ""
-
-    def flush(self) -> str:
-        before = self._decode(self.ids[self.prefix:self.read])
-        now = self._decode(self.ids[self.prefix:])
-        self.prefix = self.read = len(self.ids)
-        return now[len(before):]
-
-
-class _NoText:
-    """The stream decoder of a model without a tokenizer: its results are ids only."""
-
-    def add(self, token: int) -> str:
-        return ""
-
-    def flush(self) -> str:
-        return ""
-
-
-def _stream_decoder(tokenizer):
-    if tokenizer is None:
-        return _NoText()
-    make = getattr(tokenizer, "stream_decoder", None)
-    return make() if make is not None else _DiffDecoder(tokenizer)
-
-
-def _timing_summary(t: dict, prompt_tokens: int) -> dict[str, float]:
-    prefill, decode, steps = t.get("prefill_s", 0.0), t.get("decode_s", 0.0), \
-        t.get("decode_steps", 0)
-    return {
-        "prefill_s": prefill,
-        "decode_s": decode,
-        "decode_steps": steps,
-        # Per sequence, like llama.cpp's "prompt eval" and "eval" rates: the first new token
-        # comes out of the prefill, every later one costs one decode step.
-        "prefill_tokens_per_s": prompt_tokens / prefill if prefill > 0 else 0.0,
-        "tokens_per_s": steps / decode if decode > 0 else 0.0,
-    }
+        return [GenerationResult(ids=row.ids, text=row.text, finish_reason=row.reason,
+                                 prompt_tokens=len(p), timings=timing_summary(timings, len(p)))
+                for row, p in zip(rows, prompts)]
 
 
 # -- argument handling ---------------------------------------------------------------------
 
-def _prompts(tokenizer, prompt, add_special_tokens: bool) -> tuple[list[list[int]], bool]:
+def prompt_batch(tokenizer, prompt, add_special_tokens: bool) -> tuple[list[list[int]], bool]:
+    """The prompts' token ids (text encoded), and whether ``prompt`` was a single prompt."""
     if isinstance(prompt, np.ndarray):
         prompt = prompt.tolist()
     if isinstance(prompt, str) or is_id_list(prompt):
@@ -478,12 +310,6 @@ def is_id_list(p) -> bool:
             and all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in p))
 
 
-def _ragged(session) -> bool:
-    """Whether the session prefills prompts of different lengths in one run (each row of its
-    KV cache has its own length)."""
-    return bool(getattr(session, "ragged_prefill", False))
-
-
 def _check_prompt_batch(prompt_ids, ragged: bool = False) -> list[list[int]]:
     prompts = [[int(t) for t in p] for p in prompt_ids]
     if not prompts:
@@ -497,48 +323,9 @@ def _check_prompt_batch(prompt_ids, ragged: bool = False) -> list[list[int]]:
     return prompts
 
 
-def _check_count(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-
-
-def _id_set(ids) -> set[int]:
-    if ids is None:
-        return set()
-    if isinstance(ids, (int, np.integer)):
-        return {int(ids)}
-    return {int(i) for i in ids}
-
-
-def _stop_strings(stop) -> list[str]:
-    if stop is None:
-        return []
-    stops = [stop] if isinstance(stop, str) else list(stop)
-    for s in stops:
-        if not isinstance(s, str) or not s:
-            raise ValueError(f"stop strings must be non-empty strings, got {s!r}")
-    return stops
-
-
-def _special_stop_ids(tokenizer, stops: list[str]) -> set[int]:
-    ids = set()
-    for s in stops:
-        enc = list(tokenizer.encode(s))
-        if len(enc) == 1 and tokenizer.decode(enc, skip_special_tokens=True) == "":
-            ids.add(int(enc[0]))
-    return ids
-
-
 def _equal_length_groups(prompts: list[list[int]]) -> list[list[int]]:
     groups: dict[int, list[int]] = {}
     for i, p in enumerate(prompts):
         groups.setdefault(len(p), []).append(i)
     return list(groups.values())
 
-
-def _last_logits(logits, batch: int) -> np.ndarray:
-    logits = np.asarray(logits)
-    if logits.ndim != 3 or logits.shape[0] != batch or logits.shape[1] == 0:
-        raise RuntimeError(f"session.forward returned logits of shape {logits.shape}; "
-                           f"expected [{batch}, seq, vocab]")
-    return logits[:, -1, :]

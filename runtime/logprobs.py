@@ -16,7 +16,7 @@ import re
 
 import numpy as np
 
-from .sampling import _ranked_top
+from .sampling import ranked_top
 
 __all__ = ["token_logprobs", "TokenStrings", "chat_logprobs", "completion_logprobs"]
 
@@ -31,7 +31,7 @@ def token_logprobs(logits: np.ndarray, token: int, k: int) -> tuple[float, list[
     finite = x[np.isfinite(x)]
     m = finite.max() if finite.size else 0.0
     lse = m + math.log(np.exp(x - m).sum())
-    top = _ranked_top(x, k)[:k] if k else ()
+    top = ranked_top(x, k)[:k] if k else ()
     return _finite(x[token] - lse), [(int(i), _finite(x[i] - lse)) for i in top]
 
 

@@ -112,33 +112,43 @@ class Model:
     # ---- generation ---------------------------------------------------------------------
     # A prompt is text or token ids; ids work whether or not the artifact has a tokenizer, and
     # without one the results carry ids and an empty text.
-    def generate(self, prompt, max_new_tokens: int = 128, *, num_beams: int = 1, length_penalty: float = 1.0,
+    # The settings: ``params=SamplingParams(...)`` and/or keyword arguments by its field names
+    # (``max_new_tokens`` for ``max_tokens``), which override ``params``.
+    def generate(self, prompt, max_new_tokens: int | None = None, *, num_beams: int = 1, length_penalty: float = 1.0,
                  early_stopping: bool | str = False, num_return_sequences: int = 1, **kwargs):
         """Greedy or sampled completion; with ``num_beams`` > 1 (or ``num_return_sequences`` > 1)
         beam search as transformers' ``generate(num_beams=...)``: see :mod:`kiln.runtime.beam`,
         whose results carry a ``score`` and come best first in a list when
         ``num_return_sequences`` > 1."""
-        kwargs.setdefault("eos_ids", self.eos_ids)
+        kwargs = self._settings(kwargs, max_new_tokens)
         if num_beams != 1 or num_return_sequences != 1:
             from . import beam
-            return beam.generate(self.session, self.tokenizer, prompt, max_new_tokens=max_new_tokens,
-                                 num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
+            return beam.generate(self.session, self.tokenizer, prompt, num_beams=num_beams,
+                                 length_penalty=length_penalty, early_stopping=early_stopping,
                                  num_return_sequences=num_return_sequences, **kwargs)
-        return generation.generate(self.session, self.tokenizer, prompt, max_new_tokens=max_new_tokens, **kwargs)
+        return generation.generate(self.session, self.tokenizer, prompt, **kwargs)
 
-    def stream(self, prompt, max_new_tokens: int = 128, **kwargs):
+    def stream(self, prompt, max_new_tokens: int | None = None, **kwargs):
+        return generation.stream(self.session, self.tokenizer, prompt, **self._settings(kwargs, max_new_tokens))
+
+    def _settings(self, kwargs: dict, max_new_tokens: int | None) -> dict:
         kwargs.setdefault("eos_ids", self.eos_ids)
-        return generation.stream(self.session, self.tokenizer, prompt, max_new_tokens=max_new_tokens, **kwargs)
+        if max_new_tokens is not None:
+            kwargs["max_new_tokens"] = max_new_tokens
+        return kwargs
 
     def chat_prompt(self, messages, add_generation_prompt: bool = True) -> str:
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
         return self._tok().apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
 
-    def chat(self, messages, max_new_tokens: int = 256, stream: bool = False, **kwargs):
+    def chat(self, messages, max_new_tokens: int | None = None, stream: bool = False, **kwargs):
         """Answer a conversation: a list of ``{"role", "content"}`` messages rendered by the
         model's chat template, a single user message as a string, or token ids of a
-        conversation already rendered (which need no tokenizer)."""
+        conversation already rendered (which need no tokenizer). At most 256 new tokens unless
+        ``max_new_tokens`` or ``params`` says otherwise."""
+        if max_new_tokens is None and kwargs.get("params") is None and "max_tokens" not in kwargs:
+            max_new_tokens = 256
         prompt = list(messages) if generation.is_id_list(messages) else self.chat_prompt(messages)
         fn = self.stream if stream else self.generate
         return fn(prompt, max_new_tokens=max_new_tokens, **kwargs)

@@ -24,7 +24,7 @@ from kiln.artifact import ArtifactError
 
 from . import manifest_numbers as numbers
 from .onnx_check import check_external_data
-from .rows import check_extend, check_join, doubled_capacity, recomputed_at_switch, right_padded, row_order
+from .session import RowCache
 
 #: First capacity of a shared cache, in tokens per row; it doubles as sequences grow.
 INITIAL_CAPACITY = 256
@@ -44,8 +44,11 @@ def _providers(device: str | None, folder=None):
     return ["CPUExecutionProvider"]
 
 
-class OnnxRuntimeSession:
-    """Implements kiln.runtime.generation.Session over one ONNX model with a KV cache."""
+class OnnxRuntimeSession(RowCache):
+    """Implements kiln.runtime.session.RowSession over one ONNX model with a KV cache."""
+
+    no_rows = "rows can join a running batch only with the shared KV-cache layout"
+    no_ragged = "this artifact's KV cache grows by concatenation; prompts of one run must have the same length"
 
     def __init__(self, folder, manifest: dict, *, threads: int | None = None, device: str | None = None):
         import onnxruntime as ort
@@ -92,34 +95,25 @@ class OnnxRuntimeSession:
         # longrope models rotate with other frequencies past this length; as transformers does,
         # crossing it recomputes the cache so every cached key uses the long frequencies
         self.recompute_past = backend.get("recompute_cache_after") if self.layout == "concat" else None
-        self.history: np.ndarray | None = None
         self.past: dict[str, np.ndarray] = {}
         self.buffers: dict[str, object] = {}
         self._arrays: dict[str, np.ndarray] = {}
         self._rows: dict = {}
         self._io = None
-        self.capacity = 0
-        self.lengths = np.zeros(1, dtype=np.int64)
-        self.length = 0
         self.reset(1)
 
     # ---- the Session protocol -------------------------------------------------------------
     def reset(self, batch: int = 1) -> None:
-        self.batch = batch
-        self.length = 0
-        self.lengths = np.zeros(batch, dtype=np.int64)
+        self._reset_rows(batch)
         if self.layout == "shared":
             if not self.buffers or self._buffer_batch != batch:
                 self._allocate(batch, min(INITIAL_CAPACITY, self.max_length or INITIAL_CAPACITY))
             return
         empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=np.float32)
         self.past = {f"past_{name}": empty for name in self.cache_names}
-        self.history = np.zeros((batch, 0), dtype=np.int64) if self.recompute_past else None
 
     def forward(self, ids: np.ndarray, last_only: bool = False) -> np.ndarray:
-        ids = np.ascontiguousarray(ids, dtype=np.int64)
-        if ids.ndim != 2 or ids.shape[0] != self.batch:
-            raise ValueError(f"ids must be [batch={self.batch}, seq], got {list(ids.shape)}")
+        ids = self._checked_ids(ids)
         if self.batch > 1 and ids.shape[1] > 1 and self.length:
             # ORT's GroupQueryAttention takes several new tokens over a cache for one row only;
             # step through them, which computes the same thing
@@ -131,12 +125,7 @@ class OnnxRuntimeSession:
             return self._run_shared(ids, self.lengths + s, positions)
         return self._run_concat(ids, last_only, positions)
 
-    def reorder_rows(self, index) -> None:
-        """Row b of the cache becomes what row ``index[b]`` held (beam search's step from
-        parent beams to their children); rows may repeat or drop out."""
-        index = row_order(index, self.batch)
-        if index is None:
-            return
+    def _reorder_cache(self, index) -> None:
         if self.layout == "shared":
             n = int(self.lengths.max())
             # in place: the OrtValues bound to these arrays share their memory
@@ -145,76 +134,26 @@ class OnnxRuntimeSession:
                 arr[:, :, :n] = arr[index, :, :n]
         else:
             self.past = {name: value[index] for name, value in self.past.items()}
-            if self.history is not None:
-                self.history = self.history[index]
-        self.lengths = self.lengths[index]
-        self.length = int(self.lengths.max())
 
     # ---- prompts of different lengths in one run (shared layout) ---------------------------
     @property
     def ragged_prefill(self) -> bool:
         return self.layout == "shared"
 
-    def prefill(self, prompts: list[list[int]], last_only: bool = True) -> np.ndarray:
-        """Start every row of a fresh cache with its own prompt, in one run: right-padded to
-        the longest, each row's length telling attention where its keys end. Returns the
-        logits of each row's last prompt token, [batch, 1, vocab] (or [batch, longest, vocab]
-        with rows past their prompt undefined when ``last_only`` is false)."""
-        if not self.ragged_prefill:
-            raise ValueError("this artifact's KV cache grows by concatenation; prompts of one run "
-                             "must have the same length")
-        ids, lengths, positions = right_padded(prompts, self.batch, self.length, last_only)
+    def _prefill_padded(self, ids, lengths, positions) -> np.ndarray:
         return self._run_shared(ids, lengths, positions)
 
     # ---- rows that join and leave a running batch (shared layout) --------------------------
-    def start_rows(self, batch: int) -> None:
-        """An empty cache of ``batch`` rows for a scheduler: rows join with :meth:`join_row`,
-        all rows advance together with :meth:`step`, and :meth:`free_row` empties one."""
-        if self.layout != "shared":
-            raise ValueError("rows can join a running batch only with the shared KV-cache layout")
-        self.reset(batch)
-
-    def join_row(self, r: int, prompt: list[int]) -> np.ndarray:
-        """Prefill ``prompt`` into row ``r`` while the other rows keep their state; returns
-        the logits of its last token, float32 [vocab]."""
-        check_join(r, len(prompt), self.batch, self.max_length)
-        self.free_row(r)
-        return self.extend_row(r, prompt)
-
-    def extend_row(self, r: int, ids: list[int]) -> np.ndarray:
-        """Append ``ids`` to row ``r`` (a prompt fed a chunk at a time) while the other rows
-        keep their state; returns the logits of its last token, float32 [vocab].
-
-        ORT's GroupQueryAttention takes several new tokens over a cache for one row only, so
+    def _extend_one(self, r: int, ids: list[int], cached: int) -> np.ndarray:
+        """ORT's GroupQueryAttention takes several new tokens over a cache for one row only, so
         they run as a batch of one whose cache buffers are row r's slice of the batch buffers
         (the OrtValues share the numpy arrays' memory: nothing is copied)."""
-        cached, n = int(self.lengths[r]), len(ids)
-        check_extend(r, cached, n, self.batch, self.max_length)
-        if cached + n > self.capacity:
-            self._grow(cached + n)
         row = self._row_session(r)
         row.lengths = np.asarray([cached], dtype=np.int64)
-        logits = row.forward(np.asarray([ids], dtype=np.int64), last_only=True)[0, -1]
-        self.lengths[r] = cached + n
-        self.length = int(self.lengths.max())
-        return logits
+        return row.forward(np.asarray([ids], dtype=np.int64), last_only=True)[0, -1]
 
-    def free_row(self, r: int) -> None:
-        self.lengths[r] = 0
-        self.length = int(self.lengths.max())
-
-    def step(self, tokens: np.ndarray, active: np.ndarray) -> np.ndarray:
-        """One decode step of every row: row b appends ``tokens[b]`` at its own length.
-        Rows not ``active`` keep their cache and length (a row between two chunks of its
-        prompt): their token is written just past their end, where their next tokens go, and
-        their logits are meaningless. Returns float32 [batch, vocab]."""
-        ids = np.ascontiguousarray(np.asarray(tokens, dtype=np.int64).reshape(self.batch, 1))
-        active = np.asarray(active, dtype=bool)
-        before = self.lengths.copy()
-        logits = self._run_shared(ids, before + 1, np.zeros((self.batch, 1), dtype=np.int64))
-        self.lengths = np.where(active, before + 1, before)
-        self.length = int(self.lengths.max())
-        return logits[:, -1]
+    def _step_all(self, ids: np.ndarray, before: np.ndarray) -> np.ndarray:
+        return self._run_shared(ids, before + 1, np.zeros((self.batch, 1), dtype=np.int64))
 
     def _row_session(self, r: int):
         """A batch-1 session over row r's slice of the cache buffers, made again only when the
@@ -239,15 +178,14 @@ class OnnxRuntimeSession:
 
     def _run_concat(self, ids, last_only, positions):
         if self.recompute_past:
-            recomputed = recomputed_at_switch(self, ids, last_only)
+            recomputed = self._recomputed_at_switch(ids, last_only)
             if recomputed is not None:
                 return recomputed
         outs = self.sess.run(None, {**self._feeds(ids, positions), **self.past})
         results = dict(zip(self.output_names, outs))
         for name in self.past:
             self.past[name] = results["present" + name[4:]]
-        self.length += ids.shape[1]
-        self.lengths += ids.shape[1]
+        self._set_lengths(self.lengths + ids.shape[1])
         logits = results[self.logits_name]
         if "logits_positions" in self.input_names:
             return logits
@@ -270,8 +208,7 @@ class OnnxRuntimeSession:
         io.bind_output(self.logits_name)            # a fresh output: its shape changes per run
         self.sess.run_with_iobinding(io)
         logits = io.get_outputs()[0].numpy()
-        self.lengths = new_lengths.astype(np.int64)
-        self.length = int(self.lengths.max())
+        self._set_lengths(new_lengths)
         return logits
 
     def _binding(self):
@@ -300,6 +237,5 @@ class OnnxRuntimeSession:
         self._io = None
         self._rows = {}
 
-    def _grow(self, needed: int) -> None:
-        self._allocate(self.batch, doubled_capacity(self.capacity, needed, self.max_length),
-                       keep=int(self.lengths.max()))
+    def _resize(self, capacity: int, keep: int) -> None:
+        self._allocate(self.batch, capacity, keep=keep)

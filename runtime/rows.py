@@ -1,5 +1,6 @@
-"""Per-row cache bookkeeping that both sessions (ONNX Runtime, TVM) share: prompts of
-different lengths as one right-padded batch, a row joining a running batch, cache growth."""
+"""The checks and arithmetic of per-row cache bookkeeping (:class:`kiln.runtime.session.RowCache`
+holds the state): prompts of different lengths as one right-padded batch, a row joining a
+running batch, cache growth, a reordering of rows."""
 from __future__ import annotations
 
 import numpy as np
@@ -48,22 +49,6 @@ def doubled_capacity(capacity: int, needed: int, max_length: int | None) -> int:
     while capacity < needed:
         capacity *= 2
     return min(capacity, max_length) if max_length is not None else capacity
-
-
-def recomputed_at_switch(session, ids: np.ndarray, last_only: bool):
-    """Longrope models rotate with other frequencies once a sequence is longer than the switch
-    (``session.recompute_past``). As transformers' generate does for them, the call that
-    crosses it runs the whole sequence again from an empty cache, so every cached key uses
-    the long frequencies: returns that call's logits, or None (and records ``ids`` in
-    ``session.history``) for a call that does not cross it."""
-    seen = np.concatenate([session.history, ids], axis=1)
-    if session.length and session.length <= session.recompute_past < seen.shape[1]:
-        n = ids.shape[1]
-        session.reset(session.batch)
-        logits = session.forward(seen, last_only)
-        return logits if last_only else logits[:, -n:]
-    session.history = seen
-    return None
 
 
 def row_order(index, batch: int) -> np.ndarray | None:

@@ -27,10 +27,11 @@ of a batch, and whatever the other prompts of its batch are.
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Sequence
 
 import numpy as np
+
+from .params import SamplingParams
 
 __all__ = ["Sampler"]
 
@@ -53,26 +54,32 @@ class Sampler:
         seed: int | None = None,
         frequency_penalty: float = 0.0,
         presence_penalty: float = 0.0,
+        *,
+        params: SamplingParams | None = None,
+        end_ids: Sequence[int] = (),
     ):
-        self.temperature = _check_float("temperature", temperature, ">= 0", lambda v: v >= 0)
-        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {top_k!r}")
-        self.top_k = int(top_k)
-        self.top_p = _check_float("top_p", top_p, "in (0, 1]", lambda v: 0 < v <= 1)
-        self.min_p = _check_float("min_p", min_p, "in [0, 1]", lambda v: 0 <= v <= 1)
-        self.repetition_penalty = _check_float(
-            "repetition_penalty", repetition_penalty, "> 0", lambda v: v > 0)
-        self.frequency_penalty = _check_float(
-            "frequency_penalty", frequency_penalty, "in [-2, 2]", lambda v: -2 <= v <= 2)
-        self.presence_penalty = _check_float(
-            "presence_penalty", presence_penalty, "in [-2, 2]", lambda v: -2 <= v <= 2)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))
-                                 or seed < 0):
-            raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
-        self.seed = None if seed is None else int(seed)
+        if params is None:        # the settings are checked once, by SamplingParams
+            params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                    repetition_penalty=repetition_penalty, seed=seed,
+                                    frequency_penalty=frequency_penalty, presence_penalty=presence_penalty)
+        self.params = params
+        self.temperature, self.top_k, self.top_p, self.min_p = (params.temperature, params.top_k,
+                                                                 params.top_p, params.min_p)
+        self.repetition_penalty = params.repetition_penalty
+        self.frequency_penalty, self.presence_penalty = params.frequency_penalty, params.presence_penalty
+        self.seed = params.seed
+        # min_tokens: the ids that end a row cannot be drawn before that many new tokens
+        self.min_tokens = params.min_tokens
+        self._end_ids = np.asarray(sorted(end_ids), dtype=np.int64)
         self._seed_seq = np.random.SeedSequence(self.seed)
         self._streams: list[np.random.Generator] = []
         self._rows: list[int] | None = None
+
+    @classmethod
+    def of(cls, params: SamplingParams, end_ids: Sequence[int] = ()) -> Sampler:
+        """The sampler of a request's settings; ``end_ids``, the ids that end its rows (EOS,
+        stop tokens), are held back until ``params.min_tokens`` tokens are generated."""
+        return cls(params=params, end_ids=end_ids)
 
     @property
     def greedy(self) -> bool:
@@ -172,6 +179,9 @@ class Sampler:
             keep = (ids >= 0) & (ids < row.shape[0])
             ids, counts = ids[keep], counts[keep]
             row[ids] -= counts * self.frequency_penalty + self.presence_penalty
+        if self.min_tokens and len(history) - prompt_len < self.min_tokens and self._end_ids.size:
+            ends = self._end_ids[self._end_ids < row.shape[0]]
+            row[ends] = -np.inf
         if (row == -np.inf).all():
             raise ValueError("every logit is -inf; nothing can be sampled")
         return row
@@ -202,7 +212,7 @@ class Sampler:
         ranked = False  # whether the candidates are in (logit desc, id asc) order
 
         if 0 < self.top_k < len(vals):
-            ids = _ranked_top(vals, self.top_k)[:self.top_k]
+            ids = ranked_top(vals, self.top_k)[:self.top_k]
             vals, weights, ranked = vals[ids], weights[ids], True
 
         if self.top_p < 1.0:
@@ -211,7 +221,7 @@ class Sampler:
             # slice until it holds top_p of the mass instead of sorting everything.
             m = 64
             while not ranked:
-                order = _ranked_top(vals, m)
+                order = ranked_top(vals, m)
                 if weights[order].sum() >= target or len(order) == len(vals):
                     ids, weights, ranked = order, weights[order], True
                 m *= 8
@@ -241,20 +251,11 @@ class Sampler:
         return self._streams[row]
 
 
-def _check_float(name: str, value, rule: str, ok) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ValueError(f"{name} must be a number {rule}, got {value!r}")
-    value = float(value)
-    if math.isnan(value) or math.isinf(value) or not ok(value):
-        raise ValueError(f"{name} must be {rule}, got {value!r}")
-    return value
-
-
 def _argmax(row: np.ndarray) -> int:
     return int(np.argmax(row))  # np.argmax returns the first maximum: the lowest id
 
 
-def _ranked_top(vals: np.ndarray, m: int) -> np.ndarray:
+def ranked_top(vals: np.ndarray, m: int) -> np.ndarray:
     """Positions of at least the m largest ``vals``, ordered by value desc then position asc.
 
     A partition finds the m-th largest value in linear time; only the candidates at or above

@@ -7,8 +7,10 @@ per step with a decode step of the other rows between chunks), stream their toke
 the row when they end (EOS, a stop string or id, ``max_tokens``, the model's length limit,
 cancellation, or an error of their own). No HTTP here: ``kiln serve`` is a thin layer over this.
 
-Every request has its own :class:`~kiln.runtime.sampling.Sampler`, drawing from row 0's stream
-of its seed, as a single prompt does in :func:`~kiln.runtime.generation.generate`. Each row of
+A request's settings are one :class:`~kiln.runtime.params.SamplingParams`; each request has its
+own :class:`~kiln.runtime.decoding.RowDecoder` (what a token does to it: stop strings and ids,
+limits, logprobs, the penalties' history, as in ``generate``) and its own
+:class:`~kiln.runtime.sampling.Sampler`, drawing from row 0's stream of its seed, as a single prompt does in :func:`~kiln.runtime.generation.generate`. Each row of
 the batch computes only from its own cache, so a request gets the same tokens whether it runs
 alone or beside others.
 """
@@ -24,9 +26,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .generation import (_StopMatcher, _check_count, _id_set, _special_stop_ids, _stop_strings,
-                         _stream_decoder)
-from .logprobs import token_logprobs
+from .decoding import RowDecoder, StopRules, id_set
+from .params import SamplingParams, check_count
 from .sampling import Sampler
 
 __all__ = ["Scheduler", "Request", "QueueFull", "Event"]
@@ -59,18 +60,13 @@ class Event:
 
 @dataclass
 class Request:
+    """One submitted request: its prompt, its settings and its row's decode state
+    (``decoder``, which holds the generated ``ids``, the pieces of ``text``, the
+    ``token_logprobs`` and the sampler)."""
     prompt: list[int]
-    sampler: Sampler
-    max_tokens: int
-    stops: list[str]
-    eos: set[int]
-    stop_ids: set[int]
+    params: SamplingParams
+    decoder: RowDecoder
     on_event: object = None
-    logprobs: int | None = None
-    ids: list[int] = field(default_factory=list)
-    #: ``(token, logprob, [(id, logprob)])`` per token of ``ids``, when ``logprobs`` is set
-    token_logprobs: list = field(default_factory=list)
-    text: list[str] = field(default_factory=list)
     finish_reason: str | None = None
     submitted: float = 0.0
     first_token_at: float | None = None
@@ -79,12 +75,38 @@ class Request:
     _events: queue.Queue = field(default_factory=queue.Queue)
     _cancelled: bool = False
     _row: int | None = None
-    _limit: int = 0
-    _count: int = 0
-    _matcher: object = None
-    _history: list[int] = field(default_factory=list)
     _next: int = 0
     _fed: int = 0               # prompt tokens in its row so far
+
+    @property
+    def ids(self) -> list[int]:
+        return self.decoder.ids
+
+    @property
+    def text(self) -> list[str]:
+        """The pieces of text streamed so far."""
+        return self.decoder.pieces
+
+    @property
+    def token_logprobs(self) -> list:
+        """``(token, logprob, [(id, logprob)])`` per token of ``ids``, when logprobs are asked for."""
+        return self.decoder.token_logprobs
+
+    @property
+    def sampler(self) -> Sampler:
+        return self.decoder.sampler
+
+    @sampler.setter
+    def sampler(self, sampler) -> None:
+        self.decoder.sampler = sampler
+
+    @property
+    def max_tokens(self) -> int:
+        return self.params.max_tokens
+
+    @property
+    def logprobs(self) -> int | None:
+        return self.params.logprobs
 
     @property
     def prefilling(self) -> bool:
@@ -97,7 +119,7 @@ class Request:
 
     @property
     def completion_tokens(self) -> int:
-        return self._count
+        return self.decoder.count
 
     @property
     def done(self) -> bool:
@@ -139,7 +161,7 @@ class Scheduler:
         self.session, self.tokenizer = session, tokenizer
         self.max_batch, self.max_queue = int(max_batch), int(max_queue)
         self.prefill_chunk = None if prefill_chunk is None else int(prefill_chunk)
-        self.eos_ids = _id_set(getattr(tokenizer, "eos_ids", None) if eos_ids is None else eos_ids)
+        self.eos_ids = id_set(getattr(tokenizer, "eos_ids", None) if eos_ids is None else eos_ids)
         session.start_rows(self.max_batch)
         self.rows: list[Request | None] = [None] * self.max_batch
         self.waiting: deque[Request] = deque()
@@ -158,21 +180,19 @@ class Scheduler:
     @property
     def vocab_size(self) -> int | None:
         """The ids a prompt may hold are 0..vocab_size-1 (None: the session does not say)."""
-        return getattr(self.session, "vocab_size", None)
+        return self.session.vocab_size
 
     # ---- requests -------------------------------------------------------------------------
-    def submit(self, prompt: Sequence[int], *, max_tokens: int = 128, temperature: float = 0.0,
-               top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
-               repetition_penalty: float = 1.0, seed: int | None = None,
-               stop: Sequence[str] | str | None = None, eos_ids: Iterable[int] | None = None,
-               on_event=None, frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
-               logprobs: int | None = None, sample_stream: int = 0) -> Request:
+    def submit(self, prompt: Sequence[int], *, params: SamplingParams | None = None,
+               eos_ids: Iterable[int] | None = None, on_event=None, sample_stream: int = 0,
+               **settings) -> Request:
         """Queue a request; raises ValueError for bad settings, QueueFull when the queue is full.
 
-        ``logprobs`` (None, or how many top alternatives, 0..20) asks for every token's
-        logprob. ``sample_stream`` picks which of the seed's random streams draws: row
-        ``sample_stream`` of ``generate``'s batch, so the ``n`` choices of one seeded prompt
-        are its streams 0..n-1 (stream 0 is what a single prompt uses).
+        The settings are ``params`` and/or keyword arguments by its field names (``max_tokens``
+        128 unless given). ``logprobs`` (None, or how many top alternatives, 0..20) asks for
+        every token's logprob. ``sample_stream`` picks which of the seed's random streams
+        draws: row ``sample_stream`` of ``generate``'s batch, so the ``n`` choices of one
+        seeded prompt are its streams 0..n-1 (stream 0 is what a single prompt uses).
         """
         prompt = [int(t) for t in prompt]
         if not prompt:
@@ -181,33 +201,20 @@ class Scheduler:
         outside = next((t for t in prompt if not 0 <= t < vocab), None) if vocab else None
         if outside is not None:
             raise ValueError(f"the prompt's token id {outside} is not in the vocabulary [0, {vocab})")
-        _check_count("max_tokens", max_tokens)
+        params = SamplingParams.of(params, **settings)
         if self.max_length is not None and len(prompt) > self.max_length:
             raise ValueError(f"the prompt has {len(prompt)} tokens but the model holds at most "
                              f"{self.max_length}")
-        sampler = Sampler(temperature, top_k, top_p, min_p, repetition_penalty, seed,
-                          frequency_penalty, presence_penalty)
-        _check_count("sample_stream", sample_stream)
-        if sample_stream:
+        rules = StopRules.of(self.tokenizer, params, self.eos_ids if eos_ids is None else eos_ids)
+        sampler = Sampler.of(params, rules.end_ids)
+        if check_count("sample_stream", sample_stream):
             sampler = sampler.rows([sample_stream])
-        if logprobs is not None:
-            _check_count("logprobs", logprobs)
-            if logprobs > 20:
-                raise ValueError(f"logprobs must be at most 20, got {logprobs}")
-        stops = _stop_strings(stop)
-        if stops and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer, and this model has none")
-        eos = self.eos_ids if eos_ids is None else _id_set(eos_ids)
-        stop_ids = (_special_stop_ids(self.tokenizer, stops) if stops else set()) - eos
-        req = Request(prompt, sampler, int(max_tokens), stops, eos, stop_ids, on_event,
-                      None if logprobs is None else int(logprobs))
-        req.submitted = time.perf_counter()
-        limit = req.max_tokens
+        limit = params.max_tokens
         if self.max_length is not None:
             limit = min(limit, self.max_length - len(prompt))
-        req._limit = limit
-        req._matcher = _StopMatcher(_stream_decoder(self.tokenizer), stops)
-        req._history = list(prompt)
+        req = Request(prompt, params, RowDecoder(rules, prompt, limit=limit, logprobs=params.logprobs,
+                                                 sampler=sampler), on_event)
+        req.submitted = time.perf_counter()
         with self._lock:
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting already "
@@ -246,7 +253,7 @@ class Scheduler:
                 self._end(req, "cancelled" if req._cancelled else "abort")
                 continue
             worked = True
-            if req._limit <= 0:
+            if req.decoder.limit <= 0:
                 self._end(req, "length")
                 continue
             r = self.rows.index(None)
@@ -310,35 +317,18 @@ class Scheduler:
         if req._cancelled:
             self._finish(req, "cancelled")
             return
-        t = int(req.sampler(np.asarray(logits)[None, :], [req._history], [len(req.prompt)])[0])
+        row = req.decoder
+        t = row.sample(logits)
         if req.first_token_at is None:
             req.first_token_at = time.perf_counter()
-        req._history.append(t)
-        req._count += 1
-        reason = None
-        logprob = top = None
-        if t in req.eos or t in req.stop_ids:
-            reason = "eos" if t in req.eos else "stop"
-            piece, hit = req._matcher.finish()
-        else:
-            req.ids.append(t)
-            piece, hit = req._matcher.add(t)
-            if req.logprobs is not None:
-                logprob, top = token_logprobs(logits, t, req.logprobs)
-                req.token_logprobs.append((t, logprob, top))
-        if hit:
-            reason = "stop"
-        if piece:
-            req.text.append(piece)
+        piece, logprob, top = row.accept(t, logits)
         req._emit(Event(token=t, text=piece, logprob=logprob, top_logprobs=top))
-        if reason is None and req._count >= req._limit:
-            piece, hit = req._matcher.finish()
+        if row.reason is None and row.at_limit:
+            piece = row.end()
             if piece:
-                req.text.append(piece)
                 req._emit(Event(text=piece))
-            reason = "stop" if hit else "length"
-        if reason is not None:
-            self._finish(req, reason)
+        if row.reason is not None:
+            self._finish(req, row.reason)
         else:
             req._next = t
 

@@ -7,7 +7,8 @@ OpenAI responses and server-sent events, and every bad request into OpenAI's err
 :mod:`kiln.runtime.scheduler`.
 
 Beyond OpenAI's settings: ``top_k``, ``min_p`` and ``repetition_penalty`` (transformers'
-multiplicative penalty, llama.cpp's ``repeat_penalty``). OpenAI's ``frequency_penalty`` and
+multiplicative penalty, llama.cpp's ``repeat_penalty``), and vLLM's ``min_tokens`` and
+``ignore_eos`` (see :class:`~kiln.runtime.params.SamplingParams`). OpenAI's ``frequency_penalty`` and
 ``presence_penalty`` are applied as OpenAI defines them, after it; the two kinds do not convert
 into each other (:mod:`kiln.runtime.sampling` says why). ``logprobs`` are of the model's raw
 distribution (:mod:`kiln.runtime.logprobs`); ``n`` choices are ``n`` batch rows, choice ``i``
@@ -29,6 +30,7 @@ from pathlib import Path
 
 from .http_limits import MAX_BODY, MAX_HEADER_BYTES, READ_TIMEOUT, APIError, guarded_h11, parse_json, read_body
 from .logprobs import TokenStrings, chat_logprobs, completion_logprobs
+from .params import InvalidParam, SamplingParams
 from .scheduler import QueueFull, Scheduler
 
 __all__ = ["APIError", "Service", "build", "create_app", "serve"]
@@ -42,6 +44,21 @@ FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "stop"
           "abort": "length"}     # ended by a shutdown's deadline: cut short, as by max_tokens
 
 
+#: The request's fields that are SamplingParams fields of the same name, with their default
+#: and range: ``name: (kind, default, lo, hi, lo_open)`` (OpenAI's ranges where it has one;
+#: ``bool``: true or false). A new request option is a field of SamplingParams and a line here.
+SAMPLING_FIELDS = {
+    "temperature": (float, 1.0, 0, 2, False),
+    "top_p": (float, 1.0, 0, 1, True),
+    "top_k": (int, 0, 0, None, False),
+    "min_p": (float, 0.0, 0, 1, False),
+    "repetition_penalty": (float, 1.0, 0, None, True),
+    "frequency_penalty": (float, 0.0, -2, 2, False),
+    "presence_penalty": (float, 0.0, -2, 2, False),
+    "min_tokens": (int, 0, 0, None, False),           # vLLM's extensions
+    "ignore_eos": (bool, False, None, None, False),
+}
+
 #: at most this many stop strings of at most STOP_CHARS characters each: every running row
 #: searches its held-back text for each of them after every token, on the scheduler's thread
 MAX_STOPS = 16
@@ -52,6 +69,15 @@ def _shown(v, limit: int = 40) -> str:
     """``repr(v)``, cut short: error messages echo what they refuse, not megabytes of it."""
     r = repr(v)
     return r if len(r) <= limit else r[:limit] + "..."
+
+
+def _flag(body, name, default: bool) -> bool:
+    v = body.get(name)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise APIError(422, f"{name} must be true or false, got {_shown(v)}", code="invalid_value", param=name)
+    return v
 
 
 def _number(body, name, default, kind=float, lo=None, hi=None, lo_open=False):
@@ -97,7 +123,7 @@ class Service:
         self.in_flight = 0
         self._count_lock = threading.Lock()
 
-    def settings(self, body: dict) -> dict:
+    def settings(self, body: dict) -> SamplingParams:
         model = body.get("model")
         if model is not None and (not isinstance(model, str) or model not in self.names):
             raise APIError(404, f"the model {_shown(model)} does not exist; this server has {self.name!r}",
@@ -114,15 +140,12 @@ class Service:
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 64):
             raise APIError(422, f"seed must be an integer in [0, 2**64), got {_shown(seed)}", code="invalid_value",
                            param="seed")
-        return dict(max_tokens=max_tokens,
-                    temperature=_number(body, "temperature", 1.0, float, 0, 2),
-                    top_p=_number(body, "top_p", 1.0, float, 0, 1, lo_open=True),
-                    top_k=_number(body, "top_k", 0, int, 0),
-                    min_p=_number(body, "min_p", 0.0, float, 0, 1),
-                    repetition_penalty=_number(body, "repetition_penalty", 1.0, float, 0, lo_open=True),
-                    frequency_penalty=_number(body, "frequency_penalty", 0.0, float, -2, 2),
-                    presence_penalty=_number(body, "presence_penalty", 0.0, float, -2, 2),
-                    seed=seed, stop=stop)
+        values = {name: _flag(body, name, default) if kind is bool else _number(body, name, default, kind, lo, hi, lo_open)
+                  for name, (kind, default, lo, hi, lo_open) in SAMPLING_FIELDS.items()}
+        try:
+            return SamplingParams(max_tokens=max_tokens, seed=seed, stop=stop, **values)
+        except InvalidParam as e:
+            raise APIError(422, str(e), code="invalid_value", param=e.param) from None
 
     def prompt_ids(self, body: dict, chat: bool) -> list[int]:
         tok = self.model.tokenizer
@@ -203,9 +226,9 @@ class Service:
 
         Tokenizing (and rendering a chat template) may take a while for a long prompt, so the
         app runs this off its event loop; nothing here touches the scheduler."""
-        settings = self.settings(body)
+        params = self.settings(body)
         n, logprobs = self.choices(body, chat)
-        return dict(ids=self.prompt_ids(body, chat), n=n, logprobs=logprobs, settings=settings)
+        return dict(ids=self.prompt_ids(body, chat), n=n, params=SamplingParams.of(params, logprobs=logprobs))
 
     def submit(self, prepared: dict, on_event) -> list:
         """Queue the request's ``n`` choices; ``on_event(i, event)`` gets choice i's events.
@@ -229,9 +252,8 @@ class Service:
         reqs = []
         try:
             for i in range(n):
-                reqs.append(self.scheduler.submit(prepared["ids"], on_event=functools.partial(counted, i),
-                                                  logprobs=prepared["logprobs"], sample_stream=i,
-                                                  **prepared["settings"]))
+                reqs.append(self.scheduler.submit(prepared["ids"], params=prepared["params"],
+                                                  on_event=functools.partial(counted, i), sample_stream=i))
         except (QueueFull, ValueError) as e:
             with self._count_lock:
                 self.in_flight -= n - len(reqs)     # the queued ones count until they end

@@ -24,15 +24,22 @@ from kiln.artifact import ArtifactError
 
 from . import manifest_numbers as numbers
 from .cpu_features import missing
-from .rows import check_extend, check_join, doubled_capacity, recomputed_at_switch, right_padded, row_order
 from .safetensors_index import read_index
+from .session import RowCache
 from .tvm_runtime import DEVICE_CODES, RuntimeMissing, TVMRuntime
 
 INITIAL_CAPACITY = 256
 PREFILL_CHUNK = 512
 
 
-class TVMSession:
+class TVMSession(RowCache):
+    """Implements kiln.runtime.session.RowSession over an artifact's compiled library."""
+
+    join_chunk = PREFILL_CHUNK          # a joining prompt runs as forward's chunks do
+    no_rows = "rows can join a running batch only in an artifact whose positions are per row"
+    no_ragged = ("this artifact computes positions from one shared length; prompts of one run "
+                 "must have the same length")
+
     def __init__(self, folder, manifest: dict, *, threads: int | None = None, device: str | None = None):
         folder = Path(folder)
         backend = manifest["backend"]
@@ -91,17 +98,12 @@ class TVMSession:
         self._prefill, self._decode = self.vm["prefill"], self.vm["decode"]
         # passed as one FFI array built once: a Python list would be converted on every call
         self.params = self.rt.array(self._load_params(weights, names, index))
-        # longrope's switch (rows.recomputed_at_switch); only "uniform" artifacts have one
+        # longrope's switch (RowCache._recomputed_at_switch); only "uniform" artifacts have one
         self.recompute_past = backend.get("recompute_cache_after")
-        self.history = np.zeros((1, 0), dtype=np.int64)
         self.vocab_size = (config if isinstance(config, dict) else {}).get("vocab_size")    # ids a prompt may hold
         self.caches: list = []
         self._inputs: dict = {}
         self._pooled: set = set()
-        self.capacity = 0
-        self.batch = 0
-        self.lengths = np.zeros(1, dtype=np.int64)
-        self.length = 0
         self.reset(1)
         self._check_against_library(library)
 
@@ -127,16 +129,12 @@ class TVMSession:
         if batch != self.batch or not self.caches:
             self.batch = batch
             self._allocate(min(INITIAL_CAPACITY, self.max_length))
-        self.lengths = np.zeros(batch, dtype=np.int64)
-        self.length = 0
-        self.history = np.zeros((batch, 0), dtype=np.int64)
+        self._reset_rows(batch)
 
     def forward(self, ids: np.ndarray, last_only: bool = False) -> np.ndarray:
-        ids = np.ascontiguousarray(ids, dtype=np.int64)
-        if ids.ndim != 2 or ids.shape[0] != self.batch:
-            raise ValueError(f"ids must be [batch={self.batch}, seq], got {list(ids.shape)}")
+        ids = self._checked_ids(ids)
         if self.recompute_past:
-            recomputed = recomputed_at_switch(self, ids, last_only)
+            recomputed = self._recomputed_at_switch(ids, last_only)
             if recomputed is not None:
                 return recomputed
         # a long prompt runs PREFILL_CHUNK tokens at a time (as llama.cpp's batches do), so the
@@ -155,72 +153,23 @@ class TVMSession:
     def ragged_prefill(self) -> bool:
         return self.mode == "rows"
 
-    def prefill(self, prompts: list[list[int]], last_only: bool = True) -> np.ndarray:
-        """Every row of a fresh cache starts with its own prompt, in one run (right-padded);
-        returns [batch, 1, vocab] (or [batch, longest, vocab] when not ``last_only``)."""
-        if not self.ragged_prefill:
-            raise ValueError("this artifact computes positions from one shared length; prompts of one run "
-                             "must have the same length")
-        ids, lengths, positions = right_padded(prompts, self.batch, self.length, last_only)
-        logits = self._run(ids, self.lengths, positions)
-        self.lengths = lengths
-        self.length = int(lengths.max())
-        return logits
+    def _prefill_padded(self, ids, lengths, positions) -> np.ndarray:
+        return self._run(ids, self.lengths, positions)
 
     # ---- rows that join and leave a running batch -----------------------------------------
-    def start_rows(self, batch: int) -> None:
-        if self.mode != "rows":
-            raise ValueError("rows can join a running batch only in an artifact whose positions are per row")
-        self.reset(batch)
-
-    def join_row(self, r: int, prompt: list[int]) -> np.ndarray:
-        """Prefill ``prompt`` into row ``r`` (the other rows are not touched), PREFILL_CHUNK
-        tokens at a time as :meth:`forward` does; returns its last token's logits, float32
-        [vocab]."""
-        check_join(r, len(prompt), self.batch, self.max_length)
-        self.free_row(r)
-        for a in range(0, len(prompt), PREFILL_CHUNK):
-            logits = self.extend_row(r, prompt[a:a + PREFILL_CHUNK])
-        return logits
-
-    def extend_row(self, r: int, ids: list[int]) -> np.ndarray:
-        """Append ``ids`` to row ``r`` through a view of that row's cache slice (the other
-        rows are not touched); returns its last token's logits, float32 [vocab]."""
-        cached, n = int(self.lengths[r]), len(ids)
-        check_extend(r, cached, n, self.batch, self.max_length)
-        if cached + n > self.capacity:
-            self._grow(cached + n)
+    def _extend_one(self, r: int, ids: list[int], cached: int) -> np.ndarray:
+        """Through a view of row r's cache slice (the other rows are not touched)."""
+        n = len(ids)
         views = [self._row_view(c, r) for c in self.caches]
         args = [self.rt.tensor(np.asarray([ids], dtype=np.int64)), self.rt.tensor(np.asarray([cached], np.int32)),
                 self.rt.tensor(np.asarray([[n - 1]], dtype=np.int64)), views, self.params]
         self._pool_for(n)
-        logits = self.rt.numpy(self._prefill(*args))[0, -1]
-        self.lengths[r] = cached + n
-        self.length = int(self.lengths.max())
-        return logits
+        return self.rt.numpy(self._prefill(*args))[0, -1]
 
-    def free_row(self, r: int) -> None:
-        self.lengths[r] = 0
-        self.length = int(self.lengths.max())
+    def _step_all(self, ids: np.ndarray, before: np.ndarray) -> np.ndarray:
+        return self._run(ids, before, np.zeros((self.batch, 1), dtype=np.int64))
 
-    def step(self, tokens: np.ndarray, active: np.ndarray) -> np.ndarray:
-        ids = np.ascontiguousarray(np.asarray(tokens, dtype=np.int64).reshape(self.batch, 1))
-        active = np.asarray(active, dtype=bool)
-        if self.recompute_past and active.all():
-            return self.forward(ids, last_only=True)[:, -1]      # through the switch's recompute
-        # rows not active keep their cache and length (a row between two chunks of its
-        # prompt): their token lands just past their end, where their next tokens go
-        before = self.lengths.copy()
-        logits = self._run(ids, before, np.zeros((self.batch, 1), dtype=np.int64))
-        self.lengths = np.where(active, before + 1, before)
-        self.length = int(self.lengths.max())
-        return logits[:, -1]
-
-    def reorder_rows(self, index) -> None:
-        """Row b takes what row index[b] held (beam search keeps its best beams)."""
-        index = row_order(index, self.batch)
-        if index is None:
-            return
+    def _reorder_cache(self, index) -> None:
         if self.rt.kind == "cpu":
             n = int(self.lengths.max())
             fresh = []
@@ -231,8 +180,6 @@ class TVMSession:
             self.caches = self.rt.array(fresh)
         else:
             self.caches = self.rt.array([self.rt.tensor(self.rt.numpy(c)[index]) for c in self.caches])
-        self.lengths = self.lengths[index]
-        self.history = self.history[index]
 
     # ---- internals ------------------------------------------------------------------------
     def _load_params(self, weights: Path, names: list, index: dict) -> list:
@@ -266,8 +213,7 @@ class TVMSession:
             self._pool_for(ids.size)
         fn = self._decode if s == 1 else self._prefill
         logits = self.rt.host(fn(*args))
-        self.lengths = lengths + s
-        self.length = int(self.lengths.max())
+        self._set_lengths(lengths + s)
         return logits
 
     def _pool_for(self, tokens: int) -> None:
@@ -329,6 +275,6 @@ class TVMSession:
             fresh.append(t)
         self.caches, self.capacity = self.rt.array(fresh), capacity
 
-    def _grow(self, needed: int) -> None:
-        self._allocate(doubled_capacity(self.capacity, needed, self.max_length), keep=int(self.lengths.max()))
+    def _resize(self, capacity: int, keep: int) -> None:
+        self._allocate(capacity, keep=keep)
 

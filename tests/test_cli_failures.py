@@ -140,13 +140,13 @@ def test_runtime_advice_is_phrased_as_flags():
     import tokenizers
 
     from kiln.cli_checks import as_cli_advice
-    from kiln.runtime.generation import _prompts
+    from kiln.runtime.generation import prompt_batch
     from kiln.runtime.tokenizer import Tokenizer
     tok = Tokenizer(tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0}, unk_token="a")))
     messages = []
     for call in (lambda: tok.apply_chat_template([{"role": "user", "content": "hi"}]),
-                 lambda: _prompts(None, "hi", True),
-                 lambda: _prompts(tok, "", True)):
+                 lambda: prompt_batch(None, "hi", True),
+                 lambda: prompt_batch(tok, "", True)):
         with pytest.raises(ValueError) as e:
             call()
         messages.append(as_cli_advice(str(e.value)))

@@ -1,0 +1,263 @@
+"""The contract between the runtime and a backend: what a session is, and the per-row KV-cache
+bookkeeping every backend shares.
+
+* :class:`Session` is the least a backend provides: ``reset``, ``forward`` and ``max_length``.
+  That is enough for :func:`kiln.runtime.generation.generate` (and beam search with one beam);
+  the tests drive the decode loop with fakes that have only this.
+* :class:`RowSession` is the whole protocol the runtime uses: the ragged prefill of
+  generation, the rows that join and leave a running batch (the scheduler), the reordering of
+  rows (beam search), ``vocab_size`` (the server's prompt check).
+* :class:`RowCache` is a base holding what both sessions (ONNX Runtime, TVM) do the same way:
+  the lengths of the rows, the capacity and its growth, rows that join, extend and leave, the
+  reordering of rows and longrope's recompute at its switch. A backend subclasses it and
+  implements the hooks below ``# ---- a backend's own``; nothing else.
+
+Capabilities a backend may lack are declared, not probed: ``ragged_prefill`` says whether
+each row of the cache has its own length (``prefill`` of prompts of different lengths, and the
+scheduler's rows); :func:`ragged` and :func:`reorders_rows` read them for sessions that are
+not a :class:`RowCache` (fakes, wrappers).
+"""
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from .rows import check_extend, check_join, doubled_capacity, right_padded, row_order
+
+__all__ = ["Session", "RowSession", "RowCache", "ragged", "reorders_rows", "last_logits"]
+
+
+@runtime_checkable
+class Session(Protocol):
+    """What a backend provides: a model with a KV cache for a fixed batch.
+
+    ``forward`` appends ``ids`` (int64 ``[batch, seq]``) to the cache and returns float32
+    logits ``[batch, seq, vocab]``, or ``[batch, 1, vocab]`` for the last position only when
+    ``last_only`` is true (which lets a backend skip the LM head for the rest of a prefill).
+    ``max_length`` is the most tokens one row of the cache can hold, or None if unbounded.
+
+    Optional: ``reorder_rows(index)`` (int64 ``[batch]``) makes row b of the cache hold what
+    row ``index[b]`` held, rows repeating or dropping out; beam search
+    (:mod:`kiln.runtime.beam`) needs it for ``num_beams`` > 1.
+    """
+
+    max_length: int | None
+
+    def reset(self, batch: int = 1) -> None: ...
+
+    def forward(self, ids: np.ndarray, last_only: bool = False) -> np.ndarray: ...
+
+
+@runtime_checkable
+class RowSession(Session, Protocol):
+    """Everything the runtime calls on a backend's session (both kiln backends implement it).
+
+    ``prefill(prompts)``: every row of a fresh cache starts with its own prompt, in one run;
+    only when ``ragged_prefill``. ``start_rows(batch)`` empties a cache for a scheduler;
+    ``join_row(r, prompt)`` prefills row r alone, ``extend_row(r, ids)`` appends to it,
+    ``step(tokens, active)`` advances every active row by one token, ``free_row(r)`` empties
+    row r. ``vocab_size``: the ids a prompt may hold are below it (None: unknown)."""
+
+    vocab_size: int | None
+    ragged_prefill: bool
+    lengths: np.ndarray
+
+    def prefill(self, prompts: list[list[int]], last_only: bool = True) -> np.ndarray: ...
+
+    def start_rows(self, batch: int) -> None: ...
+
+    def join_row(self, r: int, prompt: list[int]) -> np.ndarray: ...
+
+    def extend_row(self, r: int, ids: list[int]) -> np.ndarray: ...
+
+    def step(self, tokens: np.ndarray, active: np.ndarray) -> np.ndarray: ...
+
+    def free_row(self, r: int) -> None: ...
+
+    def reorder_rows(self, index) -> None: ...
+
+
+def ragged(session) -> bool:
+    """Whether the session prefills prompts of different lengths in one run (each row of its
+    KV cache has its own length); a minimal :class:`Session` does not."""
+    return bool(getattr(session, "ragged_prefill", False))
+
+
+def reorders_rows(session) -> bool:
+    """Whether beam search can move the session's cache rows (``reorder_rows``)."""
+    return callable(getattr(session, "reorder_rows", None))
+
+
+def last_logits(logits, batch: int) -> np.ndarray:
+    """The last position's logits of a ``forward``'s answer, [batch, vocab], checked to be the
+    [batch, seq, vocab] the protocol promises (a backend's bug is named, not a shape error)."""
+    logits = np.asarray(logits)
+    if logits.ndim != 3 or logits.shape[0] != batch or logits.shape[1] == 0:
+        raise RuntimeError(f"session.forward returned logits of shape {logits.shape}; "
+                           f"expected [{batch}, seq, vocab]")
+    return logits[:, -1, :]
+
+
+class RowCache:
+    """The per-row KV bookkeeping of a session; see the module's docstring.
+
+    State: ``batch``; ``lengths`` (int64 ``[batch]``, the tokens each row holds) and ``length``
+    (their maximum); ``capacity`` (positions allocated per row); ``max_length``; and for
+    longrope (``recompute_past`` set) ``history``, the ids every row holds.
+
+    Class attributes a backend sets: ``join_chunk`` (a joining prompt is prefilled that many
+    tokens at a time; None: at once) and ``no_rows`` / ``no_ragged`` (why an artifact whose
+    rows share one length refuses the scheduler's rows / a ragged prefill)."""
+
+    join_chunk: int | None = None
+    no_rows = "rows can join a running batch only when each row of the KV cache has its own length"
+    no_ragged = "this artifact's rows share one length; prompts of one run must have the same length"
+
+    max_length: int | None = None
+    vocab_size: int | None = None
+    recompute_past: int | None = None
+    history: np.ndarray | None = None
+    capacity = 0
+    batch = 0
+
+    # ---- a backend's own ----------------------------------------------------------------
+    @property
+    def ragged_prefill(self) -> bool:
+        """Whether each row of the cache has its own length."""
+        return False
+
+    def reset(self, batch: int = 1) -> None:
+        raise NotImplementedError
+
+    def forward(self, ids: np.ndarray, last_only: bool = False) -> np.ndarray:
+        raise NotImplementedError
+
+    def _prefill_padded(self, ids, lengths, positions) -> np.ndarray:
+        """One run over a fresh cache of right-padded prompts whose rows end at ``lengths``."""
+        raise NotImplementedError
+
+    def _extend_one(self, r: int, ids: list[int], cached: int) -> np.ndarray:
+        """Run ``ids`` over row r alone (it holds ``cached`` tokens, room for the new ones is
+        allocated); returns the logits of the last, float32 [vocab]."""
+        raise NotImplementedError
+
+    def _step_all(self, ids: np.ndarray, before: np.ndarray) -> np.ndarray:
+        """One token per row (``ids`` [batch, 1]) written at ``before``; returns the logits
+        [batch, 1, vocab]. Any change the run makes to ``lengths`` is overwritten."""
+        raise NotImplementedError
+
+    def _reorder_cache(self, index: np.ndarray) -> None:
+        """Row b of the cache buffers takes what row index[b] held."""
+        raise NotImplementedError
+
+    def _resize(self, capacity: int, keep: int) -> None:
+        """Buffers of ``capacity`` positions per row holding the first ``keep`` of the old."""
+        raise NotImplementedError
+
+    # ---- shared -------------------------------------------------------------------------
+    def _reset_rows(self, batch: int) -> None:
+        """Every row empty (a backend's ``reset`` calls this and then sizes its buffers)."""
+        self.batch = batch
+        self._set_lengths(np.zeros(batch, dtype=np.int64))
+        self.history = np.zeros((batch, 0), dtype=np.int64) if self.recompute_past else None
+
+    def _set_lengths(self, lengths) -> None:
+        self.lengths = np.array(lengths, dtype=np.int64)
+        self.length = int(self.lengths.max()) if self.lengths.size else 0
+
+    def _checked_ids(self, ids) -> np.ndarray:
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if ids.ndim != 2 or ids.shape[0] != self.batch:
+            raise ValueError(f"ids must be [batch={self.batch}, seq], got {list(ids.shape)}")
+        return ids
+
+    def _grow(self, needed: int) -> None:
+        """Room for ``needed`` tokens per row: the capacity doubles (one copy, amortised)."""
+        self._resize(doubled_capacity(self.capacity, needed, self.max_length), int(self.lengths.max()))
+
+    def _recomputed_at_switch(self, ids: np.ndarray, last_only: bool):
+        """Longrope models rotate with other frequencies once a sequence is longer than the
+        switch (``recompute_past``). As transformers' generate does for them, the call that
+        crosses it runs the whole sequence again from an empty cache, so every cached key uses
+        the long frequencies: returns that call's logits, or None (and records ``ids`` in
+        ``history``) for a call that does not cross it."""
+        seen = np.concatenate([self.history, ids], axis=1)
+        if self.length and self.length <= self.recompute_past < seen.shape[1]:
+            n = ids.shape[1]
+            self.reset(self.batch)
+            logits = self.forward(seen, last_only)
+            return logits if last_only else logits[:, -n:]
+        self.history = seen
+        return None
+
+    def prefill(self, prompts: list[list[int]], last_only: bool = True) -> np.ndarray:
+        """Start every row of a fresh cache with its own prompt, in one run: right-padded to
+        the longest, each row's length telling attention where its keys end. Returns the
+        logits of each row's last prompt token, [batch, 1, vocab] (or [batch, longest, vocab]
+        with rows past their prompt undefined when ``last_only`` is false)."""
+        if not self.ragged_prefill:
+            raise ValueError(self.no_ragged)
+        ids, lengths, positions = right_padded(prompts, self.batch, self.length, last_only)
+        logits = self._prefill_padded(ids, lengths, positions)
+        self._set_lengths(lengths)
+        return logits
+
+    def start_rows(self, batch: int) -> None:
+        """An empty cache of ``batch`` rows for a scheduler: rows join with :meth:`join_row`,
+        all rows advance together with :meth:`step`, and :meth:`free_row` empties one."""
+        if not self.ragged_prefill:
+            raise ValueError(self.no_rows)
+        self.reset(batch)
+
+    def join_row(self, r: int, prompt: list[int]) -> np.ndarray:
+        """Prefill ``prompt`` into row ``r`` while the other rows keep their state
+        (``join_chunk`` tokens at a time); returns the logits of its last token, float32
+        [vocab]."""
+        check_join(r, len(prompt), self.batch, self.max_length)
+        self.free_row(r)
+        chunk = self.join_chunk or len(prompt)
+        for a in range(0, len(prompt), chunk):
+            logits = self.extend_row(r, prompt[a:a + chunk])
+        return logits
+
+    def extend_row(self, r: int, ids: list[int]) -> np.ndarray:
+        """Append ``ids`` to row ``r`` (a prompt fed a chunk at a time) while the other rows
+        keep their state; returns the logits of its last token, float32 [vocab]."""
+        cached, n = int(self.lengths[r]), len(ids)
+        check_extend(r, cached, n, self.batch, self.max_length)
+        if cached + n > self.capacity:
+            self._grow(cached + n)
+        logits = self._extend_one(r, ids, cached)
+        self.lengths[r] = cached + n
+        self.length = int(self.lengths.max())
+        return logits
+
+    def free_row(self, r: int) -> None:
+        self.lengths[r] = 0
+        self.length = int(self.lengths.max())
+
+    def step(self, tokens: np.ndarray, active: np.ndarray) -> np.ndarray:
+        """One decode step of every row: row b appends ``tokens[b]`` at its own length.
+        Rows not ``active`` keep their cache and length (a row between two chunks of its
+        prompt): their token is written just past their end, where their next tokens go, and
+        their logits are meaningless. Returns float32 [batch, vocab]."""
+        ids = np.ascontiguousarray(np.asarray(tokens, dtype=np.int64).reshape(self.batch, 1))
+        active = np.asarray(active, dtype=bool)
+        if self.recompute_past and active.all():
+            return self.forward(ids, last_only=True)[:, -1]      # through the switch's recompute
+        before = self.lengths.copy()
+        logits = self._step_all(ids, before)
+        self._set_lengths(np.where(active, before + 1, before))
+        return logits[:, -1]
+
+    def reorder_rows(self, index) -> None:
+        """Row b of the cache becomes what row ``index[b]`` held (beam search's step from
+        parent beams to their children); rows may repeat or drop out."""
+        index = row_order(index, self.batch)
+        if index is None:
+            return
+        self._reorder_cache(index)
+        self._set_lengths(self.lengths[index])
+        if self.history is not None:
+            self.history = self.history[index]
