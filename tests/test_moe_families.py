@@ -230,9 +230,9 @@ def test_tvm_keeps_the_op_and_onnxrt_decomposes_it(tmp_path):
     for backend in ("onnxrt", "tvm"):
         art = kiln_compile(DATA / "olmoe", output=tmp_path / f"{backend}.kiln", backend=backend)
         manifest = json.loads((art / "manifest.json").read_text())
-        stats[backend] = next(p for p in manifest["passes"] if p["name"] == "moe")
-    assert stats["onnxrt"]["stats"] == {"decomposed": 2}
-    assert not stats["tvm"]["changed"]
+        stats[backend] = [p for p in manifest["passes"] if p["name"] == "moe"]
+    assert [p["stats"] for p in stats["onnxrt"]] == [{"decomposed": 2}]
+    assert stats["tvm"] == []                # no decomposition in TVM's pipeline
     mod, _ = lower_plain(hf.read(DATA / "olmoe").graph, Target({"kind": "llvm"}, False))
     names = {gv.name_hint for gv in mod.functions}
     assert any(x.startswith("moe_up_") for x in names) and any(x.startswith("moe_down_") for x in names)
