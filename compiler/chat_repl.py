@@ -44,11 +44,11 @@ def add_arguments(s) -> None:
     """``kiln chat``'s flags: the sampling flags of ``kiln run``, spelled the same."""
     s.add_argument("artifact")
     s.add_argument("--system", help="system message the conversation starts with")
-    from kiln.cli import _threads_flag, sampling_flags
+    from kiln.cli_flags import sampling_flags, threads_flag
     sampling_flags(s, max_new_tokens=512, n_help="tokens per answer at most (/set max_tokens N changes it)",
                    c_help="tokens the conversation and the answer may hold together; older exchanges are "
                           "dropped past it (default: the artifact's context)")
-    _threads_flag(s)
+    threads_flag(s)
 
 
 class Conversation:

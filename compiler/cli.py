@@ -11,6 +11,7 @@ import sys
 import time
 
 from kiln import cli_checks as checks
+from kiln import cli_flags as flags
 
 
 def _console(stderr: bool = True, markup: bool = True):
@@ -53,7 +54,7 @@ def cmd_compile(a) -> int:
                            on_pass=on_pass, on_weight=on_weight, on_stage=on_stage,
                            quant=a.quant, requantize=a.requantize, precision=a.precision,
                            backend=a.backend, arch=a.arch, kv_dtype=a.kv_dtype, force=a.force,
-                           lora=_lora_specs(a), sign=a.sign, imatrix=a.imatrix,
+                           lora=flags.lora_specs(a), sign=a.sign, imatrix=a.imatrix,
                            on_notice=lambda s: con.print(f"kiln: {s}", markup=False, soft_wrap=True))
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     if not a.quiet:
@@ -71,7 +72,7 @@ def cmd_run(a) -> int:
     if a.ids is not None:
         if a.prompt is not None or a.chat:
             raise ValueError("--ids gives the prompt already rendered; drop --prompt and --chat")
-        prompt = _id_list(a.ids)
+        prompt = flags.id_list(a.ids)
     elif a.chat and a.prompt is None and sys.stdin.isatty():
         # typed, not piped: a conversation, as `kiln chat` (a pipe is still read to EOF)
         from kiln import chat_repl
@@ -146,33 +147,6 @@ def _run_beams(a, model, prompt, kwargs) -> int:
             _console(markup=False).print(f"[{result.finish_reason}] score {result.score:.6g}, prompt "
                                          f"{result.prompt_tokens} tokens, {len(result.ids)} new")
     return 0
-
-
-def _early_stopping(text: str):
-    value = {"true": True, "false": False, "never": "never"}.get(text.lower())
-    if value is None:
-        raise argparse.ArgumentTypeError(f"expected true, false or never, got {text!r}")
-    return value
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated counts, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected counts of at least 1, got {text!r}")
-    return values
-
-
-def _id_list(text: str) -> list[int]:
-    try:
-        ids = [int(x) for x in text.replace(" ", "").split(",") if x]
-    except ValueError:
-        raise ValueError(f"--ids: expected comma-separated token ids, got {text!r}") from None
-    if not ids:
-        raise ValueError("--ids: no token ids given")
-    return ids
 
 
 # ---- chat -----------------------------------------------------------------------------------
@@ -344,16 +318,6 @@ def _served_names(a) -> list[str]:
     return names + [alias] if alias and alias not in names else names
 
 
-def _seconds(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        v = float("nan")
-    if not 0 < v < 1e6:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}")
-    return v
-
-
 # ---- verify ---------------------------------------------------------------------------------
 
 def cmd_verify(a) -> int:
@@ -395,7 +359,7 @@ def cmd_convert(a) -> int:
     t = time.perf_counter()
     summary = convert(a.src, a.dst, to=a.to or checks.format_of(a.dst), dtype=a.dtype, quant=a.quant,
                       max_shard_bytes=a.max_shard_size, console=con, quiet=a.quiet or not con.is_terminal,
-                      requantize=a.requantize, force=a.force, lora=_lora_specs(a), base=a.base,
+                      requantize=a.requantize, force=a.force, lora=flags.lora_specs(a), base=a.base,
                       onnx_layout=a.onnx_layout, imatrix=a.imatrix)
     con.print(f"wrote {a.dst}: {summary.get('tensors', 0)} tensors, {summary.get('bytes_in', 0) / 1e6:.1f} MB in, "
               f"{summary.get('bytes_out', 0) / 1e6:.1f} MB out, {time.perf_counter() - t:.1f} s")
@@ -434,55 +398,6 @@ def cmd_imatrix(a) -> int:
     return 0
 
 
-def _lora_specs(a) -> list[tuple[str, float]]:
-    """--lora PATH (repeatable) with --lora-scale S given once for all or once per adapter."""
-    from kiln.errors import KilnError
-    paths, scales = a.lora or [], a.lora_scale or []
-    if scales and not paths:
-        raise KilnError(None, "--lora-scale needs --lora ADAPTER")
-    if len(scales) not in (0, 1, len(paths)):
-        raise KilnError(None, f"{len(scales)} --lora-scale values for {len(paths)} adapters: give one for all, "
-                              f"or one per --lora")
-    if len(scales) <= 1:
-        scales = (scales or [1.0]) * len(paths)
-    return list(zip(paths, scales))
-
-
-def _add_lora_flags(s) -> None:
-    s.add_argument("--lora", action="append", metavar="ADAPTER",
-                   help="merge a LoRA adapter (PEFT folder or llama.cpp LoRA GGUF) into the weights; repeatable")
-    s.add_argument("--lora-scale", action="append", type=float, metavar="S",
-                   help="scale of the adapter's change (default 1; once for all adapters or once per --lora)")
-
-
-def _size(text: str) -> int:
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
-    t = text.strip().upper()
-    for unit, mult in sorted(units.items(), key=lambda kv: -len(kv[0])):
-        if t.endswith(unit):
-            t, m = t[: -len(unit)], mult
-            break
-    else:
-        m = 1
-    try:
-        n = int(float(t) * m)
-    except (ValueError, OverflowError):
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 2GB or 500MB)") from None
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
-    return n
-
-
-QUANT_HELP = ("a block type for every matrix (q8_0, q4_0, q4_1, q5_0, q5_1, q2_k..q6_k) or a llama.cpp "
-              "mixture (q4_k_m, q4_k_s, q5_k_m, q5_k_s, q3_k_s, q3_k_m, q3_k_l, q2_k_m, q6_k)")
-
-
-TRUSTED_KEY_HELP = ("refuse the artifact unless its manifest is signed by this Ed25519 public key "
-                    "(repeatable; default: the files in $KILN_TRUSTED_KEYS)")
-IMATRIX_HELP = ("with --quant: an importance matrix (from kiln imatrix or llama-imatrix, GGUF or legacy .dat) "
-                "that weights the quantizers' error, as llama-quantize --imatrix does")
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kiln", description="Compile, convert and run transformer language models.")
     p.add_argument("--version", action="version", version=_version())
@@ -512,10 +427,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="replace an existing artifact at the output")
     s.add_argument("--verify", action="store_true", help="verify the IR after every pass")
     s.add_argument("--dump-ir", metavar="DIR", help="write the IR after each pass into DIR")
-    s.add_argument("--quant", help="quantize a float model's weights: " + QUANT_HELP)
+    s.add_argument("--quant", help="quantize a float model's weights: " + flags.QUANT_HELP)
     s.add_argument("--requantize", action="store_true", help="allow --quant on an already-quantized model")
-    s.add_argument("--imatrix", metavar="FILE", help=IMATRIX_HELP)
-    _add_lora_flags(s)
+    s.add_argument("--imatrix", metavar="FILE", help=flags.IMATRIX_HELP)
+    flags.add_lora_flags(s)
     s.add_argument("--precision", choices=["exact", "fast"], default="exact",
                    help="exact: float32 products, equal to the reference interpreter (default); fast: "
                         "int8 activations in quantized matmuls, as llama.cpp computes")
@@ -530,19 +445,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt "
                                                        "(with no --prompt on a terminal: a conversation, as kiln chat)")
     s.add_argument("--system", help="system message for --chat")
-    sampling_flags(s, max_new_tokens=128, n_help="tokens to generate at most",
+    flags.sampling_flags(s, max_new_tokens=128, n_help="tokens to generate at most",
                    c_help="tokens the prompt and the answer may hold together (default: the artifact's context)")
     s.add_argument("--stop", action="append", help="stop string (repeatable)")
     s.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (as transformers)")
     s.add_argument("--length-penalty", type=float, default=1.0,
                    help="beam score = sum of log-probabilities / new tokens ** this (default 1.0)")
-    s.add_argument("--early-stopping", nargs="?", const=True, default=False, type=_early_stopping,
+    s.add_argument("--early-stopping", nargs="?", const=True, default=False, type=flags.early_stopping,
                    metavar="never", help="end beam search once num-beams hypotheses finished "
                    "(or 'never': until none can improve)")
     s.add_argument("--num-return-sequences", type=int, default=1, help="beam hypotheses to print, best first")
-    _threads_flag(s)
+    flags.threads_flag(s)
     s.add_argument("-v", "--verbose", action="store_true", help="print timings after the answer")
-    s.add_argument("--trusted-key", metavar="PUBFILE", action="append", help=TRUSTED_KEY_HELP)
+    s.add_argument("--trusted-key", metavar="PUBFILE", action="append", help=flags.TRUSTED_KEY_HELP)
     s.set_defaults(fn=cmd_run)
 
     s = sub.add_parser("chat", help="talk with a compiled artifact in the terminal (history, /commands)",
@@ -563,13 +478,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--served-model-name", action="append", metavar="NAME",
                    help="a model id requests may name (repeatable; the first is the one /v1/models lists; "
                         "default: the artifact's folder name, and a known model's short name such as smollm2)")
-    s.add_argument("--max-body-size", type=_size, default=4 << 20, metavar="SIZE",
+    s.add_argument("--max-body-size", type=flags.size, default=4 << 20, metavar="SIZE",
                    help="refuse request bodies larger than this with 413, before reading the rest (default 4MiB)")
-    s.add_argument("--read-timeout", type=_seconds, default=10.0, metavar="S",
+    s.add_argument("--read-timeout", type=flags.seconds, default=10.0, metavar="S",
                    help="close connections whose headers take longer than S seconds to arrive; "
                         "408 for a body that does (default 10)")
-    _threads_flag(s)
-    s.add_argument("--trusted-key", metavar="PUBFILE", action="append", help=TRUSTED_KEY_HELP)
+    flags.threads_flag(s)
+    s.add_argument("--trusted-key", metavar="PUBFILE", action="append", help=flags.TRUSTED_KEY_HELP)
     s.add_argument("--shutdown-timeout", type=float, default=10.0, metavar="S",
                    help="on SIGTERM/SIGINT, let running streams go on this many seconds, then end them "
                         "(finish_reason length); a second signal ends them at once (default 10)")
@@ -588,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per window, as llama-perplexity's -c (default: the model's context)")
     s.add_argument("--stride", type=int, help="tokens between window starts (default: half a window)")
     s.add_argument("--max-tokens", type=int, help="score only the text's first N tokens")
-    _threads_flag(s)
+    flags.threads_flag(s)
     s.add_argument("--json", action="store_true", help="also print the figures as JSON")
     s.set_defaults(fn=cmd_eval)
 
@@ -598,9 +513,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prefill-tokens", type=int, default=130, help="prompt length of the prefill timing")
     s.add_argument("--decode-tokens", type=int, default=128, help="greedy steps per decode timing")
     s.add_argument("--repeats", type=int, default=2, help="runs per figure (the fastest counts)")
-    s.add_argument("--context", type=_int_list, metavar="16,128,512,1000",
+    s.add_argument("--context", type=flags.int_list, metavar="16,128,512,1000",
                    help="also time decoding with this many tokens already in the cache")
-    _threads_flag(s)
+    flags.threads_flag(s)
     s.add_argument("--json", action="store_true", help="also print the figures as JSON")
     s.add_argument("--plot", metavar="FILE.png",
                    help="draw decode tokens/s against context length (needs the plot extra)")
@@ -615,17 +530,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--to", choices=["hf", "gguf", "safetensors", "onnx"],
                    help="output format (default: from DST's suffix: .gguf, .safetensors or .onnx)")
     s.add_argument("--dtype", choices=["f32", "f16", "bf16"], help="element type of float tensors")
-    s.add_argument("--quant", help="GGUF output: " + QUANT_HELP)
+    s.add_argument("--quant", help="GGUF output: " + flags.QUANT_HELP)
     s.add_argument("--onnx-layout", choices=["optimum", "kiln"], default="optimum",
                    help="ONNX output: optimum's decoder inputs/outputs (input_ids, attention_mask, position_ids, "
                         "past_key_values.N.key/value -> logits, present.N.key/value) or kiln's (adds "
                         "logits_positions, the positions whose logits are computed)")
     s.add_argument("--requantize", action="store_true", help="allow --quant on an already-quantized model")
-    s.add_argument("--imatrix", metavar="FILE", help=IMATRIX_HELP)
-    _add_lora_flags(s)
+    s.add_argument("--imatrix", metavar="FILE", help=flags.IMATRIX_HELP)
+    flags.add_lora_flags(s)
     s.add_argument("--base", metavar="MODEL",
                    help="SRC is a LoRA adapter: write it as llama.cpp's LoRA GGUF for this base model (--to gguf)")
-    s.add_argument("--max-shard-size", type=_size, metavar="SIZE",
+    s.add_argument("--max-shard-size", type=flags.size, metavar="SIZE",
                    help="HF output: split safetensors above this size, e.g. 2GB or 500MB (default 2GB)")
     s.add_argument("--force", action="store_true",
                    help="replace an existing destination: only the files this conversion writes "
@@ -653,23 +568,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _known_names() -> list[str]:
     from kiln.frontends.known_models import KNOWN
     return list(KNOWN)
-
-
-def sampling_flags(s, *, max_new_tokens: int, n_help: str, c_help: str) -> None:
-    """The generation flags kiln run and kiln chat share, spelled as llama.cpp's where they overlap."""
-    s.add_argument("-n", "--max-new-tokens", "--n-predict", dest="max_new_tokens", type=int,
-                   default=max_new_tokens, metavar="N", help=n_help)
-    s.add_argument("-c", "--ctx-size", type=int, metavar="N", help=c_help)
-    s.add_argument("--temperature", "--temp", type=float, default=0.0, help="sampling temperature; 0 is greedy")
-    s.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens only (0: all)")
-    s.add_argument("--top-p", type=float, default=1.0, help="sample from the likeliest tokens holding this probability")
-    s.add_argument("--min-p", type=float, default=0.0, help="drop tokens below this fraction of the likeliest one's probability")
-    s.add_argument("--repetition-penalty", type=float, default=1.0, help="divide the logits of tokens already seen by this")
-    s.add_argument("--seed", type=int, help="random seed for sampling")
-
-
-def _threads_flag(s) -> None:
-    s.add_argument("-t", "--threads", type=int, metavar="N", help="CPU threads (default: one per core)")
 
 
 def _version() -> str:

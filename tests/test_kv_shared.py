@@ -29,7 +29,7 @@ def _graph(folder):
 def llama_pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("kv")
     return tuple(kiln_compile(HF_FIXTURES / "llama", output=root / f"{layout}.kiln", kv_layout=layout, backend="onnxrt")
-                 for layout in ("shared", "concat"))
+                 for layout in ('shared', 'concat'))
 
 
 def _load(path):
