@@ -37,6 +37,7 @@ from tvm import relax, te, tirx as tir, topi
 from kiln.ir import Graph, Node, Value
 
 from . import attention as attn_kernels
+from .attention_blocked import attention_prefill_cpu
 
 ENTRY_POINTS = ("prefill", "decode")
 
@@ -546,7 +547,11 @@ class FunctionLowering:
             [kc.ty, vc.ty]))
         kc2 = self.bb.emit(relax.TupleGetItem(caches, 0))
         vc2 = self.bb.emit(relax.TupleGetItem(caches, 1))
-        att = self.kernel("attention", heads, kv_heads, head_dim, n.attrs["scale"], n.attrs["window"],
+        # the decode function's one new token a row keeps the per-query kernel; a prefill's
+        # blocks of queries take the blocked one (CPU)
+        decode = isinstance(self.seq, tir.IntImm)
+        kind = "attention" if self.target.gpu or decode else "attention_prefill"
+        att = self.kernel(kind, heads, kv_heads, head_dim, n.attrs["scale"], n.attrs["window"],
                           n.attrs.get("softcap") or 0.0)
         out_type = relax.TensorType([self.batch, self.shape_of(q)[2], tir.IntImm("int64", heads * head_dim)], "float32")
         return [relax.call_tir(att, [self.tensor(q), kc2, vc2, self.lengths], out_type), None, None]
@@ -554,7 +559,8 @@ class FunctionLowering:
     def kernel(self, kind: str, *args):
         key = (kind, *args)
         if key not in self.kernels:
-            make = attn_kernels.kv_append if kind == "kv_append" else attn_kernels.attention
+            make = {"kv_append": attn_kernels.kv_append, "attention": attn_kernels.attention,
+                    "attention_prefill": _attention_prefill}[kind]
             self.kernels[key] = self.bb.add_func(make(*args, gpu=self.target.gpu, cache_dtype=self.target.kv_dtype), kind)
         return self.kernels[key]
 
@@ -566,6 +572,11 @@ class FunctionLowering:
             return self.kernels["quant"].matmul(self.bb, self.tensor(x), self.params_of(w.name), fmt, rows, cols,
                                                 self.target.tvm, exact=self.target.exact)
         return relax.op.matmul(self.tensor(x), self.param(f"{w.name}.T"))
+
+
+def _attention_prefill(*args, gpu: bool, cache_dtype: str):
+    assert not gpu, "the blocked prefill attention is a CPU schedule"
+    return attention_prefill_cpu(*args, cache_dtype=cache_dtype)
 
 
 # ---- TE computations of the fused ops -------------------------------------------------------
