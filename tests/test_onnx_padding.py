@@ -1,8 +1,9 @@
 """kiln's ONNX export in optimum's layout reads ``attention_mask`` and ``position_ids``
 (kiln.passes.padded_batch): a left-padded batch gives each row's real tokens the logits of its
 prompt run alone, through a prefill and a decode step with past_key_values, in a plain
-onnxruntime InferenceSession as optimum's callers run it; and the same logits as optimum's own
-export of the fixture (transformers' graph) given the same padded batch.
+onnxruntime InferenceSession as optimum's callers run it; transformers' logits for that batch
+(tests/data/padded_batch/, from scripts/make_padded_batch_reference.py); and optimum's own
+export of the fixture given the same padded batch.
 """
 import os
 import subprocess
@@ -14,10 +15,12 @@ import onnxruntime as ort
 import pytest
 
 OPTIMUM = Path(__file__).parent / "data" / "onnx_optimum"
+TRANSFORMERS = Path(__file__).parent / "data" / "padded_batch"
 PROMPTS = [[5, 9, 13, 2, 7, 30, 11], [17, 3, 8]]
 NEXT = [[21], [4]]
 # measured: padded rows equal the lone prompt's to the bit (0.0) for every family; kiln's
-# export against optimum's at most 1.8e-7 (float32 rounding of two graphs)
+# export against transformers' at most 1.5e-7 and against optimum's at most 1.8e-7 (float32
+# rounding of two graphs)
 BOUND = 1e-4
 
 
@@ -69,6 +72,18 @@ def test_a_left_padded_batch_gives_each_prompts_own_logits(hf_fixture, tmp_path,
         alone_step, _ = model([nxt], np.ones((1, n + 1)), [[n]], past)
         np.testing.assert_allclose(prefill[row][mask[row] == 1], alone[0], rtol=0, atol=BOUND)
         np.testing.assert_allclose(step[row], alone_step[0, 0], rtol=0, atol=BOUND)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "mistral"])
+def test_a_padded_batch_matches_transformers(hf_fixture, tmp_path, family):
+    ref = np.load(TRANSFORMERS / f"{family}.npz")
+    model = Decoder(_export(hf_fixture(family), tmp_path / "onnx"))
+    mask = ref["attention_mask"]
+    prefill, past = model(ref["input_ids"], mask, ref["position_ids"], model.empty(2))
+    step, _ = model(ref["next_ids"], np.concatenate([mask, np.ones((2, 1), np.int64)], 1),
+                    ref["position_ids"][:, -1:] + 1, past)
+    np.testing.assert_allclose(prefill[mask == 1], ref["logits"][mask == 1], rtol=0, atol=BOUND)
+    np.testing.assert_allclose(step[:, 0], ref["next_logits"], rtol=0, atol=BOUND)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma", "gpt2", "phi3"])
