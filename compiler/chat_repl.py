@@ -89,11 +89,9 @@ class Conversation:
 class Repl:
     def __init__(self, model, a, out=sys.stdout, err=sys.stderr):
         self.model, self.out, self.err = model, out, err
+        from kiln.runtime.context_size import checked
         limit = model.session.max_length
-        ctx = a.ctx_size if a.ctx_size is not None else limit
-        if ctx is not None and (ctx < 1 or (limit and ctx > limit)):
-            raise ValueError(f"-c/--ctx-size {ctx}: choose from 1 to {limit}, the tokens this artifact holds"
-                             if limit else f"-c/--ctx-size {ctx}: must be at least 1")
+        ctx = checked(a.ctx_size, limit) if a.ctx_size is not None else limit
         self.chat = Conversation(model, a.system, ctx)
         self.settings = {"temperature": a.temperature, "top_p": a.top_p, "top_k": a.top_k,
                          "min_p": a.min_p, "repetition_penalty": a.repetition_penalty, "seed": a.seed,

@@ -116,10 +116,8 @@ def _new_tokens_within(a, model, prompt) -> int:
     ctx = a.ctx_size
     if ctx is None:
         return a.max_new_tokens
-    limit = model.session.max_length
-    if ctx < 1 or (limit and ctx > limit):
-        raise ValueError(f"-c/--ctx-size {ctx}: choose from 1 to {limit}, the tokens this artifact holds"
-                         if limit else f"-c/--ctx-size {ctx}: must be at least 1")
+    from kiln.runtime.context_size import checked
+    checked(ctx, model.session.max_length)
     if isinstance(prompt, list):
         used = len(prompt)
     elif model.tokenizer is not None:
@@ -188,6 +186,13 @@ def cmd_bench(a) -> int:
     base = tok.encode(a.prompt) if tok else [1, 2, 3, 4, 5]
     long = (base * (a.prefill_tokens // max(len(base), 1) + 1))[: a.prefill_tokens]
     sess = model.session
+    from kiln.runtime import context_size
+    context_size.limit(sess, a.ctx_size)
+    decode = f"(with --decode-tokens {a.decode_tokens})"
+    context_size.check_runs([(f"the prefill timing (--prefill-tokens {len(long)})", len(long)),
+                             (f"the decode timing after the {len(base)}-token prompt {decode}", len(base) + a.decode_tokens)]
+                            + [(f"the decode timing after --context {c} {decode}", c + a.decode_tokens)
+                               for c in a.context or []], sess, given=a.ctx_size is not None)
     prefill = []
     repeats = f"{a.repeats} run{'s' if a.repeats != 1 else ''}"
     say(f"timing prefill of {len(long)} tokens ({repeats} after a warm-up)")
@@ -288,7 +293,8 @@ def cmd_serve(a) -> int:
         os.environ[TRUSTED_KEYS_ENV] = os.pathsep.join(a.trusted_key)
     serve(a.artifact, host=a.host, port=a.port, max_batch=a.max_batch, max_queue=a.max_queue,
           api_key=_api_key(a.api_key), threads=a.threads, names=_served_names(a),
-          max_body=a.max_body_size, read_timeout=a.read_timeout, shutdown_timeout=a.shutdown_timeout)
+          max_body=a.max_body_size, read_timeout=a.read_timeout, shutdown_timeout=a.shutdown_timeout,
+          ctx_size=a.ctx_size)
     return 0
 
 
@@ -480,6 +486,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: the artifact's folder name, and a known model's short name such as smollm2)")
     s.add_argument("--max-body-size", type=flags.size, default=4 << 20, metavar="SIZE",
                    help="refuse request bodies larger than this with 413, before reading the rest (default 4MiB)")
+    s.add_argument("-c", "--ctx-size", type=int, metavar="N",
+                   help="tokens one request may hold, prompt and answer together: a longer prompt is refused "
+                        "(413 context_length_exceeded), max_tokens is cut to what fits (default: the artifact's "
+                        "context)")
     s.add_argument("--read-timeout", type=flags.seconds, default=10.0, metavar="S",
                    help="close connections whose headers take longer than S seconds to arrive; "
                         "408 for a body that does (default 10)")
@@ -515,6 +525,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--repeats", type=int, default=2, help="runs per figure (the fastest counts)")
     s.add_argument("--context", type=flags.int_list, metavar="16,128,512,1000",
                    help="also time decoding with this many tokens already in the cache")
+    s.add_argument("-c", "--ctx-size", type=int, metavar="N",
+                   help="tokens the cache may hold: every timed run (the prefill, each prompt or --context "
+                        "plus --decode-tokens) must fit, checked before timing starts (default: the "
+                        "artifact's context)")
     flags.threads_flag(s)
     s.add_argument("--json", action="store_true", help="also print the figures as JSON")
     s.add_argument("--plot", metavar="FILE.png",

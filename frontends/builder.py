@@ -62,13 +62,17 @@ def build_graph(cfg: ArchConfig, weights: dict[str, Weight], name: str = "model"
     total = e.Add(past, seq, name="total_len")
     one = e.i64(1)
     pos = e.Range(past, total, one, name="positions")                       # [seq]
+    # where the rotations read positions: an ONNX export gives them per row (position_ids)
+    g.meta["rotary_positions"] = []
 
     h = e.Gather(w("embed"), ids, name="embed")                               # [b, s, hidden]
     if cfg.embed_scale != 1.0:
         # gemma rounds the scale to the activation dtype before multiplying
         h = e.Mul(h, e.c(np.float32(cfg.embed_scale)), name="embed_scale")
     if cfg.learned_positions:
-        h = e.Add(h, e.Gather(w("pos_embed"), pos, name="pos_embed"), name="embed_pos")
+        pos_embed = e.Gather(w("pos_embed"), pos, name="pos_embed")
+        g.meta["position_embeddings"] = pos_embed.name
+        h = e.Add(h, pos_embed, name="embed_pos")
 
     windows = [layer_window(cfg, i) for i in range(cfg.num_layers)]
     masks = {}
@@ -175,7 +179,9 @@ def _causal_mask(e: _Emit, pos: Value, total: Value, window: int | None) -> Valu
 
 def _rotary_tables(e: _Emit, cfg: ArchConfig, pos: Value, total: Value) -> tuple[Value, Value]:
     inv_freq, attn_factor = rope_inv_freq(cfg)
-    p = e.Cast(e.Unsqueeze(pos, axes=[1], name="pos_col"), to="float32", name="pos_f")    # [seq, 1]
+    col = e.Unsqueeze(pos, axes=[1], name="pos_col")                                    # [seq, 1]
+    e.g.meta["rotary_positions"].append(col.name)
+    p = e.Cast(col, to="float32", name="pos_f")
     freqs = e.Mul(p, e.c(inv_freq[None, :]), name="rope_freqs")                           # [seq, rot/2]
     switch = rope_switch_length(cfg)
     if switch is not None:

@@ -30,6 +30,7 @@ def write(model: ModelIR, folder, *, dtype: str | None = None, layout: str = "op
     from kiln.passes.dce import dce
     from kiln.passes.kv_cache import insert_kv_cache
     from kiln.passes.moe import decompose as decompose_moe
+    from kiln.passes.padded_batch import padded_batch
     from kiln.passes_base import run_passes
     from kiln.targets import onnxrt
 
@@ -39,8 +40,11 @@ def write(model: ModelIR, folder, *, dtype: str | None = None, layout: str = "op
         raise KilnError(folder, f"an ONNX export holds f32, f16 or bf16 weights, not {dtype}")
     if layout not in LAYOUTS:
         raise KilnError(folder, f"unknown ONNX layout {layout!r} (choose from {', '.join(LAYOUTS)})")
-    # standard ONNX has no mixture-of-experts op: its primitives
-    graph, _ = run_passes(model.graph, [("kv_cache", insert_kv_cache), ("moe", decompose_moe), ("dce", dce)])
+    # standard ONNX has no mixture-of-experts op: its primitives. optimum's layout takes a
+    # left-padded batch: per-row positions and a padding mask
+    passes = [("kv_cache", insert_kv_cache), *([("padded_batch", padded_batch)] if layout == "optimum" else []),
+              ("moe", decompose_moe), ("dce", dce)]
+    graph, _ = run_passes(model.graph, passes)
     onnx_layout.store_weights_as(graph, _STORE[dtype])
     with staging(folder, owned=OWNED) as tmp:
         # the growing (concatenated) cache: a standalone model keeps no state between runs

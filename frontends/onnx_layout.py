@@ -66,11 +66,10 @@ def to_optimum(path, graph: Graph, *, logits_positions: str | None) -> dict:
     """Rewrite the lowered model.onnx at ``path`` in place into optimum's decoder layout and
     return its I/O description for kiln_io.json.
 
-    Renamed: the cache inputs and outputs and the logits. Added: ``attention_mask`` [batch,
-    total] and ``position_ids`` [batch, seq], which optimum's callers always feed; the graph
-    computes positions from the cache length, so they are accepted and not read (a batch is
-    unpadded: a mask of ones, consecutive positions). Removed: ``logits_positions``, so the
-    model returns every position's logits, as optimum's do."""
+    Renamed: the cache inputs and outputs and the logits. Moved after ``input_ids``:
+    ``attention_mask`` [batch, total] and ``position_ids`` [batch, seq], which the graph reads
+    (kiln.passes.padded_batch) as optimum's do, so a left-padded batch runs. Removed:
+    ``logits_positions``, so the model returns every position's logits, as optimum's do."""
     path = os.fspath(path)
     model = onnx.load(path, load_external_data=False)
     g = model.graph
@@ -90,14 +89,10 @@ def to_optimum(path, graph: Graph, *, logits_positions: str | None) -> dict:
         for d in v.type.tensor_type.shape.dim:
             if d.dim_param:
                 d.dim_param = _DIMS.get(d.dim_param, d.dim_param)
-    first = [i for i, v in enumerate(g.input) if v.name == "input_ids"][0] + 1
-    extra = [onnx.helper.make_tensor_value_info("attention_mask", onnx.TensorProto.INT64,
-                                                ["batch_size", "total_sequence_length"]),
-             onnx.helper.make_tensor_value_info("position_ids", onnx.TensorProto.INT64,
-                                                ["batch_size", "sequence_length"])]
-    inputs = list(g.input)
+    order = {"input_ids": 0, "attention_mask": 1, "position_ids": 2}
+    inputs = sorted(g.input, key=lambda v: order.get(v.name, len(order)))      # stable: the caches keep theirs
     del g.input[:]
-    g.input.extend(inputs[:first] + extra + inputs[first:])
+    g.input.extend(inputs)
     onnx.save(model, path)
     onnx.checker.check_model(path)
 
@@ -107,8 +102,8 @@ def to_optimum(path, graph: Graph, *, logits_positions: str | None) -> dict:
     io = {"inputs": describe(g.input), "outputs": describe(g.output),
           "kv_cache": {"layout": "concat", "past": "past_key_values.N.key / past_key_values.N.value",
                        "present": "present.N.key / present.N.value"}}
-    io["inputs"]["attention_mask"]["meaning"] = "accepted, not read: ones for an unpadded batch"
-    io["inputs"]["position_ids"]["meaning"] = "accepted, not read: positions follow the cache length"
+    io["inputs"]["attention_mask"]["meaning"] = "1 for a real token, 0 for padding (past and new tokens)"
+    io["inputs"]["position_ids"]["meaning"] = "each new token's position (rotary or learned embeddings)"
     return io
 
 

@@ -564,12 +564,16 @@ def _log_line(scope, state, status, seconds) -> str:
 
 def build(artifact, *, max_batch: int = 8, max_queue: int = 64, api_key: str | None = None,
           threads: int | None = None, name: str | list[str] | None = None, max_body: int = MAX_BODY,
-          read_timeout: float = READ_TIMEOUT):
+          read_timeout: float = READ_TIMEOUT, ctx_size: int | None = None):
     """The app and its running scheduler for an artifact folder.
 
-    ``name``: the model's id (or ids, the first listed); default the folder's name."""
+    ``name``: the model's id (or ids, the first listed); default the folder's name.
+    ``ctx_size``: the most tokens a request may hold, prompt and answer (default: the artifact's)."""
     from kiln import runtime
+
+    from .context_size import limit
     model = runtime.load(artifact, threads=threads)
+    limit(model.session, ctx_size)
     # the service admits at most max_batch + max_queue; the scheduler's queue, which also holds
     # what free rows take at its next step, is sized so that it never refuses one of those
     sched = Scheduler(model.session, model.tokenizer, max_batch=max_batch, max_queue=max_queue + max_batch,
@@ -589,14 +593,15 @@ def uvicorn_settings(read_timeout: float = READ_TIMEOUT) -> dict:
 
 def serve(artifact, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8, max_queue: int = 64,
           api_key: str | None = None, threads: int | None = None, names: list[str] | None = None,
-          max_body: int = MAX_BODY, read_timeout: float = READ_TIMEOUT, shutdown_timeout: float = 10.0) -> None:
+          max_body: int = MAX_BODY, read_timeout: float = READ_TIMEOUT, shutdown_timeout: float = 10.0,
+          ctx_size: int | None = None) -> None:
     import uvicorn
 
     from .shutdown import GracefulServer
     if not 0 <= shutdown_timeout < 1e6:
         raise ValueError(f"--shutdown-timeout must be a number of seconds >= 0, got {shutdown_timeout}")
     app, service = build(artifact, max_batch=max_batch, max_queue=max_queue, api_key=api_key, threads=threads,
-                         name=names, max_body=max_body, read_timeout=read_timeout)
+                         name=names, max_body=max_body, read_timeout=read_timeout, ctx_size=ctx_size)
     if not log.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
