@@ -151,3 +151,56 @@ def test_the_store_evicts_least_recent_tails_first_and_never_leaves_orphans():
     off = PrefixCache(0)
     off.keep(rows, 0, c)
     assert len(off) == 0 and off.reuse(rows, 1, c) == 0
+
+
+def test_tvm_device_copies_match_the_cpu_ones(tmp_path):
+    """A TVM session on a device copies a row's positions through one view per head (its
+    cache is not host memory); run here on the CPU's cache, both ways agree."""
+    from kiln.driver import compile as kiln_compile
+    s = runtime.load(kiln_compile(HF_FIXTURES / "llama", output=tmp_path / "l.kiln", backend="tvm"),
+                     threads=2).session
+    s.start_rows(3)
+    s.join_row(1, list(range(3, 40)))
+    s.join_row(2, list(range(50, 60)))
+    on_cpu, other = s.read_kv(1, 5, 30), s.read_kv(2, 0, 10)
+    kind = s.rt.kind
+    try:
+        s.rt.kind = "device"                  # the views' path; the memory is the CPU's still
+        np.testing.assert_array_equal(s.read_kv(1, 5, 30), on_cpu)
+        s.load_kv(0, [s.read_kv(1, 0, 5), s.read_kv(1, 5, 30)])
+    finally:
+        s.rt.kind = kind
+    np.testing.assert_array_equal(s.read_kv(0, 0, 30), s.read_kv(1, 0, 30))
+    assert s.lengths.tolist() == [30, 37, 10]
+    np.testing.assert_array_equal(s.read_kv(2, 0, 10), other)
+
+
+def test_smollm2_second_request_sharing_a_long_system_prompt_starts_fast(smollm2_artifact):
+    """Issue 16's figure: a second chat sharing a ~1,500-token system prompt gets its first
+    token in <= 0.25x the first's time (measured 0.04x: 1.07 s against 26 s on a loaded 2-core
+    machine), its answer the one a scheduler without the cache gives. Slack: 0.5x."""
+    model = runtime.load(smollm2_artifact, threads=2)
+    rule = ("The museum's archive records every object by its room, shelf and year of arrival; "
+            "curators answer visitors' questions politely, cite the catalogue number, and never guess. ")
+    system = " ".join(f"Rule {i}: {rule}" for i in range(38))
+
+    def prompt(q):
+        return model.tokenizer.encode(model.chat_prompt([{"role": "system", "content": system},
+                                                         {"role": "user", "content": q}]))
+
+    def ask(sch, p):
+        r = sch.submit(p, max_tokens=12, temperature=0.0)
+        while not r.done:
+            sch.step()
+        return r.first_token_at - r.submitted, r.ids
+
+    first, second = prompt("Where is the oldest vase kept?"), prompt("Who wrote the catalogue?")
+    assert 1400 <= len(second) <= 1600
+    cache = PrefixCache(512 << 20)
+    sch = Scheduler(model.session, model.tokenizer, max_batch=4, eos_ids=model.eos_ids, prefix_cache=cache)
+    t1, _ = ask(sch, first)
+    t2, ids = ask(sch, second)
+    assert cache.tokens_reused >= 1400
+    assert t2 <= 0.5 * t1, (t1, t2)
+    fresh = Scheduler(model.session, model.tokenizer, max_batch=4, eos_ids=model.eos_ids)
+    assert ask(fresh, second)[1] == ids
