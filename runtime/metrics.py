@@ -63,9 +63,12 @@ class ServerMetrics:
     """The counters of one server; see the module's docstring. Thread-safe: the scheduler's
     thread and the event loop write, a scrape reads."""
 
-    def __init__(self, scheduler):
+    def __init__(self, scheduler, routes=lambda: ()):
+        """``routes()``: the app's paths, labelled as themselves (others are "other", so
+        requests for random paths cannot grow the label set); read at the first response,
+        when every route is defined."""
         self.scheduler = scheduler
-        self.routes: set[str] = set()       # paths labelled as themselves; others are "other"
+        self._routes, self.routes = routes, None
         self._lock = threading.Lock()
         self.http: dict[tuple[str, int], int] = {}
         self.finished: dict[str, int] = {}
@@ -86,6 +89,8 @@ class ServerMetrics:
             self.latency.observe(now - req.submitted)
 
     def http_response(self, path: str, status: int | None) -> None:
+        if self.routes is None:
+            self.routes = {p for p in self._routes() if p}
         key = (path if path in self.routes else "other", int(status or 500))
         with self._lock:
             self.http[key] = self.http.get(key, 0) + 1

@@ -362,7 +362,7 @@ def create_app(service: Service, api_key: str | None = None, *, max_body: int = 
                 return error(request, APIError(401, "invalid or missing API key", "authentication_error",
                                                code="invalid_api_key"))
         return await call_next(request)
-    metrics = ServerMetrics(service.scheduler)
+    metrics = ServerMetrics(service.scheduler, routes=lambda: [getattr(r, "path", None) for r in app.routes])
     app.add_middleware(RequestLog, metrics=metrics)     # added last, so outermost: it sees the 401s too
 
     @app.get("/")
@@ -524,7 +524,6 @@ def create_app(service: Service, api_key: str | None = None, *, max_body: int = 
     async def chat_completions(request: Request):
         return await complete(request, chat=True)
 
-    metrics.routes = {route.path for route in app.routes if hasattr(route, "path")}
     return app
 
 

@@ -15,6 +15,7 @@ import pytest
 pytest.importorskip("fastapi")
 
 from kiln.cli import build_parser  # noqa: E402
+from kiln.runtime.prefix_cache import DEFAULT_MB  # noqa: E402
 
 from conftest import HF_FIXTURES  # noqa: E402
 
@@ -111,6 +112,7 @@ def test_served_prefix_cache_answers_as_without_it_and_metrics_count_it(llama):
         assert _call(base, "/v1/completions", {"prompt": [1, 2], "max_tokens": 1}, key="wrong")[0] == 401
         assert _call(base, "/v1/completions", {"prompt": [1, 2], "max_tokens": -1})[0] == 422
         assert _call(base, "/metrics", key=None)[0] == 401              # the API key guards it
+        assert _call(base, "/v1/no-such-route")[0] == 404               # labelled "other"
         m = _scrape(base)
     finally:
         stop()
@@ -129,6 +131,7 @@ def test_served_prefix_cache_answers_as_without_it_and_metrics_count_it(llama):
     assert m[("kiln_http_requests_total", (("path", completions), ("status", "401")))] == 1
     assert m[("kiln_http_requests_total", (("path", completions), ("status", "422")))] == 1
     assert m[("kiln_http_requests_total", (("path", "/metrics"), ("status", "401")))] == 1
+    assert m[("kiln_http_requests_total", (("path", "other"), ("status", "404")))] == 1
     assert m[("kiln_requests_total", (("finish_reason", "length"),))] == 6
     assert m[("kiln_prompt_tokens_total", ())] == sum(map(len, prompts)) + 2 * 81
     assert m[("kiln_generation_tokens_total", ())] == 4 * 8 + 2 * 4
@@ -147,7 +150,7 @@ def test_served_prefix_cache_answers_as_without_it_and_metrics_count_it(llama):
 
 def test_prefix_cache_flag():
     parse = build_parser().parse_args
-    assert parse(["serve", "x.kiln"]).prefix_cache_mb == 512
+    assert parse(["serve", "x.kiln"]).prefix_cache_mb == DEFAULT_MB == 512
     assert parse(["serve", "x.kiln", "--prefix-cache-mb", "0"]).prefix_cache_mb == 0
     with pytest.raises(SystemExit):
         parse(["serve", "x.kiln", "--prefix-cache-mb", "-1"])
