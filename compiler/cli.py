@@ -294,7 +294,7 @@ def cmd_serve(a) -> int:
     serve(a.artifact, host=a.host, port=a.port, max_batch=a.max_batch, max_queue=a.max_queue,
           api_key=_api_key(a.api_key), threads=a.threads, names=_served_names(a),
           max_body=a.max_body_size, read_timeout=a.read_timeout, shutdown_timeout=a.shutdown_timeout,
-          ctx_size=a.ctx_size)
+          ctx_size=a.ctx_size, prefix_cache_mb=a.prefix_cache_mb)
     return 0
 
 
@@ -498,6 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shutdown-timeout", type=float, default=10.0, metavar="S",
                    help="on SIGTERM/SIGINT, let running streams go on this many seconds, then end them "
                         "(finish_reason length); a second signal ends them at once (default 10)")
+    s.add_argument("--prefix-cache-mb", type=flags.megabytes, default=512, metavar="MB",
+                   help="keep up to MB MiB of prompts' KV cache on the host, so requests that begin alike "
+                        "(a system prompt, earlier turns) skip prefilling it again; 0 turns it off (default 512)")
     s.set_defaults(fn=cmd_serve)
 
     s = sub.add_parser("verify", help="check every file of an artifact against its sha256 in the manifest")

@@ -90,6 +90,17 @@ def size(text: str) -> int:
     return n
 
 
+def megabytes(text: str) -> float:
+    """A number of MiB >= 0 (0: the thing it sizes is off)."""
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not 0 <= v < 1e7:
+        raise argparse.ArgumentTypeError(f"not a number of MiB >= 0: {text!r}")
+    return v
+
+
 def sampling_flags(s, *, max_new_tokens: int, n_help: str, c_help: str) -> None:
     """The generation flags kiln run and kiln chat share, spelled as llama.cpp's where they overlap."""
     s.add_argument("-n", "--max-new-tokens", "--n-predict", dest="max_new_tokens", type=int,

@@ -155,6 +155,14 @@ class OnnxRuntimeSession(RowCache):
     def _step_all(self, ids: np.ndarray, before: np.ndarray) -> np.ndarray:
         return self._run_shared(ids, before + 1, np.zeros((self.batch, 1), dtype=np.int64))
 
+    def _read_kv(self, r: int, start: int, stop: int) -> np.ndarray:
+        return np.stack([self._arrays[name][r, :, start:stop] for name in self.cache_names])
+
+    def _write_kv(self, r: int, start: int, kv: np.ndarray) -> None:
+        # in place: the OrtValues bound to these arrays share their memory
+        for name, part in zip(self.cache_names, kv):
+            self._arrays[name][r, :, start:start + part.shape[1]] = part
+
     def _row_session(self, r: int):
         """A batch-1 session over row r's slice of the cache buffers, made again only when the
         buffers are (they are views: the batch buffers must outlive it)."""

@@ -151,17 +151,25 @@ class Request:
 
 class Scheduler:
     def __init__(self, session, tokenizer=None, *, max_batch: int = 4, max_queue: int = 64,
-                 eos_ids: Iterable[int] | None = None, prefill_chunk: int | None = PREFILL_CHUNK):
+                 eos_ids: Iterable[int] | None = None, prefill_chunk: int | None = PREFILL_CHUNK,
+                 prefix_cache=None):
         """``prefill_chunk``: the most prompt tokens prefilled per step (None: whole prompts).
         A long prompt joins its row that many tokens at a time, with a decode step of the
         running rows between chunks, so it delays their next token by one chunk's prefill at
-        most, and its prefill's activations are one chunk's."""
+        most, and its prefill's activations are one chunk's.
+
+        ``prefix_cache``: a :class:`~kiln.runtime.prefix_cache.PrefixCache` (None: none): a
+        prompt starts from the stored keys of its longest stored beginning, and every row's
+        blocks are offered to it once its prompt is in and when it ends. ``on_end``, when set,
+        is called with each request as it ends (the server's metrics)."""
         if max_batch < 1 or max_queue < 0 or (prefill_chunk is not None and prefill_chunk < 1):
             raise ValueError("max_batch and prefill_chunk must be >= 1 and max_queue >= 0")
         self.session, self.tokenizer = session, tokenizer
         self.max_batch, self.max_queue = int(max_batch), int(max_queue)
         self.prefill_chunk = None if prefill_chunk is None else int(prefill_chunk)
         self.eos_ids = id_set(getattr(tokenizer, "eos_ids", None) if eos_ids is None else eos_ids)
+        self.prefix_cache = prefix_cache
+        self.on_end = None
         session.start_rows(self.max_batch)
         self.rows: list[Request | None] = [None] * self.max_batch
         self.waiting: deque[Request] = deque()
@@ -172,6 +180,7 @@ class Scheduler:
         self._stopping = False
         self._aborting = False
         self.steps = 0
+        self.step_rows = 0          # the rows the decode steps advanced, all together
 
     @property
     def max_length(self) -> int | None:
@@ -275,6 +284,7 @@ class Scheduler:
                 self._fail(self.rows[r], e)
             return True
         self.steps += 1
+        self.step_rows += len(running)
         for r in running:
             self._take(self.rows[r], logits[r])
         return True
@@ -288,8 +298,10 @@ class Scheduler:
             if req.done:                 # cancelled or failed meanwhile
                 self._admitted.popleft()
                 continue
-            end = len(req.prompt) if budget is None else min(len(req.prompt), req._fed + budget)
             try:
+                if req._fed == 0 and self.prefix_cache is not None:
+                    req._fed = self.prefix_cache.reuse(self.session, req._row, req.prompt)
+                end = len(req.prompt) if budget is None else min(len(req.prompt), req._fed + budget)
                 if req._fed == 0 and end == len(req.prompt):
                     logits = self.session.join_row(req._row, req.prompt)
                 else:
@@ -303,6 +315,7 @@ class Scheduler:
             req._fed = end
             if end == len(req.prompt):
                 self._admitted.popleft()
+                self._keep(req)
                 self._take(req, logits)
 
     def _take(self, req: Request, logits: np.ndarray) -> None:
@@ -340,8 +353,22 @@ class Scheduler:
         print(f"kiln scheduler: a request failed ({req.error}); the others go on", file=sys.stderr)
         self._finish(req, "error")
 
+    def _keep(self, req: Request) -> None:
+        """Offer what the request's row holds to the prefix cache; a failure there costs only
+        the reuse, not the request."""
+        if self.prefix_cache is None or req._row is None:
+            return
+        try:
+            held = int(self.session.lengths[req._row])
+            self.prefix_cache.keep(self.session, req._row, req.decoder.history[:held])
+        except Exception as e:
+            print(f"kiln scheduler: the prefix cache could not keep a row ({type(e).__name__}: {e})",
+                  file=sys.stderr)
+
     def _finish(self, req: Request, reason: str) -> None:
         if req._row is not None:
+            if reason != "error":
+                self._keep(req)
             self.session.free_row(req._row)
             self.rows[req._row] = None
             req._row = None
@@ -349,6 +376,11 @@ class Scheduler:
 
     def _end(self, req: Request, reason: str) -> None:
         req.finish_reason = reason
+        if self.on_end is not None:
+            try:
+                self.on_end(req)
+            except Exception as e:      # metrics must not end the scheduler
+                print(f"kiln scheduler: on_end failed ({type(e).__name__}: {e})", file=sys.stderr)
         try:
             req._emit(Event(finish_reason=reason))
         except Exception as e:          # its listener failed: the request has ended anyway

@@ -30,7 +30,9 @@ from pathlib import Path
 
 from .http_limits import MAX_BODY, MAX_HEADER_BYTES, READ_TIMEOUT, APIError, guarded_h11, parse_json, read_body
 from .logprobs import TokenStrings, chat_logprobs, completion_logprobs
+from .metrics import CONTENT_TYPE, ServerMetrics
 from .params import InvalidParam, SamplingParams
+from .prefix_cache import DEFAULT_MB, PrefixCache
 from .scheduler import QueueFull, Scheduler
 
 __all__ = ["APIError", "Service", "build", "create_app", "serve"]
@@ -319,7 +321,7 @@ def create_app(service: Service, api_key: str | None = None, *, max_body: int = 
                read_timeout: float = READ_TIMEOUT):
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+    from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     app = FastAPI(title="kiln", docs_url=None, redoc_url=None, openapi_url=None)
@@ -360,7 +362,8 @@ def create_app(service: Service, api_key: str | None = None, *, max_body: int = 
                 return error(request, APIError(401, "invalid or missing API key", "authentication_error",
                                                code="invalid_api_key"))
         return await call_next(request)
-    app.add_middleware(RequestLog)              # added last, so outermost: it sees the 401s too
+    metrics = ServerMetrics(service.scheduler, routes=lambda: [getattr(r, "path", None) for r in app.routes])
+    app.add_middleware(RequestLog, metrics=metrics)     # added last, so outermost: it sees the 401s too
 
     @app.get("/")
     async def chat_page():
@@ -370,6 +373,10 @@ def create_app(service: Service, api_key: str | None = None, *, max_body: int = 
     async def health():
         s = service.scheduler
         return {"status": "ok", "running": s.active, "waiting": len(s.waiting)}
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        return PlainTextResponse(metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models():
@@ -524,10 +531,10 @@ class RequestLog:
     """ASGI middleware: one log line per API request, when its response has ended (for a
     stream, after ``[DONE]`` or the client's going away): id, method, path, status, prompt and
     completion tokens, seconds, and the finish reasons or the error code. ``GET /health`` and
-    the chat page log only when they fail."""
+    the chat page log only when they fail. Every response is counted in ``metrics``."""
 
-    def __init__(self, app):
-        self.app = app
+    def __init__(self, app, metrics: ServerMetrics | None = None):
+        self.app, self.metrics = app, metrics
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -546,6 +553,8 @@ class RequestLog:
             status = status or 500
             raise
         finally:
+            if self.metrics is not None:
+                self.metrics.http_response(scope["path"], status)
             if status is None or status >= 400 or scope["path"].startswith("/v1/"):
                 log.info("%s", _log_line(scope, state, status, time.perf_counter() - started))
 
@@ -564,11 +573,13 @@ def _log_line(scope, state, status, seconds) -> str:
 
 def build(artifact, *, max_batch: int = 8, max_queue: int = 64, api_key: str | None = None,
           threads: int | None = None, name: str | list[str] | None = None, max_body: int = MAX_BODY,
-          read_timeout: float = READ_TIMEOUT, ctx_size: int | None = None):
+          read_timeout: float = READ_TIMEOUT, ctx_size: int | None = None,
+          prefix_cache_mb: float = DEFAULT_MB):
     """The app and its running scheduler for an artifact folder.
 
     ``name``: the model's id (or ids, the first listed); default the folder's name.
-    ``ctx_size``: the most tokens a request may hold, prompt and answer (default: the artifact's)."""
+    ``ctx_size``: the most tokens a request may hold, prompt and answer (default: the artifact's).
+    ``prefix_cache_mb``: the prefix cache's budget in MiB (0: no prefix cache)."""
     from kiln import runtime
 
     from .context_size import limit
@@ -577,7 +588,8 @@ def build(artifact, *, max_batch: int = 8, max_queue: int = 64, api_key: str | N
     # the service admits at most max_batch + max_queue; the scheduler's queue, which also holds
     # what free rows take at its next step, is sized so that it never refuses one of those
     sched = Scheduler(model.session, model.tokenizer, max_batch=max_batch, max_queue=max_queue + max_batch,
-                      eos_ids=model.eos_ids).start()
+                      eos_ids=model.eos_ids,
+                      prefix_cache=PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb else None).start()
     service = Service(model, sched, name or Path(artifact).name.removesuffix(".kiln"),
                       capacity=max_batch + max_queue)
     return create_app(service, api_key, max_body=max_body, read_timeout=read_timeout), service
@@ -594,14 +606,15 @@ def uvicorn_settings(read_timeout: float = READ_TIMEOUT) -> dict:
 def serve(artifact, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8, max_queue: int = 64,
           api_key: str | None = None, threads: int | None = None, names: list[str] | None = None,
           max_body: int = MAX_BODY, read_timeout: float = READ_TIMEOUT, shutdown_timeout: float = 10.0,
-          ctx_size: int | None = None) -> None:
+          ctx_size: int | None = None, prefix_cache_mb: float = DEFAULT_MB) -> None:
     import uvicorn
 
     from .shutdown import GracefulServer
     if not 0 <= shutdown_timeout < 1e6:
         raise ValueError(f"--shutdown-timeout must be a number of seconds >= 0, got {shutdown_timeout}")
     app, service = build(artifact, max_batch=max_batch, max_queue=max_queue, api_key=api_key, threads=threads,
-                         name=names, max_body=max_body, read_timeout=read_timeout, ctx_size=ctx_size)
+                         name=names, max_body=max_body, read_timeout=read_timeout, ctx_size=ctx_size,
+                         prefix_cache_mb=prefix_cache_mb)
     if not log.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))

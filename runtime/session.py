@@ -57,7 +57,9 @@ class RowSession(Session, Protocol):
     only when ``ragged_prefill``. ``start_rows(batch)`` empties a cache for a scheduler;
     ``join_row(r, prompt)`` prefills row r alone, ``extend_row(r, ids)`` appends to it,
     ``step(tokens, active)`` advances every active row by one token, ``free_row(r)`` empties
-    row r. ``vocab_size``: the ids a prompt may hold are below it (None: unknown)."""
+    row r. ``read_kv(r, start, stop)`` copies positions start..stop of row r's keys and values
+    out to the host, ``load_kv(r, pieces)`` makes row r hold such copies (the prefix cache's
+    two operations). ``vocab_size``: the ids a prompt may hold are below it (None: unknown)."""
 
     vocab_size: int | None
     ragged_prefill: bool
@@ -76,6 +78,10 @@ class RowSession(Session, Protocol):
     def free_row(self, r: int) -> None: ...
 
     def reorder_rows(self, index) -> None: ...
+
+    def read_kv(self, r: int, start: int, stop: int) -> np.ndarray: ...
+
+    def load_kv(self, r: int, pieces: list[np.ndarray]) -> None: ...
 
 
 def ragged(session) -> bool:
@@ -155,6 +161,16 @@ class RowCache:
         """Buffers of ``capacity`` positions per row holding the first ``keep`` of the old."""
         raise NotImplementedError
 
+    def _read_kv(self, r: int, start: int, stop: int) -> np.ndarray:
+        """A host copy of row r's cache at positions start..stop: [cache tensors, kv_heads,
+        stop - start, head_dim], the tensors in the backend's own order."""
+        raise NotImplementedError
+
+    def _write_kv(self, r: int, start: int, kv: np.ndarray) -> None:
+        """Row r's cache at positions start..start + kv.shape[2] takes ``kv`` (as
+        ``_read_kv`` returns it; room is allocated)."""
+        raise NotImplementedError
+
     # ---- shared -------------------------------------------------------------------------
     def _reset_rows(self, batch: int) -> None:
         """Every row empty (a backend's ``reset`` calls this and then sizes its buffers)."""
@@ -232,6 +248,33 @@ class RowCache:
         self.lengths[r] = cached + n
         self.length = int(self.lengths.max())
         return logits
+
+    def read_kv(self, r: int, start: int, stop: int) -> np.ndarray:
+        """A host copy of the keys and values row ``r`` holds at positions start..stop (see
+        ``_read_kv``): what :mod:`kiln.runtime.prefix_cache` keeps of a prompt."""
+        if not (0 <= r < self.batch and 0 <= start < stop <= self.lengths[r]):
+            raise ValueError(f"row {r} holds {int(self.lengths[r]) if 0 <= r < self.batch else 0} "
+                             f"positions; cannot read {start}..{stop}")
+        return self._read_kv(r, start, stop)
+
+    def load_kv(self, r: int, pieces: list[np.ndarray]) -> None:
+        """Row ``r`` holds exactly ``pieces`` (``read_kv``'s copies of consecutive positions,
+        from 0 on) while the other rows keep their state; :meth:`extend_row` then appends the
+        rest of a prompt. The keys were computed at the same positions, so they are what a
+        prefill of the same tokens would have written."""
+        if not self.ragged_prefill or self.history is not None:
+            raise ValueError(self.no_rows)
+        n = sum(int(p.shape[2]) for p in pieces)
+        check_join(r, n, self.batch, self.max_length)
+        self.free_row(r)
+        if n > self.capacity:
+            self._grow(n)
+        at = 0
+        for p in pieces:
+            self._write_kv(r, at, p)
+            at += int(p.shape[2])
+        self.lengths[r] = n
+        self.length = int(self.lengths.max())
 
     def free_row(self, r: int) -> None:
         self.lengths[r] = 0

@@ -119,9 +119,14 @@ class TVMRuntime:
         """A device copy of ``arr``."""
         arr = np.ascontiguousarray(arr)
         t = self.empty(arr.shape, arr.dtype.name)
+        self.copy_in(t, arr)
+        return t
+
+    def copy_in(self, t, arr: np.ndarray) -> None:
+        """``t`` (a tensor or a view, of ``arr``'s shape and dtype) takes ``arr``'s values."""
+        arr = np.ascontiguousarray(arr)
         if arr.size:
             self._from_bytes(t, arr.ctypes.data_as(ctypes.c_void_p), arr.nbytes)
-        return t
 
     def mapped_zeros(self, shape, dtype: str):
         """A CPU tensor of zeros in its own anonymous memory map: its pages become resident

@@ -169,6 +169,27 @@ class TVMSession(RowCache):
     def _step_all(self, ids: np.ndarray, before: np.ndarray) -> np.ndarray:
         return self._run(ids, before, np.zeros((self.batch, 1), dtype=np.int64))
 
+    def _read_kv(self, r: int, start: int, stop: int) -> np.ndarray:
+        if self.rt.kind == "cpu":
+            return np.stack([np.from_dlpack(c)[r, :, start:stop] for c in self.caches])
+        return np.stack([[self.rt.numpy(self._span_view(c, r, h, start, stop)) for h in range(self.kv_heads)]
+                         for c in self.caches])
+
+    def _write_kv(self, r: int, start: int, kv: np.ndarray) -> None:
+        stop = start + kv.shape[2]
+        for c, part in zip(self.caches, kv):
+            if self.rt.kind == "cpu":
+                np.from_dlpack(c)[r, :, start:stop] = part
+            else:
+                for h in range(self.kv_heads):
+                    self.rt.copy_in(self._span_view(c, r, h, start, stop), part[h])
+
+    def _span_view(self, cache, r: int, h: int, start: int, stop: int):
+        """Positions start..stop of head h of row r: contiguous in the [batch, kv_heads,
+        capacity, head_dim] layout, so one view copies them to or from the host."""
+        offset = ((r * self.kv_heads + h) * self.capacity + start) * self.head_dim * self.kv_dtype.itemsize
+        return self.rt.view(cache, (stop - start, self.head_dim), offset)
+
     def _reorder_cache(self, index) -> None:
         if self.rt.kind == "cpu":
             n = int(self.lengths.max())

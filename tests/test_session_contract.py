@@ -77,6 +77,12 @@ class ToySession(RowCache):
     def _reorder_cache(self, index):
         self.tokens = self.tokens[index]
 
+    def _read_kv(self, r, start, stop):
+        return self.tokens[r, start:stop].reshape(1, 1, -1, 1).copy()
+
+    def _write_kv(self, r, start, kv):
+        self.tokens[r, start:start + kv.shape[2]] = kv.reshape(-1)
+
 
 @pytest.fixture(scope="module", params=["onnxrt", "tvm", "toy"])
 def session(request, tmp_path_factory):
@@ -175,3 +181,26 @@ def test_rows_join_free_and_reorder_through_the_base(session):
     session.reset(1)
     whole = session.forward(np.asarray([PROMPTS[2]]), last_only=True)[0, -1]
     np.testing.assert_allclose(a, whole, rtol=1e-4, atol=1e-4)
+
+
+def test_a_rows_keys_copied_out_and_into_another_row_continue_alike(session):
+    """read_kv / load_kv (the prefix cache's operations): row 1 loaded with row 0's first
+    positions, in pieces, then extended with the rest, gives row 0's logits, and the other
+    rows keep theirs."""
+    prompt = PROMPTS[2]
+    session.start_rows(3)
+    whole = session.join_row(0, prompt)
+    session.join_row(2, PROMPTS[0])
+    pieces = [session.read_kv(0, 0, 4), session.read_kv(0, 4, 7)]
+    assert pieces[0].shape[2] == 4 and pieces[1].shape[2] == 3
+    session.load_kv(1, pieces)
+    assert session.lengths.tolist() == [len(prompt), 7, len(PROMPTS[0])]
+    np.testing.assert_allclose(session.extend_row(1, prompt[7:]), whole, rtol=1e-4, atol=1e-4)
+    step = session.step(np.array([3, 3, 5]), np.array([True, True, True]))
+    np.testing.assert_allclose(step[0], step[1], rtol=1e-4, atol=1e-4)
+    session.reset(1)
+    alone = session.forward(np.asarray([PROMPTS[0] + [5]]), last_only=True)[0, -1]
+    np.testing.assert_allclose(step[2], alone, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="cannot read"):
+        session.start_rows(2)
+        session.read_kv(0, 0, 1)
