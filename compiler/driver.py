@@ -194,7 +194,8 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
             if on_weight is not None:
                 on_weight(name)
         if backend == "tvm":
-            backend_entry = _lower_tvm(graph, tmp, preset, cfg, weight_done, stage, precision, kv_dtype)
+            backend_entry = _lower_tvm(graph, tmp, preset, cfg, weight_done, stage, precision, kv_dtype,
+                                       plain=model.embedding is not None)
         else:
             backend_entry = _lower_onnxrt(graph, tmp, preset, cfg, weight_done, stage, kv_layout, precision)
         if model.tokenizer is not None:
@@ -247,18 +248,17 @@ def _is_embedder_source(model) -> bool:
 
 
 def _embedder_backend(model, asked: str | None, preset, scheme, lora, path) -> str:
-    """ONNX Runtime, the one backend that compiles embedding models so far; what an
-    embedder cannot have yet is refused in one line."""
+    """ONNX Runtime unless TVM is asked for (an embedder's TVM build takes seconds for a small
+    gain on one pass over the inputs); what an embedder cannot have yet is refused in one line."""
     where = path or model.source.get("path")
-    if asked == "tvm":
-        raise KilnError(where, "is an embedding model; the TVM backend does not compile embedders yet "
-                               "(use --backend onnxrt)")
-    if "onnxrt" not in preset.backends:
-        raise KilnError(where, f"is an embedding model, which kiln compiles with ONNX Runtime; target "
-                               f"{preset.name!r} has no ONNX Runtime backend")
     if scheme is not None or lora:
         raise KilnError(where, f"is an embedding model; {'--quant' if scheme is not None else '--lora'} is for "
                                f"decoder language models (embedders compile with their float weights)")
+    if asked == "tvm":
+        return "tvm"
+    if "onnxrt" not in preset.backends:
+        raise KilnError(where, f"is an embedding model, which kiln compiles with ONNX Runtime unless "
+                               f"--backend tvm is given; target {preset.name!r} has no ONNX Runtime backend")
     return "onnxrt"
 
 
@@ -314,7 +314,8 @@ def _warn(notice: str) -> None:
     warnings.warn(notice, stacklevel=3)      # points at the caller of compile()
 
 
-def _lower_tvm(graph, tmp, preset, cfg, weight_done, stage, precision, kv_dtype) -> dict:
+def _lower_tvm(graph, tmp, preset, cfg, weight_done, stage, precision, kv_dtype, plain: bool = False) -> dict:
+    """``plain``: a graph without a KV cache (an embedder's), as one entry point ``main``."""
     from kiln.targets.presets import TVM_MISSING
     try:
         import tvm  # noqa: F401   found by choose_backend, but an installation can be broken
@@ -324,9 +325,10 @@ def _lower_tvm(graph, tmp, preset, cfg, weight_done, stage, precision, kv_dtype)
     target = targets.for_preset(preset.device, preset.isa, arch=preset.isa if preset.device == "cuda" else None,
                                  host=preset.name == "cpu")
     try:
-        summary = build.build(graph, tmp, target, max_length=cfg.get("max_position_embeddings"),
-                              progress=weight_done, stage=stage, precision=precision,
-                              kv_dtype={"f32": "float32", "f16": "float16"}[kv_dtype])
+        summary = build.build_plain(graph, tmp, target, progress=weight_done, stage=stage, precision=precision) \
+            if plain else build.build(graph, tmp, target, max_length=cfg.get("max_position_embeddings"),
+                                      progress=weight_done, stage=stage, precision=precision,
+                                      kv_dtype={"f32": "float32", "f16": "float16"}[kv_dtype])
     except ValueError as e:
         raise KilnError(None, f"the TVM backend cannot compile this model: {e}") from None
     from kiln.frontends.arch import ArchConfig, rope_switch_length

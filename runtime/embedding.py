@@ -1,4 +1,5 @@
-"""Embedding artifacts at run time: inputs in, one vector per input out.
+"""Embedding artifacts at run time: inputs in, one vector per input out (ONNX Runtime here,
+TVM in :mod:`kiln.runtime.tvm_embedding`).
 
 An embedder's graph (see kiln.frontends.sentence_transformers) takes ``input_ids``, an
 ``attention_mask`` and, for BERT's family, ``token_type_ids``, and returns the pooled,
@@ -26,14 +27,20 @@ from kiln.artifact import ArtifactError
 BATCH = 32
 
 
+def open_session(folder, manifest: dict, *, threads: int | None = None, device: str | None = None):
+    """The embedder's session for its backend (each imported only when one is opened)."""
+    backend = (manifest.get("backend") or {}).get("name")
+    if backend == "tvm":
+        from .tvm_embedding import TVMEmbedding
+        return TVMEmbedding(folder, manifest, threads=threads, device=device)
+    return OnnxRuntimeEmbedding(folder, manifest, threads=threads, device=device)
+
+
 class EmbeddingSession:
-    """An embedder's ONNX Runtime session and the manifest's ``embedding`` entry, checked."""
+    """The manifest's ``embedding`` entry, checked, and batches of ids in, vectors out; a
+    backend's subclass computes the graph (:meth:`_compute`)."""
 
-    def __init__(self, folder, manifest: dict, *, threads: int | None = None, device: str | None = None):
-        import onnxruntime as ort
-
-        from .onnx_check import check_external_data
-        from .onnxrt_session import _providers
+    def __init__(self, folder, manifest: dict):
         where = Path(folder) / "manifest.json"
         spec, backend = manifest.get("embedding"), manifest.get("backend")
         try:
@@ -42,8 +49,7 @@ class EmbeddingSession:
             self.token_types = spec["token_types"] is True
             self.pooling = [str(p) for p in spec["pooling"]]
             self.normalize = spec["normalize"] is True
-            model_path = Path(folder) / backend["model"]
-            self.output = str(backend["outputs"][0])
+            self.backend = dict(backend)
         except (KeyError, TypeError, IndexError, ValueError) as e:
             what = f"has no {e.args[0]!r}" if isinstance(e, KeyError) else f"has a bad value ({e})"
             raise ArtifactError(where, f"the manifest's embedding entry {what}") from None
@@ -51,6 +57,46 @@ class EmbeddingSession:
         self.vocab_size = config.get("vocab_size") if isinstance(config.get("vocab_size"), int) else None
         pad = config.get("pad_token_id")
         self.pad_id = pad if isinstance(pad, int) and not isinstance(pad, bool) and pad >= 0 else 0
+
+    def run(self, rows: list[list[int]]) -> np.ndarray:
+        """float32 [len(rows), dimension]: one batch, right-padded to its longest row."""
+        n = max(len(r) for r in rows)
+        ids = np.full((len(rows), n), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(rows), n), dtype=np.int64)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)] = r
+            mask[i, :len(r)] = 1
+        feeds = {"input_ids": ids, "attention_mask": mask}
+        if self.token_types:
+            feeds["token_type_ids"] = np.zeros_like(ids)       # one segment per input
+        out = np.asarray(self._compute(feeds), dtype=np.float32)
+        if out.shape != (len(rows), self.dimension):
+            raise ArtifactError(None, f"the embedding model returned shape {list(out.shape)}, its manifest "
+                                      f"says [{len(rows)}, {self.dimension}]")
+        return out
+
+    def _compute(self, feeds: dict) -> np.ndarray:
+        raise NotImplementedError
+
+    # The server's scheduler is built over every artifact's session; over an embedder's it
+    # only idles (the completion endpoints refuse embedders before they reach it).
+    def start_rows(self, n: int) -> None:
+        pass
+
+
+class OnnxRuntimeEmbedding(EmbeddingSession):
+    def __init__(self, folder, manifest: dict, *, threads: int | None = None, device: str | None = None):
+        import onnxruntime as ort
+
+        from .onnx_check import check_external_data
+        from .onnxrt_session import _providers
+        super().__init__(folder, manifest)
+        try:
+            model_path = Path(folder) / self.backend["model"]
+            self.output = str(self.backend["outputs"][0])
+        except (KeyError, TypeError, IndexError) as e:
+            raise ArtifactError(Path(folder) / "manifest.json",
+                                f"the manifest's onnxrt backend entry has no usable {e.args[0]!r}") from None
         check_external_data(model_path)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or os.cpu_count() or 1
@@ -65,23 +111,8 @@ class EmbeddingSession:
             reason = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", str(e).strip()).splitlines()[0][:400]
             raise ArtifactError(model_path, f"ONNX Runtime cannot load the model: {reason}") from None
 
-    def run(self, rows: list[list[int]]) -> np.ndarray:
-        """float32 [len(rows), dimension]: one batch, right-padded to its longest row."""
-        n = max(len(r) for r in rows)
-        ids = np.full((len(rows), n), self.pad_id, dtype=np.int64)
-        mask = np.zeros((len(rows), n), dtype=np.int64)
-        for i, r in enumerate(rows):
-            ids[i, :len(r)] = r
-            mask[i, :len(r)] = 1
-        feeds = {"input_ids": ids, "attention_mask": mask}
-        if self.token_types:
-            feeds["token_type_ids"] = np.zeros_like(ids)       # one segment per input
-        return np.asarray(self.sess.run([self.output], feeds)[0], dtype=np.float32)
-
-    # The server's scheduler is built over every artifact's session; over an embedder's it
-    # only idles (the completion endpoints refuse embedders before they reach it).
-    def start_rows(self, n: int) -> None:
-        pass
+    def _compute(self, feeds: dict) -> np.ndarray:
+        return self.sess.run([self.output], feeds)[0]
 
 
 def _count(v, key: str) -> int:

@@ -34,10 +34,7 @@ class Model:
         #: An embedding model's pooling (the manifest's ``embedding`` entry), else None: see :meth:`embed`
         self.embedding = self.manifest.get("embedding")
         if self.embedding is not None:
-            if backend != "onnxrt":
-                raise ArtifactError(self.path / "manifest.json", f"is an embedding model for backend {backend!r}; "
-                                                                 f"this runtime runs embedders with ONNX Runtime")
-            from .embedding import EmbeddingSession as session_type
+            from .embedding import open_session as session_type
         # the tokenizer first: parsing its JSON briefly takes some 40 MB, which is then given
         # back, so the process's peak memory is not that on top of the weights
         tok_dir = self.path / "tokenizer"

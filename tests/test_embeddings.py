@@ -139,12 +139,26 @@ def test_unsupported_layouts_are_one_line_errors(tmp_path, edit, message):
 
 def test_compile_refusals(tmp_path, capsys):
     src = str(DATA / "qwen3_last")
-    for args, message in ((["--backend", "tvm"], "the TVM backend does not compile embedders yet"),
-                          (["--quant", "q8_0"], "--quant is for decoder language models")):
+    for args, message in ((["--quant", "q8_0"], "--quant is for decoder language models"),
+                          (["--quant", "q4_k_m", "--backend", "tvm"], "--quant is for decoder language models")):
         assert main(["compile", src, "-o", str(tmp_path / "x.kiln"), *args]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1
         assert not (tmp_path / "x.kiln").exists()
+    assert main(["convert", src, str(tmp_path / "x.gguf")]) == 2
+    assert "is an embedding model; kiln convert writes decoder language models" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_tvm_embedder_equals_transformers(tmp_path, name):
+    pytest.importorskip("tvm")
+    ref = _ref(name)
+    art = kiln_compile(DATA / name, output=tmp_path / "e.kiln", backend="tvm")
+    model = Model(art, threads=1)
+    assert model.manifest["backend"]["name"] == "tvm" and model.manifest["backend"]["entry_points"] == ["main"]
+    want = np.array(ref["embeddings"], dtype=np.float32)
+    for batch_size in (1, 32):
+        assert np.abs(model.embed(ref["texts"], batch_size=batch_size) - want).max() <= TOL
 
 
 def test_kiln_embed_json_and_table(artifacts, capsys):
