@@ -25,7 +25,10 @@ def add_parser(sub) -> None:
 def _inputs(a) -> list:
     out = []
     for text in a.inputs:
-        out.extend(line for line in sys.stdin.read().splitlines() if line) if text == "-" else out.append(text)
+        if text == "-":
+            out.extend(line for line in sys.stdin.read().splitlines() if line)
+        else:
+            out.append(text)
     for spec in a.ids:
         try:
             out.append([int(t) for t in spec.split(",") if t.strip()])
@@ -38,14 +41,13 @@ def _inputs(a) -> list:
 
 def cmd_embed(a) -> int:
     from kiln import runtime
-    from kiln.runtime import embedding
     inputs = _inputs(a)
     model = runtime.load(a.artifact, threads=a.threads)
     if model.embedding is None:
         raise ValueError(f"{a.artifact}: not an embedding model (compile a sentence-transformers folder "
                          "to get one; kiln run generates text)")
-    rows = embedding.token_rows(model.session, embedding.text_encoder(model.tokenizer), inputs, truncate=a.truncate)
-    vectors = embedding.embed_rows(model.session, rows)
+    rows = model.embedding_tokens(inputs, truncate=a.truncate)
+    vectors = model.embed(rows)
     if a.format == "json":
         print(json.dumps({"dimension": int(vectors.shape[1]), "pooling": model.embedding.get("pooling"),
                           "normalized": bool(model.embedding.get("normalize")),

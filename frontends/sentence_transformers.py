@@ -80,10 +80,6 @@ def read_layout(folder: Path) -> tuple[Path, list, bool, int | None]:
     pool = load_json_object(pool_path, unreadable="not a readable JSON pooling config",
                             not_object="not a JSON object")
     modes = [mode for mode, key in POOLING_KEYS.items() if pool.get(key) is True]
-    if isinstance(pool.get("pooling_mode"), str) and not modes:       # the constructor's short form
-        short = {"cls": "cls", "mean": "mean", "max": "max", "lasttoken": "last", "mean_sqrt_len_tokens": "mean_sqrt_len",
-                 "weightedmean": "weightedmean"}
-        modes = [short.get(pool["pooling_mode"], pool["pooling_mode"])]
     if not modes:
         raise KilnError(pool_path, "turns on no pooling mode")
     odd = [m for m in modes if m not in SUPPORTED_POOLING]
@@ -103,10 +99,12 @@ def read_layout(folder: Path) -> tuple[Path, list, bool, int | None]:
     return model_dir, modes, rest == [_NORMALIZE], max_len
 
 
-def _inside(folder: Path, rel: str) -> Path:
-    """A module's path, which must stay inside the model folder."""
+def _inside(folder: Path, rel) -> Path:
+    """A module's path, which must be a folder name inside the model folder."""
+    if not isinstance(rel, str):
+        raise KilnError(folder / MODULES, f"module path {rel!r} is not a folder name")
     p = (folder / rel).resolve()
-    if not isinstance(rel, str) or (p != folder.resolve() and folder.resolve() not in p.parents):
+    if p != folder.resolve() and folder.resolve() not in p.parents:
         raise KilnError(folder / MODULES, f"module path {rel!r} points outside the folder")
     return p
 

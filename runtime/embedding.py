@@ -115,6 +115,10 @@ class OnnxRuntimeEmbedding(EmbeddingSession):
         return self.sess.run([self.output], feeds)[0]
 
 
+class TooLong(ValueError):
+    """An input past the model's max_seq_length (the server answers it with 413)."""
+
+
 def _count(v, key: str) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise ValueError(f"{key} {v!r} is not a positive whole number")
@@ -171,7 +175,7 @@ def token_rows(session: EmbeddingSession, encode, inputs, *, truncate: bool = Fa
             raise ValueError(f"input {i} is empty (no tokens)")
         if len(ids) > session.max_length:
             if not truncate:
-                raise ValueError(f"input {i} has {len(ids)} tokens; the model takes at most {session.max_length}")
+                raise TooLong(f"input {i} has {len(ids)} tokens; the model takes at most {session.max_length}")
             ids = ids[:session.max_length]
         rows.append(ids)
     if not rows:

@@ -4,7 +4,8 @@ The request as OpenAI defines it: ``input`` is a text, a list of texts, a list o
 or a list of such lists (at most :data:`MAX_INPUTS`); ``encoding_format`` is ``float`` (lists
 of numbers) or ``base64`` (each vector's little-endian float32 bytes, what the official
 client asks for by default); ``dimensions``, when given, must be the model's own (kiln does
-not shorten vectors). The answer is ``{"object": "list", "data": [{"object": "embedding",
+not shorten vectors). An input longer than the model's ``max_seq_length`` gets 413, as a
+prompt longer than the context does on the completion endpoints. The answer is ``{"object": "list", "data": [{"object": "embedding",
 "index", "embedding"}], "model", "usage": {"prompt_tokens", "total_tokens"}}``.
 """
 from __future__ import annotations
@@ -66,13 +67,13 @@ def respond(service, body: dict) -> dict:
         raise APIError(422, f"dimensions must be this model's {model.session.dimension} (kiln does not shorten "
                             f"vectors), got {_shown(dims)}", code="invalid_value", param="dimensions")
     inputs = _inputs(body)
-    if not hasattr(service, "_encode_text"):
-        service._encode_text = embedding.text_encoder(model.tokenizer)
     try:
-        rows = embedding.token_rows(model.session, service._encode_text, inputs)
+        rows = model.embedding_tokens(inputs)
+    except embedding.TooLong as e:
+        raise APIError(413, str(e), code="context_length_exceeded", param="input") from None
     except ValueError as e:
         raise APIError(422, str(e), code="invalid_value", param="input") from None
-    vectors = embedding.embed_rows(model.session, rows)
+    vectors = model.embed(rows)
     data = [{"object": "embedding", "index": i,
              "embedding": [float(x) for x in v] if fmt == "float"
              else base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode("ascii")}

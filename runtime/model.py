@@ -33,6 +33,7 @@ class Model:
             raise ArtifactError(self.path / "manifest.json", f"names backend {backend!r}, which this runtime does not have")
         #: An embedding model's pooling (the manifest's ``embedding`` entry), else None: see :meth:`embed`
         self.embedding = self.manifest.get("embedding")
+        self._encode_text = None        # text -> ids for embed, made when first needed
         if self.embedding is not None:
             from .embedding import open_session as session_type
         # the tokenizer first: parsing its JSON briefly takes some 40 MB, which is then given
@@ -60,13 +61,18 @@ class Model:
         Texts get the tokenizer's special tokens; ids are taken as given. An input longer than
         the model's ``max_seq_length`` is refused, or cut there with ``truncate``."""
         from . import embedding
+        return embedding.embed_rows(self.session, self.embedding_tokens(inputs, truncate=truncate), batch_size)
+
+    def embedding_tokens(self, inputs, *, truncate: bool = False) -> list[list[int]]:
+        """The token ids :meth:`embed` computes each input's vector from (checked; texts
+        tokenized with the tokenizer's special tokens): what usage counts."""
+        from . import embedding
         if self.embedding is None:
             raise ValueError(f"{self.path}: not an embedding model (compile a sentence-transformers folder "
                              "to get one)")
-        if not hasattr(self, "_encode_text"):
+        if self._encode_text is None:
             self._encode_text = embedding.text_encoder(self.tokenizer)
-        rows = embedding.token_rows(self.session, self._encode_text, inputs, truncate=truncate)
-        return embedding.embed_rows(self.session, rows, batch_size)
+        return embedding.token_rows(self.session, self._encode_text, inputs, truncate=truncate)
 
     def _decoder(self) -> None:
         if self.embedding is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import platform
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from .tvm_runtime import DEVICE_CODES, RuntimeMissing, TVMRuntime
 class TVMEmbedding(EmbeddingSession):
     def __init__(self, folder, manifest: dict, *, threads: int | None = None, device: str | None = None):
         super().__init__(folder, manifest)
+        self._lock = threading.Lock()
         folder = Path(folder)
         try:
             kind = manifest["target"]["device"]
@@ -70,5 +72,6 @@ class TVMEmbedding(EmbeddingSession):
 
     def _compute(self, feeds: dict) -> np.ndarray:
         order = ["input_ids", "attention_mask"] + (["token_type_ids"] if self.token_types else [])
-        out = self._main(*[self.rt.tensor(feeds[k]) for k in order], self.params)
-        return self.rt.numpy(out[0])
+        with self._lock:            # one VM, not safe to call from the server's threads at once
+            out = self._main(*[self.rt.tensor(feeds[k]) for k in order], self.params)
+            return self.rt.numpy(out[0])

@@ -2,6 +2,7 @@
 decoder with last-token pooling give transformers' pooled, normalized vectors (made by
 scripts/make_embedding_fixtures.py) through the IR, Model.embed, `kiln embed` and `kiln serve`."""
 import base64
+import io
 import json
 import shutil
 from pathlib import Path
@@ -131,10 +132,31 @@ def _st_copy(tmp_path, edit):
     (lambda f: (f / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": False})),
      "turns on no pooling mode"),
     (lambda f: (f / "modules.json").write_text("[{]"), "not a readable JSON list of modules"),
+    (lambda f: (f / "modules.json").write_text(json.dumps(
+        [{"path": "../elsewhere", "type": "sentence_transformers.models.Transformer"},
+         {"path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}])),
+     "module path '../elsewhere' points outside the folder"),
 ])
 def test_unsupported_layouts_are_one_line_errors(tmp_path, edit, message):
     with pytest.raises(KilnError, match=message):
         read_model(_st_copy(tmp_path, edit))
+
+
+def test_transformer_module_in_a_subfolder(tmp_path):
+    """Older sentence-transformers folders keep the transformer in 0_Transformer/."""
+    folder = tmp_path / "model"
+    shutil.copytree(DATA / "bert_mean", folder / "0_Transformer",
+                    ignore=shutil.ignore_patterns("modules.json", "1_Pooling", "reference.json"))
+    shutil.copytree(DATA / "bert_mean" / "1_Pooling", folder / "1_Pooling")
+    mods = json.loads((DATA / "bert_mean" / "modules.json").read_text())
+    mods[0]["path"] = "0_Transformer"
+    (folder / "modules.json").write_text(json.dumps(mods))
+    ref = _ref("bert_mean")
+    m = read_model(folder)
+    ids, mask = _padded(ref["input_ids"])
+    got = interpret(m.graph, {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)})
+    assert np.abs(got[m.graph.outputs[0].name] - np.array(ref["embeddings"])).max() <= TOL
+    assert m.tokenizer is not None
 
 
 def test_compile_refusals(tmp_path, capsys):
@@ -161,7 +183,7 @@ def test_tvm_embedder_equals_transformers(tmp_path, name):
         assert np.abs(model.embed(ref["texts"], batch_size=batch_size) - want).max() <= TOL
 
 
-def test_kiln_embed_json_and_table(artifacts, capsys):
+def test_kiln_embed_json_and_table(artifacts, capsys, monkeypatch):
     ref = _ref("qwen3_last")
     art = str(artifacts["qwen3_last"])
     ids = ",".join(map(str, ref["input_ids"][2]))
@@ -175,6 +197,10 @@ def test_kiln_embed_json_and_table(artifacts, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and "first 4 of 32 values" in lines[0] and lines[1].rstrip().endswith(ref["texts"][0])
     assert f"{ref['embeddings'][0][0]:+.4f}" in lines[1]
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{ref['texts'][3]}\n\n{ref['texts'][4]}\n"))
+    assert main(["embed", art, "-"]) == 0
+    got = np.array([d["embedding"] for d in json.loads(capsys.readouterr().out)["data"]])
+    assert np.abs(got - np.array(ref["embeddings"][3:])).max() <= TOL
     assert main(["embed", art, "--ids", "1,x"]) == 2
     assert "--ids '1,x' is not a comma-separated list" in capsys.readouterr().err
 
@@ -225,6 +251,8 @@ def test_embeddings_endpoint_over_http(served):
                        ({"input": "a", "dimensions": 8}, "dimensions"), ({"input": [1.5]}, "input")):
         status, body = s.request("POST", "/v1/embeddings", bad)
         assert status == 422 and body["error"]["param"] == param, (bad, body)
+    status, body = s.request("POST", "/v1/embeddings", {"input": [[2] * 65]})
+    assert status == 413 and body["error"]["code"] == "context_length_exceeded"
     status, body = s.request("POST", "/v1/embeddings", {"input": "a", "model": "other"})
     assert status == 404
     status, body = s.request("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})
