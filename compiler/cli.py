@@ -574,6 +574,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-q", "--quiet", action="store_true")
     s.set_defaults(fn=cmd_imatrix)
 
+    from kiln.embed_cli import add_parser as add_embed
+    add_embed(sub)
+
     s = sub.add_parser("list", help="targets, backends, quantization types (bits per weight), model short names")
     s.set_defaults(fn=cmd_list)
 
@@ -608,7 +611,8 @@ def main(argv=None) -> int:
     from kiln.artifact import ArtifactError
     from kiln.errors import KilnError
     args = build_parser().parse_args(argv)
-    if args.fn in (cmd_run, cmd_chat, cmd_bench, cmd_serve, cmd_eval):
+    from kiln.embed_cli import cmd_embed
+    if args.fn in (cmd_run, cmd_chat, cmd_bench, cmd_serve, cmd_eval, cmd_embed):
         args.fn = _user_errors_of_the_runtime(args.fn)
     if argv is None:
         checks.note_interrupts()         # the process is ours (not a caller's in-process main([...]))

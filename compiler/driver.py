@@ -125,6 +125,7 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
     from kiln.targets.presets import choose_backend, resolve
     t0 = time.perf_counter()
     stage = on_stage or (lambda s: None)
+    asked_backend = backend
     try:
         preset = resolve(target, arch)
         backend, fallback = choose_backend(preset, backend)
@@ -134,7 +135,7 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
         # the presets resolve "cpu" before looking at --arch: refuse it here rather than drop it
         raise KilnError(None, f"--arch {arch} is a CUDA architecture; target {target!r} is a {preset.device} "
                               "target (use --target cuda --arch ..., or leave out --arch)")
-    if fallback is not None:
+    if fallback is not None and not _is_embedder_source(model):
         (on_notice or _warn)(fallback)
     if kv_layout != "auto" and backend != "onnxrt":
         raise KilnError(None, f"kv_layout={kv_layout!r} is an ONNX Runtime option, for backend='onnxrt'; "
@@ -158,6 +159,8 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
         model = src_path
         stage("reading model")
         model = load_model(model)
+    if model.embedding is not None:
+        backend = _embedder_backend(model, asked_backend, preset, scheme, lora, src_path)
     if lora:
         from kiln.frontends.lora import apply_adapters
         stage("merging LoRA adapters")
@@ -173,7 +176,7 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
     # compiler replaces its binary; anything else at the destination needs --force
     if not owned:
         refuse_existing(output, force)
-    passes = pipeline(backend)
+    passes = pipeline(backend) if model.embedding is None else EMBEDDING_PIPELINE
     if scheme is not None:
         from kiln.frontends.arch import FAMILIES
         from kiln.passes.quantize import quantize_pass
@@ -191,7 +194,8 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
             if on_weight is not None:
                 on_weight(name)
         if backend == "tvm":
-            backend_entry = _lower_tvm(graph, tmp, preset, cfg, weight_done, stage, precision, kv_dtype)
+            backend_entry = _lower_tvm(graph, tmp, preset, cfg, weight_done, stage, precision, kv_dtype,
+                                       plain=model.embedding is not None)
         else:
             backend_entry = _lower_onnxrt(graph, tmp, preset, cfg, weight_done, stage, kv_layout, precision)
         if model.tokenizer is not None:
@@ -217,11 +221,45 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
             "chat_template": getattr(model.tokenizer, "chat_template", None) is not None,
             "compile_seconds": round(time.perf_counter() - t0, 2),
         }
+        if model.embedding is not None:
+            manifest["embedding"] = model.embedding
         write_manifest(tmp, manifest)
         if sign is not None:
             from kiln.signing import sign as sign_manifest
             sign_manifest(tmp, sign)
     return Path(output)
+
+
+def _dce(g):
+    from kiln.passes.dce import dce
+    return dce(g)
+
+
+#: An embedding model's graph runs once over whole inputs: no KV cache, and so none of the
+#: decoder fusions, which rewrite the attention around that cache
+EMBEDDING_PIPELINE = [("dce", _dce)]
+
+
+def _is_embedder_source(model) -> bool:
+    """Whether ``model`` (a path, before it is read) is a sentence-transformers folder: the
+    backend an embedder gets does not depend on TVM, so TVM's absence is no news for it."""
+    from kiln.frontends.sentence_transformers import is_sentence_transformers
+    return isinstance(model, (str, os.PathLike)) and is_sentence_transformers(model)
+
+
+def _embedder_backend(model, asked: str | None, preset, scheme, lora, path) -> str:
+    """ONNX Runtime unless TVM is asked for (an embedder's TVM build takes seconds for a small
+    gain on one pass over the inputs); what an embedder cannot have yet is refused in one line."""
+    where = path or model.source.get("path")
+    if scheme is not None or lora:
+        raise KilnError(where, f"is an embedding model; {'--quant' if scheme is not None else '--lora'} is for "
+                               f"decoder language models (embedders compile with their float weights)")
+    if asked == "tvm":
+        return "tvm"
+    if "onnxrt" not in preset.backends:
+        raise KilnError(where, f"is an embedding model, which kiln compiles with ONNX Runtime unless "
+                               f"--backend tvm is given; target {preset.name!r} has no ONNX Runtime backend")
+    return "onnxrt"
 
 
 def _artifact_files(folder) -> list[str]:
@@ -276,7 +314,8 @@ def _warn(notice: str) -> None:
     warnings.warn(notice, stacklevel=3)      # points at the caller of compile()
 
 
-def _lower_tvm(graph, tmp, preset, cfg, weight_done, stage, precision, kv_dtype) -> dict:
+def _lower_tvm(graph, tmp, preset, cfg, weight_done, stage, precision, kv_dtype, plain: bool = False) -> dict:
+    """``plain``: a graph without a KV cache (an embedder's), as one entry point ``main``."""
     from kiln.targets.presets import TVM_MISSING
     try:
         import tvm  # noqa: F401   found by choose_backend, but an installation can be broken
@@ -286,9 +325,10 @@ def _lower_tvm(graph, tmp, preset, cfg, weight_done, stage, precision, kv_dtype)
     target = targets.for_preset(preset.device, preset.isa, arch=preset.isa if preset.device == "cuda" else None,
                                  host=preset.name == "cpu")
     try:
-        summary = build.build(graph, tmp, target, max_length=cfg.get("max_position_embeddings"),
-                              progress=weight_done, stage=stage, precision=precision,
-                              kv_dtype={"f32": "float32", "f16": "float16"}[kv_dtype])
+        summary = build.build_plain(graph, tmp, target, progress=weight_done, stage=stage, precision=precision) \
+            if plain else build.build(graph, tmp, target, max_length=cfg.get("max_position_embeddings"),
+                                      progress=weight_done, stage=stage, precision=precision,
+                                      kv_dtype={"f32": "float32", "f16": "float16"}[kv_dtype])
     except ValueError as e:
         raise KilnError(None, f"the TVM backend cannot compile this model: {e}") from None
     from kiln.frontends.arch import ArchConfig, rope_switch_length
@@ -346,6 +386,8 @@ def convert(src, dst, *, to: str, dtype: str | None = None, quant: str | None = 
         summary["seconds"] = round(time.perf_counter() - t0, 3)
         return summary
     model = load_model(src)
+    if model.embedding is not None:
+        raise KilnError(src, "is an embedding model; kiln convert writes decoder language models")
     if lora:
         from kiln.frontends.lora import apply_adapters
         model = apply_adapters(model, lora)

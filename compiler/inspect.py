@@ -111,6 +111,13 @@ def _target(t) -> str:
     return f"{t.get('preset')} ({t.get('device')}" + (f", {t['isa']})" if t.get("isa") else ")")
 
 
+def embedding_line(spec: dict) -> str:
+    """An embedding model's pooling, as the manifest's or a frontend's ``embedding`` entry says."""
+    return (f"embedding model: {' + '.join(map(str, spec.get('pooling') or []))} pooling, "
+            f"{'normalized, ' if spec.get('normalize') else ''}{spec.get('dimension')} dimensions, "
+            f"at most {spec.get('max_seq_length')} tokens per input")
+
+
 def _describe_artifact(p, console, tensors: bool, as_json: bool):
     from .artifact import read_manifest
     m = read_manifest(p)
@@ -136,7 +143,10 @@ def _describe_artifact(p, console, tensors: bool, as_json: bool):
         kv = kv.get("layout")
     if b.get("requires"):
         console.print(f"needs {', '.join(b['requires'])}", markup=False)
-    console.print(f"precision {m.get('precision', 'exact')}, KV cache {kv}", markup=False)
+    if isinstance(m.get("embedding"), dict):
+        console.print(f"precision {m.get('precision', 'exact')}; {embedding_line(m['embedding'])}", markup=False)
+    else:
+        console.print(f"precision {m.get('precision', 'exact')}, KV cache {kv}", markup=False)
     q = m.get("quantization")
     if isinstance(q, dict):
         counts = ", ".join(f"{k} {v}" for k, v in (q.get("formats") or {}).items())
@@ -177,14 +187,23 @@ def describe(path, console, graph: str | None = None, tensors: bool = False, as_
             console.print(_config_table(_short_lists(f.metadata), "metadata"))
     elif fmt == "hf":
         from kiln.frontends import hf
-        raw = hf.read_config(p)
-        family, cfg = hf.arch_config(raw, p)
-        weights = hf._open_tensors(p)
-        tok = [n for n in ("tokenizer.json", "tokenizer_config.json") if (p / n).is_file()]
-        info.update(architecture=family.name, config=cfg.to_dict(), tokenizer_files=tok)
+        from kiln.frontends.sentence_transformers import is_sentence_transformers, read_layout
+        if is_sentence_transformers(p):         # the model is the Transformer module's folder
+            from .driver import load_model
+            embedder = load_model(p)
+            name, cfg, spec, folder = embedder.config["family"], embedder.config, embedder.embedding, read_layout(p)[0]
+        else:
+            family, arch = hf.arch_config(hf.read_config(p), p)
+            name, cfg, spec, folder = family.name, arch.to_dict(), None, p
+        weights = hf._open_tensors(folder)
+        tok = [n for n in ("tokenizer.json", "tokenizer_config.json") if (folder / n).is_file()]
+        info.update(architecture=name, config=cfg, tokenizer_files=tok, **({"embedding": spec} if spec else {}))
         if not as_json:
-            console.print(f"[bold]{p}[/]: Hugging Face folder, architecture {family.name}")
-            console.print(_config_table(cfg.to_dict(), "config"))
+            kind = "sentence-transformers folder" if spec else "Hugging Face folder"
+            console.print(f"[bold]{p}[/]: {kind}, architecture {name}")
+            if spec:
+                console.print(embedding_line(spec), markup=False)
+            console.print(_config_table(cfg, "config"))
     elif fmt == "safetensors":
         from kiln.frontends.safetensors_file import read_safetensors
         f = read_safetensors(p)

@@ -235,3 +235,4 @@ class ModelIR:
     source: dict = field(default_factory=dict)    # format, path, sha256 ...
     tokenizer: object | None = None   # frontends.tokenizer.TokenizerSpec
     generation: dict = field(default_factory=dict)  # generation defaults (eos ids, ...)
+    embedding: dict | None = None     # an embedding model's pooling (frontends.sentence_transformers)

@@ -42,7 +42,10 @@ class _Emit:
         return self.g.const(np.asarray(value, dtype=np.int64), name=f"{self.scope}shape")
 
 
-def build_graph(cfg: ArchConfig, weights: dict[str, Weight], name: str = "model") -> Graph:
+def build_graph(cfg: ArchConfig, weights: dict[str, Weight], name: str = "model", *,
+                hidden_states: bool = False) -> Graph:
+    """The model's graph, from ``input_ids`` to its logits; with ``hidden_states``, to the final
+    norm's output [batch, seq, hidden] instead (what an embedding model pools)."""
     g = Graph(name)
     e = _Emit(g)
     W = {}
@@ -104,6 +107,9 @@ def build_graph(cfg: ArchConfig, weights: dict[str, Weight], name: str = "model"
         h = _residual(e, cfg, h, mlp, w(p + "mlp_post_norm"), "mlp")
     e.scope = ""
     h = _norm(e, cfg, h, w("final_norm"), w("final_norm_bias"), name="final_norm")
+    if hidden_states:
+        g.outputs = [h]
+        return g
     head = w("embed") if cfg.tie_word_embeddings else w("lm_head")
     logits = _linear(e, h, head, w("lm_head_bias") if not cfg.tie_word_embeddings else None, name="lm_head")
     if cfg.logit_scale != 1.0:

@@ -32,7 +32,7 @@ def detect_format(path) -> str:
         from .onnx_read import is_onnx_folder
         if is_onnx_folder(p):       # before config.json: optimum writes one beside model.onnx
             return "onnx"
-        if (p / "config.json").is_file():
+        if (p / "config.json").is_file() or (p / "modules.json").is_file():   # sentence-transformers: maybe in a subfolder
             return "hf"
         if (p / "manifest.json").is_file():
             raise KilnError(path, "this is a compiled kiln artifact; use `kiln run` on it")

@@ -290,6 +290,10 @@ def read(path) -> ModelIR:
     folder = Path(path)
     if not folder.exists():
         raise KilnError(path, "no such file or folder")
+    from .sentence_transformers import is_sentence_transformers
+    if is_sentence_transformers(folder):         # an embedding model: its own reader
+        from . import sentence_transformers
+        return sentence_transformers.read(folder)
     if not is_hf_folder(folder):
         raise KilnError(path, "not a model: a Hugging Face folder needs a config.json")
     raw_cfg = read_config(folder)

@@ -31,6 +31,11 @@ class Model:
             from .tvm_session import TVMSession as session_type
         else:
             raise ArtifactError(self.path / "manifest.json", f"names backend {backend!r}, which this runtime does not have")
+        #: An embedding model's pooling (the manifest's ``embedding`` entry), else None: see :meth:`embed`
+        self.embedding = self.manifest.get("embedding")
+        self._encode_text = None        # text -> ids for embed, made when first needed
+        if self.embedding is not None:
+            from .embedding import open_session as session_type
         # the tokenizer first: parsing its JSON briefly takes some 40 MB, which is then given
         # back, so the process's peak memory is not that on top of the weights
         tok_dir = self.path / "tokenizer"
@@ -49,9 +54,35 @@ class Model:
             raise ArtifactError(self.path / "manifest.json", "the manifest's eos_token_id is not a token id or a list of them")
         return list(ids)
 
+    # ---- embeddings ---------------------------------------------------------------------
+    def embed(self, inputs, *, batch_size: int = 32, truncate: bool = False) -> np.ndarray:
+        """float32 [n, dimension]: one vector per input (a text, a list of token ids, or a list
+        of either), pooled and normalized as the model's sentence-transformers modules say.
+        Texts get the tokenizer's special tokens; ids are taken as given. An input longer than
+        the model's ``max_seq_length`` is refused, or cut there with ``truncate``."""
+        from . import embedding
+        return embedding.embed_rows(self.session, self.embedding_tokens(inputs, truncate=truncate), batch_size)
+
+    def embedding_tokens(self, inputs, *, truncate: bool = False) -> list[list[int]]:
+        """The token ids :meth:`embed` computes each input's vector from (checked; texts
+        tokenized with the tokenizer's special tokens): what usage counts."""
+        from . import embedding
+        if self.embedding is None:
+            raise ValueError(f"{self.path}: not an embedding model (compile a sentence-transformers folder "
+                             "to get one)")
+        if self._encode_text is None:
+            self._encode_text = embedding.text_encoder(self.tokenizer)
+        return embedding.token_rows(self.session, self._encode_text, inputs, truncate=truncate)
+
+    def _decoder(self) -> None:
+        if self.embedding is not None:
+            raise ValueError(f"{self.path}: an embedding model computes vectors, not text (use Model.embed, "
+                             "kiln embed or POST /v1/embeddings)")
+
     # ---- scoring ------------------------------------------------------------------------
     def logits(self, ids) -> np.ndarray:
         """float32 [batch, seq, vocab] for a batch of equal-length id sequences (fresh cache)."""
+        self._decoder()
         ids = np.asarray(ids, dtype=np.int64)
         if ids.ndim == 1:
             ids = ids[None, :]
@@ -74,6 +105,7 @@ class Model:
         Returns perplexity, the tokens scored, seconds and tokens per second.
         """
         import time
+        self._decoder()
         ids = self._ids(text_or_ids)
         if len(ids) < 2:
             raise ValueError("perplexity needs at least two tokens")
@@ -132,6 +164,7 @@ class Model:
         return generation.stream(self.session, self.tokenizer, prompt, **self._settings(kwargs, max_new_tokens))
 
     def _settings(self, kwargs: dict, max_new_tokens: int | None) -> dict:
+        self._decoder()
         kwargs.setdefault("eos_ids", self.eos_ids)
         if max_new_tokens is not None:
             kwargs["max_new_tokens"] = max_new_tokens

@@ -228,6 +228,9 @@ class Service:
 
         Tokenizing (and rendering a chat template) may take a while for a long prompt, so the
         app runs this off its event loop; nothing here touches the scheduler."""
+        if getattr(self.model, "embedding", None) is not None:
+            raise APIError(400, f"{self.name!r} is an embedding model; it answers /v1/embeddings",
+                           code="model_is_embedding", param="model")
         params = self.settings(body)
         n, logprobs = self.choices(body, chat)
         return dict(ids=self.prompt_ids(body, chat), n=n, params=SamplingParams.of(params, logprobs=logprobs))
@@ -523,6 +526,12 @@ def create_app(service: Service, api_key: str | None = None, *, max_body: int = 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         return await complete(request, chat=True)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request):
+        from .embeddings_api import respond
+        raw = await body_of(request)
+        return await asyncio.to_thread(lambda: respond(service, parse_json(raw)))
 
     return app
 

@@ -59,6 +59,32 @@ def build(graph: Graph, out_dir, target: TVMTarget, *, max_length: int | None = 
             "tvm_compile_seconds": round(compile_s, 2), **device}
 
 
+def build_plain(graph: Graph, out_dir, target: TVMTarget, *, progress: Callable[[str], None] | None = None,
+                stage: Callable[[str], None] | None = None, precision: str = "exact") -> dict:
+    """A library with one entry point, ``main(*graph inputs, params) -> (outputs...)``, for a
+    graph without a KV cache (an embedding model's: token ids and mask in, vectors out)."""
+    import tvm
+
+    from .lower import Target, lower_plain
+    out_dir = Path(out_dir)
+    say = stage or (lambda s: None)
+    say("lowering to TVM Relax")
+    mod, plan = lower_plain(graph, Target(target.target, target.gpu, exact=precision == "exact"))
+    say("compiling with TVM")
+    t0 = time.perf_counter()
+    tvm_target = tvm.target.Target(target.target, host=target.host) if target.host else tvm.target.Target(target.target)
+    executable = tvm.compile(mod, target=tvm_target)
+    compile_s = time.perf_counter() - t0
+    export(executable, out_dir / target.library)
+    device = write_device_source(executable, out_dir) if target.gpu else {}
+    say("writing weights")
+    write_weights(out_dir / WEIGHTS, plan.params, progress)
+    return {"library": target.library, "weights": WEIGHTS, "params": [p.name for p in plan.params],
+            "entry_points": ["main"], "inputs": [v.name for v in graph.inputs],
+            "outputs": [v.name for v in graph.outputs], "target": target.target, "host": target.host,
+            "weight_formats": plan.formats, "tvm_compile_seconds": round(compile_s, 2), **device}
+
+
 #: numpy dtype -> safetensors dtype (bf16 weights are stored as their uint16 bits)
 SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "int64": "I64", "int32": "I32", "int16": "I16",
                       "int8": "I8", "uint32": "U32", "uint16": "U16", "uint8": "U8", "float64": "F64"}
