@@ -294,7 +294,8 @@ def cmd_serve(a) -> int:
     serve(a.artifact, host=a.host, port=a.port, max_batch=a.max_batch, max_queue=a.max_queue,
           api_key=_api_key(a.api_key), threads=a.threads, names=_served_names(a),
           max_body=a.max_body_size, read_timeout=a.read_timeout, shutdown_timeout=a.shutdown_timeout,
-          ctx_size=a.ctx_size, prefix_cache_mb=a.prefix_cache_mb)
+          ctx_size=a.ctx_size, prefix_cache_mb=a.prefix_cache_mb,
+          prefill_step_s=a.prefill_step_ms / 1000 if a.prefill_step_ms else None)
     return 0
 
 
@@ -479,6 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000, help="port to listen on")
     s.add_argument("--max-batch", type=int, default=8, help="requests generating at once (default 8)")
     s.add_argument("--max-queue", type=int, default=64, help="requests waiting for a row (default 64)")
+    s.add_argument("--prefill-step-ms", type=flags.milliseconds, default=500, metavar="MS",
+                   help="a long prompt is prefilled in chunks sized to take about this long each, so running "
+                        "streams wait at most that between tokens (default 500; 0: always 256 tokens)")
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health "
                                      "(default: $KILN_API_KEY, else none)")
     s.add_argument("--served-model-name", action="append", metavar="NAME",

@@ -51,6 +51,17 @@ def seconds(text: str) -> float:
     return v
 
 
+def milliseconds(text: str) -> float:
+    """A duration in ms, 0 allowed (it turns the feature off)."""
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not 0 <= v < 1e9:
+        raise argparse.ArgumentTypeError(f"not a number of milliseconds: {text!r}")
+    return v
+
+
 def lora_specs(a) -> list[tuple[str, float]]:
     """--lora PATH (repeatable) with --lora-scale S given once for all or once per adapter."""
     from kiln.errors import KilnError

@@ -3,7 +3,8 @@
 A :class:`Scheduler` owns one session (shared KV-cache layout) with ``max_batch`` rows.
 Requests queue (at most ``max_queue`` waiting), take a free row at the next step (their prompt
 prefilled into that row while the other rows keep their state, at most ``prefill_chunk`` tokens
-per step with a decode step of the other rows between chunks), stream their tokens, and free
+per step, sized to take about ``prefill_target_s`` while other rows wait, with a decode step of
+the other rows between chunks), stream their tokens, and free
 the row when they end (EOS, a stop string or id, ``max_tokens``, the model's length limit,
 cancellation, or an error of their own). No HTTP here: ``kiln serve`` is a thin layer over this.
 
@@ -28,13 +29,15 @@ import numpy as np
 
 from .decoding import RowDecoder, StopRules, id_set
 from .params import SamplingParams, check_count
+from .prefill_budget import ChunkSizer
 from .sampling import Sampler
 
 __all__ = ["Scheduler", "Request", "QueueFull", "Event"]
 
-#: Prompt tokens prefilled per scheduler step by default: SmolLM2 on 2 CPU cores prefills 256
-#: in well under a second, so a long prompt holds the other streams' next token that long.
+#: The most prompt tokens prefilled per scheduler step by default (the activations' bound).
 PREFILL_CHUNK = 256
+#: The time a step's prefill aims at while other rows wait on it (their gap between tokens).
+PREFILL_TARGET_S = 0.5
 
 
 class QueueFull(RuntimeError):
@@ -152,11 +155,13 @@ class Request:
 class Scheduler:
     def __init__(self, session, tokenizer=None, *, max_batch: int = 4, max_queue: int = 64,
                  eos_ids: Iterable[int] | None = None, prefill_chunk: int | None = PREFILL_CHUNK,
-                 prefix_cache=None):
+                 prefix_cache=None, prefill_target_s: float | None = PREFILL_TARGET_S):
         """``prefill_chunk``: the most prompt tokens prefilled per step (None: whole prompts).
         A long prompt joins its row that many tokens at a time, with a decode step of the
         running rows between chunks, so it delays their next token by one chunk's prefill at
-        most, and its prefill's activations are one chunk's.
+        most, and its prefill's activations are one chunk's. ``prefill_target_s``: while other
+        rows are running, chunks are sized to take about that long (see
+        :mod:`~kiln.runtime.prefill_budget`; None: always ``prefill_chunk``).
 
         ``prefix_cache``: a :class:`~kiln.runtime.prefix_cache.PrefixCache` (None: none): a
         prompt starts from the stored keys of its longest stored beginning, and every row's
@@ -167,6 +172,7 @@ class Scheduler:
         self.session, self.tokenizer = session, tokenizer
         self.max_batch, self.max_queue = int(max_batch), int(max_queue)
         self.prefill_chunk = None if prefill_chunk is None else int(prefill_chunk)
+        self.chunks = ChunkSizer(self.prefill_chunk, prefill_target_s)
         self.eos_ids = id_set(getattr(tokenizer, "eos_ids", None) if eos_ids is None else eos_ids)
         self.prefix_cache = prefix_cache
         self.on_end = None
@@ -290,9 +296,12 @@ class Scheduler:
         return True
 
     def _prefill(self) -> None:
-        """Feed the admitted prompts into their rows, oldest first, up to ``prefill_chunk``
-        tokens in all; a prompt that is all in draws its first token."""
-        budget = self.prefill_chunk
+        """Feed the admitted prompts into their rows, oldest first, up to this step's budget of
+        tokens in all (``prefill_chunk``, less while other rows wait); a prompt that is all in
+        draws its first token."""
+        others = any(req is not None and not req.prefilling for req in self.rows)
+        budget = self.chunks.budget(others)
+        fed, began = 0, time.perf_counter()
         while self._admitted and (budget is None or budget > 0):
             req = self._admitted[0]
             if req.done:                 # cancelled or failed meanwhile
@@ -312,11 +321,14 @@ class Scheduler:
                 continue
             if budget is not None:
                 budget -= end - req._fed
+            fed += end - req._fed
             req._fed = end
             if end == len(req.prompt):
                 self._admitted.popleft()
                 self._keep(req)
                 self._take(req, logits)
+        if others and fed:
+            self.chunks.measured(fed, time.perf_counter() - began)
 
     def _take(self, req: Request, logits: np.ndarray) -> None:
         """Sample the request's next token from its logits and stream it; a failure ends this
