@@ -119,9 +119,15 @@ class Model:
         """Greedy or sampled completion; with ``num_beams`` > 1 (or ``num_return_sequences`` > 1)
         beam search as transformers' ``generate(num_beams=...)``: see :mod:`kiln.runtime.beam`,
         whose results carry a ``score`` and come best first in a list when
-        ``num_return_sequences`` > 1."""
+        ``num_return_sequences`` > 1. ``draft=`` (a Model or an artifact's path) and
+        ``draft_tokens=``: speculative decoding, see :mod:`kiln.runtime.speculative`."""
         kwargs = self._settings(kwargs, max_new_tokens)
         if num_beams != 1 or num_return_sequences != 1:
+            if kwargs.get("draft") is not None:
+                raise ValueError("beam search takes no draft model; speculative decoding is for greedy and "
+                                 "sampled decoding")
+            kwargs.pop("draft", None)
+            kwargs.pop("draft_tokens", None)
             from . import beam
             return beam.generate(self.session, self.tokenizer, prompt, num_beams=num_beams,
                                  length_penalty=length_penalty, early_stopping=early_stopping,
@@ -133,9 +139,30 @@ class Model:
 
     def _settings(self, kwargs: dict, max_new_tokens: int | None) -> dict:
         kwargs.setdefault("eos_ids", self.eos_ids)
+        if kwargs.get("draft") is not None:
+            kwargs["draft"] = self._draft_session(kwargs["draft"])
         if max_new_tokens is not None:
             kwargs["max_new_tokens"] = max_new_tokens
         return kwargs
+
+    def _draft_session(self, draft):
+        """The session of a draft model (a Model, or an artifact's path, loaded once) whose
+        vocabulary is this model's."""
+        from .speculative import check_same_vocabulary
+        drafts = self.__dict__.setdefault("_drafts", {})
+        if not isinstance(draft, Model):
+            key = str(draft)
+            if key not in drafts:
+                from . import load          # as the target: $KILN_TRUSTED_KEYS applies
+                drafts[key] = load(draft)
+            draft = drafts[key]
+        if draft is self or draft.session is self.session:
+            raise ValueError("the draft must be another model than the target (load the artifact twice to "
+                             "draft with the model itself)")
+        if id(draft) not in drafts:             # checked once per draft model
+            check_same_vocabulary(self.tokenizer, draft.tokenizer, draft.path)
+            drafts[id(draft)] = draft
+        return draft.session
 
     def chat_prompt(self, messages, add_generation_prompt: bool = True) -> str:
         if isinstance(messages, str):

@@ -135,6 +135,10 @@ class OnnxRuntimeSession(RowCache):
         else:
             self.past = {name: value[index] for name, value in self.past.items()}
 
+    def _truncate(self, length: int) -> None:
+        if self.layout == "concat":        # the concat layout's past is exactly what it holds
+            self.past = {name: value[:, :, :length] for name, value in self.past.items()}
+
     # ---- prompts of different lengths in one run (shared layout) ---------------------------
     @property
     def ragged_prefill(self) -> bool:

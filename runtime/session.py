@@ -25,7 +25,7 @@ import numpy as np
 
 from .rows import check_extend, check_join, doubled_capacity, right_padded, row_order
 
-__all__ = ["Session", "RowSession", "RowCache", "ragged", "reorders_rows", "last_logits"]
+__all__ = ["Session", "RowSession", "RowCache", "ragged", "reorders_rows", "truncates", "last_logits"]
 
 
 @runtime_checkable
@@ -39,7 +39,9 @@ class Session(Protocol):
 
     Optional: ``reorder_rows(index)`` (int64 ``[batch]``) makes row b of the cache hold what
     row ``index[b]`` held, rows repeating or dropping out; beam search
-    (:mod:`kiln.runtime.beam`) needs it for ``num_beams`` > 1.
+    (:mod:`kiln.runtime.beam`) needs it for ``num_beams`` > 1. ``truncate(length)`` makes every
+    row forget its tokens past the first ``length``; speculative decoding
+    (:mod:`kiln.runtime.speculative`) needs it to take back the draft tokens the target rejected.
     """
 
     max_length: int | None
@@ -77,6 +79,8 @@ class RowSession(Session, Protocol):
 
     def reorder_rows(self, index) -> None: ...
 
+    def truncate(self, length: int) -> None: ...
+
 
 def ragged(session) -> bool:
     """Whether the session prefills prompts of different lengths in one run (each row of its
@@ -87,6 +91,12 @@ def ragged(session) -> bool:
 def reorders_rows(session) -> bool:
     """Whether beam search can move the session's cache rows (``reorder_rows``)."""
     return callable(getattr(session, "reorder_rows", None))
+
+
+def truncates(session) -> bool:
+    """Whether the session can forget its last tokens (``truncate``), as speculative decoding
+    needs."""
+    return callable(getattr(session, "truncate", None))
 
 
 def last_logits(logits, batch: int) -> np.ndarray:
@@ -154,6 +164,11 @@ class RowCache:
     def _resize(self, capacity: int, keep: int) -> None:
         """Buffers of ``capacity`` positions per row holding the first ``keep`` of the old."""
         raise NotImplementedError
+
+    def _truncate(self, length: int) -> None:
+        """Drop what the cache holds past ``length`` positions. Nothing to do for a cache whose
+        rows are written at their lengths (the next tokens overwrite the dead positions); a
+        cache that is exactly as long as what it holds (ONNX Runtime's concat layout) is cut."""
 
     # ---- shared -------------------------------------------------------------------------
     def _reset_rows(self, batch: int) -> None:
@@ -250,6 +265,17 @@ class RowCache:
         logits = self._step_all(ids, before)
         self._set_lengths(np.where(active, before + 1, before))
         return logits[:, -1]
+
+    def truncate(self, length: int) -> None:
+        """Every row keeps at most its first ``length`` tokens (speculative decoding takes back
+        the draft tokens the target rejected); its next tokens go right after them."""
+        if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 0:
+            raise ValueError(f"truncate takes a length >= 0, got {length!r}")
+        length = int(length)
+        self._set_lengths(np.minimum(self.lengths, length))
+        if self.history is not None:
+            self.history = self.history[:, :length]
+        self._truncate(length)
 
     def reorder_rows(self, index) -> None:
         """Row b of the cache becomes what row ``index[b]`` held (beam search's step from
