@@ -300,7 +300,8 @@ def cmd_serve(a) -> int:
         os.environ[TRUSTED_KEYS_ENV] = os.pathsep.join(a.trusted_key)
     serve(a.artifact, host=a.host, port=a.port, max_batch=a.max_batch, max_queue=a.max_queue,
           api_key=_api_key(a.api_key), threads=a.threads, names=_served_names(a),
-          max_body=a.max_body_size, read_timeout=a.read_timeout, shutdown_timeout=a.shutdown_timeout)
+          max_body=a.max_body_size, read_timeout=a.read_timeout, shutdown_timeout=a.shutdown_timeout,
+          draft=a.draft, draft_tokens=a.draft_tokens)
     return 0
 
 
@@ -498,6 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "408 for a body that does (default 10)")
     flags.threads_flag(s)
     s.add_argument("--trusted-key", metavar="PUBFILE", action="append", help=flags.TRUSTED_KEY_HELP)
+    flags.draft_flags(s, serving=True)
     s.add_argument("--shutdown-timeout", type=float, default=10.0, metavar="S",
                    help="on SIGTERM/SIGINT, let running streams go on this many seconds, then end them "
                         "(finish_reason length); a second signal ends them at once (default 10)")

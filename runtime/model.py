@@ -140,12 +140,12 @@ class Model:
     def _settings(self, kwargs: dict, max_new_tokens: int | None) -> dict:
         kwargs.setdefault("eos_ids", self.eos_ids)
         if kwargs.get("draft") is not None:
-            kwargs["draft"] = self._draft_session(kwargs["draft"])
+            kwargs["draft"] = self.draft_session(kwargs["draft"])
         if max_new_tokens is not None:
             kwargs["max_new_tokens"] = max_new_tokens
         return kwargs
 
-    def _draft_session(self, draft):
+    def draft_session(self, draft):
         """The session of a draft model (a Model, or an artifact's path, loaded once) whose
         vocabulary is this model's."""
         from .speculative import check_same_vocabulary

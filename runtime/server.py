@@ -564,16 +564,20 @@ def _log_line(scope, state, status, seconds) -> str:
 
 def build(artifact, *, max_batch: int = 8, max_queue: int = 64, api_key: str | None = None,
           threads: int | None = None, name: str | list[str] | None = None, max_body: int = MAX_BODY,
-          read_timeout: float = READ_TIMEOUT):
+          read_timeout: float = READ_TIMEOUT, draft=None, draft_tokens: int = 4):
     """The app and its running scheduler for an artifact folder.
 
-    ``name``: the model's id (or ids, the first listed); default the folder's name."""
+    ``name``: the model's id (or ids, the first listed); default the folder's name. ``draft``:
+    a draft artifact for speculative decoding while one request runs alone."""
     from kiln import runtime
     model = runtime.load(artifact, threads=threads)
+    # a draft model's session, its vocabulary checked against the model's
+    drafting = {} if draft is None else dict(draft=model.draft_session(runtime.load(draft, threads=threads)),
+                                             draft_tokens=draft_tokens)
     # the service admits at most max_batch + max_queue; the scheduler's queue, which also holds
     # what free rows take at its next step, is sized so that it never refuses one of those
     sched = Scheduler(model.session, model.tokenizer, max_batch=max_batch, max_queue=max_queue + max_batch,
-                      eos_ids=model.eos_ids).start()
+                      eos_ids=model.eos_ids, **drafting).start()
     service = Service(model, sched, name or Path(artifact).name.removesuffix(".kiln"),
                       capacity=max_batch + max_queue)
     return create_app(service, api_key, max_body=max_body, read_timeout=read_timeout), service
@@ -589,14 +593,16 @@ def uvicorn_settings(read_timeout: float = READ_TIMEOUT) -> dict:
 
 def serve(artifact, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8, max_queue: int = 64,
           api_key: str | None = None, threads: int | None = None, names: list[str] | None = None,
-          max_body: int = MAX_BODY, read_timeout: float = READ_TIMEOUT, shutdown_timeout: float = 10.0) -> None:
+          max_body: int = MAX_BODY, read_timeout: float = READ_TIMEOUT, shutdown_timeout: float = 10.0,
+          draft=None, draft_tokens: int = 4) -> None:
     import uvicorn
 
     from .shutdown import GracefulServer
     if not 0 <= shutdown_timeout < 1e6:
         raise ValueError(f"--shutdown-timeout must be a number of seconds >= 0, got {shutdown_timeout}")
     app, service = build(artifact, max_batch=max_batch, max_queue=max_queue, api_key=api_key, threads=threads,
-                         name=names, max_body=max_body, read_timeout=read_timeout)
+                         name=names, max_body=max_body, read_timeout=read_timeout, draft=draft,
+                         draft_tokens=draft_tokens)
     if not log.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))

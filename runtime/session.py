@@ -147,9 +147,10 @@ class RowCache:
         """One run over a fresh cache of right-padded prompts whose rows end at ``lengths``."""
         raise NotImplementedError
 
-    def _extend_one(self, r: int, ids: list[int], cached: int) -> np.ndarray:
+    def _extend_one(self, r: int, ids: list[int], cached: int, every: bool = False) -> np.ndarray:
         """Run ``ids`` over row r alone (it holds ``cached`` tokens, room for the new ones is
-        allocated); returns the logits of the last, float32 [vocab]."""
+        allocated); returns the logits of the last, float32 [vocab] (``every``: of each,
+        [len(ids), vocab]; asked only by a speculative round, :meth:`extend_row`)."""
         raise NotImplementedError
 
     def _step_all(self, ids: np.ndarray, before: np.ndarray) -> np.ndarray:
@@ -236,20 +237,27 @@ class RowCache:
             logits = self.extend_row(r, prompt[a:a + chunk])
         return logits
 
-    def extend_row(self, r: int, ids: list[int]) -> np.ndarray:
+    def extend_row(self, r: int, ids: list[int], every: bool = False) -> np.ndarray:
         """Append ``ids`` to row ``r`` (a prompt fed a chunk at a time) while the other rows
-        keep their state; returns the logits of its last token, float32 [vocab]."""
+        keep their state; returns the logits of its last token, float32 [vocab] (``every``:
+        of each token, [len(ids), vocab], as a speculative round checks its proposals)."""
         cached, n = int(self.lengths[r]), len(ids)
         check_extend(r, cached, n, self.batch, self.max_length)
         if cached + n > self.capacity:
             self._grow(cached + n)
-        logits = self._extend_one(r, ids, cached)
+        logits = self._extend_one(r, ids, cached, every=True) if every else self._extend_one(r, ids, cached)
         self.lengths[r] = cached + n
         self.length = int(self.lengths.max())
         return logits
 
     def free_row(self, r: int) -> None:
         self.lengths[r] = 0
+        self.length = int(self.lengths.max())
+
+    def truncate_row(self, r: int, length: int) -> None:
+        """Row ``r`` keeps at most its first ``length`` tokens, the other rows theirs (a
+        scheduler's speculative round takes back the rejected proposals of one row)."""
+        self.lengths[r] = min(int(self.lengths[r]), max(int(length), 0))
         self.length = int(self.lengths.max())
 
     def step(self, tokens: np.ndarray, active: np.ndarray) -> np.ndarray:

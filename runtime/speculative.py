@@ -38,7 +38,7 @@ from .params import check_count
 from .sampling import Sampler
 from .session import Session, last_logits, truncates
 
-__all__ = ["DEFAULT_DRAFT_TOKENS", "speculative_ids", "check_draft", "check_same_vocabulary"]
+__all__ = ["DEFAULT_DRAFT_TOKENS", "speculative_ids", "check_draft", "check_same_vocabulary", "propose", "judge"]
 
 #: Proposals per round unless told otherwise (vLLM's and llama.cpp's examples use 3 to 5).
 DEFAULT_DRAFT_TOKENS = 4
@@ -148,36 +148,15 @@ class _Rounds:
             self.timings["decode_s"] += time.perf_counter() - start
 
     def _round(self, k: int) -> list[int]:
-        seq, greedy = self.seq, self.sampler.greedy
-        proposals, qs = [], []
-        feed = seq[self.drafted:]
-        for _ in range(k):
-            logits = self._fit(last_logits(self.draft.forward(np.asarray([feed], dtype=np.int64), last_only=True), 1))
-            history = [seq + proposals]
-            if greedy:
-                d = int(self.sampler(logits, history, [self.prompt_len])[0])
-            else:
-                q = self.sampler.distribution(logits, history, [self.prompt_len])[0]
-                d = self.sampler.draw(q)
-                qs.append(q)
-            proposals.append(d)
-            feed = [d]
+        seq = self.seq
+        proposals, qs = propose(self.draft, seq[self.drafted:], k, self.sampler, seq, self.prompt_len, self.width)
         if k:
             self.drafted = len(seq) + k - 1
         logits = np.asarray(self.target.forward(np.asarray([seq[-1:] + proposals], dtype=np.int64)))
         if logits.ndim != 3 or logits.shape[:2] != (1, k + 1):
             raise RuntimeError(f"session.forward returned logits of shape {logits.shape}; expected [1, {k + 1}, vocab]")
         self.timings["target_runs"] += 1
-        histories = [seq + proposals[:i] for i in range(k + 1)]
-        lens = [self.prompt_len] * (k + 1)
-        if greedy:
-            choices = self.sampler(logits[0], histories, lens)
-            m = 0
-            while m < k and proposals[m] == choices[m]:
-                m += 1
-            out = proposals[:m] + [int(choices[m])]
-        else:
-            out = self._accept(proposals, qs, self.sampler.distribution(logits[0], histories, lens))
+        out = judge(self.sampler, proposals, qs, logits[0], seq, self.prompt_len)
         accepted = len(out) - 1
         self.timings["draft_proposed"] += k
         self.timings["draft_accepted"] += accepted
@@ -188,26 +167,59 @@ class _Rounds:
         self.draft.truncate(self.drafted)
         return out
 
-    def _accept(self, proposals: list[int], qs: list[np.ndarray], ps: np.ndarray) -> list[int]:
-        """The rejection rule: each proposal is kept with probability min(1, p/q); the first
-        rejected one is replaced by a draw from max(0, p - q); all kept, a draw from the
-        target's distribution after the last comes with them."""
-        out = []
-        for d, q, p in zip(proposals, qs, ps):
-            if self.sampler.uniform() * q[d] < p[d]:
-                out.append(d)
-                continue
-            out.append(self.sampler.draw(np.maximum(p - q, 0.0)))
-            return out
-        out.append(self.sampler.draw(ps[len(proposals)]))
-        return out
 
-    def _fit(self, logits: np.ndarray) -> np.ndarray:
-        """The draft's logits over the target's ids: cut to its width, or padded with ids the
-        draft never proposes."""
-        width = logits.shape[1]
-        if width == self.width:
-            return logits
-        if width > self.width:
-            return logits[:, :self.width]
-        return np.concatenate([logits, np.full((1, self.width - width), -np.inf, dtype=logits.dtype)], axis=1)
+def propose(draft: Session, feed: list[int], k: int, sampler: Sampler, seq: list[int], prompt_len: int,
+            width: int | None) -> tuple[list[int], list[np.ndarray]]:
+    """The draft's ``k`` proposals after ``seq`` (its cache lacks ``feed``, the end of ``seq``),
+    and for sampling the distribution each was drawn from, over ``width`` ids (None: the
+    draft's own width)."""
+    proposals, qs = [], []
+    for _ in range(k):
+        logits = _fit(last_logits(draft.forward(np.asarray([feed], dtype=np.int64), last_only=True), 1), width)
+        history = [seq + proposals]
+        if sampler.greedy:
+            d = int(sampler(logits, history, [prompt_len])[0])
+        else:
+            q = sampler.distribution(logits, history, [prompt_len])[0]
+            d = sampler.draw(q)
+            qs.append(q)
+        proposals.append(d)
+        feed = [d]
+    return proposals, qs
+
+
+def judge(sampler: Sampler, proposals: list[int], qs: list[np.ndarray], logits: np.ndarray, seq: list[int],
+          prompt_len: int) -> list[int]:
+    """The round's tokens from the target's logits after ``seq`` and each proposal ([k + 1,
+    vocab]): the proposals kept and one token of the target's (see the module's docstring)."""
+    k = len(proposals)
+    histories = [seq + proposals[:i] for i in range(k + 1)]
+    lens = [prompt_len] * (k + 1)
+    if sampler.greedy:
+        choices = sampler(logits, histories, lens)
+        m = 0
+        while m < k and proposals[m] == choices[m]:
+            m += 1
+        return proposals[:m] + [int(choices[m])]
+    ps = sampler.distribution(logits, histories, lens)
+    if qs and len(qs[0]) != ps.shape[1]:
+        raise RuntimeError(f"the draft's logits have {len(qs[0])} entries and the target's {ps.shape[1]}")
+    out = []
+    for d, q, p in zip(proposals, qs, ps):
+        if sampler.uniform() * q[d] < p[d]:          # kept with probability min(1, p(d)/q(d))
+            out.append(d)
+            continue
+        out.append(sampler.draw(np.maximum(p - q, 0.0)))
+        return out
+    out.append(sampler.draw(ps[k]))
+    return out
+
+
+def _fit(logits: np.ndarray, width: int) -> np.ndarray:
+    """The draft's logits over the target's ids: cut to its width, or padded with ids the
+    draft never proposes."""
+    if width is None or logits.shape[1] == width:
+        return logits
+    if logits.shape[1] > width:
+        return logits[:, :width]
+    return np.concatenate([logits, np.full((1, width - logits.shape[1]), -np.inf, dtype=logits.dtype)], axis=1)

@@ -242,3 +242,79 @@ def test_smollm2_greedy_answer_is_the_targets_alone(smollm2_artifact, smollm2_on
     sampled = [target.chat(question, max_new_tokens=24, temperature=0.8, top_p=0.9, seed=7, draft=draft).ids
                for _ in range(2)]
     assert sampled[0] == sampled[1] and len(sampled[0]) > 5
+
+
+# ---- the scheduler (kiln serve --draft): speculative while one request runs alone ------------
+
+def _drain(sch):
+    while not sch.idle():
+        sch.step()
+
+
+@pytest.mark.parametrize("backend", ["onnxrt", "tvm"])
+def test_scheduler_drafts_for_a_lone_request_and_batches_beside_others(artifacts, backend):
+    from kiln.runtime.scheduler import Scheduler
+    target = runtime.load(artifacts[backend])
+    prompts = [PROMPT, [7, 3, 3, 9, 12, 4, 1], [2, 2, 8]]
+
+    def run(draft):
+        kw = {} if draft is None else dict(draft=draft, draft_tokens=3)
+        sch = Scheduler(target.session, None, max_batch=4, eos_ids=[], **kw)
+        a = sch.submit(prompts[0], max_tokens=30, logprobs=2)
+        for _ in range(4):                     # a alone: speculative rounds
+            sch.step()
+        b = sch.submit(prompts[1], max_tokens=12)      # beside b: batched steps
+        _drain(sch)
+        c = sch.submit(prompts[2], max_tokens=25)      # c alone: the draft starts again from c
+        _drain(sch)
+        return [a, b, c], sch
+
+    plain, _ = run(None)
+    drafted, sch = run(runtime.load(artifacts[backend + "-q4"]).session)
+    assert [r.ids for r in drafted] == [r.ids for r in plain]
+    assert all(r.finish_reason == "length" for r in drafted)
+    assert [t for t, _, _ in drafted[0].token_logprobs] == [t for t, _, _ in plain[0].token_logprobs]
+    np.testing.assert_allclose([lp for _, lp, _ in drafted[0].token_logprobs],
+                               [lp for _, lp, _ in plain[0].token_logprobs], atol=1e-4)
+    assert sch.steps < sum(len(r.ids) for r in plain)     # rounds gave several tokens a step
+    assert 0 < sch.drafter.accepted < sch.drafter.proposed
+
+
+def test_scheduler_draft_samples_reproducibly(artifacts):
+    from kiln.runtime.scheduler import Scheduler
+    target, draft = runtime.load(artifacts["tvm"]), runtime.load(artifacts["tvm-q4"])
+    out = []
+    for _ in range(2):
+        sch = Scheduler(target.session, None, max_batch=2, eos_ids=[], draft=draft.session)
+        req = sch.submit(PROMPT, max_tokens=20, temperature=0.9, top_p=0.9, seed=3)
+        _drain(sch)
+        out.append(req.ids)
+        assert sch.drafter.proposed > 0
+    assert out[0] == out[1] and len(out[0]) == 20
+
+
+def test_serve_with_a_draft_answers_as_the_target(artifacts):
+    from test_server_edge import Server
+    ids = runtime.load(artifacts["tvm"]).generate(PROMPT, max_new_tokens=12, ignore_eos=True).ids
+    srv = Server(artifacts["tvm"], "--draft", str(artifacts["tvm-q4"]), "--draft-tokens", "3")
+    try:
+        status, body = srv.request("POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": 12, "logprobs": 0,
+                                                               "temperature": 0, "ignore_eos": True})
+    finally:
+        srv.stop()
+    assert status == 200, body
+    assert body["choices"][0]["logprobs"]["tokens"] == [f"token_id:{t}" for t in ids]
+    from kiln.runtime.server import build
+    _, service = build(artifacts["tvm"], draft=artifacts["tvm-q4"], draft_tokens=3)
+    try:
+        req = service.scheduler.submit(PROMPT, max_tokens=12, ignore_eos=True).result()
+        assert req.ids == ids and service.scheduler.drafter.proposed > 0
+    finally:
+        service.scheduler.stop(10)
+
+
+def test_serve_refuses_a_draft_of_another_vocabulary(artifacts, smollm2_onnxrt, capsys):
+    from kiln.cli import main
+    assert main(["serve", str(artifacts["tvm"]), "--port", "1", "--draft", str(smollm2_onnxrt)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has a tokenizer and the other has none" in err[0]
