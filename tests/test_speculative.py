@@ -318,3 +318,15 @@ def test_serve_refuses_a_draft_of_another_vocabulary(artifacts, smollm2_onnxrt, 
     assert main(["serve", str(artifacts["tvm"]), "--port", "1", "--draft", str(smollm2_onnxrt)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "has a tokenizer and the other has none" in err[0]
+
+
+def test_smollm2_chat_with_a_draft_answers_as_without(smollm2_artifact, smollm2_onnxrt):
+    import subprocess
+    import sys
+    answers = []
+    for flags in ([], ["--draft", str(smollm2_onnxrt), "--draft-tokens", "3"]):
+        r = subprocess.run([sys.executable, "-m", "kiln.cli", "chat", str(smollm2_artifact), "-n", "24", *flags],
+                           input="What is the capital of France?\n", capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        answers.append(r.stdout)
+    assert answers[0] == answers[1] and "Paris" in answers[0]
