@@ -235,7 +235,7 @@ def cmd_bench(a) -> int:
         from kiln.bench_draft import measure
         say(f"timing decode of {a.decode_tokens} tokens with the draft {a.draft} ({repeats})")
         drafted = measure(model, draft, base, a.decode_tokens, a.repeats, a.draft_tokens)
-        for row in drafted.rows(decode_rate):
+        for row in drafted.rows():
             table.add_row(*row)
     table.add_row("peak memory (RSS)", f"{peak_rss_mb():.0f} MB")
     _console(stderr=False).print(table)
@@ -244,7 +244,7 @@ def cmd_bench(a) -> int:
         print(json.dumps({"prefill_tokens_per_s": prefill_tps, "decode_tokens_per_s": decode_rate,
                           "decode_tokens_per_s_at_context": {str(c): v for c, v in by_context.items()},
                           "peak_rss_mb": peak_rss_mb(), "load_s": load_s,
-                          **(drafted.as_json(decode_rate) if drafted else {})}))
+                          **(drafted.as_json() if drafted else {})}))
     if a.plot:
         from kiln.benchplot import machine, plot_decode
         # the load average says whether the figures come from a quiet machine

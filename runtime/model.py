@@ -149,19 +149,18 @@ class Model:
         """The session of a draft model (a Model, or an artifact's path, loaded once) whose
         vocabulary is this model's."""
         from .speculative import check_same_vocabulary
-        drafts = self.__dict__.setdefault("_drafts", {})
+        loaded, checked = self.__dict__.setdefault("_drafts", ({}, []))     # by path; the Models checked
         if not isinstance(draft, Model):
-            key = str(draft)
-            if key not in drafts:
+            if str(draft) not in loaded:
                 from . import load          # as the target: $KILN_TRUSTED_KEYS applies
-                drafts[key] = load(draft)
-            draft = drafts[key]
+                loaded[str(draft)] = load(draft)
+            draft = loaded[str(draft)]
         if draft is self or draft.session is self.session:
             raise ValueError("the draft must be another model than the target (load the artifact twice to "
                              "draft with the model itself)")
-        if id(draft) not in drafts:             # checked once per draft model
+        if not any(d is draft for d in checked):
             check_same_vocabulary(self.tokenizer, draft.tokenizer, draft.path)
-            drafts[id(draft)] = draft
+            checked.append(draft)
         return draft.session
 
     def chat_prompt(self, messages, add_generation_prompt: bool = True) -> str:

@@ -98,12 +98,11 @@ def speculative_ids(
     check_count("max_new_tokens", max_new_tokens)
     check_draft(target, draft, draft_tokens)
     limit = max_new_tokens
-    for session in (target, draft):
-        if session.max_length is not None:
-            if len(prompt) > session.max_length:
-                raise ValueError(f"the prompt has {len(prompt)} tokens but the model holds at most "
-                                 f"{session.max_length}")
-            limit = min(limit, session.max_length - len(prompt))
+    if target.max_length is not None:
+        if len(prompt) > target.max_length:
+            raise ValueError(f"the prompt has {len(prompt)} tokens but the model holds at most "
+                             f"{target.max_length}")
+        limit = min(limit, target.max_length - len(prompt))
     timings = {} if timings is None else timings
     timings.update(prefill_s=0.0, decode_s=0.0, decode_steps=0, draft_proposed=0, draft_accepted=0,
                    target_runs=0)
@@ -143,8 +142,12 @@ class _Rounds:
                 if token in ends or made == limit:
                     return
             start = time.perf_counter()
-            # never propose past the last token wanted: the bonus token fills the round
-            decided = self._round(min(self.k, limit - made - 1))
+            # never propose past the last token wanted (the target's own token fills the
+            # round) nor past what the draft holds (a draft of a shorter context stops drafting)
+            k = min(self.k, limit - made - 1)
+            if self.draft.max_length is not None:
+                k = max(min(k, self.draft.max_length - len(self.seq) + 1), 0)
+            decided = self._round(k)
             self.timings["decode_s"] += time.perf_counter() - start
 
     def _round(self, k: int) -> list[int]:

@@ -330,3 +330,15 @@ def test_smollm2_chat_with_a_draft_answers_as_without(smollm2_artifact, smollm2_
         assert r.returncode == 0, r.stderr
         answers.append(r.stdout)
     assert answers[0] == answers[1] and "Paris" in answers[0]
+
+
+def test_a_draft_of_a_shorter_context_stops_drafting_not_the_answer():
+    target, draft = ToySession(), ToySession()
+    draft.max_length = 12
+    prompt = [3, 1, 4, 1, 5]
+    alone = generate(target, None, prompt, max_new_tokens=40, eos_ids=[])
+    timings = {}
+    out = [int(t[0]) for t in speculative_ids(target, [prompt], draft=draft, max_new_tokens=40, draft_tokens=3,
+                                              sampler=Sampler.of(SamplingParams()), timings=timings)]
+    assert out == alone.ids and len(out) == 40
+    assert 0 < timings["draft_proposed"] <= 12 - len(prompt) + 1
