@@ -239,6 +239,10 @@ def test_smollm2_greedy_answer_is_the_targets_alone(smollm2_artifact, smollm2_on
     assert text == alone.text and len(alone.ids) > 20
     drafted = target.chat(question, max_new_tokens=48, draft=draft, draft_tokens=5)
     assert drafted.ids == alone.ids and drafted.timings["acceptance_rate"] > 0.5
+    # a stop string inside a run of kept proposals ends the answer where it ends alone
+    stop = alone.text.split()[3]
+    stopped = [target.chat(question, max_new_tokens=48, stop=[stop], **kw) for kw in ({}, dict(draft=draft))]
+    assert stopped[0].text == stopped[1].text and stopped[1].finish_reason == "stop"
     sampled = [target.chat(question, max_new_tokens=24, temperature=0.8, top_p=0.9, seed=7, draft=draft).ids
                for _ in range(2)]
     assert sampled[0] == sampled[1] and len(sampled[0]) > 5
@@ -342,3 +346,23 @@ def test_a_draft_of_a_shorter_context_stops_drafting_not_the_answer():
                                               sampler=Sampler.of(SamplingParams()), timings=timings)]
     assert out == alone.ids and len(out) == 40
     assert 0 < timings["draft_proposed"] <= 12 - len(prompt) + 1
+
+
+def test_scheduler_drafts_on_the_contracts_numpy_backend():
+    """The contract's NumPy backend (every=True, truncate_row from RowCache) under the
+    scheduler's rounds: the tokens of plain steps, through a draft that is often wrong."""
+    from kiln.runtime.scheduler import Scheduler
+    wrong = ToySession()
+    wrong._logits = lambda b, n, f=wrong._logits: np.roll(f(b, n), 1) if n % 2 else f(b, n)
+    out = []
+    for draft in (None, wrong):
+        sch = Scheduler(ToySession(), None, max_batch=2, eos_ids=[], **({} if draft is None else dict(draft=draft)))
+        reqs = [sch.submit([3, 1, 4], max_tokens=20, repetition_penalty=1.2)]
+        for _ in range(3):
+            sch.step()
+        reqs.append(sch.submit([2, 7], max_tokens=6))
+        _drain(sch)
+        out.append([r.ids for r in reqs])
+        if draft is not None:
+            assert 0 < sch.drafter.accepted < sch.drafter.proposed
+    assert out[0] == out[1]
