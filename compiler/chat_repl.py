@@ -44,11 +44,12 @@ def add_arguments(s) -> None:
     """``kiln chat``'s flags: the sampling flags of ``kiln run``, spelled the same."""
     s.add_argument("artifact")
     s.add_argument("--system", help="system message the conversation starts with")
-    from kiln.cli_flags import sampling_flags, threads_flag
+    from kiln.cli_flags import draft_flags, sampling_flags, threads_flag
     sampling_flags(s, max_new_tokens=512, n_help="tokens per answer at most (/set max_tokens N changes it)",
                    c_help="tokens the conversation and the answer may hold together; older exchanges are "
                           "dropped past it (default: the artifact's context)")
     threads_flag(s)
+    draft_flags(s)
 
 
 class Conversation:
@@ -97,6 +98,13 @@ class Repl:
                          "min_p": a.min_p, "repetition_penalty": a.repetition_penalty, "seed": a.seed,
                          "max_tokens": a.max_new_tokens}
         _sampler(self.settings)          # bad flags: one line before the first prompt
+        # --draft: loaded and its vocabulary checked before the first prompt
+        self.drafting = {}
+        if getattr(a, "draft", None):
+            from kiln import runtime
+            draft = runtime.load(a.draft, threads=a.threads)
+            model.draft_session(draft)
+            self.drafting = dict(draft=draft, draft_tokens=a.draft_tokens)
         if a.max_new_tokens < 1:
             raise ValueError(f"-n/--max-new-tokens {a.max_new_tokens}: must be at least 1")
         # prompts are for a person typing; from a pipe, stdout holds the answers alone
@@ -204,7 +212,7 @@ class Repl:
                      f"oldest {dropped} exchange{'s' if dropped != 1 else ''})")
         pieces = self.model.stream(prompt, max_new_tokens=room, temperature=s["temperature"], top_k=s["top_k"],
                                    top_p=s["top_p"], min_p=s["min_p"], repetition_penalty=s["repetition_penalty"],
-                                   seed=s["seed"])
+                                   seed=s["seed"], **self.drafting)
         shown, result, start = [], None, time.perf_counter()
         try:
             while True:

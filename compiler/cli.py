@@ -87,6 +87,9 @@ def cmd_run(a) -> int:
         prompt = model.chat_prompt(messages)
     kwargs = dict(max_new_tokens=_new_tokens_within(a, model, prompt), temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                   min_p=a.min_p, repetition_penalty=a.repetition_penalty, seed=a.seed, stop=a.stop or None)
+    if a.draft:
+        kwargs.update(draft=runtime.load(a.draft, threads=a.threads, trusted_keys=a.trusted_key),
+                      draft_tokens=a.draft_tokens)
     if a.num_beams != 1 or a.num_return_sequences != 1:
         return _run_beams(a, model, prompt, kwargs)
     pieces = model.stream(prompt, **kwargs)
@@ -182,6 +185,7 @@ def cmd_bench(a) -> int:
     t = time.perf_counter()
     model = runtime.load(a.artifact, threads=a.threads)
     load_s = time.perf_counter() - t
+    draft = runtime.load(a.draft, threads=a.threads) if a.draft else None
     tok = model.tokenizer
     base = tok.encode(a.prompt) if tok else [1, 2, 3, 4, 5]
     long = (base * (a.prefill_tokens // max(len(base), 1) + 1))[: a.prefill_tokens]
@@ -231,13 +235,21 @@ def cmd_bench(a) -> int:
     table.add_row(f"decode ({a.decode_tokens} tokens, greedy)", f"{decode_rate:.1f} tokens/s")
     for ctx, tps in by_context.items():
         table.add_row(f"decode after {ctx} tokens of context", f"{tps:.1f} tokens/s")
+    drafted = None
+    if draft is not None:
+        from kiln.bench_draft import measure
+        say(f"timing decode of {a.decode_tokens} tokens with the draft {a.draft} ({repeats})")
+        drafted = measure(model, draft, base, a.decode_tokens, a.repeats, a.draft_tokens)
+        for row in drafted.rows():
+            table.add_row(*row)
     table.add_row("peak memory (RSS)", f"{peak_rss_mb():.0f} MB")
     _console(stderr=False).print(table)
     if a.json:
         import json
         print(json.dumps({"prefill_tokens_per_s": prefill_tps, "decode_tokens_per_s": decode_rate,
                           "decode_tokens_per_s_at_context": {str(c): v for c, v in by_context.items()},
-                          "peak_rss_mb": peak_rss_mb(), "load_s": load_s}))
+                          "peak_rss_mb": peak_rss_mb(), "load_s": load_s,
+                          **(drafted.as_json() if drafted else {})}))
     if a.plot:
         from kiln.benchplot import machine, plot_decode
         # the load average says whether the figures come from a quiet machine
@@ -295,7 +307,8 @@ def cmd_serve(a) -> int:
           api_key=_api_key(a.api_key), threads=a.threads, names=_served_names(a),
           max_body=a.max_body_size, read_timeout=a.read_timeout, shutdown_timeout=a.shutdown_timeout,
           ctx_size=a.ctx_size, prefix_cache_mb=a.prefix_cache_mb,
-          prefill_step_s=a.prefill_step_ms / 1000 if a.prefill_step_ms else None)
+          prefill_step_s=a.prefill_step_ms / 1000 if a.prefill_step_ms else None,
+          draft=a.draft, draft_tokens=a.draft_tokens)
     return 0
 
 
@@ -463,6 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(or 'never': until none can improve)")
     s.add_argument("--num-return-sequences", type=int, default=1, help="beam hypotheses to print, best first")
     flags.threads_flag(s)
+    flags.draft_flags(s)
     s.add_argument("-v", "--verbose", action="store_true", help="print timings after the answer")
     s.add_argument("--trusted-key", metavar="PUBFILE", action="append", help=flags.TRUSTED_KEY_HELP)
     s.set_defaults(fn=cmd_run)
@@ -499,6 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "408 for a body that does (default 10)")
     flags.threads_flag(s)
     s.add_argument("--trusted-key", metavar="PUBFILE", action="append", help=flags.TRUSTED_KEY_HELP)
+    flags.draft_flags(s, serving=True)
     s.add_argument("--shutdown-timeout", type=float, default=10.0, metavar="S",
                    help="on SIGTERM/SIGINT, let running streams go on this many seconds, then end them "
                         "(finish_reason length); a second signal ends them at once (default 10)")
@@ -537,6 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "plus --decode-tokens) must fit, checked before timing starts (default: the "
                         "artifact's context)")
     flags.threads_flag(s)
+    flags.draft_flags(s)
     s.add_argument("--json", action="store_true", help="also print the figures as JSON")
     s.add_argument("--plot", metavar="FILE.png",
                    help="draw decode tokens/s against context length (needs the plot extra)")

@@ -127,3 +127,11 @@ def sampling_flags(s, *, max_new_tokens: int, n_help: str, c_help: str) -> None:
 
 def threads_flag(s) -> None:
     s.add_argument("-t", "--threads", type=int, metavar="N", help="CPU threads (default: one per core)")
+
+
+def draft_flags(s, serving: bool = False) -> None:
+    """Speculative decoding's flags (kiln run, kiln bench, kiln serve)."""
+    s.add_argument("--draft", metavar="ARTIFACT", help="a smaller artifact with the same tokenizer proposes tokens "
+                   "that the model checks in one run (speculative decoding: the model's own output, faster)"
+                   + ("; while one request runs alone" if serving else ""))
+    s.add_argument("--draft-tokens", type=int, default=4, metavar="K", help="tokens the draft proposes a round (default 4)")

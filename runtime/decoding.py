@@ -237,7 +237,11 @@ def timing_summary(t: dict, prompt_tokens: int) -> dict[str, float]:
     """``prefill_s``, ``decode_s``, ``decode_steps`` and the rates a result reports."""
     prefill, decode, steps = t.get("prefill_s", 0.0), t.get("decode_s", 0.0), \
         t.get("decode_steps", 0)
+    drafted = {} if "draft_proposed" not in t else {     # speculative decoding's
+        "draft_proposed": t["draft_proposed"], "draft_accepted": t["draft_accepted"],
+        "acceptance_rate": t["draft_accepted"] / t["draft_proposed"] if t["draft_proposed"] else 0.0}
     return {
+        **drafted,
         "prefill_s": prefill,
         "decode_s": decode,
         "decode_steps": steps,

@@ -25,6 +25,7 @@ import inspect
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Literal
 
 import numpy as np
@@ -33,6 +34,7 @@ from .decoding import RowDecoder, StopRules, id_set, timing_summary
 from .params import SamplingParams, check_count
 from .sampling import Sampler
 from .session import Session, last_logits, ragged
+from .speculative import DEFAULT_DRAFT_TOKENS, check_draft, speculative_ids
 
 __all__ = ["Session", "SamplingParams", "GenerationResult", "PAD_ID", "generate_ids", "generate",
            "stream", "prompt_batch", "is_id_list"]
@@ -144,6 +146,8 @@ def generate(
     params: SamplingParams | None = None,
     add_special_tokens: bool = False,
     eos_ids: Iterable[int] | None = None,
+    draft: Session | None = None,
+    draft_tokens: int = DEFAULT_DRAFT_TOKENS,
     **settings,
 ) -> GenerationResult | list[GenerationResult]:
     """Complete ``prompt`` (text or token ids); a list of prompts gives a list of results.
@@ -154,12 +158,15 @@ def generate(
     (its ``encode(text, add_special_tokens=True)``, or else BOS in front unless already there).
     Token-id prompts are used exactly as given. ``tokenizer`` may be None: prompts must then
     be token ids, results carry ids and an empty text, and generation ends at ``eos_ids``
-    (which otherwise default to the tokenizer's).
+    (which otherwise default to the tokenizer's). ``draft``: a draft model's session for
+    speculative decoding (:mod:`kiln.runtime.speculative`), ``draft_tokens`` proposals a round;
+    each prompt then runs alone.
     """
     prompts, single = prompt_batch(tokenizer, prompt, add_special_tokens)
-    job = _Job(session, tokenizer, SamplingParams.of(params, **settings), eos_ids)
+    job = _Job(session, tokenizer, SamplingParams.of(params, **settings), eos_ids, draft, draft_tokens)
     results: list[GenerationResult | None] = [None] * len(prompts)
-    groups = [list(range(len(prompts)))] if ragged(session) else _equal_length_groups(prompts)
+    groups = [[i] for i in range(len(prompts))] if draft is not None else \
+        [list(range(len(prompts)))] if ragged(session) else _equal_length_groups(prompts)
     for group in groups:
         runner = job.run([prompts[i] for i in group], job.sampler.rows(group))
         group_results = _drain(runner)
@@ -176,6 +183,8 @@ def stream(
     params: SamplingParams | None = None,
     add_special_tokens: bool = False,
     eos_ids: Iterable[int] | None = None,
+    draft: Session | None = None,
+    draft_tokens: int = DEFAULT_DRAFT_TOKENS,
     **settings,
 ) -> Iterator[str]:
     """Yield the completion of one prompt as pieces of text, as soon as they are final.
@@ -191,7 +200,7 @@ def stream(
         raise ValueError("stream() takes one prompt; use generate() for a batch of prompts")
     # Everything is checked above and in _Job, before the first next(), so a bad argument
     # fails at the call rather than somewhere inside the caller's loop.
-    job = _Job(session, tokenizer, SamplingParams.of(params, **settings), eos_ids)
+    job = _Job(session, tokenizer, SamplingParams.of(params, **settings), eos_ids, draft, draft_tokens)
     return _stream_pieces(job.run(prompts, job.sampler))
 
 
@@ -219,10 +228,14 @@ def _drain(runner) -> list[GenerationResult]:
 class _Job:
     """One generate/stream call's settings, checked once, shared by its prompt groups."""
 
-    def __init__(self, session, tokenizer, params: SamplingParams, eos_ids=None):
+    def __init__(self, session, tokenizer, params: SamplingParams, eos_ids=None, draft=None,
+                 draft_tokens: int = DEFAULT_DRAFT_TOKENS):
         if params.logprobs is not None:
             raise ValueError("logprobs are reported by the scheduler (kiln serve), not by generate()")
         self.session, self.tokenizer, self.params = session, tokenizer, params
+        self.draft, self.draft_tokens = draft, draft_tokens
+        if draft is not None:
+            check_draft(session, draft, draft_tokens)
         self.rules = StopRules.of(tokenizer, params, eos_ids)
         self.sampler = Sampler.of(params, self.rules.end_ids)
 
@@ -230,9 +243,11 @@ class _Job:
         """Yield ``(row, piece)`` as text becomes final; return the results of the rows."""
         rows = [RowDecoder(self.rules, p) for p in prompts]
         timings: dict = {}
-        steps = generate_ids(self.session, prompts, max_new_tokens=self.params.max_tokens,
-                             sampler=sampler, eos_ids=self.rules.eos, stop_ids=self.rules.stop_ids,
-                             timings=timings)
+        ids_of = generate_ids if self.draft is None else \
+            partial(speculative_ids, draft=self.draft, draft_tokens=self.draft_tokens)
+        steps = ids_of(self.session, prompts, max_new_tokens=self.params.max_tokens,
+                       sampler=sampler, eos_ids=self.rules.eos, stop_ids=self.rules.stop_ids,
+                       timings=timings)
         try:
             for tokens in steps:
                 for b, row in enumerate(rows):

@@ -151,9 +151,15 @@ class Model:
         """Greedy or sampled completion; with ``num_beams`` > 1 (or ``num_return_sequences`` > 1)
         beam search as transformers' ``generate(num_beams=...)``: see :mod:`kiln.runtime.beam`,
         whose results carry a ``score`` and come best first in a list when
-        ``num_return_sequences`` > 1."""
+        ``num_return_sequences`` > 1. ``draft=`` (a Model or an artifact's path) and
+        ``draft_tokens=``: speculative decoding, see :mod:`kiln.runtime.speculative`."""
         kwargs = self._settings(kwargs, max_new_tokens)
         if num_beams != 1 or num_return_sequences != 1:
+            if kwargs.get("draft") is not None:
+                raise ValueError("beam search takes no draft model; speculative decoding is for greedy and "
+                                 "sampled decoding")
+            kwargs.pop("draft", None)
+            kwargs.pop("draft_tokens", None)
             from . import beam
             return beam.generate(self.session, self.tokenizer, prompt, num_beams=num_beams,
                                  length_penalty=length_penalty, early_stopping=early_stopping,
@@ -166,9 +172,29 @@ class Model:
     def _settings(self, kwargs: dict, max_new_tokens: int | None) -> dict:
         self._decoder()
         kwargs.setdefault("eos_ids", self.eos_ids)
+        if kwargs.get("draft") is not None:
+            kwargs["draft"] = self.draft_session(kwargs["draft"])
         if max_new_tokens is not None:
             kwargs["max_new_tokens"] = max_new_tokens
         return kwargs
+
+    def draft_session(self, draft):
+        """The session of a draft model (a Model, or an artifact's path, loaded once) whose
+        vocabulary is this model's."""
+        from .speculative import check_same_vocabulary
+        loaded, checked = self.__dict__.setdefault("_drafts", ({}, []))     # by path; the Models checked
+        if not isinstance(draft, Model):
+            if str(draft) not in loaded:
+                from . import load          # as the target: $KILN_TRUSTED_KEYS applies
+                loaded[str(draft)] = load(draft)
+            draft = loaded[str(draft)]
+        if draft is self or draft.session is self.session:
+            raise ValueError("the draft must be another model than the target (load the artifact twice to "
+                             "draft with the model itself)")
+        if not any(d is draft for d in checked):
+            check_same_vocabulary(self.tokenizer, draft.tokenizer, draft.path)
+            checked.append(draft)
+        return draft.session
 
     def chat_prompt(self, messages, add_generation_prompt: bool = True) -> str:
         if isinstance(messages, str):

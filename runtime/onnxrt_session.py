@@ -135,6 +135,10 @@ class OnnxRuntimeSession(RowCache):
         else:
             self.past = {name: value[index] for name, value in self.past.items()}
 
+    def _truncate(self, length: int) -> None:
+        if self.layout == "concat":        # the concat layout's past is exactly what it holds
+            self.past = {name: value[:, :, :length] for name, value in self.past.items()}
+
     # ---- prompts of different lengths in one run (shared layout) ---------------------------
     @property
     def ragged_prefill(self) -> bool:
@@ -144,13 +148,14 @@ class OnnxRuntimeSession(RowCache):
         return self._run_shared(ids, lengths, positions)
 
     # ---- rows that join and leave a running batch (shared layout) --------------------------
-    def _extend_one(self, r: int, ids: list[int], cached: int) -> np.ndarray:
+    def _extend_one(self, r: int, ids: list[int], cached: int, every: bool = False) -> np.ndarray:
         """ORT's GroupQueryAttention takes several new tokens over a cache for one row only, so
         they run as a batch of one whose cache buffers are row r's slice of the batch buffers
         (the OrtValues share the numpy arrays' memory: nothing is copied)."""
         row = self._row_session(r)
         row.lengths = np.asarray([cached], dtype=np.int64)
-        return row.forward(np.asarray([ids], dtype=np.int64), last_only=True)[0, -1]
+        logits = row.forward(np.asarray([ids], dtype=np.int64), last_only=not every)[0]
+        return logits if every else logits[-1]
 
     def _step_all(self, ids: np.ndarray, before: np.ndarray) -> np.ndarray:
         return self._run_shared(ids, before + 1, np.zeros((self.batch, 1), dtype=np.int64))

@@ -142,6 +142,15 @@ class Sampler:
                     out[b, ids] = probs
         return out
 
+    def draw(self, probs: np.ndarray, b: int = 0) -> int:
+        """A token drawn from ``probs`` (weights over the vocabulary, [vocab]) with row ``b``'s
+        random stream: speculative decoding draws from distributions it builds itself."""
+        return _inverse_cdf(np.asarray(probs, dtype=np.float64), self._stream(b).random())
+
+    def uniform(self, b: int = 0) -> float:
+        """A number in [0, 1) from row ``b``'s random stream."""
+        return float(self._stream(b).random())
+
     # -- steps -----------------------------------------------------------------------------
 
     def _check_logits(self, logits, history) -> np.ndarray:

@@ -31,6 +31,8 @@ from .decoding import RowDecoder, StopRules, id_set
 from .params import SamplingParams, check_count
 from .prefill_budget import ChunkSizer
 from .sampling import Sampler
+from .scheduler_draft import SoloDrafter
+from .speculative import DEFAULT_DRAFT_TOKENS, check_draft
 
 __all__ = ["Scheduler", "Request", "QueueFull", "Event"]
 
@@ -155,7 +157,8 @@ class Request:
 class Scheduler:
     def __init__(self, session, tokenizer=None, *, max_batch: int = 4, max_queue: int = 64,
                  eos_ids: Iterable[int] | None = None, prefill_chunk: int | None = PREFILL_CHUNK,
-                 prefix_cache=None, prefill_target_s: float | None = PREFILL_TARGET_S):
+                 prefix_cache=None, prefill_target_s: float | None = PREFILL_TARGET_S,
+                 draft=None, draft_tokens: int = DEFAULT_DRAFT_TOKENS):
         """``prefill_chunk``: the most prompt tokens prefilled per step (None: whole prompts).
         A long prompt joins its row that many tokens at a time, with a decode step of the
         running rows between chunks, so it delays their next token by one chunk's prefill at
@@ -166,7 +169,10 @@ class Scheduler:
         ``prefix_cache``: a :class:`~kiln.runtime.prefix_cache.PrefixCache` (None: none): a
         prompt starts from the stored keys of its longest stored beginning, and every row's
         blocks are offered to it once its prompt is in and when it ends. ``on_end``, when set,
-        is called with each request as it ends (the server's metrics)."""
+        is called with each request as it ends (the server's metrics).
+
+        ``draft``: a draft model's session (batch 1) for speculative rounds while one request
+        runs alone (:mod:`kiln.runtime.scheduler_draft`), ``draft_tokens`` proposals a round."""
         if max_batch < 1 or max_queue < 0 or (prefill_chunk is not None and prefill_chunk < 1):
             raise ValueError("max_batch and prefill_chunk must be >= 1 and max_queue >= 0")
         self.session, self.tokenizer = session, tokenizer
@@ -187,6 +193,10 @@ class Scheduler:
         self._aborting = False
         self.steps = 0
         self.step_rows = 0          # the rows the decode steps advanced, all together
+        self.drafter = None
+        if draft is not None:
+            check_draft(session, draft, draft_tokens)
+            self.drafter = SoloDrafter(draft, draft_tokens)
 
     @property
     def max_length(self) -> int | None:
@@ -279,6 +289,9 @@ class Scheduler:
         running = [r for r, req in enumerate(self.rows) if req is not None and not req.prefilling]
         if not running:
             return worked or bool(self._admitted)
+        if self.drafter is not None and len(running) == 1 and not self._admitted and not self.waiting \
+                and self._speculate(self.rows[running[0]]):
+            return True
         tokens = np.zeros(self.max_batch, dtype=np.int64)
         active = np.zeros(self.max_batch, dtype=bool)
         for r in running:
@@ -330,20 +343,37 @@ class Scheduler:
         if others and fed:
             self.chunks.measured(fed, time.perf_counter() - began)
 
-    def _take(self, req: Request, logits: np.ndarray) -> None:
-        """Sample the request's next token from its logits and stream it; a failure ends this
-        request alone."""
+    def _take(self, req: Request, logits: np.ndarray, token: int | None = None) -> None:
+        """Sample the request's next token from its logits (or take ``token``, which a
+        speculative round chose from them) and stream it; a failure ends this request alone."""
         try:
-            self._sample(req, logits)
+            self._sample(req, logits, token)
         except Exception as e:
             self._fail(req, e)
 
-    def _sample(self, req: Request, logits: np.ndarray) -> None:
+    def _speculate(self, req: Request) -> bool:
+        """A speculative round for the request running alone; False when no proposal fits
+        before its limit (a decode step serves it)."""
+        try:
+            decided = self.drafter.round(self.session, req)
+        except Exception as e:
+            self._fail(req, e)
+            return True
+        if decided is None:
+            return False
+        self.steps += 1
+        for token, logits in decided:
+            self._take(req, logits, token)
+            if req.done:
+                break
+        return True
+
+    def _sample(self, req: Request, logits: np.ndarray, token: int | None = None) -> None:
         if req._cancelled:
             self._finish(req, "cancelled")
             return
         row = req.decoder
-        t = row.sample(logits)
+        t = row.sample(logits) if token is None else token
         if req.first_token_at is None:
             req.first_token_at = time.perf_counter()
         piece, logprob, top = row.accept(t, logits)

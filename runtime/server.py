@@ -583,23 +583,29 @@ def _log_line(scope, state, status, seconds) -> str:
 def build(artifact, *, max_batch: int = 8, max_queue: int = 64, api_key: str | None = None,
           threads: int | None = None, name: str | list[str] | None = None, max_body: int = MAX_BODY,
           read_timeout: float = READ_TIMEOUT, ctx_size: int | None = None,
-          prefix_cache_mb: float = DEFAULT_MB, prefill_step_s: float | None = PREFILL_TARGET_S):
+          prefix_cache_mb: float = DEFAULT_MB, prefill_step_s: float | None = PREFILL_TARGET_S,
+          draft=None, draft_tokens: int = 4):
     """The app and its running scheduler for an artifact folder.
 
     ``name``: the model's id (or ids, the first listed); default the folder's name.
     ``ctx_size``: the most tokens a request may hold, prompt and answer (default: the artifact's).
     ``prefix_cache_mb``: the prefix cache's budget in MiB (0: no prefix cache).
-    ``prefill_step_s``: the time a long prompt's chunk aims at while other streams wait."""
+    ``prefill_step_s``: the time a long prompt's chunk aims at while other streams wait.
+    ``draft``: a draft artifact for speculative decoding while one request runs alone."""
     from kiln import runtime
 
     from .context_size import limit
     model = runtime.load(artifact, threads=threads)
     limit(model.session, ctx_size)
+    # a draft model's session, its vocabulary checked against the model's
+    drafting = {} if draft is None else dict(draft=model.draft_session(runtime.load(draft, threads=threads)),
+                                             draft_tokens=draft_tokens)
     # the service admits at most max_batch + max_queue; the scheduler's queue, which also holds
     # what free rows take at its next step, is sized so that it never refuses one of those
     sched = Scheduler(model.session, model.tokenizer, max_batch=max_batch, max_queue=max_queue + max_batch,
                       eos_ids=model.eos_ids, prefill_target_s=prefill_step_s,
-                      prefix_cache=PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb else None).start()
+                      prefix_cache=PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb else None,
+                      **drafting).start()
     service = Service(model, sched, name or Path(artifact).name.removesuffix(".kiln"),
                       capacity=max_batch + max_queue)
     return create_app(service, api_key, max_body=max_body, read_timeout=read_timeout), service
@@ -617,7 +623,7 @@ def serve(artifact, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int
           api_key: str | None = None, threads: int | None = None, names: list[str] | None = None,
           max_body: int = MAX_BODY, read_timeout: float = READ_TIMEOUT, shutdown_timeout: float = 10.0,
           ctx_size: int | None = None, prefix_cache_mb: float = DEFAULT_MB,
-          prefill_step_s: float | None = PREFILL_TARGET_S) -> None:
+          prefill_step_s: float | None = PREFILL_TARGET_S, draft=None, draft_tokens: int = 4) -> None:
     import uvicorn
 
     from .shutdown import GracefulServer
@@ -625,7 +631,8 @@ def serve(artifact, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int
         raise ValueError(f"--shutdown-timeout must be a number of seconds >= 0, got {shutdown_timeout}")
     app, service = build(artifact, max_batch=max_batch, max_queue=max_queue, api_key=api_key, threads=threads,
                          name=names, max_body=max_body, read_timeout=read_timeout, ctx_size=ctx_size,
-                         prefix_cache_mb=prefix_cache_mb, prefill_step_s=prefill_step_s)
+                         prefix_cache_mb=prefix_cache_mb, prefill_step_s=prefill_step_s, draft=draft,
+                         draft_tokens=draft_tokens)
     if not log.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))

@@ -25,7 +25,7 @@ import numpy as np
 
 from .rows import check_extend, check_join, doubled_capacity, right_padded, row_order
 
-__all__ = ["Session", "RowSession", "RowCache", "ragged", "reorders_rows", "last_logits"]
+__all__ = ["Session", "RowSession", "RowCache", "ragged", "reorders_rows", "truncates", "last_logits"]
 
 
 @runtime_checkable
@@ -39,7 +39,9 @@ class Session(Protocol):
 
     Optional: ``reorder_rows(index)`` (int64 ``[batch]``) makes row b of the cache hold what
     row ``index[b]`` held, rows repeating or dropping out; beam search
-    (:mod:`kiln.runtime.beam`) needs it for ``num_beams`` > 1.
+    (:mod:`kiln.runtime.beam`) needs it for ``num_beams`` > 1. ``truncate(length)`` makes every
+    row forget its tokens past the first ``length``; speculative decoding
+    (:mod:`kiln.runtime.speculative`) needs it to take back the draft tokens the target rejected.
     """
 
     max_length: int | None
@@ -82,6 +84,7 @@ class RowSession(Session, Protocol):
     def read_kv(self, r: int, start: int, stop: int) -> np.ndarray: ...
 
     def load_kv(self, r: int, pieces: list[np.ndarray]) -> None: ...
+    def truncate(self, length: int) -> None: ...
 
 
 def ragged(session) -> bool:
@@ -93,6 +96,12 @@ def ragged(session) -> bool:
 def reorders_rows(session) -> bool:
     """Whether beam search can move the session's cache rows (``reorder_rows``)."""
     return callable(getattr(session, "reorder_rows", None))
+
+
+def truncates(session) -> bool:
+    """Whether the session can forget its last tokens (``truncate``), as speculative decoding
+    needs."""
+    return callable(getattr(session, "truncate", None))
 
 
 def last_logits(logits, batch: int) -> np.ndarray:
@@ -143,9 +152,10 @@ class RowCache:
         """One run over a fresh cache of right-padded prompts whose rows end at ``lengths``."""
         raise NotImplementedError
 
-    def _extend_one(self, r: int, ids: list[int], cached: int) -> np.ndarray:
+    def _extend_one(self, r: int, ids: list[int], cached: int, every: bool = False) -> np.ndarray:
         """Run ``ids`` over row r alone (it holds ``cached`` tokens, room for the new ones is
-        allocated); returns the logits of the last, float32 [vocab]."""
+        allocated); returns the logits of the last, float32 [vocab] (``every``: of each,
+        [len(ids), vocab]; asked only by a speculative round, :meth:`extend_row`)."""
         raise NotImplementedError
 
     def _step_all(self, ids: np.ndarray, before: np.ndarray) -> np.ndarray:
@@ -170,6 +180,10 @@ class RowCache:
         """Row r's cache at positions start..start + kv.shape[2] takes ``kv`` (as
         ``_read_kv`` returns it; room is allocated)."""
         raise NotImplementedError
+    def _truncate(self, length: int) -> None:
+        """Drop what the cache holds past ``length`` positions. Nothing to do for a cache whose
+        rows are written at their lengths (the next tokens overwrite the dead positions); a
+        cache that is exactly as long as what it holds (ONNX Runtime's concat layout) is cut."""
 
     # ---- shared -------------------------------------------------------------------------
     def _reset_rows(self, batch: int) -> None:
@@ -237,14 +251,15 @@ class RowCache:
             logits = self.extend_row(r, prompt[a:a + chunk])
         return logits
 
-    def extend_row(self, r: int, ids: list[int]) -> np.ndarray:
+    def extend_row(self, r: int, ids: list[int], every: bool = False) -> np.ndarray:
         """Append ``ids`` to row ``r`` (a prompt fed a chunk at a time) while the other rows
-        keep their state; returns the logits of its last token, float32 [vocab]."""
+        keep their state; returns the logits of its last token, float32 [vocab] (``every``:
+        of each token, [len(ids), vocab], as a speculative round checks its proposals)."""
         cached, n = int(self.lengths[r]), len(ids)
         check_extend(r, cached, n, self.batch, self.max_length)
         if cached + n > self.capacity:
             self._grow(cached + n)
-        logits = self._extend_one(r, ids, cached)
+        logits = self._extend_one(r, ids, cached, every=True) if every else self._extend_one(r, ids, cached)
         self.lengths[r] = cached + n
         self.length = int(self.lengths.max())
         return logits
@@ -280,6 +295,12 @@ class RowCache:
         self.lengths[r] = 0
         self.length = int(self.lengths.max())
 
+    def truncate_row(self, r: int, length: int) -> None:
+        """Row ``r`` keeps at most its first ``length`` tokens, the other rows theirs (a
+        scheduler's speculative round takes back the rejected proposals of one row)."""
+        self.lengths[r] = min(int(self.lengths[r]), max(int(length), 0))
+        self.length = int(self.lengths.max())
+
     def step(self, tokens: np.ndarray, active: np.ndarray) -> np.ndarray:
         """One decode step of every row: row b appends ``tokens[b]`` at its own length.
         Rows not ``active`` keep their cache and length (a row between two chunks of its
@@ -293,6 +314,17 @@ class RowCache:
         logits = self._step_all(ids, before)
         self._set_lengths(np.where(active, before + 1, before))
         return logits[:, -1]
+
+    def truncate(self, length: int) -> None:
+        """Every row keeps at most its first ``length`` tokens (speculative decoding takes back
+        the draft tokens the target rejected); its next tokens go right after them."""
+        if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 0:
+            raise ValueError(f"truncate takes a length >= 0, got {length!r}")
+        length = int(length)
+        self._set_lengths(np.minimum(self.lengths, length))
+        if self.history is not None:
+            self.history = self.history[:, :length]
+        self._truncate(length)
 
     def reorder_rows(self, index) -> None:
         """Row b of the cache becomes what row ``index[b]`` held (beam search's step from

@@ -157,14 +157,16 @@ class TVMSession(RowCache):
         return self._run(ids, self.lengths, positions)
 
     # ---- rows that join and leave a running batch -----------------------------------------
-    def _extend_one(self, r: int, ids: list[int], cached: int) -> np.ndarray:
+    def _extend_one(self, r: int, ids: list[int], cached: int, every: bool = False) -> np.ndarray:
         """Through a view of row r's cache slice (the other rows are not touched)."""
         n = len(ids)
         views = [self._row_view(c, r) for c in self.caches]
+        positions = np.arange(n)[None] if every else np.asarray([[n - 1]])
         args = [self.rt.tensor(np.asarray([ids], dtype=np.int64)), self.rt.tensor(np.asarray([cached], np.int32)),
-                self.rt.tensor(np.asarray([[n - 1]], dtype=np.int64)), views, self.params]
+                self.rt.tensor(positions.astype(np.int64)), views, self.params]
         self._pool_for(n)
-        return self.rt.numpy(self._prefill(*args))[0, -1]
+        logits = self.rt.numpy(self._prefill(*args))[0]
+        return logits if every else logits[-1]
 
     def _step_all(self, ids: np.ndarray, before: np.ndarray) -> np.ndarray:
         return self._run(ids, before, np.zeros((self.batch, 1), dtype=np.int64))

@@ -67,8 +67,10 @@ class ToySession(RowCache):
     def _prefill_padded(self, ids, lengths, positions):
         return self._run(ids, np.zeros(self.batch, dtype=np.int64), [[int(n)] for n in lengths])
 
-    def _extend_one(self, r, ids, cached):
+    def _extend_one(self, r, ids, cached, every=False):
         self.tokens[r, cached:cached + len(ids)] = ids
+        if every:
+            return np.stack([self._logits(r, n) for n in range(cached + 1, cached + len(ids) + 1)])
         return self._logits(r, cached + len(ids))
 
     def _step_all(self, ids, before):
