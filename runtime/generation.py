@@ -222,6 +222,9 @@ class _Job:
     def __init__(self, session, tokenizer, params: SamplingParams, eos_ids=None):
         if params.logprobs is not None:
             raise ValueError("logprobs are reported by the scheduler (kiln serve), not by generate()")
+        if params.grammar is not None:
+            raise ValueError("a grammar is applied by the scheduler (kiln serve, Scheduler.submit), "
+                             "not by generate() or stream()")
         self.session, self.tokenizer, self.params = session, tokenizer, params
         self.rules = StopRules.of(tokenizer, params, eos_ids)
         self.sampler = Sampler.of(params, self.rules.end_ids)

@@ -31,6 +31,7 @@ from pathlib import Path
 from .http_limits import MAX_BODY, MAX_HEADER_BYTES, READ_TIMEOUT, APIError, guarded_h11, parse_json, read_body
 from .logprobs import TokenStrings, chat_logprobs, completion_logprobs
 from .params import InvalidParam, SamplingParams
+from .response_format import request_grammar
 from .scheduler import QueueFull, Scheduler
 
 __all__ = ["APIError", "Service", "build", "create_app", "serve"]
@@ -228,7 +229,10 @@ class Service:
         app runs this off its event loop; nothing here touches the scheduler."""
         params = self.settings(body)
         n, logprobs = self.choices(body, chat)
-        return dict(ids=self.prompt_ids(body, chat), n=n, params=SamplingParams.of(params, logprobs=logprobs))
+        # structured output (response_format, guided_regex, guided_grammar, grammar)
+        grammar = request_grammar(body, self.model.tokenizer, self.vocab)
+        return dict(ids=self.prompt_ids(body, chat), n=n,
+                    params=SamplingParams.of(params, logprobs=logprobs, grammar=grammar))
 
     def submit(self, prepared: dict, on_event) -> list:
         """Queue the request's ``n`` choices; ``on_event(i, event)`` gets choice i's events.
