@@ -4,6 +4,7 @@
   "json_object"}`` (any JSON object), ``{"type": "json_schema", "json_schema": {"name",
   "schema", "strict"}}`` (an answer valid against ``schema``; kiln enforces it whatever
   ``strict`` says, as vLLM does).
+* A ``tool_choice`` of ``"required"`` or a named function (:mod:`kiln.runtime.tools`).
 * vLLM's ``guided_regex`` (a regular expression the whole answer matches) and
   ``guided_grammar``, and llama-server's ``grammar``: a context-free grammar in Lark syntax
   (rule ``start``) or llama.cpp's GBNF (rule ``root``).
@@ -23,17 +24,26 @@ __all__ = ["request_grammar", "GRAMMAR_FIELDS"]
 GRAMMAR_FIELDS = {"guided_regex": "regex", "guided_grammar": "grammar", "grammar": "grammar"}
 
 
-def request_grammar(body: dict, tokenizer, vocab: int | None = None) -> Grammar | None:
+def request_grammar(body: dict, tokenizer, vocab: int | None = None, tools=None) -> Grammar | None:
     """The grammar the request's answers must match (None: none), checked against the model's
-    tokenizer; APIError for a bad field."""
+    tokenizer; APIError for a bad field. ``tools``: the request's
+    :class:`~kiln.runtime.tools.ToolRequest`, whose required or named call is a grammar too."""
     given = [name for name in ("response_format", *GRAMMAR_FIELDS) if body.get(name) is not None]
+    if tools is not None and tools.grammar() is not None:
+        given.insert(0, "tool_choice")
     if len(given) > 1:
-        raise APIError(400, f"give at most one of response_format, {', '.join(GRAMMAR_FIELDS)}; got "
+        raise APIError(400, f"give at most one of response_format, {', '.join(GRAMMAR_FIELDS)} and a required "
+                            f"or named tool_choice; got "
                             f"{' and '.join(given)}", code="invalid_value", param=given[1])
     if not given:
         return None
     name = given[0]
-    grammar = _response_format(body[name]) if name == "response_format" else _text_field(body, name)
+    if name == "tool_choice":
+        grammar = tools.grammar()
+    elif name == "response_format":
+        grammar = _response_format(body[name])
+    else:
+        grammar = _text_field(body, name)
     if grammar is None:
         return None
     try:
