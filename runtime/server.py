@@ -459,7 +459,8 @@ def create_app(service: Service, api_key: str | None = None, *, max_body: int = 
                 pending: list[list] = [[] for _ in reqs]
                 sent = [0] * n
                 # with tools, text that may open a call waits; each call goes out whole
-                calls = [ToolDeltas() if chat and reads_calls(prepared.get("tools")) else None for _ in reqs]
+                calls = [ToolDeltas(prepared["tools"]) if chat and reads_calls(prepared.get("tools")) else None
+                         for _ in reqs]
 
                 def flush(i):
                     lps = logprobs(i, pending[i], sent[i])

@@ -7,6 +7,13 @@ closing tag arrives (``arguments`` as a JSON string, as OpenAI sends them). Text
 that is not a call's JSON stays text, tags and all, so nothing the model wrote is lost. A call
 left open at the end is still a call when its JSON is complete (models often end at EOS instead
 of the closing tag).
+
+Llama 3.1's and Mistral's formats are also read: their markers (``<|python_tag|>``,
+``[TOOL_CALLS]``) are special tokens, absent from the decoded text, which leaves an answer that
+is wholly a JSON object ``{"name", "parameters"}`` (Llama) or an array of ``{"name",
+"arguments"}`` (Mistral). Such an answer is calls only when every name is one of the request's
+functions (so a JSON answer about a person named "Ada" stays text); when tools are offered, an
+answer that starts with ``{`` or ``[`` is therefore held back until it ends.
 """
 from __future__ import annotations
 
@@ -23,14 +30,20 @@ class ToolCallParser:
     of deltas: ``{"content": str}`` or ``{"tool_call": {"id", "type", "function": {"name",
     "arguments"}}}``. ``calls`` holds every call found."""
 
-    def __init__(self):
+    def __init__(self, names=()):
         self.buf = ""
         self.inside = False
         self.after_call = False         # the line break between two calls is not text
         self.calls: list[dict] = []
+        self.names = set(names)         # the functions a bare JSON answer may call
+        self.bare: bool | None = None   # whether the answer may be bare JSON (None: no text yet)
 
     def feed(self, piece: str) -> list[dict]:
         self.buf += piece
+        if self.bare is None and self.buf.strip():
+            self.bare = bool(self.names) and self.buf.lstrip()[0] in "{["
+        if self.bare is not False:
+            return []                   # no text yet, or maybe bare JSON calls: wait for the end
         out = []
         while True:
             if self.after_call and self.buf:
@@ -52,7 +65,15 @@ class ToolCallParser:
             self.after_call = self._call(out, body, closed=True)
 
     def finish(self) -> list[dict]:
-        out = []
+        if self.bare is not False:
+            calls = _bare_calls(self.buf, self.names)
+            if calls:
+                self.calls, self.buf = calls, ""
+                return [{"tool_call": c} for c in calls]
+            self.bare = False
+            out = self.feed("")
+        else:
+            out = []
         if self.inside:
             self._call(out, self.buf, closed=False)
         else:
@@ -88,6 +109,20 @@ def _call_of(body: str) -> dict | None:
                          "arguments": args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)}}
 
 
+def _bare_calls(text: str, names: set) -> list[dict]:
+    """The calls of an answer that is wholly a call object or an array of them, every one
+    naming a function of ``names``; [] otherwise."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError:
+        return []
+    items = obj if isinstance(obj, list) else [obj]
+    calls = [_call_of(json.dumps(o)) if isinstance(o, dict) else None for o in items]
+    if not calls or any(c is None or c["function"]["name"] not in names for c in calls):
+        return []
+    return calls
+
+
 def _partial(text: str, tag: str) -> int:
     """How many characters at the end of ``text`` may begin ``tag``."""
     for k in range(min(len(text), len(tag) - 1), 0, -1):
@@ -96,9 +131,10 @@ def _partial(text: str, tag: str) -> int:
     return 0
 
 
-def parse_tool_calls(text: str) -> tuple[str | None, list[dict]]:
-    """A whole answer's text (None when it is only calls, or empty beside them) and its calls."""
-    p = ToolCallParser()
+def parse_tool_calls(text: str, names=()) -> tuple[str | None, list[dict]]:
+    """A whole answer's text (None when it is only calls, or empty beside them) and its calls
+    (``names``: the request's functions, which bare JSON calls must name)."""
+    p = ToolCallParser(names)
     deltas = p.feed(text) + p.finish()
     content = "".join(d["content"] for d in deltas if "content" in d)
     if p.calls and not content.strip():
@@ -117,7 +153,7 @@ def assistant_message(text: str, finish: str, tools) -> tuple[dict, str]:
     """A chat choice's ``message`` and ``finish_reason`` ("tool_calls" when it called one)."""
     if not reads_calls(tools):
         return {"role": "assistant", "content": text}, finish
-    content, calls = parse_tool_calls(text)
+    content, calls = parse_tool_calls(text, tools.names)
     if not calls:
         return {"role": "assistant", "content": text}, finish
     return {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls" if finish == "stop" else finish
@@ -127,8 +163,8 @@ class ToolDeltas:
     """A streamed chat choice's deltas when its request offers tools: ``{"content"}`` pieces and
     ``{"tool_calls": [{"index", "id", "type", "function"}]}``, one whole call each."""
 
-    def __init__(self):
-        self.parser = ToolCallParser()
+    def __init__(self, tools=None):
+        self.parser = ToolCallParser(tools.names if tools is not None else ())
 
     def feed(self, piece: str) -> list[dict]:
         return [self._delta(d) for d in self.parser.feed(piece)]

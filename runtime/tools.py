@@ -44,6 +44,10 @@ class ToolRequest:
     choice: str
     parallel: bool
 
+    @property
+    def names(self) -> list[str]:
+        return [f["name"] for f in self.functions]
+
     def grammar(self) -> Grammar | None:
         """The grammar of an answer that must call (``required`` or named); None otherwise."""
         if self.choice in ("none", "auto"):

@@ -200,3 +200,33 @@ def test_assistant_message_shapes():
     assert assistant_message("plain", "stop", req) == ({"role": "assistant", "content": "plain"}, "stop")
     none = tool_request({"tools": TOOLS, "tool_choice": "none"})
     assert assistant_message(ANSWER, "stop", none) == ({"role": "assistant", "content": ANSWER}, "stop")
+
+
+def test_llama_and_mistral_bare_json_calls():
+    names = ["get_weather", "add"]
+    # Llama 3.1: one object with "parameters" (its <|python_tag|> is a special token, not text)
+    content, calls = parse_tool_calls(' {"name": "add", "parameters": {"a": 1, "b": 2}}', names)
+    assert content is None and [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
+        ("add", {"a": 1, "b": 2})]
+    # Mistral: an array after [TOOL_CALLS] (a special token too)
+    content, calls = parse_tool_calls('[{"name": "add", "arguments": {"a": 1, "b": 2}}, '
+                                      '{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "c"}}]', names)
+    assert content is None and [c["function"]["name"] for c in calls] == ["add", "get_weather"]
+    # JSON that names no offered function is an answer, not a call; nor is JSON without tools
+    person = '{"name": "Ada", "arguments": {}}'
+    assert parse_tool_calls(person, names) == (person, [])
+    assert parse_tool_calls('{"name": "add", "parameters": {}}') == ('{"name": "add", "parameters": {}}', [])
+
+
+def test_a_streamed_bare_json_answer_waits_for_its_end():
+    stream = ToolDeltas(tool_request({"tools": TOOLS}))
+    text = '{"name": "add", "parameters": {"a": 1, "b": 2}}'
+    assert all(stream.feed(ch) == [] for ch in text)
+    out = stream.finish()
+    assert out[0]["tool_calls"][0]["function"]["name"] == "add" and stream.finish_reason("stop") == "tool_calls"
+    # an ordinary answer still streams at once
+    stream = ToolDeltas(tool_request({"tools": TOOLS}))
+    assert stream.feed("Hello") == [{"content": "Hello"}]
+    # a JSON-looking answer that is no call comes out whole at the end
+    stream = ToolDeltas(tool_request({"tools": TOOLS}))
+    assert stream.feed("[1, 2") == [] and stream.finish() == [{"content": "[1, 2"}]
