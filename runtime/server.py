@@ -32,9 +32,9 @@ from .http_limits import MAX_BODY, MAX_HEADER_BYTES, READ_TIMEOUT, APIError, gua
 from .logprobs import TokenStrings, chat_logprobs, completion_logprobs
 from .params import InvalidParam, SamplingParams
 from .response_format import request_grammar
+from .scheduler import QueueFull, Scheduler
 from .tool_parser import ToolDeltas, assistant_message, reads_calls
 from .tools import render_messages, tool_request
-from .scheduler import QueueFull, Scheduler
 
 __all__ = ["APIError", "Service", "build", "create_app", "serve"]
 
@@ -164,9 +164,9 @@ class Service:
                                code="unsupported_value", param="messages")
             # only the fields chat templates read, each of the type they expect; the tools
             # (kiln.runtime.tools) and the messages' tool calls and results
-            msgs, template_tools = render_messages(msgs, tools, tok.chat_template, _content)
+            msgs, template_tools = render_messages(msgs, tools, getattr(tok, "chat_template", None), _content)
             try:
-                text = tok.apply_chat_template(msgs, add_generation_prompt=True, tools=template_tools)
+                text = self.model.chat_prompt(msgs, **({"tools": template_tools} if template_tools else {}))
             except ValueError as e:             # ChatTemplateError: the template refused them
                 raise APIError(422, str(e), code="invalid_value", param="messages") from None
             ids = tok.encode(text)
