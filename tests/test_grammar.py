@@ -164,3 +164,23 @@ def test_request_fields_give_their_grammar(tok):
     assert request_grammar({"response_format": rf}, tok) == Grammar.json_schema(SCHEMA)
     assert request_grammar({"guided_regex": "a+"}, tok) == Grammar("regex", "a+")
     assert request_grammar({"grammar": 'root ::= "a"'}, tok) == Grammar("grammar", 'root ::= "a"')
+
+
+def test_the_mask_cost_benchmark_walks_its_answer(tok, smollm2_gguf, capsys):
+    """benchmarks/grammar_mask_cost.py: llguidance (the one kiln installs) allows every token of
+    the benchmark's answer; a library that is not installed is one line, not a failure."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "grammar_mask_cost.py"
+    spec = importlib.util.spec_from_file_location("grammar_mask_cost", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    ids = tok.encode(bench.ANSWER)
+    setup, compile_s, times = bench.bench_llguidance(tok, ids)
+    assert len(times) == 2 * len(ids) and min(times) > 0
+    import jsonschema
+    jsonschema.validate(json.loads(bench.ANSWER), bench.SCHEMA)
+    bench.main([str(smollm2_gguf)])
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[0] == f"vocabulary 49152 tokens; the answer is {len(ids)} tokens"
+    assert {r.split()[0] for r in rows[2:]} == {"llguidance", "xgrammar", "outlines-core"}
