@@ -1,7 +1,8 @@
 """Constrained decoding (runtime/grammar.py, the grammar fields of runtime/response_format.py):
 a row draws only what its grammar allows, whatever its sampling settings, and ends when the
-grammar is complete. SmolLM2's real tokenizer (49,152 tokens); logits are made up, so no model
-runs here (tests/test_server_structured.py samples the real model through ``kiln serve``)."""
+grammar is complete. SmolLM2's real tokenizer (49,152 tokens) with made-up logits, and
+generate()/stream() on the real model (tests/test_server_structured.py samples it through
+``kiln serve``)."""
 from __future__ import annotations
 
 import json
@@ -126,14 +127,31 @@ def test_grammar_is_a_checked_sampling_param():
     assert SamplingParams(grammar=Grammar("json_object")).non_default() == {"grammar": Grammar("json_object")}
 
 
-def test_generate_and_beam_search_refuse_a_grammar():
+def test_beam_search_refuses_a_grammar():
     from kiln.runtime.beam import _refuse_sampling
-    from kiln.runtime.generation import _Job
-    params = SamplingParams(grammar=Grammar("json_object"))
-    with pytest.raises(ValueError, match="scheduler"):
-        _Job(object(), None, params)
     with pytest.raises(ValueError, match="num_beams"):
-        _refuse_sampling(params)
+        _refuse_sampling(SamplingParams(grammar=Grammar("json_object")))
+
+
+def test_generate_and_stream_follow_the_grammar_on_smollm2(smollm2_artifact):
+    """Model.generate on a batch of two prompts (each row its own matcher) and Model.chat
+    streamed, sampled at temperature 0.9: every answer validates."""
+    import jsonschema
+
+    from kiln import runtime
+    model = runtime.load(smollm2_artifact, threads=2)
+    schema = {"type": "object", "properties": {"word": {"type": "string", "maxLength": 12},
+                                               "n": {"type": "integer"}, "ok": {"type": ["boolean", "null"]}},
+              "required": ["word", "n", "ok"], "additionalProperties": False}
+    grammar = Grammar.json_schema(schema)
+    results = model.generate(["A JSON object:", "Some JSON for you:\n"], max_new_tokens=60, temperature=0.9,
+                             seed=3, grammar=grammar)
+    for r in results:
+        assert r.finish_reason == "stop", r.text
+        jsonschema.validate(json.loads(r.text), schema)
+    text = "".join(model.chat("Give me JSON.", stream=True, max_new_tokens=60, temperature=0.9, seed=4,
+                              grammar=grammar))
+    jsonschema.validate(json.loads(text), schema)
 
 
 @pytest.mark.parametrize("body, status, param", [
