@@ -151,11 +151,13 @@ class RowConstraint:
         """bool [vocab]: the tokens the grammar allows next."""
         self.matcher.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
         self._raise_if_failed()
-        return np.unpackbits(self._bits.view(np.uint8), bitorder="little")[:self.vocab].astype(bool)
+        return np.unpackbits(self._bits.view(np.uint8), count=self.vocab, bitorder="little").view(bool)
 
     def mask(self, logits: np.ndarray) -> np.ndarray:
         """A copy of ``logits`` (float [vocab'], any width) with the disallowed tokens at -inf."""
         allowed = self.allowed()
+        if len(logits) == self.vocab:
+            return np.where(allowed, logits, -np.inf).astype(logits.dtype, copy=False)
         out = np.full(logits.shape, -np.inf, dtype=logits.dtype)
         n = min(len(out), self.vocab)
         out[:n] = np.where(allowed[:n], logits[:n], -np.inf)
