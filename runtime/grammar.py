@@ -40,7 +40,7 @@ KINDS = {
 # JSON without free whitespace: with it, a sampled row may spend its max_tokens on blank lines
 # between two items and end as truncated, invalid JSON. One space after ',' and ':' as
 # json.dumps writes it.
-_JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 class GrammarError(InvalidParam):
@@ -70,7 +70,7 @@ class Grammar:
         if self.kind in ("json_schema", "json_object"):
             schema = {"type": "object"} if self.kind == "json_object" else self.source
             try:
-                return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=_JSON_OPTIONS)
+                return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_STYLE)
             except ValueError as e:
                 raise GrammarError(f"the JSON schema is not usable: {e}", "grammar") from None
         if self.kind == "regex":

@@ -23,16 +23,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from .grammar import Grammar
+from .grammar import JSON_STYLE, Grammar
 from .http_limits import APIError
 
 __all__ = ["ToolRequest", "tool_request", "render_messages", "TOOL_CALL_OPEN", "TOOL_CALL_CLOSE"]
 
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
 MAX_TOOLS = 128
-
-# the JSON compile options of a call's body: no free whitespace, as for response_format
-_JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 @dataclass(frozen=True)
@@ -56,7 +53,7 @@ class ToolRequest:
         options = [{"type": "object",
                     "properties": {"name": {"const": n}, "arguments": self._parameters(n)},
                     "required": ["name", "arguments"], "additionalProperties": False} for n in names]
-        body = {"anyOf": options, "x-guidance": _JSON_STYLE}
+        body = {"anyOf": options, "x-guidance": JSON_STYLE}     # JSON as response_format writes it
         calls = 'call ("\\n" call)*' if self.parallel else "call"
         lark = (f"start: {calls}\n"
                 f"call: {json.dumps(TOOL_CALL_OPEN + chr(10))} body {json.dumps(chr(10) + TOOL_CALL_CLOSE)}\n"
