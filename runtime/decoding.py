@@ -12,6 +12,8 @@ while a stop string may still be starting, its logprobs, and why it ended.
   string), so ``decode(ids)`` may be longer than ``text``.
 * A stop string that the tokenizer encodes as a single special token (``"<|im_end|>"``)
   never shows up in decoded text, so it is also matched as that token id.
+* A row with a grammar (a :class:`~kiln.runtime.grammar.RowConstraint`) draws only the tokens
+  it allows, and ends with reason "stop" once the grammar takes no further token.
 """
 from __future__ import annotations
 
@@ -58,11 +60,12 @@ class RowDecoder:
 
     ``limit``: the most tokens it may take (None: the caller stops it). ``logprobs``: None,
     or how many top alternatives to keep with each token's logprob (``token_logprobs``:
-    ``(token, logprob, [(id, logprob)])`` per token of ``ids``)."""
+    ``(token, logprob, [(id, logprob)])`` per token of ``ids``). ``constraint``: None, or the
+    row's grammar matcher."""
 
     def __init__(self, rules: StopRules, prompt: Sequence[int], *, limit: int | None = None,
-                 logprobs: int | None = None, sampler=None):
-        self.rules, self.sampler = rules, sampler
+                 logprobs: int | None = None, sampler=None, constraint=None):
+        self.rules, self.sampler, self.constraint = rules, sampler, constraint
         self.matcher = StopMatcher(stream_decoder(rules.tokenizer), rules.stops)
         self.prompt_tokens = len(prompt)
         self.history = list(prompt)
@@ -78,8 +81,12 @@ class RowDecoder:
         return "".join(self.pieces)
 
     def sample(self, logits: np.ndarray) -> int:
-        """The row's next token from its logits (float32 [vocab]), by its own sampler."""
-        return int(self.sampler(np.asarray(logits)[None, :], [self.history], [self.prompt_tokens])[0])
+        """The row's next token from its logits (float32 [vocab]), by its own sampler (among
+        the tokens its grammar allows, if it has one)."""
+        logits = np.asarray(logits)
+        if self.constraint is not None:
+            logits = self.constraint.mask(logits)
+        return int(self.sampler(logits[None, :], [self.history], [self.prompt_tokens])[0])
 
     def accept(self, token: int, logits: np.ndarray | None = None) -> tuple[str, float | None, list | None]:
         """Take the row's next token: returns the text it made final (possibly empty) and, when
@@ -89,6 +96,8 @@ class RowDecoder:
         self.count += 1
         logprob = top = None
         reason = self.rules.ends(token)
+        if self.constraint is not None:
+            self.constraint.accept(token)
         if reason is not None:
             piece, hit = self.matcher.finish()
         else:
@@ -97,6 +106,10 @@ class RowDecoder:
             if self.logprobs is not None and logits is not None:
                 logprob, top = token_logprobs(logits, token, self.logprobs)
                 self.token_logprobs.append((token, logprob, top))
+        if reason is None and not hit and self.constraint is not None and self.constraint.done:
+            rest, hit = self.matcher.finish()      # the answer is complete: nothing is held back
+            piece += rest
+            reason = "stop"
         if piece:
             self.pieces.append(piece)
         self.reason = "stop" if hit else reason

@@ -18,6 +18,8 @@ Decisions a user may want to know:
   (see :mod:`kiln.runtime.sampling`).
 * ``max_length`` of the session bounds prompt plus new tokens; hitting it ends generation
   with ``finish_reason == "length"``.
+* A ``grammar`` (:mod:`kiln.runtime.grammar`) masks each row's logits with its own matcher
+  before the batch's sampler draws, as the scheduler's rows do.
 """
 from __future__ import annotations
 
@@ -25,12 +27,12 @@ import inspect
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Literal
 
 import numpy as np
 
 from .decoding import RowDecoder, StopRules, id_set, timing_summary
+from .grammar import row_constraint
 from .params import SamplingParams, check_count
 from .sampling import Sampler
 from .session import Session, last_logits, ragged
@@ -70,6 +72,7 @@ def generate_ids(
     eos_ids: Iterable[int] = (),
     stop_ids: Iterable[int] | None = None,
     timings: dict | None = None,
+    mask=None,
 ) -> Iterator[np.ndarray]:
     """Yield the new token of every batch row, int64 ``[batch]``, one step at a time.
 
@@ -78,7 +81,9 @@ def generate_ids(
     :data:`PAD_ID`. Iteration stops when every row has ended, after ``max_new_tokens`` steps,
     or when the session's ``max_length`` is reached. ``timings``, if given, is filled with
     ``prefill_s``, ``decode_s`` and ``decode_steps`` as the loop runs, counting only the
-    model and the sampler, not the time the caller spends between steps.
+    model and the sampler, not the time the caller spends between steps. ``mask``, if given,
+    takes each step's logits ``[batch, vocab]`` before the sampler and returns the logits to
+    draw from (a grammar's: the caller has taken the previous tokens by then).
     """
     prompts = _check_prompt_batch(prompt_ids, ragged=ragged(session))
     check_count("max_new_tokens", max_new_tokens)
@@ -95,10 +100,10 @@ def generate_ids(
     if timings is not None:
         timings.update(prefill_s=0.0, decode_s=0.0, decode_steps=0)
     # Not a generator itself, so bad arguments raise here rather than at the first next().
-    return _decode_loop(session, prompts, batch, limit, sampler, ends, timings)
+    return _decode_loop(session, prompts, batch, limit, sampler, ends, timings, mask)
 
 
-def _decode_loop(session, prompts, batch, limit, sampler, ends, timings):
+def _decode_loop(session, prompts, batch, limit, sampler, ends, timings, mask=None):
     if limit == 0:
         return
     session.reset(batch)
@@ -113,7 +118,7 @@ def _decode_loop(session, prompts, batch, limit, sampler, ends, timings):
         logits = last_logits(session.forward(np.asarray(prompts, dtype=np.int64), last_only=True),
                               batch)
     prompt_lens = [len(p) for p in prompts]
-    tokens = sampler(logits, history, prompt_lens)
+    tokens = sampler(logits if mask is None else mask(logits), history, prompt_lens)
     if timings is not None:
         timings["prefill_s"] = time.perf_counter() - start
 
@@ -132,7 +137,7 @@ def _decode_loop(session, prompts, batch, limit, sampler, ends, timings):
         # and what they compute is thrown away.
         start = time.perf_counter()
         logits = last_logits(session.forward(fed[:, None].copy(), last_only=True), batch)
-        tokens = sampler(logits, history, prompt_lens)
+        tokens = sampler(logits if mask is None else mask(logits), history, prompt_lens)
         if timings is not None:
             timings["decode_s"] += time.perf_counter() - start
             timings["decode_steps"] += 1
@@ -236,18 +241,26 @@ class _Job:
         self.draft, self.draft_tokens = draft, draft_tokens
         if draft is not None:
             check_draft(session, draft, draft_tokens)
+            if params.grammar is not None:
+                raise ValueError("a grammar and a draft model cannot be combined yet")
+        self.vocab = getattr(session, "vocab_size", None)
         self.rules = StopRules.of(tokenizer, params, eos_ids)
         self.sampler = Sampler.of(params, self.rules.end_ids)
 
     def run(self, prompts: list[list[int]], sampler: Sampler):
         """Yield ``(row, piece)`` as text becomes final; return the results of the rows."""
-        rows = [RowDecoder(self.rules, p) for p in prompts]
+        grammar = self.params.grammar
+        rows = [RowDecoder(self.rules, p, constraint=row_constraint(grammar, self.tokenizer, self.vocab))
+                for p in prompts]
         timings: dict = {}
-        ids_of = generate_ids if self.draft is None else \
-            partial(speculative_ids, draft=self.draft, draft_tokens=self.draft_tokens)
-        steps = ids_of(self.session, prompts, max_new_tokens=self.params.max_tokens,
-                       sampler=sampler, eos_ids=self.rules.eos, stop_ids=self.rules.stop_ids,
-                       timings=timings)
+        if self.draft is None:
+            steps = generate_ids(self.session, prompts, max_new_tokens=self.params.max_tokens,
+                                 sampler=sampler, eos_ids=self.rules.eos, stop_ids=self.rules.stop_ids,
+                                 timings=timings, mask=None if grammar is None else _grammar_mask(rows))
+        else:
+            steps = speculative_ids(self.session, prompts, max_new_tokens=self.params.max_tokens,
+                                    sampler=sampler, eos_ids=self.rules.eos, stop_ids=self.rules.stop_ids,
+                                    timings=timings, draft=self.draft, draft_tokens=self.draft_tokens)
         try:
             for tokens in steps:
                 for b, row in enumerate(rows):
@@ -268,6 +281,18 @@ class _Job:
         return [GenerationResult(ids=row.ids, text=row.text, finish_reason=row.reason,
                                  prompt_tokens=len(p), timings=timing_summary(timings, len(p)))
                 for row, p in zip(rows, prompts)]
+
+
+def _grammar_mask(rows: list[RowDecoder]):
+    """The logits mask of rows with a grammar: each open row's own (a row its grammar ended
+    still runs with the batch, its tokens unused, and draws unconstrained)."""
+    def mask(logits: np.ndarray) -> np.ndarray:
+        logits = np.array(logits)
+        for b, row in enumerate(rows):
+            if row.reason is None:
+                logits[b] = row.constraint.mask(logits[b])
+        return logits
+    return mask
 
 
 # -- argument handling ---------------------------------------------------------------------

@@ -196,10 +196,12 @@ class Model:
             checked.append(draft)
         return draft.session
 
-    def chat_prompt(self, messages, add_generation_prompt: bool = True) -> str:
+    def chat_prompt(self, messages, add_generation_prompt: bool = True, tools: list | None = None) -> str:
+        """The chat template's text of ``messages``; ``tools`` (``[{"type": "function",
+        "function": {...}}]``) are passed to it as transformers' ``apply_chat_template`` does."""
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
-        return self._tok().apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        return self._tok().apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tools=tools)
 
     def chat(self, messages, max_new_tokens: int | None = None, stream: bool = False, **kwargs):
         """Answer a conversation: a list of ``{"role", "content"}`` messages rendered by the

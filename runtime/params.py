@@ -38,6 +38,10 @@ class SamplingParams:
     special tokens cannot be drawn before that many tokens (as transformers'
     ``min_new_tokens``; a stop string in the text still ends it); ``ignore_eos``, the EOS ids
     are ordinary tokens (kept in ``ids``, generation goes on).
+
+    ``grammar``: None, or a :class:`~kiln.runtime.grammar.Grammar` (a JSON schema, a regex, a
+    grammar) that every answer matches: the tokens it does not allow next are never drawn, and
+    the row ends ("stop") when it is complete.
     """
 
     max_tokens: int = 128
@@ -53,6 +57,7 @@ class SamplingParams:
     logprobs: int | None = None
     min_tokens: int = 0
     ignore_eos: bool = False
+    grammar: object = None
 
     def __post_init__(self):
         fix = object.__setattr__           # frozen: normalised values are set once, here
@@ -84,6 +89,11 @@ class SamplingParams:
         if not isinstance(self.ignore_eos, (bool, np.bool_)):
             raise InvalidParam(f"ignore_eos must be true or false, got {self.ignore_eos!r}", "ignore_eos")
         fix(self, "ignore_eos", bool(self.ignore_eos))
+        if self.grammar is not None:
+            from .grammar import Grammar        # not at the top: grammar.py imports InvalidParam
+            if not isinstance(self.grammar, Grammar):
+                raise InvalidParam(f"grammar must be a kiln.runtime.grammar.Grammar or None, got "
+                                   f"{type(self.grammar).__name__}", "grammar")
 
     @property
     def max_new_tokens(self) -> int:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .decoding import RowDecoder, StopRules, id_set
+from .grammar import row_constraint
 from .params import SamplingParams, check_count
 from .prefill_budget import ChunkSizer
 from .sampling import Sampler
@@ -237,8 +238,9 @@ class Scheduler:
         limit = params.max_tokens
         if self.max_length is not None:
             limit = min(limit, self.max_length - len(prompt))
+        constraint = row_constraint(params.grammar, self.tokenizer, self.vocab_size)
         req = Request(prompt, params, RowDecoder(rules, prompt, limit=limit, logprobs=params.logprobs,
-                                                 sampler=sampler), on_event)
+                                                 sampler=sampler, constraint=constraint), on_event)
         req.submitted = time.perf_counter()
         with self._lock:
             if len(self.waiting) >= self.max_queue:

@@ -33,7 +33,10 @@ from .logprobs import TokenStrings, chat_logprobs, completion_logprobs
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .params import InvalidParam, SamplingParams
 from .prefix_cache import DEFAULT_MB, PrefixCache
+from .response_format import request_grammar
 from .scheduler import PREFILL_TARGET_S, QueueFull, Scheduler
+from .tool_parser import ToolDeltas, assistant_message, reads_calls
+from .tools import render_messages, tool_request
 
 __all__ = ["APIError", "Service", "build", "create_app", "serve"]
 
@@ -149,7 +152,7 @@ class Service:
         except InvalidParam as e:
             raise APIError(422, str(e), code="invalid_value", param=e.param) from None
 
-    def prompt_ids(self, body: dict, chat: bool) -> list[int]:
+    def prompt_ids(self, body: dict, chat: bool, tools=None) -> list[int]:
         tok = self.model.tokenizer
         limit = self.scheduler.max_length
         if chat:
@@ -158,14 +161,14 @@ class Service:
                     isinstance(m, dict) and isinstance(m.get("role"), str) for m in msgs):
                 raise APIError(422, "messages must be a non-empty list of {role, content} objects",
                                code="invalid_value", param="messages")
-            # only the fields chat templates read, each of the type they expect
-            msgs = [{"role": m["role"], "content": _content(m.get("content"), i),
-                     **({"name": m["name"]} if isinstance(m.get("name"), str) else {})} for i, m in enumerate(msgs)]
             if tok is None:
                 raise APIError(400, "this model has no tokenizer, so it cannot render chat messages",
                                code="unsupported_value", param="messages")
+            # only the fields chat templates read, each of the type they expect; the tools
+            # (kiln.runtime.tools) and the messages' tool calls and results
+            msgs, template_tools = render_messages(msgs, tools, getattr(tok, "chat_template", None), _content)
             try:
-                text = self.model.chat_prompt(msgs)
+                text = self.model.chat_prompt(msgs, **({"tools": template_tools} if template_tools else {}))
             except ValueError as e:             # ChatTemplateError: the template refused them
                 raise APIError(422, str(e), code="invalid_value", param="messages") from None
             ids = tok.encode(text)
@@ -233,7 +236,11 @@ class Service:
                            code="model_is_embedding", param="model")
         params = self.settings(body)
         n, logprobs = self.choices(body, chat)
-        return dict(ids=self.prompt_ids(body, chat), n=n, params=SamplingParams.of(params, logprobs=logprobs))
+        tools = tool_request(body) if chat else None
+        # structured output (response_format, guided_regex, guided_grammar, grammar, tool_choice)
+        grammar = request_grammar(body, self.model.tokenizer, self.vocab, tools)
+        return dict(ids=self.prompt_ids(body, chat, tools), n=n, tools=tools,
+                    params=SamplingParams.of(params, logprobs=logprobs, grammar=grammar))
 
     def submit(self, prepared: dict, on_event) -> list:
         """Queue the request's ``n`` choices; ``on_event(i, event)`` gets choice i's events.
@@ -441,9 +448,9 @@ def create_app(service: Service, api_key: str | None = None, *, max_body: int = 
                         raise asyncio.CancelledError from None
 
         def chunk(i: int, piece: str | None, finish: str | None, first: bool = False, lps=None,
-                  usage: bool = False) -> str:
+                  usage: bool = False, delta: dict | None = None) -> str:
             if chat:
-                delta = {} if piece is None else {"content": piece}
+                delta = delta if delta is not None else {} if piece is None else {"content": piece}
                 if first:
                     delta = {"role": "assistant", "content": ""}
                 choice = {"index": i, "delta": delta, "logprobs": lps, "finish_reason": finish}
@@ -461,6 +468,9 @@ def create_app(service: Service, api_key: str | None = None, *, max_body: int = 
                 # sends its logprobs with the next piece of text, or alone before the finish
                 pending: list[list] = [[] for _ in reqs]
                 sent = [0] * n
+                # with tools, text that may open a call waits; each call goes out whole
+                calls = [ToolDeltas(prepared["tools"]) if chat and reads_calls(prepared.get("tools")) else None
+                         for _ in reqs]
 
                 def flush(i):
                     lps = logprobs(i, pending[i], sent[i])
@@ -477,10 +487,18 @@ def create_app(service: Service, api_key: str | None = None, *, max_body: int = 
                         if ev.logprob is not None:
                             pending[i].append((ev.token, ev.logprob, ev.top_logprobs))
                         if ev.finish_reason is not None:
+                            finish = FINISH[ev.finish_reason]
+                            if calls[i] is not None:
+                                for d in calls[i].finish():
+                                    yield chunk(i, None, None, delta=d)
+                                finish = calls[i].finish_reason(finish)
                             if pending[i]:
                                 yield chunk(i, "", None, lps=flush(i))
                             left -= 1
-                            yield chunk(i, None, FINISH[ev.finish_reason], usage=not left)
+                            yield chunk(i, None, finish, usage=not left)
+                        elif ev.text and calls[i] is not None:
+                            for d in calls[i].feed(ev.text):
+                                yield chunk(i, None, None, lps=flush(i), delta=d)
                         elif ev.text:
                             yield chunk(i, ev.text, None, lps=flush(i))
                     yield "data: [DONE]\n\n"
@@ -511,7 +529,8 @@ def create_app(service: Service, api_key: str | None = None, *, max_body: int = 
             text = "".join(req.text)
             finish = FINISH[req.finish_reason]
             if chat:
-                choices.append({"index": i, "message": {"role": "assistant", "content": text},
+                message, finish = assistant_message(text, finish, prepared.get("tools"))
+                choices.append({"index": i, "message": message,
                                 "logprobs": logprobs(i, req.token_logprobs), "finish_reason": finish})
             else:
                 choices.append({"index": i, "text": text, "logprobs": logprobs(i, req.token_logprobs),

@@ -201,3 +201,24 @@ def test_wrong_key_shows_the_error_and_keeps_the_question(server, browser):
     assert _messages(browser) == [["msg error", "invalid or missing API key", ""]]
     assert browser.find_element("id", "input").get_attribute("value") == "Hello"
     assert browser.find_element("id", "key-note").is_displayed() and _state(browser) == "idle"
+
+
+def test_the_schema_box_sends_response_format(server, browser):
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                               "sunny": {"type": "boolean"}},
+              "required": ["city", "sunny"], "additionalProperties": False}
+    _open(browser, server, dict(temperature=0.9, top_p=1, top_k=0, max_tokens=60, seed=1, schema=json.dumps(schema)))
+    _ask(browser, "What is the weather in Paris?")
+    done = "return !!document.querySelector('#log .meta, #log .error')"
+    _until(lambda: browser.execute_script(done), 120, "the answer to finish")
+    msgs = _messages(browser)
+    assert [m[0] for m in msgs] == ["msg user", "msg assistant"], msgs
+    answer = json.loads(msgs[1][1])
+    assert set(answer) == {"city", "sunny"} and isinstance(answer["sunny"], bool), answer
+    # a box that does not hold JSON is an error on the page; the question goes back to the box
+    _set(browser, "schema", "{not json")
+    _ask(browser, "Again?")
+    _until(lambda: browser.execute_script("return !!document.querySelector('#log .error')"), 10, "the error")
+    assert "JSON schema box" in _messages(browser)[-1][1]
+    assert browser.find_element("id", "input").get_attribute("value") == "Again?"
+    _set(browser, "schema", "")
