@@ -163,6 +163,14 @@ class RowCache:
         [batch, 1, vocab]. Any change the run makes to ``lengths`` is overwritten."""
         raise NotImplementedError
 
+    #: whether :meth:`_step_rows` runs a step over a span of rows, with each row's result the
+    #: same at any span (the backend's kernels are batch-invariant up to ``max_batch``)
+    steps_rows = False
+
+    def _step_rows(self, ids: np.ndarray, before: np.ndarray, lo: int) -> np.ndarray:
+        """As :meth:`_step_all` for rows lo .. lo + len(ids) only; the others are not touched."""
+        raise NotImplementedError
+
     def _reorder_cache(self, index: np.ndarray) -> None:
         """Row b of the cache buffers takes what row index[b] held."""
         raise NotImplementedError
@@ -311,9 +319,25 @@ class RowCache:
         if self.recompute_past and active.all():
             return self.forward(ids, last_only=True)[:, -1]      # through the switch's recompute
         before = self.lengths.copy()
-        logits = self._step_all(ids, before)
+        span = self._active_span(active)
+        if span is None:
+            logits = self._step_all(ids, before)
+        else:
+            lo, hi = span
+            part = self._step_rows(ids[lo:hi], before[lo:hi], lo)
+            logits = np.zeros((self.batch, *part.shape[1:]), dtype=part.dtype)
+            logits[lo:hi] = part
         self._set_lengths(np.where(active, before + 1, before))
         return logits[:, -1]
+
+    def _active_span(self, active: np.ndarray) -> tuple[int, int] | None:
+        """The rows a step runs over, lo..hi, when the backend can step some rows only and
+        fewer than all are in use (a lone client pays for one row, not ``max_batch``)."""
+        if not self.steps_rows or not active.any():
+            return None
+        rows = np.flatnonzero(active)
+        lo, hi = int(rows[0]), int(rows[-1]) + 1
+        return None if (lo, hi) == (0, self.batch) else (lo, hi)
 
     def truncate(self, length: int) -> None:
         """Every row keeps at most its first ``length`` tokens (speculative decoding takes back

@@ -28,6 +28,10 @@ from .safetensors_index import read_index
 from .session import RowCache
 from .tvm_runtime import DEVICE_CODES, RuntimeMissing, TVMRuntime
 
+#: the row counts at which the CPU matmul kernels sum a row alike (their GEMV's
+#: ``CPU_GEMV_MAX_ROWS``; not imported: a CPU artifact runs without the tvm package)
+BATCH_INVARIANT_ROWS = 8
+
 INITIAL_CAPACITY = 256
 PREFILL_CHUNK = 512
 
@@ -104,6 +108,7 @@ class TVMSession(RowCache):
         self.caches: list = []
         self._inputs: dict = {}
         self._pooled: set = set()
+        self._views: tuple = (None, None)      # (key, the cache views) of the last span stepped
         self.reset(1)
         self._check_against_library(library)
 
@@ -170,6 +175,26 @@ class TVMSession(RowCache):
 
     def _step_all(self, ids: np.ndarray, before: np.ndarray) -> np.ndarray:
         return self._run(ids, before, np.zeros((self.batch, 1), dtype=np.int64))
+
+    @property
+    def steps_rows(self) -> bool:
+        # the CPU kernels give a row the same sums at any row count up to 8 (quant_kernels'
+        # GEMV; attention, norms and rotary are per row); the GPU ones are not checked
+        return self.rt.kind == "cpu" and self.batch <= BATCH_INVARIANT_ROWS
+
+    def _step_rows(self, ids: np.ndarray, before: np.ndarray, lo: int) -> np.ndarray:
+        """Through views of rows lo.. of every cache, as a batch of len(ids) rows."""
+        n, total = ids.shape[0], int(before.max()) + 1
+        if total > self.max_length:
+            raise ValueError(f"the sequence would hold {total} tokens but this artifact holds at most {self.max_length}")
+        if total > self.capacity:
+            self._grow(total)
+        key = (id(self.caches), self.capacity, lo, n)
+        if self._views[0] != key:
+            self._views = (key, [self._rows_view(c, lo, n) for c in self.caches])
+        args = [self._staged("ids", ids), self._staged("lengths", before.astype(np.int32)),
+                self._staged("positions", np.zeros((n, 1), dtype=np.int64)), self._views[1], self.params]
+        return self.rt.host(self._decode(*args))
 
     def _read_kv(self, r: int, start: int, stop: int) -> np.ndarray:
         if self.rt.kind == "cpu":
@@ -266,9 +291,12 @@ class TVMSession(RowCache):
         return slot[0]
 
     def _row_view(self, cache, r: int):
-        shape = (1, self.kv_heads, self.capacity, self.head_dim)
+        return self._rows_view(cache, r, 1)
+
+    def _rows_view(self, cache, lo: int, n: int):
+        shape = (n, self.kv_heads, self.capacity, self.head_dim)
         row_bytes = self.kv_heads * self.capacity * self.head_dim * self.kv_dtype.itemsize
-        return self.rt.view(cache, shape, r * row_bytes)
+        return self.rt.view(cache, shape, lo * row_bytes)
 
     def _allocate(self, capacity: int, keep: int = 0) -> None:
         """Fresh cache tensors of ``capacity`` positions holding the first ``keep`` of the old.

@@ -235,17 +235,18 @@ def _cpu_matmul_func(fmt: str, n: int, k: int, target_key: str):
                             chunk((chunks - 1) * kc, k_last, False)
 
             wide = shape.wide
+            accs = 4 if wide else 2     # the same at every M: batch invariance (see quant_kernels)
             with T.If(m_rows == 1):
                 with T.Then():
-                    gemv(1, 4 if wide else 2)
+                    gemv(1, accs)
                 with T.Else():
                     with T.If(m_rows == 2):
                         with T.Then():
-                            gemv(2, 4 if wide else 1)
+                            gemv(2, accs)
                         with T.Else():
                             with T.If(m_rows <= CPU_GEMV_MAX_ROWS):
                                 with T.Then():
-                                    gemv(4, 2 if wide else 1)
+                                    gemv(4 if wide else 2, accs)
                                 with T.Else():
                                     gemm()
     return ib.get()

@@ -25,10 +25,11 @@ dlight leaves it alone):
 
 * CPU (llvm): one function whose path is chosen by the row count M at run time (a chain of
   TIR ifs; decode is M = 1). M ≤ 8: a GEMV parallel over 16-row tiles; each 16-lane weight
-  vector is dequantized once per pass over 1, 2 or 4 rows of x (M = 1, 2, else) into enough
-  accumulators that the FMA chains do not wait on their own latency; the sub-block scales are
-  computed once per 32 k's. M > 8: per task of one tile (two on AVX-512) the weights of a
-  k-chunk (≤ 512 k's) are dequantized into a float32 buffer once, then a register-blocked
+  vector is dequantized once per pass over 1, 2, 4 or 8 rows of x (M = 1, 2, ≤ 4, ≤ 8; at
+  most 2 without AVX-512's registers) into enough accumulators that the FMA chains do not
+  wait on their own latency, the same number a row at every M, so a row's sums do not depend
+  on M (batch invariance); the sub-block scales are computed once per 32 k's. M > 8: per task
+  of one tile (two on AVX-512) the weights of a k-chunk (≤ 512 k's) are dequantized into a float32 buffer once, then a register-blocked
   product runs over the rows, 6 at a time (2 without AVX2 or NEON; rows past the end repeat
   the last row, so the inner loop has no branch).
 * GPU (cuda, metal, ...): M ≤ 4: a block of 128 threads per tile, 16 lanes × 8 slices of k,
@@ -349,19 +350,27 @@ def _cpu_matmul_func(fmt: str, n: int, k: int, target_key: str, fast: bool = Fal
                 small = lambda rows, accs: gemv_int8(rows)   # noqa: E731
             else:
                 small = gemv_folded if fast else gemv
+            # every row count up to CPU_GEMV_MAX_ROWS sums a row's products into the same
+            # accumulators in the same order, so a row's result does not depend on how many
+            # rows run beside it (the scheduler steps only the rows in use: batch invariance)
+            accs = 4 if wide else 2
             with T.If(m_rows == 1):
                 with T.Then():
-                    small(1, 4 if wide else 2)
+                    small(1, accs)
                 with T.Else():
                     with T.If(m_rows == 2):
                         with T.Then():
-                            small(2, 4 if wide else 1)
+                            small(2, accs)
                         with T.Else():
-                            with T.If(m_rows <= CPU_GEMV_MAX_ROWS):
+                            with T.If(m_rows <= 4):
                                 with T.Then():
-                                    small(4, 2 if wide else 1)
+                                    small(4 if wide else 2, accs)
                                 with T.Else():
-                                    gemm()
+                                    with T.If(m_rows <= CPU_GEMV_MAX_ROWS):
+                                        with T.Then():
+                                            small(8 if wide else 2, accs)
+                                        with T.Else():
+                                            gemm()
     return ib.get()
 
 
