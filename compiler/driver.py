@@ -191,9 +191,11 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
             if on_weight is not None:
                 on_weight(name)
         if backend == "tvm":
-            backend_entry = _lower_tvm(graph, tmp, preset, cfg, weight_done, stage, precision, kv_dtype)
+            entry = _lower_tvm(graph, tmp, preset, cfg, weight_done, stage, precision, kv_dtype)
         else:
-            backend_entry = _lower_onnxrt(graph, tmp, preset, cfg, weight_done, stage, kv_layout, precision)
+            from kiln.targets.onnxrt import build
+            stage("lowering to ONNX")
+            entry = build.build(graph, tmp, preset, cfg, progress=weight_done, kv_layout=kv_layout, precision=precision)
         if model.tokenizer is not None:
             model.tokenizer.save(tmp / "tokenizer")
             # the runtime tokenizer reads end-of-sequence ids from here too
@@ -208,7 +210,7 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
             "architecture": cfg["family"],
             "config": cfg,
             "target": {"preset": preset.name, "device": preset.device, "isa": preset.isa},
-            "backend": backend_entry,
+            "backend": entry.manifest(),
             "quantization": graph.meta.get("quantization"),
             "precision": precision,
             "passes": [{"name": r.name, "changed": r.changed, "stats": r.stats, "seconds": round(r.seconds, 4)} for r in records],
@@ -255,57 +257,23 @@ def _importance_by_role(path, model) -> dict:
     return out
 
 
-def _lower_onnxrt(graph, tmp, preset, cfg, weight_done, stage, kv_layout, precision) -> dict:
-    from kiln.frontends.arch import ArchConfig, rope_switch_length
-    from kiln.targets import onnxrt
-    stage("lowering to ONNX")
-    summary = onnxrt.lower(graph, tmp, progress=weight_done, kv_layout=kv_layout,
-                           max_length=cfg.get("max_position_embeddings"), precision=precision)
-    return {"name": "onnxrt", "model": "model.onnx", "logits": graph.outputs[0].name,
-            "inputs": [v.name for v in graph.inputs], "outputs": [v.name for v in graph.outputs],
-            "kv_cache": {"layout": summary.pop("kv_layout"), "layers": graph.meta.get("kv_cache", {}).get("layers", 0),
-                         "kv_heads": cfg["num_kv_heads"], "head_dim": cfg["head_dim"]},
-            "recompute_cache_after": rope_switch_length(ArchConfig.from_dict(cfg)),
-            # CUDA through ONNX Runtime needs the onnxruntime-gpu wheel in place of onnxruntime
-            "requires": ["onnxruntime-gpu==1.31.1"] if preset.device == "cuda" else ["onnxruntime==1.31.1"],
-            **summary}
-
-
 def _warn(notice: str) -> None:
     import warnings
     warnings.warn(notice, stacklevel=3)      # points at the caller of compile()
 
 
-def _lower_tvm(graph, tmp, preset, cfg, weight_done, stage, precision, kv_dtype) -> dict:
+def _lower_tvm(graph, tmp, preset, cfg, weight_done, stage, precision, kv_dtype):
     from kiln.targets.presets import TVM_MISSING
     try:
         import tvm  # noqa: F401   found by choose_backend, but an installation can be broken
     except ImportError:
         raise KilnError(None, TVM_MISSING) from None
-    from kiln.targets.tvm import build, targets
-    target = targets.for_preset(preset.device, preset.isa, arch=preset.isa if preset.device == "cuda" else None,
-                                 host=preset.name == "cpu")
+    from kiln.targets.tvm import build
     try:
-        summary = build.build(graph, tmp, target, max_length=cfg.get("max_position_embeddings"),
-                              progress=weight_done, stage=stage, precision=precision,
-                              kv_dtype={"f32": "float32", "f16": "float16"}[kv_dtype])
+        return build.build(graph, tmp, preset, cfg, progress=weight_done, stage=stage, precision=precision,
+                           kv_dtype={"f32": "float32", "f16": "float16"}[kv_dtype])
     except ValueError as e:
         raise KilnError(None, f"the TVM backend cannot compile this model: {e}") from None
-    from kiln.frontends.arch import ArchConfig, rope_switch_length
-    return {"name": "tvm", **({"cross_compiled_for": target.cross} if target.cross else {}),
-            **_cpu_features(preset),
-            "recompute_cache_after": rope_switch_length(ArchConfig.from_dict(cfg)),
-            "requires": ["apache-tvm==0.27.0.post1", "apache-tvm-ffi==0.1.14.post0"], **summary}
-
-
-def _cpu_features(preset) -> dict:
-    """The x86 vector instruction sets a TVM CPU library may use: the host's own for ``cpu``
-    (compiled for this exact CPU model), the preset's for cpu-avx2 / cpu-avx512."""
-    from kiln.runtime.cpu_features import PRESET_FLAGS, host_flags
-    if preset.device != "cpu" or preset.isa == "neon":
-        return {}
-    flags = host_flags() if preset.name == "cpu" else PRESET_FLAGS.get(preset.isa)
-    return {"cpu_features": sorted(flags)} if flags else {}
 
 
 WRITERS = {"hf": "kiln.frontends.hf", "gguf": "kiln.frontends.gguf",
