@@ -35,25 +35,22 @@ def pipeline(backend: str) -> list:
     from kiln.passes.rotary import fuse_rotary
     from kiln.passes.skip_rmsnorm import fuse_skip_rmsnorm
     from kiln.passes.moe import decompose as decompose_moe
-    # ORT's 4-bit MatMulNBits is exact and fast at accuracy level 0; its 8-bit kernel is only
-    # fast with int8 activations (accuracy level 4, ~0.6% error), so 8-bit operands (Q8_0,
-    # Q5_0, Q5_1) run as two exact 4-bit planes
-    # ONNX Runtime: every expert, densely weighted (TVM lowers the MoE op itself, reading only
-    # the chosen experts); after the attention fusion, which would take the router's softmax
-    # for a candidate
-    experts = [("moe", decompose_moe)] if backend == "onnxrt" else []
+    from kiln.targets import fusions
+    can = fusions.of(backend)
+    # without an MoE kernel every expert runs, densely weighted; after the attention fusion,
+    # which would take the router's softmax for a candidate
+    experts = [] if can.moe else [("moe", decompose_moe)]
     return [("kv_cache", insert_kv_cache),
             ("rmsnorm", fuse_rmsnorm),
             ("skip_rmsnorm", fuse_skip_rmsnorm),
             ("rotary", fuse_rotary),
-            # ORT's GroupQueryAttention needs head sizes in multiples of 8; TVM's kernel takes any
-            ("attention", lambda g: fuse_attention(g, head_dim_multiple=8 if backend == "onnxrt" else 1)),
+            ("attention", lambda g: fuse_attention(g, head_dim_multiple=can.attention_head_multiple)),
             *experts,
             # q/k/v and gate/up as one product each, before quant_matmul makes them one
             # MatMulNBits (and one min-term correction); the attention lowering still finds each
             # projection's head split below the Split
             ("merge_matmul", merge_matmul),
-            ("quant_matmul", fuse_quant_matmul),
+            ("quant_matmul", lambda g: fuse_quant_matmul(g, can.quant_matmul)),
             ("dce", dce)]
 
 
