@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._blocks import F32, QK_K, f16_at, f16_bytes, f16_round, nearest_int
+from ._blocks import F32, QK_K, f16_bytes, f16_round, nearest_int
 
 GROUP_MAX_EPS = F32(1e-15)  # below this a group counts as all zeros
 
@@ -246,16 +246,6 @@ def super_scale(values: np.ndarray, levels: int):
 
 
 # ---- Q4_K / Q5_K, which differ only in code width and where the codes go --------------
-
-def affine_dequantize(blocks: np.ndarray, codes: np.ndarray) -> np.ndarray:
-    """Q4_K/Q5_K values from their first 16 bytes (d, dmin, scale/min block) and float32
-    codes [B, 256]."""
-    n = blocks.shape[0]
-    scales, mins = unpack_scale_min(blocks[:, 4:16])
-    dl = (f16_at(blocks, 0) * scales.astype(np.float32))[:, :, None]
-    ml = (f16_at(blocks, 2) * mins.astype(np.float32))[:, :, None]
-    return (dl * codes.reshape(n, 8, 32) - ml).reshape(n, QK_K)
-
 
 def affine_blocks(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):
     """Quantize [B, 256] as Q4_K/Q5_K do: per 32-element sub-block an affine fit weighted by
