@@ -21,15 +21,9 @@ def machine() -> str:
     """The CPU's model name and core count, for the note under a picture."""
     import os
     import platform
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+
+    from kiln.runtime.cpu_features import host_model
+    name = host_model() or platform.processor() or platform.machine()
     return f"{name} ({os.cpu_count()} cores)"
 
 

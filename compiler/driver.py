@@ -35,25 +35,22 @@ def pipeline(backend: str) -> list:
     from kiln.passes.rotary import fuse_rotary
     from kiln.passes.skip_rmsnorm import fuse_skip_rmsnorm
     from kiln.passes.moe import decompose as decompose_moe
-    # ORT's 4-bit MatMulNBits is exact and fast at accuracy level 0; its 8-bit kernel is only
-    # fast with int8 activations (accuracy level 4, ~0.6% error), so 8-bit operands (Q8_0,
-    # Q5_0, Q5_1) run as two exact 4-bit planes
-    # ONNX Runtime: every expert, densely weighted (TVM lowers the MoE op itself, reading only
-    # the chosen experts); after the attention fusion, which would take the router's softmax
-    # for a candidate
-    experts = [("moe", decompose_moe)] if backend == "onnxrt" else []
+    from kiln.targets import fusions
+    can = fusions.of(backend)
+    # without an MoE kernel every expert runs, densely weighted; after the attention fusion,
+    # which would take the router's softmax for a candidate
+    experts = [] if can.moe else [("moe", decompose_moe)]
     return [("kv_cache", insert_kv_cache),
             ("rmsnorm", fuse_rmsnorm),
             ("skip_rmsnorm", fuse_skip_rmsnorm),
             ("rotary", fuse_rotary),
-            # ORT's GroupQueryAttention needs head sizes in multiples of 8; TVM's kernel takes any
-            ("attention", lambda g: fuse_attention(g, head_dim_multiple=8 if backend == "onnxrt" else 1)),
+            ("attention", lambda g: fuse_attention(g, head_dim_multiple=can.attention_head_multiple)),
             *experts,
             # q/k/v and gate/up as one product each, before quant_matmul makes them one
             # MatMulNBits (and one min-term correction); the attention lowering still finds each
             # projection's head split below the Split
             ("merge_matmul", merge_matmul),
-            ("quant_matmul", fuse_quant_matmul),
+            ("quant_matmul", lambda g: fuse_quant_matmul(g, can.quant_matmul)),
             ("dce", dce)]
 
 
@@ -194,10 +191,12 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
             if on_weight is not None:
                 on_weight(name)
         if backend == "tvm":
-            backend_entry = _lower_tvm(graph, tmp, preset, cfg, weight_done, stage, precision, kv_dtype,
-                                       plain=model.embedding is not None)
+            entry = _lower_tvm(graph, tmp, preset, cfg, weight_done, stage, precision, kv_dtype,
+                               plain=model.embedding is not None)
         else:
-            backend_entry = _lower_onnxrt(graph, tmp, preset, cfg, weight_done, stage, kv_layout, precision)
+            from kiln.targets.onnxrt import build
+            stage("lowering to ONNX")
+            entry = build.build(graph, tmp, preset, cfg, progress=weight_done, kv_layout=kv_layout, precision=precision)
         if model.tokenizer is not None:
             model.tokenizer.save(tmp / "tokenizer")
             # the runtime tokenizer reads end-of-sequence ids from here too
@@ -212,7 +211,7 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
             "architecture": cfg["family"],
             "config": cfg,
             "target": {"preset": preset.name, "device": preset.device, "isa": preset.isa},
-            "backend": backend_entry,
+            "backend": entry.manifest(),
             "quantization": graph.meta.get("quantization"),
             "precision": precision,
             "passes": [{"name": r.name, "changed": r.changed, "stats": r.stats, "seconds": round(r.seconds, 4)} for r in records],
@@ -293,59 +292,37 @@ def _importance_by_role(path, model) -> dict:
     return out
 
 
-def _lower_onnxrt(graph, tmp, preset, cfg, weight_done, stage, kv_layout, precision) -> dict:
-    from kiln.frontends.arch import ArchConfig, rope_switch_length
-    from kiln.targets import onnxrt
-    stage("lowering to ONNX")
-    summary = onnxrt.lower(graph, tmp, progress=weight_done, kv_layout=kv_layout,
-                           max_length=cfg.get("max_position_embeddings"), precision=precision)
-    return {"name": "onnxrt", "model": "model.onnx", "logits": graph.outputs[0].name,
-            "inputs": [v.name for v in graph.inputs], "outputs": [v.name for v in graph.outputs],
-            "kv_cache": {"layout": summary.pop("kv_layout"), "layers": graph.meta.get("kv_cache", {}).get("layers", 0),
-                         "kv_heads": cfg["num_kv_heads"], "head_dim": cfg["head_dim"]},
-            "recompute_cache_after": rope_switch_length(ArchConfig.from_dict(cfg)),
-            # CUDA through ONNX Runtime needs the onnxruntime-gpu wheel in place of onnxruntime
-            "requires": ["onnxruntime-gpu==1.31.1"] if preset.device == "cuda" else ["onnxruntime==1.31.1"],
-            **summary}
-
-
 def _warn(notice: str) -> None:
     import warnings
     warnings.warn(notice, stacklevel=3)      # points at the caller of compile()
 
 
-def _lower_tvm(graph, tmp, preset, cfg, weight_done, stage, precision, kv_dtype, plain: bool = False) -> dict:
+class PlainEntry:
+    """An embedder's TVM entry: the dict its session reads, as written (no KV cache to type)."""
+
+    def __init__(self, fields: dict):
+        self.fields = fields
+
+    def manifest(self) -> dict:
+        return self.fields
+
+
+def _lower_tvm(graph, tmp, preset, cfg, weight_done, stage, precision, kv_dtype, plain: bool = False):
     """``plain``: a graph without a KV cache (an embedder's), as one entry point ``main``."""
     from kiln.targets.presets import TVM_MISSING
     try:
         import tvm  # noqa: F401   found by choose_backend, but an installation can be broken
     except ImportError:
         raise KilnError(None, TVM_MISSING) from None
-    from kiln.targets.tvm import build, targets
-    target = targets.for_preset(preset.device, preset.isa, arch=preset.isa if preset.device == "cuda" else None,
-                                 host=preset.name == "cpu")
+    from kiln.targets.tvm import build
     try:
-        summary = build.build_plain(graph, tmp, target, progress=weight_done, stage=stage, precision=precision) \
-            if plain else build.build(graph, tmp, target, max_length=cfg.get("max_position_embeddings"),
-                                      progress=weight_done, stage=stage, precision=precision,
-                                      kv_dtype={"f32": "float32", "f16": "float16"}[kv_dtype])
+        if plain:
+            return PlainEntry(build.build_plain(graph, tmp, preset, progress=weight_done, stage=stage,
+                                                precision=precision))
+        return build.build(graph, tmp, preset, cfg, progress=weight_done, stage=stage, precision=precision,
+                           kv_dtype={"f32": "float32", "f16": "float16"}[kv_dtype])
     except ValueError as e:
         raise KilnError(None, f"the TVM backend cannot compile this model: {e}") from None
-    from kiln.frontends.arch import ArchConfig, rope_switch_length
-    return {"name": "tvm", **({"cross_compiled_for": target.cross} if target.cross else {}),
-            **_cpu_features(preset),
-            "recompute_cache_after": rope_switch_length(ArchConfig.from_dict(cfg)),
-            "requires": ["apache-tvm==0.27.0.post1", "apache-tvm-ffi==0.1.14.post0"], **summary}
-
-
-def _cpu_features(preset) -> dict:
-    """The x86 vector instruction sets a TVM CPU library may use: the host's own for ``cpu``
-    (compiled for this exact CPU model), the preset's for cpu-avx2 / cpu-avx512."""
-    from kiln.runtime.cpu_features import PRESET_FLAGS, host_flags
-    if preset.device != "cpu" or preset.isa == "neon":
-        return {}
-    flags = host_flags() if preset.name == "cpu" else PRESET_FLAGS.get(preset.isa)
-    return {"cpu_features": sorted(flags)} if flags else {}
 
 
 WRITERS = {"hf": "kiln.frontends.hf", "gguf": "kiln.frontends.gguf",

@@ -14,14 +14,16 @@ their names.
 """
 from __future__ import annotations
 
+import itertools
+
 from kiln.ir import Graph, Node
-from kiln.ops import scalar_value
-from kiln.passes.kv_cache import NotAttention, _producer, _strip_repeat, softcapped
+from kiln.passes.kv_cache import NotAttention, softcapped
+from kiln.passes.match import apply_rule, constant_operand, producer, sole_user, strip_repeat
 from kiln.passes_base import PassResult, decompose_op
 
 
 def _cached(present, graph: Graph):
-    cat = _producer(present, "Concat", "keys/values are not cached")
+    cat = producer(present, "Concat", "keys/values are not cached", NotAttention)
     past, new = cat.inputs
     if cat.attrs.get("axis") != 2 or past not in graph.inputs:
         raise NotAttention("the cache is not a graph input concatenated on the sequence axis")
@@ -30,58 +32,49 @@ def _cached(present, graph: Graph):
 
 def match(softmax: Node, graph: Graph) -> dict:
     masks = graph.meta.get("causal_masks") or {}
-    add = _producer(softmax.inputs[0], "Add", "softmax input is not scores + mask")
+    add = producer(softmax.inputs[0], "Add", "softmax input is not scores + mask", NotAttention)
     scores, mask = add.inputs
     if mask.name not in masks:
         raise NotAttention("the mask is not one of the model's causal masks")
     scores, softcap = softcapped(scores)
-    mul = _producer(scores, "Mul", "scores are not scaled")
-    raw, scale = mul.inputs
-    if scalar_value(scale) is None:
-        raw, scale = scale, raw
-    if scalar_value(scale) is None:
+    raw, scale = constant_operand(producer(scores, "Mul", "scores are not scaled", NotAttention))
+    if scale is None:
         raise NotAttention("the scale is not a constant")
-    qk = _producer(raw, "MatMul", "scores are not a matrix product")
-    kt = _producer(qk.inputs[1], "Transpose", "keys are not transposed")
+    qk = producer(raw, "MatMul", "scores are not a matrix product", NotAttention)
+    kt = producer(qk.inputs[1], "Transpose", "keys are not transposed", NotAttention)
     if kt.attrs.get("perm") != [0, 1, 3, 2]:
         raise NotAttention("keys are transposed the wrong way")
-    kcat, past_k, k = _cached(_strip_repeat(kt.inputs[0]), graph)
-    uses = [u.node for u in softmax.outputs[0].uses]
-    if len(uses) != 1 or uses[0].op != "MatMul":
+    kcat, past_k, k = _cached(strip_repeat(kt.inputs[0]), graph)
+    pv = sole_user(softmax.outputs[0])
+    if pv is None or pv.op != "MatMul":
         raise NotAttention("probabilities do not feed one product with the values")
-    pv = uses[0]
-    vcat, past_v, v = _cached(_strip_repeat(pv.inputs[1]), graph)
-    t_uses = [u.node for u in pv.outputs[0].uses]
-    if len(t_uses) != 1 or t_uses[0].op != "Transpose" or t_uses[0].attrs.get("perm") != [0, 2, 1, 3]:
+    vcat, past_v, v = _cached(strip_repeat(pv.inputs[1]), graph)
+    t = sole_user(pv.outputs[0])
+    if t is None or t.op != "Transpose" or t.attrs.get("perm") != [0, 2, 1, 3]:
         raise NotAttention("the context is not moved back to [batch, seq, heads, dim]")
-    r_uses = [u.node for u in t_uses[0].outputs[0].uses]
-    if len(r_uses) != 1 or r_uses[0].op != "Reshape":
+    merge = sole_user(t.outputs[0])
+    if merge is None or merge.op != "Reshape":
         raise NotAttention("the context heads are not merged")
     q = qk.inputs[0]
     if q.type.rank != 4 or k.type.rank != 4:
         raise NotAttention("q/k are not [batch, heads, seq, dim]")
-    return {"q": q, "k": k, "v": v, "past_k": past_k, "past_v": past_v, "scale": float(scalar_value(scale)),
-            "window": masks[mask.name], "softcap": softcap, "out": r_uses[0].outputs[0],
+    return {"q": q, "k": k, "v": v, "past_k": past_k, "past_v": past_v, "scale": float(scale),
+            "window": masks[mask.name], "softcap": softcap, "out": merge.outputs[0],
             "present_k": kcat.outputs[0], "present_v": vcat.outputs[0]}
 
 
 def fuse_attention(graph: Graph, head_dim_multiple: int = 1) -> PassResult:
     """``head_dim_multiple``: the target's kernel needs the head size to be a multiple of it
     (ONNX Runtime's GroupQueryAttention: 8); other attentions stay in primitives."""
-    fused, refused = 0, 0
-    for node in list(graph.nodes):
-        if node.op != "Softmax":
-            continue
-        try:
-            m = match(node, graph)
-            if m["q"].type.shape[-1] % head_dim_multiple:
-                raise NotAttention(f"head size {m['q'].type.shape[-1]} is not a multiple of {head_dim_multiple}")
-        except NotAttention:
-            refused += 1
-            continue
+    numbers = itertools.count()
+
+    def rewrite(node):
+        m = match(node, graph)
+        if m["q"].type.shape[-1] % head_dim_multiple:
+            raise NotAttention(f"head size {m['q'].type.shape[-1]} is not a multiple of {head_dim_multiple}")
         out, pk, pv = graph.add_node("Attention", [m["q"], m["k"], m["v"], m["past_k"], m["past_v"]],
                                      {"scale": m["scale"], "window": m["window"], "softcap": m["softcap"]},
-                                     name=f"attention.{fused}",
+                                     name=f"attention.{next(numbers)}",
                                      output_names=[m["out"].name + ".attn", m["present_k"].name + ".attn",
                                                    m["present_v"].name + ".attn"])
         for old, new in ((m["out"], out), (m["present_k"], pk), (m["present_v"], pv)):
@@ -89,11 +82,7 @@ def fuse_attention(graph: Graph, head_dim_multiple: int = 1) -> PassResult:
         # the cache outputs keep the names the runtime binds
         for old, new in ((m["present_k"], pk), (m["present_v"], pv)):
             old.name, new.name = new.name, old.name
-        fused += 1
-    if not fused:
-        return PassResult(graph, False, {"refused": refused} if refused else {})
-    graph.toposort()
-    return PassResult(graph, True, {"attention": fused, **({"refused": refused} if refused else {})})
+    return apply_rule(graph, "Softmax", rewrite, "attention")
 
 
 def decompose(graph: Graph) -> PassResult:

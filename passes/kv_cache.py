@@ -12,65 +12,41 @@ from __future__ import annotations
 
 from kiln.ir import Graph, Node, Value
 from kiln.ops import scalar_value
+from kiln.passes.match import Refused, constant_operand, made_by, producer, strip_repeat
 from kiln.passes_base import PassResult
 
 
-class NotAttention(Exception):
+class NotAttention(Refused):
     """A Softmax that is not the attention pattern; the message says why."""
-
-
-def _producer(v: Value, op: str, why: str) -> Node:
-    n = v.producer
-    if n is None or n.op != op:
-        raise NotAttention(f"{why}: expected {op}, found {n.op if n else 'a graph input'}")
-    return n
-
-
-def _strip_repeat(v: Value) -> Value:
-    """The tensor before GQA repetition (Unsqueeze -> Expand -> Reshape), or v itself."""
-    n = v.producer
-    if n is not None and n.op == "Reshape":
-        e = n.inputs[0].producer
-        if e is not None and e.op == "Expand":
-            u = e.inputs[0].producer
-            if u is not None and u.op == "Unsqueeze":
-                return u.inputs[0]
-    return v
 
 
 def softcapped(scores: Value) -> tuple[Value, float]:
     """(the scores before gemma2's soft cap, the cap) for Mul(Tanh(Div(x, c)), c); else (scores, 0.0)."""
-    mul = scores.producer
-    if mul is None or mul.op != "Mul":
+    mul = made_by(scores, "Mul")
+    if mul is None:
         return scores, 0.0
-    a, c = mul.inputs
-    if scalar_value(c) is None:
-        a, c = c, a
-    tanh, cap = a.producer, scalar_value(c)
-    if cap is None or tanh is None or tanh.op != "Tanh":
-        return scores, 0.0
-    div = tanh.inputs[0].producer
-    if div is None or div.op != "Div" or scalar_value(div.inputs[1]) != cap:
+    a, cap = constant_operand(mul)
+    tanh = made_by(a, "Tanh")
+    div = made_by(tanh.inputs[0], "Div") if tanh is not None and cap is not None else None
+    if div is None or scalar_value(div.inputs[1]) != cap:
         return scores, 0.0
     return div.inputs[0], float(cap)
 
 
 def match_attention(softmax: Node) -> tuple[Value, Value]:
     """(keys, values) feeding this attention softmax, each [batch, kv_heads, seq, head_dim]."""
-    add = _producer(softmax.inputs[0], "Add", "softmax input is not scores + mask")
-    scores = add.inputs[0]
-    scores = softcapped(scores)[0]
-    mul = scores.producer
-    if mul is not None and mul.op == "Mul":
+    add = producer(softmax.inputs[0], "Add", "softmax input is not scores + mask", NotAttention)
+    scores = softcapped(add.inputs[0])[0]
+    if (mul := made_by(scores, "Mul")) is not None:
         scores = mul.inputs[0]
-    qk = _producer(scores, "MatMul", "scores are not a matrix product")
-    kt = _producer(qk.inputs[1], "Transpose", "keys are not transposed")
+    qk = producer(scores, "MatMul", "scores are not a matrix product", NotAttention)
+    kt = producer(qk.inputs[1], "Transpose", "keys are not transposed", NotAttention)
     if kt.attrs.get("perm") != [0, 1, 3, 2]:
         raise NotAttention(f"key transpose has perm {kt.attrs.get('perm')}, not [0, 1, 3, 2]")
     pv = [u.node for u in softmax.outputs[0].uses if u.node.op == "MatMul" and u.index == 0]
     if len(pv) != 1:
         raise NotAttention("softmax output does not feed exactly one probs @ values product")
-    return _strip_repeat(kt.inputs[0]), _strip_repeat(pv[0].inputs[1])
+    return strip_repeat(kt.inputs[0]), strip_repeat(pv[0].inputs[1])
 
 
 def insert_kv_cache(graph: Graph) -> PassResult:

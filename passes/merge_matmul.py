@@ -22,6 +22,7 @@ embedding: merging would copy it). The result is primitive ops, which every back
 from __future__ import annotations
 
 from kiln.ir import Graph, Node, Value
+from kiln.passes.match import linear_weight
 from kiln.passes_base import PassResult
 from kiln.weights import concat_rows
 
@@ -36,13 +37,10 @@ class Refused(Exception):
 
 def match(node: Node) -> tuple[Value, Value]:
     """(x, w) of a linear layer that may merge; NotLinear, or Refused with the reason."""
-    t = node.inputs[1].producer if node.op == "MatMul" else None
-    if t is None or t.op != "Transpose" or t.attrs.get("perm") != [1, 0]:
+    w = linear_weight(node)
+    if w is None or len(w.weight.shape) != 2:
         raise NotLinear()
-    w = t.inputs[0]
-    if not w.is_weight or len(w.weight.shape) != 2:
-        raise NotLinear()
-    if len(t.outputs[0].uses) != 1 or len(w.uses) != 1:
+    if len(node.inputs[1].uses) != 1 or len(w.uses) != 1:
         raise Refused("the weight is also read elsewhere (tied)")
     return node.inputs[0], w
 

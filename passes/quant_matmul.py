@@ -7,17 +7,15 @@ requantize); ``decompose`` turns QuantMatMul back into the primitives for backen
 from __future__ import annotations
 
 from kiln.ir import Graph
+from kiln.passes.match import linear_weight
 from kiln.passes_base import PassResult, decompose_op
 
 
 def match(node, formats: set[str]) -> tuple[object, object] | str:
     """(x, w) of a quantized linear layer, or the reason this MatMul is not one."""
-    t = node.inputs[1].producer
-    if t is None or t.op != "Transpose" or t.attrs.get("perm") != [1, 0]:
-        return "right operand is not a transposed matrix"
-    w = t.inputs[0]
-    if not w.is_weight:
-        return "right operand is not a weight"
+    w = linear_weight(node)
+    if w is None:
+        return "right operand is not a transposed weight"
     fmt = w.weight.format
     if not fmt.is_block:
         return "weight is not block-quantized"
@@ -26,9 +24,8 @@ def match(node, formats: set[str]) -> tuple[object, object] | str:
     return node.inputs[0], w
 
 
-def fuse_quant_matmul(graph: Graph, formats: set[str] | None = None) -> PassResult:
-    from kiln.targets.onnxrt.quant import REPACK
-    formats = set(REPACK) if formats is None else formats
+def fuse_quant_matmul(graph: Graph, formats: frozenset | set[str]) -> PassResult:
+    """``formats``: the block formats the target takes as they are (``kiln.targets.fusions``)."""
     fused, refused = {}, 0
     for node in list(graph.nodes):
         if node.op != "MatMul":

@@ -12,31 +12,26 @@ from __future__ import annotations
 
 from kiln.ir import Graph, Node
 from kiln.ops import scalar_value
+from kiln.passes.match import NoMatch, apply_rule, constant_operand, made_by, producer
 from kiln.passes_base import PassResult, decompose_op
 
 
-class NotRotary(Exception):
+class NotRotary(NoMatch):
     pass
 
 
 def _op(v, op):
-    n = v.producer if v is not None else None
-    if n is None or n.op != op:
-        raise NotRotary(f"expected {op}")
-    return n
+    return producer(v, op, "rotary", NotRotary)
 
 
 def _half_table(v, trig: str):
     """(freqs, factor) when v is trig(Concat(freqs, freqs)) [* factor]."""
     factor = None
-    n = v.producer
-    if n is not None and n.op == "Mul":
-        a, b = n.inputs
-        if scalar_value(b) is None:
-            a, b = b, a
-        if scalar_value(b) is None:
+    if (n := made_by(v, "Mul")) is not None:
+        v, value = constant_operand(n)
+        if value is None:
             raise NotRotary("table scaled by a non-constant")
-        factor, v = b, a
+        factor = n.inputs[1] if n.inputs[0] is v else n.inputs[0]
     cat = _op(_op(v, trig).inputs[0], "Concat")
     f1, f2 = cat.inputs
     if f1 is not f2 or cat.attrs.get("axis") not in (-1, len(f1.type.shape) - 1):
@@ -50,9 +45,9 @@ def match(add: Node) -> dict:
         try:
             x, c = direct.inputs
             r, s = rot.inputs
-            if r.producer is None or r.producer.op != "Concat":
+            if made_by(r, "Concat") is None:
                 r, s = s, r
-            if c.producer is None or c.producer.op not in ("Cos", "Mul"):
+            if made_by(c, "Cos", "Mul") is None:
                 x, c = c, x
             cat = _op(r, "Concat")
             neg, x1 = cat.inputs
@@ -77,14 +72,9 @@ def match(add: Node) -> dict:
 
 def fuse_rotary(graph: Graph) -> PassResult:
     tables: dict[tuple, tuple] = {}
-    fused = 0
-    for node in list(graph.nodes):
-        if node.op != "Add":
-            continue
-        try:
-            m = match(node)
-        except NotRotary:
-            continue
+
+    def rewrite(node):
+        m = match(node)
         key = (id(m["freqs"]), scalar_value(m["factor"]))
         if key not in tables:
             # one pair of tables per frequency table (gemma3's sliding and global layers differ);
@@ -100,11 +90,7 @@ def fuse_rotary(graph: Graph) -> PassResult:
         y = graph.add_node("Rotary", [m["x"], cos, sin], name=node.name,
                            output_names=[node.outputs[0].name + ".rot"])[0]
         graph.replace_all_uses_with(node.outputs[0], y)
-        fused += 1
-    if not fused:
-        return PassResult(graph, False, {})
-    graph.toposort()
-    return PassResult(graph, True, {"rotary": fused})
+    return apply_rule(graph, "Add", rewrite, "rotary")
 
 
 def decompose(graph: Graph) -> PassResult:

@@ -6,31 +6,25 @@ stays an output, since the residual stream goes on to the next layer.
 from __future__ import annotations
 
 from kiln.ir import Graph
+from kiln.passes.match import NoMatch, apply_rule, made_by
 from kiln.passes_base import PassResult, decompose_op
 
 
 def fuse_skip_rmsnorm(graph: Graph) -> PassResult:
-    fused = 0
-    for node in list(graph.nodes):
-        if node.op != "RMSNorm":
-            continue
-        add = node.inputs[0].producer
-        if add is None or add.op != "Add":
-            continue
+    def rewrite(node):
+        add = made_by(node.inputs[0], "Add")
+        if add is None:
+            raise NoMatch()
         a, b = add.inputs
         if a.type.shape != b.type.shape or a.is_const or b.is_const:
-            continue
+            raise NoMatch()
         y, total = graph.add_node("SkipRMSNorm", [a, b, node.inputs[1]], dict(node.attrs), name=node.name,
                                   output_names=[node.outputs[0].name + ".skip", add.outputs[0].name + ".skip"])
         graph.replace_all_uses_with(node.outputs[0], y)
         graph.replace_all_uses_with(add.outputs[0], total)
         graph.remove_node(node)
         graph.remove_node(add)
-        fused += 1
-    if not fused:
-        return PassResult(graph, False, {})
-    graph.toposort()
-    return PassResult(graph, True, {"skip_rmsnorm": fused})
+    return apply_rule(graph, "RMSNorm", rewrite, "skip_rmsnorm")
 
 
 def decompose(graph: Graph) -> PassResult:

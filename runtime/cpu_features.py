@@ -1,4 +1,5 @@
-"""The x86 vector instruction sets a CPU has, as Linux names them in /proc/cpuinfo.
+"""The x86 vector instruction sets a CPU has, as Linux names them in /proc/cpuinfo: the one
+place kiln reads them (the compiler's ``cpu`` preset asks :func:`host_isa` and :func:`host_flags`).
 
 A TVM library compiled for one CPU (``--target cpu`` takes this machine's exact model) runs
 that CPU's instructions unconditionally, so on a CPU without them it dies of SIGILL. The
@@ -7,6 +8,8 @@ error, a machine that lacks one.
 """
 from __future__ import annotations
 
+import platform
+
 #: The flags that matter to compiled kernels: what LLVM's -mcpu may use for vector code.
 SIMD_FLAGS = frozenset({
     "sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c", "bmi2",
@@ -14,24 +17,41 @@ SIMD_FLAGS = frozenset({
     "avx512_fp16", "avx512vbmi", "avx512_vbmi2", "avx_vnni",
 })
 
-#: What kiln's fixed x86 presets compile for (LLVM's haswell and skylake-avx512).
-PRESET_FLAGS = {
-    "avx2": frozenset({"avx", "avx2", "fma", "f16c", "bmi2"}),
-    "avx512": frozenset({"avx", "avx2", "fma", "f16c", "bmi2", "avx512f", "avx512bw", "avx512vl",
-                         "avx512dq", "avx512cd"}),
-}
+
+def _cpuinfo(field: str) -> str | None:
+    """The first CPU's ``field`` line in /proc/cpuinfo, None where there is none (not Linux)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith(field):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
 
 
 def host_flags() -> frozenset | None:
     """This CPU's vector flags, or None where they cannot be read (not Linux)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split()) & SIMD_FLAGS
-    except OSError:
-        pass
-    return None
+    flags = _cpuinfo("flags")
+    return None if flags is None else frozenset(flags.split()) & SIMD_FLAGS
+
+
+def host_model() -> str | None:
+    """This CPU's model name (for notes under benchmark pictures), None where unknown."""
+    return _cpuinfo("model name")
+
+
+def host_isa() -> str:
+    """The preset instruction set this machine's CPU runs: neon, avx512, avx2 or sse4 (avx2
+    where the flags cannot be read)."""
+    if platform.machine().lower() in ("arm64", "aarch64"):
+        return "neon"
+    flags = host_flags()
+    if flags is None:
+        return "avx2"
+    if "avx512f" in flags:
+        return "avx512"
+    return "avx2" if "avx2" in flags else "sse4"
 
 
 def missing(required) -> list[str]:

@@ -31,12 +31,13 @@ def whole(folder, value, what: str, *, low: int = 1, high: int = MAX_LENGTH_CEIL
     return value
 
 
-def max_length(folder, backend: dict, config: dict, *, table_rows: int | None = None) -> int | None:
-    """The most positions a sequence may hold: the backend's ``max_length``, else the model's
-    ``max_position_embeddings`` (None when neither is given), never past ``table_rows``."""
-    for key, where in (("max_length", backend), ("max_position_embeddings", config)):
-        if where.get(key) is not None:
-            n = whole(folder, where[key], f"{'backend' if where is backend else 'config'} {key}")
+def max_length(folder, limit, config: dict, *, table_rows: int | None = None) -> int | None:
+    """The most positions a sequence may hold: the backend entry's ``max_length`` (``limit``),
+    else the model's ``max_position_embeddings`` (None when neither is given), never past
+    ``table_rows``."""
+    for value, what in ((limit, "backend max_length"), (config.get("max_position_embeddings"), "config max_position_embeddings")):
+        if value is not None:
+            n = whole(folder, value, what)
             break
     else:
         n = None

@@ -23,6 +23,7 @@ import numpy as np
 from kiln.artifact import ArtifactError
 
 from . import manifest_numbers as numbers
+from .backend_entry import OnnxrtEntry
 from .onnx_check import check_external_data
 from .session import RowCache
 
@@ -58,18 +59,10 @@ class OnnxRuntimeSession(RowCache):
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
-        backend = manifest["backend"]
-        try:
-            model_path = Path(folder) / backend["model"]
-            self.logits_name = backend["logits"]
-            kv = backend["kv_cache"]
-            sizes = kv["layers"], kv["kv_heads"], kv["head_dim"]
-            self.layout = kv.get("layout", "concat")
-            if self.layout not in ("concat", "shared"):
-                raise ValueError(f"unknown KV-cache layout {self.layout!r}")
-        except (KeyError, TypeError, ValueError) as e:
-            what = f"has no {e.args[0]!r}" if isinstance(e, KeyError) else f"has a bad value ({e})"
-            raise ArtifactError(Path(folder) / "manifest.json", f"the manifest's onnxrt backend entry {what}") from None
+        entry = OnnxrtEntry.read(folder, manifest)
+        model_path = Path(folder) / entry.model
+        self.logits_name = entry.logits
+        self.layout = entry.kv.layout
         check_external_data(model_path)
         try:
             self.sess = ort.InferenceSession(os.fspath(model_path), opts, providers=_providers(device or manifest.get("target", {}).get("device"), folder))
@@ -82,19 +75,19 @@ class OnnxRuntimeSession(RowCache):
         self.input_names = {i.name for i in self.sess.get_inputs()}
         # the cache's numbers must be the graph's own before a buffer is sized from them
         self.layers, self.kv_heads, self.head_dim = numbers.check_onnx_cache(
-            folder, *sizes, {i.name: i.shape for i in self.sess.get_inputs()})
+            folder, entry.kv.layers, entry.kv.kv_heads, entry.kv.head_dim, {i.name: i.shape for i in self.sess.get_inputs()})
         self.cache_names = [f"{k}.{i}" for i in range(self.layers) for k in ("key", "value")]
         config = manifest.get("config")
         config = config if isinstance(config, dict) else {}
-        self.max_length = numbers.max_length(folder, {}, config)
+        self.max_length = numbers.max_length(folder, None, config)
         self.vocab_size = config.get("vocab_size")    # ids a prompt may hold
         if self.layout == "shared":
             # positions past the rotary tables the artifact holds cannot be computed
-            self.max_length = min(numbers.max_length(folder, backend, config) or numbers.MAX_LENGTH_CEILING,
+            self.max_length = min(numbers.max_length(folder, entry.max_length, config) or numbers.MAX_LENGTH_CEILING,
                                   self.max_length or numbers.MAX_LENGTH_CEILING)
         # longrope models rotate with other frequencies past this length; as transformers does,
         # crossing it recomputes the cache so every cached key uses the long frequencies
-        self.recompute_past = backend.get("recompute_cache_after") if self.layout == "concat" else None
+        self.recompute_past = entry.recompute_cache_after if self.layout == "concat" else None
         self.past: dict[str, np.ndarray] = {}
         self.buffers: dict[str, object] = {}
         self._arrays: dict[str, np.ndarray] = {}

@@ -23,6 +23,7 @@ import numpy as np
 from kiln.artifact import ArtifactError
 
 from . import manifest_numbers as numbers
+from .backend_entry import TVMEntry
 from .cpu_features import missing
 from .safetensors_index import read_index
 from .session import RowCache
@@ -46,38 +47,29 @@ class TVMSession(RowCache):
 
     def __init__(self, folder, manifest: dict, *, threads: int | None = None, device: str | None = None):
         folder = Path(folder)
-        backend = manifest["backend"]
+        entry = TVMEntry.read(folder, manifest)
         try:
             kind = manifest["target"]["device"]
-            library = folder / backend["library"]
-            weights = folder / backend["weights"]
-            names = list(backend["params"])
-            kv = backend["kv_cache"]
-            self.mode = kv["mode"]
-            self.kv_dtype = np.dtype(kv.get("dtype", "float32"))
-            if self.kv_dtype not in (np.float32, np.float16):
-                raise ValueError(f"KV-cache dtype {self.kv_dtype}")
-            sizes = kv["layers"], kv["kv_heads"], kv["head_dim"]
-        except (KeyError, TypeError, ValueError) as e:
-            what = f"has no {e.args[0]!r}" if isinstance(e, KeyError) else f"has a bad value ({e})"
-            raise ArtifactError(folder / "manifest.json", f"the manifest's tvm backend entry {what}") from None
+        except (KeyError, TypeError):
+            raise ArtifactError(folder / "manifest.json", "the manifest names no target device") from None
+        library, weights, names = folder / entry.library, folder / entry.weights, entry.params
+        self.mode = entry.kv.layout
+        self.kv_dtype = np.dtype(entry.kv.dtype)
         # the weights' header first: the cache's numbers and the positions are checked against
         # what the weights hold before the library is loaded or anything is allocated
         index = read_index(weights)
-        self.layers, self.kv_heads, self.head_dim = numbers.check_weights_cache(folder, *sizes, index)
+        self.layers, self.kv_heads, self.head_dim = numbers.check_weights_cache(folder, entry.kv.layers, entry.kv.kv_heads,
+                                                                              entry.kv.head_dim, index)
         config = manifest.get("config")
-        self.max_length = numbers.max_length(folder, backend, config if isinstance(config, dict) else {},
+        self.max_length = numbers.max_length(folder, entry.max_length, config if isinstance(config, dict) else {},
                                              table_rows=numbers.rotary_rows(index)) or numbers.MAX_LENGTH_CEILING
         if kind not in DEVICE_CODES:
             raise ArtifactError(folder / "manifest.json", f"names an unknown device {kind!r}")
-        needs = backend.get("cpu_features", [])
-        if not isinstance(needs, list) or not all(isinstance(f, str) for f in needs):
-            raise ArtifactError(folder / "manifest.json", "the manifest's tvm backend entry has a bad cpu_features")
-        lacking = missing(needs) if kind == "cpu" else []
+        lacking = missing(entry.cpu_features) if kind == "cpu" else []
         if lacking:
             raise ArtifactError(folder, f"was compiled for a CPU with {', '.join(lacking)}, which this one lacks "
                                         f"(compile it again here, or for --target cpu-avx2)")
-        cross = backend.get("cross_compiled_for")
+        cross = entry.cross_compiled_for
         if cross and platform.machine().lower() not in (cross, "arm64" if cross == "aarch64" else cross):
             raise ArtifactError(folder, f"was cross-compiled for {cross}; run it on such a machine "
                                         f"(its library is objects that kiln links there)")
@@ -103,7 +95,7 @@ class TVMSession(RowCache):
         # passed as one FFI array built once: a Python list would be converted on every call
         self.params = self.rt.array(self._load_params(weights, names, index))
         # longrope's switch (RowCache._recomputed_at_switch); only "uniform" artifacts have one
-        self.recompute_past = backend.get("recompute_cache_after")
+        self.recompute_past = entry.recompute_cache_after
         self.vocab_size = (config if isinstance(config, dict) else {}).get("vocab_size")    # ids a prompt may hold
         self.caches: list = []
         self._inputs: dict = {}

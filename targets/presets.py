@@ -1,10 +1,19 @@
 """Device presets: what a target name means and which backends can serve it."""
 from __future__ import annotations
 
-import platform
 from dataclasses import dataclass, replace
 
+from kiln.runtime.cpu_features import host_flags, host_isa
+
 BACKENDS = ("onnxrt", "tvm")
+
+
+#: the CUDA architectures there is a cuda-smXX preset for, and that --arch accepts
+CUDA_ARCHS = ("sm80", "sm86", "sm89", "sm90")
+
+#: the vector flags LLVM's haswell and skylake-avx512 (the fixed x86 presets) may use
+_HASWELL = frozenset({"avx", "avx2", "fma", "f16c", "bmi2"})
+_SKYLAKE_AVX512 = _HASWELL | {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"}
 
 
 @dataclass(frozen=True)
@@ -14,33 +23,22 @@ class Preset:
     isa: str | None        # avx512 | avx2 | neon | sm80 ...
     backends: tuple
     default_backend: str
-
-
-def host_isa() -> str:
-    machine = platform.machine().lower()
-    if machine in ("arm64", "aarch64"):
-        return "neon"
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return "avx2"
-    if " avx512f" in flags:
-        return "avx512"
-    if " avx2" in flags:
-        return "avx2"
-    return "sse4"
+    # x86 only: the CPU LLVM compiles for (None: this machine's own) and the vector flags a
+    # machine needs to run what it compiled (recorded in a TVM artifact's manifest)
+    llvm_cpu: str | None = None
+    cpu_flags: frozenset = frozenset()
 
 
 # TVM is every target's default: on this CPU it decodes 1.7-1.8x faster than ONNX Runtime with
 # ~30% less memory (docs/design-notes.md); ONNX Runtime stays for a portable model.onnx and
 # where TVM is not installed (choose_backend falls back to it then)
+_BOTH = ("onnxrt", "tvm")
 PRESETS = {
-    "cpu-avx2": Preset("cpu-avx2", "cpu", "avx2", ("onnxrt", "tvm"), "tvm"),
-    "cpu-avx512": Preset("cpu-avx512", "cpu", "avx512", ("onnxrt", "tvm"), "tvm"),
-    "cpu-neon": Preset("cpu-neon", "cpu", "neon", ("onnxrt", "tvm"), "tvm"),
-    "cuda": Preset("cuda", "cuda", "sm80", ("onnxrt", "tvm"), "tvm"),
-    **{f"cuda-{sm}": Preset(f"cuda-{sm}", "cuda", sm, ("onnxrt", "tvm"), "tvm")
-       for sm in ("sm80", "sm86", "sm89", "sm90")},
+    "cpu-avx2": Preset("cpu-avx2", "cpu", "avx2", _BOTH, "tvm", "haswell", _HASWELL),
+    "cpu-avx512": Preset("cpu-avx512", "cpu", "avx512", _BOTH, "tvm", "skylake-avx512", _SKYLAKE_AVX512),
+    "cpu-neon": Preset("cpu-neon", "cpu", "neon", _BOTH, "tvm"),
+    "cuda": Preset("cuda", "cuda", CUDA_ARCHS[0], _BOTH, "tvm"),
+    **{f"cuda-{sm}": Preset(f"cuda-{sm}", "cuda", sm, _BOTH, "tvm") for sm in CUDA_ARCHS},
     "metal": Preset("metal", "metal", None, ("tvm",), "tvm"),
 }
 
@@ -50,18 +48,20 @@ def names() -> list[str]:
 
 
 def resolve(name: str, arch: str | None = None) -> Preset:
-    """The preset called ``name``; ``arch`` (sm80, sm86, sm89, sm90) picks a CUDA architecture."""
+    """The preset called ``name``; ``arch`` (one of CUDA_ARCHS) picks a CUDA architecture.
+    ``cpu`` is this machine's CPU: its instruction set's preset, compiled for its exact model."""
     if name == "cpu":
         isa = host_isa()
         base = PRESETS.get(f"cpu-{isa}", PRESETS["cpu-avx2"])
-        return Preset("cpu", "cpu", isa, base.backends, base.default_backend)
+        flags = (host_flags() or frozenset()) if isa != "neon" else frozenset()
+        return Preset("cpu", "cpu", isa, base.backends, base.default_backend, None, flags)
     if name not in PRESETS:
         raise ValueError(f"unknown target {name!r}; choose from {', '.join(names())}")
     preset = PRESETS[name]
     if arch is not None:
         arch = arch.replace("_", "").lower()
-        if preset.device != "cuda" or f"cuda-{arch}" not in PRESETS:
-            raise ValueError(f"--arch {arch} does not fit target {name!r} (CUDA architectures: sm80, sm86, sm89, sm90)")
+        if preset.device != "cuda" or arch not in CUDA_ARCHS:
+            raise ValueError(f"--arch {arch} does not fit target {name!r} (CUDA architectures: {', '.join(CUDA_ARCHS)})")
         preset = replace(preset, name=f"cuda-{arch}", isa=arch)
     return preset
 

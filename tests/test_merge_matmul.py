@@ -13,7 +13,7 @@ from kiln.ir import Graph
 from kiln.passes.dce import dce
 from kiln.passes.merge_matmul import decompose, merge_matmul
 from kiln.passes.quant_matmul import fuse_quant_matmul
-from kiln.targets import onnxrt
+from kiln.targets import fusions, onnxrt
 from kiln.verify import verify
 from kiln.weights import Weight
 
@@ -148,7 +148,7 @@ def test_merged_products_equal_the_separate_ones(tmp_path_factory, fmt, ns, bloc
     scale = max(1.0, max(float(np.abs(v).max()) for v in before.values()))
     for name in before:
         np.testing.assert_allclose(after[name], before[name], rtol=0, atol=1e-6 * scale)
-    fuse_quant_matmul(g)
+    fuse_quant_matmul(g, fusions.of("onnxrt").quant_matmul)
     dce(g)
     out = tmp_path_factory.mktemp("merge")
     onnxrt.lower(g, out)

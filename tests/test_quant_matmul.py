@@ -9,10 +9,13 @@ from kiln.interp import run
 from kiln.ir import Graph
 from kiln.passes.dce import dce
 from kiln.passes.quant_matmul import decompose, fuse_quant_matmul
-from kiln.targets import onnxrt
+from kiln.targets import fusions, onnxrt
 from kiln.targets.onnxrt.quant import REPACK
 from kiln.verify import verify
 from kiln.weights import Weight
+
+#: the block formats ONNX Runtime takes as they are, as the pipeline asks its target
+ORT = fusions.of("onnxrt").quant_matmul
 
 
 def linear_graph(fmt: str, n=64, k=None, seed=0):
@@ -33,7 +36,7 @@ def test_fuses_block_weights_and_keeps_numbers(fmt):
     k = g.inputs[0].type.shape[-1]
     x = np.random.default_rng(1).standard_normal((2, 3, k)).astype(np.float32)
     before = run(g, {"x": x})["out"]
-    r = fuse_quant_matmul(g)
+    r = fuse_quant_matmul(g, ORT)
     assert r.stats == {f"quant_matmul_{fmt}": 1}
     dce(g)
     verify(g)
@@ -48,7 +51,7 @@ def test_fuses_block_weights_and_keeps_numbers(fmt):
 
 def test_float_weights_and_untaken_formats_are_left_alone():
     g = linear_graph("f32")
-    assert not fuse_quant_matmul(g).changed
+    assert not fuse_quant_matmul(g, ORT).changed
     g = linear_graph("q8_0")
     r = fuse_quant_matmul(g, formats={"q4_0"})
     assert not r.changed and r.stats == {"kept_float": 1}
@@ -62,7 +65,7 @@ def test_matmulnbits_lowering_equals_the_interpreter(tmp_path_factory, fmt, n, b
     width = 256 if fmt.endswith("_k") else 32
     blocks = 1 + blocks % 2 if width == 256 else blocks
     g = linear_graph(fmt, n=n, k=width * blocks, seed=seed)
-    fuse_quant_matmul(g)
+    fuse_quant_matmul(g, ORT)
     dce(g)
     out = tmp_path_factory.mktemp("q")
     onnxrt.lower(g, out)

@@ -24,6 +24,7 @@ class WeightFormat:
     type_size: int = 4         # bytes per block
     gguf_type: int | None = None   # GGML type id, when GGUF has the format
     numpy_dtype: str | None = None  # plain formats only: the element dtype numpy can view
+    layout = None              # a BlockLayout (formats/layout.py): the block described once
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -36,8 +37,11 @@ class WeightFormat:
 
     # ---- block functions (vectorised over blocks) -------------------------------------
     def dequantize_blocks(self, blocks: np.ndarray) -> np.ndarray:
-        """uint8 [n_blocks, type_size] -> float32 [n_blocks, block_size]."""
-        raise NotImplementedError(f"{self.name} cannot be dequantized")
+        """uint8 [n_blocks, type_size] -> float32 [n_blocks, block_size]; a format with a
+        ``layout`` is decoded from it, the others define their own."""
+        if self.layout is None:
+            raise NotImplementedError(f"{self.name} cannot be dequantized")
+        return self.layout.dequantize(blocks)
 
     def quantize_blocks(self, values: np.ndarray) -> np.ndarray:
         """float32 [n_blocks, block_size] -> uint8 [n_blocks, type_size]."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._blocks import F32, QK_K, f16_at, f16_bytes, f16_round, nearest_int
+from ._blocks import F32, QK_K, f16_bytes, f16_round, nearest_int
 
 GROUP_MAX_EPS = F32(1e-15)  # below this a group counts as all zeros
 
@@ -148,25 +148,36 @@ def positive_search(x, nmax: int, weights):
         best = np.where(take, err, best)
         iscale = np.where(take, cand, iscale)
     L = np.minimum(_round(iscale * x), F32(nmax))
+    # make_qp_quants moves a code only where the rest of the sub-block has weight (suml2 > 0)
+    L, sumlx, suml2 = _sweeps(x, w, L, lambda v: np.minimum(v, F32(nmax)), rest_weighted=True)
+    scale = np.where((suml2 > 0) & ~zero, sumlx / np.where(suml2 > 0, suml2, F32(1)), F32(0))
+    return scale, np.where(zero, F32(0), L).T
+
+
+def _sweeps(x, w, L, clamp, *, rest_weighted: bool):
+    """Five sweeps of coordinate descent over the codes L [n, S] of x [n, S] (one sub-block a
+    column) by weights w: element by element, a code moves to its best value (``clamp``-ed)
+    whenever that raises sumlx**2 / suml2. The sweeps are sequential within a sub-block, so
+    the elements are walked in order for all sub-blocks at once; a sub-block whose sweep
+    changed nothing would repeat itself, so running every sweep for every sub-block gives the
+    codes the reference's early exit does. Returns (L, sumlx, suml2)."""
     wx = w * x
     sumlx = _sum(wx * L)
     suml2 = _sum(w * L * L)
-    # sequential sweeps, all sub-blocks at once; a sweep that changes nothing repeats itself
     for _ in range(5):
         for i in range(x.shape[0]):
             li = L[i]
             slx = sumlx - wx[i] * li
             sl2 = suml2 - w[i] * li * li
-            can = (slx > 0) & (sl2 > 0)
-            new = np.minimum(_round(x[i] * sl2 / np.where(can, slx, F32(1))), F32(nmax))
+            can = (slx > 0) & (sl2 > 0) if rest_weighted else slx > 0
+            new = clamp(_round(x[i] * sl2 / np.where(can, slx, F32(1))))
             slx = slx + wx[i] * new
             sl2 = sl2 + w[i] * new * new
-            better = can & (new != li) & (slx * slx * suml2 > sumlx * sumlx * sl2)
+            better = can & (new != li) & (sl2 > 0) & (slx * slx * suml2 > sumlx * sumlx * sl2)
             L[i] = np.where(better, new, li)
             sumlx = np.where(better, slx, sumlx)
             suml2 = np.where(better, sl2, suml2)
-    scale = np.where((suml2 > 0) & ~zero, sumlx / np.where(suml2 > 0, suml2, F32(1)), F32(0))
-    return scale, np.where(zero, F32(0), L).T
+    return L, sumlx, suml2
 
 
 def importance_weights(x: np.ndarray, qw: np.ndarray, sigma2: np.ndarray) -> np.ndarray:
@@ -188,26 +199,7 @@ def q3_search(x, nmax: int):
     x = np.ascontiguousarray(x.T)
     peak, zero = _signed_peak(x)
     L = np.clip(_round((F32(-nmax) / peak) * x), F32(-nmax), F32(nmax - 1))
-    w = x * x
-    wx = w * x
-    sumlx = _sum(wx * L)
-    suml2 = _sum(w * L * L)
-    # The sweeps are sequential within a sub-block, so walk the elements in order for all
-    # sub-blocks at once. A sub-block whose sweep changed nothing would repeat itself, so
-    # running every sweep for every sub-block gives the codes the reference's early exit does.
-    for _ in range(5):
-        for i in range(x.shape[0]):
-            li = L[i]
-            slx = sumlx - wx[i] * li
-            sl2 = suml2 - w[i] * li * li
-            can = slx > 0
-            new = np.clip(_round(x[i] * sl2 / np.where(can, slx, F32(1))), F32(-nmax), F32(nmax - 1))
-            slx = slx + wx[i] * new
-            sl2 = sl2 + w[i] * new * new
-            better = can & (new != li) & (sl2 > 0) & (slx * slx * suml2 > sumlx * sumlx * sl2)
-            L[i] = np.where(better, new, li)
-            sumlx = np.where(better, slx, sumlx)
-            suml2 = np.where(better, sl2, suml2)
+    L, sumlx, suml2 = _sweeps(x, x * x, L, lambda v: np.clip(v, F32(-nmax), F32(nmax - 1)), rest_weighted=False)
     scale = np.where((suml2 > 0) & ~zero, sumlx / np.where(suml2 > 0, suml2, F32(1)), F32(0))
     L = np.where(zero, F32(0), L + F32(nmax))
     return scale, L.T
@@ -246,16 +238,6 @@ def super_scale(values: np.ndarray, levels: int):
 
 
 # ---- Q4_K / Q5_K, which differ only in code width and where the codes go --------------
-
-def affine_dequantize(blocks: np.ndarray, codes: np.ndarray) -> np.ndarray:
-    """Q4_K/Q5_K values from their first 16 bytes (d, dmin, scale/min block) and float32
-    codes [B, 256]."""
-    n = blocks.shape[0]
-    scales, mins = unpack_scale_min(blocks[:, 4:16])
-    dl = (f16_at(blocks, 0) * scales.astype(np.float32))[:, :, None]
-    ml = (f16_at(blocks, 2) * mins.astype(np.float32))[:, :, None]
-    return (dl * codes.reshape(n, 8, 32) - ml).reshape(n, QK_K)
-
 
 def affine_blocks(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):
     """Quantize [B, 256] as Q4_K/Q5_K do: per 32-element sub-block an affine fit weighted by

@@ -1,34 +1,13 @@
-"""Plain element types: one element per block."""
+"""Plain element types: one element per block, stored as numpy stores them."""
 from . import WeightFormat
 
+#: name, bytes per element, GGML type id, numpy dtype
+TYPES = (("f32", 4, 0, "float32"), ("f16", 2, 1, "float16"), ("bf16", 2, 30, "bfloat16"),
+         ("f64", 8, 28, "float64"), ("i8", 1, 24, "int8"), ("i16", 2, 25, "int16"),
+         ("i32", 4, 26, "int32"), ("i64", 8, 27, "int64"))
 
-class F32(WeightFormat):
-    name, block_size, type_size, gguf_type, numpy_dtype = "f32", 1, 4, 0, "float32"
-
-
-class F16(WeightFormat):
-    name, block_size, type_size, gguf_type, numpy_dtype = "f16", 1, 2, 1, "float16"
-
-
-class BF16(WeightFormat):
-    name, block_size, type_size, gguf_type, numpy_dtype = "bf16", 1, 2, 30, "bfloat16"
-
-
-class F64(WeightFormat):
-    name, block_size, type_size, gguf_type, numpy_dtype = "f64", 1, 8, 28, "float64"
-
-
-class I8(WeightFormat):
-    name, block_size, type_size, gguf_type, numpy_dtype = "i8", 1, 1, 24, "int8"
-
-
-class I16(WeightFormat):
-    name, block_size, type_size, gguf_type, numpy_dtype = "i16", 1, 2, 25, "int16"
-
-
-class I32(WeightFormat):
-    name, block_size, type_size, gguf_type, numpy_dtype = "i32", 1, 4, 26, "int32"
-
-
-class I64(WeightFormat):
-    name, block_size, type_size, gguf_type, numpy_dtype = "i64", 1, 8, 27, "int64"
+# one class each (defining a class registers its format), named F32, F16, BF16, ...
+for _name, _size, _gguf, _dtype in TYPES:
+    globals()[_name.upper()] = type(_name.upper(), (WeightFormat,), {
+        "name": _name, "block_size": 1, "type_size": _size, "gguf_type": _gguf, "numpy_dtype": _dtype,
+        "__module__": __name__})

@@ -10,21 +10,29 @@ from __future__ import annotations
 import numpy as np
 
 from . import WeightFormat
-from ._blocks import F32, QK_K, chunked, crumbs, f16_at, f16_bytes, f16_round, pack_crumbs, quiet
+from ._blocks import F32, QK_K, chunked, crumbs, f16_bytes, f16_round, pack_crumbs, quiet
 from ._kquant import _sum, affine_search, importance_weights, mean_square, positive_search, super_scale
+from .layout import BlockLayout, f16
+
+
+def _unpack(b):
+    # sc keeps GGUF's byte: scale in the low nibble, min in the high one
+    return crumbs(b[:, 16:80], 2), {"sc": b[:, :16], "d": f16(b, 80), "dmin": f16(b, 82)}
+
+
+def _scale(get, f32):
+    return f32(get("d")) * f32(get("sc") & 15)
+
+
+def _min(get, f32):
+    return f32(get("dmin")) * f32(get("sc") >> 4)
 
 
 class Q2_K(WeightFormat):
     name, block_size, type_size, gguf_type = "q2_k", QK_K, 84, 10
 
-    @quiet
-    def dequantize_blocks(self, blocks):
-        n = blocks.shape[0]
-        codes = crumbs(blocks[:, 16:80], 2).astype(np.float32).reshape(n, 16, 16)
-        packed = blocks[:, :16]
-        dl = (f16_at(blocks, 80) * (packed & 0x0F).astype(np.float32))[:, :, None]
-        ml = (f16_at(blocks, 82) * (packed >> 4).astype(np.float32))[:, :, None]
-        return (dl * codes - ml).reshape(n, QK_K)
+    layout = BlockLayout(group=16, planes=(2,), offset=0, unpack=_unpack, scale=_scale, bias=_min, subtract_bias=True,
+                         params=(("sc", "uint8", 16), ("d", "float16", 256), ("dmin", "float16", 256)))
 
     @chunked
     @quiet

@@ -12,10 +12,10 @@ import numpy as np
 
 from . import WeightFormat
 from ._blocks import (
-    F32, QK_K, chunked, crumbs, f16_at, f16_bytes, f16_round, nearest_int, pack_crumbs, quiet,
-    signed_absmax,
+    F32, QK_K, chunked, crumbs, f16_bytes, f16_round, nearest_int, pack_crumbs, quiet, signed_absmax,
 )
 from ._kquant import _sum, importance_weights, mean_square, q3_search, symmetric_search
+from .layout import BlockLayout, f16, scale_d_sc
 
 _TOP_SHIFTS = np.repeat(np.arange(0, 8, 2, dtype=np.uint8), 4)  # scale j: bit 2 * (j // 4)
 
@@ -34,18 +34,17 @@ def _pack_scales(codes: np.ndarray) -> np.ndarray:
     return np.concatenate([low, top[:, 0] | top[:, 1] | top[:, 2] | top[:, 3]], axis=1)
 
 
+def _unpack(b):
+    # code = low two bits + 4 · mask bit; value = d · (scale − 32) · (code − 4)
+    codes = crumbs(b[:, 32:96], 2) | (crumbs(b[:, :32], 1) << 2)
+    return codes, {"sc": _unpack_scales(b[:, 96:108]), "d": f16(b, 108)}
+
+
 class Q3_K(WeightFormat):
     name, block_size, type_size, gguf_type = "q3_k", QK_K, 110, 11
 
-    @quiet
-    def dequantize_blocks(self, blocks):
-        n = blocks.shape[0]
-        low = crumbs(blocks[:, 32:96], 2).astype(np.int8)
-        # a set mask bit means "no offset": code = low bits, else low bits - 4
-        offset = ((crumbs(blocks[:, :32], 1) ^ 1) << 2).astype(np.int8)
-        codes = (low - offset).astype(np.float32).reshape(n, 16, 16)
-        dl = (f16_at(blocks, 108) * _unpack_scales(blocks[:, 96:108]).astype(np.float32))[:, :, None]
-        return (dl * codes).reshape(n, QK_K)
+    layout = BlockLayout(group=16, planes=(2, 1), offset=4, params=(("sc", "int8", 16), ("d", "float16", 256)),
+                         unpack=_unpack, scale=scale_d_sc)
 
     @chunked
     @quiet

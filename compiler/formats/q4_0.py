@@ -4,17 +4,19 @@ from __future__ import annotations
 import numpy as np
 
 from . import WeightFormat
-from ._blocks import chunked, f16_at, f16_bytes, pack_nibbles, quiet, unpack_nibbles
+from ._blocks import chunked, f16_bytes, pack_nibbles, quiet, unpack_nibbles
 from ._legacy import symmetric_codes, weighted_symmetric_codes
+from .layout import LEGACY_D, BlockLayout, f16, scale_d
+
+
+def _unpack(b):
+    return unpack_nibbles(b[:, 2:]), {"d": f16(b, 0)}
 
 
 class Q4_0(WeightFormat):
     name, block_size, type_size, gguf_type = "q4_0", 32, 18, 2
 
-    @quiet
-    def dequantize_blocks(self, blocks):
-        codes = unpack_nibbles(blocks[:, 2:]).astype(np.int8) - np.int8(8)
-        return f16_at(blocks, 0) * codes.astype(np.float32)
+    layout = BlockLayout(group=32, planes=(4,), offset=8, params=LEGACY_D, unpack=_unpack, scale=scale_d)
 
     @chunked
     @quiet

@@ -4,17 +4,19 @@ from __future__ import annotations
 import numpy as np
 
 from . import WeightFormat
-from ._blocks import chunked, f16_at, f16_bytes, pack_nibbles, quiet, unpack_nibbles
+from ._blocks import chunked, f16_bytes, pack_nibbles, quiet, unpack_nibbles
 from ._legacy import affine_codes, weighted_affine_codes
+from .layout import LEGACY_DM, BlockLayout, bias_m, f16, scale_d
+
+
+def _unpack(b):
+    return unpack_nibbles(b[:, 4:]), {"d": f16(b, 0), "m": f16(b, 2)}
 
 
 class Q4_1(WeightFormat):
     name, block_size, type_size, gguf_type = "q4_1", 32, 20, 3
 
-    @quiet
-    def dequantize_blocks(self, blocks):
-        codes = unpack_nibbles(blocks[:, 4:]).astype(np.float32)
-        return f16_at(blocks, 0) * codes + f16_at(blocks, 2)
+    layout = BlockLayout(group=32, planes=(4,), offset=0, params=LEGACY_DM, unpack=_unpack, scale=scale_d, bias=bias_m)
 
     @chunked
     @quiet

@@ -10,16 +10,20 @@ import numpy as np
 
 from . import WeightFormat
 from ._blocks import QK_K, chunked, pack_nibbles, quiet, unpack_nibbles
-from ._kquant import affine_blocks, affine_blocks_weighted, affine_dequantize
+from ._kquant import affine_blocks, affine_blocks_weighted, unpack_scale_min
+from .layout import AFFINE_K, BlockLayout, f16, min_dmin_mn, scale_d_sc
+
+
+def _unpack(b):
+    sc, mn = unpack_scale_min(b[:, 4:16])
+    return unpack_nibbles(b[:, 16:], group=32), {"sc": sc, "mn": mn, "d": f16(b, 0), "dmin": f16(b, 2)}
 
 
 class Q4_K(WeightFormat):
     name, block_size, type_size, gguf_type = "q4_k", QK_K, 144, 12
 
-    @quiet
-    def dequantize_blocks(self, blocks):
-        codes = unpack_nibbles(blocks[:, 16:], group=32).astype(np.float32)
-        return affine_dequantize(blocks, codes)
+    layout = BlockLayout(group=32, planes=(4,), offset=0, params=AFFINE_K, unpack=_unpack, scale=scale_d_sc,
+                         bias=min_dmin_mn, subtract_bias=True)
 
     @chunked
     @quiet

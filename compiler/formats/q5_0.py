@@ -5,20 +5,19 @@ from __future__ import annotations
 import numpy as np
 
 from . import WeightFormat
-from ._blocks import (
-    bits_to_u32_bytes, chunked, f16_at, f16_bytes, pack_nibbles, quiet, u32_bytes_to_bits,
-    unpack_nibbles,
-)
+from ._blocks import bits_to_u32_bytes, chunked, f16_bytes, pack_nibbles, quiet, u32_bytes_to_bits, unpack_nibbles
 from ._legacy import symmetric_codes, weighted_symmetric_codes
+from .layout import LEGACY_D, BlockLayout, f16, scale_d
+
+
+def _unpack(b):
+    return unpack_nibbles(b[:, 6:]) | (u32_bytes_to_bits(b[:, 2:6]) << 4), {"d": f16(b, 0)}
 
 
 class Q5_0(WeightFormat):
     name, block_size, type_size, gguf_type = "q5_0", 32, 22, 6
 
-    @quiet
-    def dequantize_blocks(self, blocks):
-        codes = unpack_nibbles(blocks[:, 6:]) | (u32_bytes_to_bits(blocks[:, 2:6]) << 4)
-        return f16_at(blocks, 0) * (codes.astype(np.int8) - np.int8(16)).astype(np.float32)
+    layout = BlockLayout(group=32, planes=(4, 1), offset=16, params=LEGACY_D, unpack=_unpack, scale=scale_d)
 
     @chunked
     @quiet

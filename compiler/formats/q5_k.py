@@ -9,16 +9,21 @@ import numpy as np
 
 from . import WeightFormat
 from ._blocks import QK_K, chunked, crumbs, pack_crumbs, pack_nibbles, quiet, unpack_nibbles
-from ._kquant import affine_blocks, affine_blocks_weighted, affine_dequantize
+from ._kquant import affine_blocks, affine_blocks_weighted, unpack_scale_min
+from .layout import AFFINE_K, BlockLayout, f16, min_dmin_mn, scale_d_sc
+
+
+def _unpack(b):
+    sc, mn = unpack_scale_min(b[:, 4:16])
+    codes = unpack_nibbles(b[:, 48:], group=32) | (crumbs(b[:, 16:48], 1) << 4)
+    return codes, {"sc": sc, "mn": mn, "d": f16(b, 0), "dmin": f16(b, 2)}
 
 
 class Q5_K(WeightFormat):
     name, block_size, type_size, gguf_type = "q5_k", QK_K, 176, 13
 
-    @quiet
-    def dequantize_blocks(self, blocks):
-        codes = unpack_nibbles(blocks[:, 48:], group=32) | (crumbs(blocks[:, 16:48], 1) << 4)
-        return affine_dequantize(blocks, codes.astype(np.float32))
+    layout = BlockLayout(group=32, planes=(4, 1), offset=0, params=AFFINE_K, unpack=_unpack, scale=scale_d_sc,
+                         bias=min_dmin_mn, subtract_bias=True)
 
     @chunked
     @quiet

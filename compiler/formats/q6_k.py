@@ -11,24 +11,23 @@ import numpy as np
 
 from . import WeightFormat
 from ._blocks import (
-    F32, QK_K, chunked, crumbs, f16_at, f16_bytes, f16_round, nearest_int, pack_crumbs,
-    pack_nibbles, quiet, signed_absmax, unpack_nibbles,
+    F32, QK_K, chunked, crumbs, f16_bytes, f16_round, nearest_int, pack_crumbs, pack_nibbles, quiet,
+    signed_absmax, unpack_nibbles,
 )
 from ._kquant import GROUP_MAX_EPS, symmetric_search
+from .layout import BlockLayout, f16, scale_d_sc
+
+
+def _unpack(b):
+    codes = unpack_nibbles(b[:, :128], group=64) | (crumbs(b[:, 128:192], 2) << 4)
+    return codes, {"sc": b[:, 192:208].view(np.int8), "d": f16(b, 208)}
 
 
 class Q6_K(WeightFormat):
     name, block_size, type_size, gguf_type = "q6_k", QK_K, 210, 14
 
-    @quiet
-    def dequantize_blocks(self, blocks):
-        n = blocks.shape[0]
-        low = unpack_nibbles(blocks[:, :128], group=64)
-        high = crumbs(blocks[:, 128:192], 2)
-        codes = ((low | (high << 4)).astype(np.int8) - np.int8(32)).astype(np.float32)
-        scales = blocks[:, 192:208].view(np.int8).astype(np.float32)
-        dl = (f16_at(blocks, 208) * scales)[:, :, None]
-        return (dl * codes.reshape(n, 16, 16)).reshape(n, QK_K)
+    layout = BlockLayout(group=16, planes=(4, 2), offset=32, params=(("sc", "int8", 16), ("d", "float16", 256)),
+                         unpack=_unpack, scale=scale_d_sc)
 
     @chunked
     @quiet

@@ -13,7 +13,9 @@ maps onto one MatMulNBits block exactly:
 | q4_k | (d·s)·q − dmin·m per 32 | 4-bit, zero point 0, plus the min term |
 | q6_k | (d·s)·(q − 32) per 16 | 8-bit in blocks of 16, zero point 32 |
 
-8-bit operands are lowered as two exact 4-bit planes (``as_two_4bit_planes``).
+8-bit operands are lowered as two exact 4-bit planes (``as_two_4bit_planes``). The table is
+what each format's layout (``kiln.formats.layout``) gives: :func:`operands` reads the blocks
+through it rather than decode them again here.
 
 The ``+ m`` term goes through a small second product rather than float zero points, which
 ORT serves on a slow path (DESIGN.md measured ~33× slower). Everything else is dequantized.
@@ -23,9 +25,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-
-from kiln.formats._blocks import crumbs, f16_at, u32_bytes_to_bits, unpack_nibbles
-from kiln.formats._kquant import unpack_scale_min
 
 BLOCK = 32
 
@@ -40,57 +39,24 @@ class NBitsOperands:
     block: int = BLOCK             # MatMulNBits block_size (16 for Q6_K's sub-blocks)
 
 
-def _q4_0(b):
-    return 4, unpack_nibbles(b[:, 2:]), f16_at(b, 0)[:, 0], None, None
-
-
-def _q4_1(b):
-    return 4, unpack_nibbles(b[:, 4:]), f16_at(b, 0)[:, 0], 0, f16_at(b, 2)[:, 0]
-
-
-def _q8_0(b):
-    codes = (b[:, 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
-    return 8, codes, f16_at(b, 0)[:, 0], None, None
-
-
-def _q5_codes(b, qs_at):
-    return unpack_nibbles(b[:, qs_at:]) | (u32_bytes_to_bits(b[:, qs_at - 4:qs_at]) << 4).astype(np.uint8)
-
-
-def _q5_0(b):
-    return 8, _q5_codes(b, 6), f16_at(b, 0)[:, 0], 16, None
-
-
-def _q5_1(b):
-    return 8, _q5_codes(b, 8), f16_at(b, 0)[:, 0], 0, f16_at(b, 2)[:, 0]
-
-
-def _q4_k(b):
-    # value = (d·sc_j)·q − dmin·m_j per sub-block j of 32: a zero-point-0 4-bit block plus a min
-    scales, mins = unpack_scale_min(b[:, 4:16])
-    codes = unpack_nibbles(b[:, 16:], group=32)
-    return 4, codes, f16_at(b, 0) * scales.astype(np.float32), 0, -(f16_at(b, 2) * mins.astype(np.float32))
-
-
-def _q6_k(b):
-    # value = (d·sc_j)·(q − 32) per sub-block j of 16, q six bits: an 8-bit block of 16
-    codes = unpack_nibbles(b[:, :128], group=64) | (crumbs(b[:, 128:192], 2) << 4)
-    scales = f16_at(b, 208) * b[:, 192:208].view(np.int8).astype(np.float32)
-    return 8, codes.astype(np.uint8), scales, 32, None
-
-
-REPACK = {"q4_0": _q4_0, "q4_1": _q4_1, "q8_0": _q8_0, "q5_0": _q5_0, "q5_1": _q5_1, "q4_k": _q4_k, "q6_k": _q6_k}
-SUB_BLOCK = {"q6_k": 16}
+#: the formats whose blocks (sub-blocks for the K-quants) map onto MatMulNBits blocks exactly;
+#: Q2_K, Q3_K and Q5_K are dequantized for now
+REPACK = frozenset({"q4_0", "q4_1", "q8_0", "q5_0", "q5_1", "q4_k", "q6_k"})
 
 
 def operands(fmt_name: str, raw: np.ndarray, n: int, k: int) -> NBitsOperands:
-    """Repack a [n, k] weight's raw GGUF blocks (super-blocks split into their sub-blocks)."""
+    """Repack a [n, k] weight's raw GGUF blocks (super-blocks split into their sub-blocks),
+    read through the format's layout (``kiln.formats.layout``): codes as stored, one scale per
+    group, the offset as zero point (the operator's default where it is 2^(bits-1)) and the
+    bias as the min term."""
     from kiln import formats
-    block = SUB_BLOCK.get(fmt_name, BLOCK)
-    nb = k // block
     fmt = formats.get(fmt_name)
-    bits, codes, scales, zp, mins = REPACK[fmt_name](np.ascontiguousarray(raw).reshape(-1, fmt.type_size))
-    zero_points = None if zp is None else np.full((n, nb), zp, dtype=np.uint8)
+    layout = fmt.layout
+    codes, params = layout.unpack(np.ascontiguousarray(raw).reshape(-1, fmt.type_size))
+    scales, mins = layout.group_scales(params)
+    bits = 4 if layout.bits <= 4 else 8
+    block, nb = layout.group, k // layout.group
+    zero_points = None if layout.offset == 1 << (bits - 1) else np.full((n, nb), layout.offset, dtype=np.uint8)
     return NBitsOperands(bits, codes.astype(np.uint8).reshape(n, nb, block), scales.astype(np.float32).reshape(n, nb),
                          zero_points, None if mins is None else mins.astype(np.float32).reshape(n, nb), block)
 

@@ -21,20 +21,30 @@ import numpy as np
 
 from kiln.ir import Graph
 
-from .targets import TVMTarget
+from kiln.runtime.backend_entry import KVCache, TVMEntry
+
+from .targets import for_preset
 
 WEIGHTS = "weights.safetensors"
+#: what running the artifact needs
+REQUIRES = ["apache-tvm==0.27.0.post1", "apache-tvm-ffi==0.1.14.post0"]
 
 
-def build(graph: Graph, out_dir, target: TVMTarget, *, max_length: int | None = None,
+def build(graph: Graph, out_dir, preset, config: dict, *,
           progress: Callable[[str], None] | None = None, stage: Callable[[str], None] | None = None,
-          precision: str = "exact", kv_dtype: str = "float32") -> dict:
-    """``kv_dtype`` "float16" halves the bytes attention reads per token at long context (as
-    llama.cpp's default cache does); "float32" keeps the cache exact."""
+          precision: str = "exact", kv_dtype: str = "float32") -> TVMEntry:
+    """Compile for ``preset`` (``kiln.targets.presets``) and write the library and weights into
+    ``out_dir``; returns the entry naming them. ``kv_dtype`` "float16" halves the bytes
+    attention reads per token at long context (as llama.cpp's default cache does); "float32"
+    keeps the cache exact."""
     import tvm
+
+    from kiln.frontends.arch import ArchConfig, rope_switch_length
 
     from .lower import ENTRY_POINTS, Target, lower
     out_dir = Path(out_dir)
+    target = for_preset(preset)
+    max_length = config.get("max_position_embeddings")
     say = stage or (lambda s: None)
     say("lowering to TVM Relax")
     mod, plan = lower(graph, Target(target.target, target.gpu, exact=precision == "exact", kv_dtype=kv_dtype),
@@ -51,22 +61,25 @@ def build(graph: Graph, out_dir, target: TVMTarget, *, max_length: int | None = 
     from .lower import cache_shape
     kv_heads, head_dim = cache_shape(graph)
     layers = sum(1 for n in graph.nodes if n.op == "Attention")
-    return {"library": target.library, "weights": WEIGHTS, "params": [p.name for p in plan.params],
-            "entry_points": list(ENTRY_POINTS), "target": target.target, "host": target.host,
-            "kv_cache": {"mode": plan.mode, "dtype": kv_dtype, "layers": layers, "kv_heads": kv_heads,
-                         "head_dim": head_dim, **({"why_uniform": plan.why_uniform} if plan.why_uniform else {})},
-            "max_length": plan.max_length, "weight_formats": plan.formats,
-            "tvm_compile_seconds": round(compile_s, 2), **device}
+    return TVMEntry(library=target.library, weights=WEIGHTS, params=[p.name for p in plan.params],
+                    kv=KVCache(layers, kv_heads, head_dim, plan.mode, kv_dtype), requires=list(REQUIRES),
+                    max_length=plan.max_length, recompute_cache_after=rope_switch_length(ArchConfig.from_dict(config)),
+                    cpu_features=sorted(preset.cpu_flags), cross_compiled_for=target.cross,
+                    why_uniform=plan.why_uniform or None,
+                    details={"entry_points": list(ENTRY_POINTS), "target": target.target, "host": target.host,
+                             "weight_formats": plan.formats, "tvm_compile_seconds": round(compile_s, 2), **device})
 
 
-def build_plain(graph: Graph, out_dir, target: TVMTarget, *, progress: Callable[[str], None] | None = None,
+def build_plain(graph: Graph, out_dir, preset, *, progress: Callable[[str], None] | None = None,
                 stage: Callable[[str], None] | None = None, precision: str = "exact") -> dict:
     """A library with one entry point, ``main(*graph inputs, params) -> (outputs...)``, for a
-    graph without a KV cache (an embedding model's: token ids and mask in, vectors out)."""
+    graph without a KV cache (an embedding model's: token ids and mask in, vectors out);
+    returns the manifest's backend entry."""
     import tvm
 
     from .lower import Target, lower_plain
     out_dir = Path(out_dir)
+    target = for_preset(preset)
     say = stage or (lambda s: None)
     say("lowering to TVM Relax")
     mod, plan = lower_plain(graph, Target(target.target, target.gpu, exact=precision == "exact"))
@@ -79,7 +92,10 @@ def build_plain(graph: Graph, out_dir, target: TVMTarget, *, progress: Callable[
     device = write_device_source(executable, out_dir) if target.gpu else {}
     say("writing weights")
     write_weights(out_dir / WEIGHTS, plan.params, progress)
-    return {"library": target.library, "weights": WEIGHTS, "params": [p.name for p in plan.params],
+    return {"name": "tvm", **({"cross_compiled_for": target.cross} if target.cross else {}),
+            **({"cpu_features": sorted(preset.cpu_flags)} if preset.cpu_flags else {}),
+            "recompute_cache_after": None, "requires": list(REQUIRES),
+            "library": target.library, "weights": WEIGHTS, "params": [p.name for p in plan.params],
             "entry_points": ["main"], "inputs": [v.name for v in graph.inputs],
             "outputs": [v.name for v in graph.outputs], "target": target.target, "host": target.host,
             "weight_formats": plan.formats, "tvm_compile_seconds": round(compile_s, 2), **device}

@@ -108,6 +108,32 @@ def _dot(T, acc, a, b, length: int, zero):
     return parts[0]
 
 
+def _up_args(T, fmt: str, experts: int, inner: int, hidden: int, k: int, weight):
+    """A moe_up kernel's name, attributes and arguments, in order: (n, x, chosen, gate, up, h);
+    ``weight(name)`` declares gate's and up's (their own float type, or blocks)."""
+    T.func_name(f"moe_up_{fmt}_{experts}x{inner}x{hidden}_k{k}")
+    T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
+    n = T.int64()
+    x = T.arg("x", T.buffer((n, hidden), "float32"))
+    chosen = T.arg("chosen", T.buffer((n, k), "int64"))
+    gate = weight("gate")
+    up = weight("up")
+    return n, x, chosen, gate, up, T.arg("h", T.buffer((n, k, inner), "float32"))
+
+
+def _down_args(T, fmt: str, experts: int, hidden: int, inner: int, k: int, weight):
+    """A moe_down kernel's name, attributes and arguments, in order: (n, h, chosen, weights,
+    down, out); ``weight(name)`` declares down's."""
+    T.func_name(f"moe_down_{fmt}_{experts}x{hidden}x{inner}_k{k}")
+    T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
+    n = T.int64()
+    h = T.arg("h", T.buffer((n, k, inner), "float32"))
+    chosen = T.arg("chosen", T.buffer((n, k), "int64"))
+    weights = T.arg("weights", T.buffer((n, k), "float32"))
+    down = weight("down")
+    return n, h, chosen, weights, down, T.arg("out", T.buffer((n, hidden), "float32"))
+
+
 @functools.lru_cache(maxsize=None)
 def _cpu_up_func(experts: int, inner: int, hidden: int, k: int, fmt: str):
     from tvm.script.ir_builder import IRBuilder
@@ -115,14 +141,9 @@ def _cpu_up_func(experts: int, inner: int, hidden: int, k: int, fmt: str):
     zero, one = tir.const(0, "float32"), tir.const(1, "float32")
     with IRBuilder() as ib:
         with T.prim_func(private=True):
-            T.func_name(f"moe_up_{fmt}_{experts}x{inner}x{hidden}_k{k}")
-            T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
-            n = T.int64()
-            x = T.arg("x", T.buffer((n, hidden), "float32"))
-            chosen = T.arg("chosen", T.buffer((n, k), "int64"))
-            gate = T.arg("gate", T.buffer((experts, inner, hidden), _STORAGE[fmt]))
-            up = T.arg("up", T.buffer((experts, inner, hidden), _STORAGE[fmt]))
-            h = T.arg("h", T.buffer((n, k, inner), "float32"))
+            n, x, chosen, gate, up, h = _up_args(
+                T, fmt, experts, inner, hidden, k,
+                lambda name: T.arg(name, T.buffer((experts, inner, hidden), _STORAGE[fmt])))
             with T.parallel(0, n * (k * inner)) as i:
                 t, j, f = i // (k * inner), (i // inner) % k, i % inner
                 e = T.max(T.min(chosen[t, j], experts - 1), 0)
@@ -141,14 +162,9 @@ def _cpu_down_func(experts: int, hidden: int, inner: int, k: int, fmt: str):
     zero = tir.const(0, "float32")
     with IRBuilder() as ib:
         with T.prim_func(private=True):
-            T.func_name(f"moe_down_{fmt}_{experts}x{hidden}x{inner}_k{k}")
-            T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
-            n = T.int64()
-            h = T.arg("h", T.buffer((n, k, inner), "float32"))
-            chosen = T.arg("chosen", T.buffer((n, k), "int64"))
-            weights = T.arg("weights", T.buffer((n, k), "float32"))
-            down = T.arg("down", T.buffer((experts, hidden, inner), _STORAGE[fmt]))
-            out = T.arg("out", T.buffer((n, hidden), "float32"))
+            n, h, chosen, weights, down, out = _down_args(
+                T, fmt, experts, hidden, inner, k,
+                lambda name: T.arg(name, T.buffer((experts, hidden, inner), _STORAGE[fmt])))
             with T.parallel(0, n * hidden) as i:
                 t, o = i // hidden, i % hidden
                 acc = T.alloc_buffer((LANES,), "float32")
@@ -183,14 +199,8 @@ def _cpu_up_blocks_func(experts: int, inner: int, hidden: int, k: int, fmt: str)
     tiles = inner // LANES
     with IRBuilder() as ib:
         with T.prim_func(private=True):
-            T.func_name(f"moe_up_{fmt}_{experts}x{inner}x{hidden}_k{k}")
-            T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
-            n = T.int64()
-            x = T.arg("x", T.buffer((n, hidden), "float32"))
-            chosen = T.arg("chosen", T.buffer((n, k), "int64"))
-            gate = _block_weights(T, fmt, experts * inner, hidden, "gate")
-            up = _block_weights(T, fmt, experts * inner, hidden, "up")
-            h = T.arg("h", T.buffer((n, k, inner), "float32"))
+            n, x, chosen, gate, up, h = _up_args(
+                T, fmt, experts, inner, hidden, k, lambda name: _block_weights(T, fmt, experts * inner, hidden, name))
             with T.parallel(0, n * (k * tiles)) as i:
                 t, j, ft = i // (k * tiles), (i // tiles) % k, i % tiles
                 tile = T.max(T.min(chosen[t, j], experts - 1), 0) * tiles + ft
@@ -221,14 +231,8 @@ def _cpu_down_blocks_func(experts: int, hidden: int, inner: int, k: int, fmt: st
     tiles = hidden // LANES
     with IRBuilder() as ib:
         with T.prim_func(private=True):
-            T.func_name(f"moe_down_{fmt}_{experts}x{hidden}x{inner}_k{k}")
-            T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
-            n = T.int64()
-            h = T.arg("h", T.buffer((n, k, inner), "float32"))
-            chosen = T.arg("chosen", T.buffer((n, k), "int64"))
-            weights = T.arg("weights", T.buffer((n, k), "float32"))
-            down = _block_weights(T, fmt, experts * hidden, inner, "down")
-            out = T.arg("out", T.buffer((n, hidden), "float32"))
+            n, h, chosen, weights, down, out = _down_args(
+                T, fmt, experts, hidden, inner, k, lambda name: _block_weights(T, fmt, experts * hidden, inner, name))
             with T.parallel(0, n * tiles) as i:
                 t, ot = i // tiles, i % tiles
                 acc = T.alloc_buffer((LANES,), "float32")

@@ -1,5 +1,7 @@
 """The stored layout of a GGUF block weight for the TVM kernels, and the TIR expressions that
-read one weight back (:mod:`.quant_kernels` builds the matmuls and lookups on them).
+read one weight back (:mod:`.quant_kernels` builds the matmuls and lookups on them). What a
+block holds and how its values are made is the format's own layout (``kiln.formats.layout``):
+this module only tiles it and writes its scale and bias as TIR.
 
 Layout. Rows go in tiles of 16 (the last tile padded with zero rows): every array is
 ``[tiles, X, 16]`` with entry ``[t, x, l]`` belonging to row ``16·t + l``, so 16 rows' values
@@ -28,8 +30,7 @@ from typing import Callable
 
 import numpy as np
 
-from kiln.formats._blocks import crumbs, u32_bytes_to_bits, unpack_nibbles
-from kiln.formats._kquant import unpack_scale_min
+from kiln.formats import all_formats
 
 LANES = 16          # rows per tile: the layout's vector
 CHUNK = 32          # k's per step of the CPU kernels (a multiple of every plane's and scale's span)
@@ -39,6 +40,8 @@ CHUNK = 32          # k's per step of the CPU kernels (a multiple of every plane
 
 @dataclass(frozen=True)
 class _Format:
+    """A format's layout (``kiln.formats.layout``) as the kernels read it: its scale and bias
+    as TIR expressions of ``get(name)``, the bias always added."""
     name: str
     block: int                          # GGUF block size
     group: int                          # elements sharing one scale (and bias)
@@ -50,95 +53,21 @@ class _Format:
     decode: Callable                    # blocks -> (codes uint8 [B, block], {param: [B, block/per]})
 
 
-def _f16(blocks, at):
-    return np.ascontiguousarray(blocks[:, at:at + 2]).view(np.float16)
-
-
-def _decode_q4_0(b):
-    return unpack_nibbles(b[:, 2:]), {"d": _f16(b, 0)}
-
-
-def _decode_q4_1(b):
-    return unpack_nibbles(b[:, 4:]), {"d": _f16(b, 0), "m": _f16(b, 2)}
-
-
-def _decode_q5_0(b):
-    return unpack_nibbles(b[:, 6:]) | (u32_bytes_to_bits(b[:, 2:6]) << 4), {"d": _f16(b, 0)}
-
-
-def _decode_q5_1(b):
-    return unpack_nibbles(b[:, 8:]) | (u32_bytes_to_bits(b[:, 4:8]) << 4), {"d": _f16(b, 0), "m": _f16(b, 2)}
-
-
-def _decode_q8_0(b):
-    # signed codes stored shifted by 128, so every plane holds unsigned codes
-    return (b[:, 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8), {"d": _f16(b, 0)}
-
-
-def _decode_q2_k(b):
-    # sc keeps GGUF's byte: scale in the low nibble, min in the high one
-    return crumbs(b[:, 16:80], 2), {"sc": b[:, :16], "d": _f16(b, 80), "dmin": _f16(b, 82)}
-
-
-def _decode_q3_k(b):
-    # imported here: importing a format module first would leave kiln's registry holding
-    # that format alone (it fills itself on first use only when empty)
-    from kiln.formats.q3_k import _unpack_scales
-    # code = low two bits + 4 · mask bit; value = d · (scale − 32) · (code − 4)
-    codes = crumbs(b[:, 32:96], 2) | (crumbs(b[:, :32], 1) << 2)
-    return codes, {"sc": _unpack_scales(b[:, 96:108]), "d": _f16(b, 108)}
-
-
-def _decode_q4_k(b):
-    sc, mn = unpack_scale_min(b[:, 4:16])
-    return unpack_nibbles(b[:, 16:], group=32), {"sc": sc, "mn": mn, "d": _f16(b, 0), "dmin": _f16(b, 2)}
-
-
-def _decode_q5_k(b):
-    sc, mn = unpack_scale_min(b[:, 4:16])
-    codes = unpack_nibbles(b[:, 48:], group=32) | (crumbs(b[:, 16:48], 1) << 4)
-    return codes, {"sc": sc, "mn": mn, "d": _f16(b, 0), "dmin": _f16(b, 2)}
-
-
-def _decode_q6_k(b):
-    codes = unpack_nibbles(b[:, :128], group=64) | (crumbs(b[:, 128:192], 2) << 4)
-    return codes, {"sc": b[:, 192:208].view(np.int8), "d": _f16(b, 208)}
-
-
 def _f32(e):
     from tvm import tirx
     return tirx.Cast("float32", e)
 
 
-def _times_d(get):
-    return _f32(get("d")) * _f32(get("sc"))
+def _of(fmt) -> _Format:
+    layout = fmt.layout
+    return _Format(fmt.name, fmt.block_size, layout.group, layout.planes, layout.offset, layout.params,
+                   lambda get: layout.scale(get, _f32),
+                   (lambda get: layout.added_bias(get, _f32)) if layout.bias else None, layout.unpack)
 
 
-def _minus_dmin(get):
-    return -(_f32(get("dmin")) * _f32(get("mn")))
-
-
-_LEGACY_D = (("d", "float16", 32),)
-_LEGACY_DM = (("d", "float16", 32), ("m", "float16", 32))
-_AFFINE_K = (("sc", "uint8", 32), ("mn", "uint8", 32), ("d", "float16", 256), ("dmin", "float16", 256))
-
-_FORMATS = {f.name: f for f in (
-    _Format("q4_0", 32, 32, (4,), 8, _LEGACY_D, lambda g: _f32(g("d")), None, _decode_q4_0),
-    _Format("q4_1", 32, 32, (4,), 0, _LEGACY_DM, lambda g: _f32(g("d")), lambda g: _f32(g("m")), _decode_q4_1),
-    _Format("q5_0", 32, 32, (4, 1), 16, _LEGACY_D, lambda g: _f32(g("d")), None, _decode_q5_0),
-    _Format("q5_1", 32, 32, (4, 1), 0, _LEGACY_DM, lambda g: _f32(g("d")), lambda g: _f32(g("m")), _decode_q5_1),
-    _Format("q8_0", 32, 32, (8,), 128, _LEGACY_D, lambda g: _f32(g("d")), None, _decode_q8_0),
-    _Format("q2_k", 256, 16, (2,), 0, (("sc", "uint8", 16), ("d", "float16", 256), ("dmin", "float16", 256)),
-            lambda g: _f32(g("d")) * _f32(g("sc") & 15),
-            lambda g: -(_f32(g("dmin")) * _f32(g("sc") >> 4)), _decode_q2_k),
-    _Format("q3_k", 256, 16, (2, 1), 4, (("sc", "int8", 16), ("d", "float16", 256)), _times_d, None, _decode_q3_k),
-    _Format("q4_k", 256, 32, (4,), 0, _AFFINE_K, _times_d, _minus_dmin, _decode_q4_k),
-    _Format("q5_k", 256, 32, (4, 1), 0, _AFFINE_K, _times_d, _minus_dmin, _decode_q5_k),
-    _Format("q6_k", 256, 16, (4, 2), 32, (("sc", "int8", 16), ("d", "float16", 256)), _times_d, None, _decode_q6_k),
-)}
-
-#: every format here has fused CPU and GPU kernels; other block formats (iq*, tq*, mxfp4) are
-#: not fused: the lowering stores those dequantized.
+#: every block format with a layout has fused CPU and GPU kernels; the others (iq*, tq*, mxfp4)
+#: are not fused: the lowering stores those dequantized.
+_FORMATS = {name: _of(fmt) for name, fmt in sorted(all_formats().items()) if fmt.layout is not None}
 SUPPORTED = frozenset(_FORMATS)
 
 

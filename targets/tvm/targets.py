@@ -3,10 +3,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-#: cuda-smXX presets and the architectures --arch accepts
-CUDA_ARCHS = ("sm80", "sm86", "sm89", "sm90")
-
-
 @dataclass(frozen=True)
 class TVMTarget:
     target: dict            # TVM's target dict (device code)
@@ -21,12 +17,13 @@ def host_cpu() -> str:
     return codegen.llvm_get_system_cpu()
 
 
-def for_preset(device: str, isa: str | None, arch: str | None = None, *, host: bool = False) -> TVMTarget:
-    """The TVM target of a kiln preset: cpu (host ISA), cpu-avx2, cpu-avx512, cpu-neon
-    (aarch64, cross-compiled: exported as objects to link there), cuda[-smXX], metal.
-    ``host``: the plain ``cpu`` preset, compiled for exactly this machine's CPU."""
+def for_preset(preset) -> TVMTarget:
+    """The TVM target of a kiln preset (``kiln.targets.presets``): cpu (this machine's CPU),
+    cpu-avx2, cpu-avx512, cpu-neon (aarch64, cross-compiled: exported as objects to link
+    there), cuda[-smXX], metal."""
     import os
     import platform
+    device, isa = preset.device, preset.isa
     if device == "cpu":
         cores = os.cpu_count() or 1
         machine = platform.machine().lower()
@@ -36,12 +33,10 @@ def for_preset(device: str, isa: str | None, arch: str | None = None, *, host: b
             if native:
                 target = {"kind": "llvm", "mcpu": host_cpu(), "num-cores": cores}
             return TVMTarget(target, None, False, "model.so" if native else "model.tar", None if native else "aarch64")
-        mcpu = host_cpu() if host else {"avx2": "haswell", "avx512": "skylake-avx512"}.get(isa or "")
-        target = {"kind": "llvm", "mcpu": mcpu or host_cpu(), "num-cores": cores}
+        target = {"kind": "llvm", "mcpu": preset.llvm_cpu or host_cpu(), "num-cores": cores}
         return TVMTarget(target, None, False, "model.so", None)
     if device == "cuda":
-        sm = (arch or "sm80").replace("sm_", "sm")
-        return TVMTarget({"kind": "cuda", "arch": f"sm_{sm[2:]}"}, {"kind": "llvm"}, True, "model.so", None)
+        return TVMTarget({"kind": "cuda", "arch": f"sm_{isa[2:]}"}, {"kind": "llvm"}, True, "model.so", None)
     if device == "metal":
         return TVMTarget({"kind": "metal"}, {"kind": "llvm", "mtriple": "arm64-apple-macos"}, True, "model.tar", None)
     raise ValueError(f"the TVM backend has no target for device {device!r}")
