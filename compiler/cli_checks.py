@@ -84,6 +84,7 @@ def as_cli_advice(message: str) -> str:
 
 
 interrupted: list[int] = []             # SIGINTs this process received (see note_interrupts)
+_own_process: list[bool] = []           # note_interrupts ran: the process is kiln's command
 
 
 def note_interrupts() -> None:
@@ -97,6 +98,7 @@ def note_interrupts() -> None:
         interrupted.append(signum)
         signal.default_int_handler(signum, frame)
     signal.signal(signal.SIGINT, handler)
+    _own_process.append(True)
 
 
 def interrupt_exit() -> int:
@@ -104,4 +106,11 @@ def interrupt_exit() -> int:
     # a library may re-raise the interrupt it caught; the one line below is the last word
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     print("kiln: interrupted", file=sys.stderr)
+    if _own_process:
+        # the work was unwound (staging removed) on the way here; what is left are native
+        # libraries' destructors, which log from C++ at exit (TVM: "BlockBuilder destroyed with
+        # remaining blocks!" when the interrupt landed in a lowering)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
     return 130

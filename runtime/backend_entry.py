@@ -37,8 +37,13 @@ def _entry_errors(folder, backend: str):
     try:
         yield
     except (KeyError, TypeError, ValueError) as e:
-        what = f"has no {e.args[0]!r}" if isinstance(e, KeyError) else f"has a bad value ({e})"
+        what = f"has no {_short(repr(e.args[0]))}" if isinstance(e, KeyError) else f"has a bad value ({_short(str(e))})"
         raise ArtifactError(Path(folder) / MANIFEST, f"the manifest's {backend} backend entry {what}") from None
+
+
+def _short(text: str, most: int = 120) -> str:
+    """A value as the error line shows it: a hostile manifest's megabyte string stays a line."""
+    return text if len(text) <= most else text[:most] + "..."
 
 
 def _names(value, what: str) -> list[str]:
@@ -57,7 +62,7 @@ def _object(entry: dict, key: str) -> dict:
 def _optional(entry: dict, key: str, kind=str):
     value = entry.get(key)
     if value is not None and not isinstance(value, kind):
-        raise ValueError(f"{key} is {value!r}")
+        raise ValueError(f"{key} is {_short(repr(value))}")
     return value
 
 
@@ -65,10 +70,10 @@ def _read_kv(entry: dict, layout_key: str, layouts: tuple, default: str | None =
     kv = _object(entry, "kv_cache")
     layout = kv[layout_key] if default is None else kv.get(layout_key, default)
     if layout not in layouts:
-        raise ValueError(f"unknown KV-cache {layout_key} {layout!r}")
+        raise ValueError(f"unknown KV-cache {layout_key} {_short(repr(layout))}")
     dtype = kv.get("dtype", "float32")
     if dtype not in ("float32", "float16"):
-        raise ValueError(f"KV-cache dtype {dtype}")
+        raise ValueError(f"KV-cache dtype {_short(str(dtype))}")
     return KVCache(kv["layers"], kv["kv_heads"], kv["head_dim"], layout, dtype)
 
 

@@ -13,6 +13,9 @@ from .tokenizer import Tokenizer
 
 
 class Model:
+    #: an embedding model's pooling and normalizing (the manifest's ``embedding``); None: a language model
+    embedding: dict | None = None
+
     def __init__(self, folder, *, threads: int | None = None, device: str | None = None, verify: bool = False,
                  trusted_keys=None):
         self.path = Path(folder)
