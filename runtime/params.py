@@ -26,6 +26,27 @@ class InvalidParam(ValueError):
         self.param = param
 
 
+MAX_BIASES = 1024
+
+
+def _check_bias(bias) -> tuple[tuple[int, float], ...]:
+    items = bias.items() if isinstance(bias, dict) else bias
+    try:
+        pairs = [(k, v) for k, v in items]
+    except (TypeError, ValueError):
+        raise InvalidParam("logit_bias must map token ids to numbers", "logit_bias") from None
+    if len(pairs) > MAX_BIASES:
+        raise InvalidParam(f"logit_bias holds {len(pairs)} tokens; at most {MAX_BIASES}", "logit_bias")
+    out = {}
+    for k, v in pairs:
+        if isinstance(k, str) and k.isascii() and k.isdigit() and len(k) < 12:
+            k = int(k)
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+            raise InvalidParam(f"logit_bias keys must be token ids, got {str(k)[:40]!r}", "logit_bias")
+        out[int(k)] = _check_float("logit_bias", v, "in [-100, 100]", lambda x: -100 <= x <= 100)
+    return tuple(sorted(out.items()))
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """What to generate and how to pick each token.
@@ -42,6 +63,10 @@ class SamplingParams:
     ``grammar``: None, or a :class:`~kiln.runtime.grammar.Grammar` (a JSON schema, a regex, a
     grammar) that every answer matches: the tokens it does not allow next are never drawn, and
     the row ends ("stop") when it is complete.
+
+    ``logit_bias``: OpenAI's ``{token id: bias}`` (ids as ints or decimal strings, biases in
+    [-100, 100], at most 1,024 of them), added to those logits before anything else (kept as
+    sorted ``(id, bias)`` pairs).
     """
 
     max_tokens: int = 128
@@ -58,6 +83,7 @@ class SamplingParams:
     min_tokens: int = 0
     ignore_eos: bool = False
     grammar: object = None
+    logit_bias: object = ()
 
     def __post_init__(self):
         fix = object.__setattr__           # frozen: normalised values are set once, here
@@ -89,6 +115,7 @@ class SamplingParams:
         if not isinstance(self.ignore_eos, (bool, np.bool_)):
             raise InvalidParam(f"ignore_eos must be true or false, got {self.ignore_eos!r}", "ignore_eos")
         fix(self, "ignore_eos", bool(self.ignore_eos))
+        fix(self, "logit_bias", _check_bias(self.logit_bias))
         if self.grammar is not None:
             from .grammar import Grammar        # not at the top: grammar.py imports InvalidParam
             if not isinstance(self.grammar, Grammar):

@@ -176,6 +176,11 @@ class Sampler:
                    ) -> np.ndarray:
         # float64: float32 sums over a 150k vocabulary drift enough to move the top-p cut.
         row = row.astype(np.float64)
+        if self.params.logit_bias:
+            ids, bias = np.array(self.params.logit_bias).T
+            if ids.max() >= row.shape[0]:
+                raise ValueError(f"logit_bias names token {int(ids.max())}; the vocabulary has {row.shape[0]}")
+            row[ids.astype(np.int64)] += bias
         if self.repetition_penalty != 1.0 and len(history):
             seen = np.unique(np.asarray(history, dtype=np.int64))
             seen = seen[(seen >= 0) & (seen < row.shape[0])]

@@ -62,6 +62,7 @@ SAMPLING_FIELDS = {
     "presence_penalty": (float, 0.0, -2, 2, False),
     "min_tokens": (int, 0, 0, None, False),           # vLLM's extensions
     "ignore_eos": (bool, False, None, None, False),
+    "logit_bias": (dict, (), None, None, False),     # checked by SamplingParams
 }
 
 #: at most this many stop strings of at most STOP_CHARS characters each: every running row
@@ -145,12 +146,17 @@ class Service:
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 64):
             raise APIError(422, f"seed must be an integer in [0, 2**64), got {_shown(seed)}", code="invalid_value",
                            param="seed")
-        values = {name: _flag(body, name, default) if kind is bool else _number(body, name, default, kind, lo, hi, lo_open)
+        values = {name: _flag(body, name, default) if kind is bool else
+                  (body.get(name) or default) if kind is dict else _number(body, name, default, kind, lo, hi, lo_open)
                   for name, (kind, default, lo, hi, lo_open) in SAMPLING_FIELDS.items()}
         try:
-            return SamplingParams(max_tokens=max_tokens, seed=seed, stop=stop, **values)
+            params = SamplingParams(max_tokens=max_tokens, seed=seed, stop=stop, **values)
         except InvalidParam as e:
             raise APIError(422, str(e), code="invalid_value", param=e.param) from None
+        if params.logit_bias and params.logit_bias[-1][0] >= self.vocab:
+            raise APIError(422, f"logit_bias keys must be token ids in [0, {self.vocab})", code="invalid_value",
+                           param="logit_bias")
+        return params
 
     def prompt_ids(self, body: dict, chat: bool, tools=None) -> list[int]:
         tok = self.model.tokenizer

@@ -107,3 +107,34 @@ def test_model_methods_take_params_or_keywords():
     with pytest.raises(StopIteration) as done:
         next(pieces)
     assert done.value.value.ids == a.ids
+
+
+def test_logit_bias_moves_the_choice_everywhere(free_run):
+    """OpenAI's logit_bias, in generate and the scheduler: -100 bans the greedy choice, +100
+    forces a token the model would not pick; beam search refuses it as it refuses penalties."""
+    ids, _ = free_run
+    banned = generate(ToySession(), None, PROMPT, max_new_tokens=4, eos_ids=[], logit_bias={ids[0]: -100})
+    assert banned.ids[0] != ids[0]
+    forced = generate(ToySession(), None, PROMPT, max_new_tokens=4, eos_ids=[], logit_bias={"7": 100})
+    assert forced.ids == [7, 7, 7, 7] != ids[:4]
+    assert _scheduled(ToySession(), max_tokens=4, eos_ids=[], logit_bias={7: 100}).ids == forced.ids
+    sampled = generate(ToySession(), None, PROMPT, max_new_tokens=4, eos_ids=[], logit_bias={7: 100},
+                       temperature=1.0, seed=1)
+    assert sampled.ids == forced.ids
+    with pytest.raises(ValueError, match="logit_bias=.* cannot be used with num_beams > 1"):
+        beam.generate(ToySession(), None, PROMPT, max_new_tokens=4, num_beams=2, eos_ids=[], logit_bias={7: 100})
+
+
+def test_logit_bias_is_checked_once_and_at_the_edge():
+    assert SamplingParams(logit_bias={"3": 1.5, 1: -2}).logit_bias == ((1, -2.0), (3, 1.5))
+    for bad in ({"x": 1}, {-1: 1}, {1: 101}, {1: "a"}, {True: 1}, [1, 2], {str(i): 1 for i in range(1025)}):
+        with pytest.raises(InvalidParam) as e:
+            SamplingParams(logit_bias=bad)
+        assert e.value.param == "logit_bias"
+    model = SimpleNamespace(tokenizer=None, config={"vocab_size": 32})
+    service = Service(model, SimpleNamespace(max_batch=1, max_queue=1, max_length=64), "m")
+    assert service.settings({"prompt": [1], "logit_bias": {"31": -100}}).logit_bias == ((31, -100.0),)
+    for bias in ({"32": 1}, {"1": 500}, "no"):
+        with pytest.raises(APIError) as e:
+            service.settings({"prompt": [1], "logit_bias": bias})
+        assert (e.value.status, e.value.param) == (422, "logit_bias"), bias
