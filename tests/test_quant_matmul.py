@@ -78,7 +78,7 @@ def test_matmulnbits_lowering_equals_the_interpreter(tmp_path_factory, fmt, n, b
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * max(1.0, float(np.abs(want).max())))
 
 
-@pytest.mark.parametrize("fmt", ["q8_0", "q5_0", "q5_1", "q6_k"])
+@pytest.mark.parametrize("fmt", ["q8_0", "q5_0", "q5_1", "q5_k", "q6_k"])
 def test_8bit_operands_as_two_4bit_planes_are_exact(fmt):
     from kiln.targets.onnxrt.quant import as_two_4bit_planes, operands
     rng = np.random.default_rng(3)

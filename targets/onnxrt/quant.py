@@ -11,6 +11,7 @@ maps onto one MatMulNBits block exactly:
 | q4_1 | d·q + m | 4-bit, zero point 0, plus m · (block sums of x) |
 | q5_1 | d·q + m | 8-bit, zero point 0, plus m · (block sums of x) |
 | q4_k | (d·s)·q − dmin·m per 32 | 4-bit, zero point 0, plus the min term |
+| q5_k | (d·s)·q − dmin·m per 32, q 5-bit | 8-bit, zero point 0, plus the min term |
 | q6_k | (d·s)·(q − 32) per 16 | 8-bit in blocks of 16, zero point 32 |
 
 8-bit operands are lowered as two exact 4-bit planes (``as_two_4bit_planes``). The table is
@@ -40,8 +41,8 @@ class NBitsOperands:
 
 
 #: the formats whose blocks (sub-blocks for the K-quants) map onto MatMulNBits blocks exactly;
-#: Q2_K, Q3_K and Q5_K are dequantized for now
-REPACK = frozenset({"q4_0", "q4_1", "q8_0", "q5_0", "q5_1", "q4_k", "q6_k"})
+#: Q2_K and Q3_K are dequantized for now (16-value sub-blocks with 4-bit scales)
+REPACK = frozenset({"q4_0", "q4_1", "q8_0", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k"})
 
 
 def operands(fmt_name: str, raw: np.ndarray, n: int, k: int) -> NBitsOperands:
@@ -66,7 +67,7 @@ def as_two_4bit_planes(op: NBitsOperands) -> tuple[NBitsOperands, NBitsOperands]
 
     With c = 16·hi + lo and z = 16·zh + zl: d·(c − z) = (16d)·(hi − zh) + d·(lo − zl), two
     4-bit products (scales 16d and d) that ORT runs fast at full precision; its 8-bit kernel
-    is not. Q8_0 has z = 128 (its signed codes shifted), Q5_0 z = 16, Q5_1 z = 0.
+    is not. Q8_0 has z = 128 (its signed codes shifted), Q5_0 z = 16, Q5_1 and Q5_K z = 0.
     """
     c = op.codes
     n, nb, _ = c.shape
