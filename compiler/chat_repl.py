@@ -22,6 +22,8 @@ import os
 import sys
 import time
 
+from .stream_out import write_stream
+
 HELP = """\
 commands:
   /set temperature X    sampling temperature (0: greedy); also top_p, top_k, seed, max_tokens
@@ -215,15 +217,7 @@ class Repl:
                                    seed=s["seed"], **self.drafting)
         shown, result, start = [], None, time.perf_counter()
         try:
-            while True:
-                try:
-                    piece = next(pieces)
-                except StopIteration as done:
-                    result = done.value
-                    break
-                shown.append(piece)
-                self.out.write(piece)
-                self.out.flush()
+            result = write_stream(pieces, self.out, shown)
         except KeyboardInterrupt:
             pieces.close()
             _forget_interrupt()

@@ -92,16 +92,9 @@ def cmd_run(a) -> int:
                       draft_tokens=a.draft_tokens)
     if a.num_beams != 1 or a.num_return_sequences != 1:
         return _run_beams(a, model, prompt, kwargs)
-    pieces = model.stream(prompt, **kwargs)
+    from kiln.stream_out import write_stream
     out = sys.stdout
-    while True:
-        try:
-            piece = next(pieces)
-        except StopIteration as stop:
-            result = stop.value
-            break
-        out.write(piece)
-        out.flush()
+    result = write_stream(model.stream(prompt, **kwargs), out)
     if a.ids is None or model.tokenizer is not None:
         out.write("\n")
     if a.ids is not None:

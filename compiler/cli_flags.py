@@ -41,25 +41,23 @@ def id_list(text: str) -> list[int]:
     return ids
 
 
-def seconds(text: str) -> float:
+def _number(text: str, ok, what: str) -> float:
     try:
         v = float(text)
     except ValueError:
         v = float("nan")
-    if not 0 < v < 1e6:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}")
+    if not ok(v):
+        raise argparse.ArgumentTypeError(f"not a number of {what}: {text!r}")
     return v
+
+
+def seconds(text: str) -> float:
+    return _number(text, lambda v: 0 < v < 1e6, "seconds")
 
 
 def milliseconds(text: str) -> float:
     """A duration in ms, 0 allowed (it turns the feature off)."""
-    try:
-        v = float(text)
-    except ValueError:
-        v = float("nan")
-    if not 0 <= v < 1e9:
-        raise argparse.ArgumentTypeError(f"not a number of milliseconds: {text!r}")
-    return v
+    return _number(text, lambda v: 0 <= v < 1e9, "milliseconds")
 
 
 def lora_specs(a) -> list[tuple[str, float]]:
@@ -103,13 +101,7 @@ def size(text: str) -> int:
 
 def megabytes(text: str) -> float:
     """A number of MiB >= 0 (0: the thing it sizes is off)."""
-    try:
-        v = float(text)
-    except ValueError:
-        v = float("nan")
-    if not 0 <= v < 1e7:
-        raise argparse.ArgumentTypeError(f"not a number of MiB >= 0: {text!r}")
-    return v
+    return _number(text, lambda v: 0 <= v < 1e7, "MiB >= 0")
 
 
 def sampling_flags(s, *, max_new_tokens: int, n_help: str, c_help: str) -> None:

@@ -8,8 +8,6 @@ library) are made here too, each as one line naming the artifact.
 """
 from __future__ import annotations
 
-import os
-import platform
 import threading
 from pathlib import Path
 
@@ -17,10 +15,9 @@ import numpy as np
 
 from kiln.artifact import ArtifactError
 
-from .cpu_features import missing
 from .embedding import EmbeddingSession
 from .safetensors_index import read_index
-from .tvm_runtime import DEVICE_CODES, RuntimeMissing, TVMRuntime
+from .tvm_session import open_library
 
 
 class TVMEmbedding(EmbeddingSession):
@@ -37,32 +34,12 @@ class TVMEmbedding(EmbeddingSession):
         except (KeyError, TypeError) as e:
             raise ArtifactError(folder / "manifest.json", f"the manifest's tvm backend entry has no usable "
                                                           f"{e.args[0]!r}") from None
-        if kind not in DEVICE_CODES:
-            raise ArtifactError(folder / "manifest.json", f"names an unknown device {kind!r}")
-        lacking = missing(needs) if kind == "cpu" else []
-        if lacking:
-            raise ArtifactError(folder, f"was compiled for a CPU with {', '.join(lacking)}, which this one lacks "
-                                        f"(compile it again here, or for --target cpu-avx2)")
-        cross = self.backend.get("cross_compiled_for")
-        if cross and platform.machine().lower() not in (cross, "arm64" if cross == "aarch64" else cross):
-            raise ArtifactError(folder, f"was cross-compiled for {cross}; run it on such a machine")
-        os.environ["TVM_NUM_THREADS"] = str(threads) if threads else os.environ.get("TVM_NUM_THREADS",
-                                                                                  str(os.cpu_count() or 1))
         index = read_index(weights)
         absent = [n for n in names if n not in index]
         if absent:
             raise ArtifactError(weights, f"lacks the weight {absent[0]!r} the library takes")
-        try:
-            self.rt = TVMRuntime(kind)
-        except RuntimeMissing:
-            raise ArtifactError(folder, "was compiled with the TVM backend; running it needs Apache TVM "
-                                        "(pip install 'kiln[tvm]')") from None
-        if not self.rt.device_exists:
-            raise ArtifactError(folder, f"was compiled for {kind}, and this machine has no {kind} device")
-        try:
-            self._main = self.rt.load_vm(library)["main"]
-        except Exception as e:           # TVM raises its own error types for a bad library
-            raise ArtifactError(library, f"TVM cannot load the library: {str(e).strip().splitlines()[-1][:300]}") from None
+        self.rt, vm = open_library(folder, library, kind, needs, self.backend.get("cross_compiled_for"), threads)
+        self._main = vm["main"]
         try:
             with open(weights, "rb") as f:
                 self.params = self.rt.array([self.rt.read_into(f, index[n].start, index[n].nbytes, index[n].shape,

@@ -37,6 +37,40 @@ INITIAL_CAPACITY = 256
 PREFILL_CHUNK = 512
 
 
+def open_library(folder: Path, library: Path, kind: str, cpu_features, cross: str | None,
+                 threads: int | None):
+    """What running an artifact's TVM library on this machine needs (its device kind, its CPU
+    features, the machine it was cross-compiled for), checked before it is loaded; then the
+    runtime and the library's VM."""
+    if kind not in DEVICE_CODES:
+        raise ArtifactError(folder / "manifest.json", f"names an unknown device {kind!r}")
+    lacking = missing(cpu_features) if kind == "cpu" else []
+    if lacking:
+        raise ArtifactError(folder, f"was compiled for a CPU with {', '.join(lacking)}, which this one lacks "
+                                    f"(compile it again here, or for --target cpu-avx2)")
+    if cross and platform.machine().lower() not in (cross, "arm64" if cross == "aarch64" else cross):
+        raise ArtifactError(folder, f"was cross-compiled for {cross}; run it on such a machine "
+                                    f"(its library is objects that kiln links there)")
+    # TVM's thread pool reads this when it starts; left unset, it ran SmolLM2's decode at
+    # ~125 tokens/s on this 2-core machine, against ~230 with the cores named
+    if threads:
+        os.environ["TVM_NUM_THREADS"] = str(threads)
+    else:
+        os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
+    try:
+        rt = TVMRuntime(kind)
+    except RuntimeMissing:
+        raise ArtifactError(folder, "was compiled with the TVM backend; running it needs Apache TVM "
+                                    "(pip install 'kiln[tvm]')") from None
+    if not rt.device_exists:
+        raise ArtifactError(folder, f"was compiled for {kind}, and this machine has no {kind} device "
+                                    f"(compile it again with --target cpu to run it here)")
+    try:
+        return rt, rt.load_vm(library)
+    except Exception as e:           # TVM raises its own error types for a bad library
+        raise ArtifactError(library, f"TVM cannot load the library: {str(e).strip().splitlines()[-1][:300]}") from None
+
+
 class TVMSession(RowCache):
     """Implements kiln.runtime.session.RowSession over an artifact's compiled library."""
 
@@ -63,34 +97,8 @@ class TVMSession(RowCache):
         config = manifest.get("config")
         self.max_length = numbers.max_length(folder, entry.max_length, config if isinstance(config, dict) else {},
                                              table_rows=numbers.rotary_rows(index)) or numbers.MAX_LENGTH_CEILING
-        if kind not in DEVICE_CODES:
-            raise ArtifactError(folder / "manifest.json", f"names an unknown device {kind!r}")
-        lacking = missing(entry.cpu_features) if kind == "cpu" else []
-        if lacking:
-            raise ArtifactError(folder, f"was compiled for a CPU with {', '.join(lacking)}, which this one lacks "
-                                        f"(compile it again here, or for --target cpu-avx2)")
-        cross = entry.cross_compiled_for
-        if cross and platform.machine().lower() not in (cross, "arm64" if cross == "aarch64" else cross):
-            raise ArtifactError(folder, f"was cross-compiled for {cross}; run it on such a machine "
-                                        f"(its library is objects that kiln links there)")
-        # TVM's thread pool reads this when it starts; left unset, it ran SmolLM2's decode at
-        # ~125 tokens/s on this 2-core machine, against ~230 with the cores named
-        if threads:
-            os.environ["TVM_NUM_THREADS"] = str(threads)
-        else:
-            os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
-        try:
-            self.rt = TVMRuntime(kind)
-        except RuntimeMissing:
-            raise ArtifactError(folder, "was compiled with the TVM backend; running it needs Apache TVM "
-                                        "(pip install 'kiln[tvm]')") from None
-        if not self.rt.device_exists:
-            raise ArtifactError(folder, f"was compiled for {kind}, and this machine has no {kind} device "
-                                        f"(compile it again with --target cpu to run it here)")
-        try:
-            self.vm = self.rt.load_vm(library)
-        except Exception as e:           # TVM raises its own error types for a bad library
-            raise ArtifactError(library, f"TVM cannot load the library: {str(e).strip().splitlines()[-1][:300]}") from None
+        self.rt, self.vm = open_library(folder, library, kind, entry.cpu_features, entry.cross_compiled_for,
+                                        threads)
         self._prefill, self._decode = self.vm["prefill"], self.vm["decode"]
         # passed as one FFI array built once: a Python list would be converted on every call
         self.params = self.rt.array(self._load_params(weights, names, index))

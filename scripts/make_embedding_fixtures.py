@@ -102,13 +102,19 @@ def make_bert(folder: Path) -> dict:
                                   hidden_act="gelu", layer_norm_eps=1e-12, initializer_range=0.2,
                                   attn_implementation="eager")
     model = transformers.BertModel(cfg, add_pooling_layer=False).eval()
-    with torch.no_grad():                      # LayerNorms away from the identity
+    return _finish(model, folder, tok, "LayerNorm", "mean_tokens", token_types=True)
+
+
+def _finish(model, folder: Path, tok, norms: str, pooling: str, token_types: bool) -> dict:
+    """Norm weights moved away from the identity (the parameters named with ``norms``), the
+    model saved in the sentence-transformers layout, and its reference vectors."""
+    with torch.no_grad():
         for name, p in model.named_parameters():
-            if "LayerNorm" in name:
+            if norms in name:
                 p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(folder)
-    _st_layout(folder, "mean_tokens", 64)
-    return _vectors(model, tok, "mean_tokens", token_types=True)
+    _st_layout(folder, pooling, 64)
+    return _vectors(model, tok, pooling, token_types=token_types)
 
 
 def make_qwen3(folder: Path) -> dict:
@@ -129,13 +135,7 @@ def make_qwen3(folder: Path) -> dict:
                                    tie_word_embeddings=True, eos_token_id=1, pad_token_id=1,
                                    attn_implementation="eager")
     model = transformers.Qwen3Model(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    model.save_pretrained(folder)
-    _st_layout(folder, "lasttoken", 64)
-    return _vectors(model, tok, "lasttoken", token_types=False)
+    return _finish(model, folder, tok, "norm", "lasttoken", token_types=False)
 
 
 def main() -> None:

@@ -37,8 +37,6 @@ def build(graph: Graph, out_dir, preset, config: dict, *,
     ``out_dir``; returns the entry naming them. ``kv_dtype`` "float16" halves the bytes
     attention reads per token at long context (as llama.cpp's default cache does); "float32"
     keeps the cache exact."""
-    import tvm
-
     from kiln.frontends.arch import ArchConfig, rope_switch_length
 
     from .lower import ENTRY_POINTS, Target, lower
@@ -49,15 +47,7 @@ def build(graph: Graph, out_dir, preset, config: dict, *,
     say("lowering to TVM Relax")
     mod, plan = lower(graph, Target(target.target, target.gpu, exact=precision == "exact", kv_dtype=kv_dtype),
                       max_length)
-    say("compiling with TVM")
-    t0 = time.perf_counter()
-    tvm_target = tvm.target.Target(target.target, host=target.host) if target.host else tvm.target.Target(target.target)
-    executable = tvm.compile(mod, target=tvm_target)
-    compile_s = time.perf_counter() - t0
-    export(executable, out_dir / target.library)
-    device = write_device_source(executable, out_dir) if target.gpu else {}
-    say("writing weights")
-    write_weights(out_dir / WEIGHTS, plan.params, progress)
+    compile_s, device = _compile_and_write(mod, plan, target, out_dir, say, progress)
     from .lower import cache_shape
     kv_heads, head_dim = cache_shape(graph)
     layers = sum(1 for n in graph.nodes if n.op == "Attention")
@@ -70,19 +60,10 @@ def build(graph: Graph, out_dir, preset, config: dict, *,
                              "weight_formats": plan.formats, "tvm_compile_seconds": round(compile_s, 2), **device})
 
 
-def build_plain(graph: Graph, out_dir, preset, *, progress: Callable[[str], None] | None = None,
-                stage: Callable[[str], None] | None = None, precision: str = "exact") -> dict:
-    """A library with one entry point, ``main(*graph inputs, params) -> (outputs...)``, for a
-    graph without a KV cache (an embedding model's: token ids and mask in, vectors out);
-    returns the manifest's backend entry."""
+def _compile_and_write(mod, plan, target, out_dir: Path, say, progress):
+    """tvm.compile the module, export its library (and a GPU's device source) and write the
+    plan's weights; returns the compile's seconds and the device source's manifest fields."""
     import tvm
-
-    from .lower import Target, lower_plain
-    out_dir = Path(out_dir)
-    target = for_preset(preset)
-    say = stage or (lambda s: None)
-    say("lowering to TVM Relax")
-    mod, plan = lower_plain(graph, Target(target.target, target.gpu, exact=precision == "exact"))
     say("compiling with TVM")
     t0 = time.perf_counter()
     tvm_target = tvm.target.Target(target.target, host=target.host) if target.host else tvm.target.Target(target.target)
@@ -92,6 +73,21 @@ def build_plain(graph: Graph, out_dir, preset, *, progress: Callable[[str], None
     device = write_device_source(executable, out_dir) if target.gpu else {}
     say("writing weights")
     write_weights(out_dir / WEIGHTS, plan.params, progress)
+    return compile_s, device
+
+
+def build_plain(graph: Graph, out_dir, preset, *, progress: Callable[[str], None] | None = None,
+                stage: Callable[[str], None] | None = None, precision: str = "exact") -> dict:
+    """A library with one entry point, ``main(*graph inputs, params) -> (outputs...)``, for a
+    graph without a KV cache (an embedding model's: token ids and mask in, vectors out);
+    returns the manifest's backend entry."""
+    from .lower import Target, lower_plain
+    out_dir = Path(out_dir)
+    target = for_preset(preset)
+    say = stage or (lambda s: None)
+    say("lowering to TVM Relax")
+    mod, plan = lower_plain(graph, Target(target.target, target.gpu, exact=precision == "exact"))
+    compile_s, device = _compile_and_write(mod, plan, target, out_dir, say, progress)
     return {"name": "tvm", **({"cross_compiled_for": target.cross} if target.cross else {}),
             **({"cpu_features": sorted(preset.cpu_flags)} if preset.cpu_flags else {}),
             "recompute_cache_after": None, "requires": list(REQUIRES),
