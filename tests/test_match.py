@@ -99,7 +99,7 @@ def _quantized_linear(fmt):
 
 @pytest.mark.parametrize("backend", ["onnxrt", "tvm"])
 def test_quant_matmul_fuses_what_the_target_takes(backend):
-    """Q5_K has TVM kernels and no ONNX Runtime repack: each backend's pipeline fuses what its
+    """Q3_K has TVM kernels and no ONNX Runtime repack: each backend's pipeline fuses what its
     own target says, not ONNX Runtime's table for both."""
     from kiln.driver import pipeline
     from kiln.targets.onnxrt.quant import REPACK
@@ -108,8 +108,8 @@ def test_quant_matmul_fuses_what_the_target_takes(backend):
     assert can.quant_matmul == {"onnxrt": frozenset(REPACK), "tvm": SUPPORTED}[backend]
     assert (can.attention_head_multiple, can.moe) == {"onnxrt": (8, False), "tvm": (1, True)}[backend]
     run = dict(pipeline(backend))["quant_matmul"]
-    stats = run(_quantized_linear("q5_k")).stats
-    assert stats == ({"quant_matmul_q5_k": 1} if backend == "tvm" else {"kept_float": 1})
+    stats = run(_quantized_linear("q3_k")).stats
+    assert stats == ({"quant_matmul_q3_k": 1} if backend == "tvm" else {"kept_float": 1})
     assert ("moe" in dict(pipeline(backend))) == (not can.moe)
     with pytest.raises(ValueError, match="unknown backend"):
         fusions.of("cuda")
