@@ -106,6 +106,20 @@ def compiled_family(hf_fixture, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_gguf, tmp_path_factory):
+    """SmolLM2's tokenizer as kiln's runtime loads it, from the GGUF's metadata."""
+    import gguf
+
+    from kiln.frontends.tokenizer import from_gguf_metadata
+    from kiln.runtime.tokenizer import Tokenizer
+    reader = gguf.GGUFReader(str(smollm2_gguf))
+    meta = {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
+    folder = tmp_path_factory.mktemp("tok")
+    from_gguf_metadata(meta).save(folder)
+    return Tokenizer.load(folder)
+
+
+@pytest.fixture(scope="session")
 def smollm2_artifact(smollm2_gguf, tmp_path_factory) -> Path:
     """SmolLM2 compiled once per session for this CPU with the default backend (TVM) in exact
     mode, shared by the modules that run it. Tests must copy it before editing it."""

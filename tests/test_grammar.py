@@ -25,16 +25,8 @@ SCHEMA = {"type": "object", "properties": {
 
 
 @pytest.fixture(scope="module")
-def tok(smollm2_gguf, tmp_path_factory):
-    import gguf
-
-    from kiln.frontends.tokenizer import from_gguf_metadata
-    from kiln.runtime.tokenizer import Tokenizer
-    reader = gguf.GGUFReader(str(smollm2_gguf))
-    meta = {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
-    folder = tmp_path_factory.mktemp("tok")
-    from_gguf_metadata(meta).save(folder)
-    return Tokenizer.load(folder)
+def tok(smollm2_tokenizer):
+    return smollm2_tokenizer
 
 
 def _run(tok, grammar, params: SamplingParams, seed_logits: int, limit: int = 80) -> RowDecoder:

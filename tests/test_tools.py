@@ -15,7 +15,6 @@ from kiln.runtime.params import SamplingParams
 from kiln.runtime.response_format import request_grammar
 from kiln.runtime.sampling import Sampler
 from kiln.runtime.server import _content
-from kiln.runtime.tokenizer import Tokenizer
 from kiln.runtime.tool_parser import ToolCallParser, ToolDeltas, assistant_message, parse_tool_calls
 from kiln.runtime.tools import render_messages, tool_request
 
@@ -38,15 +37,8 @@ PLAIN = "{% for m in messages %}[{{ m.role }}]{{ m.content }}\n{% endfor %}"
 
 
 @pytest.fixture(scope="module")
-def tok(smollm2_gguf, tmp_path_factory):
-    import gguf
-
-    from kiln.frontends.tokenizer import from_gguf_metadata
-    reader = gguf.GGUFReader(str(smollm2_gguf))
-    meta = {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
-    folder = tmp_path_factory.mktemp("tok")
-    from_gguf_metadata(meta).save(folder)
-    return Tokenizer.load(folder)
+def tok(smollm2_tokenizer):
+    return smollm2_tokenizer
 
 
 CONVERSATION = [
