@@ -108,7 +108,9 @@ class TVMSession(RowCache):
         self.caches: list = []
         self._inputs: dict = {}
         self._pooled: set = set()
-        self._views: tuple = (None, None)      # (key, the cache views) of the last span stepped
+        # the caches, capacity, first row and rows of the last span stepped, and its views; the
+        # caches object itself is held and compared (an id() could be reused once it is freed)
+        self._views: tuple = (None, None, None, None, None)
         self.reset(1)
         self._check_against_library(library)
 
@@ -189,11 +191,12 @@ class TVMSession(RowCache):
             raise ValueError(f"the sequence would hold {total} tokens but this artifact holds at most {self.max_length}")
         if total > self.capacity:
             self._grow(total)
-        key = (id(self.caches), self.capacity, lo, n)
-        if self._views[0] != key:
-            self._views = (key, [self._rows_view(c, lo, n) for c in self.caches])
+        caches, capacity, first, rows, views = self._views
+        if not (caches is self.caches and (capacity, first, rows) == (self.capacity, lo, n)):
+            views = [self._rows_view(c, lo, n) for c in self.caches]
+            self._views = (self.caches, self.capacity, lo, n, views)
         args = [self._staged("ids", ids), self._staged("lengths", before.astype(np.int32)),
-                self._staged("positions", np.zeros((n, 1), dtype=np.int64)), self._views[1], self.params]
+                self._staged("positions", np.zeros((n, 1), dtype=np.int64)), views, self.params]
         return self.rt.host(self._decode(*args))
 
     def _read_kv(self, r: int, start: int, stop: int) -> np.ndarray:
