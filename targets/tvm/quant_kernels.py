@@ -48,12 +48,13 @@ import functools
 from .kernel_common import (Threads, cpu_shape, dims, gpu_tiles_accumulate, gpu_tiles_store, gpu_tiles_zero, is_gpu,
                             product, target_key)
 from .quant_layout import (CHUNK, LANES, SUPPORTED, _array_dtypes, _array_names, _array_shapes, _check, _FORMATS,
-                           _tiles, _Weights, pack)
+                           _split, _tiles, _Weights, pack)
 
 __all__ = ["SUPPORTED", "pack", "matmul", "gather"]
 GPU_UNIT = 8        # k's per thread step of the GPU GEMV
 CPU_GEMV_MAX_ROWS = 8
 GPU_GEMV_MAX_ROWS = 4
+GEMM_INT8_ROWS = 4    # rows per register block of the int8 GEMM (2 tiles: 8 accumulators, 8 dot chains)
 
 
 # ---- targets ------------------------------------------------------------------------------
@@ -64,9 +65,11 @@ GPU_GEMV_MAX_ROWS = 4
 
 def _int8_activations(fmt: str, target_key: str) -> bool:
     """Whether ``exact=False`` quantizes x to int8 for this format on this CPU target: on AVX-512
-    VNNI, for codes of 4 or 8 bits with a scale per 32 (q4_0, q4_1, q4_k, q8_0)."""
+    VNNI, for codes of 4 or 8 bits with a scale per 32 (q4_0, q4_1, q4_k, q8_0) and for Q6_K's
+    6-bit codes with a scale per 16 (its two planes are joined into bytes in registers)."""
     spec = _FORMATS[fmt]
-    return cpu_shape(target_key).vnni and spec.group == CHUNK and spec.planes in ((4,), (8,))
+    return cpu_shape(target_key).vnni and ((spec.group == CHUNK and spec.planes in ((4,), (8,)))
+                                           or (spec.group == 16 and spec.planes == (4, 2)))
 
 
 def _k_chunk(k: int) -> int:
@@ -113,6 +116,24 @@ def _cpu_matmul_func(fmt: str, n: int, k: int, target_key: str, fast: bool = Fal
                 g = kk // spec.group
                 return W.combine(scb[g, lane], bib[g, lane] if spec.bias else None, W.code(t, c, CHUNK, kk, lane))
 
+            # AVX-512: a 4-bit code becomes its float (code − offset) by one vpermps from a
+            # 16-entry table (the instruction reads only each index's low 4 bits, so the code
+            # needs a shift and no mask or conversion); the weight is the same float as
+            # ``weight``'s, so exact results do not change
+            permute = wide and spec.planes == (4,)
+            table = tirx.Ramp(tirx.const(-float(spec.offset), "float32"), tirx.const(1.0, "float32"), LANES)
+
+            def permuted_weight(t, c, kk, scb, bib):
+                idx, pos = _split(c, CHUNK, kk, 8)
+                word = W.bufs["bits4"][t, idx, tirx.Ramp(0, 1, LANES)]
+                if pos:
+                    word = tirx.shift_right(word, tirx.Broadcast(tirx.const(4 * pos, "uint32"), LANES))
+                q = tirx.call_llvm_pure_intrin("float32x16", "llvm.x86.avx512.permvar.sf.512", table,
+                                               tirx.reinterpret("int32x16", word))
+                g = kk // spec.group
+                w = scb[g, tirx.Ramp(0, 1, LANES)] * q
+                return w + bib[g, tirx.Ramp(0, 1, LANES)] if spec.bias else w
+
             def gemv(rows_per_pass: int, accs: int):
                 """Each weight vector dequantized once per pass over ``rows_per_pass`` rows of x,
                 with ``accs`` accumulators per row (together at least four FMA chains)."""
@@ -130,8 +151,11 @@ def _cpu_matmul_func(fmt: str, n: int, k: int, target_key: str, fast: bool = Fal
                         with T.serial(0, k // CHUNK) as c:
                             hoist_scales(t, c, scb, bib)
                             for kk in range(CHUNK):
-                                with T.vectorized(0, LANES) as lane:
-                                    T.buffer_store(wv, weight(t, c, kk, lane, scb, bib), [lane])
+                                if permute:
+                                    T.buffer_store(wv, permuted_weight(t, c, kk, scb, bib), [tirx.Ramp(0, 1, LANES)])
+                                else:
+                                    with T.vectorized(0, LANES) as lane:
+                                        T.buffer_store(wv, weight(t, c, kk, lane, scb, bib), [lane])
                                 for i in range(r):
                                     with T.vectorized(0, LANES) as lane:
                                         a = i * accs + kk % accs
@@ -144,6 +168,72 @@ def _cpu_matmul_func(fmt: str, n: int, k: int, target_key: str, fast: bool = Fal
                                         parts = [parts[j] + parts[j + 1] for j in range(0, len(parts), 2)]
                                     total = parts[0]
                                     T.buffer_store(out, total, [mo * r + i, t * LANES + lane])
+                            if r == 1:
+                                store()
+                            else:
+                                with T.If(mo * r + i < m_rows):
+                                    with T.Then():
+                                        store()
+
+            # bias-free 4- and 8-bit codes in groups of 32 (q4_0, q8_0) on AVX-512: the group's
+            # scale multiplies the float32 sum of (code − offset) · x once, instead of every weight
+            scale_after_sum = wide and not spec.bias and spec.group == CHUNK and spec.planes in ((4,), (8,))
+
+            def signed_code(t, c, kk):
+                """(code − offset) as float32x16, exact: a 4-bit code through the vpermps table;
+                an 8-bit one (stored code + 128) as the signed byte of its word xor 0x80."""
+                ramp = tirx.Ramp(0, 1, LANES)
+                if spec.planes == (4,):
+                    idx, pos = _split(c, CHUNK, kk, 8)
+                    word = W.bufs["bits4"][t, idx, ramp]
+                    if pos:
+                        word = tirx.shift_right(word, tirx.Broadcast(tirx.const(4 * pos, "uint32"), LANES))
+                    return tirx.call_llvm_pure_intrin("float32x16", "llvm.x86.avx512.permvar.sf.512", table,
+                                                      tirx.reinterpret("int32x16", word))
+                idx, pos = _split(c, CHUNK, kk, 4)
+                word = tirx.bitwise_xor(W.bufs["bits8"][t, idx, ramp],
+                                        tirx.Broadcast(tirx.const(0x80808080, "uint32"), LANES))
+                word = tirx.reinterpret("int32x16", word)
+                if pos < 3:
+                    word = tirx.shift_left(word, tirx.Broadcast(tirx.const(24 - 8 * pos, "int32"), LANES))
+                return tirx.Cast("float32x16", tirx.shift_right(word, tirx.Broadcast(tirx.const(24, "int32"), LANES)))
+
+            def gemv_scaled_groups(rows_per_pass: int, accs: int):
+                """``gemv`` for ``scale_after_sum`` formats: per group and row, ``accs`` float32
+                sums of (code − offset) · x, then the group's scale times their pairwise sum.
+                One shift, one conversion (or permute) and one FMA per weight vector; the sums
+                differ from ``gemv``'s by float32 rounding (the scale applied once, not per
+                weight), and every row count rounds a row the same way."""
+                r = rows_per_pass
+                ramp = tirx.Ramp(0, 1, LANES)
+                with T.parallel(0, tiles) as t:
+                    acc = T.alloc_buffer((r, LANES), "float32")
+                    part = T.alloc_buffer((r * accs, LANES), "float32")
+                    wv = T.alloc_buffer((LANES,), "float32")
+                    scb = T.alloc_buffer((groups, LANES), "float32")
+                    bib = T.alloc_buffer((groups, LANES), "float32")
+                    with T.serial(0, (m_rows + r - 1) // r) as mo:
+                        rows = [T.min(mo * r + i, m_rows - 1) for i in range(r)] if r > 1 else [mo]
+                        for i in range(r):
+                            T.buffer_store(acc, tirx.Broadcast(tirx.const(0, "float32"), LANES), [i, ramp])
+                        with T.serial(0, k // CHUNK) as c:
+                            hoist_scales(t, c, scb, bib)
+                            for a in range(r * accs):
+                                T.buffer_store(part, tirx.Broadcast(tirx.const(0, "float32"), LANES), [a, ramp])
+                            for kk in range(CHUNK):
+                                T.buffer_store(wv, signed_code(t, c, kk), [ramp])
+                                for i in range(r):
+                                    a = i * accs + kk % accs
+                                    T.buffer_store(part, part[a, ramp] + tirx.Broadcast(x[rows[i], c * CHUNK + kk], LANES)
+                                                   * wv[ramp], [a, ramp])
+                            for i in range(r):
+                                parts = [part[i * accs + a, ramp] for a in range(accs)]
+                                while len(parts) > 1:       # pairwise
+                                    parts = [parts[j] + parts[j + 1] for j in range(0, len(parts), 2)]
+                                T.buffer_store(acc, acc[i, ramp] + scb[0, ramp] * parts[0], [i, ramp])
+                        for i in range(r):
+                            def store():
+                                T.buffer_store(out, acc[i, ramp], [mo * r + i, tirx.Ramp(t * LANES, 1, LANES)])
                             if r == 1:
                                 store()
                             else:
@@ -213,21 +303,24 @@ def _cpu_matmul_func(fmt: str, n: int, k: int, target_key: str, fast: bool = Fal
                                     with T.Then():
                                         store()
 
-            def gemv_int8(rows_per_pass: int):
-                """``exact=False`` on AVX-512 VNNI for 4- and 8-bit codes in groups of 32: x
-                quantized to int8 per group of 32 (scale max|x|/127, as llama.cpp's Q8
-                activations), the codes' dot products with it summed in int32 by ``vpdpbusd``
-                (64 byte products an instruction), then scaled once per group."""
-                r = rows_per_pass
-                width = spec.planes[0]
-                nb = k // CHUNK
-                lanes = tirx.Ramp(0, 1, LANES)
-                xq = T.alloc_buffer((CPU_GEMV_MAX_ROWS, k // 4), "int32")
-                dxb = T.alloc_buffer((CPU_GEMV_MAX_ROWS, nb), "float32")
-                sxb = T.alloc_buffer((CPU_GEMV_MAX_ROWS, nb), "float32")
-                sqb = T.alloc_buffer((CPU_GEMV_MAX_ROWS, nb), "int32")
-                qt = T.alloc_buffer((CHUNK,), "int32")
-                with T.serial(0, m_rows) as m:
+            width = spec.planes[0]
+            nb = k // CHUNK
+            lanes = tirx.Ramp(0, 1, LANES)
+            zero_i32 = tirx.Broadcast(tirx.const(0, "int32"), LANES)
+
+            def quantize_activations(rows: int | None):
+                """x quantized to int8 per group of 32 (scale max|x|/127, as llama.cpp's Q8
+                activations), four codes to an int32 word in the order the weight words hold
+                their k's; per group also the scale, the float sum of x and the sum of the codes.
+                ``rows``: the buffers' row count (None: every row of x, quantized in parallel)."""
+                extent = m_rows if rows is None else rows
+                xq = T.alloc_buffer((extent, k // 4), "int32")
+                dxb = T.alloc_buffer((extent, nb), "float32")
+                sxb = T.alloc_buffer((extent, nb), "float32")
+                sqb = T.alloc_buffer((extent, nb * groups), "int32")
+                loop = T.serial if rows is not None else T.parallel
+                with loop(0, m_rows) as m:
+                    qt = T.alloc_buffer((CHUNK,), "int32")
                     with T.serial(0, nb) as b:
                         xv = [x[m, b * CHUNK + j] for j in range(CHUNK)]
                         mags = [T.abs(v) for v in xv]
@@ -238,14 +331,19 @@ def _cpu_matmul_func(fmt: str, n: int, k: int, target_key: str, fast: bool = Fal
                         T.buffer_store(dxb, amax / tirx.const(127.0, "float32"), [m, b])
                         for j in range(CHUNK):
                             T.buffer_store(qt, tirx.Cast("int32", T.round(xv[j] * inv)), [j])
-                        total, qsum = xv[0], qt[0]
+                        total = xv[0]
                         for j in range(1, CHUNK):
-                            total, qsum = total + xv[j], qsum + qt[j]
+                            total = total + xv[j]
                         T.buffer_store(sxb, total, [m, b])
-                        T.buffer_store(sqb, qsum, [m, b])
+                        for g in range(groups):        # the codes' sum per scale group
+                            span = range(g * spec.group, (g + 1) * spec.group)
+                            qsum = qt[span[0]]
+                            for j in span[1:]:
+                                qsum = qsum + qt[j]
+                            T.buffer_store(sqb, qsum, [m, b * groups + g])
                         # the byte order of the weight words: 4-bit words split into even and odd k's
                         order = ([[8 * u + 2 * e + p for e in range(4)] for u in range(4) for p in range(2)]
-                                 if width == 4 else [[4 * u + e for e in range(4)] for u in range(8)])
+                                 if width != 8 else [[4 * u + e for e in range(4)] for u in range(8)])
                         for wi, ks in enumerate(order):
                             word = None
                             for e, kk in enumerate(ks):
@@ -254,13 +352,68 @@ def _cpu_matmul_func(fmt: str, n: int, k: int, target_key: str, fast: bool = Fal
                                     byte = tirx.shift_left(byte, tirx.const(8 * e, "uint32"))
                                 word = byte if word is None else tirx.bitwise_or(word, byte)
                             T.buffer_store(xq, tirx.reinterpret("int32", word), [m, b * 8 + wi])
-                zero = tirx.Broadcast(tirx.const(0, "int32"), LANES)
+                return xq, dxb, sxb, sqb
 
-                def dot(acc, codes, xword):
-                    # LLVM 22 types the byte operands as <64 x i8>
-                    return tirx.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", acc,
-                                                      tirx.reinterpret("int8x64", codes),
-                                                      tirx.reinterpret("int8x64", tirx.Broadcast(xword, LANES)))
+            def dot(acc, codes, xword):
+                # LLVM 22 types the byte operands as <64 x i8>
+                return tirx.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", acc,
+                                                  tirx.reinterpret("int8x64", codes),
+                                                  tirx.reinterpret("int8x64", tirx.Broadcast(xword, LANES)))
+
+            def code_words(t, c):
+                """The 8 int32x16 vectors of one tile's 32 k's, unsigned bytes in the order of
+                ``quantize_activations``' words."""
+                if width == 8:
+                    return [tirx.reinterpret("int32x16", W.bufs["bits8"][t, c * 8 + j, lanes]) for j in range(8)]
+                def u32(v):
+                    return tirx.Broadcast(tirx.const(v, "uint32"), LANES)
+                words = []
+                for j in range(4):
+                    w = W.bufs["bits4"][t, c * 4 + j, lanes]
+                    lo = tirx.bitwise_and(w, u32(0x0F0F0F0F))
+                    hi = tirx.bitwise_and(tirx.shift_right(w, u32(4)), u32(0x0F0F0F0F))
+                    if spec.planes == (4, 2):
+                        # Q6_K: the 2-bit fields of these 8 k's sit at 4e (even k's) and 4e + 2
+                        # (odd k's) of 16 bits of the bits2 word; spread its 4-bit groups to one
+                        # a byte, then each field goes to bits 4-5 of its code's byte
+                        h = tirx.bitwise_and(tirx.shift_right(W.bufs["bits2"][t, c * 2 + j // 2, lanes],
+                                                              u32(16 * (j % 2))), u32(0xFFFF))
+                        h = tirx.bitwise_and(tirx.bitwise_or(h, tirx.shift_left(h, u32(8))), u32(0x00FF00FF))
+                        h = tirx.bitwise_and(tirx.bitwise_or(h, tirx.shift_left(h, u32(4))), u32(0x0F0F0F0F))
+                        lo = tirx.bitwise_or(lo, tirx.shift_left(tirx.bitwise_and(h, u32(0x03030303)), u32(4)))
+                        hi = tirx.bitwise_or(hi, tirx.shift_left(tirx.bitwise_and(h, u32(0x0C0C0C0C)), u32(2)))
+                    words += [tirx.reinterpret("int32x16", lo), tirx.reinterpret("int32x16", hi)]
+                return words
+
+            def block_value(words, row, c, scales, bias, acts):
+                """32 k's products for one row: int32 dot products in two chains per scale
+                group, then the groups' scales (and bias times the float sum of x)."""
+                xq, dxb, sxb, sqb = acts
+                per = 8 // groups
+                sums = []
+                for g in range(groups):
+                    chains = [zero_i32, zero_i32]
+                    for j in range(g * per, (g + 1) * per):
+                        chains[j % 2] = dot(chains[j % 2], words[j], xq[row, c * 8 + j])
+                    isum = chains[0] + chains[1]
+                    if spec.offset:
+                        isum = isum - tirx.Broadcast(sqb[row, c * groups + g] * spec.offset, LANES)
+                    sums.append(tirx.Cast("float32x16", isum))
+                dx = tirx.Broadcast(dxb[row, c], LANES)
+                if groups == 1:
+                    val = scales[0] * (dx * sums[0])
+                else:
+                    val = dx * (scales[0] * sums[0] + scales[1] * sums[1])
+                if spec.bias:
+                    val = val + bias * tirx.Broadcast(sxb[row, c], LANES)
+                return val
+
+            def gemv_int8(rows_per_pass: int):
+                """``exact=False`` on AVX-512 VNNI for 4- and 8-bit codes in groups of 32: the
+                codes' dot products with int8 x summed in int32 by ``vpdpbusd`` (64 byte
+                products an instruction), then scaled once per group."""
+                r = rows_per_pass
+                acts = quantize_activations(CPU_GEMV_MAX_ROWS)
                 with T.parallel(0, tiles) as t:
                     accv = T.alloc_buffer((r,), "float32x16")
                     scb = T.alloc_buffer((groups, LANES), "float32")
@@ -272,28 +425,8 @@ def _cpu_matmul_func(fmt: str, n: int, k: int, target_key: str, fast: bool = Fal
                         with T.serial(0, nb) as c:
                             hoist_scales(t, c, scb, bib)
                             for i in range(r):
-                                chains = []
-                                if width == 4:
-                                    mask = tirx.Broadcast(tirx.const(0x0F0F0F0F, "uint32"), LANES)
-                                    for j in range(4):
-                                        w = W.bufs["bits4"][t, c * 4 + j, lanes]
-                                        lo = tirx.reinterpret("int32x16", tirx.bitwise_and(w, mask))
-                                        hi = tirx.reinterpret("int32x16", tirx.bitwise_and(
-                                            tirx.shift_right(w, tirx.Broadcast(tirx.const(4, "uint32"), LANES)), mask))
-                                        base = (c * 4 + j) * 2
-                                        chains.append(dot(dot(zero, lo, xq[rows[i], base]), hi, xq[rows[i], base + 1]))
-                                else:
-                                    for j in range(0, 8, 2):
-                                        w0 = tirx.reinterpret("int32x16", W.bufs["bits8"][t, c * 8 + j, lanes])
-                                        w1 = tirx.reinterpret("int32x16", W.bufs["bits8"][t, c * 8 + j + 1, lanes])
-                                        chains.append(dot(dot(zero, w0, xq[rows[i], c * 8 + j]), w1, xq[rows[i], c * 8 + j + 1]))
-                                isum = (chains[0] + chains[1]) + (chains[2] + chains[3])
-                                if spec.offset:
-                                    isum = isum - tirx.Broadcast(sqb[rows[i], c] * spec.offset, LANES)
-                                val = scb[0, lanes] * (tirx.Broadcast(dxb[rows[i], c], LANES)
-                                                       * tirx.Cast("float32x16", isum))
-                                if spec.bias:
-                                    val = val + bib[0, lanes] * tirx.Broadcast(sxb[rows[i], c], LANES)
+                                val = block_value(code_words(t, c), rows[i], c, [scb[g, lanes] for g in range(groups)],
+                                                  bib[0, lanes], acts)
                                 T.buffer_store(accv, accv[i] + val, [i])
                         for i in range(r):
                             def store():
@@ -304,6 +437,59 @@ def _cpu_matmul_func(fmt: str, n: int, k: int, target_key: str, fast: bool = Fal
                                 with T.If(mo * r + i < m_rows):
                                     with T.Then():
                                         store()
+
+            def gemm_int8(rows_per_block: int):
+                """``exact=False`` prefill on AVX-512 VNNI: per task of ``tt`` tiles and k-chunk,
+                the weights' bytes are unpacked once into a scratch buffer with their scales,
+                then every block of rows runs ``vpdpbusd`` over them (the products of
+                ``gemv_int8``: a row's result does not depend on the row count)."""
+                mbi = rows_per_block
+                acts = quantize_activations(None)
+                cpc = kc // CHUNK
+
+                def span(u):
+                    return tirx.Ramp(u * LANES, 1, LANES)
+                with T.parallel(0, tiles // tt) as task:
+                    wq = T.alloc_buffer((cpc * 8, tt * LANES), "int32")
+                    scq = T.alloc_buffer((cpc * groups, tt * LANES), "float32")
+                    biq = T.alloc_buffer((cpc, tt * LANES), "float32")
+                    scb = T.alloc_buffer((groups, LANES), "float32")
+                    bib = T.alloc_buffer((groups, LANES), "float32")
+                    accv = T.alloc_buffer((mbi, tt * LANES), "float32")
+                    with T.serial(0, k // kc) as kci:
+                        with T.serial(0, cpc) as ci:
+                            c = kci * cpc + ci
+                            for u in range(tt):
+                                t = task * tt + u
+                                hoist_scales(t, c, scb, bib)
+                                for g in range(groups):
+                                    T.buffer_store(scq, scb[g, lanes], [ci * groups + g, span(u)])
+                                if spec.bias:
+                                    T.buffer_store(biq, bib[0, lanes], [ci, span(u)])
+                                for j, wv in enumerate(code_words(t, c)):
+                                    T.buffer_store(wq, wv, [ci * 8 + j, span(u)])
+                        with T.serial(0, (m_rows + mbi - 1) // mbi) as mo:
+                            rows = [T.min(mo * mbi + i, m_rows - 1) for i in range(mbi)]
+                            for i in range(mbi):
+                                for u in range(tt):
+                                    cols = tirx.Ramp((task * tt + u) * LANES, 1, LANES)
+                                    start = tirx.Select(kci == 0, tirx.Broadcast(tirx.const(0, "float32"), LANES),
+                                                        out[rows[i], cols])
+                                    T.buffer_store(accv, start, [i, span(u)])
+                            with T.serial(0, cpc) as ci:
+                                c = kci * cpc + ci
+                                for i in range(mbi):
+                                    for u in range(tt):
+                                        words = [wq[ci * 8 + j, span(u)] for j in range(8)]
+                                        val = block_value(words, rows[i], c, [scq[ci * groups + g, span(u)] for g in range(groups)],
+                                                          biq[ci, span(u)] if spec.bias else None, acts)
+                                        T.buffer_store(accv, accv[i, span(u)] + val, [i, span(u)])
+                            for i in range(mbi):
+                                with T.If(mo * mbi + i < m_rows):
+                                    with T.Then():
+                                        for u in range(tt):
+                                            T.buffer_store(out, accv[i, span(u)],
+                                                           [mo * mbi + i, tirx.Ramp((task * tt + u) * LANES, 1, LANES)])
 
             def gemm():
                 with T.parallel(0, tiles // tt) as task:
@@ -346,10 +532,12 @@ def _cpu_matmul_func(fmt: str, n: int, k: int, target_key: str, fast: bool = Fal
                                                 T.buffer_store(out, acc[i, u * LANES + lane],
                                                                [mo * mb + i, (task * tt + u) * LANES + lane])
 
+            large = gemm
             if fast and int8:
                 small = lambda rows, accs: gemv_int8(rows)   # noqa: E731
+                large = lambda: gemm_int8(GEMM_INT8_ROWS)     # noqa: E731
             else:
-                small = gemv_folded if fast else gemv
+                small = gemv_folded if fast else (gemv_scaled_groups if scale_after_sum else gemv)
             # every row count up to CPU_GEMV_MAX_ROWS sums a row's products into the same
             # accumulators in the same order, so a row's result does not depend on how many
             # rows run beside it (the scheduler steps only the rows in use: batch invariance)
@@ -370,7 +558,7 @@ def _cpu_matmul_func(fmt: str, n: int, k: int, target_key: str, fast: bool = Fal
                                         with T.Then():
                                             small(8 if wide else 2, accs)
                                         with T.Else():
-                                            gemm()
+                                            large()
     return ib.get()
 
 
