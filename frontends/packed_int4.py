@@ -138,8 +138,14 @@ def _layer(p: str, parts: dict, s: Scheme, folder: Path) -> Weight:
     order = None if g_idx is None else g_idx.raw().view(np.int32).reshape(-1)
     if order is not None and (order.min(initial=0) < 0 or order.max(initial=0) >= groups):
         fail(f"g_idx names groups outside 0..{groups - 1}")
-    in_order = order is None or np.array_equal(order, np.arange(k) // group)
-    block = int4_group.block_for(group, k)
+    if order is None:
+        order = np.arange(k) // group
+    # inputs sorted by group (stably: in order where they already are); a block needs all its
+    # inputs in one group, and desc_act's groups are runs of group_size once sorted
+    perm = np.argsort(order, kind="stable")
+    sorted_groups = order[perm]
+    block = next((b for b in int4_group.GROUPS if k % b == 0 and
+                  (sorted_groups.reshape(-1, b) == sorted_groups[::b, None]).all()), None)
 
     def parts_of():
         """(codes uint8 [N, K], zeros [groups, N], scales float16-or-wider [groups, N])."""
@@ -150,22 +156,33 @@ def _layer(p: str, parts: dict, s: Scheme, folder: Path) -> Weight:
         return codes.T if s.method == "awq" else codes, zeros, scales.numpy() if scales.format.name != "f16" \
             else scales.raw().view(np.float16).reshape(groups, n)
 
-    name = f"{p}.weight"
-    if in_order and block is not None and scales.format.name == "f16":
-        def load_blocks():
-            codes, zeros, sc = parts_of()
-            first = np.arange(0, k, block) // group            # the group of each block
-            return int4_group.encode(codes.reshape(n * (k // block), block), sc[first].T.reshape(-1),
-                                     zeros[first].T.reshape(-1)).reshape(-1)
-        return Weight((n, k), int4_group.name_for(block), load_blocks, name=name, origin=origin)
-
     def load_float():
         codes, zeros, sc = parts_of()
-        idx = order if order is not None else np.arange(k) // group
-        sc32 = sc.astype(np.float32)[idx].T                  # [N, K]: each input's group
-        values = sc32 * (codes.astype(np.float32) - zeros[idx].T.astype(np.float32))
+        sc32 = sc.astype(np.float32)[order].T                 # [N, K]: each input's group
+        values = sc32 * (codes.astype(np.float32) - zeros[order].T.astype(np.float32))
         return np.ascontiguousarray(values, dtype=np.float32).view(np.uint8)
-    return Weight((n, k), "f32", load_float, name=name, origin=origin)
+
+    def load_blocks():
+        codes, zeros, sc = parts_of()
+        first = sorted_groups[::block]                         # the group of each block
+        codes = codes if shuffled is None else codes[:, perm]
+        return int4_group.encode(codes.reshape(n * (k // block), block), sc[first].T.reshape(-1),
+                                 zeros[first].T.reshape(-1)).reshape(-1)
+
+    name = f"{p}.weight"
+    shuffled = None if np.array_equal(perm, np.arange(k)) else perm
+    if block is None or scales.format.name != "f16":
+        return Weight((n, k), "f32", load_float, name=name, origin=origin)
+    blocks = Weight((n, k), int4_group.name_for(block), load_blocks, name=name, origin=origin)
+    if shuffled is None:
+        return blocks
+    # desc_act: the layer's values, in the checkpoint's input order, for whatever reads weights
+    # (conversion, LoRA merges); the graph multiplies the blocks of the sorted inputs by the
+    # activations gathered into that order (frontends/builder.py: _linear)
+    blocks.input_order = shuffled
+    values = Weight((n, k), "f32", load_float, name=name, origin=origin)
+    values.sorted_blocks = blocks
+    return values
 
 
 def _fields(words: np.ndarray) -> np.ndarray:

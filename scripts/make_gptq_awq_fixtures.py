@@ -29,7 +29,8 @@ Cases (the fixture's K is 64, or 128 for down_proj):
 - ``gptq_g128_sym``: group_size 128, symmetric: a 64-wide row is one short group, down_proj's
   128 one whole group;
 - ``gptq_desc_act``: group_size 32, asymmetric, desc_act true: each layer's inputs are assigned
-  to groups in a random order (g_idx[perm[i]] = i // 32), as act-order leaves them;
+  to groups in a random order (g_idx[perm[i]] = i // 32), as act-order leaves them, one order
+  for the layers that read the same input (q/k/v, gate/up), as GPTQ's shared Hessian gives;
 - ``awq_g32``, ``awq_g64``: AutoAWQ needs K to be a multiple of the group size, so 64 is its
   largest group here.
 
@@ -56,6 +57,9 @@ OUT = ROOT / "tests" / "data" / "gptq_awq"
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+# GPTQ quantizes q/k/v (and gate/up) from the same inputs, so act-order gives them one order
+SHARED_INPUT = {"self_attn.k_proj": "self_attn.q_proj", "self_attn.v_proj": "self_attn.q_proj",
+                "mlp.up_proj": "mlp.gate_proj"}
 
 CASES = {
     "gptq_g32": dict(method="gptq", group=32, sym=False, desc_act=False, seed=1),
@@ -105,13 +109,13 @@ def group_params(w: np.ndarray, sym: bool, method: str):
     return scale, zero.astype(np.int64)
 
 
-def quantize(w: np.ndarray, c: dict, rng) -> tuple[dict, np.ndarray]:
-    """A float [N, K] weight -> (its packed tensors, the dequantized float32 weight)."""
+def quantize(w: np.ndarray, c: dict, perm) -> tuple[dict, np.ndarray]:
+    """A float [N, K] weight -> (its packed tensors, the dequantized float32 weight). ``perm``:
+    desc_act's order of the inputs (None: in order)."""
     n, k = w.shape
     group = c["group"]
     groups = -(-k // group)
-    if c.get("desc_act"):
-        perm = rng.permutation(k)
+    if perm is not None:
         g_idx = np.empty(k, np.int64)
         g_idx[perm] = np.arange(k) // group
     else:
@@ -137,10 +141,16 @@ def make_case(name: str, c: dict) -> None:
     rng = np.random.default_rng(c["seed"])
     src = {k: v.numpy() for k, v in load_file_all(BASE).items()}
     out, dequant_sd = {}, {}
-    for key, value in src.items():
+    perms = {}
+    for key, value in sorted(src.items()):
         prefix = key[:-len(".weight")]
-        if key.endswith(".weight") and prefix.split("layers.", 1)[-1].split(".", 1)[-1] in LINEARS:
-            packed, deq = quantize(value, c, rng)
+        module = prefix.split("layers.", 1)[-1].split(".", 1)[-1]
+        if key.endswith(".weight") and module in LINEARS:
+            # layers reading the same input share act-order's permutation (one Hessian)
+            shared = prefix.rsplit(".", 1)[0] + "." + SHARED_INPUT.get(module, module)
+            if c.get("desc_act") and shared not in perms:
+                perms[shared] = rng.permutation(value.shape[1])
+            packed, deq = quantize(value, c, perms.get(shared))
             out.update({f"{prefix}.{part}": t for part, t in packed.items()})
             dequant_sd[key] = deq
         else:

@@ -25,9 +25,9 @@ from kiln.interp import run
 from kiln.weights import Weight
 
 DATA = REPO / "tests" / "data" / "gptq_awq"
-# the linear layers' storage per case: desc_act's shuffled groups have no block form (float32);
-# a 64-wide row under group_size 128 is one group, stored in blocks of 64
-FORMATS = {"gptq_g32": {"int4_g32"}, "gptq_g128_sym": {"int4_g64", "int4_g128"}, "gptq_desc_act": {"f32"},
+# the linear layers' blocks in the graph per case: a 64-wide row under group_size 128 is one
+# group, stored in blocks of 64; desc_act's are blocks over its sorted inputs
+FORMATS = {"gptq_g32": {"int4_g32"}, "gptq_g128_sym": {"int4_g64", "int4_g128"}, "gptq_desc_act": {"int4_g32"},
            "awq_g32": {"int4_g32"}, "awq_g64": {"int4_g64"}}
 # max |kiln - transformers| over the logits: interpreter ~2e-7, compiled ~3e-7; 30x the worst
 BOUND = 1e-5
@@ -45,11 +45,18 @@ def _linear_formats(model):
     return {w.format.name for role, w in model.weights.items() if role.startswith("layers.") and len(w.shape) == 2}
 
 
+def _graph_formats(graph):
+    return {v.weight.format.name for name, v in graph.weights.items() if name.startswith("layers.")
+            and len(v.weight.shape) == 2}
+
+
 @pytest.mark.parametrize("case", sorted(FORMATS))
 def test_checkpoint_matches_the_dequantized_model(case):
     folder, ref = _case(case)
     model = hf.read(folder)
-    assert _linear_formats(model) == FORMATS[case]
+    assert _graph_formats(model.graph) == FORMATS[case]
+    # what converters and LoRA merges read: the blocks, or desc_act's values in checkpoint order
+    assert _linear_formats(model) == ({"f32"} if case == "gptq_desc_act" else FORMATS[case])
     assert model.source["quantization"]["method"] == case.split("_")[0]
     logits = run(model.graph, {"input_ids": ref["input_ids"]})[model.graph.outputs[0].name]
     np.testing.assert_allclose(logits, ref["logits"], rtol=0, atol=BOUND)
@@ -134,13 +141,33 @@ def test_awq_words_interleave_outputs():
 
 
 def test_desc_act_groups_follow_g_idx():
-    # g_idx sends input i to group i % 2 (two groups of 32 by turns): no block form, so the
-    # layer is float32, each input scaled by its own group's scale
+    # g_idx sends input i to group i % 2 (two groups of 32 by turns): the layer's values are
+    # each input scaled by its own group's scale; its blocks hold the inputs sorted by group
+    # (evens, then odds), which the graph gathers x into
     k, n = 64, 8
-    w = _one_layer("gptq", np.zeros((k // 8, n), np.uint32), np.full((2, 1), 0x77777777, np.uint32),
-                   np.array([[1.0] * n, [2.0] * n]), g_idx=np.arange(k) % 2, fmt="gptq_v2")
+    codes = np.arange(k) % 16
+    qweight = np.tile(sum(codes[f::8].astype(np.uint32) << np.uint32(4 * f) for f in range(8))[:, None], (1, n))
+    scales = np.array([[1.0] * n, [2.0] * n])
+    w = _one_layer("gptq", qweight, np.full((2, 1), 0x77777777, np.uint32), scales, g_idx=np.arange(k) % 2,
+                   fmt="gptq_v2")
     assert w.format.name == "f32"
-    np.testing.assert_array_equal(w.numpy()[0], np.where(np.arange(k) % 2, -14.0, -7.0))
+    want = np.where(np.arange(k) % 2, 2.0, 1.0) * (codes - 7)
+    np.testing.assert_array_equal(w.numpy()[0], want)
+    order = np.r_[np.arange(0, k, 2), np.arange(1, k, 2)]
+    blocks = w.sorted_blocks
+    assert blocks.format.name == "int4_g32" and (blocks.input_order == order).all()
+    np.testing.assert_array_equal(blocks.numpy(), w.numpy()[:, order])
+    # groups of 31 and 33 inputs: no block holds one group alone, so the layer is float32 only
+    uneven = (np.arange(k) >= 31).astype(int)
+    w = _one_layer("gptq", qweight, np.full((2, 1), 0x77777777, np.uint32), scales, g_idx=uneven, fmt="gptq_v2")
+    assert w.format.name == "f32" and getattr(w, "sorted_blocks", None) is None
+
+
+def test_desc_act_layers_reading_one_input_share_one_gather():
+    model = hf.read(DATA / "gptq_desc_act")
+    gathers = [n for n in model.graph.nodes if n.op == "Gather" and n.name.endswith("input_order")]
+    # per layer: q/k/v's input, o's, gate/up's and down's
+    assert len(gathers) == 4 * model.config["num_layers"]
 
 
 # ---- what kiln refuses --------------------------------------------------------------------
@@ -210,3 +237,15 @@ def test_int4_group_codec_reads_scale_zero_and_nibbles(name):
     want = scale * (codes - raw[:, 2:3].astype(np.float32))
     assert (fmt.dequantize_blocks(raw).view(np.uint32) == want.view(np.uint32)).all()
     assert (fmt.dequantize_blocks(int4_group.encode(codes.astype(np.uint8), scale[:, 0], raw[:, 2])) == want).all()
+
+
+@pytest.mark.parametrize("name", sorted(int4_group.NAMES))
+def test_int4_group_quantizer_rounds_to_the_nearest_step(name):
+    """kiln makes these blocks only for tests: round to nearest over each block's [min, max]."""
+    fmt = formats.get(name)
+    values = np.random.default_rng(8).standard_normal((3, 2 * fmt.block_size)).astype(np.float32)
+    got = Weight.from_array(values, name).numpy()
+    step = (np.ptp(values.reshape(-1, fmt.block_size), axis=1) / 15).repeat(fmt.block_size).reshape(values.shape)
+    # half a step, or a whole one where the rounded zero pushes an end code past 0..15
+    err = np.abs(got - values)
+    assert (err <= 1.01 * step).all() and np.median(err / step) < 0.3

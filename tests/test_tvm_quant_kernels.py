@@ -12,7 +12,6 @@ import pytest
 import tvm
 from tvm import relax
 
-from kiln import formats
 from kiln.errors import KilnError
 from kiln.formats import int4_group
 from kiln.targets.tvm import quant_kernels as Q
@@ -31,11 +30,6 @@ TOLERANCE = 2e-6
 
 def _weight(fmt: str, n: int, k: int = K, seed: int = 0) -> Weight:
     rng = np.random.default_rng(seed)
-    if fmt in int4_group.NAMES:     # GPTQ/AWQ groups kiln reads but does not make: random blocks
-        size = formats.get(fmt).block_size
-        blocks = int4_group.encode(rng.integers(0, 16, (n * k // size, size)),
-                                   rng.uniform(0.05, 0.2, n * k // size), rng.integers(0, 17, n * k // size))
-        return Weight((n, k), fmt, lambda: blocks.reshape(-1), name=f"w_{fmt}")
     values = rng.standard_normal((n, k)).astype(np.float32) * rng.uniform(0.5, 2.0, (n, 1)).astype(np.float32)
     return Weight.from_array(values, "f32", name=f"w_{fmt}").astype(fmt)
 

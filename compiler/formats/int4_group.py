@@ -18,11 +18,11 @@ from __future__ import annotations
 import numpy as np
 
 from . import WeightFormat
-from ._blocks import pack_nibbles, unpack_nibbles
+from ._blocks import pack_nibbles, quiet, reciprocal_or_zero, unpack_nibbles
 from .layout import BlockLayout, f16
 
-#: the group sizes with a format; a checkpoint group of another multiple of 32 is stored in the
-#: largest of these that divides it (its scale repeated), see ``block_for``
+#: the group sizes with a format; a checkpoint's groups of another multiple of 32 (or a row's
+#: short last group) are stored in the largest of these that tiles them, each scale repeated
 GROUPS = (256, 128, 64, 32)
 HEADER = 3      # half scale + zero byte
 
@@ -53,15 +53,24 @@ def name_for(group: int) -> str:
     return f"int4_g{group}"
 
 
-def block_for(group: int, k: int) -> int | None:
-    """The largest registered block that tiles both a checkpoint's groups of ``group`` values
-    and rows of ``k`` (a last group shorter than ``group`` included); None when none does."""
-    return next((g for g in GROUPS if group % g == 0 and k % g == 0), None)
+@quiet
+def _round_to_nearest(self, values):
+    """Blocks by round-to-nearest over [min, max] (AWQ's rule before its search; kiln reads
+    these blocks from checkpoints and makes them only for tests and fixtures): a half scale
+    (max − min) / 15, the zero round(−min / scale) in 0..15."""
+    values = np.asarray(values, dtype=np.float32)
+    lo, hi = values.min(axis=1, keepdims=True), values.max(axis=1, keepdims=True)
+    scale = ((hi - lo) / np.float32(15)).astype(np.float16)
+    inv = reciprocal_or_zero(scale.astype(np.float32))
+    zero = np.clip(np.rint(-lo * inv), 0, 15)
+    codes = np.clip(np.rint(values * inv) + zero, 0, 15)
+    return encode(codes.astype(np.uint8), scale[:, 0], zero[:, 0])
 
 
 for _g in GROUPS:
     globals()[f"INT4_G{_g}"] = type(f"INT4_G{_g}", (WeightFormat,), {
         "name": name_for(_g), "block_size": _g, "type_size": HEADER + _g // 2, "__module__": __name__,
+        "quantize_blocks": _round_to_nearest,
         "layout": BlockLayout(group=32, planes=(4,), offset=0, params=(("s", "float16", _g), ("z", "uint8", _g)),
                               unpack=_unpack, scale=_scale, bias=_zero_times_scale, subtract_bias=True)})
 
