@@ -14,11 +14,12 @@ first) and half scales, one scale and zero per group of ``group_size`` input val
   output dimension with the eight outputs of a word interleaved (field i holds output
   ``AWQ_ORDER[i]``), ``P.scales`` [groups, N]; groups are consecutive inputs.
 
-Every layer becomes ``P.weight`` [N, K] in ``int4_gB`` (``kiln.formats.int4_group``): the same
-codes, scales and zeros, kept quantized for the backends. Two cases have no exact block form and
-are dequantized to float32 instead (exact too, only larger): a ``g_idx`` that is not
-``i // group_size`` (desc_act: see docs/design-notes.md) and groups that are not a multiple of
-32 values; scales stored as anything but float16 go the same way.
+Every layer becomes ``P.weight`` [N, K] in ``int4_gB`` (``kiln.formats.int4_group``, B the
+largest of 256/128/64/32 whose blocks each lie in one group): the same codes, scales and zeros,
+kept quantized for the backends. Under desc_act the groups are runs only once the inputs are
+sorted by group: the blocks hold the sorted inputs (``input_order``) and the graph gathers x
+into that order (docs/design-notes.md). Groups no block size tiles (not multiples of 32) and
+scales stored as anything but float16 are dequantized to float32 instead: exact, only larger.
 """
 from __future__ import annotations
 
