@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kiln.errors import KilnError
+from kiln.errors import KilnError, load_json_object
 from kiln.formats import int4_group
 from kiln.weights import Weight
 
@@ -60,6 +60,11 @@ def scheme(raw_cfg: dict, folder: Path) -> Scheme | None:
     naming the config key."""
     path = folder / "config.json"
     q = raw_cfg.get("quantization_config")
+    if q is None and (folder / "quantize_config.json").is_file():
+        # AutoGPTQ before transformers read GPTQ: the config in a file of its own
+        path = folder / "quantize_config.json"
+        q = {"quant_method": "gptq", **load_json_object(path, unreadable="not a readable JSON file",
+                                                       not_object="not a JSON object")}
     if q is None:
         return None
     if not isinstance(q, dict):

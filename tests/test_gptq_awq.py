@@ -99,6 +99,22 @@ def test_convert_to_gguf_dequantizes_and_requantizes_only_when_asked(case, tmp_p
     assert _linear_formats(gguf.read(tmp_path / "q.gguf")) == {"q8_0"}
 
 
+def test_autogptqs_own_quantize_config_json_is_read(tmp_path):
+    """AutoGPTQ's checkpoints from before transformers read them hold the config in
+    quantize_config.json, without a quantization_config in config.json."""
+    folder = tmp_path / "old"
+    shutil.copytree(DATA / "gptq_g32", folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    q = cfg.pop("quantization_config")
+    (folder / "config.json").write_text(json.dumps(cfg))
+    (folder / "quantize_config.json").write_text(json.dumps({k: v for k, v in q.items() if k != "quant_method"}))
+    model = hf.read(folder)
+    assert _graph_formats(model.graph) == {"int4_g32"}
+    (folder / "quantize_config.json").write_text(json.dumps({**q, "bits": 8}))
+    with pytest.raises(KilnError, match=r"quantize_config.json: quantization_config bits 8"):
+        hf.read(folder)
+
+
 # ---- the packing, from hand-made words ----------------------------------------------------
 
 def _raw(array, fmt):
@@ -129,6 +145,15 @@ def test_gptq_words_pack_eight_inputs_and_zeros_minus_one():
         assert w.format.name == "int4_g32"
         want = 0.5 * (codes.T - (np.arange(n)[:, None] + zero_add))
         np.testing.assert_array_equal(w.numpy(), want)
+
+
+def test_group_size_minus_one_is_one_group_per_row():
+    # K 64 under group_size -1: one scale and zero per output, stored as blocks of 64
+    k, n = 64, 8
+    w = _one_layer("gptq", np.full((k // 8, n), 0x99999999, np.uint32), [[0x33333333]], np.full((1, n), 0.25),
+                   group=-1)
+    assert w.format.name == "int4_g64"
+    np.testing.assert_array_equal(w.numpy(), np.full((n, k), 0.25 * (9 - 4)))
 
 
 def test_awq_words_interleave_outputs():
