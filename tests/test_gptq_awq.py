@@ -110,6 +110,9 @@ def test_autogptqs_own_quantize_config_json_is_read(tmp_path):
     (folder / "quantize_config.json").write_text(json.dumps({k: v for k, v in q.items() if k != "quant_method"}))
     model = hf.read(folder)
     assert _graph_formats(model.graph) == {"int4_g32"}
+    # and a hub download fetches it with the folder
+    from kiln.frontends.hub import FOLDER_FILES
+    assert "quantize_config.json" in FOLDER_FILES
     (folder / "quantize_config.json").write_text(json.dumps({**q, "bits": 8}))
     with pytest.raises(KilnError, match=r"quantize_config.json: quantization_config bits 8"):
         hf.read(folder)
