@@ -186,7 +186,11 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
         importance = _importance_by_role(imatrix, model) if imatrix is not None else None
         passes = [("quantize", quantize_pass(scheme, layout, requantize=requantize, importance=importance))] + passes
     stage("running passes")
-    graph, records = run_passes(model.graph, passes, verify=verify, dump_dir=dump_ir, report=on_pass)
+    graph = model.graph
+    if scheme is not None:          # requantized: a GPTQ desc_act layer's values in their own order
+        from kiln.frontends.packed_int4 import in_checkpoint_order
+        graph = in_checkpoint_order(model)
+    graph, records = run_passes(graph, passes, verify=verify, dump_dir=dump_ir, report=on_pass)
     cfg = model.config
     with staging(output, owned=lambda: _artifact_files(output), keep_others=False, kind="an artifact") as tmp:
         def weight_done(name):

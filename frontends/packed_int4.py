@@ -191,6 +191,20 @@ def _layer(p: str, parts: dict, s: Scheme, folder: Path) -> Weight:
     return values
 
 
+def in_checkpoint_order(model):
+    """The model's graph with each desc_act layer as its float32 values in checkpoint order and
+    no gathered activations: for whatever maps the graph's matrices back onto the checkpoint's
+    tensors (an ONNX export, an importance matrix) or requantizes them. The model's own graph
+    where it has no such layer."""
+    if not any(getattr(w, "sorted_blocks", None) is not None for w in model.weights.values()):
+        return model.graph
+    from .arch import ArchConfig
+    from .builder import build_graph
+    plain = {role: w.map_values(lambda a: a) if getattr(w, "sorted_blocks", None) is not None else w
+             for role, w in model.weights.items()}
+    return build_graph(ArchConfig.from_dict(model.config), plain, name=model.graph.name)
+
+
 def _fields(words: np.ndarray) -> np.ndarray:
     """int32 words [R, C] -> their 4-bit fields [R, 8C], low bits first."""
     w = np.ascontiguousarray(words).view(np.uint32)

@@ -16,7 +16,7 @@ from conftest import REPO, greedy_decode
 
 from kiln import formats
 from kiln.driver import compile as kiln_compile
-from kiln.driver import convert
+from kiln.driver import convert, load_model
 from kiln.errors import KilnError
 from kiln.frontends import hf, packed_int4
 from kiln.formats import int4_group
@@ -277,3 +277,41 @@ def test_int4_group_quantizer_rounds_to_the_nearest_step(name):
     # half a step, or a whole one where the rounded zero pushes an end code past 0..15
     err = np.abs(got - values)
     assert (err <= 1.01 * step).all() and np.median(err / step) < 0.3
+
+
+# ---- desc_act where the graph's matrices are read back as the checkpoint's ----------------
+
+def test_desc_act_onnx_export_reads_back_in_checkpoint_order(tmp_path):
+    """An export's initializers are read back by role: it holds the layers in checkpoint order."""
+    folder, ref = _case("gptq_desc_act")
+    convert(folder, tmp_path / "onnx", to="onnx", onnx_layout="kiln")
+    model = load_model(tmp_path / "onnx")
+    logits = run(model.graph, {"input_ids": ref["input_ids"]})[model.graph.outputs[0].name]
+    np.testing.assert_allclose(logits, ref["logits"], rtol=0, atol=BOUND)
+
+
+def test_desc_act_importance_matrix_is_in_checkpoint_order(tmp_path):
+    from kiln.frontends import gguf
+    from kiln.imatrix import collect
+    folder, _ = _case("gptq_desc_act")
+    convert(folder, tmp_path / "f.gguf", to="gguf")
+    ids = np.random.default_rng(9).integers(0, 256, 64).tolist()
+    got = collect(hf.read(folder), ids, ctx=32)
+    want = collect(gguf.read(tmp_path / "f.gguf"), ids, ctx=32)
+    assert got.entries.keys() == want.entries.keys()
+    for name in want.entries:
+        np.testing.assert_allclose(got.entries[name].sums, want.entries[name].sums, rtol=1e-5)
+
+
+def test_desc_act_requantized_at_compile_time_in_checkpoint_order(tmp_path):
+    """--quant requantizes the layer's values in checkpoint order, as from the float GGUF: the
+    same blocks of 32 (over the sorted inputs they would be other blocks)."""
+    from kiln import runtime
+    folder, ref = _case("gptq_desc_act")
+    convert(folder, tmp_path / "f.gguf", to="gguf")
+    outs = []
+    for src, name in ((folder, "a.kiln"), (tmp_path / "f.gguf", "b.kiln")):
+        model = runtime.load(kiln_compile(src, output=tmp_path / name, backend="onnxrt", quant="q4_0", requantize=True))
+        assert {p["name"]: p["stats"] for p in model.manifest["passes"]}["quant_matmul"] == {"quant_matmul_q4_0": 9}     # with lm_head
+        outs.append(model.logits(ref["input_ids"]))
+    np.testing.assert_allclose(outs[0], outs[1], rtol=0, atol=1e-6)
