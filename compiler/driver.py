@@ -80,6 +80,9 @@ def quant_scheme(quant: str):
 def refuse_requantize(model, quant: str, requantize: bool, path=None) -> None:
     """--quant on a model whose weights are already blocks: an error unless asked for."""
     blocks = sorted({w.format.name for w in model.weights.values() if w.format.is_block})
+    packed = model.source.get("quantization")
+    if packed:      # a GPTQ/AWQ checkpoint: quantized even where kiln holds a layer as float
+        blocks = [f"{packed['method'].upper()} int4", *blocks]
     if blocks and not requantize:
         raise KilnError(path or model.source.get("path"),
                         f"is already quantized ({', '.join(blocks)}); --quant {quant} would quantize its weights "
@@ -183,7 +186,11 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
         importance = _importance_by_role(imatrix, model) if imatrix is not None else None
         passes = [("quantize", quantize_pass(scheme, layout, requantize=requantize, importance=importance))] + passes
     stage("running passes")
-    graph, records = run_passes(model.graph, passes, verify=verify, dump_dir=dump_ir, report=on_pass)
+    graph = model.graph
+    if scheme is not None:          # requantized: a GPTQ desc_act layer's values in their own order
+        from kiln.frontends.packed_int4 import in_checkpoint_order
+        graph = in_checkpoint_order(model)
+    graph, records = run_passes(graph, passes, verify=verify, dump_dir=dump_ir, report=on_pass)
     cfg = model.config
     with staging(output, owned=lambda: _artifact_files(output), keep_others=False, kind="an artifact") as tmp:
         def weight_done(name):
@@ -207,7 +214,8 @@ def compile(model, target: str = "cpu", output=None, *, verify: bool = False, du
             "source": {"format": model.source.get("format"), "path": os.fspath(src_path or model.source.get("path", "")),
                        "sha256": source_digest(src_path) if src_path else None,
                        **({"tensor_formats": model.source["tensor_formats"]} if "tensor_formats" in model.source else {}),
-                       **({"lora": model.source["lora"]} if "lora" in model.source else {})},
+                       **({"lora": model.source["lora"]} if "lora" in model.source else {}),
+                       **({"quantization": model.source["quantization"]} if "quantization" in model.source else {})},
             "architecture": cfg["family"],
             "config": cfg,
             "target": {"preset": preset.name, "device": preset.device, "isa": preset.isa},
@@ -390,6 +398,12 @@ def convert(src, dst, *, to: str, dtype: str | None = None, quant: str | None = 
             kwargs.update(shard_bytes=max_shard_bytes)
         summary = writer.write(model, dst, **kwargs)
     summary["seconds"] = round(time.perf_counter() - t0, 3)
+    packed = model.source.get("quantization")
+    if to == "gguf" and not quant and not dtype and packed:
+        summary.setdefault("notes", []).append(
+            f"the {packed['method'].upper()} checkpoint's int4 weights were dequantized to float32, exactly: GGUF has "
+            f"no type for 4-bit codes with an integer zero per group; --quant TYPE --requantize quantizes them to "
+            f"a GGUF type instead")
     if to in ("hf", "safetensors") and dtype is None and summary.get("dtype") == "f32" and \
             any(w.format.is_block for w in model.weights.values()):
         # a decision, not an accident: dequantized blocks need float32 to stay exact

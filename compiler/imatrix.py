@@ -79,7 +79,8 @@ def collect(model, ids: list[int], *, ctx: int = 512, chunks: int | None = None,
     todo = windows(ids, ctx, chunks, bos)
     if not todo:
         raise KilnError(dataset or None, f"has {len(ids)} tokens, fewer than one window of --ctx {ctx}")
-    graph = model.graph
+    from kiln.frontends.packed_int4 import in_checkpoint_order
+    graph = in_checkpoint_order(model)      # columns in the checkpoint's order, as GGUF's tensors
     names = _matmul_inputs(graph, family)
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}

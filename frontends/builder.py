@@ -29,6 +29,7 @@ class _Emit:
     def __init__(self, g: Graph):
         self.g = g
         self.scope = ""
+        self.gathered = {}      # (input, order) -> the input gathered into that order
 
     def __getattr__(self, op):
         def call(*inputs, name: str = "", **attrs):
@@ -54,7 +55,8 @@ def build_graph(cfg: ArchConfig, weights: dict[str, Weight], name: str = "model"
         if role not in weights:
             return None
         if role not in W:
-            W[role] = g.add_weight(role, weights[role])
+            # a GPTQ desc_act layer: its blocks over sorted inputs (see _linear)
+            W[role] = g.add_weight(role, getattr(weights[role], "sorted_blocks", None) or weights[role])
         return W[role]
 
     ids = g.add_input("input_ids", "int64", ("batch", "seq"))
@@ -122,7 +124,15 @@ def build_graph(cfg: ArchConfig, weights: dict[str, Weight], name: str = "model"
 
 
 def _linear(e: _Emit, x: Value, weight: Value, bias: Value | None, name: str) -> Value:
-    """torch.nn.Linear: x @ W.T + b, with W stored [out, in] as in the checkpoint."""
+    """torch.nn.Linear: x @ W.T + b, with W stored [out, in] as in the checkpoint. A weight whose
+    columns are stored in another order (``input_order``: GPTQ's desc_act, whose groups are
+    runs only once the inputs are sorted) multiplies x gathered into that order."""
+    order = getattr(weight.weight, "input_order", None) if weight.is_weight else None
+    if order is not None:
+        key = (x.name, order.tobytes())
+        if key not in e.gathered:       # q/k/v (gate/up) share one order: gather once
+            e.gathered[key] = e.Gather(x, e.i64(order), axis=-1, name=f"{name}.input_order")
+        x = e.gathered[key]
     y = e.MatMul(x, e.Transpose(weight, perm=[1, 0], name=f"{name}.wt"), name=name)
     if bias is not None:
         y = e.Add(y, bias, name=f"{name}.bias")

@@ -266,10 +266,15 @@ def _open_tensors(folder: Path) -> dict[str, Weight]:
     raise KilnError(folder, "no model weights found (expected model.safetensors, a sharded index, or pytorch_model.bin)")
 
 
-def load_weights(folder: Path, family: A.Family, cfg: A.ArchConfig, prefixes: tuple = ()) -> dict[str, Weight]:
+def load_weights(folder: Path, family: A.Family, cfg: A.ArchConfig, prefixes: tuple = (),
+                 quantization=None) -> dict[str, Weight]:
     """``prefixes``: a multimodal checkpoint's text tensors, renamed as the text model names them
-    (the vision tower and projector are left out)."""
+    (the vision tower and projector are left out). ``quantization``: a GPTQ or AWQ checkpoint's
+    scheme (``packed_int4.scheme``): its packed layers become int4 block weights."""
     tensors = _open_tensors(folder)
+    if quantization is not None:
+        from .packed_int4 import unpack
+        tensors = unpack(tensors, quantization, folder)
     if prefixes:
         tensors = {new + name[len(old):]: w for name, w in tensors.items()
                    for old, new in prefixes if name.startswith(old)}
@@ -298,12 +303,15 @@ def read(path) -> ModelIR:
         raise KilnError(path, "not a model: a Hugging Face folder needs a config.json")
     raw_cfg = read_config(folder)
     family, cfg = arch_config(raw_cfg, folder)
-    weights = load_weights(folder, family, cfg, text_prefixes(raw_cfg))
+    from .packed_int4 import scheme
+    packed = scheme(raw_cfg, folder)
+    weights = load_weights(folder, family, cfg, text_prefixes(raw_cfg), packed)
     graph = build_graph(cfg, weights, name=family.name)
     tokenizer, gen = folder_extras(folder, cfg)
     return ModelIR(graph=graph, config=cfg.to_dict(), weights=weights,
                    source={"format": "hf", "path": os.fspath(folder), "config": raw_cfg,
-                           "name": raw_cfg.get("_name_or_path") or folder.resolve().name},
+                           "name": raw_cfg.get("_name_or_path") or folder.resolve().name,
+                           **({"quantization": packed.summary()} if packed else {})},
                    tokenizer=tokenizer, generation=gen)
 
 

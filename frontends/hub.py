@@ -32,7 +32,7 @@ _FILE_SUFFIXES = (".gguf", ".safetensors", ".kiln", ".bin", ".onnx", ".json")
 #: what a Hugging Face folder needs, and nothing else (no .bin or ONNX copies of the weights)
 FOLDER_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt",
-                "*.safetensors", "*.safetensors.index.json"]
+                "*.safetensors", "*.safetensors.index.json", "quantize_config.json"]
 DEFAULT_QUANT = "Q4_K_M"
 
 INSTALL = "pip install 'kiln[hub]'"

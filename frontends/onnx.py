@@ -35,6 +35,7 @@ def write(model: ModelIR, folder, *, dtype: str | None = None, layout: str = "op
     from kiln.targets import onnxrt
 
     from . import onnx_layout
+    from .packed_int4 import in_checkpoint_order
     dtype = dtype or "f32"
     if dtype not in _STORE:
         raise KilnError(folder, f"an ONNX export holds f32, f16 or bf16 weights, not {dtype}")
@@ -44,7 +45,8 @@ def write(model: ModelIR, folder, *, dtype: str | None = None, layout: str = "op
     # left-padded batch: per-row positions and a padding mask
     passes = [("kv_cache", insert_kv_cache), *([("padded_batch", padded_batch)] if layout == "optimum" else []),
               ("moe", decompose_moe), ("dce", dce)]
-    graph, _ = run_passes(model.graph, passes)
+    # the export's initializers are named by role and read back as such: checkpoint order
+    graph, _ = run_passes(in_checkpoint_order(model), passes)
     onnx_layout.store_weights_as(graph, _STORE[dtype])
     with staging(folder, owned=OWNED) as tmp:
         # the growing (concatenated) cache: a standalone model keeps no state between runs

@@ -12,17 +12,21 @@ from gguf.constants import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
 from kiln import formats
+from kiln.formats import int4_group
 from kiln.targets.onnxrt import quant as ort_quant
 from kiln.targets.tvm import quant_layout
 from kiln.weights import Weight
 
 ROOT = Path(__file__).resolve().parents[1]
 LAID_OUT = sorted(name for name, f in formats.all_formats().items() if f.layout is not None)
+GGUF_LAID_OUT = [name for name in LAID_OUT if formats.get(name).gguf_type is not None]
 ROWS = 5                # odd: TVM pads the last tile of 16 rows
 
 
 def test_every_gguf_block_format_kiln_runs_natively_has_a_layout():
-    assert LAID_OUT == ["q2_k", "q3_k", "q4_0", "q4_1", "q4_k", "q5_0", "q5_1", "q5_k", "q6_k", "q8_0"]
+    assert GGUF_LAID_OUT == ["q2_k", "q3_k", "q4_0", "q4_1", "q4_k", "q5_0", "q5_1", "q5_k", "q6_k", "q8_0"]
+    # the others: GPTQ's and AWQ's int4 groups (tests/test_gptq_awq.py checks their codec)
+    assert set(LAID_OUT) - set(GGUF_LAID_OUT) == int4_group.NAMES
     assert quant_layout.SUPPORTED == set(LAID_OUT) and ort_quant.REPACK <= set(LAID_OUT)
 
 
@@ -69,7 +73,7 @@ def test_the_layout_is_consistent(name):
     assert sum(lay.planes) * fmt.block_size // 8 <= fmt.type_size
 
 
-@pytest.mark.parametrize("name", LAID_OUT)
+@pytest.mark.parametrize("name", GGUF_LAID_OUT)
 def test_the_numpy_codec_is_the_layout_and_gguf_s(name):
     """Random bytes (half infinities, NaNs, subnormals): the codec is the layout's formula, bit
     for bit gguf's."""

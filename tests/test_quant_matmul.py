@@ -5,6 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kiln import formats
 from kiln.interp import run
 from kiln.ir import Graph
 from kiln.passes.dce import dce
@@ -19,7 +20,7 @@ ORT = fusions.of("onnxrt").quant_matmul
 
 
 def linear_graph(fmt: str, n=64, k=None, seed=0):
-    k = k or (256 if fmt.endswith("_k") else 96)
+    k = k or (256 if fmt.endswith("_k") or formats.get(fmt).block_size > 32 else 96)
     rng = np.random.default_rng(seed)
     g = Graph("linear")
     x = g.add_input("x", "float32", ("batch", "seq", k))
@@ -62,7 +63,7 @@ def test_float_weights_and_untaken_formats_are_left_alone():
 @settings(max_examples=50, deadline=None)
 @given(n=st.integers(1, 40), blocks=st.integers(1, 6), seq=st.integers(1, 5), seed=st.integers(0, 2**16))
 def test_matmulnbits_lowering_equals_the_interpreter(tmp_path_factory, fmt, n, blocks, seq, seed):
-    width = 256 if fmt.endswith("_k") else 32
+    width = 256 if fmt.endswith("_k") else max(32, formats.get(fmt).block_size)     # int4_gN: N
     blocks = 1 + blocks % 2 if width == 256 else blocks
     g = linear_graph(fmt, n=n, k=width * blocks, seed=seed)
     fuse_quant_matmul(g, ORT)

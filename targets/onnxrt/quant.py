@@ -13,6 +13,7 @@ maps onto one MatMulNBits block exactly:
 | q4_k | (d·s)·q − dmin·m per 32 | 4-bit, zero point 0, plus the min term |
 | q5_k | (d·s)·q − dmin·m per 32, q 5-bit | 8-bit, zero point 0, plus the min term |
 | q6_k | (d·s)·(q − 32) per 16 | 8-bit in blocks of 16, zero point 32 |
+| int4_gN | s·q − s·z per N (GPTQ/AWQ) | 4-bit, zero point 0, plus −s·z · (block sums of x) |
 
 8-bit operands are lowered as two exact 4-bit planes (``as_two_4bit_planes``). The table is
 what each format's layout (``kiln.formats.layout``) gives: :func:`operands` reads the blocks
@@ -26,6 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from kiln.formats import int4_group
 
 BLOCK = 32
 
@@ -42,7 +45,7 @@ class NBitsOperands:
 
 #: the formats whose blocks (sub-blocks for the K-quants) map onto MatMulNBits blocks exactly;
 #: Q2_K and Q3_K are dequantized for now (16-value sub-blocks with 4-bit scales)
-REPACK = frozenset({"q4_0", "q4_1", "q8_0", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k"})
+REPACK = frozenset({"q4_0", "q4_1", "q8_0", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k"}) | int4_group.NAMES
 
 
 def operands(fmt_name: str, raw: np.ndarray, n: int, k: int) -> NBitsOperands:
