@@ -126,26 +126,14 @@ def test_cpu_matmul_matches_dequantized_product(fmt, rows, cpu_results):
 
 def _int8_activation_reference(fmt: str, w: Weight, x: np.ndarray) -> np.ndarray:
     """What exact=False computes where it quantizes x to int8 (per 32 values, scale max|x|/127):
-    the weights' scaled codes times the dequantized int8 x, plus each group's bias times the
-    float sum of its x; float64."""
-    spec = Q._FORMATS[fmt]
-    n, k = w.shape
-    _, params = spec.decode(w.raw().reshape(-1, w.format.type_size))
-    w64 = _reference(w)
-    bias = np.zeros((n, k // 32))
-    if fmt in ("q4_1",):
-        bias = params["m"].astype(np.float64).reshape(n, k // 32)
-    elif fmt == "q4_k":
-        dmin = np.repeat(params["dmin"].astype(np.float64).reshape(n, k // 256), 8, axis=1)
-        bias = -(dmin * params["mn"].astype(np.float64).reshape(n, k // 32))
-    elif fmt in int4_group.NAMES:       # −scale·zero per 32, as the layout adds it
-        bias = w.format.layout.group_scales(params)[1].astype(np.float64).reshape(n, k // 32)
-    bias_full = np.repeat(bias, 32, axis=1)
+    the weights times the dequantized int8 x (biases included, as llama.cpp's Q8_1 products
+    take them), float64."""
+    k = w.shape[1]
     xb = x.reshape(len(x), k // 32, 32).astype(np.float32)
     amax = np.abs(xb).max(axis=-1, keepdims=True)
     inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
     xq = np.round(xb * inv) * (amax / np.float32(127)).astype(np.float32)
-    return xq.reshape(len(x), k).astype(np.float64) @ (w64 - bias_full).T + x.astype(np.float64) @ bias_full.T
+    return xq.reshape(len(x), k).astype(np.float64) @ _reference(w).T
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

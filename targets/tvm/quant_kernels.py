@@ -13,12 +13,14 @@ The contract with :mod:`.lower`::
 
 The stored layout and the arithmetic of one weight are :mod:`.quant_layout`'s.
 
-``exact=False`` (kiln's fast precision) changes the CPU GEMV (M ≤ 8) only. On AVX-512 VNNI, for
-q4_0, q4_1, q4_k and q8_0, x is quantized to int8 per 32 values (scale max|x|/127, as llama.cpp
-quantizes activations) and ``vpdpbusd`` sums code × x in int32, 64 byte products an
-instruction; each group is scaled once (a Q4_1 decode product ~3x faster, error ~2e-3 of the
-summed |products|). Elsewhere, per scale group the float32 sum of code · x is scaled once and
-the bias applied to the group's sum of x (10–30% faster, rounding like the exact path).
+``exact=False`` (kiln's fast precision) changes the CPU kernels only. On AVX-512 VNNI, for
+q4_0, q4_1, q4_k, q6_k and q8_0, x is quantized to int8 per 32 values (scale max|x|/127, as
+llama.cpp quantizes activations) and ``vpdpbusd`` sums code × x in int32, 64 byte products an
+instruction; each scale group is scaled once and a bias multiplies the int8 x's own sum, as
+llama.cpp's Q8_1 dot products do (a Q4_1 decode product ~3x faster, error ~2e-3 of the summed
+|products|). The GEMV (M ≤ 8, decode) and the GEMM (prefill) compute a row alike. Without VNNI,
+the GEMV sums code · x per scale group in float32, scales it once and applies the bias to the
+group's sum of x (10–30% faster, rounding like the exact path); the GEMM stays float32.
 
 Kernels by target (one prim func per (format, n, k, target), marked ``tirx.is_scheduled`` so
 dlight leaves it alone):
@@ -311,48 +313,35 @@ def _cpu_matmul_func(fmt: str, n: int, k: int, target_key: str, fast: bool = Fal
             def quantize_activations(rows: int | None):
                 """x quantized to int8 per group of 32 (scale max|x|/127, as llama.cpp's Q8
                 activations), four codes to an int32 word in the order the weight words hold
-                their k's; per group also the scale, the float sum of x and the sum of the codes.
+                their k's; per group also the scale and the sum of the codes.
                 ``rows``: the buffers' row count (None: every row of x, quantized in parallel)."""
                 extent = m_rows if rows is None else rows
                 xq = T.alloc_buffer((extent, k // 4), "int32")
                 dxb = T.alloc_buffer((extent, nb), "float32")
-                sxb = T.alloc_buffer((extent, nb), "float32")
                 sqb = T.alloc_buffer((extent, nb * groups), "int32")
                 loop = T.serial if rows is not None else T.parallel
+                half = CHUNK // 2
+                # the weight words' byte order: 4-bit words split into even and odd k's
+                order = ([8 * (w // 2) + 2 * e + (w % 2) for w in range(8) for e in range(4)] if width != 8
+                         else list(range(CHUNK)))
                 with loop(0, m_rows) as m:
-                    qt = T.alloc_buffer((CHUNK,), "int32")
                     with T.serial(0, nb) as b:
-                        xv = [x[m, b * CHUNK + j] for j in range(CHUNK)]
-                        mags = [T.abs(v) for v in xv]
-                        while len(mags) > 1:
-                            mags = [T.max(mags[j], mags[j + 1]) for j in range(0, len(mags), 2)]
-                        amax = mags[0]
+                        # 32 values as two vectors; lanes reduced by LLVM's vector reductions
+                        v0 = x[m, tirx.Ramp(b * CHUNK, 1, half)]
+                        v1 = x[m, tirx.Ramp(b * CHUNK + half, 1, half)]
+                        amax = tirx.call_llvm_pure_intrin("float32", "llvm.vector.reduce.fmax",
+                                                          T.max(T.abs(v0), T.abs(v1)))
                         inv = tirx.Select(amax > 0, tirx.const(127.0, "float32") / amax, tirx.const(0.0, "float32"))
                         T.buffer_store(dxb, amax / tirx.const(127.0, "float32"), [m, b])
-                        for j in range(CHUNK):
-                            T.buffer_store(qt, tirx.Cast("int32", T.round(xv[j] * inv)), [j])
-                        total = xv[0]
-                        for j in range(1, CHUNK):
-                            total = total + xv[j]
-                        T.buffer_store(sxb, total, [m, b])
-                        for g in range(groups):        # the codes' sum per scale group
-                            span = range(g * spec.group, (g + 1) * spec.group)
-                            qsum = qt[span[0]]
-                            for j in span[1:]:
-                                qsum = qsum + qt[j]
-                            T.buffer_store(sqb, qsum, [m, b * groups + g])
-                        # the byte order of the weight words: 4-bit words split into even and odd k's
-                        order = ([[8 * u + 2 * e + p for e in range(4)] for u in range(4) for p in range(2)]
-                                 if width != 8 else [[4 * u + e for e in range(4)] for u in range(8)])
-                        for wi, ks in enumerate(order):
-                            word = None
-                            for e, kk in enumerate(ks):
-                                byte = tirx.bitwise_and(tirx.Cast("uint32", qt[kk]), tirx.const(255, "uint32"))
-                                if e:
-                                    byte = tirx.shift_left(byte, tirx.const(8 * e, "uint32"))
-                                word = byte if word is None else tirx.bitwise_or(word, byte)
-                            T.buffer_store(xq, tirx.reinterpret("int32", word), [m, b * 8 + wi])
-                return xq, dxb, sxb, sqb
+                        q0 = tirx.Cast(f"int32x{half}", T.round(v0 * tirx.Broadcast(inv, half)))
+                        q1 = tirx.Cast(f"int32x{half}", T.round(v1 * tirx.Broadcast(inv, half)))
+                        sums = [q0 + q1] if groups == 1 else [q0, q1]
+                        for g, part in enumerate(sums):         # the codes' sum per scale group
+                            T.buffer_store(sqb, tirx.call_llvm_pure_intrin("int32", "llvm.vector.reduce.add", part),
+                                           [m, b * groups + g])
+                        codes = tirx.Shuffle([tirx.Cast(f"int8x{half}", q0), tirx.Cast(f"int8x{half}", q1)], order)
+                        T.buffer_store(xq, tirx.reinterpret("int32x8", codes), [m, tirx.Ramp(b * 8, 1, 8)])
+                return xq, dxb, sqb
 
             def dot(acc, codes, xword):
                 # LLVM 22 types the byte operands as <64 x i8>
@@ -387,8 +376,8 @@ def _cpu_matmul_func(fmt: str, n: int, k: int, target_key: str, fast: bool = Fal
 
             def block_value(words, row, c, scales, bias, acts):
                 """32 k's products for one row: int32 dot products in two chains per scale
-                group, then the groups' scales (and bias times the float sum of x)."""
-                xq, dxb, sxb, sqb = acts
+                group, then the groups' scales (and the bias times the int8 x's sum)."""
+                xq, dxb, sqb = acts
                 per = 8 // groups
                 sums = []
                 for g in range(groups):
@@ -405,7 +394,10 @@ def _cpu_matmul_func(fmt: str, n: int, k: int, target_key: str, fast: bool = Fal
                 else:
                     val = dx * (scales[0] * sums[0] + scales[1] * sums[1])
                 if spec.bias:
-                    val = val + bias * tirx.Broadcast(sxb[row, c], LANES)
+                    # the bias times the int8 x's own sum (dx · Σ codes), as llama.cpp's Q8_1
+                    # does: the error is then Σ w·(x − x̃) with centred weights, not Σ (w − bias)·(x − x̃)
+                    # with all-positive ones, which doubled SmolLM2's logit error against float32
+                    val = val + bias * (dx * tirx.Cast("float32x16", tirx.Broadcast(sqb[row, c], LANES)))
                 return val
 
             def gemv_int8(rows_per_pass: int):
