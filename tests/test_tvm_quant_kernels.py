@@ -168,8 +168,11 @@ def test_cpu_gather_is_the_dequantized_rows(fmt, cpu_results):
         np.testing.assert_array_equal(outs[-1], w64[ids].astype(np.float32))
 
 
-def _emulated(func):
-    return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target={"kind": "llvm"})["main"]
+def _emulated(func, target=None):
+    # GPU kernels built with emulate=True run on a plain LLVM target; CPU kernels must be compiled
+    # for the CPU they were written for (their intrinsics do not exist elsewhere)
+    mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+    return tvm.compile(mod, target=target or {"kind": "llvm"})["main"]
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -264,7 +267,7 @@ def test_real_smollm2_weights(smollm2_gguf):
     for w in (down, embed):
         n, k = w.shape
         arrays = Q.pack(w)
-        f = _emulated(Q._cpu_matmul_func(w.format.name, n, k, target_key(HOST)))
+        f = _emulated(Q._cpu_matmul_func(w.format.name, n, k, target_key(HOST)), HOST)
         dev = [tvm.runtime.tensor(a) for a in arrays.values()]
         x = rng.standard_normal((1, k)).astype(np.float32)
         out = tvm.runtime.empty((1, Q._tiles(n) * Q.LANES), "float32")
@@ -273,5 +276,5 @@ def test_real_smollm2_weights(smollm2_gguf):
         assert _relative_error(out.numpy()[:, :n], x, w64) < TOLERANCE
     ids = np.array([0, 1, 49151, 12345], np.int64)
     rows = tvm.runtime.empty((4, 576), "float32")
-    _emulated(Q._cpu_gather_func("q8_0", 49152, 576))(tvm.runtime.tensor(ids), *dev, rows)
+    _emulated(Q._cpu_gather_func("q8_0", 49152, 576), HOST)(tvm.runtime.tensor(ids), *dev, rows)
     np.testing.assert_array_equal(rows.numpy(), w64[ids].astype(np.float32))
