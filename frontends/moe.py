@@ -8,6 +8,8 @@ role (``layers.{i}.experts.gate.weight``). A table name holding ``{j}`` is stack
 """
 from __future__ import annotations
 
+import numpy as np
+
 from kiln.errors import KilnError
 
 from .arch import LLAMA_GGUF, LLAMA_HF, Family, _family
@@ -60,7 +62,38 @@ _family(Family("olmoe", ("olmoe",), "olmoe", QWEN_MOE_HF, MOE_GGUF,
 _family(Family("qwen2_moe", ("qwen2_moe",), "qwen2moe", QWEN2_MOE_HF, QWEN2_MOE_GGUF,
                flags={"attention_bias": True, "expert_norm_topk": False}))
 
-MOE_FAMILIES = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe")
+# gpt_oss: HF keeps each projection's experts in one tensor, laid out [experts, in, out] (the
+# transpose of kiln's), gate and up interleaved column by column in one gate_up_proj; every
+# projection, the router included, has a bias; attention has biases and a sink per head
+GPT_OSS_HF = _without_dense_mlp(LLAMA_HF)
+GPT_OSS_HF.update({"layers.{i}.sinks": "model.layers.{i}.self_attn.sinks",
+                   "layers.{i}.router.weight": "model.layers.{i}.mlp.router.weight",
+                   "layers.{i}.router.bias": "model.layers.{i}.mlp.router.bias",
+                   "layers.{i}.experts.gate_up.weight": "model.layers.{i}.mlp.experts.gate_up_proj",
+                   "layers.{i}.experts.gate_up.bias": "model.layers.{i}.mlp.experts.gate_up_proj_bias",
+                   "layers.{i}.experts.down.weight": "model.layers.{i}.mlp.experts.down_proj",
+                   "layers.{i}.experts.down.bias": "model.layers.{i}.mlp.experts.down_proj_bias"})
+# llama.cpp's gpt-oss names: its pre-MLP norm is post_attention_norm (gguf-py's ATTN_POST_NORM)
+GPT_OSS_GGUF = {k: v for k, v in MOE_GGUF.items() if k not in ("layers.{i}.attn_post_norm", "layers.{i}.mlp_post_norm")}
+GPT_OSS_GGUF.update({"layers.{i}.mlp_norm": "blk.{i}.post_attention_norm.weight",
+                     "layers.{i}.sinks": "blk.{i}.attn_sinks.weight",
+                     "layers.{i}.router.bias": "blk.{i}.ffn_gate_inp.bias",
+                     "layers.{i}.experts.gate.bias": "blk.{i}.ffn_gate_exps.bias",
+                     "layers.{i}.experts.up.bias": "blk.{i}.ffn_up_exps.bias",
+                     "layers.{i}.experts.down.bias": "blk.{i}.ffn_down_exps.bias"})
+# transformers' GptOssConfig defaults for what a config.json may leave out; alpha and limit are
+# also llama.cpp's fixed constants (a GGUF without kiln's keys means them)
+GPT_OSS_DEFAULTS = {"attention_bias": True, "swiglu_alpha": 1.702, "swiglu_limit": 7.0, "sliding_window": 128,
+                    "rms_norm_eps": 1e-5, "head_dim": 64}
+_family(Family("gpt_oss", ("gpt_oss",), "gpt-oss", GPT_OSS_HF, GPT_OSS_GGUF, global_every=2,
+               hf_defaults=GPT_OSS_DEFAULTS, hf_experts_transposed=True,
+               # llama.cpp's gpt-oss graph requires the attention biases: the family has them
+               flags={"expert_norm_topk": True, "expert_bias": True, "expert_glu": "swiglu_oai",
+                      "attention_sinks": True, "attention_bias": True, "output_bias": True},
+               hf_scalars={"swiglu_alpha": "swiglu_alpha", "swiglu_limit": "swiglu_limit"},
+               gguf_scalars={"swiglu_alpha": "swiglu_alpha", "swiglu_limit": "swiglu_limit"}))
+
+MOE_FAMILIES = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "gpt_oss")
 
 
 def hf_experts(cfg: dict, c, path) -> None:
@@ -99,7 +132,7 @@ def hf_experts(cfg: dict, c, path) -> None:
 def hf_expert_config(c) -> dict:
     """The config.json keys transformers' family reads for the experts (the inverse of hf_experts)."""
     out = {"num_experts_per_tok": c.experts_per_token, "sliding_window": c.sliding_window}
-    if c.family == "mixtral":
+    if c.family in ("mixtral", "gpt_oss"):
         out.update(num_local_experts=c.num_experts, intermediate_size=c.expert_intermediate_size)
         return out
     out.update(num_experts=c.num_experts, norm_topk_prob=bool(c.expert_norm_topk))
@@ -143,6 +176,9 @@ def expert_shapes(c, p: str) -> dict:
     X, E, F, S = c.num_experts, c.hidden_size, c.expert_intermediate_size, c.shared_expert_intermediate_size
     out = {p + "router.weight": (X, E), p + "experts.gate.weight": (X, F, E), p + "experts.up.weight": (X, F, E),
            p + "experts.down.weight": (X, E, F)}
+    if c.expert_bias:
+        out.update({p + "router.bias": (X,), p + "experts.gate.bias": (X, F), p + "experts.up.bias": (X, F),
+                    p + "experts.down.bias": (X, E)})
     if S:
         out.update({p + "shexp.gate.weight": (S, E), p + "shexp.up.weight": (S, E), p + "shexp.down.weight": (E, S),
                     p + "shexp.router.weight": (1, E)})
@@ -154,6 +190,47 @@ def shared_router_rows(weights: dict) -> dict:
     so a GGUF may hold it either way."""
     return {role: (w.reshape((1,) + w.shape) if role.endswith("shexp.router.weight") and len(w.shape) == 1 else w)
             for role, w in weights.items()}
+
+
+def hf_experts_in(role: str, w):
+    """gpt_oss's HF expert weights [experts, in, out] as kiln's [experts, out, in] (lazily)."""
+    if role.startswith("layers.") and ".experts." in role and role.endswith(".weight") and len(w.shape) == 3:
+        x, a, b = w.shape
+        return w.map_values(lambda v: np.swapaxes(v, 1, 2), (x, b, a))
+    return w
+
+
+def hf_experts_out(weights: dict) -> dict:
+    """The inverse of hf_experts_in and split_gate_up, for writing a gpt_oss HF checkpoint:
+    gate and up interleaved again, every expert weight [experts, in, out]."""
+    out = dict(weights)
+    for role in [r for r in out if r.endswith(".experts.gate.weight") or r.endswith(".experts.gate.bias")]:
+        up = role.replace(".gate.", ".up.")
+        g, u = out.pop(role), out.pop(up)
+        out[role.replace(".gate.", ".gate_up.")] = g.map_values(
+            lambda a, g=g, u=u: np.stack([a, u.numpy()], axis=-2).reshape(a.shape[:-2] + (-1, a.shape[-1]))
+            if len(a.shape) == 3 else np.stack([a, u.numpy()], axis=-1).reshape(a.shape[0], -1),
+            (g.shape[0], 2 * g.shape[1]) + g.shape[2:])
+    for role, w in list(out.items()):
+        if ".experts." in role and role.endswith(".weight") and len(w.shape) == 3:
+            out[role] = w.map_values(lambda v: np.swapaxes(v, 1, 2), (w.shape[0], w.shape[2], w.shape[1]))
+    return out
+
+
+def split_gate_up(weights: dict) -> dict:
+    """gpt_oss's fused experts.gate_up (weight [X, 2F, E] once transposed, bias [X, 2F]) as
+    experts.gate and experts.up: their rows alternate, gate first."""
+    out = {}
+    for role, w in weights.items():
+        if ".experts.gate_up." not in role:
+            out[role] = w
+            continue
+        if w.shape[1] % 2:
+            raise ValueError(f"fused tensor {role} has {w.shape[1]} gate and up rows, not an even number")
+        shape = (w.shape[0], w.shape[1] // 2) + tuple(w.shape[2:])
+        for k, part in enumerate(("gate", "up")):
+            out[role.replace(".gate_up.", f".{part}.")] = w.map_values(lambda a, k=k: a[:, k::2], shape)
+    return out
 
 
 def stack_experts(path, tensors: dict, template: str, n: int):

@@ -40,8 +40,8 @@ DATA = Path(__file__).resolve().parent / "data" / "hf_variants"
 VARIANTS = ["qwen3", "llama_rope_linear", "llama_rope_llama3", "llama_rope_dynamic", "qwen2_yarn",
             "phi3_longrope", "phi3_partial_rotary", "llama_mqa", "llama_bias", "llama_untied_bf16",
             "llama_f16", "mistral_sliding", "llama_bin", "granite", "olmo2", "gemma2", "gemma3", "gemma3_multimodal",
-            "mixtral", "qwen3_moe", "olmoe", "qwen2_moe"]
-MOE = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe")
+            "mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "gpt_oss"]
+MOE = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "gpt_oss")
 
 # Families beyond the shared fixtures: also written to GGUF with llama.cpp's names and keys,
 # read back and compiled. Per family, the llama.cpp keys (after the architecture prefix) that
@@ -58,6 +58,8 @@ GGUF_KEYS = {
     "olmoe": ("expert_count", "expert_used_count"),
     "qwen2_moe": ("expert_count", "expert_used_count", "expert_feed_forward_length",
                   "expert_shared_feed_forward_length"),
+    "gpt_oss": ("expert_count", "expert_used_count", "expert_feed_forward_length", "attention.sliding_window",
+                "rope.scaling.type", "rope.scaling.factor", "rope.scaling.original_context_length"),
 }
 
 # Known gaps in kiln, found with these fixtures. strict: when kiln is fixed the test fails
