@@ -42,7 +42,7 @@ def test_fixture_gguf_agrees_with_llama_cpp(hf_fixture, family, tmp_path):
     assert llama_cpp(gguf, ids)["greedy"] == kiln_greedy(gguf, ids, tmp_path)
 
 
-@pytest.mark.parametrize("name", ["granite", "olmo2", "mixtral", "qwen3_moe", "olmoe", "qwen2_moe"])
+@pytest.mark.parametrize("name", ["granite", "olmo2", "mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "gpt_oss"])
 def test_later_family_gguf_agrees_with_llama_cpp(name, tmp_path):
     """The families whose fixtures live in tests/data/hf_variants/ (names and keys as llama.cpp's
     converter writes them, granite's q/k rows interleaved for its rope). Not the gemma2/3
@@ -54,7 +54,7 @@ def test_later_family_gguf_agrees_with_llama_cpp(name, tmp_path):
     assert llama_cpp(gguf, ids)["greedy"] == kiln_greedy(gguf, ids, tmp_path)
 
 
-@pytest.mark.parametrize("name", ["qwen3_moe", "olmoe", "qwen2_moe"])
+@pytest.mark.parametrize("name", ["qwen3_moe", "olmoe", "qwen2_moe", "gpt_oss"])
 def test_quantized_experts_agree_with_llama_cpp(name, tmp_path):
     """Expert tensors quantized in 3-D blocks (Q8_0) as llama.cpp reads them. Not mixtral's
     fixture: its smallest greedy margin (0.012) is within what llama.cpp's int8 activations move

@@ -124,7 +124,7 @@ def test_mixture_rules_for_experts():
     assert s.type_for("layers.4.v.weight", (1024, 4096), many) == "q4_k"
 
 
-@pytest.mark.parametrize("name", ["qwen2_moe", "mixtral"])
+@pytest.mark.parametrize("name", ["qwen2_moe", "mixtral", "gpt_oss"])
 @pytest.mark.parametrize("backend", ["onnxrt", "tvm"])
 @pytest.mark.parametrize("quant", ["q8_0", "q4_k_m"])
 def test_quantized_experts_compile(tmp_path, backend, quant, name):
@@ -156,10 +156,13 @@ def test_quantized_experts_compile(tmp_path, backend, quant, name):
         assert formats["layers.0.experts.down.weight"] == "f32"
 
 
-@pytest.mark.parametrize("formats", [("q4_0", "q8_0"), ("q4_k", "q6_k"), ("q8_0", "f32")])
-def test_tvm_block_expert_kernels_match_the_interpreter(formats):
+@pytest.mark.parametrize("formats, gpt_oss", [(("q4_0", "q8_0"), False), (("q4_k", "q6_k"), False),
+                                              (("q8_0", "f32"), False), (("q8_0", "q4_0"), True), (("f32", "f32"), True)])
+def test_tvm_block_expert_kernels_match_the_interpreter(formats, gpt_oss):
     """The CPU kernels over experts kept in their blocks (gate/up in one type, down in another or
-    float), a token at a time and several at once, against the interpreter on the same blocks."""
+    float), a token at a time and several at once, against the interpreter on the same blocks;
+    with ``gpt_oss`` the router and experts have biases and the SwiGLU is clamped (at a limit
+    these weights reach)."""
     import tvm
 
     from kiln.interp import run
@@ -173,9 +176,14 @@ def test_tvm_block_expert_kernels_match_the_interpreter(formats):
     x = g.add_input("x", "float32", ("batch", "seq", E))
     arrays = {"router": (r.normal(size=(X, E)), "f32"), "gate": (r.normal(size=(X, F, E)), gu),
               "up": (r.normal(size=(X, F, E)), gu), "down": (r.normal(size=(X, E, F)), d)}
+    attrs = {"top_k": 2, "normalize": 1}
+    if gpt_oss:
+        arrays.update({"router_bias": (r.normal(size=(X,)), "f32"), "gate_bias": (r.normal(size=(X, F)), "f32"),
+                       "up_bias": (r.normal(size=(X, F)), "f32"), "down_bias": (r.normal(size=(X, E)), "f32")})
+        attrs.update(activation="swiglu_oai", bias=1, alpha=1.702, limit=0.5)
     ins = [x] + [g.add_weight(k, Weight.from_array(a.astype(np.float32) * 0.1, fmt, name=k), "float32")
                  for k, (a, fmt) in arrays.items()]
-    g.outputs = g.add_node("MoE", ins, {"top_k": 2, "normalize": 1}, name="moe")
+    g.outputs = g.add_node("MoE", ins, attrs, name="moe")
     mod, plan = lower_plain(g, Target({"kind": "llvm"}, False))
     assert plan.formats["gate"] == gu and plan.formats["down"] == d
     ex = tvm.compile(mod, target=tvm.target.Target({"kind": "llvm"}))
@@ -219,6 +227,59 @@ def test_inspect_shows_experts(tmp_path, capsys):
     assert "experts: 4 per layer, 2 active per token (their weights renormalized);" in capsys.readouterr().out
     assert main(["inspect", str(DATA / "olmo2")]) == 0
     assert "experts" not in capsys.readouterr().out
+
+
+def test_gpt_oss_experts_are_read_from_the_interleaved_transposed_gate_up():
+    """gpt_oss's HF experts: gate_up_proj [experts, in, 2F] holds gate in its even columns and up
+    in its odd ones; kiln's gate/up are those columns as [experts, F, in], down_proj [experts,
+    in, out] transposed, and the biases split the same way; one MoE op per layer with them."""
+    from kiln.frontends.safetensors_file import read_safetensors
+    model = hf.read(DATA / "gpt_oss")
+    t = {k: v.numpy() for k, v in read_safetensors(DATA / "gpt_oss" / "model.safetensors").tensors.items()}
+    p = "model.layers.1.mlp.experts."
+    w = {k: v.numpy() for k, v in model.weights.items() if k.startswith("layers.1.")}
+    np.testing.assert_array_equal(w["layers.1.experts.gate.weight"], t[p + "gate_up_proj"][:, :, 0::2].transpose(0, 2, 1))
+    np.testing.assert_array_equal(w["layers.1.experts.up.weight"], t[p + "gate_up_proj"][:, :, 1::2].transpose(0, 2, 1))
+    np.testing.assert_array_equal(w["layers.1.experts.down.weight"], t[p + "down_proj"].transpose(0, 2, 1))
+    np.testing.assert_array_equal(w["layers.1.experts.gate.bias"], t[p + "gate_up_proj_bias"][:, 0::2])
+    np.testing.assert_array_equal(w["layers.1.experts.up.bias"], t[p + "gate_up_proj_bias"][:, 1::2])
+    np.testing.assert_array_equal(w["layers.1.router.bias"], t["model.layers.1.mlp.router.bias"])
+    moes = [n for n in model.graph.nodes if n.op == "MoE"]
+    assert len(moes) == 2 and len(moes[0].inputs) == 9
+    assert moes[0].attrs == {"top_k": 2, "normalize": 1, "bias": 1, "activation": "swiglu_oai", "alpha": 1.702,
+                             "limit": 7.0}
+
+
+def test_gpt_oss_swiglu_constants_are_read_and_written(tmp_path):
+    """swiglu_alpha and swiglu_limit come from config.json (transformers' 1.702 and 7.0 where
+    it has none) and go into the GGUF as kiln's keys (llama.cpp fixes 1.702 and 7.0)."""
+    from kiln.frontends.gguf_file import read_gguf
+    folder = tmp_path / "m"
+    shutil.copytree(DATA / "gpt_oss", folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "swiglu_limit": 3.5}))
+    assert hf.read(folder).config["swiglu_limit"] == 3.5
+    convert(folder, tmp_path / "m.gguf", to="gguf")
+    assert read_gguf(tmp_path / "m.gguf").metadata["gpt-oss.swiglu_limit"] == 3.5
+    assert load_model(tmp_path / "m.gguf").config["swiglu_limit"] == 3.5
+    del cfg["swiglu_alpha"], cfg["swiglu_limit"]
+    (folder / "config.json").write_text(json.dumps(cfg))
+    c = hf.read(folder).config
+    assert (c["swiglu_alpha"], c["swiglu_limit"]) == (1.702, 7.0)
+
+
+def test_inspect_shows_gpt_oss(tmp_path, capsys):
+    """kiln inspect on gpt-oss: its experts (biased, the SwiGLU's clamp), its alternating
+    sliding layers and its sinks, from config.json and from the GGUF."""
+    from kiln.cli import main
+    convert(DATA / "gpt_oss", tmp_path / "m.gguf", to="gguf")
+    for path in (DATA / "gpt_oss", tmp_path / "m.gguf"):
+        assert main(["inspect", str(path)]) == 0
+        out = capsys.readouterr().out
+        assert "experts: 4 per layer, 2 active per token (their weights renormalized), biased, clamped SwiGLU at " \
+               "7; 12,288 of the experts' 24,576 parameters read per token" in out, out[-2000:]
+        assert "attention: 1 of 2 layers within a sliding window of 4 tokens (S), the others global (G), layer 0 " \
+               "first: SG; a learned sink logit per head in every softmax" in out, out[-2000:]
 
 
 def test_tvm_keeps_the_op_and_onnxrt_decomposes_it(tmp_path):
