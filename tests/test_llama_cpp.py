@@ -47,7 +47,9 @@ def test_later_family_gguf_agrees_with_llama_cpp(name, tmp_path):
     """The families whose fixtures live in tests/data/hf_variants/ (names and keys as llama.cpp's
     converter writes them, granite's q/k rows interleaved for its rope). Not the gemma2/3
     fixtures: they use a query_pre_attn_scalar, a layer pattern and (gemma3) a local rope base
-    that llama.cpp fixes to other values (kiln's convert says so in its notes)."""
+    that llama.cpp fixes to other values (kiln's convert says so in its notes). gpt_oss's yarn
+    has transformers' truncate false, which llama.cpp rounds (a note too); the fixture's greedy
+    tokens survive it."""
     gguf = tmp_path / f"{name}.gguf"
     convert(HERE / "data" / "hf_variants" / name, gguf, to="gguf")
     ids = [1, 5, 9, 23, 4, 8]
@@ -61,6 +63,15 @@ def test_quantized_experts_agree_with_llama_cpp(name, tmp_path):
     these logits, and llama.cpp picks another token at step 3 (kiln's exact mode keeps float32)."""
     gguf = tmp_path / f"{name}.gguf"
     convert(HERE / "data" / "hf_variants" / name, gguf, to="gguf", quant="q8_0")
+    ids = [1, 5, 9, 23, 4, 8]
+    assert llama_cpp(gguf, ids)["greedy"] == kiln_greedy(gguf, ids, tmp_path)
+
+
+def test_gpt_oss_mxfp4_experts_agree_with_llama_cpp(tmp_path):
+    """gpt-oss with its experts in MXFP4 blocks, as llama.cpp's converter ships it: llama.cpp
+    and kiln (which dequantizes them exactly) pick the same greedy tokens."""
+    from test_moe_families import mxfp4_gguf
+    gguf = mxfp4_gguf(tmp_path)
     ids = [1, 5, 9, 23, 4, 8]
     assert llama_cpp(gguf, ids)["greedy"] == kiln_greedy(gguf, ids, tmp_path)
 

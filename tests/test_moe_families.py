@@ -268,6 +268,39 @@ def test_gpt_oss_swiglu_constants_are_read_and_written(tmp_path):
     assert (c["swiglu_alpha"], c["swiglu_limit"]) == (1.702, 7.0)
 
 
+def mxfp4_gguf(tmp_path):
+    """The gpt_oss fixture as llama.cpp's converter ships gpt-oss: expert tensors in MXFP4."""
+    from kiln.frontends.gguf_file import read_gguf, write_gguf
+    convert(DATA / "gpt_oss", tmp_path / "f32.gguf", to="gguf")
+    f = read_gguf(tmp_path / "f32.gguf")
+    tensors = {n: (w.astype("mxfp4") if n.endswith("_exps.weight") else w) for n, w in f.tensors.items()}
+    write_gguf(tmp_path / "mxfp4.gguf", f.metadata, tensors.items())
+    return tmp_path / "mxfp4.gguf"
+
+
+@pytest.mark.parametrize("backend", ["onnxrt", "tvm"])
+def test_gguf_mxfp4_experts_stay_blocks_and_compile(tmp_path, backend):
+    """kiln reads MXFP4 expert tensors as blocks (a GGUF written from them keeps them MXFP4);
+    both backends compute from their exact values: neither has an MXFP4 kernel, so the
+    artifact holds them dequantized to float32."""
+    from kiln import runtime
+    from kiln.driver import compile as kiln_compile
+    from kiln.frontends.gguf_file import read_gguf
+    from kiln.interp import run
+    path = mxfp4_gguf(tmp_path)
+    model = load_model(path)
+    assert {model.weights[f"layers.1.experts.{p}.weight"].format.name for p in ("gate", "up", "down")} == {"mxfp4"}
+    convert(path, tmp_path / "again.gguf", to="gguf")
+    again = read_gguf(tmp_path / "again.gguf").tensors
+    assert again["blk.1.ffn_gate_exps.weight"].format.name == "mxfp4"
+    assert again["blk.1.ffn_gate_exps.weight"].raw().tobytes() == read_gguf(path).tensors[
+        "blk.1.ffn_gate_exps.weight"].raw().tobytes()
+    art = runtime.load(kiln_compile(path, output=tmp_path / "m.kiln", backend=backend))
+    ids = np.random.default_rng(6).integers(0, 128, size=(2, 9))
+    want = next(iter(run(model.graph, {"input_ids": ids}).values()))
+    np.testing.assert_allclose(art.logits(ids), want, rtol=0, atol=5e-5)
+
+
 def test_inspect_shows_gpt_oss(tmp_path, capsys):
     """kiln inspect on gpt-oss: its experts (biased, the SwiGLU's clamp), its alternating
     sliding layers and its sinks, from config.json and from the GGUF."""
