@@ -127,6 +127,12 @@ def hf_experts(cfg: dict, c, path) -> None:
                               "are not supported")
     if cfg.get("clip_qkv") is not None:
         raise KilnError(path, f"clip_qkv {cfg['clip_qkv']!r} is not supported")
+    quant = cfg.get("quantization_config")
+    if c.family == "gpt_oss" and isinstance(quant, dict) and quant.get("quant_method") == "mxfp4":
+        # gpt-oss as published: experts as uint8 _blocks/_scales, which the safetensors reader refuses
+        raise KilnError(path, "the experts are MXFP4 blocks (quantization_config mxfp4), which kiln does not read "
+                              "from Hugging Face checkpoints yet; a GGUF of the model (llama.cpp's "
+                              "convert_hf_to_gguf.py) keeps them as blocks and kiln reads it")
 
 
 def hf_expert_config(c) -> dict:
@@ -203,14 +209,13 @@ def hf_experts_in(role: str, w):
 def hf_experts_out(weights: dict) -> dict:
     """The inverse of hf_experts_in and split_gate_up, for writing a gpt_oss HF checkpoint:
     gate and up interleaved again, every expert weight [experts, in, out]."""
+    def interleaved(gate, up):
+        # weights [X, F, in] -> [X, 2F, in], biases [X, F] -> [X, 2F]: gate's row f at 2f, up's at 2f + 1
+        return gate.map_values(lambda g: np.stack([g, up.numpy()], axis=2).reshape((g.shape[0], -1) + g.shape[2:]),
+                               (gate.shape[0], 2 * gate.shape[1]) + tuple(gate.shape[2:]))
     out = dict(weights)
-    for role in [r for r in out if r.endswith(".experts.gate.weight") or r.endswith(".experts.gate.bias")]:
-        up = role.replace(".gate.", ".up.")
-        g, u = out.pop(role), out.pop(up)
-        out[role.replace(".gate.", ".gate_up.")] = g.map_values(
-            lambda a, g=g, u=u: np.stack([a, u.numpy()], axis=-2).reshape(a.shape[:-2] + (-1, a.shape[-1]))
-            if len(a.shape) == 3 else np.stack([a, u.numpy()], axis=-1).reshape(a.shape[0], -1),
-            (g.shape[0], 2 * g.shape[1]) + g.shape[2:])
+    for role in [r for r in out if r.endswith((".experts.gate.weight", ".experts.gate.bias"))]:
+        out[role.replace(".gate.", ".gate_up.")] = interleaved(out.pop(role), out.pop(role.replace(".gate.", ".up.")))
     for role, w in list(out.items()):
         if ".experts." in role and role.endswith(".weight") and len(w.shape) == 3:
             out[role] = w.map_values(lambda v: np.swapaxes(v, 1, 2), (w.shape[0], w.shape[2], w.shape[1]))

@@ -301,6 +301,19 @@ def test_gguf_mxfp4_experts_stay_blocks_and_compile(tmp_path, backend):
     np.testing.assert_allclose(art.logits(ids), want, rtol=0, atol=5e-5)
 
 
+def test_gpt_oss_mxfp4_checkpoint_is_one_clear_line(tmp_path):
+    """gpt-oss's published HF folders hold the experts as MXFP4 uint8 blocks
+    (quantization_config mxfp4): one line saying so and what kiln reads instead."""
+    folder = tmp_path / "m"
+    shutil.copytree(DATA / "gpt_oss", folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "mxfp4"}}))
+    with pytest.raises(KilnError) as e:
+        hf.read(folder)
+    assert "the experts are MXFP4 blocks (quantization_config mxfp4)" in str(e.value) and "GGUF" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
 def test_inspect_shows_gpt_oss(tmp_path, capsys):
     """kiln inspect on gpt-oss: its experts (biased, the SwiGLU's clamp), its alternating
     sliding layers and its sinks, from config.json and from the GGUF."""

@@ -12,7 +12,10 @@ silu(gate_e·x) ⊙ up_e·x for every (token, chosen slot, output row), one para
 dot product over contiguous rows in 16-lane vectors; ``moe_down`` computes each output feature
 of a token, one parallel item each, summing its k experts' rows of ``down`` weighted by the
 routing. A decode step thus spreads k·F dot products over the cores. GPU targets take the TE
-computation below (the same arithmetic, TVM's schedule).
+computation below (the same arithmetic, TVM's schedule). gpt-oss's variant (``glu``): its
+router bias is added to the logits in Relax, ``moe_up`` adds the gate and up biases and
+applies the clamped SwiGLU, and the chosen experts' down biases, weighted by the routing, are
+added in Relax after ``moe_down``.
 """
 from __future__ import annotations
 
@@ -156,9 +159,9 @@ def _down_args(T, fmt: str, experts: int, hidden: int, inner: int, k: int, weigh
     return n, h, chosen, weights, down, T.arg("out", T.buffer((n, hidden), "float32"))
 
 
-def _plus_bias(biases, which: int, e, f):
-    """gpt-oss's gate (0) or up (1) bias of expert e, row f, as a term to add; 0 without biases."""
-    return biases[which][e, f] if biases else tir.const(0, "float32")
+def _biased(value, biases, which: int, e, f):
+    """``value`` plus gpt-oss's gate (0) or up (1) bias of expert e, row f; as it is without biases."""
+    return value + biases[which][e, f] if biases else value
 
 
 @functools.lru_cache(maxsize=None)
@@ -176,10 +179,10 @@ def _cpu_up_func(experts: int, inner: int, hidden: int, k: int, fmt: str, glu=No
                 e = T.max(T.min(chosen[t, j], experts - 1), 0)
                 acc = T.alloc_buffer((LANES,), "float32")
                 res = T.alloc_buffer((2,), "float32")
-                T.buffer_store(res, _dot(T, acc, lambda r: x[t, r], lambda r: _widen(fmt, gate[e, f, r]), hidden, zero)
-                               + _plus_bias(biases, 0, e, f), [0])
-                T.buffer_store(res, _dot(T, acc, lambda r: x[t, r], lambda r: _widen(fmt, up[e, f, r]), hidden, zero)
-                               + _plus_bias(biases, 1, e, f), [1])
+                T.buffer_store(res, _biased(_dot(T, acc, lambda r: x[t, r], lambda r: _widen(fmt, gate[e, f, r]), hidden,
+                                                 zero), biases, 0, e, f), [0])
+                T.buffer_store(res, _biased(_dot(T, acc, lambda r: x[t, r], lambda r: _widen(fmt, up[e, f, r]), hidden,
+                                                 zero), biases, 1, e, f), [1])
                 T.buffer_store(h, _glu(res[0], res[1], glu, tir.exp), [t, j, f])
     return ib.get()
 
@@ -248,7 +251,7 @@ def _cpu_up_blocks_func(experts: int, inner: int, hidden: int, k: int, fmt: str,
                             T.buffer_store(au, au[lane] + xv * up.value(tile, c, CHUNK, kk, lane), [lane])
                 with T.vectorized(0, LANES) as lane:
                     f = ft * LANES + lane
-                    T.buffer_store(h, _glu(ag[lane] + _plus_bias(biases, 0, e, f), au[lane] + _plus_bias(biases, 1, e, f),
+                    T.buffer_store(h, _glu(_biased(ag[lane], biases, 0, e, f), _biased(au[lane], biases, 1, e, f),
                                            glu, tir.exp), [t, j, f])
     return ib.get()
 
