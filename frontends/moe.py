@@ -84,7 +84,9 @@ GPT_OSS_GGUF.update({"layers.{i}.mlp_norm": "blk.{i}.post_attention_norm.weight"
 # transformers' GptOssConfig defaults for what a config.json may leave out; alpha and limit are
 # also llama.cpp's fixed constants (a GGUF without kiln's keys means them)
 GPT_OSS_DEFAULTS = {"attention_bias": True, "swiglu_alpha": 1.702, "swiglu_limit": 7.0, "sliding_window": 128,
-                    "rms_norm_eps": 1e-5, "head_dim": 64}
+                    "rms_norm_eps": 1e-5, "head_dim": 64, "max_position_embeddings": 131072, "rope_theta": 150000.0,
+                    "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                     "truncate": False, "original_max_position_embeddings": 4096}}
 _family(Family("gpt_oss", ("gpt_oss",), "gpt-oss", GPT_OSS_HF, GPT_OSS_GGUF, global_every=2,
                hf_defaults=GPT_OSS_DEFAULTS, hf_experts_transposed=True,
                # llama.cpp's gpt-oss graph requires the attention biases: the family has them

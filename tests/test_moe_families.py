@@ -252,7 +252,8 @@ def test_gpt_oss_experts_are_read_from_the_interleaved_transposed_gate_up():
 
 def test_gpt_oss_swiglu_constants_are_read_and_written(tmp_path):
     """swiglu_alpha and swiglu_limit come from config.json (transformers' 1.702 and 7.0 where
-    it has none) and go into the GGUF as kiln's keys (llama.cpp fixes 1.702 and 7.0)."""
+    it has none, and its yarn rope) and go into the GGUF as kiln's keys (llama.cpp fixes 1.702
+    and 7.0)."""
     from kiln.frontends.gguf_file import read_gguf
     folder = tmp_path / "m"
     shutil.copytree(DATA / "gpt_oss", folder)
@@ -262,10 +263,13 @@ def test_gpt_oss_swiglu_constants_are_read_and_written(tmp_path):
     convert(folder, tmp_path / "m.gguf", to="gguf")
     assert read_gguf(tmp_path / "m.gguf").metadata["gpt-oss.swiglu_limit"] == 3.5
     assert load_model(tmp_path / "m.gguf").config["swiglu_limit"] == 3.5
-    del cfg["swiglu_alpha"], cfg["swiglu_limit"]
+    del cfg["swiglu_alpha"], cfg["swiglu_limit"], cfg["rope_parameters"]
     (folder / "config.json").write_text(json.dumps(cfg))
     c = hf.read(folder).config
     assert (c["swiglu_alpha"], c["swiglu_limit"]) == (1.702, 7.0)
+    # GptOssConfig's rope when a config states none: yarn, factor 32 over 4096, truncate false
+    assert c["rope_theta"] == 150000.0 and c["rope_scaling"]["factor"] == 32.0
+    assert c["rope_scaling"]["truncate"] is False
 
 
 def mxfp4_gguf(tmp_path):
@@ -362,11 +366,13 @@ def test_tvm_keeps_bf16_experts_in_their_own_type(tmp_path):
     np.testing.assert_allclose(model.logits(ids), want, rtol=0, atol=5e-5)
 
 
-def test_cuda_build_holds_the_moe_kernels(tmp_path):
+@pytest.mark.parametrize("name", ["qwen2_moe", "gpt_oss"])
+def test_cuda_build_holds_the_moe_kernels(tmp_path, name):
     """For a GPU, TVM schedules the expert computation itself (built here without a GPU: the
-    kernels are in the device code; their numbers are not checked on a GPU yet)."""
+    kernels are in the device code; their numbers are not checked on a GPU yet); gpt_oss's
+    with its biases and clamped SwiGLU, beside the attention kernel that takes its sinks."""
     from kiln.driver import compile as kiln_compile
-    out = kiln_compile(DATA / "qwen2_moe", target="cuda", output=tmp_path / "m.kiln", backend="tvm")
+    out = kiln_compile(DATA / name, target="cuda", output=tmp_path / "m.kiln", backend="tvm")
     b = json.loads((out / "manifest.json").read_text())["backend"]
     assert any(k.startswith("moe_experts") for k in b["kernels"])
     assert "moe_experts" in (out / b["device_source"]).read_text()
