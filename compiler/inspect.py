@@ -63,10 +63,10 @@ def experts_line(cfg: dict) -> str | None:
     per_expert = 3 * int(cfg["hidden_size"]) * int(cfg["expert_intermediate_size"])
     total, active = cfg["num_layers"] * n * per_expert, cfg["num_layers"] * k * per_expert
     shared = cfg.get("shared_expert_intermediate_size") or 0
+    glu = f", biased, clamped SwiGLU at {cfg.get('swiglu_limit'):g}" if cfg.get("expert_glu") == "swiglu_oai" else ""
     return (f"experts: {n} per layer, {k} active per token"
             f"{' (their weights renormalized)' if cfg.get('expert_norm_topk') else ''}"
-            f"{f', plus a shared expert of {shared}' if shared else ''}"
-            f"{', biased, clamped SwiGLU at ' + format(cfg.get('swiglu_limit'), 'g') if cfg.get('expert_glu') == 'swiglu_oai' else ''}; "
+            f"{f', plus a shared expert of {shared}' if shared else ''}{glu}; "
             f"{active:,} of the experts' {total:,} parameters read per token")
 
 

@@ -336,10 +336,10 @@ def roles_from_file(path, tensors: dict, table: dict, cfg: "ArchConfig", *, laye
     if cfg.shared_expert_intermediate_size:
         from .moe import shared_router_rows
         out = shared_router_rows(out)
-    if cfg.expert_bias:
-        from .moe import split_gate_up
-        out = split_gate_up(out)
     try:
+        if cfg.expert_bias:
+            from .moe import split_gate_up
+            out = split_gate_up(out)
         out = split_fused(out, cfg)
     except ValueError as e:
         raise KilnError(path, str(e)) from None

@@ -232,8 +232,9 @@ def split_gate_up(weights: dict) -> dict:
         if ".experts.gate_up." not in role:
             out[role] = w
             continue
-        if w.shape[1] % 2:
-            raise ValueError(f"fused tensor {role} has {w.shape[1]} gate and up rows, not an even number")
+        if len(w.shape) < 2 or w.shape[1] % 2:
+            raise ValueError(f"fused tensor {w.name or role} has shape {list(w.shape)}: not gate and up rows "
+                             f"in pairs")
         shape = (w.shape[0], w.shape[1] // 2) + tuple(w.shape[2:])
         for k, part in enumerate(("gate", "up")):
             out[role.replace(".gate_up.", f".{part}.")] = w.map_values(lambda a, k=k: a[:, k::2], shape)

@@ -305,6 +305,22 @@ def test_gguf_mxfp4_experts_stay_blocks_and_compile(tmp_path, backend):
     np.testing.assert_allclose(art.logits(ids), want, rtol=0, atol=5e-5)
 
 
+def test_gpt_oss_bad_gate_up_is_one_clear_line(tmp_path):
+    """A gate_up_proj whose gate and up columns do not pair up fails naming the tensor."""
+    from kiln.frontends.safetensors_file import read_safetensors, write_safetensors
+    from kiln.weights import Weight
+    folder = tmp_path / "m"
+    shutil.copytree(DATA / "gpt_oss", folder)
+    tensors = read_safetensors(DATA / "gpt_oss" / "model.safetensors").tensors
+    bad = "model.layers.0.mlp.experts.gate_up_proj"
+    items = [(n, Weight.from_array(w.numpy()[:, :, :63]) if n == bad else w) for n, w in tensors.items()]
+    write_safetensors(folder / "model.safetensors", items, metadata={"format": "pt"})
+    with pytest.raises(KilnError) as e:
+        hf.read(folder)
+    assert f"fused tensor {bad} has shape [4, 63, 32]: not gate and up rows in pairs" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
 def test_gpt_oss_mxfp4_checkpoint_is_one_clear_line(tmp_path):
     """gpt-oss's published HF folders hold the experts as MXFP4 uint8 blocks
     (quantization_config mxfp4): one line saying so and what kiln reads instead."""
