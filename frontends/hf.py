@@ -285,6 +285,9 @@ def map_weights(folder, tensors: dict[str, Weight], family: A.Family, cfg: A.Arc
         return w.transpose() if family.hf_conv1d and len(w.shape) == 2 and role.startswith("layers.") else w
     if "lm_head" in family.hf_names and family.hf_names["lm_head"] not in tensors:
         cfg.tie_word_embeddings = True      # checkpoints that drop lm_head tie it to the embedding
+    if family.hf_experts_transposed:
+        from .moe import hf_mxfp4_experts
+        tensors = hf_mxfp4_experts(folder, tensors)
     return A.roles_from_file(folder, tensors, family.hf_names, cfg, layers_key="the config",
                              transform=conv1d_to_linear)
 

@@ -129,12 +129,6 @@ def hf_experts(cfg: dict, c, path) -> None:
                               "are not supported")
     if cfg.get("clip_qkv") is not None:
         raise KilnError(path, f"clip_qkv {cfg['clip_qkv']!r} is not supported")
-    quant = cfg.get("quantization_config")
-    if c.family == "gpt_oss" and isinstance(quant, dict) and quant.get("quant_method") == "mxfp4":
-        # gpt-oss as published: experts as uint8 _blocks/_scales, which the safetensors reader refuses
-        raise KilnError(path, "the experts are MXFP4 blocks (quantization_config mxfp4), which kiln does not read "
-                              "from Hugging Face checkpoints yet; a GGUF of the model (llama.cpp's "
-                              "convert_hf_to_gguf.py) keeps them as blocks and kiln reads it")
 
 
 def hf_expert_config(c) -> dict:
@@ -200,8 +194,42 @@ def shared_router_rows(weights: dict) -> dict:
             for role, w in weights.items()}
 
 
+def hf_mxfp4_experts(path, tensors: dict) -> dict:
+    """gpt-oss as published: each expert projection as MXFP4 bytes, ``{name}_blocks`` [experts,
+    out, in/32, 16] (value 2i in the low nibble of byte i, 2i + 1 in the high one) and
+    ``{name}_scales`` [experts, out, in/32] (E8M0 exponents), already [out, in] unlike the float
+    tensors. Each pair becomes one MXFP4 weight ``{name}`` [experts, out, in] in kiln's (and
+    GGUF's) block layout, e then 16 bytes in Q4_0's nibble order: repacked lazily, never
+    dequantized."""
+    from kiln import formats
+    from kiln.formats._blocks import pack_nibbles
+    from kiln.weights import Weight
+    out = dict(tensors)
+    for name in [n for n in tensors if n.endswith("_blocks")]:
+        base = name[:-len("_blocks")]
+        blocks, scales = tensors[name], tensors.get(base + "_scales")
+        if scales is None:
+            continue
+        shape = tuple(blocks.shape)
+        if len(shape) != 4 or shape[3] != 16 or tuple(scales.shape) != shape[:3] \
+                or {blocks.format.name, scales.format.name} != {"u8"}:
+            raise KilnError(path, f"{name} {list(shape)} and {base}_scales {list(scales.shape)} are not MXFP4 "
+                                  f"blocks [experts, rows, groups, 16] and scales [experts, rows, groups] of bytes")
+
+        def load(b=blocks, e=scales):
+            raw = b.raw().reshape(-1, 16)
+            codes = np.stack([raw & 0x0F, raw >> 4], axis=-1).reshape(-1, 32)
+            return np.concatenate([e.raw().reshape(-1, 1), pack_nibbles(codes)], axis=1)
+        del out[name], out[base + "_scales"]
+        out[base] = Weight(shape[:2] + (shape[2] * 32,), formats.get("mxfp4"), load, name=base, origin=blocks.origin)
+    return out
+
+
 def hf_experts_in(role: str, w):
-    """gpt_oss's HF expert weights [experts, in, out] as kiln's [experts, out, in] (lazily)."""
+    """gpt_oss's HF float expert weights [experts, in, out] as kiln's [experts, out, in]
+    (lazily); MXFP4 blocks (hf_mxfp4_experts) are [experts, out, in] already."""
+    if w.format.is_block:
+        return w
     if role.startswith("layers.") and ".experts." in role and role.endswith(".weight") and len(w.shape) == 3:
         x, a, b = w.shape
         return w.map_values(lambda v: np.swapaxes(v, 1, 2), (x, b, a))
@@ -237,7 +265,12 @@ def split_gate_up(weights: dict) -> dict:
                              f"in pairs")
         shape = (w.shape[0], w.shape[1] // 2) + tuple(w.shape[2:])
         for k, part in enumerate(("gate", "up")):
-            out[role.replace(".gate_up.", f".{part}.")] = w.map_values(lambda a, k=k: a[:, k::2], shape)
+            if len(shape) == 3:
+                # rows k, k + 2, ... of every expert: whole rows, so MXFP4 blocks stay blocks
+                rows = (np.arange(w.shape[0])[:, None] * w.shape[1] + np.arange(k, w.shape[1], 2)).reshape(-1)
+                out[role.replace(".gate_up.", f".{part}.")] = w.take_rows(rows).reshape(shape)
+            else:
+                out[role.replace(".gate_up.", f".{part}.")] = w.map_values(lambda a, k=k: a[:, k::2], shape)
     return out
 
 

@@ -321,16 +321,78 @@ def test_gpt_oss_bad_gate_up_is_one_clear_line(tmp_path):
     assert "\n" not in str(e.value)
 
 
-def test_gpt_oss_mxfp4_checkpoint_is_one_clear_line(tmp_path):
-    """gpt-oss's published HF folders hold the experts as MXFP4 uint8 blocks
-    (quantization_config mxfp4): one line saying so and what kiln reads instead."""
-    folder = tmp_path / "m"
+def hf_mxfp4_folder(tmp_path):
+    """The gpt_oss fixture as gpt-oss is published: each expert projection as MXFP4 bytes,
+    ``_blocks`` [experts, out, in/32, 16] (value 2i in the low nibble of byte i) and ``_scales``
+    [experts, out, in/32], quantized from its float experts, with quantization_config mxfp4."""
+    from kiln import formats
+    from kiln.formats._blocks import unpack_nibbles
+    from kiln.frontends.safetensors_file import read_safetensors, write_safetensors
+    from kiln.weights import Weight
+    folder = tmp_path / "mxfp4"
     shutil.copytree(DATA / "gpt_oss", folder)
     cfg = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "mxfp4"}}))
+    items = []
+    for name, w in read_safetensors(DATA / "gpt_oss" / "model.safetensors").tensors.items():
+        if not name.endswith(("gate_up_proj", "down_proj")):
+            items.append((name, w))
+            continue
+        a = w.numpy().transpose(0, 2, 1)                                        # [X, out, in]
+        kiln_blocks = formats.get("mxfp4").quantize(a.reshape(-1, a.shape[-1])).reshape(-1, 17)
+        codes = unpack_nibbles(kiln_blocks[:, 1:])                               # element order
+        hf_bytes = (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8)
+        groups = a.shape[:2] + (a.shape[2] // 32,)
+        items.append((name + "_blocks", Weight(groups + (16,), "u8", lambda b=hf_bytes: b)))
+        items.append((name + "_scales", Weight(groups, "u8", lambda e=kiln_blocks[:, 0].copy(): e)))
+    write_safetensors(folder / "model.safetensors", items, metadata={"format": "pt"})
+    return folder
+
+
+def test_hf_mxfp4_experts_are_read_as_blocks(tmp_path):
+    """A published gpt-oss folder's MXFP4 experts are repacked into kiln's MXFP4 blocks without
+    dequantizing: the very bytes llama.cpp's converter writes into a GGUF (the GGUF here holds
+    the same experts quantized by kiln, which llama.cpp reads with kiln's greedy tokens,
+    tests/test_llama_cpp.py), gate and up taken from alternate rows; convert to GGUF keeps them."""
+    from kiln.frontends.gguf_file import read_gguf
+    folder = hf_mxfp4_folder(tmp_path)
+    model = hf.read(folder)
+    gguf = read_gguf(mxfp4_gguf(tmp_path)).tensors
+    for i in range(2):
+        for part, name in (("gate", "ffn_gate_exps"), ("up", "ffn_up_exps"), ("down", "ffn_down_exps")):
+            w = model.weights[f"layers.{i}.experts.{part}.weight"]
+            assert w.format.name == "mxfp4" and w.shape == gguf[f"blk.{i}.{name}.weight"].shape
+            assert w.raw().tobytes() == gguf[f"blk.{i}.{name}.weight"].raw().tobytes(), (i, part)
+    convert(folder, tmp_path / "m.gguf", to="gguf")
+    assert read_gguf(tmp_path / "m.gguf").tensors["blk.0.ffn_up_exps.weight"].format.name == "mxfp4"
+
+
+@pytest.mark.parametrize("backend", ["onnxrt", "tvm"])
+def test_hf_mxfp4_experts_compile(tmp_path, backend):
+    from kiln import runtime
+    from kiln.driver import compile as kiln_compile
+    from kiln.interp import run
+    folder = hf_mxfp4_folder(tmp_path)
+    model = hf.read(folder)
+    art = runtime.load(kiln_compile(folder, output=tmp_path / "m.kiln", backend=backend))
+    ids = np.random.default_rng(8).integers(0, 128, size=(2, 9))
+    want = next(iter(run(model.graph, {"input_ids": ids}).values()))
+    np.testing.assert_allclose(art.logits(ids), want, rtol=0, atol=5e-5)
+
+
+def test_bad_hf_mxfp4_blocks_are_one_clear_line(tmp_path):
+    from kiln.frontends.safetensors_file import read_safetensors, write_safetensors
+    from kiln.weights import Weight
+    folder = hf_mxfp4_folder(tmp_path)
+    tensors = read_safetensors(folder / "model.safetensors").tensors
+    bad = "model.layers.0.mlp.experts.down_proj_scales"
+    items = [(n, Weight((4, 32), "u8", lambda: np.zeros((4, 32), np.uint8)) if n == bad else w)
+             for n, w in tensors.items()]
+    write_safetensors(folder / "model.safetensors", items, metadata={"format": "pt"})
     with pytest.raises(KilnError) as e:
         hf.read(folder)
-    assert "the experts are MXFP4 blocks (quantization_config mxfp4)" in str(e.value) and "GGUF" in str(e.value)
+    assert "model.layers.0.mlp.experts.down_proj_blocks [4, 32, 1, 16] and " \
+           "model.layers.0.mlp.experts.down_proj_scales [4, 32] are not MXFP4 blocks" in str(e.value)
     assert "\n" not in str(e.value)
 
 
