@@ -38,19 +38,21 @@ def _config_table(cfg: dict, title: str) -> Table:
 
 
 def attention_layers(cfg: dict) -> str | None:
-    """Which layers attend within a sliding window, in one line (None: none do)."""
+    """Which layers attend within a sliding window, and gpt-oss's sinks, in one line (None:
+    neither)."""
     window = cfg.get("sliding_window")
+    sinks = "; a learned sink logit per head in every softmax" if cfg.get("attention_sinks") else ""
     if not window:
-        return None
+        return f"attention: every layer global{sinks}" if sinks else None
     types = cfg.get("layer_types") or []
     if not types or all(t == "sliding_attention" for t in types):
-        return f"attention: every layer within a sliding window of {window} tokens"
+        return f"attention: every layer within a sliding window of {window} tokens{sinks}"
     if "sliding_attention" not in types:
-        return "attention: every layer global"
+        return f"attention: every layer global{sinks}"
     marks = "".join("S" if t == "sliding_attention" else "G" for t in types)
     n = marks.count("S")
     return (f"attention: {n} of {len(types)} layers within a sliding window of {window} tokens (S), the others "
-            f"global (G), layer 0 first: {marks}")
+            f"global (G), layer 0 first: {marks}{sinks}")
 
 
 def experts_line(cfg: dict) -> str | None:
@@ -61,9 +63,10 @@ def experts_line(cfg: dict) -> str | None:
     per_expert = 3 * int(cfg["hidden_size"]) * int(cfg["expert_intermediate_size"])
     total, active = cfg["num_layers"] * n * per_expert, cfg["num_layers"] * k * per_expert
     shared = cfg.get("shared_expert_intermediate_size") or 0
+    glu = f", biased, clamped SwiGLU at {cfg.get('swiglu_limit'):g}" if cfg.get("expert_glu") == "swiglu_oai" else ""
     return (f"experts: {n} per layer, {k} active per token"
             f"{' (their weights renormalized)' if cfg.get('expert_norm_topk') else ''}"
-            f"{f', plus a shared expert of {shared}' if shared else ''}; "
+            f"{f', plus a shared expert of {shared}' if shared else ''}{glu}; "
             f"{active:,} of the experts' {total:,} parameters read per token")
 
 

@@ -559,12 +559,17 @@ class Attention:
     Attention(q [b, H, s, d], k [b, KV, s, d], v [b, KV, s, d], past_k [b, KV, p, d],
     past_v [b, KV, p, d]) -> (out [b, s, H·d], present_k [b, KV, p+s, d], present_v).
     Query i (position p+i) sees keys j ≤ p+i, and with ``window`` only j > p+i-window. With
-    ``softcap`` c (gemma2), the scaled scores become c·tanh(scores / c) before the mask.
-    Decomposes to Concat, GQA repetition, MatMul, Mul, [Div, Tanh, Mul,] Add(mask), Softmax, MatMul.
+    ``softcap`` c (gemma2), the scaled scores become c·tanh(scores / c) before the mask. An
+    optional sixth input, sinks [H] (gpt-oss), is a logit per head that joins each query's
+    softmax as one more key with no value: it adds e^sink to the denominator.
+    Decomposes to Concat, GQA repetition, MatMul, Mul, [Div, Tanh, Mul,] Add(mask), [Concat(sink),]
+    Softmax, [Slice,] MatMul.
     """
     @staticmethod
     def infer(inputs, attrs):
-        q, k, v, pk, pv = inputs
+        if len(inputs) not in (5, 6):
+            raise ValueError(f"Attention takes 5 inputs (6 with sinks), not {len(inputs)}")
+        q, k, v, pk, pv = inputs[:5]
         b, h, s, d = q.type.shape
         hd = h * d if isinstance(h, int) and isinstance(d, int) else None
         total = None
@@ -573,7 +578,7 @@ class Attention:
 
     @staticmethod
     def compute(x, attrs):
-        q, k, v, pk, pv = x
+        q, k, v, pk, pv = x[:5]
         b, h, s, d = q.shape
         kv = k.shape[1]
         pres_k = np.concatenate([pk, k], axis=2)
@@ -591,9 +596,13 @@ class Attention:
         if attrs["window"]:
             allowed &= kpos > qpos - attrs["window"]
         scores = np.where(allowed, scores, np.float32(np.finfo(np.float32).min))
+        if len(x) == 6:
+            # the sink: one more column per head, dropped after the softmax
+            sink = np.broadcast_to(x[5].astype(scores.dtype).reshape(1, h, 1, 1), (b, h, s, 1))
+            scores = np.concatenate([scores, sink], axis=-1)
         m = scores.max(-1, keepdims=True)
         e = np.exp(scores - m)
-        probs = e / e.sum(-1, keepdims=True)
+        probs = (e / e.sum(-1, keepdims=True))[..., :p + s]
         out = np.matmul(probs, rv).transpose(0, 2, 1, 3).reshape(b, s, h * d)
         return [out.astype(q.dtype), pres_k, pres_v]
 

@@ -62,6 +62,13 @@ class ArchConfig:
     expert_intermediate_size: int = 0
     expert_norm_topk: bool = False    # the chosen experts' weights divided by their sum (norm_topk_prob)
     shared_expert_intermediate_size: int = 0   # qwen2_moe: an expert every token runs, sigmoid-gated
+    # gpt_oss: every expert projection and the router have biases; the experts' activation is
+    # the clamped SwiGLU, (clip(up, ±limit) + 1)·g·sigmoid(alpha·g), g = min(gate, limit)
+    expert_bias: bool = False
+    expert_glu: str = "silu"          # silu | swiglu_oai
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+    attention_sinks: bool = False     # gpt_oss: a learned logit per head in each softmax's denominator
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -152,6 +159,9 @@ class Family:
     hf_multimodal: dict = field(default_factory=dict)
     # transformers' config defaults where they matter: a config.json may leave them out
     hf_defaults: dict = field(default_factory=dict)
+    # gpt_oss: HF stores each projection's experts as one [experts, in, out] tensor, gate and up
+    # interleaved in one (frontends/moe.py's hf_experts_in / split_gate_up / hf_experts_out)
+    hf_experts_transposed: bool = False
 
 
 FAMILIES: dict[str, Family] = {}
@@ -327,6 +337,9 @@ def roles_from_file(path, tensors: dict, table: dict, cfg: "ArchConfig", *, laye
         from .moe import shared_router_rows
         out = shared_router_rows(out)
     try:
+        if cfg.expert_bias:
+            from .moe import split_gate_up
+            out = split_gate_up(out)
         out = split_fused(out, cfg)
     except ValueError as e:
         raise KilnError(path, str(e)) from None
@@ -344,7 +357,8 @@ def roles_from_file(path, tensors: dict, table: dict, cfg: "ArchConfig", *, laye
     per_layer = (["attn_norm", "mlp_norm"] if cfg.pre_norm else []) \
         + (["attn_post_norm", "mlp_post_norm"] if cfg.post_norm else []) \
         + (["gate.weight"] if cfg.gated_mlp and not cfg.num_experts else []) \
-        + (["q_norm", "k_norm"] if cfg.qk_norm else []) \
+        + (["q_norm", "k_norm"] if cfg.qk_norm else []) + (["sinks"] if cfg.attention_sinks else []) \
+        + ([f"{r}.bias" for r in ("router", "experts.gate", "experts.up", "experts.down")] if cfg.expert_bias else []) \
         + ([f"shexp.{r}.weight" for r in ("gate", "up", "down", "router")] if cfg.shared_expert_intermediate_size else [])
     needed = ["final_norm"] + (["pos_embed"] if cfg.learned_positions else []) \
         + (["lm_head"] if not cfg.tie_word_embeddings else []) + [f"layers.{i}.{r}" for i in range(n) for r in per_layer]
@@ -438,6 +452,8 @@ def check_shapes(path, w: dict, cfg: ArchConfig) -> None:
         if cfg.num_experts:
             from .moe import expert_shapes
             expect.update(expert_shapes(cfg, p))
+        if cfg.attention_sinks:
+            expect[p + "sinks"] = (H,)
     expect.update({"final_norm": (E,), "lm_head": (cfg.vocab_size, E)})
     for role, shape in expect.items():
         if role in w and w[role].shape != shape:
@@ -559,8 +575,10 @@ def rope_inv_freq(cfg: ArchConfig, long: bool = False) -> tuple[np.ndarray, floa
 
         def corr_dim(rot):
             return (dim * math.log(old_ctx / (rot * 2 * math.pi))) / (2 * math.log(base))
-        low = max(math.floor(corr_dim(beta_fast)), 0)
-        high = min(math.ceil(corr_dim(beta_slow)), dim - 1)
+        # transformers' truncate (default true, gpt-oss false): the correction range rounded outward
+        rounded = scaling.get("truncate", True) is not False
+        low = max(math.floor(corr_dim(beta_fast)) if rounded else corr_dim(beta_fast), 0)
+        high = min(math.ceil(corr_dim(beta_slow)) if rounded else corr_dim(beta_slow), dim - 1)
         if low == high:
             high += 0.001
         ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)

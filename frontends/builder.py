@@ -271,11 +271,25 @@ def _attention(e: _Emit, cfg: ArchConfig, x: Value, p: str, w, cos, sin, mask) -
     if cfg.attn_softcap:
         scores = _softcap(e, scores, cfg.attn_softcap, "softcap_scores")
     scores = e.Add(scores, mask, name="masked_scores")
+    sinks = w(p + "sinks")
+    if sinks is not None:
+        scores = _with_sinks(e, scores, sinks, H)
     probs = e.Softmax(scores, axis=-1, name="probs")
+    if sinks is not None:
+        probs = e.Slice(probs, starts=[0], ends=[-1], axes=[-1], name="probs_without_sink")
     out = e.MatMul(probs, v, name="context")
     out = e.Transpose(out, perm=[0, 2, 1, 3], name="context_seq_first")
     out = e.Reshape(out, e.i64([0, 0, H * D]), name="context_merged")
     return _linear(e, out, w(p + "o.weight"), w(p + "o.bias"), name="o_proj")
+
+
+def _with_sinks(e: _Emit, scores: Value, sinks: Value, heads: int) -> Value:
+    """gpt-oss's attention sinks as transformers adds them: a column [b, H, s, 1] holding each
+    head's sink logit, concatenated after the masked scores (the softmax's one extra key)."""
+    col = e.Reshape(sinks, e.i64([1, heads, 1, 1]), name="sinks.heads")
+    lead = e.Slice(e.Shape(scores, name="sinks.scores_shape"), starts=[0], ends=[3], axes=[0], name="sinks.lead")
+    col = e.Expand(col, e.Concat(lead, e.i64([1]), axis=0, name="sinks.shape"), name="sinks.column")
+    return e.Concat(scores, col, axis=-1, name="scores_with_sinks")
 
 
 def _activation(e: _Emit, kind: str, x: Value, name: str) -> Value:
@@ -307,6 +321,12 @@ def _moe(e: _Emit, cfg: ArchConfig, x: Value, p: str, w) -> Value:
     """The experts as one MoE op (the router's choice is not a pattern a fusion could find);
     kiln.passes.moe decomposes it for backends without a kernel."""
     ins = [x] + [w(p + r) for r in ("router.weight", "experts.gate.weight", "experts.up.weight", "experts.down.weight")]
+    attrs = {}
+    if cfg.expert_bias:
+        ins += [w(p + f"{r}.bias") for r in ("router", "experts.gate", "experts.up", "experts.down")]
+        attrs["bias"] = 1
+    if cfg.expert_glu != "silu":
+        attrs.update(activation=cfg.expert_glu, alpha=float(cfg.swiglu_alpha), limit=float(cfg.swiglu_limit))
     if cfg.shared_expert_intermediate_size:
         ins += [w(p + f"shexp.{r}.weight") for r in ("gate", "up", "down", "router")]
-    return e.MoE(*ins, top_k=cfg.experts_per_token, normalize=int(cfg.expert_norm_topk), name="moe")
+    return e.MoE(*ins, top_k=cfg.experts_per_token, normalize=int(cfg.expert_norm_topk), name="moe", **attrs)

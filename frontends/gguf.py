@@ -150,7 +150,7 @@ def _gemma_layers(meta: dict, cfg: A.ArchConfig, family: A.Family, arch: str, pa
         if isinstance(base, bool) or not isinstance(base, (int, float)) or not (math.isfinite(base) and base > 0):
             raise KilnError(path, f"metadata key {arch}.rope.freq_base_swa is {reprlib.repr(base)}, not a positive number")
         cfg.rope_local_theta = gguf_rope.short_float(base)
-    if f"{arch}.attention.scale" not in meta:
+    if f"{arch}.attention.scale" not in meta and family.scaled_embedding:
         big = cfg.num_layers == (46 if family.name == "gemma2" else 62)
         cfg.attn_scale = (cfg.hidden_size / cfg.num_heads if big else cfg.head_dim) ** -0.5
 
@@ -162,7 +162,7 @@ def _llama_cpp_gemma_notes(cfg: A.ArchConfig, family: A.Family) -> list[str]:
     fixed = A.ArchConfig(**{**cfg.to_dict(), "layer_types": []})
     _gemma_layers({}, fixed, family, arch, None)
     scale = cfg.attn_scale if cfg.attn_scale is not None else cfg.head_dim ** -0.5
-    if not math.isclose(scale, fixed.attn_scale, rel_tol=1e-6):
+    if fixed.attn_scale is not None and not math.isclose(scale, fixed.attn_scale, rel_tol=1e-6):
         notes.append(f"llama.cpp's {arch} graph scales attention scores by {fixed.attn_scale:.6g}, not this model's "
                      f"{scale:.6g} (query_pre_attn_scalar; kiln writes it in {arch}.attention.scale)")
     if cfg.sliding_window and cfg.layer_types and cfg.layer_types != fixed.layer_types:

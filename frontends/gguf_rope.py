@@ -47,9 +47,9 @@ FACTORS_SHORT = "rope_factors_short.weight"
 TAKES_ROPE_FREQS = {"llama"}
 TAKES_LONGROPE = {"phi3"}
 # Of kiln's architectures, the llama.cpp graphs that apply {arch}.attention.sliding_window:
-# gemma2 and gemma3 (on their sliding layers); llama, qwen2, qwen3 and gemma do not read it,
+# gemma2, gemma3 and gpt-oss (on their sliding layers); llama, qwen2, qwen3 and gemma do not read it,
 # phi3 reads it and switches it off.
-APPLIES_WINDOW = {"gemma2", "gemma3"}
+APPLIES_WINDOW = {"gemma2", "gemma3", "gpt-oss"}
 
 # yarn's parameters as transformers names them -> llama.cpp's key suffix, and its defaults
 _YARN_KEYS = (("beta_fast", "yarn_beta_fast"), ("beta_slow", "yarn_beta_slow"), ("attention_factor", "yarn_attn_factor"))
@@ -96,6 +96,9 @@ def for_gguf(cfg: A.ArchConfig, arch: str) -> tuple[dict, dict[str, np.ndarray],
             if unusual:
                 notes.append(f"llama.cpp's {arch} graph does not read {p}yarn_*: it runs yarn with beta_fast 32, "
                              f"beta_slow 1 and attention factor 0.1*ln(factor)+1, not this model's {', '.join(unusual)}")
+            if scaling.get("truncate") is False:
+                notes.append(f"llama.cpp rounds yarn's correction range to whole dimensions (transformers' truncate "
+                             f"true), not this model's truncate false (kiln keeps it in {KILN_KEY})")
         elif kind in ("llama3", "freq_factors"):
             if arch in TAKES_ROPE_FREQS:
                 tensors[ROPE_FREQS] = A.rope_freq_factors(cfg)
@@ -145,6 +148,8 @@ def from_gguf(meta: dict, tensors: dict, cfg: A.ArchConfig, arch: str, path) -> 
         recorded = _record(raw, path)
         if not found:
             return recorded
+        if A.rope_kind(found) == "yarn" and "truncate" in recorded:
+            found = {**found, "truncate": recorded["truncate"]}     # no llama.cpp key states it
         try:
             agree = A.same_rotary(replace(cfg, rope_scaling=recorded), replace(cfg, rope_scaling=found))
         except (KeyError, TypeError, ValueError, ArithmeticError):

@@ -284,9 +284,15 @@ def load_weights(folder: Path, family: A.Family, cfg: A.ArchConfig, prefixes: tu
 def map_weights(folder, tensors: dict[str, Weight], family: A.Family, cfg: A.ArchConfig) -> dict[str, Weight]:
     """HF-named tensors -> canonical roles (transposing Conv1D, splitting fused tensors)."""
     def conv1d_to_linear(role, w):
+        if family.hf_experts_transposed:
+            from .moe import hf_experts_in
+            return hf_experts_in(role, w)
         return w.transpose() if family.hf_conv1d and len(w.shape) == 2 and role.startswith("layers.") else w
     if "lm_head" in family.hf_names and family.hf_names["lm_head"] not in tensors:
         cfg.tie_word_embeddings = True      # checkpoints that drop lm_head tie it to the embedding
+    if family.hf_experts_transposed:
+        from .moe import hf_mxfp4_experts
+        tensors = hf_mxfp4_experts(folder, tensors)
     return A.roles_from_file(folder, tensors, family.hf_names, cfg, layers_key="the config",
                              transform=conv1d_to_linear)
 
@@ -351,7 +357,7 @@ HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"
                     "gpt2": "GPT2LMHeadModel", "granite": "GraniteForCausalLM", "olmo2": "Olmo2ForCausalLM",
                     "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM", "mixtral": "MixtralForCausalLM",
                     "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
-                    "qwen2_moe": "Qwen2MoeForCausalLM"}
+                    "qwen2_moe": "Qwen2MoeForCausalLM", "gpt_oss": "GptOssForCausalLM"}
 _HF_ACT = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
 _TORCH_DTYPE = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
 DEFAULT_SHARD_BYTES = 2 * 1024**3
@@ -389,15 +395,18 @@ def hf_config(cfg: A.ArchConfig, family: A.Family, dtype: str) -> dict:
         if f == "attn_scale" and v is None:
             v = cfg.head_dim ** -0.5
         out[key] = v
+    if family.name == "gpt_oss":
+        out["attention_bias"] = cfg.attention_bias
     if family.name in ("llama", "qwen3", "granite", "olmo2"):
         out["attention_bias"] = cfg.attention_bias
         out["mlp_bias"] = cfg.mlp_bias
     if family.scaled_embedding:
         out["hidden_activation"] = out["hidden_act"]
     if family.global_every:
-        # query_pre_attn_scalar is a whole number in every gemma config; give it back as one
-        q = (cfg.attn_scale or cfg.head_dim ** -0.5) ** -2
-        out["query_pre_attn_scalar"] = round(q) if math.isclose(q, round(q), rel_tol=1e-6) else q
+        if family.scaled_embedding:
+            # query_pre_attn_scalar is a whole number in every gemma config; give it back as one
+            q = (cfg.attn_scale or cfg.head_dim ** -0.5) ** -2
+            out["query_pre_attn_scalar"] = round(q) if math.isclose(q, round(q), rel_tol=1e-6) else q
         out["sliding_window"] = cfg.sliding_window
         out["layer_types"] = list(cfg.layer_types) or ["sliding_attention" if cfg.sliding_window else "full_attention"] \
             * cfg.num_layers
@@ -442,6 +451,9 @@ def hf_tensors(weights: dict[str, Weight], family: A.Family, cfg: A.ArchConfig) 
         weights.pop("lm_head", None)
     if family.gguf_norm_plus_one and not cfg.norm_offset:
         weights = A.shift_norms(weights, -1.0)      # read from GGUF, where the 1 was added
+    if family.hf_experts_transposed:
+        from .moe import hf_experts_out
+        weights = hf_experts_out(weights)
     out = {}
     for name, (role, w) in A.to_file_names(weights, family.hf_names, family, cfg, "Hugging Face").items():
         if family.hf_conv1d and len(w.shape) == 2 and role.startswith("layers."):

@@ -8,6 +8,8 @@ role (``layers.{i}.experts.gate.weight``). A table name holding ``{j}`` is stack
 """
 from __future__ import annotations
 
+import numpy as np
+
 from kiln.errors import KilnError
 
 from .arch import LLAMA_GGUF, LLAMA_HF, Family, _family
@@ -60,7 +62,40 @@ _family(Family("olmoe", ("olmoe",), "olmoe", QWEN_MOE_HF, MOE_GGUF,
 _family(Family("qwen2_moe", ("qwen2_moe",), "qwen2moe", QWEN2_MOE_HF, QWEN2_MOE_GGUF,
                flags={"attention_bias": True, "expert_norm_topk": False}))
 
-MOE_FAMILIES = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe")
+# gpt_oss: HF keeps each projection's experts in one tensor, laid out [experts, in, out] (the
+# transpose of kiln's), gate and up interleaved column by column in one gate_up_proj; every
+# projection, the router included, has a bias; attention has biases and a sink per head
+GPT_OSS_HF = _without_dense_mlp(LLAMA_HF)
+GPT_OSS_HF.update({"layers.{i}.sinks": "model.layers.{i}.self_attn.sinks",
+                   "layers.{i}.router.weight": "model.layers.{i}.mlp.router.weight",
+                   "layers.{i}.router.bias": "model.layers.{i}.mlp.router.bias",
+                   "layers.{i}.experts.gate_up.weight": "model.layers.{i}.mlp.experts.gate_up_proj",
+                   "layers.{i}.experts.gate_up.bias": "model.layers.{i}.mlp.experts.gate_up_proj_bias",
+                   "layers.{i}.experts.down.weight": "model.layers.{i}.mlp.experts.down_proj",
+                   "layers.{i}.experts.down.bias": "model.layers.{i}.mlp.experts.down_proj_bias"})
+# llama.cpp's gpt-oss names: its pre-MLP norm is post_attention_norm (gguf-py's ATTN_POST_NORM)
+GPT_OSS_GGUF = {k: v for k, v in MOE_GGUF.items() if k not in ("layers.{i}.attn_post_norm", "layers.{i}.mlp_post_norm")}
+GPT_OSS_GGUF.update({"layers.{i}.mlp_norm": "blk.{i}.post_attention_norm.weight",
+                     "layers.{i}.sinks": "blk.{i}.attn_sinks.weight",
+                     "layers.{i}.router.bias": "blk.{i}.ffn_gate_inp.bias",
+                     "layers.{i}.experts.gate.bias": "blk.{i}.ffn_gate_exps.bias",
+                     "layers.{i}.experts.up.bias": "blk.{i}.ffn_up_exps.bias",
+                     "layers.{i}.experts.down.bias": "blk.{i}.ffn_down_exps.bias"})
+# transformers' GptOssConfig defaults for what a config.json may leave out; alpha and limit are
+# also llama.cpp's fixed constants (a GGUF without kiln's keys means them)
+GPT_OSS_DEFAULTS = {"attention_bias": True, "swiglu_alpha": 1.702, "swiglu_limit": 7.0, "sliding_window": 128,
+                    "rms_norm_eps": 1e-5, "head_dim": 64, "max_position_embeddings": 131072, "rope_theta": 150000.0,
+                    "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                     "truncate": False, "original_max_position_embeddings": 4096}}
+_family(Family("gpt_oss", ("gpt_oss",), "gpt-oss", GPT_OSS_HF, GPT_OSS_GGUF, global_every=2,
+               hf_defaults=GPT_OSS_DEFAULTS, hf_experts_transposed=True,
+               # llama.cpp's gpt-oss graph requires the attention biases: the family has them
+               flags={"expert_norm_topk": True, "expert_bias": True, "expert_glu": "swiglu_oai",
+                      "attention_sinks": True, "attention_bias": True, "output_bias": True},
+               hf_scalars={"swiglu_alpha": "swiglu_alpha", "swiglu_limit": "swiglu_limit"},
+               gguf_scalars={"swiglu_alpha": "swiglu_alpha", "swiglu_limit": "swiglu_limit"}))
+
+MOE_FAMILIES = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "gpt_oss")
 
 
 def hf_experts(cfg: dict, c, path) -> None:
@@ -99,7 +134,7 @@ def hf_experts(cfg: dict, c, path) -> None:
 def hf_expert_config(c) -> dict:
     """The config.json keys transformers' family reads for the experts (the inverse of hf_experts)."""
     out = {"num_experts_per_tok": c.experts_per_token, "sliding_window": c.sliding_window}
-    if c.family == "mixtral":
+    if c.family in ("mixtral", "gpt_oss"):
         out.update(num_local_experts=c.num_experts, intermediate_size=c.expert_intermediate_size)
         return out
     out.update(num_experts=c.num_experts, norm_topk_prob=bool(c.expert_norm_topk))
@@ -143,6 +178,9 @@ def expert_shapes(c, p: str) -> dict:
     X, E, F, S = c.num_experts, c.hidden_size, c.expert_intermediate_size, c.shared_expert_intermediate_size
     out = {p + "router.weight": (X, E), p + "experts.gate.weight": (X, F, E), p + "experts.up.weight": (X, F, E),
            p + "experts.down.weight": (X, E, F)}
+    if c.expert_bias:
+        out.update({p + "router.bias": (X,), p + "experts.gate.bias": (X, F), p + "experts.up.bias": (X, F),
+                    p + "experts.down.bias": (X, E)})
     if S:
         out.update({p + "shexp.gate.weight": (S, E), p + "shexp.up.weight": (S, E), p + "shexp.down.weight": (E, S),
                     p + "shexp.router.weight": (1, E)})
@@ -154,6 +192,86 @@ def shared_router_rows(weights: dict) -> dict:
     so a GGUF may hold it either way."""
     return {role: (w.reshape((1,) + w.shape) if role.endswith("shexp.router.weight") and len(w.shape) == 1 else w)
             for role, w in weights.items()}
+
+
+def hf_mxfp4_experts(path, tensors: dict) -> dict:
+    """gpt-oss as published: each expert projection as MXFP4 bytes, ``{name}_blocks`` [experts,
+    out, in/32, 16] (value 2i in the low nibble of byte i, 2i + 1 in the high one) and
+    ``{name}_scales`` [experts, out, in/32] (E8M0 exponents), already [out, in] unlike the float
+    tensors. Each pair becomes one MXFP4 weight ``{name}`` [experts, out, in] in kiln's (and
+    GGUF's) block layout, e then 16 bytes in Q4_0's nibble order: repacked lazily, never
+    dequantized."""
+    from kiln import formats
+    from kiln.formats._blocks import pack_nibbles
+    from kiln.weights import Weight
+    out = dict(tensors)
+    for name in [n for n in tensors if n.endswith("_blocks")]:
+        base = name[:-len("_blocks")]
+        blocks, scales = tensors[name], tensors.get(base + "_scales")
+        if scales is None:
+            continue
+        shape = tuple(blocks.shape)
+        if len(shape) != 4 or shape[3] != 16 or tuple(scales.shape) != shape[:3] \
+                or {blocks.format.name, scales.format.name} != {"u8"}:
+            raise KilnError(path, f"{name} {list(shape)} and {base}_scales {list(scales.shape)} are not MXFP4 "
+                                  f"blocks [experts, rows, groups, 16] and scales [experts, rows, groups] of bytes")
+
+        def load(b=blocks, e=scales):
+            raw = b.raw().reshape(-1, 16)
+            codes = np.stack([raw & 0x0F, raw >> 4], axis=-1).reshape(-1, 32)
+            return np.concatenate([e.raw().reshape(-1, 1), pack_nibbles(codes)], axis=1)
+        del out[name], out[base + "_scales"]
+        out[base] = Weight(shape[:2] + (shape[2] * 32,), formats.get("mxfp4"), load, name=base, origin=blocks.origin)
+    return out
+
+
+def hf_experts_in(role: str, w):
+    """gpt_oss's HF float expert weights [experts, in, out] as kiln's [experts, out, in]
+    (lazily); MXFP4 blocks (hf_mxfp4_experts) are [experts, out, in] already."""
+    if w.format.is_block:
+        return w
+    if role.startswith("layers.") and ".experts." in role and role.endswith(".weight") and len(w.shape) == 3:
+        x, a, b = w.shape
+        return w.map_values(lambda v: np.swapaxes(v, 1, 2), (x, b, a))
+    return w
+
+
+def hf_experts_out(weights: dict) -> dict:
+    """The inverse of hf_experts_in and split_gate_up, for writing a gpt_oss HF checkpoint:
+    gate and up interleaved again, every expert weight [experts, in, out]."""
+    def interleaved(gate, up):
+        # weights [X, F, in] -> [X, 2F, in], biases [X, F] -> [X, 2F]: gate's row f at 2f, up's at 2f + 1
+        return gate.map_values(lambda g: np.stack([g, up.numpy()], axis=2).reshape((g.shape[0], -1) + g.shape[2:]),
+                               (gate.shape[0], 2 * gate.shape[1]) + tuple(gate.shape[2:]))
+    out = dict(weights)
+    for role in [r for r in out if r.endswith((".experts.gate.weight", ".experts.gate.bias"))]:
+        out[role.replace(".gate.", ".gate_up.")] = interleaved(out.pop(role), out.pop(role.replace(".gate.", ".up.")))
+    for role, w in list(out.items()):
+        if ".experts." in role and role.endswith(".weight") and len(w.shape) == 3:
+            out[role] = w.map_values(lambda v: np.swapaxes(v, 1, 2), (w.shape[0], w.shape[2], w.shape[1]))
+    return out
+
+
+def split_gate_up(weights: dict) -> dict:
+    """gpt_oss's fused experts.gate_up (weight [X, 2F, E] once transposed, bias [X, 2F]) as
+    experts.gate and experts.up: their rows alternate, gate first."""
+    out = {}
+    for role, w in weights.items():
+        if ".experts.gate_up." not in role:
+            out[role] = w
+            continue
+        if len(w.shape) < 2 or w.shape[1] % 2:
+            raise ValueError(f"fused tensor {w.name or role} has shape {list(w.shape)}: not gate and up rows "
+                             f"in pairs")
+        shape = (w.shape[0], w.shape[1] // 2) + tuple(w.shape[2:])
+        for k, part in enumerate(("gate", "up")):
+            if len(shape) == 3:
+                # rows k, k + 2, ... of every expert: whole rows, so MXFP4 blocks stay blocks
+                rows = (np.arange(w.shape[0])[:, None] * w.shape[1] + np.arange(k, w.shape[1], 2)).reshape(-1)
+                out[role.replace(".gate_up.", f".{part}.")] = w.take_rows(rows).reshape(shape)
+            else:
+                out[role.replace(".gate_up.", f".{part}.")] = w.map_values(lambda a, k=k: a[:, k::2], shape)
+    return out
 
 
 def stack_experts(path, tensors: dict, template: str, n: int):

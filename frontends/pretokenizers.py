@@ -28,6 +28,12 @@ _DEEPSEEK_LETTERS = (  # written as escapes: NFC would fold some of these charac
     "-\U000118df\U0001e900-\U0001e943"
 )
 _CJK = "[一-龥ࠀ-一가-퟿]+"
+# o200k (gpt-4o, gpt-oss): a word is an optional leading non-letter, then upper-case-ish letters
+# and lower-case-ish ones (so "HelloWorld" splits in two), then a contraction
+_UPPERISH, _LOWERISH = r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]", r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]"
+_GPT4O = (r"[^\r\n\p{L}\p{N}]?" + _UPPERISH + "*" + _LOWERISH + "+" + _CONTRACTIONS_CI + "?"
+          + r"|[^\r\n\p{L}\p{N}]?" + _UPPERISH + "+" + _LOWERISH + "*" + _CONTRACTIONS_CI + "?"
+          + r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,7 @@ for _p in (
     _Pre("deepseek-coder", (r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", _CJK, r"\p{N}")),
     _Pre("falcon", (r"[\p{P}\$\+<=>\^~\|`]+", _GPT2, "[0-9][0-9][0-9]")),
     _Pre("chatglm-bpe", (_LLAMA3,), ("glm4",)),
+    _Pre("gpt-4o", (_GPT4O,), ("llama4", "kanana2", "talkie")),
 ):
     for _n in (_p.name,) + _p.aliases:
         PRE_TOKENIZERS[_n] = _p

@@ -34,12 +34,12 @@ MAX_INDEX_BYTES = 100_000_000
 # safetensors dtype name -> kiln format name
 _DTYPE_TO_FORMAT = {
     "F64": "f64", "F32": "f32", "F16": "f16", "BF16": "bf16",
-    "I64": "i64", "I32": "i32", "I16": "i16", "I8": "i8",
+    "I64": "i64", "I32": "i32", "I16": "i16", "I8": "i8", "U8": "u8",
 }
 _FORMAT_TO_DTYPE = {v: k for k, v in _DTYPE_TO_FORMAT.items()}
 # Known to the format but not to kiln: named so the message can say "unsupported", not "unknown".
 _KNOWN_UNSUPPORTED = {
-    "BOOL", "U8", "U16", "U32", "U64", "F8_E4M3", "F8_E5M2", "F8_E8M0", "F4",
+    "BOOL", "U16", "U32", "U64", "F8_E4M3", "F8_E5M2", "F8_E8M0", "F4",
     "F6_E2M3", "F6_E3M2", "C64",
 }
 

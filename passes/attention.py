@@ -7,17 +7,17 @@ Pattern, per layer, from the Softmax:
 
 where rep is the GQA head repetition (or nothing) and MASK is the model's causal mask
 (one of ``graph.meta["causal_masks"]``, written by the builder with each mask's sliding window);
-gemma2's soft cap, Mul(Tanh(Div(scores, cap)), cap), may sit between the scaling and the mask.
-The rewrite
-takes q, k, v, past_k, past_v and yields out, present_k, present_v; the present outputs keep
-their names.
+gemma2's soft cap, Mul(Tanh(Div(scores, cap)), cap), may sit between the scaling and the mask;
+gpt-oss's sinks join the masked scores as one more column (Concat) that a Slice drops after
+the softmax. The rewrite takes q, k, v, past_k, past_v (and the sinks) and yields out,
+present_k, present_v; the present outputs keep their names.
 """
 from __future__ import annotations
 
 import itertools
 
 from kiln.ir import Graph, Node
-from kiln.passes.kv_cache import NotAttention, softcapped
+from kiln.passes.kv_cache import NotAttention, sink_parts, softcapped
 from kiln.passes.match import apply_rule, constant_operand, producer, sole_user, strip_repeat
 from kiln.passes_base import PassResult, decompose_op
 
@@ -32,7 +32,8 @@ def _cached(present, graph: Graph):
 
 def match(softmax: Node, graph: Graph) -> dict:
     masks = graph.meta.get("causal_masks") or {}
-    add = producer(softmax.inputs[0], "Add", "softmax input is not scores + mask", NotAttention)
+    masked, sinks, probs = sink_parts(softmax)
+    add = producer(masked, "Add", "softmax input is not scores + mask", NotAttention)
     scores, mask = add.inputs
     if mask.name not in masks:
         raise NotAttention("the mask is not one of the model's causal masks")
@@ -45,7 +46,7 @@ def match(softmax: Node, graph: Graph) -> dict:
     if kt.attrs.get("perm") != [0, 1, 3, 2]:
         raise NotAttention("keys are transposed the wrong way")
     kcat, past_k, k = _cached(strip_repeat(kt.inputs[0]), graph)
-    pv = sole_user(softmax.outputs[0])
+    pv = sole_user(probs)
     if pv is None or pv.op != "MatMul":
         raise NotAttention("probabilities do not feed one product with the values")
     vcat, past_v, v = _cached(strip_repeat(pv.inputs[1]), graph)
@@ -59,7 +60,7 @@ def match(softmax: Node, graph: Graph) -> dict:
     if q.type.rank != 4 or k.type.rank != 4:
         raise NotAttention("q/k are not [batch, heads, seq, dim]")
     return {"q": q, "k": k, "v": v, "past_k": past_k, "past_v": past_v, "scale": float(scale),
-            "window": masks[mask.name], "softcap": softcap, "out": merge.outputs[0],
+            "window": masks[mask.name], "softcap": softcap, "sinks": sinks, "out": merge.outputs[0],
             "present_k": kcat.outputs[0], "present_v": vcat.outputs[0]}
 
 
@@ -72,7 +73,8 @@ def fuse_attention(graph: Graph, head_dim_multiple: int = 1) -> PassResult:
         m = match(node, graph)
         if m["q"].type.shape[-1] % head_dim_multiple:
             raise NotAttention(f"head size {m['q'].type.shape[-1]} is not a multiple of {head_dim_multiple}")
-        out, pk, pv = graph.add_node("Attention", [m["q"], m["k"], m["v"], m["past_k"], m["past_v"]],
+        ins = [m["q"], m["k"], m["v"], m["past_k"], m["past_v"]] + ([m["sinks"]] if m["sinks"] is not None else [])
+        out, pk, pv = graph.add_node("Attention", ins,
                                      {"scale": m["scale"], "window": m["window"], "softcap": m["softcap"]},
                                      name=f"attention.{next(numbers)}",
                                      output_names=[m["out"].name + ".attn", m["present_k"].name + ".attn",
@@ -90,7 +92,7 @@ def decompose(graph: Graph) -> PassResult:
     import numpy as np
 
     def expand(node, add):
-        q, k, v, past_k, past_v = node.inputs
+        q, k, v, past_k, past_v = node.inputs[:5]
         _, heads, _, dim = q.type.shape
         kv = k.type.shape[1]
 
@@ -124,7 +126,16 @@ def decompose(graph: Graph) -> PassResult:
             cap = graph.const(np.float32(node.attrs["softcap"]))
             scores = add("Mul", [add("Tanh", [add("Div", [scores, cap], suffix="softcap_div")], suffix="softcap_tanh"),
                                  cap], suffix="softcapped")
-        probs = add("Softmax", [add("Add", [scores, mask], suffix="masked")], {"axis": -1}, "probs")
+        scores = add("Add", [scores, mask], suffix="masked")
+        if len(node.inputs) == 6:
+            col = add("Reshape", [node.inputs[5], i64([1, heads, 1, 1])], suffix="sinks_heads")
+            lead = add("Slice", [add("Shape", [scores], suffix="scores_shape")],
+                       {"starts": [0], "ends": [3], "axes": [0]}, "sinks_lead")
+            col = add("Expand", [col, add("Concat", [lead, i64([1])], {"axis": 0}, "sinks_shape")], suffix="sinks_col")
+            scores = add("Concat", [scores, col], {"axis": -1}, "with_sinks")
+        probs = add("Softmax", [scores], {"axis": -1}, "probs")
+        if len(node.inputs) == 6:
+            probs = add("Slice", [probs], {"starts": [0], "ends": [-1], "axes": [-1]}, "probs_keys")
         ctx = add("Transpose", [add("MatMul", [probs, repeat(present_v, "v")], suffix="context")],
                   {"perm": [0, 2, 1, 3]}, "context_t")
         return [add("Reshape", [ctx, i64([0, 0, heads * dim])], suffix="out"), present_k, present_v]

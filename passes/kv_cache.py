@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from kiln.ir import Graph, Node, Value
 from kiln.ops import scalar_value
-from kiln.passes.match import Refused, constant_operand, made_by, producer, strip_repeat
+from kiln.passes.match import Refused, constant_operand, made_by, producer, sole_user, strip_repeat
 from kiln.passes_base import PassResult
 
 
@@ -33,9 +33,30 @@ def softcapped(scores: Value) -> tuple[Value, float]:
     return div.inputs[0], float(cap)
 
 
+def sink_parts(softmax: Node) -> tuple[Value, Value | None, Value]:
+    """(the softmax's input before gpt-oss's sink column, the sinks [heads] or None, the
+    probabilities over the keys) for Slice(Softmax(Concat(x, Expand(Reshape(sinks)))), ..-1)."""
+    cat = made_by(softmax.inputs[0], "Concat")
+    if cat is None:
+        return softmax.inputs[0], None, softmax.outputs[0]
+    if len(cat.inputs) != 2 or cat.attrs.get("axis") not in (-1, 3):
+        raise NotAttention("the softmax input is a concatenation, not scores and a sink column")
+    heads = producer(producer(cat.inputs[1], "Expand", "the sink column is not broadcast", NotAttention).inputs[0],
+                     "Reshape", "the sinks are not one per head", NotAttention)
+    sinks = heads.inputs[0]
+    if sinks.type.rank != 1:
+        raise NotAttention("the sinks are not one logit per head")
+    cut = sole_user(softmax.outputs[0])
+    if cut is None or cut.op != "Slice" or cut.attrs.get("ends") != [-1] or cut.attrs.get("starts") != [0] \
+            or cut.attrs.get("axes") not in ([-1], [3]):
+        raise NotAttention("the sink's probability is not dropped after the softmax")
+    return cat.inputs[0], sinks, cut.outputs[0]
+
+
 def match_attention(softmax: Node) -> tuple[Value, Value]:
     """(keys, values) feeding this attention softmax, each [batch, kv_heads, seq, head_dim]."""
-    add = producer(softmax.inputs[0], "Add", "softmax input is not scores + mask", NotAttention)
+    masked, _, probs = sink_parts(softmax)
+    add = producer(masked, "Add", "softmax input is not scores + mask", NotAttention)
     scores = softcapped(add.inputs[0])[0]
     if (mul := made_by(scores, "Mul")) is not None:
         scores = mul.inputs[0]
@@ -43,7 +64,7 @@ def match_attention(softmax: Node) -> tuple[Value, Value]:
     kt = producer(qk.inputs[1], "Transpose", "keys are not transposed", NotAttention)
     if kt.attrs.get("perm") != [0, 1, 3, 2]:
         raise NotAttention(f"key transpose has perm {kt.attrs.get('perm')}, not [0, 1, 3, 2]")
-    pv = [u.node for u in softmax.outputs[0].uses if u.node.op == "MatMul" and u.index == 0]
+    pv = [u.node for u in probs.uses if u.node.op == "MatMul" and u.index == 0]
     if len(pv) != 1:
         raise NotAttention("softmax output does not feed exactly one probs @ values product")
     return strip_repeat(kt.inputs[0]), strip_repeat(pv[0].inputs[1])

@@ -12,7 +12,7 @@ Every variant is a real ``save_pretrained`` folder (random weights, fixed seeds,
 q/k norms, rope scaling types, partial rotary, MQA, biases, half-precision checkpoints,
 sliding windows and PyTorch ``.bin`` checkpoints; and the families beyond the shared fixtures
 (granite, olmo2, gemma2, gemma3, and the mixtures of experts mixtral, qwen3_moe, olmoe,
-qwen2_moe), each with its own features switched on. Its ``reference.npz`` is computed by
+qwen2_moe, gpt_oss), each with its own features switched on. Its ``reference.npz`` is computed by
 transformers itself (eager attention, float32) from the folder as saved, with the same keys
 as the shared fixtures (../shared/fixtures/README.md):
 
@@ -198,6 +198,19 @@ VARIANTS = {
         feature="qwen2_moe: 4 experts of 24, 2 per token (not renormalized), plus a shared expert of 40 every "
                 "token runs, times sigmoid(shared_expert_gate); q/k/v biases",
         contrast=dict(norm_topk_prob=True)),
+    "gpt_oss": dict(
+        model_type="gpt_oss",
+        config=dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2, intermediate_size=32, sliding_window=4,
+                    rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "beta_fast": 32.0,
+                                     "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 16}),
+        # the experts' gate/up columns scaled up so the SwiGLU clamp at 7 bites, down scaled to match
+        scale={"gate_up_proj": 5.0, "down_proj": 0.3},
+        feature="gpt_oss: attention sinks (a learned logit per head in the softmax denominator); layer 0 slides "
+                "(window 4), layer 1 is global; q/k/v/o biases; a router with a bias whose top 2 logits are "
+                "softmaxed; 4 experts with biases, gate and up interleaved in one gate_up_proj [experts, in, 2 x 32], "
+                "down_proj [experts, in, out]; the clamped SwiGLU (gate <= 7, |up| <= 7, (up + 1) * gate * "
+                "sigmoid(1.702 gate)); yarn rope (factor 4 over 16 positions, truncate false)",
+        contrast=dict(swiglu_limit=1000.0)),
 }
 
 
@@ -223,7 +236,7 @@ def perturb(model: torch.nn.Module, seed: int) -> None:
     g = torch.Generator().manual_seed(seed + 1000)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.dim() == 1:
+            if p.dim() == 1 or name.endswith("_bias"):     # gpt_oss's experts' biases are [experts, n]
                 noise = torch.randn(p.shape, generator=g)
                 if name.endswith("bias"):
                     p.copy_(0.1 * noise)
@@ -236,6 +249,11 @@ def build(spec: dict, seed: int, overrides: dict | None = None):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", dtype=torch.float32)
     perturb(model, seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            factor = next((f for key, f in spec.get("scale", {}).items() if name.endswith(key)), None)
+            if factor is not None:
+                p.mul_(factor)
     return model.eval()
 
 
@@ -333,7 +351,8 @@ def make(name: str, spec: dict, base_seed: int) -> dict:
                                        "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
                                        "layer_types", "num_local_experts", "num_experts", "num_experts_per_tok",
                                        "moe_intermediate_size", "shared_expert_intermediate_size",
-                                       "norm_topk_prob") if k in cfg.get("text_config", cfg)},
+                                       "norm_topk_prob", "swiglu_limit", "swiglu_alpha")
+                 if k in cfg.get("text_config", cfg)},
         "contrast": spec.get("contrast"),
         "contrast_max_abs": contrast,
         **checks,

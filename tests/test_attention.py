@@ -20,7 +20,7 @@ VARIANTS = REPO / "tests" / "data" / "hf_variants"
 # llama_mqa 3.4e-6 (logits ~3), gemma2 2.6e-6 (logits ~1.5; ORT's tanh in the soft cap),
 # gemma3 1.4e-5 (logits ~6.6). Bound ~10x each (gemma3: ~3x, the variants' 4e-5).
 BOUND = {"llama": 3e-6, "gpt2": 2e-6, "mistral_sliding": 3e-5, "qwen3": 2e-5, "llama_mqa": 4e-5,
-         "gemma2": 3e-5, "gemma3": 4e-5}
+         "gemma2": 3e-5, "gemma3": 4e-5, "gpt_oss": 4e-5}
 
 
 def _cached_graph(path, head_dim_multiple=8):
@@ -104,7 +104,23 @@ def test_runtime_session_continues_a_batch_over_its_cache(hf_fixture, compiled_f
     np.testing.assert_allclose(np.concatenate([first, rest], axis=1), ref["logits"], rtol=0, atol=BOUND["llama"])
 
 
-@pytest.mark.parametrize("name", ["mistral_sliding", "llama_mqa", "gemma2"])
+def test_sinks_move_into_the_fused_attention():
+    """gpt-oss's sink column (Concat before the softmax, Slice after) becomes the Attention op's
+    sixth input, the layer's sinks weight; the fused graph, through the cache in two chunks,
+    computes transformers' logits."""
+    model, g, r = _cached_graph(VARIANTS / "gpt_oss")
+    assert r.stats == {"attention": 2}
+    atts = [n for n in g.nodes if n.op == "Attention"]
+    assert [n.inputs[5].name for n in atts] == ["layers.0.sinks", "layers.1.sinks"]
+    assert [n.attrs["window"] for n in atts] == [4, 0]
+    assert not any(n.op == "Slice" and "probs" in n.name for n in g.nodes)
+    ref = np.load(VARIANTS / "gpt_oss" / "reference.npz")
+    it = Interpreter(g)
+    got = _chunks(lambda feeds: it.run(feeds, None), model.config, ref["input_ids"], [5])
+    np.testing.assert_allclose(got, ref["logits"], rtol=0, atol=BOUND["gpt_oss"])
+
+
+@pytest.mark.parametrize("name", ["mistral_sliding", "llama_mqa", "gemma2", "gpt_oss"])
 def test_decomposition_computes_the_same(name):
     from kiln.passes.attention import decompose
     path = VARIANTS / name

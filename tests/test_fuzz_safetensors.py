@@ -27,9 +27,9 @@ from kiln.errors import KilnError
 from kiln.frontends.safetensors_file import read_safetensors, read_sharded, read_sharded_index, write_safetensors
 from kiln.weights import Weight
 
-DTYPES = ["F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8"]
-OTHER_DTYPES = ["BOOL", "U8", "U64", "F8_E4M3", "F4", "C64", "f32", "F32 ", "", "Q4_0"]
-_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1}
+DTYPES = ["F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8"]
+OTHER_DTYPES = ["BOOL", "U16", "U64", "F8_E4M3", "F4", "C64", "f32", "F32 ", "", "Q4_0"]
+_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1}
 
 # ==========================================================================================
 # codec

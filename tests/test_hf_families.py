@@ -34,7 +34,7 @@ def _greedy_sequence(ref):
 def test_every_family_has_a_fixture(hf_fixture):
     # qwen3 and the later families have their fixtures in tests/test_hf_variants.py
     assert sorted(hf.A.FAMILIES) == sorted(ALL_FAMILIES + ["qwen3", "granite", "olmo2", "gemma2", "gemma3",
-                                                          "mixtral", "qwen3_moe", "olmoe", "qwen2_moe"])
+                                                          "mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "gpt_oss"])
     for family in ALL_FAMILIES:
         assert (hf_fixture(family) / "reference.npz").is_file()
 

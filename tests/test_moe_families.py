@@ -124,7 +124,7 @@ def test_mixture_rules_for_experts():
     assert s.type_for("layers.4.v.weight", (1024, 4096), many) == "q4_k"
 
 
-@pytest.mark.parametrize("name", ["qwen2_moe", "mixtral"])
+@pytest.mark.parametrize("name", ["qwen2_moe", "mixtral", "gpt_oss"])
 @pytest.mark.parametrize("backend", ["onnxrt", "tvm"])
 @pytest.mark.parametrize("quant", ["q8_0", "q4_k_m"])
 def test_quantized_experts_compile(tmp_path, backend, quant, name):
@@ -156,10 +156,13 @@ def test_quantized_experts_compile(tmp_path, backend, quant, name):
         assert formats["layers.0.experts.down.weight"] == "f32"
 
 
-@pytest.mark.parametrize("formats", [("q4_0", "q8_0"), ("q4_k", "q6_k"), ("q8_0", "f32")])
-def test_tvm_block_expert_kernels_match_the_interpreter(formats):
+@pytest.mark.parametrize("formats, gpt_oss", [(("q4_0", "q8_0"), False), (("q4_k", "q6_k"), False),
+                                              (("q8_0", "f32"), False), (("q8_0", "q4_0"), True), (("f32", "f32"), True)])
+def test_tvm_block_expert_kernels_match_the_interpreter(formats, gpt_oss):
     """The CPU kernels over experts kept in their blocks (gate/up in one type, down in another or
-    float), a token at a time and several at once, against the interpreter on the same blocks."""
+    float), a token at a time and several at once, against the interpreter on the same blocks;
+    with ``gpt_oss`` the router and experts have biases and the SwiGLU is clamped (at a limit
+    these weights reach)."""
     import tvm
 
     from kiln.interp import run
@@ -173,9 +176,14 @@ def test_tvm_block_expert_kernels_match_the_interpreter(formats):
     x = g.add_input("x", "float32", ("batch", "seq", E))
     arrays = {"router": (r.normal(size=(X, E)), "f32"), "gate": (r.normal(size=(X, F, E)), gu),
               "up": (r.normal(size=(X, F, E)), gu), "down": (r.normal(size=(X, E, F)), d)}
+    attrs = {"top_k": 2, "normalize": 1}
+    if gpt_oss:
+        arrays.update({"router_bias": (r.normal(size=(X,)), "f32"), "gate_bias": (r.normal(size=(X, F)), "f32"),
+                       "up_bias": (r.normal(size=(X, F)), "f32"), "down_bias": (r.normal(size=(X, E)), "f32")})
+        attrs.update(activation="swiglu_oai", bias=1, alpha=1.702, limit=0.5)
     ins = [x] + [g.add_weight(k, Weight.from_array(a.astype(np.float32) * 0.1, fmt, name=k), "float32")
                  for k, (a, fmt) in arrays.items()]
-    g.outputs = g.add_node("MoE", ins, {"top_k": 2, "normalize": 1}, name="moe")
+    g.outputs = g.add_node("MoE", ins, attrs, name="moe")
     mod, plan = lower_plain(g, Target({"kind": "llvm"}, False))
     assert plan.formats["gate"] == gu and plan.formats["down"] == d
     ex = tvm.compile(mod, target=tvm.target.Target({"kind": "llvm"}))
@@ -221,6 +229,187 @@ def test_inspect_shows_experts(tmp_path, capsys):
     assert "experts" not in capsys.readouterr().out
 
 
+def test_gpt_oss_experts_are_read_from_the_interleaved_transposed_gate_up():
+    """gpt_oss's HF experts: gate_up_proj [experts, in, 2F] holds gate in its even columns and up
+    in its odd ones; kiln's gate/up are those columns as [experts, F, in], down_proj [experts,
+    in, out] transposed, and the biases split the same way; one MoE op per layer with them."""
+    from kiln.frontends.safetensors_file import read_safetensors
+    model = hf.read(DATA / "gpt_oss")
+    t = {k: v.numpy() for k, v in read_safetensors(DATA / "gpt_oss" / "model.safetensors").tensors.items()}
+    p = "model.layers.1.mlp.experts."
+    w = {k: v.numpy() for k, v in model.weights.items() if k.startswith("layers.1.")}
+    np.testing.assert_array_equal(w["layers.1.experts.gate.weight"], t[p + "gate_up_proj"][:, :, 0::2].transpose(0, 2, 1))
+    np.testing.assert_array_equal(w["layers.1.experts.up.weight"], t[p + "gate_up_proj"][:, :, 1::2].transpose(0, 2, 1))
+    np.testing.assert_array_equal(w["layers.1.experts.down.weight"], t[p + "down_proj"].transpose(0, 2, 1))
+    np.testing.assert_array_equal(w["layers.1.experts.gate.bias"], t[p + "gate_up_proj_bias"][:, 0::2])
+    np.testing.assert_array_equal(w["layers.1.experts.up.bias"], t[p + "gate_up_proj_bias"][:, 1::2])
+    np.testing.assert_array_equal(w["layers.1.router.bias"], t["model.layers.1.mlp.router.bias"])
+    moes = [n for n in model.graph.nodes if n.op == "MoE"]
+    assert len(moes) == 2 and len(moes[0].inputs) == 9
+    assert moes[0].attrs == {"top_k": 2, "normalize": 1, "bias": 1, "activation": "swiglu_oai", "alpha": 1.702,
+                             "limit": 7.0}
+
+
+def test_gpt_oss_swiglu_constants_are_read_and_written(tmp_path):
+    """swiglu_alpha and swiglu_limit come from config.json (transformers' 1.702 and 7.0 where
+    it has none, and its yarn rope) and go into the GGUF as kiln's keys (llama.cpp fixes 1.702
+    and 7.0)."""
+    from kiln.frontends.gguf_file import read_gguf
+    folder = tmp_path / "m"
+    shutil.copytree(DATA / "gpt_oss", folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "swiglu_limit": 3.5}))
+    assert hf.read(folder).config["swiglu_limit"] == 3.5
+    convert(folder, tmp_path / "m.gguf", to="gguf")
+    assert read_gguf(tmp_path / "m.gguf").metadata["gpt-oss.swiglu_limit"] == 3.5
+    assert load_model(tmp_path / "m.gguf").config["swiglu_limit"] == 3.5
+    del cfg["swiglu_alpha"], cfg["swiglu_limit"], cfg["rope_parameters"]
+    (folder / "config.json").write_text(json.dumps(cfg))
+    c = hf.read(folder).config
+    assert (c["swiglu_alpha"], c["swiglu_limit"]) == (1.702, 7.0)
+    # GptOssConfig's rope when a config states none: yarn, factor 32 over 4096, truncate false
+    assert c["rope_theta"] == 150000.0 and c["rope_scaling"]["factor"] == 32.0
+    assert c["rope_scaling"]["truncate"] is False
+
+
+def mxfp4_gguf(tmp_path):
+    """The gpt_oss fixture as llama.cpp's converter ships gpt-oss: expert tensors in MXFP4."""
+    from kiln.frontends.gguf_file import read_gguf, write_gguf
+    convert(DATA / "gpt_oss", tmp_path / "f32.gguf", to="gguf")
+    f = read_gguf(tmp_path / "f32.gguf")
+    tensors = {n: (w.astype("mxfp4") if n.endswith("_exps.weight") else w) for n, w in f.tensors.items()}
+    write_gguf(tmp_path / "mxfp4.gguf", f.metadata, tensors.items())
+    return tmp_path / "mxfp4.gguf"
+
+
+@pytest.mark.parametrize("backend", ["onnxrt", "tvm"])
+def test_gguf_mxfp4_experts_stay_blocks_and_compile(tmp_path, backend):
+    """kiln reads MXFP4 expert tensors as blocks (a GGUF written from them keeps them MXFP4);
+    both backends compute from their exact values: neither has an MXFP4 kernel, so the
+    artifact holds them dequantized to float32."""
+    from kiln import runtime
+    from kiln.driver import compile as kiln_compile
+    from kiln.frontends.gguf_file import read_gguf
+    from kiln.interp import run
+    path = mxfp4_gguf(tmp_path)
+    model = load_model(path)
+    assert {model.weights[f"layers.1.experts.{p}.weight"].format.name for p in ("gate", "up", "down")} == {"mxfp4"}
+    convert(path, tmp_path / "again.gguf", to="gguf")
+    again = read_gguf(tmp_path / "again.gguf").tensors
+    assert again["blk.1.ffn_gate_exps.weight"].format.name == "mxfp4"
+    assert again["blk.1.ffn_gate_exps.weight"].raw().tobytes() == read_gguf(path).tensors[
+        "blk.1.ffn_gate_exps.weight"].raw().tobytes()
+    art = runtime.load(kiln_compile(path, output=tmp_path / "m.kiln", backend=backend))
+    ids = np.random.default_rng(6).integers(0, 128, size=(2, 9))
+    want = next(iter(run(model.graph, {"input_ids": ids}).values()))
+    np.testing.assert_allclose(art.logits(ids), want, rtol=0, atol=5e-5)
+
+
+def test_gpt_oss_bad_gate_up_is_one_clear_line(tmp_path):
+    """A gate_up_proj whose gate and up columns do not pair up fails naming the tensor."""
+    from kiln.frontends.safetensors_file import read_safetensors, write_safetensors
+    from kiln.weights import Weight
+    folder = tmp_path / "m"
+    shutil.copytree(DATA / "gpt_oss", folder)
+    tensors = read_safetensors(DATA / "gpt_oss" / "model.safetensors").tensors
+    bad = "model.layers.0.mlp.experts.gate_up_proj"
+    items = [(n, Weight.from_array(w.numpy()[:, :, :63]) if n == bad else w) for n, w in tensors.items()]
+    write_safetensors(folder / "model.safetensors", items, metadata={"format": "pt"})
+    with pytest.raises(KilnError) as e:
+        hf.read(folder)
+    assert f"fused tensor {bad} has shape [4, 63, 32]: not gate and up rows in pairs" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def hf_mxfp4_folder(tmp_path):
+    """The gpt_oss fixture as gpt-oss is published: each expert projection as MXFP4 bytes,
+    ``_blocks`` [experts, out, in/32, 16] (value 2i in the low nibble of byte i) and ``_scales``
+    [experts, out, in/32], quantized from its float experts, with quantization_config mxfp4."""
+    from kiln import formats
+    from kiln.formats._blocks import unpack_nibbles
+    from kiln.frontends.safetensors_file import read_safetensors, write_safetensors
+    from kiln.weights import Weight
+    folder = tmp_path / "mxfp4"
+    shutil.copytree(DATA / "gpt_oss", folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "mxfp4"}}))
+    items = []
+    for name, w in read_safetensors(DATA / "gpt_oss" / "model.safetensors").tensors.items():
+        if not name.endswith(("gate_up_proj", "down_proj")):
+            items.append((name, w))
+            continue
+        a = w.numpy().transpose(0, 2, 1)                                        # [X, out, in]
+        kiln_blocks = formats.get("mxfp4").quantize(a.reshape(-1, a.shape[-1])).reshape(-1, 17)
+        codes = unpack_nibbles(kiln_blocks[:, 1:])                               # element order
+        hf_bytes = (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8)
+        groups = a.shape[:2] + (a.shape[2] // 32,)
+        items.append((name + "_blocks", Weight(groups + (16,), "u8", lambda b=hf_bytes: b)))
+        items.append((name + "_scales", Weight(groups, "u8", lambda e=kiln_blocks[:, 0].copy(): e)))
+    write_safetensors(folder / "model.safetensors", items, metadata={"format": "pt"})
+    return folder
+
+
+def test_hf_mxfp4_experts_are_read_as_blocks(tmp_path):
+    """A published gpt-oss folder's MXFP4 experts are repacked into kiln's MXFP4 blocks without
+    dequantizing: the very bytes llama.cpp's converter writes into a GGUF (the GGUF here holds
+    the same experts quantized by kiln, which llama.cpp reads with kiln's greedy tokens,
+    tests/test_llama_cpp.py), gate and up taken from alternate rows; convert to GGUF keeps them."""
+    from kiln.frontends.gguf_file import read_gguf
+    folder = hf_mxfp4_folder(tmp_path)
+    model = hf.read(folder)
+    gguf = read_gguf(mxfp4_gguf(tmp_path)).tensors
+    for i in range(2):
+        for part, name in (("gate", "ffn_gate_exps"), ("up", "ffn_up_exps"), ("down", "ffn_down_exps")):
+            w = model.weights[f"layers.{i}.experts.{part}.weight"]
+            assert w.format.name == "mxfp4" and w.shape == gguf[f"blk.{i}.{name}.weight"].shape
+            assert w.raw().tobytes() == gguf[f"blk.{i}.{name}.weight"].raw().tobytes(), (i, part)
+    convert(folder, tmp_path / "m.gguf", to="gguf")
+    assert read_gguf(tmp_path / "m.gguf").tensors["blk.0.ffn_up_exps.weight"].format.name == "mxfp4"
+
+
+@pytest.mark.parametrize("backend", ["onnxrt", "tvm"])
+def test_hf_mxfp4_experts_compile(tmp_path, backend):
+    from kiln import runtime
+    from kiln.driver import compile as kiln_compile
+    from kiln.interp import run
+    folder = hf_mxfp4_folder(tmp_path)
+    model = hf.read(folder)
+    art = runtime.load(kiln_compile(folder, output=tmp_path / "m.kiln", backend=backend))
+    ids = np.random.default_rng(8).integers(0, 128, size=(2, 9))
+    want = next(iter(run(model.graph, {"input_ids": ids}).values()))
+    np.testing.assert_allclose(art.logits(ids), want, rtol=0, atol=5e-5)
+
+
+def test_bad_hf_mxfp4_blocks_are_one_clear_line(tmp_path):
+    from kiln.frontends.safetensors_file import read_safetensors, write_safetensors
+    from kiln.weights import Weight
+    folder = hf_mxfp4_folder(tmp_path)
+    tensors = read_safetensors(folder / "model.safetensors").tensors
+    bad = "model.layers.0.mlp.experts.down_proj_scales"
+    items = [(n, Weight((4, 32), "u8", lambda: np.zeros((4, 32), np.uint8)) if n == bad else w)
+             for n, w in tensors.items()]
+    write_safetensors(folder / "model.safetensors", items, metadata={"format": "pt"})
+    with pytest.raises(KilnError) as e:
+        hf.read(folder)
+    assert "model.layers.0.mlp.experts.down_proj_blocks [4, 32, 1, 16] and " \
+           "model.layers.0.mlp.experts.down_proj_scales [4, 32] are not MXFP4 blocks" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_inspect_shows_gpt_oss(tmp_path, capsys):
+    """kiln inspect on gpt-oss: its experts (biased, the SwiGLU's clamp), its alternating
+    sliding layers and its sinks, from config.json and from the GGUF."""
+    from kiln.cli import main
+    convert(DATA / "gpt_oss", tmp_path / "m.gguf", to="gguf")
+    for path in (DATA / "gpt_oss", tmp_path / "m.gguf"):
+        assert main(["inspect", str(path)]) == 0
+        out = capsys.readouterr().out
+        assert "experts: 4 per layer, 2 active per token (their weights renormalized), biased, clamped SwiGLU at " \
+               "7; 12,288 of the experts' 24,576 parameters read per token" in out, out[-2000:]
+        assert "attention: 1 of 2 layers within a sliding window of 4 tokens (S), the others global (G), layer 0 " \
+               "first: SG; a learned sink logit per head in every softmax" in out, out[-2000:]
+
+
 def test_tvm_keeps_the_op_and_onnxrt_decomposes_it(tmp_path):
     """TVM lowers MoE itself (a kernel indexing the chosen experts' weights); ONNX Runtime gets
     the dense decomposition."""
@@ -255,11 +444,13 @@ def test_tvm_keeps_bf16_experts_in_their_own_type(tmp_path):
     np.testing.assert_allclose(model.logits(ids), want, rtol=0, atol=5e-5)
 
 
-def test_cuda_build_holds_the_moe_kernels(tmp_path):
+@pytest.mark.parametrize("name", ["qwen2_moe", "gpt_oss"])
+def test_cuda_build_holds_the_moe_kernels(tmp_path, name):
     """For a GPU, TVM schedules the expert computation itself (built here without a GPU: the
-    kernels are in the device code; their numbers are not checked on a GPU yet)."""
+    kernels are in the device code; their numbers are not checked on a GPU yet); gpt_oss's
+    with its biases and clamped SwiGLU, beside the attention kernel that takes its sinks."""
     from kiln.driver import compile as kiln_compile
-    out = kiln_compile(DATA / "qwen2_moe", target="cuda", output=tmp_path / "m.kiln", backend="tvm")
+    out = kiln_compile(DATA / name, target="cuda", output=tmp_path / "m.kiln", backend="tvm")
     b = json.loads((out / "manifest.json").read_text())["backend"]
     assert any(k.startswith("moe_experts") for k in b["kernels"])
     assert "moe_experts" in (out / b["device_source"]).read_text()

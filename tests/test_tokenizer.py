@@ -314,7 +314,7 @@ def _byte_chars():
 
 @pytest.mark.parametrize("pre,digits", [("gpt-2", ["123"]), ("smollm", ["1", "2", "3"]),
                                         ("llama-bpe", ["123"]), ("qwen2", ["1", "2", "3"]),
-                                        ("deepseek-llm", ["123"]), ("default", ["123"])])
+                                        ("deepseek-llm", ["123"]), ("default", ["123"]), ("gpt-4o", ["123"])])
 def test_pre_tokenizers(pre, digits):
     s = ft.from_gguf_metadata(_tiny_gpt2_meta(pre))
     enc = s.tokenizer.encode("hello world 123", add_special_tokens=False)
@@ -326,7 +326,7 @@ def test_pre_tokenizers(pre, digits):
 
 
 def test_pre_recognised_from_tokenizer_json():
-    for pre in ("gpt-2", "smollm", "llama-bpe", "qwen2", "deepseek-llm", "deepseek-coder"):
+    for pre in ("gpt-2", "smollm", "llama-bpe", "qwen2", "deepseek-llm", "deepseek-coder", "gpt-4o"):
         s = ft.from_gguf_metadata(_tiny_gpt2_meta(pre))
         s.gguf_pre = None
         assert ft.to_gguf_metadata(s)["tokenizer.ggml.pre"] == pre
@@ -339,6 +339,22 @@ def test_pre_recognised_from_tokenizer_json():
     assert ft._pre_name_from_json({"type": "Sequence", "pretokenizers": [
         {"type": "Split", "pattern": {"Regex": hf_llama3}, "behavior": "Isolated", "invert": False},
         {"type": "ByteLevel", "use_regex": False}]}) == "llama-bpe"
+
+
+def test_gpt_4o_pre_tokenizer_splits_as_o200k():
+    """gpt-oss's (o200k) pre-tokenizer, GGUF name gpt-4o: a capital run then lower-case letters
+    make one word ("HelloWorld" is two), a contraction stays on its word, digits go in threes;
+    and the regex as the model's tokenizer.json spells it is recognised as gpt-4o."""
+    s = ft.from_gguf_metadata(_tiny_gpt2_meta("gpt-4o"))
+    words = [w for w, _ in s.tokenizer.pre_tokenizer.pre_tokenize_str("HelloWorld it's OK 12345 a/b\n")]
+    assert words == ["Hello", "World", "Ġit's", "ĠOK", "Ġ", "123", "45", "Ġa", "/b", "Ċ"]
+    contractions = "(?i:'s|'t|'re|'ve|'m|'ll|'d)"
+    upper, lower = "[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]", "[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]"
+    o200k = (f"[^\\r\\n\\p{{L}}\\p{{N}}]?{upper}*{lower}+{contractions}?|[^\\r\\n\\p{{L}}\\p{{N}}]?{upper}+{lower}*"
+             f"{contractions}?|\\p{{N}}{{1,3}}| ?[^\\s\\p{{L}}\\p{{N}}]+[\\r\\n/]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
+    assert ft._pre_name_from_json({"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": o200k}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "use_regex": False}]}) == "gpt-4o"
 
 
 def test_special_token_text_with_colon_and_space():

@@ -256,7 +256,7 @@ def _gather_blocks(node: Node, data: _DataWriter, initializers: list, progress) 
 
 def _attention(node: Node, const_input, lengths: dict, batched: dict) -> list:
     """Attention -> com.microsoft GroupQueryAttention (causal, growing BNSH cache)."""
-    q, k, v, past_k, past_v = node.inputs
+    q, k, v, past_k, past_v = node.inputs[:5]
     _, heads, _, dim = q.type.shape
     kv_heads = k.type.shape[1]
     out: list = []
@@ -326,6 +326,9 @@ def _attention(node: Node, const_input, lengths: dict, batched: dict) -> list:
     if rotary_tables is not None:
         inputs += [f"{rotary_tables[0]}.cache", f"{rotary_tables[1]}.cache"]
         rotary = {"do_rotary": 1, "rotary_interleaved": 0}
+    if len(node.inputs) == 6:
+        # gpt-oss's sinks: GQA's head_sink (input 11), e^sink added to each head's denominator
+        inputs += [""] * (11 - len(inputs)) + [node.inputs[5].name]
     out.append(helper.make_node(
         "GroupQueryAttention", inputs,
         [o.name for o in node.outputs], name=node.name, domain="com.microsoft",

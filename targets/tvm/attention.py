@@ -66,11 +66,14 @@ def kv_append(kv_heads: int, head_dim: int, gpu: bool, cache_dtype: str = "float
     return kv_append_cpu
 
 
-def attention(heads: int, kv_heads: int, head_dim: int, scale: float, window: int, softcap: float = 0.0, *,
-              gpu: bool, cache_dtype: str = "float32"):
-    """(q [b, H, s, D], k_cache, v_cache, lengths int32 [b]) -> out [b, s, H*D]; a float16
-    cache is widened to float32 as it is read. ``softcap`` c > 0: each scaled score s becomes
-    c·tanh(s / c) (gemma2), divided as transformers divides."""
+def attention(heads: int, kv_heads: int, head_dim: int, scale: float, window: int, softcap: float = 0.0,
+              sinks: bool = False, *, gpu: bool, cache_dtype: str = "float32"):
+    """(q [b, H, s, D], k_cache, v_cache, lengths int32 [b], sinks [H]) -> out [b, s, H*D]; a
+    float16 cache is widened to float32 as it is read. ``softcap`` c > 0: each scaled score s
+    becomes c·tanh(s / c) (gemma2), divided as transformers divides. With ``sinks`` (gpt-oss)
+    the online softmax starts from head h's sink, a key of logit sinks[h] and no value (running
+    maximum sinks[h], sum 1), so e^sink joins the denominator; without, the sinks input is
+    not read."""
     H, KV, D, CD = heads, kv_heads, head_dim, cache_dtype
     group = H // KV
     scale = float(scale)
@@ -90,13 +93,15 @@ def attention(heads: int, kv_heads: int, head_dim: int, scale: float, window: in
             raise ValueError(f"the GPU attention kernel needs a power-of-two head size, not {D}")
 
         @T.prim_func(private=True)
-        def attention_gpu(q_h: T.handle, kc_h: T.handle, vc_h: T.handle, len_h: T.handle, o_h: T.handle):
+        def attention_gpu(q_h: T.handle, kc_h: T.handle, vc_h: T.handle, len_h: T.handle, s_h: T.handle,
+                          o_h: T.handle):
             T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
             b, s, cap = T.int64(), T.int64(), T.int64()
             Q = T.match_buffer(q_h, (b, H, s, D), "float32")
             KC = T.match_buffer(kc_h, (b, KV, cap, D), CD, offset_factor=1)
             VC = T.match_buffer(vc_h, (b, KV, cap, D), CD, offset_factor=1)
             L = T.match_buffer(len_h, (b,), "int32")
+            S = T.match_buffer(s_h, (H,), "float32")
             O = T.match_buffer(o_h, (b, s, H * D), "float32")
             bx = T.launch_thread("blockIdx.x", b * H * s)
             tx = T.launch_thread("threadIdx.x", D)
@@ -107,8 +112,8 @@ def attention(heads: int, kv_heads: int, head_dim: int, scale: float, window: in
             i = bx % s
             pos = T.Cast("int64", L[r]) + i
             start = T.max(pos - window + 1, T.int64(0)) if windowed else T.int64(0)
-            st[0] = T.float32(neg)
-            st[1] = T.float32(0)
+            st[0] = S[h] if sinks else T.float32(neg)
+            st[1] = T.float32(1) if sinks else T.float32(0)
             st[2] = T.float32(0)
             for j in range(start, pos + 1):
                 red[tx] = Q[r, h, i, tx] * T.Cast("float32", KC[r, h // group, j, tx])
@@ -129,13 +134,15 @@ def attention(heads: int, kv_heads: int, head_dim: int, scale: float, window: in
         return attention_gpu
 
     @T.prim_func(private=True)
-    def attention_cpu(q_h: T.handle, kc_h: T.handle, vc_h: T.handle, len_h: T.handle, o_h: T.handle):
+    def attention_cpu(q_h: T.handle, kc_h: T.handle, vc_h: T.handle, len_h: T.handle, s_h: T.handle,
+                      o_h: T.handle):
         T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
         b, s, cap = T.int64(), T.int64(), T.int64()
         Q = T.match_buffer(q_h, (b, H, s, D), "float32")
         KC = T.match_buffer(kc_h, (b, KV, cap, D), CD, offset_factor=1)
         VC = T.match_buffer(vc_h, (b, KV, cap, D), CD, offset_factor=1)
         L = T.match_buffer(len_h, (b,), "int32")
+        S = T.match_buffer(s_h, (H,), "float32")
         O = T.match_buffer(o_h, (b, s, H * D), "float32")
         for task in T.parallel(b * H * s):
             # default scope: on the CPU, "local" buffers come from the workspace allocator,
@@ -148,8 +155,8 @@ def attention(heads: int, kv_heads: int, head_dim: int, scale: float, window: in
             i = task % s
             pos = T.Cast("int64", L[r]) + i
             start = T.max(pos - window + 1, T.int64(0)) if windowed else T.int64(0)
-            st[0] = T.float32(neg)
-            st[1] = T.float32(0)
+            st[0] = S[h] if sinks else T.float32(neg)
+            st[1] = T.float32(1) if sinks else T.float32(0)
             for d in T.vectorized(D):
                 acc[d] = T.float32(0)
             for j in range(start, pos + 1):

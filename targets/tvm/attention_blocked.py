@@ -59,9 +59,9 @@ def _sum(terms: list):
 
 
 def attention_prefill_cpu(heads: int, kv_heads: int, head_dim: int, scale: float, window: int,
-                          softcap: float = 0.0, cache_dtype: str = "float32"):
-    """(q [b, H, s, D], k_cache, v_cache, lengths int32 [b]) -> out [b, s, H*D], as
-    :func:`.attention.attention`; for any s >= 1, fastest when s is a multiple of QB."""
+                          softcap: float = 0.0, sinks: bool = False, cache_dtype: str = "float32"):
+    """(q [b, H, s, D], k_cache, v_cache, lengths int32 [b], sinks [H]) -> out [b, s, H*D], as
+    :func:`.attention.attention` (sinks included); for any s >= 1, fastest when s is a multiple of QB."""
     H, KV, D, CD = heads, kv_heads, head_dim, cache_dtype
     group = H // KV
     scale, softcap, window = float(scale), float(softcap), int(window)
@@ -75,13 +75,15 @@ def attention_prefill_cpu(heads: int, kv_heads: int, head_dim: int, scale: float
         return T.And(seen, j > pos - window) if windowed else seen
 
     @T.prim_func(private=True)
-    def attention_prefill(q_h: T.handle, kc_h: T.handle, vc_h: T.handle, len_h: T.handle, o_h: T.handle):
+    def attention_prefill(q_h: T.handle, kc_h: T.handle, vc_h: T.handle, len_h: T.handle, s_h: T.handle,
+                          o_h: T.handle):
         T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
         b, s, cap = T.int64(), T.int64(), T.int64()
         Q = T.match_buffer(q_h, (b, H, s, D), "float32")
         KC = T.match_buffer(kc_h, (b, KV, cap, D), CD, offset_factor=1)
         VC = T.match_buffer(vc_h, (b, KV, cap, D), CD, offset_factor=1)
         L = T.match_buffer(len_h, (b,), "int32")
+        S = T.match_buffer(s_h, (H,), "float32")
         O = T.match_buffer(o_h, (b, s, H * D), "float32")
         blocks = (s + QB - 1) // QB
         for task in T.parallel(b * H * blocks):
@@ -109,8 +111,9 @@ def attention_prefill_cpu(heads: int, kv_heads: int, head_dim: int, scale: float
                 for d in range(D):
                     qt[d, q] = Q[r, h, i0 + q, d] * T.float32(scale)
             for q in T.vectorized(T.int64(QB)):
-                mx[q] = T.float32(NEG)
-                sm[q] = T.float32(0)
+                # gpt-oss's sink: a key of logit S[h] and no value, counted before the first key
+                mx[q] = S[h] if sinks else T.float32(NEG)
+                sm[q] = T.float32(1) if sinks else T.float32(0)
             for q in range(T.int64(QB)):
                 for d in T.vectorized(D):
                     acc[q, d] = T.float32(0)

@@ -278,7 +278,7 @@ class FunctionLowering:
         for n in reversed(self.graph.nodes):
             if any(id(o) in need for o in n.outputs):
                 nodes.add(id(n))
-                ins = n.inputs[:3] if n.op == "Attention" else n.inputs
+                ins = n.inputs[:3] + n.inputs[5:] if n.op == "Attention" else n.inputs
                 if id(n) in self.plan.rotations:
                     ins = n.inputs[:1]
                 need.update(id(x) for x in ins if x is not None)
@@ -535,7 +535,7 @@ class FunctionLowering:
         return self._positions
 
     def op_Attention(self, n):
-        q, k, v, pk, pv = n.inputs
+        q, k, v, pk, pv = n.inputs[:5]
         layer = int(pk.name.rsplit(".", 1)[1])
         heads, head_dim = q.type.shape[1], q.type.shape[3]
         kv_heads = k.type.shape[1]
@@ -551,10 +551,13 @@ class FunctionLowering:
         # blocks of queries take the blocked one (CPU)
         decode = isinstance(self.seq, tir.IntImm)
         kind = "attention" if self.target.gpu or decode else "attention_prefill"
+        sinks = len(n.inputs) == 6
         att = self.kernel(kind, heads, kv_heads, head_dim, n.attrs["scale"], n.attrs["window"],
-                          n.attrs.get("softcap") or 0.0)
+                          n.attrs.get("softcap") or 0.0, sinks)
+        # a model without sinks passes zeros the kernel does not read
+        sink = self.tensor(n.inputs[5]) if sinks else relax.const(np.zeros(heads, np.float32))
         out_type = relax.TensorType([self.batch, self.shape_of(q)[2], tir.IntImm("int64", heads * head_dim)], "float32")
-        return [relax.call_tir(att, [self.tensor(q), kc2, vc2, self.lengths], out_type), None, None]
+        return [relax.call_tir(att, [self.tensor(q), kc2, vc2, self.lengths, sink], out_type), None, None]
 
     def kernel(self, kind: str, *args):
         key = (kind, *args)

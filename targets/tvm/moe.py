@@ -12,7 +12,10 @@ silu(gate_e·x) ⊙ up_e·x for every (token, chosen slot, output row), one para
 dot product over contiguous rows in 16-lane vectors; ``moe_down`` computes each output feature
 of a token, one parallel item each, summing its k experts' rows of ``down`` weighted by the
 routing. A decode step thus spreads k·F dot products over the cores. GPU targets take the TE
-computation below (the same arithmetic, TVM's schedule).
+computation below (the same arithmetic, TVM's schedule). gpt-oss's variant (``glu``): its
+router bias is added to the logits in Relax, ``moe_up`` adds the gate and up biases and
+applies the clamped SwiGLU, and the chosen experts' down biases, weighted by the routing, are
+added in Relax after ``moe_down``.
 """
 from __future__ import annotations
 
@@ -71,10 +74,21 @@ def _widen(fmt: str, value):
     return widen(fmt, value)
 
 
+def _glu(g, u, clamp, exp):
+    """silu(g)·u, or with ``clamp`` = (alpha, limit) gpt-oss's (clip(u, ±limit) + 1)·g'·sigmoid(alpha·g'),
+    g' = min(g, limit); ``exp`` the exponential of the caller's IR."""
+    one, zero = tir.const(1.0, "float32"), tir.const(0.0, "float32")
+    if clamp is None:
+        return g / (one + exp(zero - g)) * u
+    alpha, limit = (tir.const(float(c), "float32") for c in clamp)
+    g = tir.min(g, limit)
+    return (tir.max(tir.min(u, limit), zero - limit) + one) * (g / (one + exp(zero - g * alpha)))
+
+
 def _experts(x: te.Tensor, chosen: te.Tensor, weights: te.Tensor, gate: te.Tensor, up: te.Tensor,
-             down: te.Tensor, fmt: str = "f32"):
-    """x [n, E], chosen [n, k] int64, weights [n, k] -> [n, E]: Σ_j weights[t, j] · down_e(silu(gate_e x) ⊙ up_e x)
-    for e = chosen[t, j]."""
+             down: te.Tensor, fmt: str = "f32", clamp=None, gate_bias=None, up_bias=None):
+    """x [n, E], chosen [n, k] int64, weights [n, k] -> [n, E]: Σ_j weights[t, j] · down_e(glu(gate_e x, up_e x))
+    for e = chosen[t, j] (gate and up plus their biases [X, F] when given)."""
     n, hidden = x.shape
     k = chosen.shape[1]
     inner = gate.shape[1]
@@ -82,9 +96,11 @@ def _experts(x: te.Tensor, chosen: te.Tensor, weights: te.Tensor, gate: te.Tenso
     g = te.compute((n, k, inner), lambda t, j, f: te.sum(x[t, r] * _widen(fmt, gate[chosen[t, j], f, r]), axis=r), name="moe_gate")
     r2 = te.reduce_axis((0, hidden), name="r2")
     u = te.compute((n, k, inner), lambda t, j, f: te.sum(x[t, r2] * _widen(fmt, up[chosen[t, j], f, r2]), axis=r2), name="moe_up")
-    one = tir.const(1.0, "float32")
-    h = te.compute((n, k, inner), lambda t, j, f: g[t, j, f] / (one + te.exp(-g[t, j, f])) * u[t, j, f],
-                   name="moe_act")
+
+    def biased(a, b, t, j, f):
+        return a[t, j, f] + b[chosen[t, j], f] if b is not None else a[t, j, f]
+    h = te.compute((n, k, inner), lambda t, j, f: _glu(biased(g, gate_bias, t, j, f), biased(u, up_bias, t, j, f),
+                                                        clamp, te.exp), name="moe_act")
     rf = te.reduce_axis((0, inner), name="rf")
     y = te.compute((n, k, hidden), lambda t, j, e: te.sum(h[t, j, rf] * _widen(fmt, down[chosen[t, j], e, rf]), axis=rf),
                    name="moe_down")
@@ -108,17 +124,26 @@ def _dot(T, acc, a, b, length: int, zero):
     return parts[0]
 
 
-def _up_args(T, fmt: str, experts: int, inner: int, hidden: int, k: int, weight):
-    """A moe_up kernel's name, attributes and arguments, in order: (n, x, chosen, gate, up, h);
+def up_name(fmt: str, experts: int, inner: int, hidden: int, k: int, glu) -> str:
+    """``glu``: None (silu(gate)·up) or (alpha, limit), gpt-oss's clamped SwiGLU with biases."""
+    return f"moe_up_{fmt}_{experts}x{inner}x{hidden}_k{k}" + ("_oai" if glu else "")
+
+
+def _up_args(T, fmt: str, experts: int, inner: int, hidden: int, k: int, weight, glu=None):
+    """A moe_up kernel's name, attributes and arguments, in order: (n, x, chosen, gate, up,
+    biases, h), biases (gate's and up's [X, F]) only with gpt-oss's ``glu``, else None;
     ``weight(name)`` declares gate's and up's (their own float type, or blocks)."""
-    T.func_name(f"moe_up_{fmt}_{experts}x{inner}x{hidden}_k{k}")
+    T.func_name(up_name(fmt, experts, inner, hidden, k, glu))
     T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
     n = T.int64()
     x = T.arg("x", T.buffer((n, hidden), "float32"))
     chosen = T.arg("chosen", T.buffer((n, k), "int64"))
     gate = weight("gate")
     up = weight("up")
-    return n, x, chosen, gate, up, T.arg("h", T.buffer((n, k, inner), "float32"))
+    biases = None
+    if glu:
+        biases = tuple(T.arg(f"{name}_bias", T.buffer((experts, inner), "float32")) for name in ("gate", "up"))
+    return n, x, chosen, gate, up, biases, T.arg("h", T.buffer((n, k, inner), "float32"))
 
 
 def _down_args(T, fmt: str, experts: int, hidden: int, inner: int, k: int, weight):
@@ -134,24 +159,31 @@ def _down_args(T, fmt: str, experts: int, hidden: int, inner: int, k: int, weigh
     return n, h, chosen, weights, down, T.arg("out", T.buffer((n, hidden), "float32"))
 
 
+def _biased(value, biases, which: int, e, f):
+    """``value`` plus gpt-oss's gate (0) or up (1) bias of expert e, row f; as it is without biases."""
+    return value + biases[which][e, f] if biases else value
+
+
 @functools.lru_cache(maxsize=None)
-def _cpu_up_func(experts: int, inner: int, hidden: int, k: int, fmt: str):
+def _cpu_up_func(experts: int, inner: int, hidden: int, k: int, fmt: str, glu=None):
     from tvm.script.ir_builder import IRBuilder
     from tvm.script.ir_builder import tirx as T
-    zero, one = tir.const(0, "float32"), tir.const(1, "float32")
+    zero = tir.const(0, "float32")
     with IRBuilder() as ib:
         with T.prim_func(private=True):
-            n, x, chosen, gate, up, h = _up_args(
+            n, x, chosen, gate, up, biases, h = _up_args(
                 T, fmt, experts, inner, hidden, k,
-                lambda name: T.arg(name, T.buffer((experts, inner, hidden), _STORAGE[fmt])))
+                lambda name: T.arg(name, T.buffer((experts, inner, hidden), _STORAGE[fmt])), glu)
             with T.parallel(0, n * (k * inner)) as i:
                 t, j, f = i // (k * inner), (i // inner) % k, i % inner
                 e = T.max(T.min(chosen[t, j], experts - 1), 0)
                 acc = T.alloc_buffer((LANES,), "float32")
                 res = T.alloc_buffer((2,), "float32")
-                T.buffer_store(res, _dot(T, acc, lambda r: x[t, r], lambda r: _widen(fmt, gate[e, f, r]), hidden, zero), [0])
-                T.buffer_store(res, _dot(T, acc, lambda r: x[t, r], lambda r: _widen(fmt, up[e, f, r]), hidden, zero), [1])
-                T.buffer_store(h, res[0] / (one + tir.exp(zero - res[0])) * res[1], [t, j, f])
+                T.buffer_store(res, _biased(_dot(T, acc, lambda r: x[t, r], lambda r: _widen(fmt, gate[e, f, r]), hidden,
+                                                 zero), biases, 0, e, f), [0])
+                T.buffer_store(res, _biased(_dot(T, acc, lambda r: x[t, r], lambda r: _widen(fmt, up[e, f, r]), hidden,
+                                                 zero), biases, 1, e, f), [1])
+                T.buffer_store(h, _glu(res[0], res[1], glu, tir.exp), [t, j, f])
     return ib.get()
 
 
@@ -188,22 +220,24 @@ def _block_weights(T, fmt: str, rows: int, k: int, name: str):
 
 
 @functools.lru_cache(maxsize=None)
-def _cpu_up_blocks_func(experts: int, inner: int, hidden: int, k: int, fmt: str):
+def _cpu_up_blocks_func(experts: int, inner: int, hidden: int, k: int, fmt: str, glu=None):
     """moe_up over block weights: per (token, slot, 16-row tile of the chosen expert) a vector
     of 16 rows, dequantized as quant_kernels does."""
     from tvm.script.ir_builder import IRBuilder
     from tvm.script.ir_builder import tirx as T
 
     from .quant_layout import CHUNK
-    zero, one = tir.const(0, "float32"), tir.const(1, "float32")
+    zero = tir.const(0, "float32")
     tiles = inner // LANES
     with IRBuilder() as ib:
         with T.prim_func(private=True):
-            n, x, chosen, gate, up, h = _up_args(
-                T, fmt, experts, inner, hidden, k, lambda name: _block_weights(T, fmt, experts * inner, hidden, name))
+            n, x, chosen, gate, up, biases, h = _up_args(
+                T, fmt, experts, inner, hidden, k, lambda name: _block_weights(T, fmt, experts * inner, hidden, name),
+                glu)
             with T.parallel(0, n * (k * tiles)) as i:
                 t, j, ft = i // (k * tiles), (i // tiles) % k, i % tiles
-                tile = T.max(T.min(chosen[t, j], experts - 1), 0) * tiles + ft
+                e = T.max(T.min(chosen[t, j], experts - 1), 0)
+                tile = e * tiles + ft
                 ag = T.alloc_buffer((LANES,), "float32")
                 au = T.alloc_buffer((LANES,), "float32")
                 with T.vectorized(0, LANES) as lane:
@@ -216,7 +250,9 @@ def _cpu_up_blocks_func(experts: int, inner: int, hidden: int, k: int, fmt: str)
                             T.buffer_store(ag, ag[lane] + xv * gate.value(tile, c, CHUNK, kk, lane), [lane])
                             T.buffer_store(au, au[lane] + xv * up.value(tile, c, CHUNK, kk, lane), [lane])
                 with T.vectorized(0, LANES) as lane:
-                    T.buffer_store(h, ag[lane] / (one + tir.exp(zero - ag[lane])) * au[lane], [t, j, ft * LANES + lane])
+                    f = ft * LANES + lane
+                    T.buffer_store(h, _glu(_biased(ag[lane], biases, 0, e, f), _biased(au[lane], biases, 1, e, f),
+                                           glu, tir.exp), [t, j, f])
     return ib.get()
 
 
@@ -255,14 +291,15 @@ def _cpu_down_blocks_func(experts: int, hidden: int, inner: int, k: int, fmt: st
     return ib.get()
 
 
-def _cpu_experts(bb, flat, chosen, weights, gate, up, down, shape, fmt):
+def _cpu_experts(bb, flat, chosen, weights, gate, up, down, shape, fmt, glu=None, biases=()):
+    """``glu`` and ``biases`` (gate's and up's): gpt-oss's clamped SwiGLU, else silu and none."""
     experts, inner, hidden, k = shape
     n = dims(flat, "the MoE kernels")[0]
     i64 = functools.partial(tir.IntImm, "int64")
     fmt_gu, fmt_d = fmt
     make = _cpu_up_blocks_func if isinstance(gate, list) else _cpu_up_func
-    gv = bb.add_func(make(experts, inner, hidden, k, fmt_gu), f"moe_up_{fmt_gu}_{experts}x{inner}x{hidden}_k{k}")
-    args = [flat, chosen] + (gate + up if isinstance(gate, list) else [gate, up])
+    gv = bb.add_func(make(experts, inner, hidden, k, fmt_gu, glu), up_name(fmt_gu, experts, inner, hidden, k, glu))
+    args = [flat, chosen] + (gate + up if isinstance(gate, list) else [gate, up]) + list(biases)
     h = bb.emit(relax.call_tir(gv, args, relax.TensorType([n, i64(k), i64(inner)], "float32")))
     make = _cpu_down_blocks_func if isinstance(down, list) else _cpu_down_func
     gv = bb.add_func(make(experts, hidden, inner, k, fmt_d), f"moe_down_{fmt_d}_{experts}x{hidden}x{inner}_k{k}")
@@ -272,16 +309,26 @@ def _cpu_experts(bb, flat, chosen, weights, gate, up, down, shape, fmt):
 
 def lower(low, node) -> relax.Expr:
     """``low``: the FunctionLowering (its block builder, values and parameters)."""
+    from kiln.ops import full_attrs, get
+    from kiln.ops_moe import parts
     bb = low.bb
+    attrs = full_attrs(get("MoE"), node.attrs)
+    experts_in, bias_in, shared_in = parts(node.inputs, attrs)
     x = low.tensor(node.inputs[0])
     router = low.tensor(node.inputs[1])
     blocks = [v.is_weight and v.name in low.plan.index and v.weight.format.is_block
-              and low.plan.formats.get(v.name) == v.weight.format.name for v in node.inputs[2:5]]
-    gate, up, down = (low.params_of(v.name) if b else low.tensor(v) for v, b in zip(node.inputs[2:5], blocks))
+              and low.plan.formats.get(v.name) == v.weight.format.name for v in experts_in[2:5]]
+    gate, up, down = (low.params_of(v.name) if b else low.tensor(v) for v, b in zip(experts_in[2:5], blocks))
+    biases = [low.tensor(v) for v in bias_in] if bias_in else None
+    glu = (float(attrs["alpha"]), float(attrs["limit"])) if attrs["activation"] == "swiglu_oai" else None
+    if (glu is None) != (biases is None):
+        raise ValueError(f"{node.name}: the TVM kernels take gpt-oss's clamped SwiGLU with its biases, "
+                         f"not one without the other")
     hidden = int(node.inputs[0].type.shape[-1])
-    attrs = node.attrs
     flat = bb.emit(relax.op.reshape(x, [-1, hidden]))
     logits = bb.emit(relax.op.matmul(flat, relax.op.permute_dims(router, [1, 0])))
+    if biases:
+        logits = bb.emit(relax.op.add(logits, biases[0]))
     if attrs.get("scoring", "softmax") == "softmax":
         scores = bb.emit(relax.op.nn.softmax(logits, axis=-1))
     else:
@@ -293,7 +340,7 @@ def lower(low, node) -> relax.Expr:
     experts, inner, _ = (int(d) for d in node.inputs[2].type.shape)
     # each tensor's storage: its block type (kept as blocks), its float type, or float32
     fmts = [v.weight.format.name if b or (v.is_weight and stored_as_is(v)) else "f32"
-            for v, b in zip(node.inputs[2:5], blocks)]
+            for v, b in zip(experts_in[2:5], blocks)]
     if fmts[0] != fmts[1] or blocks[0] != blocks[1]:
         raise ValueError(f"{node.name}: gate and up experts stored differently ({fmts[0]}, {fmts[1]})")
     if is_gpu(low.target.tvm):
@@ -302,12 +349,18 @@ def lower(low, node) -> relax.Expr:
         fmt = fmts[0]
         if fmts[2] != fmt:
             raise ValueError(f"{node.name}: expert tensors in different types ({', '.join(fmts)})")
-        out = bb.emit_te(_experts, flat, chosen, weights, gate, up, down, fmt, primfunc_name_hint="moe_experts")
+        out = bb.emit_te(_experts, flat, chosen, weights, gate, up, down, fmt, glu,
+                         *(biases[1:3] if biases else ()), primfunc_name_hint="moe_experts")
     else:
         out = _cpu_experts(bb, flat, chosen, weights, gate, up, down, (experts, inner, hidden, int(attrs["top_k"])),
-                           (fmts[0], fmts[2]))
-    if len(node.inputs) == 9:
-        sg, su, sd, sr = (low.tensor(v) for v in node.inputs[5:])
+                           (fmts[0], fmts[2]), glu, biases[1:3] if biases else ())
+    if biases:
+        # the chosen experts' down biases, weighted as their outputs are: [n, k, E] summed over k
+        picked = bb.emit(relax.op.take(biases[3], chosen, axis=0))
+        out = bb.emit(relax.op.add(out, relax.op.sum(relax.op.multiply(picked, relax.op.expand_dims(weights, -1)),
+                                                     axis=[1])))
+    if shared_in:
+        sg, su, sd, sr = (low.tensor(v) for v in shared_in)
 
         def linear(a, w):
             return bb.emit(relax.op.matmul(a, relax.op.permute_dims(w, [1, 0])))
