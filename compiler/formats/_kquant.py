@@ -24,13 +24,24 @@ _round = np.rint
 
 def _sum(terms: np.ndarray, from_zero: bool = True) -> np.ndarray:
     """Sums over the n rows of [n, S], accumulated in order in float32 as the reference's
-    loops do. A numpy reduction adds in a machine-dependent order; this order makes the codes
-    the same on every machine. ``from_zero=False`` starts from the first term rather than
-    from +0, as the reference does for its sums of weights (it only decides a zero's sign)."""
+    loops do. A numpy reduction along a contiguous axis adds pairwise, in a machine-dependent
+    order; this order makes the codes the same on every machine. ``from_zero=False`` starts
+    from the first term rather than from +0, as the reference does for its sums of weights (it
+    only decides a zero's sign).
+
+    The reduction over the rows of a C-ordered [n, S] with many columns is the exception: numpy
+    runs it as n row additions into an accumulator starting at +0, the loop below in one call
+    (three times faster; test_formats_kquant checks the equality on this numpy). With one
+    column numpy would sum pairwise, hence the loop for narrow or strided arrays."""
+    if from_zero and terms.ndim == 2 and terms.shape[1] >= _REDUCE_MIN_COLUMNS and terms.flags.c_contiguous:
+        return np.add.reduce(terms, axis=0)
     acc = terms[0] + F32(0) if from_zero else terms[0].copy()
     for row in terms[1:]:
         acc += row
     return acc
+
+
+_REDUCE_MIN_COLUMNS = 16
 
 
 def _signed_peak(xt: np.ndarray):
@@ -46,7 +57,12 @@ def affine_search(x, weights, nmax: int, rmin: float, rdelta: float, nstep: int,
     """Best (scale, min) with x ~ scale * L - min, L in 0..nmax, by weighted least squares over
     ``nstep + 1`` candidate inverse scales (llama.cpp's make_qkx2_quants).
 
-    Returns (scale [S], min [S] (>= 0, subtracted), L [S, n] float32)."""
+    Returns (scale [S], min [S] (>= 0, subtracted), L [S, n] float32).
+
+    The candidates' codes go through four preallocated [n, S] buffers, and the winner's codes
+    are not carried along (a masked copy of [n, S] per candidate cost as much as the rest of
+    the candidate): its inverse scale and origin are, and its codes are computed once more at
+    the end by the same operations, so they are the same numbers."""
     x = np.ascontiguousarray(x.T)
     w = np.ascontiguousarray(weights.T)
     hi = x.max(axis=0)
@@ -54,26 +70,42 @@ def affine_search(x, weights, nmax: int, rmin: float, rdelta: float, nstep: int,
     sum_w = _sum(w, from_zero=False)
     sum_x = _sum(w * x, from_zero=False)
     flat = hi == offset
+    shifted, L, wl, t = (np.empty_like(x) for _ in range(4))
 
-    def codes(numerator):
+    def codes(numerator, out):
         # Candidates are spread over the range above the best offset found so far (the
         # reference moves its origin as it goes), not over the data's own range.
-        span = np.where(flat, F32(1), hi - offset)
-        return np.clip(_round((numerator / span) * (x - offset)), F32(0), F32(nmax)), span
+        iscale = numerator / np.where(flat, F32(1), hi - offset)
+        np.multiply(iscale, shifted, out=out)
+        np.rint(out, out=out)
+        np.clip(out, F32(0), F32(nmax), out=out)
+        return iscale
 
     def error(scale, offset, L):
-        diff = scale * L + offset - x
-        return _sum(w * (np.abs(diff) if use_mad else diff * diff))
+        # scale * L + offset - x, then its square (or magnitude) times w, as the reference
+        np.multiply(scale, L, out=t)
+        np.add(t, offset, out=t)
+        np.subtract(t, x, out=t)
+        if use_mad:
+            np.abs(t, out=t)
+        else:
+            np.multiply(t, t, out=t)
+        np.multiply(w, t, out=t)
+        return _sum(t)
 
-    L, span = codes(F32(nmax))
-    scale = F32(1) / (F32(nmax) / span)
+    np.subtract(x, offset, out=shifted)
+    iscale = codes(F32(nmax), L)
+    scale = F32(1) / iscale
     best = error(scale, offset, L)
+    best_iscale, best_origin = iscale, offset
     for step in range(nstep + 1):
-        Laux, _ = codes(F32(rmin) + F32(rdelta) * F32(step) + F32(nmax))
-        wl = w * Laux
+        iscale = codes(F32(rmin) + F32(rdelta) * F32(step) + F32(nmax), L)
+        np.multiply(w, L, out=wl)
         sum_l = _sum(wl)
-        sum_l2 = _sum(wl * Laux)
-        sum_xl = _sum(wl * x)
+        np.multiply(wl, L, out=t)
+        sum_l2 = _sum(t)
+        np.multiply(wl, x, out=t)
+        sum_xl = _sum(t)
         D = sum_w * sum_l2 - sum_l * sum_l
         ok = D > 0
         D = np.where(ok, D, F32(1))
@@ -83,41 +115,67 @@ def affine_search(x, weights, nmax: int, rmin: float, rdelta: float, nstep: int,
         positive = this_min > 0
         this_min = np.where(positive, F32(0), this_min)
         this_scale = np.where(positive, sum_xl / np.where(sum_l2 > 0, sum_l2, F32(1)), this_scale)
-        err = error(this_scale, this_min, Laux)
+        err = error(this_scale, this_min, L)
         take = ok & (err < best) & ~flat
+        if not take.any():
+            continue
         best = np.where(take, err, best)
         scale = np.where(take, this_scale, scale)
+        best_iscale = np.where(take, iscale, best_iscale)
+        best_origin = np.where(take, offset, best_origin)
         offset = np.where(take, this_min, offset)
-        L = np.where(take, Laux, L)
+        np.subtract(x, offset, out=shifted)
+    # the winners' codes, as their candidate computed them
+    np.subtract(x, best_origin, out=shifted)
+    np.multiply(best_iscale, shifted, out=L)
+    np.rint(L, out=L)
+    np.clip(L, F32(0), F32(nmax), out=L)
     scale = np.where(flat, F32(0), scale)
-    L = np.where(flat, F32(0), L)
+    L[:, flat] = 0
     return scale, -offset, L.T
 
 
 def symmetric_search(x, nmax: int, weights=None):
     """Best scale for x ~ scale * (L - nmax), L in 0..2*nmax-1, weighting each element by
     ``weights`` (default x**2), over 19 candidate inverse scales around nmax / absmax
-    (llama.cpp's make_qx_quants with rmse_type 1). Returns (scale [S], L [S, n] float32)."""
+    (llama.cpp's make_qx_quants with rmse_type 1). Returns (scale [S], L [S, n] float32).
+    As in ``affine_search``, the winner's codes are computed again from its inverse scale."""
     x = np.ascontiguousarray(x.T)
     peak, zero = _signed_peak(x)
     w = x * x if weights is None else np.ascontiguousarray(weights.T)
     wx = w * x
+    l, t = np.empty_like(x), np.empty_like(x)
+
+    def codes(iscale, out):
+        np.multiply(iscale, x, out=out)
+        np.rint(out, out=out)
+        return np.clip(out, F32(-nmax), F32(nmax - 1), out=out)
 
     def fit(iscale):
-        l = np.clip(_round(iscale * x), F32(-nmax), F32(nmax - 1))
-        return l, _sum(wx * l), _sum(w * l * l)
+        codes(iscale, l)
+        np.multiply(wx, l, out=t)
+        sumlx = _sum(t)
+        np.multiply(w, l, out=t)
+        np.multiply(t, l, out=t)
+        return sumlx, _sum(t)
 
-    l, sumlx, suml2 = fit(F32(-nmax) / peak)
+    best_iscale = F32(-nmax) / peak
+    sumlx, suml2 = fit(best_iscale)
     scale = np.where(suml2 != 0, sumlx / np.where(suml2 != 0, suml2, F32(1)), F32(0))
     best = scale * sumlx
     for step in (*range(-9, 0), *range(1, 10)):
-        cand, sumlx, suml2 = fit(-(F32(nmax) + F32(0.1) * F32(step)) / peak)
+        iscale = -(F32(nmax) + F32(0.1) * F32(step)) / peak
+        sumlx, suml2 = fit(iscale)
         take = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+        if not take.any():
+            continue
         scale = np.where(take, sumlx / np.where(take, suml2, F32(1)), scale)
         best = np.where(take, scale * sumlx, best)
-        l = np.where(take, cand, l)
+        best_iscale = np.where(take, iscale, best_iscale)
+    L = codes(best_iscale, l)
+    L += F32(nmax)
     scale = np.where(zero, F32(0), scale)
-    L = np.where(zero, F32(0), l + F32(nmax))
+    L[:, zero] = 0
     return scale, L.T
 
 
