@@ -368,6 +368,12 @@ def cmd_list(a) -> int:
 
 def cmd_convert(a) -> int:
     from kiln.driver import convert
+    from kiln.errors import KilnError
+    from kiln.formats import set_threads
+    if a.threads is not None:
+        if a.threads < 1:
+            raise KilnError(None, f"--threads {a.threads}: give at least 1")
+        set_threads(a.threads)
     con = _console()
     t = time.perf_counter()
     summary = convert(a.src, a.dst, to=a.to or checks.format_of(a.dst), dtype=a.dtype, quant=a.quant,
@@ -576,6 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace an existing destination: only the files this conversion writes "
                         "(other files in a destination folder are kept)")
     s.add_argument("-q", "--quiet", action="store_true")
+    flags.threads_flag(s)
     s.set_defaults(fn=cmd_convert)
     s = sub.add_parser("imatrix", help="an importance matrix for --quant --imatrix, from calibration text "
                                        "(llama.cpp's imatrix GGUF)")

@@ -126,3 +126,17 @@ def test_quantized_gguf_to_hf_says_why_float32(tmp_path):
             "exactly; --dtype bf16 or f16 halves the size and rounds each weight once") in r.stderr
     r = kiln("convert", gguf, tmp_path / "hf16", "--to", "hf", "--dtype", "f16")
     assert r.returncode == 0 and "note:" not in r.stderr
+
+
+def test_convert_threads(tmp_path):
+    """-t sets the quantizers' threads; the file is the same whatever the count."""
+    files = []
+    for threads in ("1", "3"):
+        out = tmp_path / f"t{threads}.gguf"
+        r = kiln("convert", HF_FIXTURES / "llama", out, "--quant", "q4_k_m", "-t", threads, "-q")
+        assert r.returncode == 0, r.stderr
+        files.append(out.read_bytes())
+    assert files[0] == files[1]
+    r = kiln("convert", HF_FIXTURES / "llama", tmp_path / "t0.gguf", "--quant", "q4_k_m", "-t", "0")
+    assert r.returncode == 2 and r.stderr == "kiln: --threads 0: give at least 1\n"
+    assert not (tmp_path / "t0.gguf").exists()

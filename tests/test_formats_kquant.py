@@ -346,3 +346,49 @@ def test_all_zero_and_constant_super_blocks():
         for x in (zero, const):
             ours = fmt.quantize_blocks(x)
             assert np.array_equal(ours, np.array([ref(list(r)) for r in x], dtype=np.uint8)), name
+
+
+def test_sums_add_rows_in_order_from_zero():
+    """kquant's sums over the rows of [n, S] reduce in one numpy call where that call adds row
+    by row from +0: on this numpy it must equal the reference's loop bit for bit, on data whose
+    sum depends on the order (wide magnitudes, cancellations, all-negative-zero columns)."""
+    from kiln.formats._kquant import _sum
+    rng = np.random.default_rng(11)
+    for n in (1, 2, 8, 16, 32, 33):
+        for columns in (1, 15, 16, 17, 100, 4096):
+            terms = (rng.standard_normal((n, columns)) * 10.0 ** rng.integers(-8, 9, (n, columns))).astype(F)
+            terms[:, 0] = F(-0.0)
+            loop = terms[0] + F(0)
+            for row in terms[1:]:
+                loop = loop + row
+            for layout in (terms, np.asfortranarray(terms)):
+                got = _sum(layout)
+                assert got.view(np.uint32).tolist() == loop.view(np.uint32).tolist(), (n, columns)
+
+
+@pytest.mark.parametrize("name", ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q4_0", "q5_1"])
+def test_threads_do_not_change_the_bytes(name, monkeypatch):
+    """The quantizers' chunks on several threads give the bytes of one thread, joined in
+    order; a quantizer called from a worker (nested) runs in place rather than waiting on the
+    pool it occupies."""
+    from kiln.formats import _blocks
+    monkeypatch.setattr(_blocks, "CHUNK_ELEMENTS", 4 * 256)
+    fmt = formats.get(name)
+    rng = np.random.default_rng(3)
+    x = np.concatenate([awkward_blocks(5), rng.standard_normal((48, 256)).astype(F)]).reshape(-1, 1024)
+    importance = rng.uniform(0.1, 2.0, 1024).astype(F)
+    try:
+        _blocks.set_threads(1)
+        serial = fmt.quantize(x), fmt.quantize(x, importance)
+        _blocks.set_threads(3)
+        threaded = fmt.quantize(x), fmt.quantize(x, importance)
+        nested = _blocks.map_chunks(lambda _: fmt.quantize(x), range(4))
+    finally:
+        _blocks.set_threads(None)
+    assert np.array_equal(serial[0], threaded[0]) and np.array_equal(serial[1], threaded[1])
+    assert all(np.array_equal(serial[0], r) for r in nested)
+
+
+def test_thread_count_must_be_positive():
+    with pytest.raises(ValueError, match="at least 1"):
+        formats.set_threads(0)

@@ -12,6 +12,8 @@ import pkgutil
 
 import numpy as np
 
+from ._blocks import set_threads  # noqa: F401  (the quantizers' thread count: kiln convert -t)
+
 _REGISTRY: dict[str, "WeightFormat"] = {}
 _BY_GGUF: dict[int, "WeightFormat"] = {}
 
@@ -96,7 +98,7 @@ class WeightFormat:
         return self.quantize_blocks(values.reshape(-1, self.block_size)).reshape(-1)
 
     def _quantize_weighted(self, rows: np.ndarray, importance: np.ndarray) -> np.ndarray:
-        from ._blocks import CHUNK_ELEMENTS
+        from ._blocks import CHUNK_ELEMENTS, map_chunks
         from ._kquant import mean_square
         n = rows.shape[1]
         importance = np.ascontiguousarray(importance, dtype=np.float32).reshape(-1)
@@ -105,13 +107,14 @@ class WeightFormat:
         per_row = n // self.block_size
         qw_row = importance.reshape(per_row, self.block_size)
         step = max(1, CHUNK_ELEMENTS // n)
-        out = []
-        for a in range(0, rows.shape[0], step):
+
+        def quantize_rows(a):
             chunk = rows[a:a + step]
             r = chunk.shape[0]
             sigma2 = np.repeat(mean_square(chunk), per_row, axis=0)
             qw = np.broadcast_to(qw_row[None], (r, per_row, self.block_size)).reshape(-1, self.block_size)
-            out.append(self.quantize_blocks_weighted(chunk.reshape(-1, self.block_size), qw, sigma2))
+            return self.quantize_blocks_weighted(chunk.reshape(-1, self.block_size), qw, sigma2)
+        out = map_chunks(quantize_rows, range(0, rows.shape[0], step))
         return np.concatenate(out) if out else np.zeros((0, self.type_size), np.uint8)
 
     def __repr__(self) -> str:

@@ -6,6 +6,9 @@ every step here stays in float32 and performs the same operations in the same or
 from __future__ import annotations
 
 import functools
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -17,18 +20,64 @@ QK_K = 256  # elements in a K-quant super-block
 # Only ever used as a decorator: that form is re-entrant and thread-safe, ``with`` is not.
 quiet = np.errstate(all="ignore")
 
-CHUNK_ELEMENTS = 1 << 18  # measured: a few cache-sized chunks beat one tensor-sized pass
+CHUNK_ELEMENTS = 1 << 17  # measured: a few cache-sized chunks beat one tensor-sized pass
+
+# The block quantizers run their chunks on a pool of threads: numpy releases the GIL inside
+# its ufuncs, which is where a quantizer spends its time. Each chunk is quantized on its own,
+# so the bytes do not depend on the thread count, and results are joined in chunk order.
+_threads: int | None = None              # None: one per core
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+_worker = threading.local()
+
+
+def set_threads(n: int | None) -> None:
+    """How many threads the block quantizers use; None (the default) is one per core."""
+    global _threads
+    if n is not None and n < 1:
+        raise ValueError(f"threads must be at least 1, not {n}")
+    _threads = n
+
+
+def threads() -> int:
+    return _threads or os.cpu_count() or 1
+
+
+def _pool_of(n: int) -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool._max_workers != n:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool = ThreadPoolExecutor(n, thread_name_prefix="kiln-quant", initializer=_mark_worker)
+        return _pool
+
+
+def _mark_worker() -> None:
+    _worker.busy = True
+
+
+def map_chunks(fn, starts) -> list:
+    """[fn(a) for a in starts], on the quantizer threads when there are several chunks. A call
+    from inside a worker (a quantizer nested in another) runs in place: waiting on the pool
+    from one of its own threads could wait forever."""
+    starts = list(starts)
+    n = threads()
+    if n == 1 or len(starts) < 2 or getattr(_worker, "busy", False):
+        return [fn(a) for a in starts]
+    return list(_pool_of(n).map(fn, starts))
 
 
 def chunked(method):
     """Run a block function over slices of about CHUNK_ELEMENTS values (inputs and temporaries
-    then stay cache-sized, and a huge tensor does not need many tensor-sized temporaries)."""
+    then stay cache-sized, and a huge tensor does not need many tensor-sized temporaries),
+    the slices spread over the quantizer threads."""
     @functools.wraps(method)
     def run(self, data):
         rows = max(1, CHUNK_ELEMENTS // self.block_size)
         if len(data) <= rows:
             return method(self, data)
-        return np.concatenate([method(self, data[i:i + rows]) for i in range(0, len(data), rows)])
+        return np.concatenate(map_chunks(lambda i: method(self, data[i:i + rows]), range(0, len(data), rows)))
     return run
 
 

@@ -24,13 +24,24 @@ _round = np.rint
 
 def _sum(terms: np.ndarray, from_zero: bool = True) -> np.ndarray:
     """Sums over the n rows of [n, S], accumulated in order in float32 as the reference's
-    loops do. A numpy reduction adds in a machine-dependent order; this order makes the codes
-    the same on every machine. ``from_zero=False`` starts from the first term rather than
-    from +0, as the reference does for its sums of weights (it only decides a zero's sign)."""
+    loops do. A numpy reduction along a contiguous axis adds pairwise, in a machine-dependent
+    order; this order makes the codes the same on every machine. ``from_zero=False`` starts
+    from the first term rather than from +0, as the reference does for its sums of weights (it
+    only decides a zero's sign).
+
+    The reduction over the rows of a C-ordered [n, S] with many columns is the exception: numpy
+    runs it as n row additions into an accumulator starting at +0, the loop below in one call
+    (three times faster; test_formats_kquant checks the equality on this numpy). With one
+    column numpy would sum pairwise, hence the loop for narrow or strided arrays."""
+    if from_zero and terms.ndim == 2 and terms.shape[1] >= _REDUCE_MIN_COLUMNS and terms.flags.c_contiguous:
+        return np.add.reduce(terms, axis=0)
     acc = terms[0] + F32(0) if from_zero else terms[0].copy()
     for row in terms[1:]:
         acc += row
     return acc
+
+
+_REDUCE_MIN_COLUMNS = 16
 
 
 def _signed_peak(xt: np.ndarray):
@@ -47,77 +58,137 @@ def affine_search(x, weights, nmax: int, rmin: float, rdelta: float, nstep: int,
     ``nstep + 1`` candidate inverse scales (llama.cpp's make_qkx2_quants).
 
     Returns (scale [S], min [S] (>= 0, subtracted), L [S, n] float32)."""
-    x = np.ascontiguousarray(x.T)
-    w = np.ascontiguousarray(weights.T)
+    scale, the_min, L = affine_search_columns(np.ascontiguousarray(x.T), np.ascontiguousarray(weights.T),
+                                              nmax, rmin, rdelta, nstep, use_mad)
+    return scale, the_min, L.T
+
+
+def affine_search_columns(x, w, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool):
+    """``affine_search`` on x and weights already held as [n, S] (one sub-block a column);
+    returns L as [n, S] too.
+
+    The candidates' codes go through four preallocated [n, S] buffers, and the winner's codes
+    are not carried along (a masked copy of [n, S] per candidate cost as much as the rest of
+    the candidate): its inverse scale and origin are, and its codes are computed once more at
+    the end by the same operations, so they are the same numbers."""
     hi = x.max(axis=0)
     offset = np.minimum(x.min(axis=0), F32(0))
     sum_w = _sum(w, from_zero=False)
     sum_x = _sum(w * x, from_zero=False)
     flat = hi == offset
+    live = ~flat
+    shifted, L, wl, t = (np.empty_like(x) for _ in range(4))
 
-    def codes(numerator):
+    def moved_origin():
         # Candidates are spread over the range above the best offset found so far (the
         # reference moves its origin as it goes), not over the data's own range.
-        span = np.where(flat, F32(1), hi - offset)
-        return np.clip(_round((numerator / span) * (x - offset)), F32(0), F32(nmax)), span
+        np.subtract(x, offset, out=shifted)
+        return np.where(flat, F32(1), hi - offset)
 
-    def error(scale, offset, L):
-        diff = scale * L + offset - x
-        return _sum(w * (np.abs(diff) if use_mad else diff * diff))
+    def codes(numerator, span):
+        iscale = numerator / span
+        np.multiply(iscale, shifted, out=L)
+        np.rint(L, out=L)
+        np.clip(L, F32(0), F32(nmax), out=L)
+        return iscale
 
-    L, span = codes(F32(nmax))
-    scale = F32(1) / (F32(nmax) / span)
-    best = error(scale, offset, L)
+    def error(scale, offset):
+        # scale * L + offset - x, then its square (or magnitude) times w, as the reference
+        np.multiply(scale, L, out=t)
+        np.add(t, offset, out=t)
+        np.subtract(t, x, out=t)
+        if use_mad:
+            np.abs(t, out=t)
+        else:
+            np.multiply(t, t, out=t)
+        np.multiply(w, t, out=t)
+        return _sum(t)
+
+    span = moved_origin()
+    iscale = codes(F32(nmax), span)
+    scale = F32(1) / iscale
+    best = error(scale, offset)
+    best_iscale, best_origin = iscale, offset
+    one = F32(1)
     for step in range(nstep + 1):
-        Laux, _ = codes(F32(rmin) + F32(rdelta) * F32(step) + F32(nmax))
-        wl = w * Laux
+        iscale = codes(F32(rmin) + F32(rdelta) * F32(step) + F32(nmax), span)
+        np.multiply(w, L, out=wl)
         sum_l = _sum(wl)
-        sum_l2 = _sum(wl * Laux)
-        sum_xl = _sum(wl * x)
+        np.multiply(wl, L, out=t)
+        sum_l2 = _sum(t)
+        np.multiply(wl, x, out=t)
+        sum_xl = _sum(t)
         D = sum_w * sum_l2 - sum_l * sum_l
         ok = D > 0
-        D = np.where(ok, D, F32(1))
+        D[~ok] = one
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
         this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
         # a positive min would need negative codes: pin it at zero and refit the scale alone
         positive = this_min > 0
-        this_min = np.where(positive, F32(0), this_min)
-        this_scale = np.where(positive, sum_xl / np.where(sum_l2 > 0, sum_l2, F32(1)), this_scale)
-        err = error(this_scale, this_min, Laux)
-        take = ok & (err < best) & ~flat
-        best = np.where(take, err, best)
+        if positive.any():
+            this_min[positive] = F32(0)
+            this_scale = np.where(positive, sum_xl / np.where(sum_l2 > 0, sum_l2, one), this_scale)
+        err = error(this_scale, this_min)
+        take = (err < best) & ok & live
+        if not take.any():
+            continue
+        np.copyto(best, err, where=take)
         scale = np.where(take, this_scale, scale)
+        best_iscale = np.where(take, iscale, best_iscale)
+        best_origin = np.where(take, offset, best_origin)
         offset = np.where(take, this_min, offset)
-        L = np.where(take, Laux, L)
-    scale = np.where(flat, F32(0), scale)
-    L = np.where(flat, F32(0), L)
-    return scale, -offset, L.T
+        span = moved_origin()
+    # the winners' codes, as their candidate computed them
+    np.subtract(x, best_origin, out=shifted)
+    np.multiply(best_iscale, shifted, out=L)
+    np.rint(L, out=L)
+    np.clip(L, F32(0), F32(nmax), out=L)
+    scale[flat] = F32(0)
+    L[:, flat] = 0
+    return scale, -offset, L
 
 
 def symmetric_search(x, nmax: int, weights=None):
     """Best scale for x ~ scale * (L - nmax), L in 0..2*nmax-1, weighting each element by
     ``weights`` (default x**2), over 19 candidate inverse scales around nmax / absmax
-    (llama.cpp's make_qx_quants with rmse_type 1). Returns (scale [S], L [S, n] float32)."""
+    (llama.cpp's make_qx_quants with rmse_type 1). Returns (scale [S], L [S, n] float32).
+    As in ``affine_search``, the winner's codes are computed again from its inverse scale."""
     x = np.ascontiguousarray(x.T)
     peak, zero = _signed_peak(x)
     w = x * x if weights is None else np.ascontiguousarray(weights.T)
     wx = w * x
+    l, t = np.empty_like(x), np.empty_like(x)
+
+    def codes(iscale, out):
+        np.multiply(iscale, x, out=out)
+        np.rint(out, out=out)
+        return np.clip(out, F32(-nmax), F32(nmax - 1), out=out)
 
     def fit(iscale):
-        l = np.clip(_round(iscale * x), F32(-nmax), F32(nmax - 1))
-        return l, _sum(wx * l), _sum(w * l * l)
+        codes(iscale, l)
+        np.multiply(wx, l, out=t)
+        sumlx = _sum(t)
+        np.multiply(w, l, out=t)
+        np.multiply(t, l, out=t)
+        return sumlx, _sum(t)
 
-    l, sumlx, suml2 = fit(F32(-nmax) / peak)
+    best_iscale = F32(-nmax) / peak
+    sumlx, suml2 = fit(best_iscale)
     scale = np.where(suml2 != 0, sumlx / np.where(suml2 != 0, suml2, F32(1)), F32(0))
     best = scale * sumlx
     for step in (*range(-9, 0), *range(1, 10)):
-        cand, sumlx, suml2 = fit(-(F32(nmax) + F32(0.1) * F32(step)) / peak)
+        iscale = -(F32(nmax) + F32(0.1) * F32(step)) / peak
+        sumlx, suml2 = fit(iscale)
         take = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+        if not take.any():
+            continue
         scale = np.where(take, sumlx / np.where(take, suml2, F32(1)), scale)
         best = np.where(take, scale * sumlx, best)
-        l = np.where(take, cand, l)
+        best_iscale = np.where(take, iscale, best_iscale)
+    L = codes(best_iscale, l)
+    L += F32(nmax)
     scale = np.where(zero, F32(0), scale)
-    L = np.where(zero, F32(0), l + F32(nmax))
+    L[:, zero] = 0
     return scale, L.T
 
 
@@ -158,25 +229,44 @@ def _sweeps(x, w, L, clamp, *, rest_weighted: bool):
     """Five sweeps of coordinate descent over the codes L [n, S] of x [n, S] (one sub-block a
     column) by weights w: element by element, a code moves to its best value (``clamp``-ed)
     whenever that raises sumlx**2 / suml2. The sweeps are sequential within a sub-block, so
-    the elements are walked in order for all sub-blocks at once; a sub-block whose sweep
-    changed nothing would repeat itself, so running every sweep for every sub-block gives the
-    codes the reference's early exit does. Returns (L, sumlx, suml2)."""
+    the elements are walked in order for all sub-blocks at once. A sub-block whose sweep
+    changed nothing would repeat itself (the reference stops there): it is done, and later
+    sweeps run only over the sub-blocks still moving (on random data a fifth of them after
+    the first sweep, a twentieth after the second). Returns (L, sumlx, suml2)."""
     wx = w * x
     sumlx = _sum(wx * L)
     suml2 = _sum(w * L * L)
-    for _ in range(5):
+    moving = None                       # the columns still moving; None: all of them
+    for sweep in range(5):
+        if moving is None:
+            xs, ws, wxs, Ls, slx_all, sl2_all = x, w, wx, L, sumlx, suml2
+        else:
+            xs, ws, wxs, Ls = x[:, moving], w[:, moving], wx[:, moving], L[:, moving]
+            slx_all, sl2_all = sumlx[moving], suml2[moving]
+        moved = np.zeros(xs.shape[1], dtype=bool)
         for i in range(x.shape[0]):
-            li = L[i]
-            slx = sumlx - wx[i] * li
-            sl2 = suml2 - w[i] * li * li
+            li = Ls[i]
+            slx = slx_all - wxs[i] * li
+            sl2 = sl2_all - ws[i] * li * li
             can = (slx > 0) & (sl2 > 0) if rest_weighted else slx > 0
-            new = clamp(_round(x[i] * sl2 / np.where(can, slx, F32(1))))
-            slx = slx + wx[i] * new
-            sl2 = sl2 + w[i] * new * new
-            better = can & (new != li) & (sl2 > 0) & (slx * slx * suml2 > sumlx * sumlx * sl2)
-            L[i] = np.where(better, new, li)
-            sumlx = np.where(better, slx, sumlx)
-            suml2 = np.where(better, sl2, suml2)
+            new = clamp(_round(xs[i] * sl2 / np.where(can, slx, F32(1))))
+            slx = slx + wxs[i] * new
+            sl2 = sl2 + ws[i] * new * new
+            better = can & (new != li) & (sl2 > 0) & (slx * slx * sl2_all > slx_all * slx_all * sl2)
+            Ls[i] = np.where(better, new, li)
+            slx_all = np.where(better, slx, slx_all)
+            sl2_all = np.where(better, sl2, sl2_all)
+            moved |= better
+        if moving is None:
+            sumlx, suml2 = slx_all, sl2_all
+            moving = np.flatnonzero(moved)
+        else:
+            L[:, moving] = Ls
+            sumlx[moving] = slx_all
+            suml2[moving] = sl2_all
+            moving = moving[moved]
+        if not len(moving):
+            break
     return L, sumlx, suml2
 
 
@@ -245,10 +335,13 @@ def affine_blocks(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: i
     against the scales as they will be read back. Returns (the 16 header bytes [B, 16],
     codes [B, 256] uint8)."""
     n = x.shape[0]
-    sub = x.reshape(-1, 32)
-    columns = np.ascontiguousarray(sub.T)
-    rms = np.sqrt(_sum(columns * columns) / F32(32))[:, None]
-    scales, mins, L = affine_search(sub, rms + np.abs(sub), nmax, rmin, rdelta, nstep, use_mad=False)
+    columns = np.ascontiguousarray(x.reshape(-1, 32).T)
+    rms = np.sqrt(_sum(columns * columns) / F32(32))
+    # rms + |x|, held as columns like the data (the same sums, without transposing twice)
+    weights = np.abs(columns)
+    weights += rms
+    scales, mins, L = affine_search_columns(columns, weights, nmax, rmin, rdelta, nstep, use_mad=False)
+    L = L.T
     ls, d = super_scale(scales.reshape(n, 8), 63)
     lm, dmin = super_scale(mins.reshape(n, 8), 63)
     packed = pack_scale_min(ls, lm)
