@@ -21,7 +21,11 @@ float32: ``scale · (code − offset) [+ bias]`` with ``scale = d`` (legacy form
 product is exact in float32 (a half's 11 significant bits times at most 13 bits of integers),
 so the weight is bit for bit gguf's even where LLVM fuses the bias into a multiply-add (the
 lookups are checked for equality). Only the order of the additions of the products (and
-LLVM's fused multiply-adds there) differs from numpy's ``x @ dequantize(w).T``.
+LLVM's fused multiply-adds there) differs from numpy's ``x @ dequantize(w).T``. Formats with
+no bias and one scale per 32 k's (Q4_0, Q8_0) are the exception on AVX-512: their exact GEMV
+sums ``(code − offset) · x`` over the group in float32 and multiplies the sum by the scale
+(``scale_after_sum`` in :mod:`.quant_kernels`), one multiply per group instead of one per
+weight; the result is the same sum to float32 rounding.
 """
 from __future__ import annotations
 
