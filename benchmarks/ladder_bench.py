@@ -105,6 +105,7 @@ def write_table(rungs: list[dict], path: Path) -> None:
 
 def write_plot(rungs: list[dict], path: Path, note: str) -> None:
     import matplotlib
+    import matplotlib.ticker
     matplotlib.use("Agg", force=True)
     from matplotlib.figure import Figure
     fig = Figure(figsize=(10, 4.5), dpi=100)
@@ -118,8 +119,12 @@ def write_plot(rungs: list[dict], path: Path, note: str) -> None:
         for name, points in lines.items():
             xs, ys = zip(*sorted(points))
             ax.plot(xs, ys, marker="o", label=name)
+            for x, y in zip(xs, ys):
+                ax.annotate(f"{y:.3g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xticks([r["params"] / 1e9 for r in rungs], [f"{r['params'] / 1e9:.2f}B" for r in rungs])
         ax.minorticks_off()
         ax.set_xlabel("parameters")
@@ -147,6 +152,8 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reuse", action="store_true", help="keep artifacts already in the output folder")
+    ap.add_argument("--replot", action="store_true",
+                    help="only redraw ladder.md and ladder.png from the output folder's ladder.json")
     a = ap.parse_args()
     sizes = [s for s in a.sizes.split(",") if s]
     unknown = [s for s in sizes if s not in PARAMS]
@@ -155,7 +162,9 @@ def main() -> int:
     a.oga = dict(item.split("=", 1) for item in a.oga)
     a.out.mkdir(parents=True, exist_ok=True)
     rungs = []
-    for size in sizes:
+    if a.replot:
+        rungs = json.loads((a.out / "ladder.json").read_text())
+    for size in [] if a.replot else sizes:
         gguf = rung_gguf(a.models, size, a.type)
         print(f"ladder_bench: {size} from {gguf}", flush=True)
         rungs.append(bench_rung(size, gguf, a.out, a))
