@@ -47,6 +47,8 @@ their numbers on a machine without a GPU.
 from __future__ import annotations
 
 import functools
+
+import numpy as np
 from .kernel_common import (Threads, cpu_shape, dims, gpu_tiles_accumulate, gpu_tiles_store, gpu_tiles_zero, is_gpu,
                             product, target_key)
 from .quant_layout import (CHUNK, LANES, SUPPORTED, _array_dtypes, _array_names, _array_shapes, _check, _FORMATS,
@@ -56,6 +58,10 @@ __all__ = ["SUPPORTED", "pack", "matmul", "gather"]
 GPU_UNIT = 8        # k's per thread step of the GPU GEMV
 CPU_GEMV_MAX_ROWS = 8
 GPU_GEMV_MAX_ROWS = 4
+# GEMVs prefetch their blocks this many chunks of 32 k's ahead (a tile's 16 rows: 4 KB of Q4_0
+# codes). The hardware's prefetchers alone left 1B-shape decode GEMVs at 18-22 GB/s of this
+# machine's 35; with it, 31-35 (``benchmarks/tvm_quant_gemv.py``-style timing, weights cold)
+PREFETCH_CHUNKS = 16
 GEMM_INT8_ROWS = 4    # rows per register block of the int8 GEMM (2 tiles: 8 accumulators, 8 dot chains)
 
 
@@ -105,6 +111,21 @@ def _cpu_matmul_func(fmt: str, n: int, k: int, target_key: str, fast: bool = Fal
                     zip(_array_names(spec), _array_shapes(spec, n, k), _array_dtypes(spec))]
             out = T.arg("out", T.buffer((m_rows, tiles * LANES), "float32"))
             W = _Weights(spec, bufs)
+            prefetch_ahead = PREFETCH_CHUNKS
+
+            def prefetch(t, c):
+                """Software prefetch of the blocks ``prefetch_ahead`` chunks of 32 k's ahead (the
+                hardware's stream prefetcher alone leaves decode GEMVs well below bandwidth)."""
+                if not prefetch_ahead:
+                    return
+                for name, shp, dt in zip(_array_names(spec), _array_shapes(spec, n, k), _array_dtypes(spec)):
+                    buf, size = W.bufs[name], np.dtype(dt).itemsize
+                    per_chunk = shp[1] * LANES * CHUNK // k          # elements of a tile per 32 k's
+                    for line in range(max(1, per_chunk * size // 64)):
+                        off = (c + prefetch_ahead) * per_chunk + line * (64 // size)
+                        T.evaluate(tirx.call_llvm_intrin(
+                            "void", "llvm.prefetch.p0", tirx.address_of(buf[t, off // LANES, off % LANES]),
+                            tirx.const(0, "int32"), tirx.const(3, "int32"), tirx.const(1, "int32")))
 
             def hoist_scales(t, c, scb, bib):
                 for g in range(groups):
@@ -151,6 +172,7 @@ def _cpu_matmul_func(fmt: str, n: int, k: int, target_key: str, fast: bool = Fal
                             with T.vectorized(0, LANES) as lane:
                                 T.buffer_store(acc, tirx.const(0, "float32"), [a, lane])
                         with T.serial(0, k // CHUNK) as c:
+                            prefetch(t, c)
                             hoist_scales(t, c, scb, bib)
                             for kk in range(CHUNK):
                                 if permute:
@@ -219,6 +241,7 @@ def _cpu_matmul_func(fmt: str, n: int, k: int, target_key: str, fast: bool = Fal
                         for i in range(r):
                             T.buffer_store(acc, tirx.Broadcast(tirx.const(0, "float32"), LANES), [i, ramp])
                         with T.serial(0, k // CHUNK) as c:
+                            prefetch(t, c)
                             hoist_scales(t, c, scb, bib)
                             for a in range(r * accs):
                                 T.buffer_store(part, tirx.Broadcast(tirx.const(0, "float32"), LANES), [a, ramp])
@@ -415,6 +438,7 @@ def _cpu_matmul_func(fmt: str, n: int, k: int, target_key: str, fast: bool = Fal
                         for i in range(r):
                             T.buffer_store(accv, tirx.Broadcast(tirx.const(0, "float32"), LANES), [i])
                         with T.serial(0, nb) as c:
+                            prefetch(t, c)
                             hoist_scales(t, c, scb, bib)
                             for i in range(r):
                                 val = block_value(code_words(t, c), rows[i], c, [scb[g, lanes] for g in range(groups)],
