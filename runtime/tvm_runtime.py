@@ -59,6 +59,12 @@ def _load_runtime_library(kind: str) -> None:
     _import_tvm()                      # an unusual layout: let TVM find its own library
 
 
+def import_full_tvm() -> None:
+    """``import tvm``: the compiler's library, with the functions the runtime-only library
+    lacks (``tvm.contrib.*``, which Relax ops such as ``topk`` lower to)."""
+    _import_tvm()
+
+
 def _import_tvm() -> None:
     try:
         import tvm  # noqa: F401

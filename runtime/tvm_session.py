@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import platform
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from .backend_entry import TVMEntry
 from .cpu_features import missing
 from .safetensors_index import read_index
 from .session import RowCache
-from .tvm_runtime import DEVICE_CODES, RuntimeMissing, TVMRuntime
+from .tvm_runtime import DEVICE_CODES, RuntimeMissing, TVMRuntime, import_full_tvm
 
 #: the row counts at which the CPU matmul kernels sum a row alike (their GEMV's
 #: ``CPU_GEMV_MAX_ROWS``; not imported: a CPU artifact runs without the tvm package)
@@ -120,9 +121,20 @@ class TVMSession(RowCache):
         that disagrees with it is refused here, naming the manifest, rather than at a user's
         first token. Costs one decode step (SmolLM2: ~4 ms on an idle 2-core CPU)."""
         one = np.zeros((1, 1), dtype=np.int64)
-        try:
+
+        def step():
             self._run(np.zeros((self.batch, 1), dtype=np.int64), np.zeros(self.batch, dtype=np.int64),
                       np.repeat(one, self.batch, axis=0))
+        try:
+            try:
+                step()
+            except Exception as e:
+                # TVM's library functions (relax.op.topk: the MoE router's top-k) live in the
+                # compiler's library, not in the runtime-only one this session loaded to stay lean
+                if "Cannot find function tvm.contrib." not in str(e) or "tvm" in sys.modules:
+                    raise
+                import_full_tvm()
+                step()
         except Exception as e:          # TVM's argument checks raise its own error types
             text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             param = re.search(r"param=(\w+)", text)

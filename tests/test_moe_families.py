@@ -467,3 +467,19 @@ def test_one_dimensional_shared_expert_gate_in_gguf_reads(tmp_path):
     a, b = load_model(tmp_path / "m.gguf"), load_model(tmp_path / "flat.gguf")
     np.testing.assert_array_equal(b.weights["layers.0.shexp.router.weight"].numpy(),
                                   a.weights["layers.0.shexp.router.weight"].numpy())
+
+
+def test_tvm_moe_artifact_runs_in_a_process_without_the_compiler(tmp_path):
+    """`kiln run` loads TVM's runtime-only library; a MoE artifact's router top-k is one of
+    TVM's library functions (tvm.contrib.sort.topk) that only the compiler's library has, so
+    the session must bring that in rather than refuse the artifact as not matching its library."""
+    import subprocess
+    import sys
+    from kiln.driver import compile as compile_model
+    art = tmp_path / "olmoe.kiln"
+    compile_model(DATA / "olmoe", output=art, backend="tvm")
+    code = ("import sys; from kiln.cli import main; rc = main(['run', sys.argv[1], '--ids', '1,2,3', '-n', '4']); "
+            "assert 'tvm' in sys.modules; sys.exit(rc)")
+    done = subprocess.run([sys.executable, "-c", code, str(art)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert len(done.stdout.strip().split(",")) >= 4
