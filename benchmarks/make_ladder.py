@@ -41,6 +41,11 @@ SHAPES = {
     # tied here (Llama 3.1 8B has its own head): the 7.2B shape issue 14's figures were taken on
     "8b": (4096, 32, 32, 8, 14336, True, 500000.0),
 }
+# mixture-of-experts rungs, OLMoE's shape (issue 15): (experts, active per token, expert width);
+# the other fields as SHAPES (its own head: 6.92B parameters, 1.28B of them active per token)
+MOE_SHAPES = {
+    "olmoe": ((2048, 16, 16, 16, 0, False, 10000.0), (64, 8, 1024)),
+}
 # llama-quantize's names for kiln's types and mixtures
 LLAMA_QUANTIZE_TYPES = {"q4_0": "Q4_0", "q4_1": "Q4_1", "q5_0": "Q5_0", "q5_1": "Q5_1", "q8_0": "Q8_0",
                         "q2_k": "Q2_K", "q3_k_s": "Q3_K_S", "q3_k_m": "Q3_K_M", "q3_k_l": "Q3_K_L",
@@ -84,12 +89,13 @@ def random_weight(shape: tuple[int, ...], seed: int, name: str, *, ones: bool = 
                   load_rows=load_rows if len(shape) > 1 else None)
 
 
-def random_block_weight(shape: tuple[int, int], fmt: str, seed: int, name: str):
-    """A lazy block weight of random codes with sane scales (see SCALE_FIELDS), rows on demand."""
+def random_block_weight(shape: tuple[int, ...], fmt: str, seed: int, name: str):
+    """A lazy block weight of random codes with sane scales (see SCALE_FIELDS), rows on demand
+    (a 3-D expert tensor's rows run over its experts)."""
     from kiln import formats
     from kiln.weights import Weight
     f = formats.get(fmt)
-    rows, cols = shape
+    rows, cols = int(np.prod(shape[:-1])), shape[-1]
     row_bytes = f.nbytes((cols,))
     blocks = cols // f.block_size
 
@@ -117,13 +123,20 @@ def ladder_model(size: str, random_blocks: str | None = None):
     from kiln.frontends.builder import build_graph
     from kiln.frontends.known_models import resolve
     from kiln.ir import ModelIR
-    hidden, layers, heads, kv, mlp, tied, theta = SHAPES[size]
+    moe = MOE_SHAPES.get(size)
+    hidden, layers, heads, kv, mlp, tied, theta = moe[0] if moe else SHAPES[size]
     smol = gguf.read(resolve("smollm2"))
     base = ArchConfig.from_dict(smol.config)
     head_dim = hidden // heads
     cfg = replace(base, hidden_size=hidden, num_layers=layers, num_heads=heads, num_kv_heads=kv,
                   head_dim=head_dim, intermediate_size=mlp, tie_word_embeddings=tied,
                   rotary_dim=head_dim, rope_theta=theta, rope_scaling={}, max_position_embeddings=8192)
+    if moe:
+        experts, active, width = moe[1]
+        # OLMoE: query/key norms over the whole projection, softmax router without renormalising
+        cfg = replace(cfg, family="olmoe", num_experts=experts, experts_per_token=active,
+                      expert_intermediate_size=width, intermediate_size=width, qk_norm=True,
+                      qk_norm_whole=True, expert_norm_topk=False)
     vocab = cfg.vocab_size
     shapes = {"embed": (vocab, hidden), "final_norm": (hidden,)}
     if not tied:
@@ -134,8 +147,13 @@ def ladder_model(size: str, random_blocks: str | None = None):
                        f"layers.{i}.k.weight": (kv * head_dim, hidden),
                        f"layers.{i}.v.weight": (kv * head_dim, hidden),
                        f"layers.{i}.o.weight": (hidden, heads * head_dim),
-                       f"layers.{i}.gate.weight": (mlp, hidden), f"layers.{i}.up.weight": (mlp, hidden),
-                       f"layers.{i}.down.weight": (hidden, mlp)})
+                       **({f"layers.{i}.q_norm": (heads * head_dim,), f"layers.{i}.k_norm": (kv * head_dim,),
+                           f"layers.{i}.router.weight": (experts, hidden),
+                           f"layers.{i}.experts.gate.weight": (experts, width, hidden),
+                           f"layers.{i}.experts.up.weight": (experts, width, hidden),
+                           f"layers.{i}.experts.down.weight": (experts, hidden, width)} if moe else
+                          {f"layers.{i}.gate.weight": (mlp, hidden), f"layers.{i}.up.weight": (mlp, hidden),
+                           f"layers.{i}.down.weight": (hidden, mlp)})})
     scheme = layout = None
     if random_blocks:
         from kiln import quant_schemes
@@ -144,7 +162,7 @@ def ladder_model(size: str, random_blocks: str | None = None):
         layout = quant_schemes.Layout.of(cfg, FAMILIES[cfg.family])
     weights = {}
     for seed, (role, shape) in enumerate(shapes.items()):
-        fmt = scheme.gguf_type(role, shape, layout) if scheme and len(shape) == 2 else "f32"
+        fmt = scheme.gguf_type(role, shape, layout) if scheme and len(shape) >= 2 else "f32"
         if fmt in SCALE_FIELDS:
             weights[role] = random_block_weight(shape, fmt, seed, role)
         elif fmt in ("f32", "f16"):
@@ -152,7 +170,7 @@ def ladder_model(size: str, random_blocks: str | None = None):
         else:
             raise SystemExit(f"--random-blocks: no random layout for {fmt} (used by {random_blocks} for {role})")
     params = sum(int(np.prod(s)) for s in shapes.values())
-    model = ModelIR(graph=build_graph(cfg, weights, name="llama"), config=cfg.to_dict(), weights=weights,
+    model = ModelIR(graph=build_graph(cfg, weights, name=cfg.family), config=cfg.to_dict(), weights=weights,
                     source={"format": "random", "name": f"kiln-ladder-{size}"},
                     tokenizer=smol.tokenizer, generation=smol.generation)
     return model, params
@@ -167,7 +185,7 @@ def run(cmd: list[str]) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("size", choices=sorted(SHAPES))
+    ap.add_argument("size", choices=sorted(SHAPES) + sorted(MOE_SHAPES))
     ap.add_argument("-o", "--out", default="models", help="folder for the files (default: models)")
     ap.add_argument("--quant", default="", help="comma-separated kiln quant types or mixtures to make from the f16 GGUF")
     ap.add_argument("--llama-quantize", metavar="PATH", help="llama.cpp's llama-quantize: also make its files")
@@ -180,34 +198,35 @@ def main() -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     model, params = ladder_model(a.size, a.random_blocks)
-    print(f"llama-{a.size}: {params / 1e9:.2f}B parameters", flush=True)
+    stem = a.size if a.size in MOE_SHAPES else f"llama-{a.size}"
+    print(f"{stem}: {params / 1e9:.2f}B parameters", flush=True)
     from kiln.frontends import gguf, hf
     if a.random_blocks:
-        dst = out / f"llama-{a.size}-{a.random_blocks}-random.gguf"
+        dst = out / f"{stem}-{a.random_blocks}-random.gguf"
         t = time.perf_counter()
         gguf.write(model, dst)
         print(f"  {dst} ({dst.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - t:.0f} s", flush=True)
         return 0
-    f16 = out / f"llama-{a.size}-f16.gguf"
+    f16 = out / f"{stem}-f16.gguf"
     if a.force or not f16.exists():
         t = time.perf_counter()
         gguf.write(model, f16, dtype="f16")
         print(f"  {f16} ({f16.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - t:.0f} s", flush=True)
     if a.hf:
-        folder = out / f"llama-{a.size}-hf"
+        folder = out / f"{stem}-hf"
         if a.force or not folder.exists():
             t = time.perf_counter()
             hf.write(model, folder, dtype="bf16")
             print(f"  {folder} in {time.perf_counter() - t:.0f} s", flush=True)
     kiln = str(Path(sys.executable).with_name("kiln"))
     for q in filter(None, a.quant.split(",")):
-        dst = out / f"llama-{a.size}-{q}.gguf"
+        dst = out / f"{stem}-{q}.gguf"
         if a.force or not dst.exists():
             print(f"  {dst}: {run([kiln, 'convert', str(f16), str(dst), '--to', 'gguf', '--quant', q, '-q']):.0f} s")
         if a.llama_quantize:
             if q not in LLAMA_QUANTIZE_TYPES:
                 sys.exit(f"llama-quantize has no type for {q}")
-            dst = out / f"llama-{a.size}-{q}-llamacpp.gguf"
+            dst = out / f"{stem}-{q}-llamacpp.gguf"
             if a.force or not dst.exists():
                 secs = run([a.llama_quantize, str(f16), str(dst), LLAMA_QUANTIZE_TYPES[q]])
                 print(f"  {dst}: {secs:.0f} s")
