@@ -5,7 +5,9 @@ k chosen experts are indexed inside the kernel (``w[chosen[t, j], f, r]``), so a
 reads k experts' weights per layer, not all of them: its cost follows the active parameters.
 Expert weights are stored ``[experts, out, in]`` in their own float type (f32, f16, or bf16 as
 its uint16 bits, widened exactly in the kernels, as ``float_kernels`` does); block-quantized
-experts are dequantized to float32 when the artifact is built (not kept as blocks yet).
+experts are read as blocks by the CPU kernels where ``blocked_experts`` allows (gate and up of
+one block type), else dequantized to float32 when the artifact is built. Each token's chosen
+experts are its own dot products, in prefill too (no GEMM over the tokens sharing an expert).
 
 On the CPU the experts run as two hand-written kernels: ``moe_up`` computes
 silu(gate_e·x) ⊙ up_e·x for every (token, chosen slot, output row), one parallel item each, a
