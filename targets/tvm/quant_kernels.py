@@ -127,6 +127,17 @@ def _cpu_matmul_func(fmt: str, n: int, k: int, target_key: str, fast: bool = Fal
                             "void", "llvm.prefetch.p0", tirx.address_of(buf[t, off // LANES, off % LANES]),
                             tirx.const(0, "int32"), tirx.const(3, "int32"), tirx.const(1, "int32")))
 
+            def store_rows(r, mo, store):
+                """``store(i)`` for each row i of a pass over ``r`` rows of x; in a pass over
+                more than one, the rows past the last are not stored."""
+                for i in range(r):
+                    if r == 1:
+                        store(i)
+                    else:
+                        with T.If(mo * r + i < m_rows):
+                            with T.Then():
+                                store(i)
+
             def hoist_scales(t, c, scb, bib):
                 for g in range(groups):
                     with T.vectorized(0, LANES) as lane:
@@ -184,20 +195,14 @@ def _cpu_matmul_func(fmt: str, n: int, k: int, target_key: str, fast: bool = Fal
                                     with T.vectorized(0, LANES) as lane:
                                         a = i * accs + kk % accs
                                         T.buffer_store(acc, acc[a, lane] + x[rows[i], c * CHUNK + kk] * wv[lane], [a, lane])
-                        for i in range(r):
-                            def store():
-                                with T.vectorized(0, LANES) as lane:
-                                    parts = [acc[i * accs + a, lane] for a in range(accs)]
-                                    while len(parts) > 1:       # pairwise
-                                        parts = [parts[j] + parts[j + 1] for j in range(0, len(parts), 2)]
-                                    total = parts[0]
-                                    T.buffer_store(out, total, [mo * r + i, t * LANES + lane])
-                            if r == 1:
-                                store()
-                            else:
-                                with T.If(mo * r + i < m_rows):
-                                    with T.Then():
-                                        store()
+                        def store(i):
+                            with T.vectorized(0, LANES) as lane:
+                                parts = [acc[i * accs + a, lane] for a in range(accs)]
+                                while len(parts) > 1:       # pairwise
+                                    parts = [parts[j] + parts[j + 1] for j in range(0, len(parts), 2)]
+                                total = parts[0]
+                                T.buffer_store(out, total, [mo * r + i, t * LANES + lane])
+                        store_rows(r, mo, store)
 
             # bias-free 4- and 8-bit codes in groups of 32 (q4_0, q8_0) on AVX-512: the group's
             # scale multiplies the float32 sum of (code − offset) · x once, instead of every weight
@@ -256,15 +261,9 @@ def _cpu_matmul_func(fmt: str, n: int, k: int, target_key: str, fast: bool = Fal
                                 while len(parts) > 1:       # pairwise
                                     parts = [parts[j] + parts[j + 1] for j in range(0, len(parts), 2)]
                                 T.buffer_store(acc, acc[i, ramp] + scb[0, ramp] * parts[0], [i, ramp])
-                        for i in range(r):
-                            def store():
-                                T.buffer_store(out, acc[i, ramp], [mo * r + i, tirx.Ramp(t * LANES, 1, LANES)])
-                            if r == 1:
-                                store()
-                            else:
-                                with T.If(mo * r + i < m_rows):
-                                    with T.Then():
-                                        store()
+                        def store(i):
+                            T.buffer_store(out, acc[i, ramp], [mo * r + i, tirx.Ramp(t * LANES, 1, LANES)])
+                        store_rows(r, mo, store)
 
             def gemv_folded(rows_per_pass: int, accs: int):
                 """``exact=False``: per group, Σ code·x in float32, then scale · that +
@@ -317,16 +316,10 @@ def _cpu_matmul_func(fmt: str, n: int, k: int, target_key: str, fast: bool = Fal
                                             parts = [parts[j] + parts[j + 1] for j in range(0, len(parts), 2)]
                                         T.buffer_store(acc, acc[i, lane] + scb[g, lane] * parts[0]
                                                        + zb[g, lane] * xs[rows[i], c * groups + g], [i, lane])
-                        for i in range(r):
-                            def store():
-                                with T.vectorized(0, LANES) as lane:
-                                    T.buffer_store(out, acc[i, lane], [mo * r + i, t * LANES + lane])
-                            if r == 1:
-                                store()
-                            else:
-                                with T.If(mo * r + i < m_rows):
-                                    with T.Then():
-                                        store()
+                        def store(i):
+                            with T.vectorized(0, LANES) as lane:
+                                T.buffer_store(out, acc[i, lane], [mo * r + i, t * LANES + lane])
+                        store_rows(r, mo, store)
 
             width = spec.planes[0]
             nb = k // CHUNK
@@ -444,15 +437,9 @@ def _cpu_matmul_func(fmt: str, n: int, k: int, target_key: str, fast: bool = Fal
                                 val = block_value(code_words(t, c), rows[i], c, [scb[g, lanes] for g in range(groups)],
                                                   bib[0, lanes], acts)
                                 T.buffer_store(accv, accv[i] + val, [i])
-                        for i in range(r):
-                            def store():
-                                T.buffer_store(out, accv[i], [mo * r + i, tirx.Ramp(t * LANES, 1, LANES)])
-                            if r == 1:
-                                store()
-                            else:
-                                with T.If(mo * r + i < m_rows):
-                                    with T.Then():
-                                        store()
+                        def store(i):
+                            T.buffer_store(out, accv[i], [mo * r + i, tirx.Ramp(t * LANES, 1, LANES)])
+                        store_rows(r, mo, store)
 
             def gemm_int8(rows_per_block: int):
                 """``exact=False`` prefill on AVX-512 VNNI: per task of ``tt`` tiles and k-chunk,
