@@ -45,7 +45,7 @@ def _runtime_library_dirs() -> list[Path]:
 
 def _load_runtime_library(kind: str) -> None:
     if "tvm" in sys.modules or kind != "cpu":
-        _import_tvm()
+        import_full_tvm()
         return
     try:
         import tvm_ffi  # noqa: F401  (loads libtvm_ffi, which the runtime library links to)
@@ -56,16 +56,12 @@ def _load_runtime_library(kind: str) -> None:
         if (d / name).is_file():
             ctypes.CDLL(str((d / name).resolve()), ctypes.RTLD_GLOBAL)
             return
-    _import_tvm()                      # an unusual layout: let TVM find its own library
+    import_full_tvm()                  # an unusual layout: let TVM find its own library
 
 
 def import_full_tvm() -> None:
     """``import tvm``: the compiler's library, with the functions the runtime-only library
     lacks (``tvm.contrib.*``, which Relax ops such as ``topk`` lower to)."""
-    _import_tvm()
-
-
-def _import_tvm() -> None:
     try:
         import tvm  # noqa: F401
     except ImportError:
