@@ -34,8 +34,8 @@ dlight leaves it alone):
   of one tile (two on AVX-512) the weights of a k-chunk (≤ 512 k's) are dequantized into a float32 buffer once, then a register-blocked
   product runs over the rows, 6 at a time (2 without AVX2 or NEON; rows past the end repeat
   the last row, so the inner loop has no branch).
-* GPU (cuda, metal, ...): M ≤ 4: a block of 128 threads per tile, 16 lanes × 8 slices of k,
-  the slices summed in shared memory. Otherwise a 16×16-thread block per (4 tiles, 32 rows)
+* GPU (cuda, metal, ...; built in :mod:`.quant_kernels_gpu`): M ≤ 4: a block of 128 threads
+  per tile, 16 lanes × 8 slices of k, the slices summed in shared memory. Otherwise a 16×16-thread block per (4 tiles, 32 rows)
   that stages 32 k's of dequantized weights and of x in shared memory; each thread keeps 8
   outputs (2 rows × 4 tiles) in registers, so 6 shared-memory reads feed 8 FMAs.
 * gather: a token per parallel iteration (CPU) or per thread block (GPU).
@@ -49,15 +49,13 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-from .kernel_common import (Threads, cpu_shape, dims, gpu_tiles_accumulate, gpu_tiles_store, gpu_tiles_zero, is_gpu,
-                            product, target_key)
+from .kernel_common import cpu_shape, dims, is_gpu, product, target_key
+from .quant_kernels_gpu import _gpu_gather_func, _gpu_matmul_func
 from .quant_layout import (CHUNK, LANES, SUPPORTED, _array_dtypes, _array_names, _array_shapes, _check, _FORMATS,
                            _split, _tiles, _Weights, pack)
 
 __all__ = ["SUPPORTED", "pack", "matmul", "gather"]
-GPU_UNIT = 8        # k's per thread step of the GPU GEMV
 CPU_GEMV_MAX_ROWS = 8
-GPU_GEMV_MAX_ROWS = 4
 # GEMVs prefetch their blocks this many chunks of 32 k's ahead (a tile's 16 rows: 4 KB of Q4_0
 # codes). The hardware's prefetchers alone left 1B-shape decode GEMVs at 18-22 GB/s of this
 # machine's 35; with it, 31-35 (``benchmarks/tvm_quant_gemv.py``-style timing, weights cold)
@@ -587,121 +585,6 @@ def _cpu_gather_func(fmt: str, n: int, k: int):
                 with T.serial(0, k // CHUNK) as c:
                     for kk in range(CHUNK):
                         T.buffer_store(out, W.value(t, c, CHUNK, kk, lane), [i, c * CHUNK + kk])
-    return ib.get()
-
-
-# ---- GPU kernels --------------------------------------------------------------------------
-
-@functools.lru_cache(maxsize=None)
-def _gpu_matmul_func(fmt: str, n: int, k: int, emulate: bool = False):
-    from tvm import tirx
-    from tvm.script.ir_builder import IRBuilder
-    from tvm.script.ir_builder import tirx as T
-
-    spec = _FORMATS[fmt]
-    tiles = _tiles(n)
-    slices = 8                    # GEMV: k split over 8 groups of 16 threads
-    units = k // GPU_UNIT
-    bm, bk = 16, CHUNK            # GEMM: 16 × 16 threads, 32 k's a step,
-    bm_rows = 32                  # 32 rows × up to 4 tiles per block (8 outputs a thread)
-    with IRBuilder() as ib:
-        with T.prim_func(private=True):
-            T.func_name(f"qmm_{fmt}_{n}x{k}_gpu")
-            T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
-            m_rows = T.int64()
-            x = T.arg("x", T.buffer((m_rows, k), "float32"))
-            bufs = [T.arg(name, T.buffer(s, d)) for name, s, d in
-                    zip(_array_names(spec), _array_shapes(spec, n, k), _array_dtypes(spec))]
-            out = T.arg("out", T.buffer((m_rows, tiles * LANES), "float32"))
-            W = _Weights(spec, bufs)
-            with T.If(m_rows <= GPU_GEMV_MAX_ROWS):
-                with T.Then():
-                    with Threads(emulate, {"blockIdx.x": tiles}, {"threadIdx.x": slices * LANES}) as th:
-                        t = th.block_vars["blockIdx.x"]
-                        red = th.shared((slices * LANES,))
-                        acc = th.local(1, carried=True)
-                        with T.serial(0, m_rows) as m:
-                            with th.phase() as tv:
-                                tx = tv["threadIdx.x"]
-                                s, lane = tx // LANES, tx % LANES
-                                T.buffer_store(acc, tirx.const(0, "float32"), th.at(tv, 0, True))
-                                with T.serial(0, (units + slices - 1) // slices) as step:
-                                    u = step * slices + s
-                                    with T.If(u < units):
-                                        with T.Then():
-                                            for kk in range(GPU_UNIT):
-                                                T.buffer_store(acc, acc[tuple(th.at(tv, 0, True))] + x[m, u * GPU_UNIT + kk]
-                                                               * W.value(t, u, GPU_UNIT, kk, lane), th.at(tv, 0, True))
-                                T.buffer_store(red, acc[tuple(th.at(tv, 0, True))], [tx])
-                            th.sync()
-                            with th.phase() as tv:
-                                tx = tv["threadIdx.x"]
-                                with T.If(tx < LANES):
-                                    with T.Then():
-                                        total = red[tx]
-                                        for s in range(1, slices):
-                                            total = total + red[s * LANES + tx]
-                                        T.buffer_store(out, total, [m, t * LANES + tx])
-                            th.sync()
-                with T.Else():
-                    # each thread: rows ty and ty + 16 of the block's 32, lane tx of its 4 tiles
-                    tb = 4 if tiles % 4 == 0 else 2 if tiles % 2 == 0 else 1
-                    rpt = bm_rows // bm
-                    blocks = {"blockIdx.x": tiles // tb, "blockIdx.y": (m_rows + bm_rows - 1) // bm_rows}
-                    with Threads(emulate, blocks, {"threadIdx.y": bm, "threadIdx.x": LANES}) as th:
-                        tg, mb = th.block_vars["blockIdx.x"], th.block_vars["blockIdx.y"]
-                        ws = th.shared((bk, tb * LANES))
-                        xs = th.shared((bm_rows, bk + 1))        # + 1: rows in different banks
-                        acc = th.local(rpt * tb, carried=True)
-                        gpu_tiles_zero(th, acc, rpt, tb)
-                        with T.serial(0, k // bk) as c:
-                            with th.phase() as tv:
-                                ty, tx = tv["threadIdx.y"], tv["threadIdx.x"]
-                                for h in range(bk // bm):
-                                    kk = ty * (bk // bm) + h
-                                    for u in range(tb):
-                                        T.buffer_store(ws, W.value(tg * tb + u, c, bk, kk, tx), [kk, u * LANES + tx])
-                                for i in range(rpt):
-                                    row = T.min(mb * bm_rows + ty + bm * i, m_rows - 1)
-                                    for h in range(bk // LANES):
-                                        kk = tx * (bk // LANES) + h
-                                        T.buffer_store(xs, x[row, c * bk + kk], [ty + bm * i, kk])
-                            th.sync()
-                            gpu_tiles_accumulate(th, acc, xs, ws, rpt, tb, bm, bk)
-                        gpu_tiles_store(th, acc, out, m_rows, mb, tg, rpt, tb, bm, bm_rows)
-    return ib.get()
-
-
-@functools.lru_cache(maxsize=None)
-def _gpu_gather_func(fmt: str, n: int, k: int, emulate: bool = False):
-    from tvm.script.ir_builder import IRBuilder
-    from tvm.script.ir_builder import tirx as T
-
-    spec = _FORMATS[fmt]
-    threads = 64
-    units = k // GPU_UNIT
-    with IRBuilder() as ib:
-        with T.prim_func(private=True):
-            T.func_name(f"qgather_{fmt}_{n}x{k}_gpu")
-            T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
-            count = T.int64()
-            ids = T.arg("ids", T.buffer((count,), "int64"))
-            bufs = [T.arg(name, T.buffer(s, d)) for name, s, d in
-                    zip(_array_names(spec), _array_shapes(spec, n, k), _array_dtypes(spec))]
-            out = T.arg("out", T.buffer((count, k), "float32"))
-            W = _Weights(spec, bufs)
-            with Threads(emulate, {"blockIdx.x": count}, {"threadIdx.x": threads}) as th:
-                i = th.block_vars["blockIdx.x"]
-                with th.phase() as tv:
-                    tx = tv["threadIdx.x"]
-                    row = T.max(T.min(ids[i], n - 1), 0)
-                    t, lane = row // LANES, row % LANES
-                    with T.serial(0, (units + threads - 1) // threads) as step:
-                        u = step * threads + tx
-                        with T.If(u < units):
-                            with T.Then():
-                                for kk in range(GPU_UNIT):
-                                    T.buffer_store(out, W.value(t, u, GPU_UNIT, kk, lane), [i, u * GPU_UNIT + kk])
     return ib.get()
 
 
