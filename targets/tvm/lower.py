@@ -126,7 +126,8 @@ def plan_graph(graph: Graph, max_length: int | None, quant_formats: frozenset, *
             node = u.node
             blocks = w.format.is_block and w.format.name in quant_formats and len(w.shape) == 2
             if blocks and ((node.op == "QuantMatMul" and u.index == 1)
-                           or (node.op == "Gather" and u.index == 0 and node.attrs.get("axis", 0) == 0)):
+                           or (node.op == "Gather" and u.index == 0 and node.attrs.get("axis", 0) == 0)
+                           or (node.op == "MoE" and u.index in moe.linear_inputs(node))):
                 plan.add(v.name, quant_kernels.pack(w))
                 plan.formats[v.name] = w.format.name
             elif node.op == "QuantMatMul":
@@ -147,8 +148,10 @@ def plan_graph(graph: Graph, max_length: int | None, quant_formats: frozenset, *
 
 def _float_kernel_weight(v: Value, formats: frozenset) -> bool:
     """Whether a float weight (f32, f16, bf16) is read only as the right operand of MatMuls
-    through ``Transpose(perm=[1, 0])`` or as the table of a row Gather (an embedding, tied or
-    not): then one packed copy in its own type serves every use."""
+    through ``Transpose(perm=[1, 0])``, as the table of a row Gather (an embedding, tied or
+    not) or as an MoE router or shared-expert matrix: then one packed copy in its own type
+    serves every use."""
+    from . import moe
     w = v.weight
     if w.format.name not in formats or len(w.shape) != 2 or not v.uses:
         return False
@@ -156,7 +159,8 @@ def _float_kernel_weight(v: Value, formats: frozenset) -> bool:
         node = u.node
         if not ((node.op == "Transpose" and u.index == 0 and list(node.attrs["perm"]) == [1, 0]
                  and all(t.node.op == "MatMul" and t.index == 1 for t in node.outputs[0].uses))
-                or (node.op == "Gather" and u.index == 0 and node.attrs.get("axis", 0) == 0)):
+                or (node.op == "Gather" and u.index == 0 and node.attrs.get("axis", 0) == 0)
+                or (node.op == "MoE" and u.index in moe.linear_inputs(node))):
             return False
     return True
 
@@ -367,6 +371,19 @@ class FunctionLowering:
             return self.kernels["float"].matmul(self.bb, self.tensor(a), self.params_of(w.name), w.weight.format.name,
                                                 rows, cols, self.target.tvm, exact=self.target.exact)
         return relax.op.matmul(self.tensor(a), self.tensor(b))
+
+    def linear(self, x: relax.Expr, w: Value) -> relax.Expr:
+        """x @ wᵀ for a [n, k] weight, through the GEMV kernels where the plan packed it for them."""
+        if w.is_weight and w.name in self.plan.index:
+            fmt = self.plan.formats.get(w.name)
+            n, k = w.weight.shape
+            if fmt in self.kernels["float"].SUPPORTED:
+                return self.kernels["float"].matmul(self.bb, x, self.params_of(w.name), fmt, n, k, self.target.tvm,
+                                                    exact=self.target.exact)
+            if fmt in self.kernels["quant"].SUPPORTED and w.weight.format.is_block:
+                return self.kernels["quant"].matmul(self.bb, x, self.params_of(w.name), fmt, n, k, self.target.tvm,
+                                                    exact=self.target.exact)
+        return relax.op.matmul(x, relax.op.permute_dims(self.tensor(w), [1, 0]))
 
     def _float_weight(self, v: Value) -> Value | None:
         """v, when it is a weight stored for the float kernels."""

@@ -25,7 +25,7 @@ import functools
 
 from tvm import relax, te, tirx as tir
 
-from .kernel_common import dims, is_gpu
+from .kernel_common import dims, is_gpu, target_key
 
 LANES = 16
 _STORAGE = {"f32": "float32", "f16": "float16", "bf16": "uint16"}     # as float_kernels stores them
@@ -63,6 +63,16 @@ def blocked_experts(graph, quant_formats) -> set:
         if fits(down):
             out.add(down.name)
     return out
+
+
+def linear_inputs(node) -> set:
+    """The MoE inputs it multiplies as x·Wᵀ with 2-D weights: the router and the shared
+    expert's four (the lowering runs them through the GEMV kernels)."""
+    from kiln.ops import full_attrs, get
+    from kiln.ops_moe import parts
+    _, _, shared = parts(node.inputs, full_attrs(get("MoE"), node.attrs))
+    first = len(node.inputs) - (len(shared) if shared else 0)
+    return {1} | (set(range(first, len(node.inputs))) if shared else set())
 
 
 def pack_blocks(w) -> dict:
@@ -131,10 +141,16 @@ def up_name(fmt: str, experts: int, inner: int, hidden: int, k: int, glu) -> str
     return f"moe_up_{fmt}_{experts}x{inner}x{hidden}_k{k}" + ("_oai" if glu else "")
 
 
-def _up_args(T, fmt: str, experts: int, inner: int, hidden: int, k: int, weight, glu=None):
+def _routing_args(T, n, experts: int, k: int):
+    """``_route``'s scratch outputs: (offsets [X + 1], pairs [n·k])."""
+    return (T.arg("offsets", T.buffer((experts + 1,), "int32")), T.arg("pairs", T.buffer((n * k,), "int32")))
+
+
+def _up_args(T, fmt: str, experts: int, inner: int, hidden: int, k: int, weight, glu=None, routing=False):
     """A moe_up kernel's name, attributes and arguments, in order: (n, x, chosen, gate, up,
     biases, h), biases (gate's and up's [X, F]) only with gpt-oss's ``glu``, else None;
-    ``weight(name)`` declares gate's and up's (their own float type, or blocks)."""
+    ``weight(name)`` declares gate's and up's (their own float type, or blocks). With
+    ``routing`` h becomes (h, offsets, pairs), ``_route``'s scratch outputs."""
     T.func_name(up_name(fmt, experts, inner, hidden, k, glu))
     T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
     n = T.int64()
@@ -145,12 +161,15 @@ def _up_args(T, fmt: str, experts: int, inner: int, hidden: int, k: int, weight,
     biases = None
     if glu:
         biases = tuple(T.arg(f"{name}_bias", T.buffer((experts, inner), "float32")) for name in ("gate", "up"))
-    return n, x, chosen, gate, up, biases, T.arg("h", T.buffer((n, k, inner), "float32"))
+    h = T.arg("h", T.buffer((n, k, inner), "float32"))
+    return n, x, chosen, gate, up, biases, ((h, *_routing_args(T, n, experts, k)) if routing else h)
 
 
-def _down_args(T, fmt: str, experts: int, hidden: int, inner: int, k: int, weight):
+def _down_args(T, fmt: str, experts: int, hidden: int, inner: int, k: int, weight, routing=False):
     """A moe_down kernel's name, attributes and arguments, in order: (n, h, chosen, weights,
-    down, out); ``weight(name)`` declares down's."""
+    down, out); ``weight(name)`` declares down's. With ``routing`` out becomes (out, y,
+    offsets, pairs): y [n·k, hidden] the weighted output of each (token, slot), and
+    ``_route``'s two, prefill's scratch."""
     T.func_name(f"moe_down_{fmt}_{experts}x{hidden}x{inner}_k{k}")
     T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
     n = T.int64()
@@ -158,7 +177,10 @@ def _down_args(T, fmt: str, experts: int, hidden: int, inner: int, k: int, weigh
     chosen = T.arg("chosen", T.buffer((n, k), "int64"))
     weights = T.arg("weights", T.buffer((n, k), "float32"))
     down = weight("down")
-    return n, h, chosen, weights, down, T.arg("out", T.buffer((n, hidden), "float32"))
+    out = T.arg("out", T.buffer((n, hidden), "float32"))
+    if routing:
+        out = (out, T.arg("y", T.buffer((n * k, hidden), "float32")), *_routing_args(T, n, experts, k))
+    return n, h, chosen, weights, down, out
 
 
 def _biased(value, biases, which: int, e, f):
@@ -221,92 +243,254 @@ def _block_weights(T, fmt: str, rows: int, k: int, name: str):
     return _Weights(spec, bufs)
 
 
+UP_ACCS, DOWN_ACCS = 2, 4      # partial sums per weight stream: gate and up's 2 each, down's 4
+# Up to this many tokens (a decode batch) each token's experts are its own dot products, the
+# same arithmetic at every count (batch invariance); past it (prefill) the tokens routed to an
+# expert share each dequantized weight vector, GROUP_ROWS of them at a time.
+PER_TOKEN_MAX_ROWS = 8
+GROUP_ROWS = 6
+
+
+def _route(T, chosen, offsets, pairs, n, experts: int, k: int):
+    """Prefill's routing, serial: the (token, slot) pairs t·k + j sorted by chosen expert into
+    ``pairs`` (a counting sort, tokens in order), expert e's at pairs[offsets[e]:offsets[e + 1]]."""
+    cursor = T.alloc_buffer((experts,), "int32")
+
+    def expert(p):
+        return tir.Cast("int32", T.max(T.min(chosen[p // k, p % k], experts - 1), 0))
+    with T.serial(0, experts + 1) as e:
+        T.buffer_store(offsets, tir.const(0, "int32"), [e])
+    with T.serial(0, n * k) as p:
+        T.buffer_store(offsets, offsets[expert(p) + 1] + 1, [expert(p) + 1])
+    with T.serial(0, experts) as e:
+        T.buffer_store(offsets, offsets[e + 1] + offsets[e], [e + 1])
+        T.buffer_store(cursor, offsets[e], [e])
+    with T.serial(0, n * k) as p:
+        T.buffer_store(pairs, tir.Cast("int32", p), [cursor[expert(p)]])
+        T.buffer_store(cursor, cursor[expert(p)] + 1, [expert(p)])
+
+
+def _grouped(T, offsets, pairs, experts: int, tiles: int, body):
+    """Prefill's loop: per (expert e, 16-row tile ft), parallel, the pairs routed to e in
+    passes of GROUP_ROWS; ``body(e, ft, rows, live)`` with the pass's pair indices (the last
+    repeated past the end) and, per row, whether it is one of e's."""
+    with T.parallel(0, experts * tiles) as i:
+        e, ft = i // tiles, i % tiles
+        start, count = offsets[e], offsets[e + 1] - offsets[e]
+        with T.serial(0, (count + GROUP_ROWS - 1) // GROUP_ROWS) as g:
+            rows = [pairs[start + T.min(g * GROUP_ROWS + r, count - 1)] for r in range(GROUP_ROWS)]
+            body(e, ft, rows, [g * GROUP_ROWS + r < count for r in range(GROUP_ROWS)])
+
+
+class _row:
+    """Row r of a [GROUP_ROWS, LANES] buffer, indexed by lane like a [LANES] buffer."""
+
+    def __init__(self, buf, r):
+        self.buf, self.r = buf, r
+
+    def __getitem__(self, lane):
+        return self.buf[self.r, lane]
+
+
+def _group_dot(T, readers, accs, tile, x_at, hidden: int):
+    """accs[s][r] (float32 [LANES] buffers) = Σ_k x_at(r, k) · reader s's tile row vector:
+    each weight vector dequantized once for the GROUP_ROWS rows."""
+    from .quant_layout import CHUNK
+    ramp = tir.Ramp(0, 1, LANES)
+    zero = tir.Broadcast(tir.const(0, "float32"), LANES)
+    wv = [T.alloc_buffer((LANES,), "float32") for _ in readers]
+    sc = [(T.alloc_buffer((rd.groups, LANES), "float32"), T.alloc_buffer((rd.groups, LANES), "float32"))
+          for rd in readers]
+    for acc in accs:
+        T.buffer_store(acc, zero, [0, ramp])
+        for r in range(1, GROUP_ROWS):
+            T.buffer_store(acc, zero, [r, ramp])
+    with T.serial(0, hidden // CHUNK) as c:
+        for rd, (scb, bib) in zip(readers, sc):
+            rd.prefetch(tile, c)
+            rd.hoist_scales(tile, c, scb, bib)
+        for kk in range(CHUNK):
+            for rd, w, (scb, bib) in zip(readers, wv, sc):
+                rd.store_weight(w, tile, c, kk, scb, bib)
+            for r in range(GROUP_ROWS):
+                xv = tir.Broadcast(x_at(r, c * CHUNK + kk), LANES)
+                for acc, w in zip(accs, wv):
+                    T.buffer_store(acc, acc[r, ramp] + xv * w[ramp], [r, ramp])
+
+
 @functools.lru_cache(maxsize=None)
-def _cpu_up_blocks_func(experts: int, inner: int, hidden: int, k: int, fmt: str, glu=None):
-    """moe_up over block weights: per (token, slot, 16-row tile of the chosen expert) a vector
-    of 16 rows, dequantized as quant_kernels does."""
+def _cpu_up_blocks_func(experts: int, inner: int, hidden: int, k: int, fmt: str, glu=None, target_key: str = ""):
+    """moe_up over block weights. Decode (n ≤ PER_TOKEN_MAX_ROWS): per (token, slot, 16-row
+    tile of the chosen expert) the gate and up vectors of 16 rows, read as ``tile_reader``
+    reads a dense GEMV's tiles (prefetched, scales hoisted, independent FMA chains).
+    Prefill: ``_grouped`` over the routed pairs."""
     from tvm.script.ir_builder import IRBuilder
     from tvm.script.ir_builder import tirx as T
 
+    from .kernel_common import cpu_shape
     from .quant_layout import CHUNK
-    zero = tir.const(0, "float32")
+    from .tile_reader import TileReader
+    wide = cpu_shape(target_key).tiles > 1 if target_key else False
+    zero = tir.Broadcast(tir.const(0, "float32"), LANES)
+    ramp = tir.Ramp(0, 1, LANES)
     tiles = inner // LANES
     with IRBuilder() as ib:
         with T.prim_func(private=True):
-            n, x, chosen, gate, up, biases, h = _up_args(
+            n, x, chosen, gate, up, biases, (h, offsets, pairs) = _up_args(
                 T, fmt, experts, inner, hidden, k, lambda name: _block_weights(T, fmt, experts * inner, hidden, name),
-                glu)
-            with T.parallel(0, n * (k * tiles)) as i:
-                t, j, ft = i // (k * tiles), (i // tiles) % k, i % tiles
-                e = T.max(T.min(chosen[t, j], experts - 1), 0)
-                tile = e * tiles + ft
-                ag = T.alloc_buffer((LANES,), "float32")
-                au = T.alloc_buffer((LANES,), "float32")
-                with T.vectorized(0, LANES) as lane:
-                    T.buffer_store(ag, zero, [lane])
-                    T.buffer_store(au, zero, [lane])
-                with T.serial(0, hidden // CHUNK) as c:
-                    for kk in range(CHUNK):
-                        with T.vectorized(0, LANES) as lane:
-                            xv = x[t, c * CHUNK + kk]
-                            T.buffer_store(ag, ag[lane] + xv * gate.value(tile, c, CHUNK, kk, lane), [lane])
-                            T.buffer_store(au, au[lane] + xv * up.value(tile, c, CHUNK, kk, lane), [lane])
+                glu, routing=True)
+            readers = [TileReader(T, w, experts * inner, hidden, wide) for w in (gate, up)]
+            groups = readers[0].groups
+
+            def tile_of(i):
+                i = T.min(i, n * (k * tiles) - 1)
+                e = T.max(T.min(chosen[i // (k * tiles), (i // tiles) % k], experts - 1), 0)
+                return e * tiles + i % tiles
+
+            def store_h(t, j, e, ft, g, u):
                 with T.vectorized(0, LANES) as lane:
                     f = ft * LANES + lane
-                    T.buffer_store(h, _glu(_biased(ag[lane], biases, 0, e, f), _biased(au[lane], biases, 1, e, f),
+                    T.buffer_store(h, _glu(_biased(g[lane], biases, 0, e, f), _biased(u[lane], biases, 1, e, f),
                                            glu, tir.exp), [t, j, f])
+
+            def per_token():
+                with T.parallel(0, n * (k * tiles)) as i:
+                    t, j, ft = i // (k * tiles), (i // tiles) % k, i % tiles
+                    e = T.max(T.min(chosen[t, j], experts - 1), 0)
+                    tile, following = tile_of(i), tile_of(i + 1)
+                    accs = [T.alloc_buffer((LANES,), "float32") for _ in readers]
+                    part = T.alloc_buffer((UP_ACCS, LANES), "float32")
+                    wv = T.alloc_buffer((LANES,), "float32")
+                    scb = T.alloc_buffer((groups, LANES), "float32")
+                    bib = T.alloc_buffer((groups, LANES), "float32")
+                    for acc in accs:
+                        T.buffer_store(acc, zero, [ramp])
+                    with T.serial(0, hidden // CHUNK) as c:
+                        for reader, acc in zip(readers, accs):
+                            reader.prefetch(tile, c, following)
+                            reader.accumulate_chunk(acc, part, wv, scb, bib, tile, c,
+                                                    lambda kk: x[t, c * CHUNK + kk], UP_ACCS)
+                    store_h(t, j, e, ft, *accs)
+
+            def grouped():
+                def body(e, ft, rows, live):
+                    accs = [T.alloc_buffer((GROUP_ROWS, LANES), "float32") for _ in readers]
+                    _group_dot(T, readers, accs, e * tiles + ft, lambda r, kk: x[rows[r] // k, kk], hidden)
+                    for r in range(GROUP_ROWS):
+                        with T.If(live[r]):
+                            with T.Then():
+                                store_h(rows[r] // k, rows[r] % k, e, ft, *(_row(a, r) for a in accs))
+                _route(T, chosen, offsets, pairs, n, experts, k)
+                _grouped(T, offsets, pairs, experts, tiles, body)
+
+            with T.If(n <= PER_TOKEN_MAX_ROWS):
+                with T.Then():
+                    per_token()
+                with T.Else():
+                    grouped()
     return ib.get()
 
 
 @functools.lru_cache(maxsize=None)
-def _cpu_down_blocks_func(experts: int, hidden: int, inner: int, k: int, fmt: str):
-    """moe_down over block weights: per (token, 16 output features) the k chosen experts' tiles."""
+def _cpu_down_blocks_func(experts: int, hidden: int, inner: int, k: int, fmt: str, target_key: str = ""):
+    """moe_down over block weights. Decode: per (token, 16 output features) the k chosen
+    experts' tiles, each read as ``tile_reader`` reads a dense GEMV's (the next expert's tile
+    prefetched while the last chunks of this one are summed). Prefill: ``_grouped`` writes
+    each pair's weighted output to y, then each token's k rows of y are summed in slot order."""
     from tvm.script.ir_builder import IRBuilder
     from tvm.script.ir_builder import tirx as T
 
+    from .kernel_common import cpu_shape
     from .quant_layout import CHUNK
-    zero = tir.const(0, "float32")
+    from .tile_reader import TileReader
+    wide = cpu_shape(target_key).tiles > 1 if target_key else False
+    zero = tir.Broadcast(tir.const(0, "float32"), LANES)
+    ramp = tir.Ramp(0, 1, LANES)
     tiles = hidden // LANES
     with IRBuilder() as ib:
         with T.prim_func(private=True):
-            n, h, chosen, weights, down, out = _down_args(
-                T, fmt, experts, hidden, inner, k, lambda name: _block_weights(T, fmt, experts * hidden, inner, name))
-            with T.parallel(0, n * tiles) as i:
-                t, ot = i // tiles, i % tiles
-                acc = T.alloc_buffer((LANES,), "float32")
-                total = T.alloc_buffer((LANES,), "float32")
-                with T.vectorized(0, LANES) as lane:
-                    T.buffer_store(total, zero, [lane])
-                for j in range(k):
-                    tile = T.max(T.min(chosen[t, j], experts - 1), 0) * tiles + ot
-                    with T.vectorized(0, LANES) as lane:
-                        T.buffer_store(acc, zero, [lane])
-                    with T.serial(0, inner // CHUNK) as c:
-                        for kk in range(CHUNK):
-                            with T.vectorized(0, LANES) as lane:
-                                T.buffer_store(acc, acc[lane] + h[t, j, c * CHUNK + kk]
-                                               * down.value(tile, c, CHUNK, kk, lane), [lane])
-                    with T.vectorized(0, LANES) as lane:
-                        T.buffer_store(total, total[lane] + weights[t, j] * acc[lane], [lane])
-                with T.vectorized(0, LANES) as lane:
-                    T.buffer_store(out, total[lane], [t, ot * LANES + lane])
+            n, h, chosen, weights, down, (out, y, offsets, pairs) = _down_args(
+                T, fmt, experts, hidden, inner, k, lambda name: _block_weights(T, fmt, experts * hidden, inner, name),
+                routing=True)
+            reader = TileReader(T, down, experts * hidden, inner, wide)
+
+            def per_token():
+                with T.parallel(0, n * tiles) as i:
+                    t, ot = i // tiles, i % tiles
+                    acc = T.alloc_buffer((LANES,), "float32")
+                    total = T.alloc_buffer((LANES,), "float32")
+                    part = T.alloc_buffer((DOWN_ACCS, LANES), "float32")
+                    wv = T.alloc_buffer((LANES,), "float32")
+                    scb = T.alloc_buffer((reader.groups, LANES), "float32")
+                    bib = T.alloc_buffer((reader.groups, LANES), "float32")
+                    T.buffer_store(total, zero, [ramp])
+                    for j in range(k):
+                        tile = T.max(T.min(chosen[t, j], experts - 1), 0) * tiles + ot
+                        nxt = T.min(i + 1, n * tiles - 1)
+                        following = (T.max(T.min(chosen[t, j + 1], experts - 1), 0) * tiles + ot if j + 1 < k
+                                     else T.max(T.min(chosen[nxt // tiles, 0], experts - 1), 0) * tiles + nxt % tiles)
+                        T.buffer_store(acc, zero, [ramp])
+                        with T.serial(0, inner // CHUNK) as c:
+                            reader.prefetch(tile, c, following)
+                            reader.accumulate_chunk(acc, part, wv, scb, bib, tile, c,
+                                                    lambda kk: h[t, j, c * CHUNK + kk], DOWN_ACCS)
+                        T.buffer_store(total, total[ramp] + tir.Broadcast(weights[t, j], LANES) * acc[ramp], [ramp])
+                    T.buffer_store(out, total[ramp], [t, tir.Ramp(ot * LANES, 1, LANES)])
+
+            def grouped():
+                def body(e, ft, rows, live):
+                    acc = T.alloc_buffer((GROUP_ROWS, LANES), "float32")
+                    _group_dot(T, [reader], [acc], e * tiles + ft,
+                               lambda r, kk: h[rows[r] // k, rows[r] % k, kk], inner)
+                    for r in range(GROUP_ROWS):
+                        with T.If(live[r]):
+                            with T.Then():
+                                w = tir.Broadcast(weights[rows[r] // k, rows[r] % k], LANES)
+                                T.buffer_store(y, w * acc[r, ramp], [rows[r], tir.Ramp(ft * LANES, 1, LANES)])
+                _route(T, chosen, offsets, pairs, n, experts, k)
+                _grouped(T, offsets, pairs, experts, tiles, body)
+                with T.parallel(0, n * tiles) as i:
+                    t, ot = i // tiles, i % tiles
+                    cols = tir.Ramp(ot * LANES, 1, LANES)
+                    total = y[t * k, cols]
+                    for j in range(1, k):
+                        total = total + y[t * k + j, cols]
+                    T.buffer_store(out, total, [t, cols])
+
+            with T.If(n <= PER_TOKEN_MAX_ROWS):
+                with T.Then():
+                    per_token()
+                with T.Else():
+                    grouped()
     return ib.get()
 
 
-def _cpu_experts(bb, flat, chosen, weights, gate, up, down, shape, fmt, glu=None, biases=()):
+def _cpu_experts(bb, flat, chosen, weights, gate, up, down, shape, fmt, glu=None, biases=(), target_key: str = ""):
     """``glu`` and ``biases`` (gate's and up's): gpt-oss's clamped SwiGLU, else silu and none."""
     experts, inner, hidden, k = shape
     n = dims(flat, "the MoE kernels")[0]
     i64 = functools.partial(tir.IntImm, "int64")
     fmt_gu, fmt_d = fmt
-    make = _cpu_up_blocks_func if isinstance(gate, list) else _cpu_up_func
-    gv = bb.add_func(make(experts, inner, hidden, k, fmt_gu, glu), up_name(fmt_gu, experts, inner, hidden, k, glu))
-    args = [flat, chosen] + (gate + up if isinstance(gate, list) else [gate, up]) + list(biases)
-    h = bb.emit(relax.call_tir(gv, args, relax.TensorType([n, i64(k), i64(inner)], "float32")))
-    make = _cpu_down_blocks_func if isinstance(down, list) else _cpu_down_func
-    gv = bb.add_func(make(experts, hidden, inner, k, fmt_d), f"moe_down_{fmt_d}_{experts}x{hidden}x{inner}_k{k}")
-    args = [h, chosen, weights] + (down if isinstance(down, list) else [down])
-    return bb.emit(relax.call_tir(gv, args, relax.TensorType([n, i64(hidden)], "float32")))
+    routing = [relax.TensorType([i64(experts + 1)], "int32"), relax.TensorType([n * i64(k)], "int32")]
+    if isinstance(gate, list):
+        gv = bb.add_func(_cpu_up_blocks_func(experts, inner, hidden, k, fmt_gu, glu, target_key),
+                         up_name(fmt_gu, experts, inner, hidden, k, glu))
+        up_out = bb.emit(relax.call_tir(gv, [flat, chosen] + gate + up + list(biases),
+                                        [relax.TensorType([n, i64(k), i64(inner)], "float32")] + routing))
+        h = bb.emit(relax.TupleGetItem(up_out, 0))
+    else:
+        gv = bb.add_func(_cpu_up_func(experts, inner, hidden, k, fmt_gu, glu), up_name(fmt_gu, experts, inner, hidden, k, glu))
+        h = bb.emit(relax.call_tir(gv, [flat, chosen, gate, up] + list(biases),
+                                   relax.TensorType([n, i64(k), i64(inner)], "float32")))
+    name = f"moe_down_{fmt_d}_{experts}x{hidden}x{inner}_k{k}"
+    if isinstance(down, list):
+        gv = bb.add_func(_cpu_down_blocks_func(experts, hidden, inner, k, fmt_d, target_key), name)
+        both = bb.emit(relax.call_tir(gv, [h, chosen, weights] + down,
+                                      [relax.TensorType([n, i64(hidden)], "float32"),
+                                       relax.TensorType([n * i64(k), i64(hidden)], "float32")] + routing))
+        return bb.emit(relax.TupleGetItem(both, 0))
+    gv = bb.add_func(_cpu_down_func(experts, hidden, inner, k, fmt_d), name)
+    return bb.emit(relax.call_tir(gv, [h, chosen, weights, down], relax.TensorType([n, i64(hidden)], "float32")))
 
 
 def lower(low, node) -> relax.Expr:
@@ -317,7 +501,6 @@ def lower(low, node) -> relax.Expr:
     attrs = full_attrs(get("MoE"), node.attrs)
     experts_in, bias_in, shared_in = parts(node.inputs, attrs)
     x = low.tensor(node.inputs[0])
-    router = low.tensor(node.inputs[1])
     blocks = [v.is_weight and v.name in low.plan.index and v.weight.format.is_block
               and low.plan.formats.get(v.name) == v.weight.format.name for v in experts_in[2:5]]
     gate, up, down = (low.params_of(v.name) if b else low.tensor(v) for v, b in zip(experts_in[2:5], blocks))
@@ -328,7 +511,7 @@ def lower(low, node) -> relax.Expr:
                          f"not one without the other")
     hidden = int(node.inputs[0].type.shape[-1])
     flat = bb.emit(relax.op.reshape(x, [-1, hidden]))
-    logits = bb.emit(relax.op.matmul(flat, relax.op.permute_dims(router, [1, 0])))
+    logits = bb.emit(low.linear(flat, node.inputs[1]))
     if biases:
         logits = bb.emit(relax.op.add(logits, biases[0]))
     if attrs.get("scoring", "softmax") == "softmax":
@@ -355,17 +538,17 @@ def lower(low, node) -> relax.Expr:
                          *(biases[1:3] if biases else ()), primfunc_name_hint="moe_experts")
     else:
         out = _cpu_experts(bb, flat, chosen, weights, gate, up, down, (experts, inner, hidden, int(attrs["top_k"])),
-                           (fmts[0], fmts[2]), glu, biases[1:3] if biases else ())
+                           (fmts[0], fmts[2]), glu, biases[1:3] if biases else (), target_key(low.target.tvm))
     if biases:
         # the chosen experts' down biases, weighted as their outputs are: [n, k, E] summed over k
         picked = bb.emit(relax.op.take(biases[3], chosen, axis=0))
         out = bb.emit(relax.op.add(out, relax.op.sum(relax.op.multiply(picked, relax.op.expand_dims(weights, -1)),
                                                      axis=[1])))
     if shared_in:
-        sg, su, sd, sr = (low.tensor(v) for v in shared_in)
+        sg, su, sd, sr = shared_in
 
         def linear(a, w):
-            return bb.emit(relax.op.matmul(a, relax.op.permute_dims(w, [1, 0])))
+            return bb.emit(low.linear(a, w))
         g = linear(flat, sg)
         act = bb.emit(relax.op.multiply(relax.op.multiply(g, relax.op.sigmoid(g)), linear(flat, su)))
         shared = bb.emit(relax.op.multiply(linear(act, sd), relax.op.sigmoid(linear(flat, sr))))

@@ -48,18 +48,14 @@ from __future__ import annotations
 
 import functools
 
-import numpy as np
 from .kernel_common import cpu_shape, dims, is_gpu, product, target_key
 from .quant_kernels_gpu import _gpu_gather_func, _gpu_matmul_func
 from .quant_layout import (CHUNK, LANES, SUPPORTED, _array_dtypes, _array_names, _array_shapes, _check, _FORMATS,
-                           _split, _tiles, _Weights, pack)
+                           _tiles, _Weights, pack)
+from .tile_reader import TileReader
 
 __all__ = ["SUPPORTED", "pack", "matmul", "gather"]
 CPU_GEMV_MAX_ROWS = 8
-# GEMVs prefetch their blocks this many chunks of 32 k's ahead (a tile's 16 rows: 4 KB of Q4_0
-# codes). The hardware's prefetchers alone left 1B-shape decode GEMVs at 18-22 GB/s of this
-# machine's 35; with it, 31-35 (``benchmarks/tvm_quant_gemv.py``-style timing, weights cold)
-PREFETCH_CHUNKS = 16
 GEMM_INT8_ROWS = 4    # rows per register block of the int8 GEMM (2 tiles: 8 accumulators, 8 dot chains)
 
 
@@ -109,21 +105,8 @@ def _cpu_matmul_func(fmt: str, n: int, k: int, target_key: str, fast: bool = Fal
                     zip(_array_names(spec), _array_shapes(spec, n, k), _array_dtypes(spec))]
             out = T.arg("out", T.buffer((m_rows, tiles * LANES), "float32"))
             W = _Weights(spec, bufs)
-            prefetch_ahead = PREFETCH_CHUNKS
-
-            def prefetch(t, c):
-                """Software prefetch of the blocks ``prefetch_ahead`` chunks of 32 k's ahead (the
-                hardware's stream prefetcher alone leaves decode GEMVs well below bandwidth)."""
-                if not prefetch_ahead:
-                    return
-                for name, shp, dt in zip(_array_names(spec), _array_shapes(spec, n, k), _array_dtypes(spec)):
-                    buf, size = W.bufs[name], np.dtype(dt).itemsize
-                    per_chunk = shp[1] * LANES * CHUNK // k          # elements of a tile per 32 k's
-                    for line in range(max(1, per_chunk * size // 64)):
-                        off = (c + prefetch_ahead) * per_chunk + line * (64 // size)
-                        T.evaluate(tirx.call_llvm_intrin(
-                            "void", "llvm.prefetch.p0", tirx.address_of(buf[t, off // LANES, off % LANES]),
-                            tirx.const(0, "int32"), tirx.const(3, "int32"), tirx.const(1, "int32")))
+            reader = TileReader(T, W, n, k, wide)
+            prefetch, hoist_scales, weight = reader.prefetch, reader.hoist_scales, reader.weight
 
             def store_rows(r, mo, store):
                 """``store(i)`` for each row i of a pass over ``r`` rows of x; in a pass over
@@ -135,36 +118,6 @@ def _cpu_matmul_func(fmt: str, n: int, k: int, target_key: str, fast: bool = Fal
                         with T.If(mo * r + i < m_rows):
                             with T.Then():
                                 store(i)
-
-            def hoist_scales(t, c, scb, bib):
-                for g in range(groups):
-                    with T.vectorized(0, LANES) as lane:
-                        s, bias = W.scale_bias(t, c, CHUNK, g * spec.group, lane)
-                        T.buffer_store(scb, s, [g, lane])
-                        if bias is not None:
-                            T.buffer_store(bib, bias, [g, lane])
-
-            def weight(t, c, kk, lane, scb, bib):
-                g = kk // spec.group
-                return W.combine(scb[g, lane], bib[g, lane] if spec.bias else None, W.code(t, c, CHUNK, kk, lane))
-
-            # AVX-512: a 4-bit code becomes its float (code − offset) by one vpermps from a
-            # 16-entry table (the instruction reads only each index's low 4 bits, so the code
-            # needs a shift and no mask or conversion); the weight is the same float as
-            # ``weight``'s, so exact results do not change
-            permute = wide and spec.planes == (4,)
-            table = tirx.Ramp(tirx.const(-float(spec.offset), "float32"), tirx.const(1.0, "float32"), LANES)
-
-            def permuted_weight(t, c, kk, scb, bib):
-                idx, pos = _split(c, CHUNK, kk, 8)
-                word = W.bufs["bits4"][t, idx, tirx.Ramp(0, 1, LANES)]
-                if pos:
-                    word = tirx.shift_right(word, tirx.Broadcast(tirx.const(4 * pos, "uint32"), LANES))
-                q = tirx.call_llvm_pure_intrin("float32x16", "llvm.x86.avx512.permvar.sf.512", table,
-                                               tirx.reinterpret("int32x16", word))
-                g = kk // spec.group
-                w = scb[g, tirx.Ramp(0, 1, LANES)] * q
-                return w + bib[g, tirx.Ramp(0, 1, LANES)] if spec.bias else w
 
             def gemv(rows_per_pass: int, accs: int):
                 """Each weight vector dequantized once per pass over ``rows_per_pass`` rows of x,
@@ -184,11 +137,7 @@ def _cpu_matmul_func(fmt: str, n: int, k: int, target_key: str, fast: bool = Fal
                             prefetch(t, c)
                             hoist_scales(t, c, scb, bib)
                             for kk in range(CHUNK):
-                                if permute:
-                                    T.buffer_store(wv, permuted_weight(t, c, kk, scb, bib), [tirx.Ramp(0, 1, LANES)])
-                                else:
-                                    with T.vectorized(0, LANES) as lane:
-                                        T.buffer_store(wv, weight(t, c, kk, lane, scb, bib), [lane])
+                                reader.store_weight(wv, t, c, kk, scb, bib)
                                 for i in range(r):
                                     with T.vectorized(0, LANES) as lane:
                                         a = i * accs + kk % accs
@@ -202,28 +151,7 @@ def _cpu_matmul_func(fmt: str, n: int, k: int, target_key: str, fast: bool = Fal
                                 T.buffer_store(out, total, [mo * r + i, t * LANES + lane])
                         store_rows(r, mo, store)
 
-            # bias-free 4- and 8-bit codes in groups of 32 (q4_0, q8_0) on AVX-512: the group's
-            # scale multiplies the float32 sum of (code − offset) · x once, instead of every weight
-            scale_after_sum = wide and not spec.bias and spec.group == CHUNK and spec.planes in ((4,), (8,))
-
-            def signed_code(t, c, kk):
-                """(code − offset) as float32x16, exact: a 4-bit code through the vpermps table;
-                an 8-bit one (stored code + 128) as the signed byte of its word xor 0x80."""
-                ramp = tirx.Ramp(0, 1, LANES)
-                if spec.planes == (4,):
-                    idx, pos = _split(c, CHUNK, kk, 8)
-                    word = W.bufs["bits4"][t, idx, ramp]
-                    if pos:
-                        word = tirx.shift_right(word, tirx.Broadcast(tirx.const(4 * pos, "uint32"), LANES))
-                    return tirx.call_llvm_pure_intrin("float32x16", "llvm.x86.avx512.permvar.sf.512", table,
-                                                      tirx.reinterpret("int32x16", word))
-                idx, pos = _split(c, CHUNK, kk, 4)
-                word = tirx.bitwise_xor(W.bufs["bits8"][t, idx, ramp],
-                                        tirx.Broadcast(tirx.const(0x80808080, "uint32"), LANES))
-                word = tirx.reinterpret("int32x16", word)
-                if pos < 3:
-                    word = tirx.shift_left(word, tirx.Broadcast(tirx.const(24 - 8 * pos, "int32"), LANES))
-                return tirx.Cast("float32x16", tirx.shift_right(word, tirx.Broadcast(tirx.const(24, "int32"), LANES)))
+            scale_after_sum, signed_code = reader.scale_after_sum, reader.signed_code
 
             def gemv_scaled_groups(rows_per_pass: int, accs: int):
                 """``gemv`` for ``scale_after_sum`` formats: per group and row, ``accs`` float32
