@@ -41,11 +41,19 @@ SHAPES = {
     # tied here (Llama 3.1 8B has its own head): the 7.2B shape issue 14's figures were taken on
     "8b": (4096, 32, 32, 8, 14336, True, 500000.0),
 }
-# mixture-of-experts rungs, OLMoE's shape (issue 15): (experts, active per token, expert width);
-# the other fields as SHAPES (its own head: 6.92B parameters, 1.28B of them active per token)
+# mixture-of-experts rungs (issue 15): (the fields of SHAPES, (experts, active per token, expert
+# width), family, head width or None for hidden / heads)
+# - olmoe: OLMoE-1B-7B's shape, its own head: 6.92B parameters, 1.28B of them active per token
+# - qwen3moe: Qwen3-30B-A3B's layer (128 experts of width 768, 8 active, 32 query heads of 128
+#   over 4 KV heads) with 12 of its 48 layers, so that it fits this machine's disk and memory
+#   twice over (GGUF and artifact): 7.68B parameters, 0.78B of them (head included) active per token
 MOE_SHAPES = {
-    "olmoe": ((2048, 16, 16, 16, 0, False, 10000.0), (64, 8, 1024)),
+    "olmoe": ((2048, 16, 16, 16, 0, False, 10000.0), (64, 8, 1024), "olmoe", None),
+    "qwen3moe": ((2048, 12, 32, 4, 0, False, 1000000.0), (128, 8, 768), "qwen3_moe", 128),
 }
+# the family's router and q/k-norm conventions: (q/k norms over the whole projection, the
+# chosen experts' weights renormalised to sum 1)
+MOE_FLAGS = {"olmoe": (True, False), "qwen3_moe": (False, True)}
 # llama-quantize's names for kiln's types and mixtures
 LLAMA_QUANTIZE_TYPES = {"q4_0": "Q4_0", "q4_1": "Q4_1", "q5_0": "Q5_0", "q5_1": "Q5_1", "q8_0": "Q8_0",
                         "q2_k": "Q2_K", "q3_k_s": "Q3_K_S", "q3_k_m": "Q3_K_M", "q3_k_l": "Q3_K_L",
@@ -127,16 +135,17 @@ def ladder_model(size: str, random_blocks: str | None = None):
     hidden, layers, heads, kv, mlp, tied, theta = moe[0] if moe else SHAPES[size]
     smol = gguf.read(resolve("smollm2"))
     base = ArchConfig.from_dict(smol.config)
-    head_dim = hidden // heads
+    head_dim = (moe[3] if moe else None) or hidden // heads
     cfg = replace(base, hidden_size=hidden, num_layers=layers, num_heads=heads, num_kv_heads=kv,
                   head_dim=head_dim, intermediate_size=mlp, tie_word_embeddings=tied,
                   rotary_dim=head_dim, rope_theta=theta, rope_scaling={}, max_position_embeddings=8192)
     if moe:
         experts, active, width = moe[1]
-        # OLMoE: query/key norms over the whole projection, softmax router without renormalising
-        cfg = replace(cfg, family="olmoe", num_experts=experts, experts_per_token=active,
+        family = moe[2]
+        whole, renormalise = MOE_FLAGS[family]
+        cfg = replace(cfg, family=family, num_experts=experts, experts_per_token=active,
                       expert_intermediate_size=width, intermediate_size=width, qk_norm=True,
-                      qk_norm_whole=True, expert_norm_topk=False)
+                      qk_norm_whole=whole, expert_norm_topk=renormalise)
     vocab = cfg.vocab_size
     shapes = {"embed": (vocab, hidden), "final_norm": (hidden,)}
     if not tied:
@@ -147,7 +156,8 @@ def ladder_model(size: str, random_blocks: str | None = None):
                        f"layers.{i}.k.weight": (kv * head_dim, hidden),
                        f"layers.{i}.v.weight": (kv * head_dim, hidden),
                        f"layers.{i}.o.weight": (hidden, heads * head_dim),
-                       **({f"layers.{i}.q_norm": (heads * head_dim,), f"layers.{i}.k_norm": (kv * head_dim,),
+                       **({f"layers.{i}.q_norm": (heads * head_dim,) if cfg.qk_norm_whole else (head_dim,),
+                           f"layers.{i}.k_norm": (kv * head_dim,) if cfg.qk_norm_whole else (head_dim,),
                            f"layers.{i}.router.weight": (experts, hidden),
                            f"layers.{i}.experts.gate.weight": (experts, width, hidden),
                            f"layers.{i}.experts.up.weight": (experts, width, hidden),

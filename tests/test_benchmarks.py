@@ -111,3 +111,23 @@ def test_ladder_random_blocks_are_finite_and_of_the_schemes_types(scheme):
                                                                      quant_schemes.Layout(16, gqa=4, tied=True))
         rows = w.format.dequantize(np.asarray(w._load_rows(0, 64)).reshape(64, -1), (64, w.shape[1]))
         assert np.isfinite(rows).all() and 0.003 < rows.std() < 0.2
+
+
+def test_ladder_moe_rungs_have_their_families_shapes():
+    """The MoE rungs: OLMoE's shape (q/k norms over the whole projection, no renormalised
+    routing) and a 12-layer Qwen3-30B-A3B shape (per-head q/k norms of 128, 128 experts of
+    width 768, 8 active, renormalised)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("make_ladder", BENCH / "make_ladder.py")
+    ladder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ladder)
+    olmoe, params = ladder.ladder_model("olmoe")
+    assert round(params / 1e9, 2) == 6.91 and olmoe.config["family"] == "olmoe"
+    assert olmoe.weights["layers.0.q_norm"].shape == (2048,)
+    qwen, params = ladder.ladder_model("qwen3moe", "q4_0")
+    assert round(params / 1e9, 2) == 7.68 and qwen.config["family"] == "qwen3_moe"
+    assert qwen.config["expert_norm_topk"] and qwen.config["num_experts"] == 128
+    w = qwen.weights
+    assert w["layers.11.experts.down.weight"].shape == (128, 2048, 768)
+    assert w["layers.0.q.weight"].shape == (4096, 2048) and w["layers.0.k.weight"].shape == (512, 2048)
+    assert w["layers.0.q_norm"].shape == (128,) and w["layers.0.experts.gate.weight"].format.name == "q4_0"

@@ -1,4 +1,4 @@
-"""The MoE op on TVM: routing in Relax ops, then a kernel that reads only the chosen experts.
+"""The MoE op on TVM: routing in Relax ops, then kernels that read only the chosen experts.
 
 The decomposition (``kiln.passes.moe``) runs every expert on every token; here each token's
 k chosen experts are indexed inside the kernel (``w[chosen[t, j], f, r]``), so a decode step
@@ -6,18 +6,29 @@ reads k experts' weights per layer, not all of them: its cost follows the active
 Expert weights are stored ``[experts, out, in]`` in their own float type (f32, f16, or bf16 as
 its uint16 bits, widened exactly in the kernels, as ``float_kernels`` does); block-quantized
 experts are read as blocks by the CPU kernels where ``blocked_experts`` allows (gate and up of
-one block type), else dequantized to float32 when the artifact is built. Each token's chosen
-experts are its own dot products, in prefill too (no GEMM over the tokens sharing an expert).
+one block type), else dequantized to float32 when the artifact is built. The router and a
+shared expert's matrices are ordinary [n, k] weights and go through the GEMV kernels
+(``float_kernels``/``quant_kernels``).
 
-On the CPU the experts run as two hand-written kernels: ``moe_up`` computes
-silu(gate_e·x) ⊙ up_e·x for every (token, chosen slot, output row), one parallel item each, a
-dot product over contiguous rows in 16-lane vectors; ``moe_down`` computes each output feature
-of a token, one parallel item each, summing its k experts' rows of ``down`` weighted by the
-routing. A decode step thus spreads k·F dot products over the cores. GPU targets take the TE
-computation below (the same arithmetic, TVM's schedule). gpt-oss's variant (``glu``): its
-router bias is added to the logits in Relax, ``moe_up`` adds the gate and up biases and
-applies the clamped SwiGLU, and the chosen experts' down biases, weighted by the routing, are
-added in Relax after ``moe_down``.
+On the CPU the block experts run as two hand-written kernels, each with two paths chosen by
+the token count n at run time:
+
+* n ≤ PER_TOKEN_MAX_ROWS (decode, a batch of decode rows): ``moe_up`` computes
+  silu(gate_e·x) ⊙ up_e·x per (token, chosen slot, 16-row tile), one parallel item each;
+  ``moe_down`` computes 16 output features of a token per item, summing its k experts' tiles
+  weighted by the routing. Tiles are read as the dense GEMVs read theirs (``tile_reader``:
+  prefetched ahead, the next item's tile included; scales hoisted; independent FMA chains), so
+  a token's arithmetic does not depend on n (batch invariance).
+* n > PER_TOKEN_MAX_ROWS (prefill): the (token, slot) pairs are counting-sorted by expert, then
+  per (expert, tile) the pairs routed to that expert run GROUP_ROWS at a time, each weight
+  vector dequantized once for all of them (a grouped GEMM); ``moe_down`` writes each pair's
+  weighted output to a scratch row and sums a token's k rows in slot order.
+
+Float experts keep a simpler per-token kernel (``_cpu_up_func``/``_cpu_down_func``). GPU
+targets take the TE computation below (the same arithmetic, TVM's schedule). gpt-oss's
+variant (``glu``): its router bias is added to the logits in Relax, ``moe_up`` adds the gate
+and up biases and applies the clamped SwiGLU, and the chosen experts' down biases, weighted
+by the routing, are added in Relax after ``moe_down``.
 """
 from __future__ import annotations
 
