@@ -181,6 +181,9 @@ class FunctionLowering:
         self.env: dict = {}            # id(Value) -> Relax expression or Sym; also shared rows
         self._param_vars: dict[int, relax.Expr] = {}
         self._positions = None
+        from . import gated_silu
+        # silu(g)·u patterns lowered as one kernel (CPU; GPUs keep TVM's own elementwise ops)
+        self.gated = {} if target.gpu else gated_silu.match(graph)
 
     # ---- values ---------------------------------------------------------------------------
     def dim(self, d):
@@ -283,6 +286,9 @@ class FunctionLowering:
             if any(id(o) in need for o in n.outputs):
                 nodes.add(id(n))
                 ins = n.inputs[:3] + n.inputs[5:] if n.op == "Attention" else n.inputs
+                if id(n) in self.gated:
+                    found = self.gated[id(n)]
+                    ins = [found.fused] if found.fused is not None else [found.g, found.u]
                 if id(n) in self.plan.rotations:
                     ins = n.inputs[:1]
                 need.update(id(x) for x in ins if x is not None)
@@ -315,7 +321,11 @@ class FunctionLowering:
 
     def op_Add(self, n): return self._binary(n, relax.op.add, lambda x, y: x + y)
     def op_Sub(self, n): return self._binary(n, relax.op.subtract, lambda x, y: x - y)
-    def op_Mul(self, n): return self._binary(n, relax.op.multiply, lambda x, y: x * y)
+    def op_Mul(self, n):
+        if id(n) in self.gated:
+            from . import gated_silu
+            return gated_silu.emit(self.bb, self.gated[id(n)], self.tensor)
+        return self._binary(n, relax.op.multiply, lambda x, y: x * y)
     def op_Div(self, n): return self._binary(n, relax.op.divide, tir.floordiv)
     def op_Pow(self, n):
         # a small whole exponent as products: pow() of a negative base is a trap in C
