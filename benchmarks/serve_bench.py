@@ -1,12 +1,13 @@
 """Throughput of ``kiln serve`` with 1, 4 and 8 concurrent streaming clients.
 
 Starts ``kiln serve ARTIFACT`` on a free loopback port, then for each client count starts that
-many clients together (threads with the official ``openai`` client), each streaming
-``--tokens`` tokens of a seeded story (the prompt asks for a long story and ``max_tokens``
-bounds it). Reports total generated tokens/s (all clients' tokens over the
+many clients together (threads with the official ``openai`` client, or ``--client http``'s
+lighter one), each streaming exactly ``--tokens`` tokens of a seeded story (``ignore_eos``, so
+every run generates the same number whatever the sampled text). Reports total generated tokens/s (all clients' tokens over the
 wall time from the first request to the last token) and time to first token (mean, worst).
 
     .venv/bin/python benchmarks/serve_bench.py smollm2.kiln [--clients 1,4,8] [--tokens 128] [--max-batch 8]
+        [--client openai|http]
 """
 from __future__ import annotations
 
@@ -41,17 +42,10 @@ def wait_ready(base: str, proc, timeout: float = 120) -> None:
     raise SystemExit("serve_bench: the server did not come up")
 
 
-def one_client(client, model: str, i: int, tokens: int, out: dict, start: float) -> None:
-    try:
-        _one_client(client, model, i, tokens, out, start)
-    except Exception as e:               # reported by run(): a thread cannot raise to it
-        out[i] = {"error": f"{type(e).__name__}: {e}"}
-
-
 def _one_client(client, model: str, i: int, tokens: int, out: dict, start: float) -> None:
     first, n, counted = None, 0, None
     stream = client.chat.completions.create(
-        model=model, stream=True, max_tokens=tokens, temperature=0.8, seed=100 + i,
+        model=model, stream=True, max_tokens=tokens, temperature=0.8, seed=100 + i, extra_body={"ignore_eos": True},
         messages=[{"role": "user", "content": f"Tell me a long story about a lighthouse keeper number {i}."}])
     for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
@@ -63,14 +57,64 @@ def _one_client(client, model: str, i: int, tokens: int, out: dict, start: float
     out[i] = {"ttft": first, "tokens": counted if counted is not None else n, "end": time.perf_counter() - start}
 
 
-def run(base: str, clients: int, tokens: int) -> dict:
-    from openai import OpenAI
-    client = OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=600)
-    model = client.models.list().data[0].id
+class RawClient:
+    """A streaming chat client of a few lines over http.client: the load generator for
+    ``--client http``. The official client parses every chunk into objects; on a 2-core
+    machine shared with the server, eight of them take CPU time the server's steps need."""
+
+    def __init__(self, base: str):
+        self.host, self.port = base.removeprefix("http://").split(":")
+
+    def stream(self, body: dict):
+        import http.client
+        conn = http.client.HTTPConnection(self.host, int(self.port), timeout=600)
+        conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        if resp.status != 200:
+            raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:200]!r}")
+        for line in resp:
+            if line.startswith(b"data: "):
+                if line.startswith(b"data: [DONE]"):
+                    break
+                yield line
+        conn.close()
+
+
+def _one_raw_client(client: RawClient, model: str, i: int, tokens: int, out: dict, start: float) -> None:
+    first, n, counted = None, 0, None
+    body = {"model": model, "stream": True, "max_tokens": tokens, "temperature": 0.8, "seed": 100 + i,
+            "stream_options": {"include_usage": True}, "ignore_eos": True,
+            "messages": [{"role": "user", "content": f"Tell me a long story about a lighthouse keeper number {i}."}]}
+    for line in client.stream(body):
+        if b'"content": "' in line and b'"content": ""' not in line:
+            if first is None:
+                first = time.perf_counter() - start
+            n += 1
+        if b'"usage": {' in line:
+            counted = json.loads(line[6:])["usage"]["completion_tokens"]
+    out[i] = {"ttft": first, "tokens": counted if counted is not None else n, "end": time.perf_counter() - start}
+
+
+def run(base: str, clients: int, tokens: int, kind: str = "openai") -> dict:
+    if kind == "http":
+        client = RawClient(base)
+        with urllib.request.urlopen(base + "/v1/models") as r:
+            model = json.load(r)["data"][0]["id"]
+        work = _one_raw_client
+    else:
+        from openai import OpenAI
+        client = OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=600)
+        model = client.models.list().data[0].id
+        work = _one_client
     out: dict = {}
     start = time.perf_counter()
-    threads = [threading.Thread(target=one_client, args=(client, model, i, tokens, out, start))
-               for i in range(clients)]
+
+    def one(i):
+        try:
+            work(client, model, i, tokens, out, start)
+        except Exception as e:               # reported below: a thread cannot raise to run()
+            out[i] = {"error": f"{type(e).__name__}: {e}"}
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
@@ -93,6 +137,8 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--client", choices=("openai", "http"), default="openai",
+                    help="the official openai client, or a few lines of http.client (a lighter load generator)")
     ap.add_argument("--json")
     a = ap.parse_args()
     port = free_port()
@@ -102,10 +148,10 @@ def main() -> int:
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         wait_ready(base, proc)
-        run(base, 1, 8)                                   # warm-up
+        run(base, 1, 8, a.client)                         # warm-up
         rows = []
         for n in (int(x) for x in a.clients.split(",")):
-            r = run(base, n, a.tokens)
+            r = run(base, n, a.tokens, a.client)
             with urllib.request.urlopen(base + "/health") as h:
                 json.load(h)
             r["tokens_per_s"] = r["tokens"] / r["wall_s"]

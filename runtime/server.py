@@ -30,6 +30,7 @@ from pathlib import Path
 
 from .http_limits import MAX_BODY, MAX_HEADER_BYTES, READ_TIMEOUT, APIError, guarded_h11, parse_json, read_body
 from .logprobs import TokenStrings, chat_logprobs, completion_logprobs
+from .loop_mailbox import mailbox_for
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .params import InvalidParam, SamplingParams
 from .prefix_cache import DEFAULT_MB, PrefixCache
@@ -414,12 +415,12 @@ def create_app(service: Service, api_key: str | None = None, *, max_body: int = 
         # parsing a 4 MB body, tokenizing it, rendering a chat template: off the event loop,
         # which carries every other stream's tokens
         body, prepared = await asyncio.to_thread(parse_and_prepare, await body_of(request), chat)
-        loop = asyncio.get_running_loop()
+        mailbox = mailbox_for(asyncio.get_running_loop())
         events: asyncio.Queue = asyncio.Queue()
 
         def post(i, ev):                # on the scheduler's thread
             try:
-                loop.call_soon_threadsafe(events.put_nowait, (i, ev))
+                mailbox.put(events, (i, ev))
             except RuntimeError:        # the loop closed (a forced shutdown): nobody listens
                 pass
         reqs = service.submit(prepared, post)

@@ -1,0 +1,39 @@
+"""runtime/loop_mailbox.py: a burst from another thread wakes the loop once, order kept."""
+import asyncio
+import threading
+
+import pytest
+
+from kiln.runtime.loop_mailbox import LoopMailbox, mailbox_for
+
+
+def test_a_burst_is_one_wakeup_and_each_queue_keeps_its_order():
+    async def main():
+        loop = asyncio.get_running_loop()
+        box = mailbox_for(loop)
+        assert mailbox_for(loop) is box
+        queues = [asyncio.Queue() for _ in range(3)]
+        wakeups = []
+        drain = box._drain
+        box._drain = lambda: (wakeups.append(1), drain())
+
+        def producer():                 # a decode step's events, posted from its thread
+            for step in range(4):
+                for q in queues:
+                    box.put(q, step)
+        t = threading.Thread(target=producer)
+        t.start()
+        t.join()
+        got = [[await asyncio.wait_for(q.get(), 2) for _ in range(4)] for q in queues]
+        assert got == [[0, 1, 2, 3]] * 3
+        assert len(wakeups) == 1       # all twelve arrived before the loop ran: one drain
+    asyncio.run(main())
+
+
+def test_a_closed_loop_raises_and_forgets_the_item():
+    loop = asyncio.new_event_loop()
+    loop.close()
+    box = LoopMailbox(loop)
+    with pytest.raises(RuntimeError):
+        box.put(asyncio.Queue(), 1)
+    assert box._items == []
