@@ -5,6 +5,11 @@ event wakes the loop (a write to its self-pipe) eight times, each wakeup a round
 that competes for a core with the model's threads, which on a small machine are the ones
 doing the work. The mailbox collects a burst and wakes the loop once; each queue still gets
 its items in the order they were posted.
+
+``settle`` lets the scheduler's thread wait, between two decode steps, until the loop has
+handed a burst to its streams (which then write their chunks in the same round of the loop),
+so that work runs while the model's threads are idle rather than beside them: TVM releases
+the GIL during a step, and on 2 cores a third busy thread stalls its parallel loops.
 """
 from __future__ import annotations
 
@@ -16,6 +21,8 @@ class LoopMailbox:
         self.loop = loop
         self._items: list = []
         self._lock = threading.Lock()
+        self._settled = threading.Event()
+        self._settled.set()
 
     def put(self, queue, item) -> None:
         """From any thread: ``queue.put_nowait(item)`` soon, on the loop. Raises RuntimeError
@@ -23,12 +30,14 @@ class LoopMailbox:
         with self._lock:
             first = not self._items
             self._items.append((queue, item))
+            self._settled.clear()
         if first:
             try:
                 self.loop.call_soon_threadsafe(self._drain)
             except RuntimeError:
                 with self._lock:
                     self._items.clear()
+                    self._settled.set()
                 raise
 
     def _drain(self) -> None:
@@ -36,6 +45,18 @@ class LoopMailbox:
             items, self._items = self._items, []
         for queue, item in items:
             queue.put_nowait(item)
+        # after the callbacks the puts just scheduled: the streams have taken their items
+        self.loop.call_soon(self._settle)
+
+    def _settle(self) -> None:
+        with self._lock:
+            if not self._items:
+                self._settled.set()
+
+    def settle(self, timeout: float) -> bool:
+        """Wait (at most ``timeout`` seconds) until the loop has handed out every item put so
+        far; whether it had."""
+        return self._settled.wait(timeout)
 
 
 _MAILBOXES: dict = {}
@@ -49,3 +70,11 @@ def mailbox_for(loop) -> LoopMailbox:
         if box is None or box.loop is not loop:
             box = _MAILBOXES[id(loop)] = LoopMailbox(loop)
         return box
+
+
+def settle_all(timeout: float) -> None:
+    """``settle`` every loop's mailbox, each waiting at most ``timeout`` seconds."""
+    with _GUARD:
+        boxes = list(_MAILBOXES.values())
+    for box in boxes:
+        box.settle(timeout)

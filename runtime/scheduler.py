@@ -432,6 +432,10 @@ class Scheduler:
                   file=sys.stderr)
 
     # ---- the background loop ---------------------------------------------------------------
+    #: called on the background loop's thread after each step (the server: let the event loop
+    #: hand out the step's tokens before the next step starts; see loop_mailbox)
+    between_steps = None
+
     def start(self) -> "Scheduler":
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="kiln-scheduler", daemon=True)
@@ -451,6 +455,11 @@ class Scheduler:
                 for req in [*self.rows]:
                     if req is not None:
                         self._fail(req, e)
+            if self.between_steps is not None:
+                try:
+                    self.between_steps()
+                except Exception as e:    # a listener's hook must not end the scheduler
+                    print(f"kiln scheduler: between_steps failed ({type(e).__name__}: {e})", file=sys.stderr)
 
     def abort(self) -> None:
         """End every running and waiting request at the next step, and any submitted later,

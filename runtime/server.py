@@ -19,6 +19,7 @@ FastAPI on uvicorn: both are widely used, maintained, and pinned in the ``serve`
 
 import asyncio
 import functools
+import os
 import hmac
 import json
 import logging
@@ -30,7 +31,7 @@ from pathlib import Path
 
 from .http_limits import MAX_BODY, MAX_HEADER_BYTES, READ_TIMEOUT, APIError, guarded_h11, parse_json, read_body
 from .logprobs import TokenStrings, chat_logprobs, completion_logprobs
-from .loop_mailbox import mailbox_for
+from .loop_mailbox import mailbox_for, settle_all
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .params import InvalidParam, SamplingParams
 from .prefix_cache import DEFAULT_MB, PrefixCache
@@ -69,6 +70,9 @@ SAMPLING_FIELDS = {
 #: at most this many stop strings of at most STOP_CHARS characters each: every running row
 #: searches its held-back text for each of them after every token, on the scheduler's thread
 MAX_STOPS = 16
+# between two decode steps the scheduler waits at most this long for the event loop to hand
+# out the step's tokens (loop_mailbox.settle); a loop that is slower costs no more than this
+SETTLE_S = 0.005
 STOP_CHARS = 128
 
 
@@ -631,7 +635,10 @@ def build(artifact, *, max_batch: int = 8, max_queue: int = 64, api_key: str | N
     sched = Scheduler(model.session, model.tokenizer, max_batch=max_batch, max_queue=max_queue + max_batch,
                       eos_ids=model.eos_ids, prefill_target_s=prefill_step_s,
                       prefix_cache=PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb else None,
-                      **drafting).start()
+                      **drafting)
+    if os.environ.get("KILN_SETTLE", "1") == "1":
+        sched.between_steps = functools.partial(settle_all, SETTLE_S)
+    sched.start()
     service = Service(model, sched, name or Path(artifact).name.removesuffix(".kiln"),
                       capacity=max_batch + max_queue)
     return create_app(service, api_key, max_body=max_body, read_timeout=read_timeout), service

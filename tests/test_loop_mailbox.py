@@ -37,3 +37,23 @@ def test_a_closed_loop_raises_and_forgets_the_item():
     with pytest.raises(RuntimeError):
         box.put(asyncio.Queue(), 1)
     assert box._items == []
+
+
+def test_settle_waits_for_the_loop_to_hand_out_the_burst():
+    async def main():
+        box = LoopMailbox(asyncio.get_running_loop())
+        q = asyncio.Queue()
+        assert box.settle(0)            # nothing posted: settled
+        result = {}
+
+        def producer():
+            box.put(q, "token")
+            result["settled"] = box.settle(2)       # the loop runs while this thread waits
+            result["handed out"] = q.qsize()
+        t = threading.Thread(target=producer)
+        t.start()
+        while t.is_alive():
+            await asyncio.sleep(0.001)
+        assert result == {"settled": True, "handed out": 1}
+        assert q.get_nowait() == "token"
+    asyncio.run(main())
