@@ -159,7 +159,7 @@ class Sampler:
             raise ValueError(f"logits must have shape [batch, vocab], got {logits.shape}")
         if not np.issubdtype(logits.dtype, np.floating):
             raise ValueError(f"logits must be floating point, got {logits.dtype}")
-        if np.isnan(logits).any():
+        if logits.size and np.isnan(logits.max()):        # max propagates NaN: one pass, no mask
             raise ValueError("logits contain NaN; the model produced invalid output")
         if history is not None and len(history) != logits.shape[0]:
             raise ValueError(
@@ -196,7 +196,7 @@ class Sampler:
         if self.min_tokens and len(history) - prompt_len < self.min_tokens and self._end_ids.size:
             ends = self._end_ids[self._end_ids < row.shape[0]]
             row[ends] = -np.inf
-        if (row == -np.inf).all():
+        if row.max() == -np.inf:                          # (no NaN here: _check_logits refused them)
             raise ValueError("every logit is -inf; nothing can be sampled")
         return row
 
@@ -208,7 +208,8 @@ class Sampler:
         the vocabulary down, work continues on the small candidate arrays, so top-k and
         top-p cost about one pass over the logits rather than a full sort.
         """
-        if np.isposinf(row).any():
+        top = row.max()
+        if top == np.inf:
             # +inf means "must pick"; spread the mass over those tokens only.
             ids = np.flatnonzero(np.isposinf(row))
             return ids, np.ones(len(ids))
@@ -217,7 +218,7 @@ class Sampler:
         # In place, on the caller's private float64 copy: on a large vocabulary fresh
         # temporaries cost more than the arithmetic.
         vals = row
-        vals -= vals.max()
+        vals -= top
         vals /= self.temperature
         weights = np.exp(vals)
         ids = None
