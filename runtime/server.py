@@ -636,6 +636,7 @@ def build(artifact, *, max_batch: int = 8, max_queue: int = 64, api_key: str | N
                       eos_ids=model.eos_ids, prefill_target_s=prefill_step_s,
                       prefix_cache=PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb else None,
                       **drafting)
+    # KILN_SETTLE=0 turns the wait between steps off (for measuring what it is worth)
     if os.environ.get("KILN_SETTLE", "1") == "1":
         sched.between_steps = functools.partial(settle_all, SETTLE_S)
     sched.start()
