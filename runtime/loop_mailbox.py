@@ -73,8 +73,11 @@ def mailbox_for(loop) -> LoopMailbox:
 
 
 def settle_all(timeout: float) -> None:
-    """``settle`` every loop's mailbox, each waiting at most ``timeout`` seconds."""
+    """``settle`` every open loop's mailbox, each waiting at most ``timeout`` seconds. A closed
+    loop's mailbox is dropped: nothing will drain it, and waiting on it would cost every step."""
     with _GUARD:
+        for key in [k for k, box in _MAILBOXES.items() if box.loop.is_closed()]:
+            del _MAILBOXES[key]
         boxes = list(_MAILBOXES.values())
     for box in boxes:
         box.settle(timeout)

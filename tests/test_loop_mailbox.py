@@ -57,3 +57,19 @@ def test_settle_waits_for_the_loop_to_hand_out_the_burst():
         assert result == {"settled": True, "handed out": 1}
         assert q.get_nowait() == "token"
     asyncio.run(main())
+
+
+def test_settle_all_drops_a_closed_loops_mailbox():
+    """A server's loop that closed with an item still posted must not make every later step
+    wait for it."""
+    import time
+
+    from kiln.runtime import loop_mailbox
+    loop = asyncio.new_event_loop()
+    box = mailbox_for(loop)
+    box.put(asyncio.Queue(), "never drained")        # the loop never runs
+    loop.close()
+    began = time.perf_counter()
+    loop_mailbox.settle_all(1.0)
+    assert time.perf_counter() - began < 0.5
+    assert all(b is not box for b in loop_mailbox._MAILBOXES.values())
