@@ -159,6 +159,44 @@ def test_cpu_matmul_inexact_mode(fmt, rows, cpu_results):
         assert 1e-4 < _relative_error(y, x2, _reference(w)) < 1e-2
 
 
+_X86 = tvm.target.codegen.llvm_get_system_cpu() not in ("generic", "") and \
+    tvm.target.codegen.target_has_features("avx2", tvm.target.Target(HOST))
+
+
+@pytest.mark.skipif(not _X86, reason="AVX2 code runs only on an x86 CPU with AVX2")
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q8_0", "q6_k"])
+def test_avx2_int8_products_are_vnnis_integers(fmt):
+    """On AVX2 (no VNNI) exact=False takes its byte products with vpmaddubsw: 4-bit and 6-bit
+    codes go in unsigned, Q8_0's 8-bit ones signed (|code − 128| against x with the code's
+    sign), so no int16 pair sum saturates. Q8_0 gets pairs of the extreme codes 255 and 0
+    against x of their sign, which would saturate as unsigned codes; the result is the int8-rounded x's
+    product to float32 rounding, as on VNNI."""
+    target = {"kind": "llvm", "mcpu": "haswell"}
+    assert Q.cpu_shape(target_key(target)).int8_dot == "avx2"
+    assert Q._int8_activations(fmt, target_key(target))
+    n = N_ODD
+    w = _weight(fmt, n, seed=11)
+    if fmt == "q8_0":
+        blocks = w.raw().reshape(n, -1, 34).copy()
+        blocks[:, :, 2:] = np.where(np.arange(32) // 2 % 2 == 0, 127, -128).astype(np.int8).view(np.uint8)
+        w = Weight(w.shape, "q8_0", lambda b=blocks: b.reshape(-1))
+    mod, packed = _module(fmt, {"w": w}, target)
+    vm = relax.VirtualMachine(tvm.compile(mod, target=tvm.target.Target(target)), tvm.cpu())
+    arrays = [tvm.runtime.tensor(a) for a in packed["w"].values()]
+    rng = np.random.default_rng(13)
+    for b, s in [(1, 1), (1, 3), (1, 8), (2, 20)]:        # GEMV row counts, then the GEMM
+        x = rng.standard_normal((b, s, K)).astype(np.float32)
+        # pairs of k's (vpmaddubsw's int16 sums): +127, +127 against x > 0, −128, −128 against x < 0
+        sign = np.where(np.arange(K) // 2 % 2 == 0, 1, -1).astype(np.float32)
+        x = np.abs(x) * sign
+        ids = np.zeros((b, s), np.int64)
+        outs = vm["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(ids), *arrays)
+        y, x2 = outs[1].numpy().reshape(-1, n), x.reshape(-1, K)
+        ref = _int8_activation_reference(fmt, w, x2)
+        scale = np.abs(x2.astype(np.float64)) @ np.abs(_reference(w)).T
+        assert (np.abs(y - ref) / scale).max() < TOLERANCE, (fmt, b, s)
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_cpu_gather_is_the_dequantized_rows(fmt, cpu_results):
     weights, runs = cpu_results(fmt)

@@ -26,7 +26,9 @@ class CpuShape:
     tiles: int            # 16-row tiles per parallel task
     rows: int             # rows of x per register block
     wide: bool            # 32 vector registers: room for more GEMV accumulators
-    vnni: bool = False    # AVX-512 VNNI: int8 dot products (fast precision)
+    # how fast precision's int8 dot products run: "vnni" (AVX-512 VNNI ``vpdpbusd``, 64 byte
+    # products an instruction) or "avx2" (``vpmaddubsw`` then ``vpmaddwd``, 32 a pair); "" none
+    int8_dot: str = ""
 
 
 @functools.lru_cache(maxsize=None)
@@ -35,10 +37,13 @@ def cpu_shape(key: str) -> CpuShape:
     from tvm.target import codegen
     t = tvm.target.Target(json.loads(key) if key.startswith("{") else key)
     if codegen.target_has_features("avx512f", t):                        # 12 of 32 zmm accumulate
-        return CpuShape(tiles=2, rows=6, wide=True, vnni=codegen.target_has_features("avx512vnni", t))
+        return CpuShape(tiles=2, rows=6, wide=True,
+                        int8_dot="vnni" if codegen.target_has_features("avx512vnni", t) else "avx2")
     triple = str(t.attrs.get("mtriple", ""))
-    if codegen.target_has_features("avx2", t) or triple.startswith(("aarch64", "arm64")):
-        return CpuShape(tiles=1, rows=6, wide=False)      # AVX2: 12 of 16 ymm; NEON: 24 of 32 q
+    if codegen.target_has_features("avx2", t):
+        return CpuShape(tiles=1, rows=6, wide=False, int8_dot="avx2")   # 12 of 16 ymm
+    if triple.startswith(("aarch64", "arm64")):
+        return CpuShape(tiles=1, rows=6, wide=False)      # NEON: 24 of 32 q
     return CpuShape(tiles=1, rows=2, wide=False)          # 16-byte vectors, 16 registers
 
 

@@ -66,11 +66,12 @@ GEMM_INT8_ROWS = 4    # rows per register block of the int8 GEMM (2 tiles: 8 acc
 # ---- CPU kernels --------------------------------------------------------------------------
 
 def _int8_activations(fmt: str, target_key: str) -> bool:
-    """Whether ``exact=False`` quantizes x to int8 for this format on this CPU target: on AVX-512
-    VNNI, for codes of 4 or 8 bits with a scale per 32 (q4_0, q4_1, q4_k, q8_0) and for Q6_K's
-    6-bit codes with a scale per 16 (its two planes are joined into bytes in registers)."""
+    """Whether ``exact=False`` quantizes x to int8 for this format on this CPU target: on x86
+    with AVX2 or AVX-512 VNNI, for codes of 4 or 8 bits with a scale per 32 (q4_0, q4_1, q4_k,
+    q8_0) and for Q6_K's 6-bit codes with a scale per 16 (its two planes are joined into bytes
+    in registers)."""
     spec = _FORMATS[fmt]
-    return cpu_shape(target_key).vnni and ((spec.group == CHUNK and spec.planes in ((4,), (8,)))
+    return bool(cpu_shape(target_key).int8_dot) and ((spec.group == CHUNK and spec.planes in ((4,), (8,)))
                                            or (spec.group == 16 and spec.planes == (4, 2)))
 
 
@@ -285,11 +286,33 @@ def _cpu_matmul_func(fmt: str, n: int, k: int, target_key: str, fast: bool = Fal
                         T.buffer_store(xq, tirx.reinterpret("int32x8", codes), [m, tirx.Ramp(b * 8, 1, 8)])
                 return xq, dxb, sqb
 
+            # AVX2's byte products (vpmaddubsw) add pairs into int16 with saturation: unsigned
+            # codes of up to 6 bits times int8 x stay below it (63·127·2), 8-bit ones need not.
+            # So 8-bit codes go in signed, as |code − 128| against x with the code's sign
+            # (128·127·2 fits), and their sums are then Σ (code − 128)·x with no offset to take off
+            signed_bytes = shape.int8_dot == "avx2" and width == 8
+
             def dot(acc, codes, xword):
-                # LLVM 22 types the byte operands as <64 x i8>
-                return tirx.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", acc,
-                                                  tirx.reinterpret("int8x64", codes),
-                                                  tirx.reinterpret("int8x64", tirx.Broadcast(xword, LANES)))
+                """acc + per lane (row) the sum of its word's 4 byte products with x's word."""
+                if shape.int8_dot == "vnni":
+                    # LLVM 22 types the byte operands as <64 x i8>
+                    return tirx.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", acc,
+                                                      tirx.reinterpret("int8x64", codes),
+                                                      tirx.reinterpret("int8x64", tirx.Broadcast(xword, LANES)))
+                xv = tirx.reinterpret("int8x32", tirx.Broadcast(xword, LANES // 2))
+                halves = []
+                for h in range(2):
+                    w = tirx.reinterpret("int8x32", tirx.Shuffle([codes], list(range(h * 8, h * 8 + 8))))
+                    if signed_bytes:
+                        w = tirx.bitwise_xor(w, tirx.Broadcast(tirx.const(-128, "int8"), 32))
+                        a = tirx.call_llvm_pure_intrin("int8x32", "llvm.x86.avx2.psign.b", w, w)
+                        b = tirx.call_llvm_pure_intrin("int8x32", "llvm.x86.avx2.psign.b", xv, w)
+                    else:
+                        a, b = w, xv
+                    pairs = tirx.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", a, b)
+                    halves.append(tirx.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", pairs,
+                                                             tirx.Broadcast(tirx.const(1, "int16"), 16)))
+                return acc + tirx.Shuffle(halves, list(range(LANES)))
 
             def code_words(t, c):
                 """The 8 int32x16 vectors of one tile's 32 k's, unsigned bytes in the order of
@@ -327,7 +350,7 @@ def _cpu_matmul_func(fmt: str, n: int, k: int, target_key: str, fast: bool = Fal
                     for j in range(g * per, (g + 1) * per):
                         chains[j % 2] = dot(chains[j % 2], words[j], xq[row, c * 8 + j])
                     isum = chains[0] + chains[1]
-                    if spec.offset:
+                    if spec.offset and not signed_bytes:
                         isum = isum - tirx.Broadcast(sqb[row, c * groups + g] * spec.offset, LANES)
                     sums.append(tirx.Cast("float32x16", isum))
                 dx = tirx.Broadcast(dxb[row, c], LANES)
