@@ -30,10 +30,10 @@ class TileReader:
         self.groups = CHUNK // self.spec.group
         self.prefetch_ahead = prefetch_ahead
         self.permute = wide and self.spec.planes == (4,)
-        # bias-free 4- and 8-bit codes in groups of 32 (q4_0, q8_0) on AVX-512: the group's
-        # scale multiplies the float32 sum of (code − offset) · x once, instead of every weight
+        # bias-free 4- and 8-bit codes in groups of 32 (q4_0, q8_0): the group's scale
+        # multiplies the float32 sum of (code − offset) · x once, instead of every weight
         spec = self.spec
-        self.scale_after_sum = wide and not spec.bias and spec.group == CHUNK and spec.planes in ((4,), (8,))
+        self.scale_after_sum = not spec.bias and spec.group == CHUNK and spec.planes in ((4,), (8,))
         # the 16 values (code − offset) of a 4-bit code, vpermps's table
         self.table = tirx.Ramp(tirx.const(-float(self.spec.offset), "float32"), tirx.const(1.0, "float32"), LANES)
 
@@ -110,8 +110,13 @@ class TileReader:
             word = self.W.bufs["bits4"][t, idx, ramp]
             if pos:
                 word = tirx.shift_right(word, tirx.Broadcast(tirx.const(4 * pos, "uint32"), LANES))
-            return tirx.call_llvm_pure_intrin("float32x16", "llvm.x86.avx512.permvar.sf.512", self.table,
-                                              tirx.reinterpret("int32x16", word))
+            if self.permute:
+                return tirx.call_llvm_pure_intrin("float32x16", "llvm.x86.avx512.permvar.sf.512", self.table,
+                                                  tirx.reinterpret("int32x16", word))
+            if pos < 7:
+                word = tirx.bitwise_and(word, tirx.Broadcast(tirx.const(0xF, "uint32"), LANES))
+            code = tirx.reinterpret("int32x16", word) - tirx.Broadcast(tirx.const(self.spec.offset, "int32"), LANES)
+            return tirx.Cast("float32x16", code)
         idx, pos = _split(c, CHUNK, kk, 4)
         word = tirx.bitwise_xor(self.W.bufs["bits8"][t, idx, ramp],
                                 tirx.Broadcast(tirx.const(0x80808080, "uint32"), LANES))
