@@ -292,13 +292,21 @@ def _cpu_matmul_func(fmt: str, n: int, k: int, target_key: str, fast: bool = Fal
             # (128·127·2 fits), and their sums are then Σ (code − 128)·x with no offset to take off
             signed_bytes = shape.int8_dot == "avx2" and width == 8
 
+            # int16 sums of up to this many words' pair sums stay below 2**15 too: 4-bit codes
+            # 8 words (15·127·16), 6-bit 2 (63·127·4), signed 8-bit 1; vpmaddwd then widens once
+            words_per_widen = 1 if signed_bytes else 8 if width == 4 and spec.planes == (4,) else 2
+
             def dot(acc, codes, xword):
-                """acc + per lane (row) the sum of its word's 4 byte products with x's word."""
-                if shape.int8_dot == "vnni":
-                    # LLVM 22 types the byte operands as <64 x i8>
-                    return tirx.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", acc,
-                                                      tirx.reinterpret("int8x64", codes),
-                                                      tirx.reinterpret("int8x64", tirx.Broadcast(xword, LANES)))
+                """acc + per lane (row) the sum of its word's 4 byte products with x's word
+                (AVX-512 VNNI)."""
+                # LLVM 22 types the byte operands as <64 x i8>
+                return tirx.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", acc,
+                                                  tirx.reinterpret("int8x64", codes),
+                                                  tirx.reinterpret("int8x64", tirx.Broadcast(xword, LANES)))
+
+            def byte_pairs(codes, xword):
+                """AVX2: a word's byte products with x's word, added in pairs into int16: the
+                16 lanes' 32 bits as two int16x16 halves."""
                 xv = tirx.reinterpret("int8x32", tirx.Broadcast(xword, LANES // 2))
                 halves = []
                 for h in range(2):
@@ -309,10 +317,31 @@ def _cpu_matmul_func(fmt: str, n: int, k: int, target_key: str, fast: bool = Fal
                         b = tirx.call_llvm_pure_intrin("int8x32", "llvm.x86.avx2.psign.b", xv, w)
                     else:
                         a, b = w, xv
-                    pairs = tirx.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", a, b)
-                    halves.append(tirx.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", pairs,
-                                                             tirx.Broadcast(tirx.const(1, "int16"), 16)))
-                return acc + tirx.Shuffle(halves, list(range(LANES)))
+                    halves.append(tirx.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", a, b))
+                return halves
+
+            def widened(halves):
+                """int16 pair sums (two int16x16) as int32x16, the lane's two pairs added."""
+                ones = tirx.Broadcast(tirx.const(1, "int16"), 16)
+                return tirx.Shuffle([tirx.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", h, ones)
+                                     for h in halves], list(range(LANES)))
+
+            def group_sum(words, xwords):
+                """Σ over a scale group's words of their byte products with x's words, int32x16."""
+                if shape.int8_dot == "vnni":
+                    chains = [zero_i32, zero_i32]          # two dependency chains
+                    for j, (w, xw) in enumerate(zip(words, xwords)):
+                        chains[j % 2] = dot(chains[j % 2], w, xw)
+                    return chains[0] + chains[1]
+                total = None
+                for j0 in range(0, len(words), words_per_widen):
+                    run = None
+                    for w, xw in zip(words[j0:j0 + words_per_widen], xwords[j0:j0 + words_per_widen]):
+                        pairs = byte_pairs(w, xw)
+                        run = pairs if run is None else [a + b for a, b in zip(run, pairs)]
+                    part = widened(run)
+                    total = part if total is None else total + part
+                return total
 
             def code_words(t, c):
                 """The 8 int32x16 vectors of one tile's 32 k's, unsigned bytes in the order of
@@ -340,16 +369,14 @@ def _cpu_matmul_func(fmt: str, n: int, k: int, target_key: str, fast: bool = Fal
                 return words
 
             def block_value(words, row, c, scales, bias, acts):
-                """32 k's products for one row: int32 dot products in two chains per scale
-                group, then the groups' scales (and the bias times the int8 x's sum)."""
+                """32 k's products for one row: int32 dot products per scale group, then the
+                groups' scales (and the bias times the int8 x's sum)."""
                 xq, dxb, sqb = acts
                 per = 8 // groups
                 sums = []
                 for g in range(groups):
-                    chains = [zero_i32, zero_i32]
-                    for j in range(g * per, (g + 1) * per):
-                        chains[j % 2] = dot(chains[j % 2], words[j], xq[row, c * 8 + j])
-                    isum = chains[0] + chains[1]
+                    span = range(g * per, (g + 1) * per)
+                    isum = group_sum([words[j] for j in span], [xq[row, c * 8 + j] for j in span])
                     if spec.offset and not signed_bytes:
                         isum = isum - tirx.Broadcast(sqb[row, c * groups + g] * spec.offset, LANES)
                     sums.append(tirx.Cast("float32x16", isum))
