@@ -220,7 +220,7 @@ class Sampler:
         vals = row
         vals -= top
         vals /= self.temperature
-        weights = np.exp(vals)
+        weights = _exp(vals)
         ids = None
         # Ranking uses the scaled logits, not the weights: exp() can round two distinct
         # logits to one weight, and the ranking must agree with greedy's argmax.
@@ -264,6 +264,18 @@ class Sampler:
         while len(self._streams) <= row:
             self._streams.append(np.random.Generator(np.random.PCG64(self._seed_seq.spawn(1)[0])))
         return self._streams[row]
+
+
+def _exp(vals: np.ndarray) -> np.ndarray:
+    """exp of float64 values <= 0, computed in float32 and returned as float64 weights.
+
+    numpy vectorizes float32's exp on AVX2 but computes float64's element by element: 0.45 ms
+    over a 49k vocabulary against 0.02, a tenth of a small model's decode step per row.
+    float32's exp is good to about 1e-7 of each weight (transformers' softmax is float32
+    throughout); what float64 is kept for is the sums over the vocabulary, which drift in
+    float32. Logits more than 87·T below the top get weight exactly 0."""
+    with np.errstate(over="ignore"):        # below float32's range: -inf, then weight 0
+        return np.exp(vals.astype(np.float32)).astype(np.float64)
 
 
 def _argmax(row: np.ndarray) -> int:

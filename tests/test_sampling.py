@@ -101,7 +101,8 @@ def test_temperature_scales_the_softmax():
     logits = RNG.normal(size=(1, 20)).astype(np.float32)
     dist = Sampler(temperature=0.5).distribution(logits, [[]])[0]
     ref = np.exp(logits[0].astype(np.float64) / 0.5)
-    np.testing.assert_allclose(dist, ref / ref.sum(), rtol=1e-9)
+    # the sampler's exp runs in float32 (sampling._exp): each weight to ~1e-7, sums in float64
+    np.testing.assert_allclose(dist, ref / ref.sum(), rtol=1e-6)
 
 
 def test_samples_follow_the_distribution():
@@ -240,7 +241,7 @@ def test_frequency_and_presence_penalties_match_the_formula(freq, pres, rep):
     s = Sampler(temperature=1.0, repetition_penalty=rep, frequency_penalty=freq, presence_penalty=pres)
     got = s.distribution(logits, [history], [len(prompt)])[0]
     ref = np.exp(want - want.max())
-    np.testing.assert_allclose(got, ref / ref.sum(), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(got, ref / ref.sum(), rtol=1e-6, atol=1e-15)   # float32 exp
     # the prompt's tokens are not counted: 9 appears only there
     if rep == 1.0:
         assert got[9] / got[0] == pytest.approx(np.exp(float(logits[0, 9]) - float(logits[0, 0])))
