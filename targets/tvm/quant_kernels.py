@@ -393,9 +393,10 @@ def _cpu_matmul_func(fmt: str, n: int, k: int, target_key: str, fast: bool = Fal
                 return val
 
             def gemv_int8(rows_per_pass: int):
-                """``exact=False`` on AVX-512 VNNI for 4- and 8-bit codes in groups of 32: the
-                codes' dot products with int8 x summed in int32 by ``vpdpbusd`` (64 byte
-                products an instruction), then scaled once per group."""
+                """``exact=False`` where the CPU has int8 products (``int8_dot``), for 4-, 6- and
+                8-bit codes: the codes' dot products with int8 x summed in int32 (``group_sum``:
+                ``vpdpbusd`` on VNNI, ``vpmaddubsw`` + ``vpmaddwd`` on AVX2), then scaled once
+                per group."""
                 r = rows_per_pass
                 acts = quantize_activations(CPU_GEMV_MAX_ROWS)
                 with T.parallel(0, tiles) as t:
@@ -418,7 +419,7 @@ def _cpu_matmul_func(fmt: str, n: int, k: int, target_key: str, fast: bool = Fal
                         store_rows(r, mo, store)
 
             def gemm_int8(rows_per_block: int):
-                """``exact=False`` prefill on AVX-512 VNNI: per task of ``tt`` tiles and k-chunk,
+                """``exact=False`` prefill with int8 products (VNNI or AVX2): per task of ``tt`` tiles and k-chunk,
                 the weights' bytes are unpacked once into a scratch buffer with their scales,
                 then every block of rows runs ``vpdpbusd`` over them (the products of
                 ``gemv_int8``: a row's result does not depend on the row count)."""
