@@ -7,7 +7,7 @@ every run generates the same number whatever the sampled text). Reports total ge
 wall time from the first request to the last token) and time to first token (mean, worst).
 
     .venv/bin/python benchmarks/serve_bench.py smollm2.kiln [--clients 1,4,8] [--tokens 128] [--max-batch 8]
-        [--client openai|http]
+        [--client openai|http] [--temperature 0.8] [--against-bench ROUNDS]
 """
 from __future__ import annotations
 
@@ -42,10 +42,10 @@ def wait_ready(base: str, proc, timeout: float = 120) -> None:
     raise SystemExit("serve_bench: the server did not come up")
 
 
-def _one_client(client, model: str, i: int, tokens: int, out: dict, start: float) -> None:
+def _one_client(client, model: str, i: int, tokens: int, out: dict, start: float, temperature: float) -> None:
     first, n, counted = None, 0, None
     stream = client.chat.completions.create(
-        model=model, stream=True, max_tokens=tokens, temperature=0.8, seed=100 + i, extra_body={"ignore_eos": True},
+        model=model, stream=True, max_tokens=tokens, temperature=temperature, seed=100 + i, extra_body={"ignore_eos": True},
         messages=[{"role": "user", "content": f"Tell me a long story about a lighthouse keeper number {i}."}])
     for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
@@ -80,9 +80,10 @@ class RawClient:
         conn.close()
 
 
-def _one_raw_client(client: RawClient, model: str, i: int, tokens: int, out: dict, start: float) -> None:
+def _one_raw_client(client: RawClient, model: str, i: int, tokens: int, out: dict, start: float,
+                    temperature: float) -> None:
     first, n, counted = None, 0, None
-    body = {"model": model, "stream": True, "max_tokens": tokens, "temperature": 0.8, "seed": 100 + i,
+    body = {"model": model, "stream": True, "max_tokens": tokens, "temperature": temperature, "seed": 100 + i,
             "stream_options": {"include_usage": True}, "ignore_eos": True,
             "messages": [{"role": "user", "content": f"Tell me a long story about a lighthouse keeper number {i}."}]}
     for line in client.stream(body):
@@ -95,7 +96,7 @@ def _one_raw_client(client: RawClient, model: str, i: int, tokens: int, out: dic
     out[i] = {"ttft": first, "tokens": counted if counted is not None else n, "end": time.perf_counter() - start}
 
 
-def run(base: str, clients: int, tokens: int, kind: str = "openai") -> dict:
+def run(base: str, clients: int, tokens: int, kind: str = "openai", temperature: float = 0.8) -> dict:
     if kind == "http":
         client = RawClient(base)
         with urllib.request.urlopen(base + "/v1/models") as r:
@@ -111,7 +112,7 @@ def run(base: str, clients: int, tokens: int, kind: str = "openai") -> dict:
 
     def one(i):
         try:
-            work(client, model, i, tokens, out, start)
+            work(client, model, i, tokens, out, start, temperature)
         except Exception as e:               # reported below: a thread cannot raise to run()
             out[i] = {"error": f"{type(e).__name__}: {e}"}
     threads = [threading.Thread(target=one, args=(i,)) for i in range(clients)]
@@ -125,9 +126,32 @@ def run(base: str, clients: int, tokens: int, kind: str = "openai") -> dict:
     wall = max(r["end"] for r in out.values())
     # the server's own count (usage on the last chunk), else the chunks that carried text
     generated = sum(r["tokens"] for r in out.values())
-    return {"clients": clients, "wall_s": wall, "tokens": generated,
+    # a stream's decode speed: its tokens after the first over the time from the first to the
+    # last (what `kiln bench` calls decode; the prompt's prefill is in the time to first token)
+    decode = statistics.mean((r["tokens"] - 1) / (r["end"] - r["ttft"]) for r in out.values())
+    return {"clients": clients, "wall_s": wall, "tokens": generated, "decode_per_client": decode,
             "ttft_mean_s": statistics.mean(r["ttft"] for r in out.values()),
             "ttft_worst_s": max(r["ttft"] for r in out.values())}
+
+
+def bench_decode(artifact: str, tokens: int, threads: int) -> float:
+    """``kiln bench``'s greedy decode tokens/s for the artifact (its own process, one run)."""
+    out = subprocess.run([sys.executable, "-m", "kiln.cli", "bench", artifact, "--decode-tokens", str(tokens),
+                          "--repeats", "1", "--threads", str(threads), "--json"],
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["decode_tokens_per_s"]
+
+
+def against_bench(base: str, a, rounds: int) -> None:
+    """One stream against ``kiln bench`` on the same artifact, in turns (this host's speed
+    drifts between runs minutes apart): the lone client's share of the model's speed."""
+    served, alone = [], []
+    for k in range(rounds):
+        alone.append(bench_decode(a.artifact, a.tokens, a.threads))
+        served.append(run(base, 1, a.tokens, a.client, a.temperature)["decode_per_client"])
+        print(f"round {k + 1}: kiln bench {alone[-1]:.1f} tokens/s, one stream {served[-1]:.1f}", flush=True)
+    s, b = statistics.median(served), statistics.median(alone)
+    print(f"median of {rounds}: one stream {s:.1f} tokens/s, kiln bench {b:.1f}: {s / b:.2f}x", flush=True)
 
 
 def main() -> int:
@@ -139,6 +163,10 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--client", choices=("openai", "http"), default="openai",
                     help="the official openai client, or a few lines of http.client (a lighter load generator)")
+    ap.add_argument("--temperature", type=float, default=0.8,
+                    help="the clients' sampling temperature (0: greedy, as kiln bench decodes)")
+    ap.add_argument("--against-bench", type=int, default=0, metavar="ROUNDS",
+                    help="also time one stream against `kiln bench`'s decode, in turns, this many rounds")
     ap.add_argument("--json")
     a = ap.parse_args()
     port = free_port()
@@ -149,15 +177,18 @@ def main() -> int:
     try:
         wait_ready(base, proc)
         run(base, 1, 8, a.client)                         # warm-up
+        if a.against_bench:
+            against_bench(base, a, a.against_bench)
         rows = []
         for n in (int(x) for x in a.clients.split(",")):
-            r = run(base, n, a.tokens, a.client)
+            r = run(base, n, a.tokens, a.client, a.temperature)
             with urllib.request.urlopen(base + "/health") as h:
                 json.load(h)
             r["tokens_per_s"] = r["tokens"] / r["wall_s"]
             rows.append(r)
             print(f"{n} client(s): {r['tokens']} tokens in {r['wall_s']:.2f} s = {r['tokens_per_s']:.1f} tokens/s "
-                  f"in total; time to first token {r['ttft_mean_s']:.2f} s mean, {r['ttft_worst_s']:.2f} s worst",
+                  f"in total; each stream decodes {r['decode_per_client']:.1f} tokens/s after its first; "
+                  f"time to first token {r['ttft_mean_s']:.2f} s mean, {r['ttft_worst_s']:.2f} s worst",
                   flush=True)
         if a.json:
             with open(a.json, "w") as f:

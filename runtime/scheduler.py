@@ -33,6 +33,7 @@ from .params import SamplingParams, check_count
 from .prefill_budget import ChunkSizer
 from .sampling import Sampler
 from .scheduler_draft import SoloDrafter
+from .session import RowCache
 from .speculative import DEFAULT_DRAFT_TOKENS, check_draft
 
 __all__ = ["Scheduler", "Request", "QueueFull", "Event"]
@@ -299,7 +300,7 @@ class Scheduler:
         for r in running:
             tokens[r], active[r] = self.rows[r]._next, True
         try:
-            logits = self.session.step(tokens, active)
+            lo, logits = self._step(tokens, active)
         except Exception as e:
             for r in running:
                 self._fail(self.rows[r], e)
@@ -307,8 +308,18 @@ class Scheduler:
         self.steps += 1
         self.step_rows += len(running)
         for r in running:
-            self._take(self.rows[r], logits[r])
+            self._take(self.rows[r], logits[r - lo])
         return True
+
+    def _step(self, tokens: np.ndarray, active: np.ndarray) -> tuple[int, np.ndarray]:
+        """The decode step: ``(lo, logits of rows lo..)``, by :meth:`RowCache.step_span` (only
+        the rows it ran) where the session's class steps as RowCache does, else by its ``step``
+        (every row): a wrapper that overrides ``step`` or forwards attributes is stepped
+        through its own ``step``."""
+        cls = type(self.session)
+        if getattr(cls, "step", None) is RowCache.step and getattr(cls, "step_span", None) is RowCache.step_span:
+            return self.session.step_span(tokens, active)
+        return 0, self.session.step(tokens, active)
 
     def _prefill(self) -> None:
         """Feed the admitted prompts into their rows, oldest first, up to this step's budget of

@@ -20,7 +20,6 @@ FastAPI on uvicorn: both are widely used, maintained, and pinned in the ``serve`
 import asyncio
 import functools
 import os
-import hmac
 import json
 import logging
 import threading
@@ -29,6 +28,7 @@ import uuid
 from importlib.resources import files
 from pathlib import Path
 
+from .api_key import ApiKeyGate
 from .http_limits import MAX_BODY, MAX_HEADER_BYTES, READ_TIMEOUT, APIError, guarded_h11, parse_json, read_body
 from .logprobs import TokenStrings, chat_logprobs, completion_logprobs
 from .loop_mailbox import mailbox_for, settle_all
@@ -346,8 +346,6 @@ def create_app(service: Service, api_key: str | None = None, *, max_body: int = 
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     app = FastAPI(title="kiln", docs_url=None, redoc_url=None, openapi_url=None)
-    # starlette decodes headers as latin-1: compare the bytes the client sent
-    expected = None if api_key is None else f"Bearer {api_key}".encode("utf-8")
 
     def error(request, e: APIError):
         request.state.error = e.code
@@ -374,15 +372,8 @@ def create_app(service: Service, api_key: str | None = None, *, max_body: int = 
         return error(request, APIError(500, f"internal error: {type(e).__name__}", "server_error",
                                        code="internal_error"))
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        # the chat page is static; the API calls it makes carry the key
-        if expected is not None and request.url.path not in ("/health", "/"):
-            given = request.headers.get("authorization", "").encode("latin-1")
-            if not hmac.compare_digest(given, expected):
-                return error(request, APIError(401, "invalid or missing API key", "authentication_error",
-                                               code="invalid_api_key"))
-        return await call_next(request)
+    if api_key is not None:
+        app.add_middleware(ApiKeyGate, api_key=api_key)
     metrics = ServerMetrics(service.scheduler, routes=lambda: [getattr(r, "path", None) for r in app.routes])
     app.add_middleware(RequestLog, metrics=metrics)     # added last, so outermost: it sees the 401s too
 
@@ -448,15 +439,6 @@ def create_app(service: Service, api_key: str | None = None, *, max_body: int = 
             return completion_logprobs(entries, service.token_strings, reqs[i].ids[:start + len(entries)],
                                        start)
 
-        async def next_event():
-            # wakes up now and then to notice a client that went away
-            while True:
-                try:
-                    return await asyncio.wait_for(events.get(), 0.5)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        cancel()
-                        raise asyncio.CancelledError from None
 
         def chunk(i: int, piece: str | None, finish: str | None, first: bool = False, lps=None,
                   usage: bool = False, delta: dict | None = None) -> str:
@@ -488,13 +470,17 @@ def create_app(service: Service, api_key: str | None = None, *, max_body: int = 
                     sent[i] += len(pending[i])
                     pending[i] = []
                     return lps
+                # a client that goes away cancels its requests, whose ends then close the stream
+                # (one watcher per stream: a timed wait per token cost the loop a task each)
+                gone = asyncio.ensure_future(_client_gone(request))
+                gone.add_done_callback(lambda _: cancel())
                 try:
                     if chat:
                         for i in range(n):
                             yield chunk(i, None, None, first=True)
                     left = n
                     while left:
-                        i, ev = await next_event()
+                        i, ev = await events.get()
                         if ev.logprob is not None:
                             pending[i].append((ev.token, ev.logprob, ev.top_logprobs))
                         if ev.finish_reason is not None:
@@ -514,6 +500,7 @@ def create_app(service: Service, api_key: str | None = None, *, max_body: int = 
                             yield chunk(i, ev.text, None, lps=flush(i))
                     yield "data: [DONE]\n\n"
                 finally:
+                    gone.cancel()
                     cancel()
             return StreamingResponse(sse(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})

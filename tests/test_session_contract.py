@@ -185,6 +185,26 @@ def test_rows_join_free_and_reorder_through_the_base(session):
     np.testing.assert_allclose(a, whole, rtol=1e-4, atol=1e-4)
 
 
+def test_step_span_gives_steps_rows_and_where_they_start(session):
+    """step_span (the scheduler's step) returns the logits of the rows it ran (from the first
+    active one on where the backend steps some rows only) with the first one's index, equal
+    to step's for the active rows, and moves the lengths as step does."""
+    got = {}
+    for how in ("step", "step_span"):
+        session.start_rows(4)
+        session.join_row(1, PROMPTS[0])
+        session.join_row(2, PROMPTS[2])
+        active = np.array([False, True, True, False])
+        if how == "step":
+            got[how] = session.step(np.array([0, 3, 5, 0]), active)[1:3]
+        else:
+            lo, part = session.step_span(np.array([0, 3, 5, 0]), active)
+            assert lo in (0, 1) and lo + part.shape[0] >= 3     # every row, or from row 1 on
+            got[how] = part[1 - lo:3 - lo]
+        assert session.lengths.tolist() == [0, len(PROMPTS[0]) + 1, len(PROMPTS[2]) + 1, 0]
+    np.testing.assert_array_equal(got["step"], got["step_span"])
+
+
 def test_a_rows_keys_copied_out_and_into_another_row_continue_alike(session):
     """read_kv / load_kv (the prefix cache's operations): row 1 loaded with row 0's first
     positions, in pieces, then extended with the rest, gives row 0's logits, and the other
