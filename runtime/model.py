@@ -8,7 +8,7 @@ import numpy as np
 from kiln.artifact import ArtifactError, open_checked
 
 from . import generation
-from .heap import release_free_heap
+from .heap import keep_freed_buffers, release_free_heap
 from .tokenizer import Tokenizer
 
 
@@ -44,6 +44,7 @@ class Model:
         tok_dir = self.path / "tokenizer"
         self.tokenizer = Tokenizer.load(tok_dir) if tok_dir.is_dir() else None
         release_free_heap()
+        keep_freed_buffers()        # every token's vocabulary-sized temporaries
         self.session = session_type(self.path, self.manifest, threads=threads, device=device)
         gen = self.manifest.get("generation") or {}
         eos = gen.get("eos_token_id", self.config.get("eos_token_ids", []))
