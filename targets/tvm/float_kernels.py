@@ -51,8 +51,9 @@ import functools
 
 import numpy as np
 
-from .kernel_common import (Threads, cpu_shape, dims, gpu_tiles_accumulate, gpu_tiles_store, gpu_tiles_zero, is_gpu,
-                            product, target_key)
+from .kernel_common import (Threads, cpu_shape, dims, emit_matmul, gpu_tiles_accumulate, gpu_tiles_store, gpu_tiles_zero,
+                            is_gpu, matmul_args, product, target_key)
+
 
 LANES = 16                  # rows per tile: the layout's vector
 CPU_GEMV_MAX_ROWS = 8
@@ -128,7 +129,7 @@ def _k_chunks(k: int) -> tuple[int, int, int]:
 # ---- CPU kernel ---------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)
-def _cpu_matmul_func(fmt: str, n: int, k: int, target_key: str):
+def _cpu_matmul_func(fmt: str, n: int, k: int, target_key: str, lead: int = 1):
     from tvm import tirx
     from tvm.script.ir_builder import IRBuilder
     from tvm.script.ir_builder import tirx as T
@@ -145,10 +146,8 @@ def _cpu_matmul_func(fmt: str, n: int, k: int, target_key: str):
         with T.prim_func(private=True):
             T.func_name(f"fmm_{fmt}_{n}x{k}")
             T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
-            m_rows = T.int64()
-            x = T.arg("x", T.buffer((m_rows, k), "float32"))
-            w = T.arg("w", T.buffer((tiles, k, LANES), dtype))
-            out = T.arg("out", T.buffer((m_rows, tiles * LANES), "float32"))
+            m_rows, x, w, out = matmul_args(T, k, tiles * LANES, lead,
+                                            lambda: T.arg("w", T.buffer((tiles, k, LANES), dtype)))
 
             def gemv(r: int, accs: int):
                 """Each weight vector widened once per pass over ``r`` rows of x, into ``accs``
@@ -385,23 +384,14 @@ def _gpu_rows(ids, w, fmt: str, n: int):
 
 def matmul(bb, x, packed: list, fmt: str, n: int, k: int, target: dict, *, exact: bool = True):
     """x float32 [..., k] @ wᵀ for the packed [n, k] weight -> float32 [..., n]."""
-    from tvm import relax, tirx
     _check(fmt, n, k)
-    x_dims = dims(x)
-    lead = x_dims[:-1]
-    rows = product(lead)
-    x2 = x if len(lead) == 1 else bb.emit(relax.op.reshape(x, relax.ShapeExpr([rows, tirx.IntImm("int64", k)])))
-    width = _tiles(n) * LANES
-    if is_gpu(target):
-        gv = bb.add_func(_gpu_matmul_func(fmt, n, k), f"fmm_{fmt}_{n}x{k}_gpu")
-    else:
-        gv = bb.add_func(_cpu_matmul_func(fmt, n, k, target_key(target)), f"fmm_{fmt}_{n}x{k}")
-    y = bb.emit(relax.call_tir(gv, [x2, *packed], relax.TensorType([rows, tirx.IntImm("int64", width)], "float32")))
-    if width != n:
-        y = bb.emit(relax.op.strided_slice(y, axes=[1], begin=[0], end=[n]))
-    if len(lead) != 1:
-        y = bb.emit(relax.op.reshape(y, relax.ShapeExpr([*lead, tirx.IntImm("int64", n)])))
-    return y
+    gpu = is_gpu(target)
+
+    def func_for(lead: int):
+        if gpu:
+            return _gpu_matmul_func(fmt, n, k), f"fmm_{fmt}_{n}x{k}_gpu"
+        return _cpu_matmul_func(fmt, n, k, target_key(target), lead=lead), f"fmm_{fmt}_{n}x{k}"
+    return emit_matmul(bb, x, packed, n, k, _tiles(n) * LANES, gpu, func_for)
 
 
 def gather(bb, ids, packed: list, fmt: str, n: int, k: int, target: dict):

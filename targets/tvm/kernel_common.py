@@ -142,6 +142,46 @@ TILE_LANES = 16      # outputs per tile: both weight layouts group rows by 16
 # ``rpt`` rows (ty, ty + bm, ...) times lane tx of each tile in its accumulators ``acc``; each k
 # step stages ``bk`` k's of x in ``xs`` [bm_rows, bk] and of the weights in ``ws`` [bk, tb·TILE_LANES].
 
+def matmul_args(T, k: int, width: int, lead: int, weight_args):
+    """A CPU matmul kernel's arguments: ``x``, the weights (``weight_args()`` declares them),
+    ``out``. With ``lead`` 2, x and out arrive as the graph holds them, [batch, tokens, k] and
+    [batch, tokens, width], and the kernel reads them as [batch * tokens, ...]: a Relax
+    reshape on each side of the call costs the VM three instructions (shape, view, release),
+    about a fifth of a SmolLM2 layer's. Returns (rows, x, weights, out)."""
+    outer = [T.int64() for _ in range(lead)]
+    rows = outer[0] if lead == 1 else product(outer)
+    x = T.arg("x", T.buffer((*outer, k), "float32"))
+    weights = weight_args()
+    out = T.arg("out", T.buffer((*outer, width), "float32"))
+    if lead != 1:           # after every argument: a buffer declaration opens a frame
+        x = T.decl_buffer((rows, k), "float32", data=x.data)
+        out = T.decl_buffer((rows, width), "float32", data=out.data)
+    return rows, x, weights, out
+
+
+def emit_matmul(bb, x, packed: list, n: int, k: int, width: int, gpu: bool, func_for):
+    """``x [..., k] @ wᵀ -> [..., n]`` through the kernel ``func_for(lead)`` gives (a (func,
+    name) pair, lead being how many leading dimensions its x has). On the CPU a [batch,
+    tokens, k] x goes to the kernel as it is when the kernel's width is n; otherwise x is
+    reshaped to 2-D, the padded columns sliced off and the result reshaped back."""
+    from tvm import relax, tirx
+    lead = dims(x)[:-1]
+    rows = product(lead)
+    direct = not gpu and len(lead) == 2 and width == n
+    x2 = x if len(lead) == 1 or direct else bb.emit(relax.op.reshape(x, relax.ShapeExpr([rows, tirx.IntImm("int64", k)])))
+    func, name = func_for(2 if direct else 1)
+    gv = bb.add_func(func, name)
+    out = [*lead, tirx.IntImm("int64", width)] if direct else [rows, tirx.IntImm("int64", width)]
+    y = bb.emit(relax.call_tir(gv, [x2, *packed], relax.TensorType(out, "float32")))
+    if direct:
+        return y
+    if width != n:
+        y = bb.emit(relax.op.strided_slice(y, axes=[1], begin=[0], end=[n]))
+    if len(lead) != 1:
+        y = bb.emit(relax.op.reshape(y, relax.ShapeExpr([*lead, tirx.IntImm("int64", n)])))
+    return y
+
+
 def gpu_tiles_zero(th: Threads, acc, rpt: int, tb: int) -> None:
     from tvm import tirx
     from tvm.script.ir_builder import tirx as T

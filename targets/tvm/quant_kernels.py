@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import functools
 
-from .kernel_common import cpu_shape, dims, is_gpu, product, target_key
+from .kernel_common import cpu_shape, dims, emit_matmul, is_gpu, matmul_args, product, target_key
 from .quant_kernels_gpu import _gpu_gather_func, _gpu_matmul_func
 from .quant_layout import (CHUNK, LANES, SUPPORTED, _array_dtypes, _array_names, _array_shapes, _check, _FORMATS,
                            _tiles, _Weights, pack)
@@ -82,7 +82,7 @@ def _k_chunk(k: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _cpu_matmul_func(fmt: str, n: int, k: int, target_key: str, fast: bool = False):
+def _cpu_matmul_func(fmt: str, n: int, k: int, target_key: str, fast: bool = False, lead: int = 1):
     from tvm import tirx
     from tvm.script.ir_builder import IRBuilder
     from tvm.script.ir_builder import tirx as T
@@ -100,11 +100,9 @@ def _cpu_matmul_func(fmt: str, n: int, k: int, target_key: str, fast: bool = Fal
         with T.prim_func(private=True):
             T.func_name(f"qmm_{fmt}_{n}x{k}{'_fast' if fast else ''}")
             T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
-            m_rows = T.int64()
-            x = T.arg("x", T.buffer((m_rows, k), "float32"))
-            bufs = [T.arg(name, T.buffer(s, d)) for name, s, d in
-                    zip(_array_names(spec), _array_shapes(spec, n, k), _array_dtypes(spec))]
-            out = T.arg("out", T.buffer((m_rows, tiles * LANES), "float32"))
+            m_rows, x, bufs, out = matmul_args(
+                T, k, tiles * LANES, lead, lambda: [T.arg(name, T.buffer(s, d)) for name, s, d in
+                                                    zip(_array_names(spec), _array_shapes(spec, n, k), _array_dtypes(spec))])
             W = _Weights(spec, bufs)
             reader = TileReader(T, W, n, k, wide)
             prefetch, hoist_scales, weight = reader.prefetch, reader.hoist_scales, reader.weight
@@ -575,25 +573,15 @@ def _cpu_gather_func(fmt: str, n: int, k: int):
 
 def matmul(bb, x, packed: list, fmt: str, n: int, k: int, target: dict, *, exact: bool = True):
     """x float32 [..., k] @ wᵀ for the packed [n, k] weight -> float32 [..., n]."""
-    from tvm import relax, tirx
     _check(fmt, n, k)
-    x_dims = dims(x)
-    lead = x_dims[:-1]
-    rows = product(lead)
-    x2 = x if len(lead) == 1 else bb.emit(relax.op.reshape(x, relax.ShapeExpr([rows, tirx.IntImm("int64", k)])))
-    if is_gpu(target):
-        func, name = _gpu_matmul_func(fmt, n, k), f"qmm_{fmt}_gpu"
-    else:
-        func = _cpu_matmul_func(fmt, n, k, target_key(target), not exact)
-        name = f"qmm_{fmt}" if exact else f"qmm_{fmt}_fast"
-    gv = bb.add_func(func, name)
-    width = _tiles(n) * LANES
-    y = bb.emit(relax.call_tir(gv, [x2, *packed], relax.TensorType([rows, tirx.IntImm("int64", width)], "float32")))
-    if width != n:
-        y = bb.emit(relax.op.strided_slice(y, axes=[1], begin=[0], end=[n]))
-    if len(lead) != 1:
-        y = bb.emit(relax.op.reshape(y, relax.ShapeExpr([*lead, tirx.IntImm("int64", n)])))
-    return y
+    gpu = is_gpu(target)
+
+    def func_for(lead: int):
+        if gpu:
+            return _gpu_matmul_func(fmt, n, k), f"qmm_{fmt}_gpu"
+        return (_cpu_matmul_func(fmt, n, k, target_key(target), not exact, lead=lead),
+                f"qmm_{fmt}" if exact else f"qmm_{fmt}_fast")
+    return emit_matmul(bb, x, packed, n, k, _tiles(n) * LANES, gpu, func_for)
 
 
 def gather(bb, ids, packed: list, fmt: str, n: int, k: int, target: dict):
