@@ -85,6 +85,13 @@ class Sampler:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def _leaves_logits(self) -> bool:
+        """Whether no setting changes a logit before the choice (no bias, penalty or
+        min_tokens)."""
+        return not (self.params.logit_bias or self.repetition_penalty != 1.0 or self.frequency_penalty
+                    or self.presence_penalty or self.min_tokens)
+
     def __repr__(self) -> str:
         return (f"Sampler(temperature={self.temperature}, top_k={self.top_k}, top_p={self.top_p},"
                 f" min_p={self.min_p}, repetition_penalty={self.repetition_penalty},"
@@ -114,6 +121,13 @@ class Sampler:
         logits = self._check_logits(logits, history)
         out = np.empty(logits.shape[0], dtype=np.int64)
         for b in range(logits.shape[0]):
+            if self.greedy and self._leaves_logits:
+                # the float64 copy only serves the penalties and the softmax; float32's argmax
+                # is the same token (the conversion is exact and keeps the order)
+                if logits[b].max() == -np.inf:
+                    raise ValueError("every logit is -inf; nothing can be sampled")
+                out[b] = _argmax(logits[b])
+                continue
             row = self._penalized(logits[b], *self._row_history(history, prompt_lens, b))
             if self.greedy:
                 out[b] = _argmax(row)
