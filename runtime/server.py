@@ -331,9 +331,9 @@ def _content(c, i: int) -> str:
 
 
 async def _client_gone(request) -> None:
-    """Returns once the client of a request whose body was read has disconnected. Starlette's
-    ``is_disconnected()`` never sees it through an http middleware (it polls under a cancelled
-    scope, and the middleware's receive always checkpoints); a receive that waits does."""
+    """Returns once the client of a request whose body was read has disconnected: a receive
+    that waits, rather than Starlette's ``is_disconnected()``, which polls under an already
+    cancelled scope and missed the disconnect behind an ``@app.middleware("http")`` layer."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
 
