@@ -439,7 +439,6 @@ def create_app(service: Service, api_key: str | None = None, *, max_body: int = 
             return completion_logprobs(entries, service.token_strings, reqs[i].ids[:start + len(entries)],
                                        start)
 
-
         def chunk(i: int, piece: str | None, finish: str | None, first: bool = False, lps=None,
                   usage: bool = False, delta: dict | None = None) -> str:
             if chat:

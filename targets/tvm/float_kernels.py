@@ -54,7 +54,6 @@ import numpy as np
 from .kernel_common import (Threads, cpu_shape, dims, emit_matmul, gpu_tiles_accumulate, gpu_tiles_store, gpu_tiles_zero,
                             is_gpu, matmul_args, product, target_key)
 
-
 LANES = 16                  # rows per tile: the layout's vector
 CPU_GEMV_MAX_ROWS = 8
 GEMV_UNROLL = 8             # k's per unrolled GEMV step (the accumulators rotate over them)
