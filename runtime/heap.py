@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import ctypes
+import math
+import mmap
+
+import numpy as np
 
 
 def release_free_heap() -> None:
@@ -40,3 +44,13 @@ def keep_freed_buffers() -> None:
         libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
     except (OSError, AttributeError):
         pass
+
+
+def mapped_zeros(shape, dtype) -> np.ndarray:
+    """An array of zeros in its own anonymous memory map: its pages become resident only when
+    written, and go back to the system as soon as the array is freed, where the next map can
+    take them (memory from the C heap would be kept by the heap, and a fresh map would fault in
+    pages the VM's host may not have backed yet). KV caches are made of these."""
+    count = math.prod(shape)
+    nbytes = count * np.dtype(dtype).itemsize
+    return np.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype=dtype, count=count).reshape(shape)

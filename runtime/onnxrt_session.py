@@ -24,6 +24,7 @@ from kiln.artifact import ArtifactError
 
 from . import manifest_numbers as numbers
 from .backend_entry import OnnxrtEntry
+from .heap import mapped_zeros
 from .onnx_check import check_external_data
 from .session import RowCache
 
@@ -229,19 +230,31 @@ class OnnxRuntimeSession(RowCache):
         return self._io
 
     def _allocate(self, batch: int, capacity: int, keep: int = 0) -> None:
+        """Fresh cache buffers of ``capacity`` positions holding the first ``keep`` of the old.
+
+        Each buffer is its own memory map (``heap.mapped_zeros``), as the TVM session's are:
+        positions not yet filled stay out of memory, and growing copies one buffer at a time
+        and unmaps each old one once copied, so the old and new caches are never both whole and
+        each new buffer takes the pages the previous old one gave back. On a VM whose host backs
+        its memory lazily, a page never touched before costs ~20 us: copying a 2-row SmolLM2
+        cache into a whole new one beside it (growing to 8,192 positions) took 1.5 s, a stall
+        of every running stream."""
         shape = (batch, self.kv_heads, capacity, self.head_dim)
+        old = self._arrays if keep else {}
+        # the binding and the row views hold the old buffers: let them go first
+        self.buffers, self._arrays, self._io, self._rows = {}, {}, None, {}
         fresh, arrays = {}, {}
         for name in self.cache_names:
-            arr = np.zeros(shape, dtype=np.float32)
-            if keep and name in self.buffers:
-                arr[:, :, :keep] = self.buffers[name].numpy()[:, :, :keep]
+            arr = mapped_zeros(shape, np.float32)
+            if name in old:
+                # the old array itself (its OrtValue shares it): OrtValue.numpy() would copy
+                # every position of it first
+                arr[:, :, :keep] = old.pop(name)[:, :, :keep]
             # on CPU the OrtValue shares the array's memory: writing one writes the other
             fresh[name] = self._ort.OrtValue.ortvalue_from_numpy(arr)
             arrays[name] = arr
         self.buffers, self.capacity, self._buffer_batch = fresh, capacity, batch
         self._arrays = arrays
-        self._io = None
-        self._rows = {}
 
     def _resize(self, capacity: int, keep: int) -> None:
         self._allocate(self.batch, capacity, keep=keep)

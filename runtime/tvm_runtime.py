@@ -15,14 +15,13 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import math
-import mmap
 import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from .heap import release_free_heap
+from .heap import mapped_zeros, release_free_heap
 
 # DLPack device type codes (dlpack.h)
 DEVICE_CODES = {"cpu": 1, "cuda": 2, "metal": 8}
@@ -134,9 +133,7 @@ class TVMRuntime:
         """A CPU tensor of zeros in its own anonymous memory map: its pages become resident
         only when written and go back to the system when the tensor is freed (memory from the
         C heap can be recycled, already resident, and is kept after a free)."""
-        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
-        arr = np.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype=dtype, count=math.prod(shape)).reshape(shape)
-        return self._ffi.from_dlpack(arr)          # no copy; the tensor keeps the map alive
+        return self._ffi.from_dlpack(mapped_zeros(shape, dtype))   # no copy; the tensor keeps the map alive
 
     def zeros(self, shape, dtype: str):
         t = self.empty(shape, dtype)
