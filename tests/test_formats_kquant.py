@@ -324,6 +324,27 @@ def test_vectorised_quantizer_follows_the_reference_algorithm(name):
     assert same.all(), f"{name}: super-blocks differing from the reference: {np.flatnonzero(~same)}"
 
 
+@pytest.mark.parametrize("name", ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k"])
+def test_compiled_searches_give_each_block_its_own_bytes(name):
+    """The compiled searches run sub-blocks side by side in tiles of 64, padding the last one:
+    a super-block's bytes must not depend on its neighbours or on where a tile ends (each
+    block quantized alone, and 19 together with a partial tile, importance-weighted too)."""
+    from kiln.formats import _kquant_native
+    fmt = formats.get(name)
+    rng = np.random.default_rng(12)
+    blocks = np.concatenate([awkward_blocks(9), rng.standard_normal((3, 256)).astype(F)])
+    assert (blocks.size // 16) % _kquant_native._TILE
+    together = fmt.quantize_blocks(blocks)
+    alone = np.concatenate([fmt.quantize_blocks(b[None]) for b in blocks])
+    assert np.array_equal(together, alone)
+    qw = rng.uniform(0.1, 2.0, blocks.shape).astype(F)
+    sigma2 = (blocks * blocks).mean(axis=1, keepdims=True).astype(F)
+    together = fmt.quantize_blocks_weighted(blocks, qw, sigma2)
+    alone = np.concatenate([fmt.quantize_blocks_weighted(b[None], w[None], s[None])
+                            for b, w, s in zip(blocks, qw, sigma2)])
+    assert np.array_equal(together, alone)
+
+
 def test_kiln_nearest_int_is_ggmls():
     """kiln's vectorised nearest_int against ggml's float trick (this file's scalar rendering),
     on ties, near-ties and the range codes and scales take."""

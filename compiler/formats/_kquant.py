@@ -7,12 +7,17 @@ loop-by-loop rendering of the C code. Each routine takes [sub_blocks, n] float32
 only over candidates, elements or sweeps, never over blocks. Internally the data is held
 transposed, [n, sub_blocks], so that per-sub-block quantities are plain [S] vectors that
 broadcast along rows and sums over a sub-block are n contiguous vector adds.
+
+The searches the K-quants spend their time in, make_qkx2_quants, make_qx_quants and
+make_q3_quants, are compiled (``_kquant_native``); the rest stays here in numpy.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from ._blocks import F32, QK_K, f16_bytes, f16_round, nearest_int
+from ._blocks import F32, f16_bytes, f16_round, nearest_int
+# the two searches that take nearly all of a K-quant's time are compiled
+from ._kquant_native import affine_search, final_codes, q3_search, symmetric_search  # noqa: F401
 
 GROUP_MAX_EPS = F32(1e-15)  # below this a group counts as all zeros
 
@@ -42,154 +47,6 @@ def _sum(terms: np.ndarray, from_zero: bool = True) -> np.ndarray:
 
 
 _REDUCE_MIN_COLUMNS = 16
-
-
-def _signed_peak(xt: np.ndarray):
-    """Per sub-block of [n, S]: the first element of largest magnitude, and whether the
-    sub-block counts as all zeros (then the peak is replaced by 1 to keep divisions quiet)."""
-    mag = np.abs(xt)
-    peak = np.take_along_axis(xt, mag.argmax(axis=0)[None, :], axis=0)[0]
-    zero = mag.max(axis=0) < GROUP_MAX_EPS
-    return np.where(zero, F32(1), peak), zero
-
-
-def affine_search(x, weights, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool):
-    """Best (scale, min) with x ~ scale * L - min, L in 0..nmax, by weighted least squares over
-    ``nstep + 1`` candidate inverse scales (llama.cpp's make_qkx2_quants).
-
-    Returns (scale [S], min [S] (>= 0, subtracted), L [S, n] float32)."""
-    scale, the_min, L = affine_search_columns(np.ascontiguousarray(x.T), np.ascontiguousarray(weights.T),
-                                              nmax, rmin, rdelta, nstep, use_mad)
-    return scale, the_min, L.T
-
-
-def affine_search_columns(x, w, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool):
-    """``affine_search`` on x and weights already held as [n, S] (one sub-block a column);
-    returns L as [n, S] too.
-
-    The candidates' codes go through four preallocated [n, S] buffers, and the winner's codes
-    are not carried along (a masked copy of [n, S] per candidate cost as much as the rest of
-    the candidate): its inverse scale and origin are, and its codes are computed once more at
-    the end by the same operations, so they are the same numbers."""
-    hi = x.max(axis=0)
-    offset = np.minimum(x.min(axis=0), F32(0))
-    sum_w = _sum(w, from_zero=False)
-    sum_x = _sum(w * x, from_zero=False)
-    flat = hi == offset
-    live = ~flat
-    shifted, L, wl, t = (np.empty_like(x) for _ in range(4))
-
-    def moved_origin():
-        # Candidates are spread over the range above the best offset found so far (the
-        # reference moves its origin as it goes), not over the data's own range.
-        np.subtract(x, offset, out=shifted)
-        return np.where(flat, F32(1), hi - offset)
-
-    def codes(numerator, span):
-        iscale = numerator / span
-        np.multiply(iscale, shifted, out=L)
-        np.rint(L, out=L)
-        np.clip(L, F32(0), F32(nmax), out=L)
-        return iscale
-
-    def error(scale, offset):
-        # scale * L + offset - x, then its square (or magnitude) times w, as the reference
-        np.multiply(scale, L, out=t)
-        np.add(t, offset, out=t)
-        np.subtract(t, x, out=t)
-        if use_mad:
-            np.abs(t, out=t)
-        else:
-            np.multiply(t, t, out=t)
-        np.multiply(w, t, out=t)
-        return _sum(t)
-
-    span = moved_origin()
-    iscale = codes(F32(nmax), span)
-    scale = F32(1) / iscale
-    best = error(scale, offset)
-    best_iscale, best_origin = iscale, offset
-    one = F32(1)
-    for step in range(nstep + 1):
-        iscale = codes(F32(rmin) + F32(rdelta) * F32(step) + F32(nmax), span)
-        np.multiply(w, L, out=wl)
-        sum_l = _sum(wl)
-        np.multiply(wl, L, out=t)
-        sum_l2 = _sum(t)
-        np.multiply(wl, x, out=t)
-        sum_xl = _sum(t)
-        D = sum_w * sum_l2 - sum_l * sum_l
-        ok = D > 0
-        D[~ok] = one
-        this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
-        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
-        # a positive min would need negative codes: pin it at zero and refit the scale alone
-        positive = this_min > 0
-        if positive.any():
-            this_min[positive] = F32(0)
-            this_scale = np.where(positive, sum_xl / np.where(sum_l2 > 0, sum_l2, one), this_scale)
-        err = error(this_scale, this_min)
-        take = (err < best) & ok & live
-        if not take.any():
-            continue
-        np.copyto(best, err, where=take)
-        scale = np.where(take, this_scale, scale)
-        best_iscale = np.where(take, iscale, best_iscale)
-        best_origin = np.where(take, offset, best_origin)
-        offset = np.where(take, this_min, offset)
-        span = moved_origin()
-    # the winners' codes, as their candidate computed them
-    np.subtract(x, best_origin, out=shifted)
-    np.multiply(best_iscale, shifted, out=L)
-    np.rint(L, out=L)
-    np.clip(L, F32(0), F32(nmax), out=L)
-    scale[flat] = F32(0)
-    L[:, flat] = 0
-    return scale, -offset, L
-
-
-def symmetric_search(x, nmax: int, weights=None):
-    """Best scale for x ~ scale * (L - nmax), L in 0..2*nmax-1, weighting each element by
-    ``weights`` (default x**2), over 19 candidate inverse scales around nmax / absmax
-    (llama.cpp's make_qx_quants with rmse_type 1). Returns (scale [S], L [S, n] float32).
-    As in ``affine_search``, the winner's codes are computed again from its inverse scale."""
-    x = np.ascontiguousarray(x.T)
-    peak, zero = _signed_peak(x)
-    w = x * x if weights is None else np.ascontiguousarray(weights.T)
-    wx = w * x
-    l, t = np.empty_like(x), np.empty_like(x)
-
-    def codes(iscale, out):
-        np.multiply(iscale, x, out=out)
-        np.rint(out, out=out)
-        return np.clip(out, F32(-nmax), F32(nmax - 1), out=out)
-
-    def fit(iscale):
-        codes(iscale, l)
-        np.multiply(wx, l, out=t)
-        sumlx = _sum(t)
-        np.multiply(w, l, out=t)
-        np.multiply(t, l, out=t)
-        return sumlx, _sum(t)
-
-    best_iscale = F32(-nmax) / peak
-    sumlx, suml2 = fit(best_iscale)
-    scale = np.where(suml2 != 0, sumlx / np.where(suml2 != 0, suml2, F32(1)), F32(0))
-    best = scale * sumlx
-    for step in (*range(-9, 0), *range(1, 10)):
-        iscale = -(F32(nmax) + F32(0.1) * F32(step)) / peak
-        sumlx, suml2 = fit(iscale)
-        take = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-        if not take.any():
-            continue
-        scale = np.where(take, sumlx / np.where(take, suml2, F32(1)), scale)
-        best = np.where(take, scale * sumlx, best)
-        best_iscale = np.where(take, iscale, best_iscale)
-    L = codes(best_iscale, l)
-    L += F32(nmax)
-    scale = np.where(zero, F32(0), scale)
-    L[:, zero] = 0
-    return scale, L.T
 
 
 def positive_search(x, nmax: int, weights):
@@ -282,19 +139,6 @@ def mean_square(x: np.ndarray) -> np.ndarray:
     return (_sum(columns * columns) / F32(x.shape[1]))[:, None]
 
 
-def q3_search(x, nmax: int):
-    """Q3_K's sub-block search (llama.cpp's make_q3_quants with do_rmse): start from
-    nmax / absmax, then up to five sweeps of coordinate descent, element by element, moving a
-    code whenever that raises sumlx**2 / suml2 (x**2-weighted). Returns (scale, L + nmax)."""
-    x = np.ascontiguousarray(x.T)
-    peak, zero = _signed_peak(x)
-    L = np.clip(_round((F32(-nmax) / peak) * x), F32(-nmax), F32(nmax - 1))
-    L, sumlx, suml2 = _sweeps(x, x * x, L, lambda v: np.clip(v, F32(-nmax), F32(nmax - 1)), rest_weighted=False)
-    scale = np.where((suml2 > 0) & ~zero, sumlx / np.where(suml2 > 0, suml2, F32(1)), F32(0))
-    L = np.where(zero, F32(0), L + F32(nmax))
-    return scale, L.T
-
-
 # ---- the 12-byte scale/min block of Q4_K and Q5_K -------------------------------------
 # Eight 6-bit scales and eight 6-bit mins. Bytes 0-3 hold scales 0-3 and bytes 4-7 mins 0-3
 # in their low six bits; bytes 8-11 hold the low nibbles of scale 4-7 (low) and min 4-7
@@ -335,24 +179,15 @@ def affine_blocks(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: i
     against the scales as they will be read back. Returns (the 16 header bytes [B, 16],
     codes [B, 256] uint8)."""
     n = x.shape[0]
-    columns = np.ascontiguousarray(x.reshape(-1, 32).T)
-    rms = np.sqrt(_sum(columns * columns) / F32(32))
-    # rms + |x|, held as columns like the data (the same sums, without transposing twice)
-    weights = np.abs(columns)
-    weights += rms
-    scales, mins, L = affine_search_columns(columns, weights, nmax, rmin, rdelta, nstep, use_mad=False)
-    L = L.T
+    scales, mins, L = affine_search(x.reshape(-1, 32), None, nmax, rmin, rdelta, nstep, use_mad=False)
     ls, d = super_scale(scales.reshape(n, 8), 63)
     lm, dmin = super_scale(mins.reshape(n, 8), 63)
     packed = pack_scale_min(ls, lm)
     sc, m = unpack_scale_min(packed)
-
-    dl = (f16_round(d) * sc.astype(np.float32)).repeat(32, axis=1)
-    ml = (f16_round(dmin) * m.astype(np.float32)).repeat(32, axis=1)
-    live = dl != 0
-    fresh = np.clip(np.rint((x + ml) / np.where(live, dl, F32(1))), F32(0), F32(nmax))
-    L = np.where(live, fresh, L.reshape(n, QK_K)).astype(np.uint8)
-    return np.concatenate([f16_bytes(d), f16_bytes(dmin), packed], axis=1), L
+    dl = f16_round(d) * sc.astype(np.float32)
+    ml = f16_round(dmin) * m.astype(np.float32)
+    codes = final_codes(x, dl, L, 0, nmax, ml)
+    return np.concatenate([f16_bytes(d), f16_bytes(dmin), packed], axis=1), codes
 
 
 def affine_blocks_weighted(x: np.ndarray, qw: np.ndarray, nmax: int):
@@ -370,9 +205,7 @@ def affine_blocks_weighted(x: np.ndarray, qw: np.ndarray, nmax: int):
     d, ls = positive_search(scales.reshape(n, 8), 63, sw)
     dmin, lm = positive_search(mins.reshape(n, 8), 63, sw)
     packed = pack_scale_min(ls, lm)
-    dl = (f16_round(d[:, None]) * ls).repeat(32, axis=1)
-    ml = (f16_round(dmin[:, None]) * lm).repeat(32, axis=1)
-    live = dl != 0
-    fresh = np.clip(np.rint((x + ml) / np.where(live, dl, F32(1))), F32(0), F32(nmax))
-    L = np.where(live, fresh, L.reshape(n, QK_K)).astype(np.uint8)
+    dl = f16_round(d[:, None]) * ls
+    ml = f16_round(dmin[:, None]) * lm
+    L = final_codes(x, dl, L, 0, nmax, ml)
     return np.concatenate([f16_bytes(d[:, None]), f16_bytes(dmin[:, None]), packed], axis=1), L

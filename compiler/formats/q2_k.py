@@ -11,7 +11,7 @@ import numpy as np
 
 from . import WeightFormat
 from ._blocks import F32, QK_K, chunked, crumbs, f16_bytes, f16_round, pack_crumbs, quiet
-from ._kquant import _sum, affine_search, importance_weights, mean_square, positive_search, super_scale
+from ._kquant import _sum, affine_search, final_codes, importance_weights, mean_square, positive_search, super_scale
 from .layout import BlockLayout, f16
 
 
@@ -63,10 +63,7 @@ class Q2_K(WeightFormat):
 
 def _requantized(x, L, packed, d, dmin):
     """Every code again against the scales and mins as they will be read back, then the block."""
-    n = x.shape[0]
-    dl = (f16_round(d) * (packed & 0x0F).astype(np.float32)).repeat(16, axis=1)
-    ml = (f16_round(dmin) * (packed >> 4).astype(np.float32)).repeat(16, axis=1)
-    live = dl != 0
-    fresh = np.clip(np.rint((x + ml) / np.where(live, dl, F32(1))), F32(0), F32(3))
-    L = np.where(live, fresh, L.reshape(n, QK_K)).astype(np.uint8)
+    dl = f16_round(d) * (packed & 0x0F).astype(np.float32)
+    ml = f16_round(dmin) * (packed >> 4).astype(np.float32)
+    L = final_codes(x, dl, L, 0, 3, ml)
     return np.concatenate([packed, pack_crumbs(L, 2), f16_bytes(d), f16_bytes(dmin)], axis=1)

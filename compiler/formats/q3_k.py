@@ -14,7 +14,7 @@ from . import WeightFormat
 from ._blocks import (
     F32, QK_K, chunked, crumbs, f16_bytes, f16_round, nearest_int, pack_crumbs, quiet, signed_absmax,
 )
-from ._kquant import _sum, importance_weights, mean_square, q3_search, symmetric_search
+from ._kquant import _sum, final_codes, importance_weights, mean_square, q3_search, symmetric_search
 from .layout import BlockLayout, f16, scale_d_sc
 
 _TOP_SHIFTS = np.repeat(np.arange(0, 8, 2, dtype=np.uint8), 4)  # scale j: bit 2 * (j // 4)
@@ -62,10 +62,7 @@ class Q3_K(WeightFormat):
         packed = np.where(live_block, _pack_scales(codes.astype(np.uint8)), np.uint8(0))
         d = np.where(live_block, F32(1) / iscale, F32(0))
 
-        dl = (f16_round(d) * _unpack_scales(packed).astype(np.float32)).repeat(16, axis=1)
-        live = dl != 0
-        fresh = np.clip(np.rint(x / np.where(live, dl, F32(1))), F32(-4), F32(3)) + F32(4)
-        L = np.where(live, fresh, L).astype(np.uint8)
+        L = final_codes(x, f16_round(d) * _unpack_scales(packed).astype(np.float32), L.reshape(-1, 16), -4, 3)
         return _pack(L, packed, d)
 
     @quiet
@@ -80,10 +77,7 @@ class Q3_K(WeightFormat):
         d, codes = symmetric_search(scales.reshape(n, 16), 32, sw)
         packed = _pack_scales(codes.astype(np.uint8))
         d = d[:, None]
-        dl = (f16_round(d) * _unpack_scales(packed).astype(np.float32)).repeat(16, axis=1)
-        live = dl != 0
-        fresh = np.clip(np.rint(x / np.where(live, dl, F32(1))), F32(-4), F32(3)) + F32(4)
-        L = np.where(live, fresh, L.reshape(n, QK_K)).astype(np.uint8)
+        L = final_codes(x, f16_round(d) * _unpack_scales(packed).astype(np.float32), L, -4, 3)
         return _pack(L, packed, d)
 
 

@@ -14,7 +14,7 @@ from ._blocks import (
     F32, QK_K, chunked, crumbs, f16_bytes, f16_round, nearest_int, pack_crumbs, pack_nibbles, quiet,
     signed_absmax, unpack_nibbles,
 )
-from ._kquant import GROUP_MAX_EPS, symmetric_search
+from ._kquant import GROUP_MAX_EPS, final_codes, symmetric_search
 from .layout import BlockLayout, f16, scale_d_sc
 
 
@@ -45,7 +45,6 @@ def _blocks_from(x, sub_scales, L):
     """The 16 sub-block scales under one super-scale, then every code again against them."""
     n = x.shape[0]
     sub_scales = sub_scales.reshape(n, 16)
-    L = L.reshape(n, QK_K)
 
     peak = signed_absmax(sub_scales)
     empty = np.abs(peak) < GROUP_MAX_EPS
@@ -54,10 +53,7 @@ def _blocks_from(x, sub_scales, L):
     scale_codes = np.minimum(nearest_int(iscale * sub_scales), 127).astype(np.int8)
 
     # requantize every element against the scales as they will be read back
-    dl = (f16_round(d) * scale_codes.astype(np.float32)).repeat(16, axis=1)
-    live = dl != 0
-    fresh = np.clip(np.rint(x / np.where(live, dl, F32(1))), F32(-32), F32(31)) + F32(32)
-    L = np.where(live, fresh, L).astype(np.uint8)
+    L = final_codes(x, f16_round(d) * scale_codes.astype(np.float32), L.reshape(-1, 16), -32, 31)
 
     out = np.concatenate([
         pack_nibbles(L, group=64),
