@@ -24,7 +24,8 @@ class TileReader:
     inside a prim func being built with ``T`` (the tirx IR builder). ``wide``: the target has
     AVX-512 (32 vector registers, ``vpermps``)."""
 
-    def __init__(self, T, W, n: int, k: int, wide: bool, prefetch_ahead: int = PREFETCH_CHUNKS):
+    def __init__(self, T, W, n: int, k: int, wide: bool, prefetch_ahead: int = PREFETCH_CHUNKS,
+                 fold_offset: bool = False):
         from tvm import tirx
         self.T, self.W, self.spec, self.n, self.k = T, W, W.spec, n, k
         self.groups = CHUNK // self.spec.group
@@ -34,6 +35,12 @@ class TileReader:
         # multiplies the float32 sum of (code − offset) · x once, instead of every weight
         spec = self.spec
         self.scale_after_sum = not spec.bias and spec.group == CHUNK and spec.planes in ((4,), (8,))
+        # ``fold_offset``, without vpermps (AVX2): a 4-bit code's offset is not subtracted
+        # from every weight vector (an integer subtract per 8 lanes) but once per chunk and
+        # row, Σ code·x − offset · Σ x, with offset · Σ x (``unfold_term``) computed by the
+        # caller once for all tiles (computed in each tile's loop it cost more than it saved)
+        self.fold_offset = (fold_offset and self.scale_after_sum and spec.planes == (4,) and not self.permute
+                            and bool(spec.offset))
         # the 16 values (code − offset) of a 4-bit code, vpermps's table
         self.table = tirx.Ramp(tirx.const(-float(self.spec.offset), "float32"), tirx.const(1.0, "float32"), LANES)
 
@@ -102,7 +109,7 @@ class TileReader:
     def signed_code(self, t, c, kk):
         """(code − offset) as float32x16, exact, for ``scale_after_sum`` formats: a 4-bit code
         through the vpermps table; an 8-bit one (stored code + 128) as the signed byte of its
-        word xor 0x80."""
+        word xor 0x80. With ``fold_offset`` the 4-bit code itself (see ``unfold_term``)."""
         from tvm import tirx
         ramp = tirx.Ramp(0, 1, LANES)
         if self.spec.planes == (4,):
@@ -115,7 +122,9 @@ class TileReader:
                                                   tirx.reinterpret("int32x16", word))
             if pos < 7:
                 word = tirx.bitwise_and(word, tirx.Broadcast(tirx.const(0xF, "uint32"), LANES))
-            code = tirx.reinterpret("int32x16", word) - tirx.Broadcast(tirx.const(self.spec.offset, "int32"), LANES)
+            code = tirx.reinterpret("int32x16", word)
+            if not self.fold_offset:
+                code = code - tirx.Broadcast(tirx.const(self.spec.offset, "int32"), LANES)
             return tirx.Cast("float32x16", code)
         idx, pos = _split(c, CHUNK, kk, 4)
         word = tirx.bitwise_xor(self.W.bufs["bits8"][t, idx, ramp],
@@ -124,6 +133,15 @@ class TileReader:
         if pos < 3:
             word = tirx.shift_left(word, tirx.Broadcast(tirx.const(24 - 8 * pos, "int32"), LANES))
         return tirx.Cast("float32x16", tirx.shift_right(word, tirx.Broadcast(tirx.const(24, "int32"), LANES)))
+
+    def unfold_term(self, x_at):
+        """offset · Σ_kk x_at(kk) over a chunk (added pairwise): what ``fold_offset`` takes
+        from a chunk's Σ code · x to make it Σ (code − offset) · x."""
+        from tvm import tirx
+        xs = [x_at(kk) for kk in range(CHUNK)]
+        while len(xs) > 1:
+            xs = [xs[j] + xs[j + 1] for j in range(0, len(xs), 2)]
+        return xs[0] * tirx.const(float(self.spec.offset), "float32")
 
     def accumulate_chunk(self, acc, part, wv, scb, bib, t, c, x_at, accs: int):
         """acc (float32 [LANES]) += Σ_kk x_at(kk) · w[tile t, k = c·32 + kk] over chunk c, in
