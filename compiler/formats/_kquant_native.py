@@ -1,6 +1,7 @@
-"""The K-quants' two hot searches compiled to machine code (numba): llama.cpp's
-``make_qkx2_quants`` (Q4_K, Q5_K, Q2_K, weighted Q4_1/Q5_1) and ``make_qx_quants`` with
-rmse_type 1 (Q6_K, weighted Q3_K and the legacy types).
+"""The K-quants' hot loops compiled to machine code (numba): llama.cpp's
+``make_qkx2_quants`` (Q4_K, Q5_K, Q2_K, weighted Q4_1/Q5_1), ``make_qx_quants`` with
+rmse_type 1 (Q6_K, weighted Q3_K and the legacy types), ``make_q3_quants`` (Q3_K), and the
+last pass that codes every element again against the scales as stored (``final_codes``).
 
 Why compiled: in numpy each candidate scale is a dozen passes over the data through memory;
 here one pass per candidate does the codes, the three sums and the error while the data sits
@@ -27,7 +28,6 @@ F32 = np.float32
 _MAGIC = F32(12582912.0)          # 1.5 * 2**23
 _EPS = F32(1e-15)                 # GROUP_MAX_EPS
 _TILE = 64
-
 
 
 @njit(cache=True, nogil=True, fastmath=False, error_model="numpy")
