@@ -226,6 +226,7 @@ def _cpu_matmul_func(fmt: str, n: int, k: int, target_key: str, fast: bool = Fal
                             with T.vectorized(0, LANES) as lane:
                                 T.buffer_store(acc, tirx.const(0, "float32"), [i, lane])
                         with T.serial(0, k // CHUNK) as c:
+                            prefetch(t, c)
                             for g in range(groups):
                                 with T.vectorized(0, LANES) as lane:
                                     sc, bias = W.scale_bias(t, c, CHUNK, g * spec.group, lane)
