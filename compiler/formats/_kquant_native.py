@@ -248,6 +248,23 @@ def final_codes(x, dl, L, lo: int, hi: int, ml=None) -> np.ndarray:
     return out
 
 
+@njit(cache=True, nogil=True, fastmath=False, error_model="numpy", inline="always")
+def _signed_peak(xg, peak, amax):
+    """Per column of xg [n, T]: amax, the largest magnitude, and peak, the first element that
+    has it, with its sign (0 and 0 for a column of zeros)."""
+    n, T = xg.shape
+    for j in range(T):
+        amax[j] = F32(0.0)
+        peak[j] = F32(0.0)
+    for i in range(n):
+        for j in range(T):
+            v = xg[i, j]
+            a = abs(v)
+            first = a > amax[j]
+            peak[j] = v if first else peak[j]
+            amax[j] = a if first else amax[j]
+
+
 @njit(cache=True, nogil=True, fastmath=False, error_model="numpy")
 def _symmetric_tile(xg, wg, Lg, nmax, st):
     """make_qx_quants (rmse_type 1) on every column of xg [n, T] with weights wg: codes + nmax
@@ -260,16 +277,7 @@ def _symmetric_tile(xg, wg, Lg, nmax, st):
     tenth = F32(0.1)
     scale_out, peak, amax, isc, best_isc, slx, sl2, best = st[0], st[1], st[2], st[3], st[4], st[5], st[6], st[7]
     scale = scale_out
-    for j in range(T):
-        amax[j] = zero
-        peak[j] = zero
-    for i in range(n):
-        for j in range(T):
-            v = xg[i, j]
-            a = abs(v)
-            first = a > amax[j]             # the first element of largest magnitude
-            peak[j] = v if first else peak[j]
-            amax[j] = a if first else amax[j]
+    _signed_peak(xg, peak, amax)
     for j in range(T):
         if amax[j] < _EPS:
             peak[j] = one
@@ -397,16 +405,7 @@ def _q3_tile(xg, Lg, Lb, nmax, st):
     zero = F32(0.0)
     one = F32(1.0)
     scale, peak, amax, slx_all, sl2_all, slx_b, sl2_b = st[0], st[1], st[2], st[3], st[4], st[5], st[6]
-    for j in range(T):
-        amax[j] = zero
-        peak[j] = zero
-    for i in range(n):
-        for j in range(T):
-            v = xg[i, j]
-            a = abs(v)
-            first = a > amax[j]             # the first element of largest magnitude
-            peak[j] = v if first else peak[j]
-            amax[j] = a if first else amax[j]
+    _signed_peak(xg, peak, amax)
     for j in range(T):
         if amax[j] < _EPS:
             peak[j] = one
