@@ -46,6 +46,17 @@ def _load_tile(rows, s0, buf):
     return m
 
 
+@njit(cache=True, nogil=True, fastmath=False, error_model="numpy", inline="always")
+def _store_tile(Lg, scales, s0, m, L, scale_out):
+    """The first m columns of a tile's codes Lg [n, T] back as rows s0.. of L [S, n], and
+    their scales into scale_out."""
+    n = Lg.shape[0]
+    for j in range(m):
+        scale_out[s0 + j] = scales[j]
+        for i in range(n):
+            L[s0 + j, i] = Lg[i, j]
+
+
 @njit(cache=True, nogil=True, fastmath=False, error_model="numpy")
 def _rms_weights(xg, wg):
     """Q4_K's and Q5_K's element weights without an importance matrix: rms(sub-block) + |x|,
@@ -189,11 +200,8 @@ def _affine_rows(x, w, rms_weights, nmax_i, rmin, rdelta, nstep, use_mad, scale_
         else:
             _load_tile(w, s0, wg)
         _affine_tile(xg, wg, Lg, nmax, rmin, rdelta, nstep, use_mad, st, Laux, flags)
-        for j in range(m):
-            scale_out[s0 + j] = st[0, j]
-            min_out[s0 + j] = st[1, j]
-            for i in range(n):
-                L[s0 + j, i] = Lg[i, j]
+        _store_tile(Lg, st[0], s0, m, L, scale_out)
+        min_out[s0:s0 + m] = st[1, :m]
 
 
 def affine_search(x, weights, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool):
@@ -265,6 +273,25 @@ def _signed_peak(xg, peak, amax):
             amax[j] = a if first else amax[j]
 
 
+@njit(cache=True, nogil=True, fastmath=False, error_model="numpy", inline="always")
+def _weighted_sums(xg, wg, isc, slx, sl2, lo_code, hi_code):
+    """make_qx_quants' sums for one inverse scale per column: l = clamp(nearest(isc · x)),
+    slx = Σ w·x·l and sl2 = Σ w·l·l, element by element from +0."""
+    n, T = xg.shape
+    for j in range(T):
+        slx[j] = F32(0.0)
+        sl2[j] = F32(0.0)
+    for i in range(n):
+        for j in range(T):
+            v = xg[i, j]
+            l = isc[j] * v
+            l = (l + _MAGIC) - _MAGIC
+            l = min(max(l, lo_code), hi_code)
+            wv = wg[i, j]
+            slx[j] += wv * v * l
+            sl2[j] += wv * l * l
+
+
 @njit(cache=True, nogil=True, fastmath=False, error_model="numpy")
 def _symmetric_tile(xg, wg, Lg, nmax, st):
     """make_qx_quants (rmse_type 1) on every column of xg [n, T] with weights wg: codes + nmax
@@ -282,17 +309,7 @@ def _symmetric_tile(xg, wg, Lg, nmax, st):
         if amax[j] < _EPS:
             peak[j] = one
         isc[j] = -nmax / peak[j]
-        slx[j] = zero
-        sl2[j] = zero
-    for i in range(n):
-        for j in range(T):
-            v = xg[i, j]
-            l = isc[j] * v
-            l = (l + _MAGIC) - _MAGIC
-            l = min(max(l, lo_code), hi_code)
-            wv = wg[i, j]
-            slx[j] += wv * v * l
-            sl2[j] += wv * l * l
+    _weighted_sums(xg, wg, isc, slx, sl2, lo_code, hi_code)
     for j in range(T):
         scale[j] = slx[j] / sl2[j] if sl2[j] != zero else zero
         best[j] = scale[j] * slx[j]
@@ -303,17 +320,7 @@ def _symmetric_tile(xg, wg, Lg, nmax, st):
         num = -(nmax + tenth * F32(step))
         for j in range(T):
             isc[j] = num / peak[j]
-            slx[j] = zero
-            sl2[j] = zero
-        for i in range(n):
-            for j in range(T):
-                v = xg[i, j]
-                l = isc[j] * v
-                l = (l + _MAGIC) - _MAGIC
-                l = min(max(l, lo_code), hi_code)
-                wv = wg[i, j]
-                slx[j] += wv * v * l
-                sl2[j] += wv * l * l
+        _weighted_sums(xg, wg, isc, slx, sl2, lo_code, hi_code)
         for j in range(T):
             if sl2[j] > zero and slx[j] * slx[j] > best[j] * sl2[j]:
                 scale[j] = slx[j] / sl2[j]
@@ -348,10 +355,7 @@ def _symmetric_rows(x, w, square_weights, nmax_i, scale_out, L):
         else:
             _load_tile(w, s0, wg)
         _symmetric_tile(xg, wg, Lg, nmax, st)
-        for j in range(m):
-            scale_out[s0 + j] = st[0, j]
-            for i in range(n):
-                L[s0 + j, i] = Lg[i, j]
+        _store_tile(Lg, st[0], s0, m, L, scale_out)
 
 
 def symmetric_search(x, nmax: int, weights=None):
@@ -457,10 +461,7 @@ def _q3_rows(x, nmax_i, scale_out, L):
     for s0 in range(0, S, T):
         m = _load_tile(x, s0, xg)
         _q3_tile(xg, Lg, Lb, nmax, st)
-        for j in range(m):
-            scale_out[s0 + j] = st[0, j]
-            for i in range(n):
-                L[s0 + j, i] = Lg[i, j]
+        _store_tile(Lg, st[0], s0, m, L, scale_out)
 
 
 def q3_search(x, nmax: int):
