@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import WeightFormat
-from ._blocks import F32, QK_K, chunked, crumbs, f16_bytes, f16_round, pack_crumbs, quiet
+from ._blocks import QK_K, chunked, crumbs, f16_bytes, f16_round, pack_crumbs, quiet
 from ._kquant import _sum, affine_search, final_codes, importance_weights, mean_square, positive_search, super_scale
 from .layout import BlockLayout, f16
 
