@@ -76,16 +76,16 @@ def positive_search(x, nmax: int, weights):
         best = np.where(take, err, best)
         iscale = np.where(take, cand, iscale)
     L = np.minimum(_round(iscale * x), F32(nmax))
-    # make_qp_quants moves a code only where the rest of the sub-block has weight (suml2 > 0)
-    L, sumlx, suml2 = _sweeps(x, w, L, lambda v: np.minimum(v, F32(nmax)), rest_weighted=True)
+    L, sumlx, suml2 = _sweeps(x, w, L, lambda v: np.minimum(v, F32(nmax)))
     scale = np.where((suml2 > 0) & ~zero, sumlx / np.where(suml2 > 0, suml2, F32(1)), F32(0))
     return scale, np.where(zero, F32(0), L).T
 
 
-def _sweeps(x, w, L, clamp, *, rest_weighted: bool):
-    """Five sweeps of coordinate descent over the codes L [n, S] of x [n, S] (one sub-block a
-    column) by weights w: element by element, a code moves to its best value (``clamp``-ed)
-    whenever that raises sumlx**2 / suml2. The sweeps are sequential within a sub-block, so
+def _sweeps(x, w, L, clamp):
+    """make_qp_quants' five sweeps of coordinate descent over the codes L [n, S] of x [n, S]
+    (one sub-block a column) by weights w: element by element, a code moves to its best value
+    (``clamp``-ed) whenever that raises sumlx**2 / suml2 and the rest of the sub-block has
+    weight (Q3_K's own sweeps are compiled, ``_kquant_native._q3_tile``). The sweeps are sequential within a sub-block, so
     the elements are walked in order for all sub-blocks at once. A sub-block whose sweep
     changed nothing would repeat itself (the reference stops there): it is done, and later
     sweeps run only over the sub-blocks still moving (on random data a fifth of them after
@@ -105,7 +105,7 @@ def _sweeps(x, w, L, clamp, *, rest_weighted: bool):
             li = Ls[i]
             slx = slx_all - wxs[i] * li
             sl2 = sl2_all - ws[i] * li * li
-            can = (slx > 0) & (sl2 > 0) if rest_weighted else slx > 0
+            can = (slx > 0) & (sl2 > 0)
             new = clamp(_round(xs[i] * sl2 / np.where(can, slx, F32(1))))
             slx = slx + wxs[i] * new
             sl2 = sl2 + ws[i] * new * new
